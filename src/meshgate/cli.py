@@ -1,0 +1,263 @@
+"""The `meshgate` command. The I/O edge: every expected failure becomes one line, exit 1."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from meshgate.errors import MeshgateError
+
+app = typer.Typer(
+    help="meshgate: egress and identity control plane for AI agents, on real Envoy.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+DEFAULT_STATE = Path(".meshgate")
+DEFAULT_ADMIN = "http://127.0.0.1:18001"
+
+PoliciesOpt = Annotated[
+    str, typer.Option("--policies", "-p", help="Policy directory, or git+URL@ref for a git repo.")
+]
+StateOpt = Annotated[Path, typer.Option(help="Directory for local state (CA, audit, bootstraps).")]
+XdsPortOpt = Annotated[int, typer.Option(help="Port for the xDS gRPC server.")]
+AdminPortOpt = Annotated[int, typer.Option(help="Port for the admin HTTP server.")]
+HostOpt = Annotated[str, typer.Option(help="Address the control plane listens on.")]
+
+
+def _fail(message: str) -> typer.Exit:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
+    return typer.Exit(1)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("aiohttp").setLevel(logging.WARNING)
+
+
+def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run `main(stop)`; SIGINT/SIGTERM set `stop` so everything shuts down in order."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    try:
+        asyncio.run(runner())
+    except MeshgateError as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def serve(
+    policies: PoliciesOpt = "policies",
+    state_dir: StateOpt = DEFAULT_STATE,
+    host: HostOpt = "127.0.0.1",
+    xds_port: XdsPortOpt = 18000,
+    admin_port: AdminPortOpt = 18001,
+    gateway_bind: Annotated[str, typer.Option(help="Address gateways bind listeners to.")] = (
+        "0.0.0.0"
+    ),
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the control plane only (xDS + admin HTTP), serving POLICIES."""
+    from meshgate.controlplane.server import ControlPlane, ServeOptions
+    from meshgate.controlplane.sources import make_source
+
+    _setup_logging(verbose)
+    opts = ServeOptions(host, xds_port, host, admin_port, gateway_bind)
+
+    async def main(stop: asyncio.Event) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        cp = ControlPlane(make_source(policies, state_dir), state_dir, opts)
+        await cp.start()
+        try:
+            await stop.wait()
+        finally:
+            await cp.stop()
+
+    _run_until_signal(main)
+
+
+@app.command()
+def gateway(
+    control_plane: Annotated[str, typer.Option(help="xDS address HOST:PORT.")] = "127.0.0.1:18000",
+    name: Annotated[str, typer.Option(help="Gateway name; node id is gateway/NAME.")] = "local",
+    admin_port: Annotated[int, typer.Option(help="Envoy admin port.")] = 15000,
+    state_dir: StateOpt = DEFAULT_STATE,
+    delta: Annotated[bool, typer.Option(help="Use incremental (delta) xDS.")] = False,
+    concurrency: Annotated[int, typer.Option(help="Envoy worker threads.")] = 1,
+) -> None:
+    """Run a real Envoy egress gateway bootstrapped to the control plane (foreground)."""
+    _setup_logging(False)
+
+    async def main(stop: asyncio.Event) -> None:
+        envoy = await _start_gateway(control_plane, name, admin_port, state_dir, delta, concurrency)
+        console.print(f"gateway [bold]gateway/{name}[/bold] running; Envoy admin on :{admin_port}")
+        try:
+            await _wait_either(stop, envoy.wait())
+        finally:
+            await envoy.stop()
+
+    _run_until_signal(main)
+
+
+async def _start_gateway(
+    control_plane: str,
+    name: str,
+    admin_port: int,
+    state_dir: Path,
+    delta: bool,
+    concurrency: int,
+    wait_ready: bool = False,
+) -> Any:
+    from meshgate.sidecar.bootstrap import BootstrapSpec, bootstrap_json
+    from meshgate.sidecar.envoy_process import EnvoyProcess, find_envoy
+
+    find_envoy()
+    host, _, port = control_plane.rpartition(":")
+    if not host or not port.isdigit():
+        raise MeshgateError(f"--control-plane must be HOST:PORT, got {control_plane!r}")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    boot = state_dir / f"gateway-{name}.json"
+    spec = BootstrapSpec(f"gateway/{name}", "meshgate-gateway", host, int(port), admin_port, delta=delta)
+    boot.write_text(bootstrap_json(spec))
+    envoy = EnvoyProcess(boot, admin_port, state_dir / f"gateway-{name}.log", concurrency)
+    await envoy.start()
+    if wait_ready:
+        await envoy.wait_ready()
+    return envoy
+
+
+async def _wait_either(stop: asyncio.Event, other: Awaitable[Any]) -> None:
+    stop_task = asyncio.ensure_future(stop.wait())
+    other_task = asyncio.ensure_future(other)
+    await asyncio.wait({stop_task, other_task}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (stop_task, other_task):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+@app.command()
+def up(
+    policies: PoliciesOpt = "policies",
+    state_dir: StateOpt = DEFAULT_STATE,
+    xds_port: XdsPortOpt = 18000,
+    admin_port: AdminPortOpt = 18001,
+    gateway_admin_port: Annotated[int, typer.Option(help="Gateway Envoy admin port.")] = 15000,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Control plane and a local egress gateway in one command; Ctrl-C stops both."""
+    from meshgate.controlplane.server import ControlPlane, ServeOptions
+    from meshgate.controlplane.sources import make_source
+
+    _setup_logging(verbose)
+    opts = ServeOptions("127.0.0.1", xds_port, "127.0.0.1", admin_port, "127.0.0.1")
+
+    async def main(stop: asyncio.Event) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        cp = ControlPlane(make_source(policies, state_dir), state_dir, opts)
+        await cp.start()
+        envoy = None
+        try:
+            envoy = await _start_gateway(
+                f"127.0.0.1:{xds_port}", "local", gateway_admin_port, state_dir, False, 1,
+                wait_ready=True,
+            )
+            model = cp.policy.model
+            port = model.mesh.gateway_listen_port if model else "?"
+            console.print(
+                f"[green]meshgate is up[/green]: policy {cp.policy.to_json()['version']} from "
+                f"{policies}\n  egress gateway  http://127.0.0.1:{port}  (Envoy admin :"
+                f"{gateway_admin_port})\n  xDS             {cp.xds_address}\n  admin/status    "
+                f"http://{cp.admin_address}/status\nPress Ctrl-C to stop."
+            )
+            await _wait_either(stop, envoy.wait())
+        finally:
+            if envoy is not None:
+                await envoy.stop()
+            await cp.stop()
+            console.print("meshgate stopped.")
+
+    _run_until_signal(main)
+
+
+def _get_json(url: str) -> Any:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return json.load(resp)
+    except urllib.error.HTTPError as exc:
+        return json.load(exc)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise _fail(f"cannot reach the control plane at {url}: {reason}") from None
+
+
+@app.command()
+def status(
+    admin: Annotated[str, typer.Option(help="Control plane admin URL.")] = DEFAULT_ADMIN,
+    format: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+) -> None:
+    """Connected nodes, their identity, ACKed version per type, last NACK; policy state."""
+    data = _get_json(admin.rstrip("/") + "/status")
+    if format == "json":
+        console.print_json(data=data)
+        return
+    if format != "table":
+        raise _fail(f"--format must be table or json, got {format!r}")
+    pol = data["policy"]
+    console.print(
+        f"[bold]policy[/bold] {pol['version'] or '-'} from {pol['source']} "
+        f"({pol['agents']} agents, {pol['destinations']} destinations)"
+    )
+    if pol.get("last_rejection"):
+        rej = pol["last_rejection"]
+        console.print(f"[red]last change refused[/red] ({rej['origin']}, {rej['at']}):")
+        for problem in rej["problems"]:
+            console.print(f"  {problem}", highlight=False, markup=False)
+    table = Table("node", "identity", "proto", "cds", "eds", "lds", "rds", "sds", "last NACK")
+    for node in data["nodes"]:
+        cells = [_acked(node["types"].get(t)) for t in ("cds", "eds", "lds", "rds", "sds")]
+        nack = node.get("last_nack")
+        nack_text = f"{nack['type']} {nack['version']}: {nack['message']}" if nack else ""
+        table.add_row(node["node"], node["identity"], node["protocol"], *cells, nack_text)
+    console.print(table)
+
+
+def _acked(entry: dict[str, Any] | None) -> str:
+    if not entry:
+        return "-"
+    acked = entry.get("acked") or "-"
+    return f"{acked} (pending)" if entry.get("pending_ack") else str(acked)
+
+
+def main() -> None:
+    try:
+        app()
+    except MeshgateError as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(1)

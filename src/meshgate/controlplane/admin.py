@@ -1,0 +1,53 @@
+"""Admin HTTP: status as JSON, health and readiness, the served policy, Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import prometheus_client
+from aiohttp import web
+
+from meshgate.policy.plan import model_to_json
+
+if TYPE_CHECKING:
+    from meshgate.controlplane.server import ControlPlane
+
+
+def status_json(cp: ControlPlane) -> dict[str, Any]:
+    return {
+        "control_plane": {"xds": cp.xds_address, "admin": cp.admin_address, "ready": cp.ready},
+        "policy": cp.policy.to_json(),
+        "nodes": [c.to_json() for c in cp.registry.connections()],
+        "recent_nacks": [n.to_json() for n in cp.registry.nacks()],
+    }
+
+
+def make_app(cp: ControlPlane) -> web.Application:
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def readyz(_: web.Request) -> web.Response:
+        if cp.ready:
+            return web.json_response({"ready": True, "version": cp.policy.model.version if cp.policy.model else None})
+        reason = "no valid policy loaded yet" if cp.policy.model is None else "starting"
+        return web.json_response({"ready": False, "reason": reason}, status=503)
+
+    async def status(_: web.Request) -> web.Response:
+        return web.json_response(status_json(cp))
+
+    async def policy(_: web.Request) -> web.Response:
+        if cp.policy.model is None:
+            return web.json_response({"error": "no policy loaded"}, status=404)
+        return web.json_response(model_to_json(cp.policy.model))
+
+    async def metrics(_: web.Request) -> web.Response:
+        body = prometheus_client.generate_latest(cp.metrics_registry)
+        return web.Response(body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/status", status)
+    app.router.add_get("/v1/policy", policy)
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,80 @@
+"""The AggregatedDiscoveryService over grpc.aio, with raw-bytes responses.
+
+Responses are pre-serialised by the snapshot, so the handler's serializer passes bytes through.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from envoy.service.discovery.v3 import discovery_pb2
+
+from meshgate.controlplane.cache import SnapshotCache
+from meshgate.controlplane.registry import NodeRegistry
+from meshgate.controlplane.streams import (
+    AdsStream,
+    Authenticator,
+    DeltaStream,
+    SotwStream,
+    StreamError,
+    allow_all,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+
+
+def _passthrough(data: bytes) -> bytes:
+    return data
+
+
+class AdsService:
+    def __init__(
+        self,
+        cache: SnapshotCache,
+        registry: NodeRegistry,
+        authenticate: Authenticator = allow_all,
+    ) -> None:
+        self.cache = cache
+        self.registry = registry
+        self.authenticate = authenticate
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                    self.stream_sotw,
+                    request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                    response_serializer=_passthrough,
+                ),
+                "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                    self.stream_delta,
+                    request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                    response_serializer=_passthrough,
+                ),
+            },
+        )
+
+    async def stream_sotw(self, requests: AsyncIterator[Any], context: Any) -> None:
+        await self._serve(SotwStream, requests, context)
+
+    async def stream_delta(self, requests: AsyncIterator[Any], context: Any) -> None:
+        await self._serve(DeltaStream, requests, context)
+
+    async def _serve(
+        self, kind: type[AdsStream], requests: AsyncIterator[Any], context: Any
+    ) -> None:
+        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        stream = kind(
+            self.cache, self.registry, context.write, context.peer(), metadata, self.authenticate
+        )
+        try:
+            await stream.run(requests)
+        except StreamError as exc:
+            log.info("stream %s closed: %s", stream.stream_id, exc.message)
+            await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)

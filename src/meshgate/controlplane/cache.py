@@ -1,0 +1,56 @@
+"""Snapshot cache: the current snapshot of every node group, and who to wake when one changes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from meshgate.xds.snapshot import Snapshot
+
+Watcher = Callable[[], None]
+
+
+class SnapshotCache:
+    """Holds one immutable snapshot per node group; the servers depend only on get/watch."""
+
+    def __init__(self) -> None:
+        self._snapshots: dict[str, Snapshot] = {}
+        self._watchers: dict[str, set[Watcher]] = {}
+
+    def get(self, group: str) -> Snapshot | None:
+        return self._snapshots.get(group)
+
+    def groups(self) -> list[str]:
+        return sorted(self._snapshots)
+
+    def set_snapshots(self, snapshots: Mapping[str, Snapshot]) -> list[str]:
+        """Replace every group's snapshot; wake only streams whose group changed. Returns them."""
+        changed = [
+            group
+            for group in sorted(set(snapshots) | set(self._snapshots))
+            if _versions(self._snapshots.get(group)) != _versions(snapshots.get(group))
+        ]
+        self._snapshots = dict(snapshots)
+        for group in changed:
+            for wake in list(self._watchers.get(group, ())):
+                wake()
+        return changed
+
+    def watch(self, group: str, wake: Watcher) -> Callable[[], None]:
+        """Call `wake` whenever the group's snapshot changes; returns the cancel function."""
+        self._watchers.setdefault(group, set()).add(wake)
+
+        def cancel() -> None:
+            watchers = self._watchers.get(group)
+            if watchers is not None:
+                watchers.discard(wake)
+                if not watchers:
+                    del self._watchers[group]
+
+        return cancel
+
+    def stream_count(self) -> int:
+        return sum(len(w) for w in self._watchers.values())
+
+
+def _versions(snapshot: Snapshot | None) -> Mapping[str, str] | None:
+    return None if snapshot is None else snapshot.type_versions

@@ -1,0 +1,154 @@
+"""The running control plane: policy source -> debounce -> snapshots -> ADS; plus admin HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import prometheus_client
+from aiohttp import web
+
+from meshgate.controlplane.admin import make_app
+from meshgate.controlplane.ads import AdsService
+from meshgate.controlplane.cache import SnapshotCache
+from meshgate.controlplane.debounce import Debouncer
+from meshgate.controlplane.policy_state import PolicyState
+from meshgate.controlplane.registry import NodeRegistry
+from meshgate.controlplane.sources import Candidate, PolicySource, SourceFailure
+from meshgate.errors import ConfigError, MeshgateError, PolicyError
+from meshgate.policy.loader import load_policy_texts
+from meshgate.policy.model import PolicyModel
+from meshgate.xds.build import build_snapshots
+from meshgate.xds.snapshot import Snapshot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    xds_host: str = "127.0.0.1"
+    xds_port: int = 18000
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 18001
+    gateway_bind: str = "0.0.0.0"
+    debounce_quiet: float = 0.1
+    debounce_max: float = 1.0
+
+
+class ControlPlane:
+    def __init__(self, source: PolicySource, state_dir: Path, options: ServeOptions) -> None:
+        self.source = source
+        self.state_dir = state_dir
+        self.options = options
+        self.cache = SnapshotCache()
+        self.registry = NodeRegistry()
+        self.policy = PolicyState(source.description)
+        self.ads = AdsService(self.cache, self.registry)
+        self.debouncer: Debouncer[Candidate] = Debouncer(
+            self._apply, options.debounce_quiet, options.debounce_max
+        )
+        self.metrics_registry = prometheus_client.CollectorRegistry()
+        self._m_applied = prometheus_client.Counter(
+            "meshgate_policy_applied", "Policy versions applied", registry=self.metrics_registry
+        )
+        self._m_rejected = prometheus_client.Counter(
+            "meshgate_policy_rejected", "Policy changes refused", registry=self.metrics_registry
+        )
+        prometheus_client.Gauge(
+            "meshgate_xds_streams", "Connected xDS streams", registry=self.metrics_registry
+        ).set_function(lambda: len(self.registry))
+        prometheus_client.Gauge(
+            "meshgate_xds_nacks", "NACKs in recent history", registry=self.metrics_registry
+        ).set_function(lambda: len(self.registry.nacks()))
+        self.xds_address = f"{options.xds_host}:{options.xds_port}"
+        self.admin_address = f"{options.admin_host}:{options.admin_port}"
+        self._grpc: grpc.aio.Server | None = None
+        self._runner: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.ready = False
+
+    async def start(self) -> None:
+        """Bind both ports (a clear error if taken), then start watching policy."""
+        self._grpc = grpc.aio.server(
+            options=[
+                ("grpc.max_concurrent_streams", 100_000),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.http2.max_pings_without_data", 0),
+            ]
+        )
+        self._grpc.add_generic_rpc_handlers((self.ads.handler(),))
+        try:
+            port = self._grpc.add_insecure_port(self.xds_address)
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise ConfigError(f"cannot listen for xDS on {self.xds_address}: address in use?")
+        await self._grpc.start()
+        self._runner = web.AppRunner(make_app(self), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.options.admin_host, self.options.admin_port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.stop()
+            raise ConfigError(
+                f"cannot listen for admin HTTP on {self.admin_address}: {exc.strerror}"
+            ) from None
+        self._tasks = [
+            asyncio.create_task(self.debouncer.run(), name="debounce"),
+            asyncio.create_task(self._watch_source(), name="policy-source"),
+        ]
+        log.info("xDS on %s, admin on http://%s", self.xds_address, self.admin_address)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._grpc is not None:
+            await self._grpc.stop(grace=1.0)
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _watch_source(self) -> None:
+        async for change in self.source.changes():
+            if isinstance(change, SourceFailure):
+                self._reject(self.source.description, change.problems)
+            else:
+                self.debouncer.submit(change)
+
+    async def _apply(self, candidate: Candidate) -> None:
+        """Validate, compile and build off the event loop; swap in only when all succeed."""
+        try:
+            model, snapshots = await asyncio.to_thread(self._compile, candidate)
+        except PolicyError as exc:
+            self._reject(candidate.origin, exc.problems)
+            return
+        except MeshgateError as exc:
+            self._reject(candidate.origin, [str(exc)])
+            return
+        self.cache.set_snapshots(snapshots)
+        self.policy.applied(model, candidate.origin)
+        self._m_applied.inc()
+        self.ready = True
+        log.info(
+            "policy %s applied: %d agents, %d destinations",
+            model.version,
+            len(model.agents),
+            len(model.destinations),
+        )
+
+    def _compile(self, candidate: Candidate) -> tuple[PolicyModel, dict[str, Snapshot]]:
+        model = load_policy_texts(candidate.files, candidate.version)
+        return model, build_snapshots(model, self.options.gateway_bind)
+
+    def _reject(self, origin: str, problems: list[str]) -> None:
+        self.policy.rejected(origin, problems)
+        self._m_rejected.inc()
+        kept = self.policy.model.version if self.policy.model else "none"
+        log.error("policy change refused (still serving %s):\n  %s", kept, "\n  ".join(problems))

@@ -1,0 +1,105 @@
+"""Where policy comes from: a watched directory or a polled git ref.
+
+Each source yields a `Candidate` (the files plus the version they should carry) whenever its
+content changes; validation happens later, so a bad change never replaces the last good policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from meshgate.errors import MeshgateError, PolicyError
+from meshgate.policy.gitsource import GitPolicySource, parse_git_url
+from meshgate.policy.loader import read_policy_files
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    files: dict[str, str]
+    version: str | None  # None: the loader derives a content hash
+    origin: str  # "dir:/path" or the git commit, for status and logs
+    root: Path  # what relative paths in the policy (caFile, secrets.path) are resolved against
+
+
+@dataclass(frozen=True)
+class SourceFailure:
+    """The source itself could not be read (not a validation failure)."""
+
+    problems: list[str]
+
+
+class PolicySource(Protocol):
+    description: str
+
+    def changes(self) -> AsyncIterator[Candidate | SourceFailure]: ...
+
+
+class DirectorySource:
+    """Polls a directory; cheap (a few file reads) and works on every filesystem."""
+
+    def __init__(self, path: Path, interval: float = 0.25) -> None:
+        self.path = path
+        self.interval = interval
+        self.description = f"dir:{path}"
+
+    async def changes(self) -> AsyncIterator[Candidate | SourceFailure]:
+        last: str | None = None
+        while True:
+            try:
+                files = await asyncio.to_thread(read_policy_files, self.path)
+                digest = _digest(files)
+                if digest != last:
+                    last = digest
+                    yield Candidate(files, None, self.description, self.path.resolve())
+            except PolicyError as exc:
+                digest = "error:" + "\n".join(exc.problems)
+                if digest != last:
+                    last = digest
+                    yield SourceFailure(exc.problems)
+            await asyncio.sleep(self.interval)
+
+
+class GitSource:
+    """Polls a git ref; only committed content is served and the commit is the version."""
+
+    def __init__(self, spec: str, cache_dir: Path, interval: float = 5.0) -> None:
+        url, ref = parse_git_url(spec)
+        self.git = GitPolicySource(url, ref, cache_dir)
+        self.interval = interval
+        self.description = spec
+        self.cache_dir = cache_dir
+
+    async def changes(self) -> AsyncIterator[Candidate | SourceFailure]:
+        last: str | None = None
+        while True:
+            try:
+                sha = await asyncio.to_thread(self.git.fetch)
+                if sha != last:
+                    files = await asyncio.to_thread(self.git.read_files, sha)
+                    last = sha
+                    yield Candidate(files, sha, f"git:{sha}", self.cache_dir)
+            except MeshgateError as exc:
+                problems = exc.problems if isinstance(exc, PolicyError) else [str(exc)]
+                yield SourceFailure(problems)
+            await asyncio.sleep(self.interval)
+
+
+def make_source(spec: str, state_dir: Path, git_interval: float = 5.0) -> PolicySource:
+    if spec.startswith("git+") or spec.endswith(".git") or "://" in spec:
+        return GitSource(spec, state_dir / "git-cache", git_interval)
+    return DirectorySource(Path(spec))
+
+
+def _digest(files: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(name.encode() + b"\0" + files[name].encode() + b"\0")
+    return h.hexdigest()

@@ -1,0 +1,307 @@
+"""One ADS stream: the I/O shell around the pure rules in `meshgate.xds.protocol`.
+
+Requests and snapshot wake-ups go through one queue, so a stream's state is only ever touched by
+its own task; no locks. A response is assembled from bytes the snapshot serialised once.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
+
+from envoy.service.discovery.v3 import discovery_pb2
+
+from meshgate.controlplane.cache import SnapshotCache
+from meshgate.controlplane.registry import NodeConnection, NodeRegistry
+from meshgate.xds import types
+from meshgate.xds.nodes import NodeRole, parse_node_id
+from meshgate.xds.protocol import (
+    Kind,
+    TypeState,
+    apply_delta_subscription,
+    classify,
+    plan_delta,
+    should_push,
+    sotw_names,
+)
+from meshgate.xds.snapshot import Snapshot
+from meshgate.xds.wire import length_delimited, string_field
+
+log = logging.getLogger(__name__)
+
+_stream_ids = itertools.count(1)
+_WAKE = object()
+_CLOSED = object()
+
+
+class StreamError(Exception):
+    """Ends one stream with a gRPC status; other streams are unaffected."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(message)
+
+
+class Authenticator(Protocol):
+    def __call__(self, node_id: str, metadata: dict[str, str], peer: str) -> str:
+        """Return the verified identity for this node or raise StreamError."""
+
+
+def allow_all(node_id: str, metadata: dict[str, str], peer: str) -> str:
+    return node_id
+
+
+Request = discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest
+
+
+class AdsStream(abc.ABC):
+    """State and loop common to SotW and delta streams."""
+
+    protocol = ""
+
+    def __init__(
+        self,
+        cache: SnapshotCache,
+        registry: NodeRegistry,
+        send: Callable[[bytes], Awaitable[None]],
+        peer: str,
+        metadata: dict[str, str],
+        authenticate: Authenticator,
+    ) -> None:
+        self.cache = cache
+        self.registry = registry
+        self.send = send
+        self.peer = peer
+        self.metadata = metadata
+        self.authenticate = authenticate
+        self.stream_id = next(_stream_ids)
+        self.conn: NodeConnection | None = None
+        self.queue: asyncio.Queue[object] = asyncio.Queue()
+        self._wake_pending = False
+        self._nonces = itertools.count(1)
+        self._cancel_watch: Callable[[], None] | None = None
+
+    async def run(self, requests: AsyncIterator[Any]) -> None:
+        reader = asyncio.create_task(self._pump(requests))
+        try:
+            while True:
+                item = await self.queue.get()
+                if item is _CLOSED:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                if item is _WAKE:
+                    self._wake_pending = False
+                    await self.on_snapshot()
+                else:
+                    await self._on_request(item)
+        finally:
+            reader.cancel()
+            if self._cancel_watch is not None:
+                self._cancel_watch()
+            self.registry.remove(self.stream_id)
+
+    async def _pump(self, requests: AsyncIterator[Any]) -> None:
+        try:
+            async for request in requests:
+                self.queue.put_nowait(request)
+            self.queue.put_nowait(_CLOSED)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a client that sends garbage ends only its own stream
+            self.queue.put_nowait(StreamError("INVALID_ARGUMENT", f"bad request: {exc}"))
+
+    def _wake(self) -> None:
+        if not self._wake_pending:
+            self._wake_pending = True
+            self.queue.put_nowait(_WAKE)
+
+    async def _on_request(self, request: Any) -> None:
+        if self.conn is None:
+            self._connect(request)
+        type_url = request.type_url
+        if type_url not in types.TYPE_ORDER:
+            raise StreamError("INVALID_ARGUMENT", f"unsupported type_url {type_url!r}")
+        await self.on_request(request)
+
+    def _connect(self, request: Any) -> None:
+        node_id = request.node.id if request.HasField("node") else ""
+        if not node_id:
+            raise StreamError("INVALID_ARGUMENT", "the first request must carry node.id")
+        try:
+            role: NodeRole = parse_node_id(node_id)
+        except ValueError as exc:
+            raise StreamError("INVALID_ARGUMENT", str(exc)) from None
+        identity = self.authenticate(node_id, self.metadata, self.peer)
+        build = request.node.user_agent_build_version.version
+        envoy_version = (
+            f"{build.major_number}.{build.minor_number}.{build.patch}"
+            if request.node.HasField("user_agent_build_version")
+            else request.node.user_agent_name
+        )
+        self.conn = NodeConnection(
+            self.stream_id, node_id, role, self.protocol, self.peer, identity, envoy_version
+        )
+        self.registry.add(self.conn)
+        self._cancel_watch = self.cache.watch(role.group, self._wake)
+        log.info("node %s connected (%s, %s)", node_id, self.protocol, self.peer)
+
+    def snapshot(self) -> Snapshot | None:
+        assert self.conn is not None
+        return self.cache.get(self.conn.role.group)
+
+    def state(self, type_url: str) -> TypeState:
+        assert self.conn is not None
+        st = self.conn.types.get(type_url)
+        if st is None:
+            st = self.conn.types[type_url] = TypeState(type_url)
+        return st
+
+    def next_nonce(self) -> str:
+        return f"{self.stream_id}-{next(self._nonces)}"
+
+    def record_nack(self, st: TypeState, message: str) -> None:
+        assert self.conn is not None
+        version = st.version_sent or ""
+        st.rejected_version = version
+        st.last_error = message
+        self.registry.record_nack(self.conn, st.type_url, version, message)
+        log.warning(
+            "node %s rejected %s version %s: %s",
+            self.conn.node_id,
+            types.SHORT_NAMES.get(st.type_url),
+            version,
+            message,
+        )
+
+    @abc.abstractmethod
+    async def on_request(self, request: Any) -> None: ...
+
+    @abc.abstractmethod
+    async def on_snapshot(self) -> None: ...
+
+
+class SotwStream(AdsStream):
+    """State-of-the-world ADS: full state per type, one response in flight per type."""
+
+    protocol = "sotw"
+
+    async def on_request(self, request: discovery_pb2.DiscoveryRequest) -> None:
+        st = self.state(request.type_url)
+        kind = classify(st, request.response_nonce, request.HasField("error_detail"))
+        names = sotw_names(request.type_url, list(request.resource_names))
+        if kind is Kind.STALE:
+            return
+        if kind is Kind.NEW:
+            st.names = names
+            st.in_flight = False
+            st.nonce_sent = None
+            if request.version_info:
+                st.version_acked = request.version_info
+            await self._respond(st)
+            return
+        st.in_flight = False
+        if kind is Kind.NACK:
+            self.record_nack(st, request.error_detail.message)
+        else:
+            st.version_acked = request.version_info
+        if names != st.names:
+            st.names = names
+            await self._respond(st)
+        else:
+            await self._push_if_new(st)
+
+    async def on_snapshot(self) -> None:
+        assert self.conn is not None
+        for type_url in types.TYPE_ORDER:
+            st = self.conn.types.get(type_url)
+            if st is None:
+                continue
+            if st.nonce_sent is None:  # subscribed before its group had a snapshot
+                await self._respond(st)
+            else:
+                await self._push_if_new(st)
+
+    async def _push_if_new(self, st: TypeState) -> None:
+        snap = self.snapshot()
+        if snap is not None and should_push(st, snap.version(st.type_url)):
+            await self._respond(st)
+
+    async def _respond(self, st: TypeState) -> None:
+        snap = self.snapshot()
+        if snap is None:  # nothing for this group yet: the first snapshot will wake us
+            st.nonce_sent = None
+            return
+        nonce = self.next_nonce()
+        body = snap.sotw_body(st.type_url, st.names)
+        st.nonce_sent = nonce
+        st.version_sent = snap.version(st.type_url)
+        st.in_flight = True
+        await self.send(body + string_field(5, nonce))
+
+
+class DeltaStream(AdsStream):
+    """Incremental ADS: only changed resources are sent, removals named explicitly."""
+
+    protocol = "delta"
+
+    async def on_request(self, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
+        assert self.conn is not None
+        first = request.type_url not in self.conn.types
+        st = self.state(request.type_url)
+        if first:
+            st.client_versions = dict(request.initial_resource_versions)
+        apply_delta_subscription(
+            st,
+            list(request.resource_names_subscribe),
+            list(request.resource_names_unsubscribe),
+            first,
+        )
+        changed_subscription = bool(
+            request.resource_names_subscribe or request.resource_names_unsubscribe
+        )
+        kind = classify(st, request.response_nonce, request.HasField("error_detail"))
+        if kind is Kind.ACK:
+            st.in_flight = False
+            st.version_acked = st.version_sent
+        elif kind is Kind.NACK:
+            st.in_flight = False
+            self.record_nack(st, request.error_detail.message)
+        await self._respond(st, force=first or changed_subscription)
+
+    async def on_snapshot(self) -> None:
+        assert self.conn is not None
+        for type_url in types.TYPE_ORDER:
+            st = self.conn.types.get(type_url)
+            if st is not None and not st.in_flight:
+                await self._respond(st, force=st.nonce_sent is None)
+
+    async def _respond(self, st: TypeState, force: bool) -> None:
+        snap = self.snapshot()
+        if snap is None:
+            return
+        if st.in_flight and not force:
+            return
+        resources = snap.of_type(st.type_url)
+        plan = plan_delta(st, {name: res.version for name, res in resources.items()})
+        if plan.empty and not force:
+            return
+        nonce = self.next_nonce()
+        parts = [string_field(1, snap.version(st.type_url))]
+        for name in plan.updated:
+            parts.append(length_delimited(2, resources[name].delta_bytes))
+            st.client_versions[name] = resources[name].version
+        parts.append(string_field(4, st.type_url))
+        parts.append(string_field(5, nonce))
+        for name in plan.removed:
+            parts.append(string_field(6, name))
+            st.client_versions.pop(name, None)
+        st.nonce_sent = nonce
+        st.version_sent = snap.version(st.type_url)
+        st.in_flight = True
+        await self.send(b"".join(parts))

@@ -1,0 +1,79 @@
+"""Envoy bootstrap for gateways and sidecars: who the node is and where its control plane is.
+
+Everything else arrives over ADS. Built as a typed Bootstrap proto and written as JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from google.protobuf import duration_pb2, json_format
+
+from meshgate.xds.common import ads, pack, socket_address
+
+XDS_CLUSTER = "meshgate-xds"
+
+
+@dataclass(frozen=True)
+class BootstrapSpec:
+    node_id: str
+    node_cluster: str
+    xds_host: str
+    xds_port: int
+    admin_port: int
+    admin_host: str = "127.0.0.1"
+    delta: bool = False
+    metadata: tuple[tuple[str, str], ...] = field(default=())  # gRPC initial metadata
+
+
+def build_bootstrap(spec: BootstrapSpec) -> bootstrap_pb2.Bootstrap:
+    grpc_service = grpc_service_pb2.GrpcService(
+        envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=XDS_CLUSTER),
+        initial_metadata=[base_pb2.HeaderValue(key=k, value=v) for k, v in spec.metadata],
+    )
+    api_type = (
+        config_source_pb2.ApiConfigSource.DELTA_GRPC
+        if spec.delta
+        else config_source_pb2.ApiConfigSource.GRPC
+    )
+    http2 = http_protocol_options_pb2.HttpProtocolOptions(
+        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+        )
+    )
+    xds_cluster = cluster_pb2.Cluster(
+        name=XDS_CLUSTER,
+        type=cluster_pb2.Cluster.STRICT_DNS,
+        connect_timeout=duration_pb2.Duration(seconds=1),
+        typed_extension_protocol_options={
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": pack(http2)
+        },
+    )
+    xds_cluster.load_assignment.cluster_name = XDS_CLUSTER
+    xds_cluster.load_assignment.endpoints.add().lb_endpoints.add().endpoint.address.CopyFrom(
+        socket_address(spec.xds_host, spec.xds_port)
+    )
+    boot = bootstrap_pb2.Bootstrap(
+        node=base_pb2.Node(id=spec.node_id, cluster=spec.node_cluster),
+        dynamic_resources=bootstrap_pb2.Bootstrap.DynamicResources(
+            ads_config=config_source_pb2.ApiConfigSource(
+                api_type=api_type,
+                transport_api_version=config_source_pb2.V3,
+                grpc_services=[grpc_service],
+                set_node_on_first_message_only=True,
+            ),
+            cds_config=ads(),
+            lds_config=ads(),
+        ),
+        static_resources=bootstrap_pb2.Bootstrap.StaticResources(clusters=[xds_cluster]),
+    )
+    boot.admin.address.CopyFrom(socket_address(spec.admin_host, spec.admin_port))
+    return boot
+
+
+def bootstrap_json(spec: BootstrapSpec) -> str:
+    return json_format.MessageToJson(build_bootstrap(spec), indent=2)

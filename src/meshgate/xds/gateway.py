@@ -1,0 +1,161 @@
+"""Policy model -> the egress gateway's Envoy resources. Pure: no I/O, stable order."""
+
+from __future__ import annotations
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
+from envoy.type.matcher.v3 import string_pb2
+from google.protobuf import duration_pb2
+from google.protobuf.message import Message
+
+from meshgate.policy.model import Destination, PolicyModel
+from meshgate.xds.common import (
+    ads,
+    json_refusal,
+    pack,
+    router_filter,
+    socket_address,
+    stdout_access_log,
+)
+
+LISTENER_NAME = "egress-http"
+ROUTE_NAME = "egress-routes"
+
+
+def cluster_name(destination: Destination) -> str:
+    return f"dest-{destination.name}"
+
+
+def gateway_resources(model: PolicyModel, bind_address: str = "0.0.0.0") -> list[Message]:
+    """Every resource a gateway needs, in a stable order."""
+    out: list[Message] = []
+    for dest in model.destinations:
+        out.append(destination_cluster(dest))
+        if dest.address is not None:
+            out.append(destination_endpoints(dest))
+    out.append(egress_listener(model.mesh.gateway_listen_port, bind_address))
+    out.append(egress_routes(model))
+    return out
+
+
+def destination_cluster(dest: Destination) -> cluster_pb2.Cluster:
+    cluster = cluster_pb2.Cluster(
+        name=cluster_name(dest),
+        connect_timeout=duration_pb2.Duration(seconds=5),
+    )
+    if dest.address is not None:
+        cluster.type = cluster_pb2.Cluster.EDS
+        cluster.eds_cluster_config.eds_config.CopyFrom(ads())
+    else:
+        cluster.type = cluster_pb2.Cluster.LOGICAL_DNS
+        cluster.dns_lookup_family = cluster_pb2.Cluster.V4_PREFERRED
+        cluster.load_assignment.CopyFrom(_assignment(cluster.name, dest.host, dest.port))
+    if dest.tls == "originate":
+        cluster.transport_socket.name = "envoy.transport_sockets.tls"
+        cluster.transport_socket.typed_config.CopyFrom(pack(upstream_tls(dest)))
+    return cluster
+
+
+def destination_endpoints(dest: Destination) -> endpoint_pb2.ClusterLoadAssignment:
+    assert dest.address is not None
+    host, port = dest.address
+    return _assignment(cluster_name(dest), host, port)
+
+
+def _assignment(name: str, host: str, port: int) -> endpoint_pb2.ClusterLoadAssignment:
+    return endpoint_pb2.ClusterLoadAssignment(
+        cluster_name=name,
+        endpoints=[
+            endpoint_components_pb2.LocalityLbEndpoints(
+                lb_endpoints=[
+                    endpoint_components_pb2.LbEndpoint(
+                        endpoint=endpoint_components_pb2.Endpoint(
+                            address=socket_address(host, port)
+                        )
+                    )
+                ]
+            )
+        ],
+    )
+
+
+def upstream_tls(dest: Destination) -> tls_pb2.UpstreamTlsContext:
+    """TLS to the real upstream: SNI and certificate checked against its name, fail closed."""
+    validation = common_pb2.CertificateValidationContext(
+        match_typed_subject_alt_names=[
+            common_pb2.SubjectAltNameMatcher(
+                san_type=common_pb2.SubjectAltNameMatcher.DNS,
+                matcher=string_pb2.StringMatcher(exact=dest.host),
+            )
+        ]
+    )
+    if dest.ca_file:
+        validation.trusted_ca.CopyFrom(base_pb2.DataSource(filename=dest.ca_file))
+    else:
+        validation.system_root_certs.SetInParent()
+    return tls_pb2.UpstreamTlsContext(
+        sni=dest.host,
+        common_tls_context=tls_pb2.CommonTlsContext(validation_context=validation),
+    )
+
+
+def egress_listener(port: int, bind_address: str) -> listener_pb2.Listener:
+    hcm = hcm_pb2.HttpConnectionManager(
+        stat_prefix="egress",
+        rds=hcm_pb2.Rds(config_source=ads(), route_config_name=ROUTE_NAME),
+        http_filters=[router_filter()],
+        access_log=[stdout_access_log()],
+    )
+    return listener_pb2.Listener(
+        name=LISTENER_NAME,
+        address=socket_address(bind_address, port),
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[
+                    listener_components_pb2.Filter(
+                        name="envoy.filters.network.http_connection_manager",
+                        typed_config=pack(hcm),
+                    )
+                ]
+            )
+        ],
+    )
+
+
+def egress_routes(model: PolicyModel) -> route_pb2.RouteConfiguration:
+    vhosts = [_destination_vhost(d) for d in model.destinations]
+    vhosts.append(
+        route_components_pb2.VirtualHost(
+            name="unknown-destination",
+            domains=["*"],
+            routes=[
+                route_components_pb2.Route(
+                    match=route_components_pb2.RouteMatch(prefix="/"),
+                    direct_response=json_refusal(
+                        403, {"error": "unknown_destination", "host": "%REQ(:AUTHORITY)%"}
+                    ),
+                )
+            ],
+        )
+    )
+    return route_pb2.RouteConfiguration(name=ROUTE_NAME, virtual_hosts=vhosts)
+
+
+def _destination_vhost(dest: Destination) -> route_components_pb2.VirtualHost:
+    return route_components_pb2.VirtualHost(
+        name=dest.name,
+        domains=[dest.host, f"{dest.host}:{dest.port}"],
+        routes=[
+            route_components_pb2.Route(
+                match=route_components_pb2.RouteMatch(prefix="/"),
+                route=route_components_pb2.RouteAction(cluster=cluster_name(dest)),
+            )
+        ],
+    )
