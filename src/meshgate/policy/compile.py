@@ -1,0 +1,375 @@
+"""Cross-document checks and compilation of validated documents into the immutable PolicyModel.
+
+Single documents are already schema-valid here; this is where references (rule -> destination,
+group -> agent), uniqueness, tls compatibility and rule reachability are checked, with positions
+of both sides in the message. Checks that need every document (missing Mesh, unknown references)
+are skipped when some file did not parse, so one syntax error doesn't cascade into false ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from meshgate.policy import schema, syntax
+from meshgate.policy.documents import CheckedDoc, did_you_mean
+from meshgate.policy.model import (
+    AgentPolicy,
+    Credentials,
+    Destination,
+    EgressRule,
+    HeaderMatch,
+    Mesh,
+    PolicyModel,
+    RateLimit,
+    SecretsConfig,
+)
+from meshgate.policy.problems import Pos, Problem, describe
+from meshgate.policy.yamlsource import Path, YamlDoc
+
+
+@dataclass(frozen=True)
+class SourceMap:
+    """Where compiled objects were written, as "file:line", for lint findings and tooling.
+
+    `rules` is keyed by (agent, index into that agent's compiled rules); group and default rules
+    point at the group / DefaultPolicy document that declared them.
+    """
+
+    mesh: str = ""
+    destinations: dict[str, str] = field(default_factory=dict)
+    agents: dict[str, str] = field(default_factory=dict)
+    rules: dict[tuple[str, int], str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Rule:
+    rule: EgressRule
+    doc: YamlDoc
+    path: Path  # to the rule mapping
+
+    @property
+    def pos(self) -> Pos:
+        return self.doc.key_pos((*self.path, "destination"))
+
+
+class _Compiler:
+    def __init__(self, docs: Sequence[CheckedDoc], complete: bool, root: str) -> None:
+        self.docs = docs
+        self.complete = complete
+        self.root = root
+        self.problems: list[Problem] = []
+        self.destinations: dict[str, Destination] = {}
+        self.dest_names: set[str] = {d.name for d in docs if d.kind == "Destination" and d.name}
+        self.sources = SourceMap()
+
+    def error(self, pos: Pos, message: str) -> None:
+        self.problems.append(Problem(pos, message))
+
+    def unique(self, kind: str) -> list[CheckedDoc]:
+        """Docs of `kind`, first of each name only; later duplicates are reported."""
+        seen: dict[str, CheckedDoc] = {}
+        out: list[CheckedDoc] = []
+        for d in self.docs:
+            if d.kind != kind:
+                continue
+            if d.name is None:
+                out.append(d)
+                continue
+            first = seen.get(d.name)
+            if first is None:
+                seen[d.name] = d
+                out.append(d)
+                continue
+            where = first.source.value_pos(("metadata", "name"))
+            self.error(
+                d.source.value_pos(("metadata", "name")),
+                f'duplicate {kind} name "{d.name}" (first defined at {where})',
+            )
+        return out
+
+    def single(self, kind: str, required: bool) -> CheckedDoc | None:
+        found = [d for d in self.docs if d.kind == kind]
+        for extra in found[1:]:
+            self.error(
+                extra.source.key_pos(("kind",)),
+                f"only one {kind} is allowed (another is defined at "
+                f"{found[0].source.key_pos(('kind',))})",
+            )
+        if not found and required and self.complete:
+            self.error(Pos(self.root), f"no {kind} document found; exactly one is required")
+        return found[0] if found else None
+
+    # -- mesh ------------------------------------------------------------------------------------
+
+    def mesh(self) -> Mesh | None:
+        doc = self.single("Mesh", required=True)
+        if doc is None or not isinstance(doc.model, schema.MeshDoc):
+            return None
+        self.sources = SourceMap(mesh=doc.source.start.short)
+        spec = doc.model.spec
+        secrets = SecretsConfig()
+        if isinstance(spec.secrets, schema.FileSecretsDoc):
+            secrets = SecretsConfig(provider="file", path=spec.secrets.path)
+        elif isinstance(spec.secrets, schema.EnvSecretsDoc):
+            secrets = SecretsConfig(provider="env")
+        elif isinstance(spec.secrets, schema.VaultSecretsDoc):
+            options: list[tuple[str, str]] = []
+            for key, value in schema.vault_options(spec.secrets).items():
+                if isinstance(value, dict | list) or value is None:
+                    self.error(
+                        doc.source.value_pos(("spec", "secrets", key)),
+                        f"secrets.{key}: expected a string, got {describe(value)}",
+                    )
+                    continue
+                text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+                options.append((key, text))
+            secrets = SecretsConfig(provider="vault", options=tuple(sorted(options)))
+        port = spec.egressGateway.listenPort if spec.egressGateway else 15001
+        return Mesh(
+            name=doc.model.metadata.name,
+            trust_domain=spec.trustDomain,
+            gateway_listen_port=port,
+            secrets=secrets,
+        )
+
+    # -- destinations ----------------------------------------------------------------------------
+
+    def destination_models(self) -> None:
+        by_endpoint: dict[tuple[str, int], tuple[str, Pos]] = {}
+        for d in self.unique("Destination"):
+            if not isinstance(d.model, schema.DestinationDoc):
+                continue
+            spec, src = d.model.spec, d.source
+            name = d.model.metadata.name
+            ok = True
+            if spec.caFile is not None and spec.tls != "originate":
+                ok = self._bad(
+                    src,
+                    ("spec", "caFile"),
+                    f"caFile is only valid with tls: "
+                    f"originate (this destination uses tls: {spec.tls})",
+                )
+            if spec.tls == "passthrough" and spec.credentials is not None:
+                ok = self._bad(
+                    src,
+                    ("spec", "credentials"),
+                    "credentials cannot be used with "
+                    "tls: passthrough (the gateway cannot add headers to "
+                    "encrypted traffic)",
+                )
+            if spec.tls == "passthrough" and spec.identity == "jwt":
+                ok = self._bad(
+                    src,
+                    ("spec", "identity"),
+                    "identity: jwt cannot be used with "
+                    "tls: passthrough (the gateway cannot add headers to "
+                    "encrypted traffic)",
+                )
+            endpoint = (spec.host, spec.port)
+            host_pos = src.value_pos(("spec", "host"))
+            if endpoint in by_endpoint:
+                other, where = by_endpoint[endpoint]
+                ok = self._bad(
+                    src,
+                    ("spec", "host"),
+                    f'host "{spec.host}" port {spec.port} is '
+                    f'already used by destination "{other}" (at {where})',
+                    key=False,
+                )
+            else:
+                by_endpoint[endpoint] = (name, host_pos)
+            if not ok:
+                continue
+            creds = spec.credentials
+            credentials = Credentials(creds.header, creds.secret, creds.format) if creds else None
+            labels = (d.model.metadata.labels or {}).items()
+            self.destinations[name] = Destination(
+                name=name,
+                host=spec.host,
+                port=spec.port,
+                tls=spec.tls,
+                address=syntax.parse_address(spec.address) if spec.address else None,
+                ca_file=spec.caFile,
+                credentials=credentials,
+                identity=spec.identity,
+                labels=tuple(sorted(labels)),
+            )
+            self.sources.destinations[name] = src.start.short
+
+    def _bad(self, src: YamlDoc, path: Path, message: str, key: bool = True) -> bool:
+        self.error(src.key_pos(path) if key else src.value_pos(path), message)
+        return False
+
+    # -- rules -----------------------------------------------------------------------------------
+
+    def rules(self, src: YamlDoc, base: Path, docs: list[schema.RuleDoc] | None) -> list[_Rule]:
+        out: list[_Rule] = []
+        for i, r in enumerate(docs or []):
+            path = (*base, i)
+            self._check_rule(src, path, r)
+            headers = tuple(HeaderMatch(h.name.lower(), h.value) for h in r.headers or [])
+            rate = None
+            if r.rateLimit is not None:
+                rate = RateLimit(r.rateLimit.requests, syntax.period_seconds(r.rateLimit.per))
+            rule = EgressRule(
+                destination=r.destination,
+                methods=tuple(r.methods or ()),
+                paths=tuple(r.paths or ()),
+                headers=headers,
+                tools=tuple(r.tools or ()),
+                rate_limit=rate,
+            )
+            out.append(_Rule(rule, src, path))
+        return out
+
+    def _check_rule(self, src: YamlDoc, path: Path, r: schema.RuleDoc) -> None:
+        if r.destination not in self.dest_names:
+            if self.complete:
+                hint = did_you_mean(r.destination, sorted(self.dest_names))
+                self.error(
+                    src.key_pos((*path, "destination")),
+                    f'unknown destination "{r.destination}"{hint}',
+                )
+            return
+        lists = {
+            "methods": r.methods,
+            "paths": r.paths,
+            "tools": r.tools,
+            "headers": [h.name.lower() for h in r.headers] if r.headers else None,
+        }
+        for key, items in lists.items():
+            seen: set[str] = set()
+            for j, item in enumerate(items or []):
+                if item in seen:
+                    self.error(
+                        src.value_pos((*path, key, j)), f'{key}[{j}] "{item}" is listed twice'
+                    )
+                seen.add(item)
+        dest = self.destinations.get(r.destination)
+        if dest is None or dest.tls != "passthrough":
+            return
+        for key, items in lists.items():
+            if items:
+                self.error(
+                    src.key_pos((*path, key)),
+                    f'{key} cannot apply: destination "{r.destination}" uses '
+                    f"tls: passthrough, so the gateway sees only the host",
+                )
+
+    # -- agents ----------------------------------------------------------------------------------
+
+    def agents(self) -> list[AgentPolicy]:
+        own: dict[str, tuple[str, list[_Rule], YamlDoc]] = {}
+        declared: set[str] = set()
+        first_doc: dict[str, CheckedDoc] = {}
+        for d in self.unique("AgentPolicy"):
+            spec = d.source.data.get("spec") if isinstance(d.source.data, dict) else None
+            agent = spec.get("agent") if isinstance(spec, dict) else None
+            if isinstance(agent, str):
+                declared.add(agent)
+                if agent in first_doc:
+                    where = first_doc[agent].source.value_pos(("spec", "agent"))
+                    self.error(
+                        d.source.value_pos(("spec", "agent")),
+                        f'agent "{agent}" already has an AgentPolicy (at {where})',
+                    )
+                    continue
+                first_doc[agent] = d
+            if isinstance(d.model, schema.AgentPolicyDoc):
+                m = d.model
+                rules = self.rules(d.source, ("spec", "egress"), m.spec.egress)
+                own[m.spec.agent] = (m.metadata.name, rules, d.source)
+
+        group_rules: dict[str, list[_Rule]] = {}
+        groups = [d for d in self.unique("AgentGroup") if isinstance(d.model, schema.AgentGroupDoc)]
+        for d in sorted(groups, key=lambda g: g.name or ""):
+            assert isinstance(d.model, schema.AgentGroupDoc)
+            rules = self.rules(d.source, ("spec", "egress"), d.model.spec.egress)
+            seen: set[str] = set()
+            for j, agent in enumerate(d.model.spec.agents):
+                pos = d.source.value_pos(("spec", "agents", j))
+                if agent in seen:
+                    self.error(pos, f'agent "{agent}" is listed twice')
+                    continue
+                seen.add(agent)
+                if agent not in declared:
+                    if self.complete:
+                        self.error(
+                            pos,
+                            f'agent "{agent}" has no AgentPolicy (group rules apply '
+                            f"only to agents declared with an AgentPolicy)",
+                        )
+                    continue
+                group_rules.setdefault(agent, []).extend(rules)
+
+        default = self.single("DefaultPolicy", required=False)
+        default_rules: list[_Rule] = []
+        if default is not None and isinstance(default.model, schema.DefaultPolicyDoc):
+            default_rules = self.rules(
+                default.source, ("spec", "egress"), default.model.spec.egress
+            )
+
+        out: list[AgentPolicy] = []
+        for agent in sorted(own):
+            name, rules, src = own[agent]
+            merged = rules + group_rules.get(agent, []) + default_rules
+            self._reachability(agent, merged)
+            out.append(AgentPolicy(name=name, agent=agent, rules=tuple(r.rule for r in merged)))
+            self.sources.agents[agent] = src.start.short
+            for i, r in enumerate(merged):
+                self.sources.rules[(agent, i)] = r.pos.short
+        return out
+
+    def _reachability(self, agent: str, rules: list[_Rule]) -> None:
+        for j, later in enumerate(rules):
+            for earlier in rules[:j]:
+                a, b = earlier.rule, later.rule
+                if a.destination != b.destination:
+                    continue
+                if _allows_everything(a):
+                    self.error(
+                        later.pos,
+                        f'unreachable rule for agent "{agent}": the rule at '
+                        f'{earlier.pos} already allows all traffic to "{a.destination}"',
+                    )
+                    break
+                if _same(a, b):
+                    self.error(
+                        later.pos,
+                        f'duplicate rule for agent "{agent}": same as the rule at {earlier.pos}',
+                    )
+                    break
+
+
+def _allows_everything(r: EgressRule) -> bool:
+    return not (r.methods or r.paths or r.headers or r.tools or r.rate_limit)
+
+
+def _same(a: EgressRule, b: EgressRule) -> bool:
+    return (
+        set(a.methods) == set(b.methods)
+        and set(a.paths) == set(b.paths)
+        and set(a.headers) == set(b.headers)
+        and set(a.tools) == set(b.tools)
+        and a.rate_limit == b.rate_limit
+    )
+
+
+def compile_documents(
+    docs: Sequence[CheckedDoc], complete: bool, root: str, version: str
+) -> tuple[PolicyModel | None, SourceMap, list[Problem]]:
+    """Compile schema-checked documents; the model is None whenever any problem was found."""
+    c = _Compiler(docs, complete, root)
+    mesh = c.mesh()
+    c.destination_models()
+    agents = c.agents()
+    if c.problems or mesh is None or any(d.model is None for d in docs):
+        return None, c.sources, c.problems
+    model = PolicyModel(
+        mesh=mesh,
+        destinations=tuple(c.destinations[n] for n in sorted(c.destinations)),
+        agents=tuple(agents),
+        version=version,
+    )
+    return model, c.sources, []

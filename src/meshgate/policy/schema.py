@@ -1,0 +1,171 @@
+"""pydantic models of the raw YAML documents: shape, types and single-field syntax only.
+
+Strict mode (no "443" -> 443 coercion) and `extra="forbid"` so typos are errors, not silently
+ignored rules. Cross-field and cross-document rules live in `compile.py`, where positions of both
+sides are at hand.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from meshgate.policy import syntax
+
+API_VERSION = "meshgate.dev/v1"
+
+Name = Annotated[str, AfterValidator(syntax.name)]
+Host = Annotated[str, AfterValidator(syntax.host)]
+Port = Annotated[int, AfterValidator(syntax.port)]
+NonEmpty = Annotated[str, AfterValidator(syntax.non_empty)]
+Method = Annotated[str, AfterValidator(syntax.method)]
+PathPattern = Annotated[str, AfterValidator(syntax.path)]
+Tool = Annotated[str, AfterValidator(syntax.tool)]
+HeaderName = Annotated[str, AfterValidator(syntax.header_name)]
+
+
+class _Doc(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Metadata(_Doc):
+    name: Name
+    labels: dict[str, str] | None = None
+
+
+class RateLimitDoc(_Doc):
+    requests: Annotated[int, AfterValidator(syntax.requests)]
+    per: Annotated[str, AfterValidator(syntax.period)]
+
+
+class HeaderDoc(_Doc):
+    name: HeaderName
+    value: str | None = None
+
+
+class RuleDoc(_Doc):
+    destination: Name
+    methods: Annotated[list[Method], AfterValidator(syntax.non_empty_list("method"))] | None = None
+    paths: Annotated[list[PathPattern], AfterValidator(syntax.non_empty_list("path"))] | None = None
+    headers: Annotated[list[HeaderDoc], AfterValidator(syntax.non_empty_list("header"))] | None = (
+        None
+    )
+    tools: Annotated[list[Tool], AfterValidator(syntax.non_empty_list("tool"))] | None = None
+    rateLimit: RateLimitDoc | None = None
+
+
+class GatewayDoc(_Doc):
+    listenPort: Port = 15001
+
+
+class FileSecretsDoc(_Doc):
+    provider: Literal["file"]
+    path: NonEmpty
+
+
+class EnvSecretsDoc(_Doc):
+    provider: Literal["env"]
+
+
+class VaultSecretsDoc(_Doc):
+    """Vault settings beyond `address` are passed through as strings (mount, role, namespace...)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, frozen=True)
+    provider: Literal["vault"]
+    address: NonEmpty
+
+
+SecretsDoc = Annotated[
+    FileSecretsDoc | EnvSecretsDoc | VaultSecretsDoc, Field(discriminator="provider")
+]
+
+
+class MeshSpec(_Doc):
+    trustDomain: Annotated[str, AfterValidator(syntax.dns_name)]
+    egressGateway: GatewayDoc | None = None
+    secrets: SecretsDoc | None = None
+
+
+class CredentialsDoc(_Doc):
+    header: HeaderName
+    secret: Annotated[str, AfterValidator(syntax.secret_name)]
+    format: Annotated[str, AfterValidator(syntax.secret_format)] = "{secret}"
+
+
+class DestinationSpec(_Doc):
+    host: Host
+    port: Port
+    tls: Literal["originate", "passthrough", "none"] = "originate"
+    address: Annotated[str, AfterValidator(syntax.address)] | None = None
+    caFile: NonEmpty | None = None
+    identity: Literal["none", "jwt"] = "none"
+    credentials: CredentialsDoc | None = None
+
+
+class AgentPolicySpec(_Doc):
+    agent: Name
+    egress: list[RuleDoc] | None = None
+
+
+class AgentGroupSpec(_Doc):
+    agents: Annotated[list[Name], AfterValidator(syntax.non_empty_list("agent"))]
+    egress: list[RuleDoc] | None = None
+
+
+class DefaultPolicySpec(_Doc):
+    egress: list[RuleDoc] | None = None
+
+
+class _Envelope(_Doc):
+    apiVersion: Literal["meshgate.dev/v1"]
+    metadata: Metadata
+
+
+class MeshDoc(_Envelope):
+    kind: Literal["Mesh"]
+    spec: MeshSpec
+
+
+class DestinationDoc(_Envelope):
+    kind: Literal["Destination"]
+    spec: DestinationSpec
+
+
+class AgentPolicyDoc(_Envelope):
+    kind: Literal["AgentPolicy"]
+    spec: AgentPolicySpec
+
+
+class AgentGroupDoc(_Envelope):
+    kind: Literal["AgentGroup"]
+    spec: AgentGroupSpec
+
+
+class DefaultPolicyDoc(_Envelope):
+    kind: Literal["DefaultPolicy"]
+    spec: DefaultPolicySpec
+
+
+AnyDoc = MeshDoc | DestinationDoc | AgentPolicyDoc | AgentGroupDoc | DefaultPolicyDoc
+
+DOC_MODELS: dict[str, type[AnyDoc]] = {
+    "Mesh": MeshDoc,
+    "Destination": DestinationDoc,
+    "AgentPolicy": AgentPolicyDoc,
+    "AgentGroup": AgentGroupDoc,
+    "DefaultPolicy": DefaultPolicyDoc,
+}
+KINDS = tuple(sorted(DOC_MODELS))
+
+
+def field_names(model: type[BaseModel]) -> list[str]:
+    """The YAML keys a model accepts, for "did you mean" hints."""
+    return [f.alias or n for n, f in model.model_fields.items()]
+
+
+def vault_options(doc: VaultSecretsDoc) -> dict[str, Any]:
+    """Every vault setting except the provider tag, unvalidated (compile checks they're scalars)."""
+    extra = dict(doc.model_extra or {})
+    extra["address"] = doc.address
+    return extra

@@ -1,0 +1,194 @@
+"""Checks for the small string languages inside a policy: names, hosts, paths, periods...
+
+Each check returns the (possibly normalised) value or raises `PydanticCustomError`, whose message
+becomes `<field> <value>: <message>`. Kept apart from the models so they read as a spec.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable
+from typing import Any
+
+from pydantic_core import PydanticCustomError
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+PERIOD_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_REQUESTS = 1_000_000_000
+MAX_PERIOD_SECONDS = 366 * 86400
+
+_LABEL = r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?"
+_NAME_RE = re.compile(rf"^{_LABEL}$")
+_DNS_RE = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
+_TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_SECRET_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
+_TOOL_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+_PERIOD_RE = re.compile(r"^([0-9]+)([A-Za-z]*)$")
+SECRET_PLACEHOLDER = "{secret}"
+
+
+def fail(message: str) -> PydanticCustomError:
+    return PydanticCustomError("meshgate", message)
+
+
+def fail_hidden(message: str) -> PydanticCustomError:
+    """An error whose message must not echo the value (it may hold a secret)."""
+    return PydanticCustomError("meshgate_hidden", message)
+
+
+def name(v: str) -> str:
+    if not _NAME_RE.match(v):
+        raise fail(
+            "must be a DNS label: lower-case letters, digits and '-', at most 63 characters, "
+            "starting and ending with a letter or digit"
+        )
+    return v
+
+
+def dns_name(v: str) -> str:
+    if len(v) > 253 or not _DNS_RE.match(v):
+        raise fail("must be a lower-case DNS name like agents.example")
+    return v
+
+
+def host(v: str) -> str:
+    h = v.lower()
+    if "://" in h or "/" in h:
+        raise fail("must be a bare host name, not a URL")
+    if ":" in h:
+        raise fail("must not include a port; use the port field")
+    body = h[2:] if h.startswith("*.") else h
+    if "*" in body:
+        raise fail('a wildcard is only allowed as the whole first label, like "*.example.com"')
+    if len(body) > 253 or not _DNS_RE.match(body):
+        raise fail("must be a DNS name (letters, digits, '-' and '.') or an IPv4 address")
+    return h
+
+
+def port(v: int) -> int:
+    if not 1 <= v <= 65535:
+        raise fail("must be between 1 and 65535")
+    return v
+
+
+def address(v: str) -> str:
+    parse_address(v)
+    return v
+
+
+def parse_address(v: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port` to (host, port); raises PydanticCustomError when malformed."""
+    usage = "must be host:port, like 10.0.0.7:8443"
+    if v.startswith("["):
+        end = v.find("]")
+        if end < 0 or v[end + 1 : end + 2] != ":":
+            raise fail(usage)
+        h, p = v[1:end], v[end + 2 :]
+        try:
+            ipaddress.IPv6Address(h)
+        except ValueError:
+            raise fail("must be [IPv6]:port when it starts with '['") from None
+    else:
+        h, sep, p = v.rpartition(":")
+        if not sep or not h:
+            raise fail(usage)
+        h = h.lower()
+        if ":" in h:
+            raise fail("IPv6 addresses must be written [addr]:port")
+        if len(h) > 253 or not _DNS_RE.match(h):
+            raise fail("host part must be an IP address or DNS name")
+    if not p.isascii() or not p.isdigit() or len(p) > 5 or not 1 <= int(p) <= 65535:
+        raise fail("port part must be between 1 and 65535")
+    return h, int(p)
+
+
+def header_name(v: str) -> str:
+    if not _TOKEN_RE.match(v):
+        raise fail("is not a valid HTTP header name")
+    return v
+
+
+def secret_name(v: str) -> str:
+    if not _SECRET_RE.match(v):
+        raise fail(
+            "must be letters, digits, '.', '_' or '-' (no '/'), "
+            "starting and ending with a letter or digit"
+        )
+    return v
+
+
+def secret_format(v: str) -> str:
+    if v.count(SECRET_PLACEHOLDER) != 1:
+        raise fail_hidden("must contain {secret} exactly once")
+    if any(c in v for c in "\r\n\0"):
+        raise fail_hidden("must not contain line breaks or NUL")
+    return v
+
+
+def method(v: str) -> str:
+    if v in HTTP_METHODS:
+        return v
+    if v.upper() in HTTP_METHODS:
+        raise fail(f'HTTP methods must be upper-case (did you mean "{v.upper()}"?)')
+    raise fail(f"is not an HTTP method (expected one of {', '.join(HTTP_METHODS)})")
+
+
+def path(v: str) -> str:
+    if not v.startswith("/"):
+        raise fail('must start with "/"')
+    if "*" in v[:-1]:
+        raise fail('"*" is only allowed at the end, as a prefix match like "/v1/*"')
+    if any(c.isspace() for c in v) or "?" in v or "#" in v:
+        raise fail("must not contain spaces, '?' or '#'")
+    return v
+
+
+def tool(v: str) -> str:
+    if not _TOOL_RE.match(v):
+        raise fail("must be 1-128 letters, digits, '_', '.' or '-'")
+    return v
+
+
+def requests(v: int) -> int:
+    if v < 1:
+        raise fail("must be at least 1")
+    if v > MAX_REQUESTS:
+        raise fail(f"must be at most {MAX_REQUESTS}")
+    return v
+
+
+def period(v: str) -> str:
+    period_seconds(v)
+    return v
+
+
+def period_seconds(v: str) -> int:
+    m = _PERIOD_RE.match(v)
+    if not m:
+        raise fail("must be <count><unit>, like 1m, 10s, 1h or 1d")
+    count, unit = m.group(1), m.group(2)
+    if unit not in PERIOD_UNITS:
+        raise fail("unit must be one of s, m, h, d")
+    if len(count) > 9 or int(count) * PERIOD_UNITS[unit] > MAX_PERIOD_SECONDS:
+        raise fail("must be at most 366 days")
+    if int(count) < 1:
+        raise fail("count must be at least 1")
+    return int(count) * PERIOD_UNITS[unit]
+
+
+def non_empty(v: str) -> str:
+    if not v:
+        raise fail("must not be empty")
+    return v
+
+
+def non_empty_list(what: str) -> Callable[[list[Any]], list[Any]]:
+    """A list validator: an explicit empty list is ambiguous ("nothing" or "anything")."""
+
+    def check(v: list[Any]) -> list[Any]:
+        if not v:
+            raise fail(f"must not be empty (omit it to allow any {what})")
+        return v
+
+    return check
