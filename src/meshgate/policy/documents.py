@@ -137,7 +137,7 @@ def _context(kind: str, parent: Path) -> str:
     return str(last)
 
 
-def _allowed_fields(kind: str, context: str) -> list[str]:
+def _allowed_fields(kind: str, context: str, data: Any) -> list[str]:
     models: dict[str, list[type[Any]]] = {
         f"{kind} document": [schema.DOC_MODELS[kind]],
         f"{kind} metadata": [schema.Metadata],
@@ -151,12 +151,19 @@ def _allowed_fields(kind: str, context: str) -> list[str]:
         "header match": [schema.HeaderDoc],
         "credentials": [schema.CredentialsDoc],
         "egressGateway": [schema.GatewayDoc],
-        "secrets": [schema.FileSecretsDoc, schema.EnvSecretsDoc],
+        "secrets": [_secrets_model(data)],
     }
     names: list[str] = []
     for model in models.get(context, []):
         names += schema.field_names(model)
     return names
+
+
+def _secrets_model(data: Any) -> type[Any]:
+    spec = data.get("spec") if isinstance(data, dict) else None
+    secrets = spec.get("secrets") if isinstance(spec, dict) else None
+    provider = secrets.get("provider") if isinstance(secrets, dict) else None
+    return schema.EnvSecretsDoc if provider == "env" else schema.FileSecretsDoc
 
 
 def did_you_mean(word: str, choices: list[str]) -> str:
@@ -180,7 +187,8 @@ def _problem(doc: YamlDoc, kind: str, err: ErrorDetails) -> Problem:
     if typ == "extra_forbidden":
         field = str(path[-1])
         context = _context(kind, path[:-1])
-        hint = did_you_mean(field, _allowed_fields(kind, context))
+        allowed = _allowed_fields(kind, context, doc.data)
+        hint = did_you_mean(field, [f for f in allowed if f != field])
         return Problem(doc.key_pos(path), f'unknown field "{field}" in {context}{hint}')
     if typ == "union_tag_invalid":
         expected = ", ".join(re.findall(r"'([^']*)'", str(ctx.get("expected_tags", ""))))

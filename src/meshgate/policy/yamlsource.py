@@ -81,9 +81,12 @@ def parse_documents(file: str, text: str) -> tuple[list[YamlDoc], list[Problem]]
         for i, raw in enumerate(yaml.load_all(text)):
             if raw is None:
                 continue  # an empty document, e.g. a trailing `---` or a comment-only file
-            docs.append(_convert(file, raw, problems))
+            doc = _convert(file, raw, problems)
+            if doc is None:
+                continue
+            docs.append(doc)
             if not isinstance(raw, dict | list):
-                scalar_docs.append((i, docs[-1]))
+                scalar_docs.append((i, doc))
     except MarkedYAMLError as e:
         problems.append(_syntax_problem(file, e))
     except RecursionError:
@@ -114,8 +117,8 @@ def _syntax_problem(file: str, e: MarkedYAMLError) -> Problem:
     dup = _DUP_KEY.search(problem)
     if dup:
         return Problem(pos, f'duplicate key "{dup.group(1)}"')
-    context = f" ({e.context})" if e.context and e.problem else ""
-    return Problem(pos, f"YAML syntax error: {_one_line(problem)}{_one_line(context)}")
+    context = f" ({_one_line(str(e.context))})" if e.context and e.problem else ""
+    return Problem(pos, f"YAML syntax error: {_one_line(problem)}{context}")
 
 
 def _one_line(s: str) -> str:
@@ -136,7 +139,7 @@ def _start(file: str, node: Any) -> Pos:
     return Pos(file, 1, 1)
 
 
-def _convert(file: str, raw: Any, problems: list[Problem]) -> YamlDoc:
+def _convert(file: str, raw: Any, problems: list[Problem]) -> YamlDoc | None:
     doc = YamlDoc(file=file, data=None, start=_start(file, raw))
     doc.index[()] = NodePos(None, doc.start)
     walker = _Walker(doc, problems)
@@ -144,7 +147,7 @@ def _convert(file: str, raw: Any, problems: list[Problem]) -> YamlDoc:
         doc.data = walker.plain(raw, (), doc.start, 0)
     except _TooBig:
         problems.append(Problem(doc.start, "document is too large (too many nodes or aliases)"))
-        doc.data = None
+        return None
     return doc
 
 
@@ -183,7 +186,8 @@ class _Walker:
             kpos, vpos = here, here
             if isinstance(spot, list) and len(spot) == 4:
                 kpos = Pos(self.doc.file, spot[0] + 1, spot[1] + 1)
-                vpos = Pos(self.doc.file, spot[2] + 1, spot[3] + 1)
+                # an empty (null) value has no token of its own: ruamel points past it
+                vpos = kpos if value is None else Pos(self.doc.file, spot[2] + 1, spot[3] + 1)
             if not isinstance(key, str):
                 self.problems.append(
                     Problem(kpos, f"field names must be strings, got {_key_text(key)}")
