@@ -53,3 +53,6 @@ def problems(files: dict[str, str]) -> list[str]:
     except PolicyError as e:
         return e.problems
     raise AssertionError("expected a PolicyError")
+
+
+R = "    - destination: search-api\n"
