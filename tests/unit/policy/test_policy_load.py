@@ -88,9 +88,7 @@ def test_full_destination_compiles_every_field() -> None:
 
 
 def test_defaults() -> None:
-    model = load_policy_texts(
-        base(d=FULL_DEST.split("  address")[0].replace("\n  port", "\n  port"))
-    )
+    model = load_policy_texts(base(d=FULL_DEST.split("  address")[0]))
     d = model.destination("docs")
     assert (d.tls, d.identity, d.address, d.credentials, d.ca_file) == (
         "originate",
