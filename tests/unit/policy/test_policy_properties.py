@@ -68,6 +68,8 @@ def _load_only_policy_error(files: dict[str, str]) -> PolicyModel | None:
     except PolicyError as e:
         assert e.problems, "a PolicyError must carry at least one problem"
         assert all(isinstance(p, str) and p for p in e.problems)
+        # the loader's last-resort wrapper for our own bugs must never be what answered
+        assert not any("internal error" in p for p in e.problems), e.problems
         return None
 
 
