@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from meshgate.controlplane.ads import AdsService
+from meshgate.controlplane.ads import SERVER_OPTIONS, AdsService
 from meshgate.controlplane.cache import SnapshotCache
 from meshgate.controlplane.registry import NodeRegistry
 from meshgate.policy.model import AgentPolicy, Destination, EgressRule, Mesh, PolicyModel
@@ -48,7 +48,7 @@ class AdsHarness:
 async def ads_server() -> AsyncIterator[AdsHarness]:
     cache = SnapshotCache()
     registry = NodeRegistry()
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     server.add_generic_rpc_handlers((AdsService(cache, registry).handler(),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -61,7 +61,9 @@ async def ads_server() -> AsyncIterator[AdsHarness]:
 class AdsClient:
     """A scripted ADS client over a real gRPC stream: send requests, await responses."""
 
-    def __init__(self, address: str, delta: bool = False, metadata: tuple[tuple[str, str], ...] = ()):
+    def __init__(
+        self, address: str, delta: bool = False, metadata: tuple[tuple[str, str], ...] = ()
+    ):
         import asyncio
 
         from envoy.service.discovery.v3 import ads_pb2_grpc
@@ -70,7 +72,9 @@ class AdsClient:
         self.channel = grpc.aio.insecure_channel(address)
         self.stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self.channel)
         self.outbox: asyncio.Queue[object] = asyncio.Queue()
-        method = self.stub.DeltaAggregatedResources if delta else self.stub.StreamAggregatedResources
+        method = (
+            self.stub.DeltaAggregatedResources if delta else self.stub.StreamAggregatedResources
+        )
         self.call = method(self._requests(), metadata=metadata or None)
         self.inbox: asyncio.Queue[object] = asyncio.Queue()
         self._reader = asyncio.ensure_future(self._read())

@@ -143,7 +143,9 @@ async def _start_gateway(
         raise MeshgateError(f"--control-plane must be HOST:PORT, got {control_plane!r}")
     state_dir.mkdir(parents=True, exist_ok=True)
     boot = state_dir / f"gateway-{name}.json"
-    spec = BootstrapSpec(f"gateway/{name}", "meshgate-gateway", host, int(port), admin_port, delta=delta)
+    spec = BootstrapSpec(
+        f"gateway/{name}", "meshgate-gateway", host, int(port), admin_port, delta=delta
+    )
     boot.write_text(bootstrap_json(spec))
     envoy = EnvoyProcess(boot, admin_port, state_dir / f"gateway-{name}.log", concurrency)
     await envoy.start()
@@ -185,7 +187,12 @@ def up(
         envoy = None
         try:
             envoy = await _start_gateway(
-                f"127.0.0.1:{xds_port}", "local", gateway_admin_port, state_dir, False, 1,
+                f"127.0.0.1:{xds_port}",
+                "local",
+                gateway_admin_port,
+                state_dir,
+                False,
+                1,
                 wait_ready=True,
             )
             model = cp.policy.model

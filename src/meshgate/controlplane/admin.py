@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import prometheus_client
 from aiohttp import web
 
-from meshgate.policy.plan import model_to_json
+from meshgate.policy.serialize import model_to_json
 
 if TYPE_CHECKING:
     from meshgate.controlplane.server import ControlPlane
@@ -28,7 +28,9 @@ def make_app(cp: ControlPlane) -> web.Application:
 
     async def readyz(_: web.Request) -> web.Response:
         if cp.ready:
-            return web.json_response({"ready": True, "version": cp.policy.model.version if cp.policy.model else None})
+            return web.json_response(
+                {"ready": True, "version": cp.policy.model.version if cp.policy.model else None}
+            )
         reason = "no valid policy loaded yet" if cp.policy.model is None else "starting"
         return web.json_response({"ready": False, "reason": reason}, status=503)
 
@@ -42,7 +44,9 @@ def make_app(cp: ControlPlane) -> web.Application:
 
     async def metrics(_: web.Request) -> web.Response:
         body = prometheus_client.generate_latest(cp.metrics_registry)
-        return web.Response(body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+        return web.Response(
+            body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST}
+        )
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)

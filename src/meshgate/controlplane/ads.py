@@ -27,6 +27,16 @@ log = logging.getLogger(__name__)
 
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 
+# gRPC core cancels new calls once 1,000 are waiting to be picked up by the (one-at-a-time)
+# Python accept loop; a fleet of Envoys reconnecting after a restart exceeds that at once.
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_concurrent_streams", 100_000),
+    ("grpc.server.max_pending_requests", 100_000),
+    ("grpc.server.max_pending_requests_hard_limit", 100_000),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
 
 def _passthrough(data: bytes) -> bytes:
     return data
@@ -43,7 +53,7 @@ class AdsService:
         self.registry = registry
         self.authenticate = authenticate
 
-    def handler(self) -> grpc.GenericRpcHandler:
+    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         return grpc.method_handlers_generic_handler(
             SERVICE,
             {

@@ -13,7 +13,7 @@ import prometheus_client
 from aiohttp import web
 
 from meshgate.controlplane.admin import make_app
-from meshgate.controlplane.ads import AdsService
+from meshgate.controlplane.ads import SERVER_OPTIONS, AdsService
 from meshgate.controlplane.cache import SnapshotCache
 from meshgate.controlplane.debounce import Debouncer
 from meshgate.controlplane.policy_state import PolicyState
@@ -22,6 +22,7 @@ from meshgate.controlplane.sources import Candidate, PolicySource, SourceFailure
 from meshgate.errors import ConfigError, MeshgateError, PolicyError
 from meshgate.policy.loader import load_policy_texts
 from meshgate.policy.model import PolicyModel
+from meshgate.policy.paths import resolve_relative_paths
 from meshgate.xds.build import build_snapshots
 from meshgate.xds.snapshot import Snapshot
 
@@ -73,13 +74,7 @@ class ControlPlane:
 
     async def start(self) -> None:
         """Bind both ports (a clear error if taken), then start watching policy."""
-        self._grpc = grpc.aio.server(
-            options=[
-                ("grpc.max_concurrent_streams", 100_000),
-                ("grpc.keepalive_time_ms", 30_000),
-                ("grpc.http2.max_pings_without_data", 0),
-            ]
-        )
+        self._grpc = grpc.aio.server(options=SERVER_OPTIONS)
         self._grpc.add_generic_rpc_handlers((self.ads.handler(),))
         try:
             port = self._grpc.add_insecure_port(self.xds_address)
@@ -144,7 +139,8 @@ class ControlPlane:
         )
 
     def _compile(self, candidate: Candidate) -> tuple[PolicyModel, dict[str, Snapshot]]:
-        model = load_policy_texts(candidate.files, candidate.version)
+        loaded = load_policy_texts(candidate.files, candidate.version)
+        model = resolve_relative_paths(loaded, candidate.root)
         return model, build_snapshots(model, self.options.gateway_bind)
 
     def _reject(self, origin: str, problems: list[str]) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from meshgate.errors import MeshgateError, PolicyError
-from meshgate.policy.gitsource import GitPolicySource, parse_git_url
+from meshgate.policy.gitsource import GitPolicySource
 from meshgate.policy.loader import read_policy_files
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,7 @@ class GitSource:
     """Polls a git ref; only committed content is served and the commit is the version."""
 
     def __init__(self, spec: str, cache_dir: Path, interval: float = 5.0) -> None:
-        url, ref = parse_git_url(spec)
-        self.git = GitPolicySource(url, ref, cache_dir)
+        self.git = GitPolicySource.from_source(spec, cache_dir)
         self.interval = interval
         self.description = spec
         self.cache_dir = cache_dir
@@ -85,7 +84,7 @@ class GitSource:
                 if sha != last:
                     files = await asyncio.to_thread(self.git.read_files, sha)
                     last = sha
-                    yield Candidate(files, sha, f"git:{sha}", self.cache_dir)
+                    yield Candidate(files, sha, f"git:{sha[:12]}", self.cache_dir)
             except MeshgateError as exc:
                 problems = exc.problems if isinstance(exc, PolicyError) else [str(exc)]
                 yield SourceFailure(problems)

@@ -16,7 +16,9 @@ def resource_name(message: object) -> str:
 
 
 def gateway_snapshot(model: PolicyModel, bind_address: str = "0.0.0.0") -> Snapshot:
-    resources = [Resource.build(resource_name(m), m) for m in gateway_resources(model, bind_address)]
+    resources = [
+        Resource.build(resource_name(m), m) for m in gateway_resources(model, bind_address)
+    ]
     return Snapshot.build(model.version, resources)
 
 

@@ -67,7 +67,9 @@ class Snapshot:
         for res in resources:
             bucket = by_type.setdefault(res.type_url, {})
             if res.name in bucket:
-                raise ConsistencyError(f"duplicate {types.SHORT_NAMES.get(res.type_url)} {res.name!r}")
+                raise ConsistencyError(
+                    f"duplicate {types.SHORT_NAMES.get(res.type_url)} {res.name!r}"
+                )
             bucket[res.name] = res
         frozen = {
             t: MappingProxyType(dict(sorted(bucket.items()))) for t, bucket in by_type.items()

@@ -21,7 +21,10 @@ NODE = base_pb2.Node(id="gateway/test", cluster="meshgate-gateway")
 
 def req(type_url: str, nonce: str = "", version: str = "", names=(), error: str | None = None):
     r = discovery_pb2.DiscoveryRequest(
-        node=NODE, type_url=type_url, response_nonce=nonce, version_info=version,
+        node=NODE,
+        type_url=type_url,
+        response_nonce=nonce,
+        version_info=version,
         resource_names=list(names),
     )
     if error is not None:
@@ -168,11 +171,20 @@ async def test_node_waits_for_first_snapshot() -> None:
         await c.close()
 
 
-def dreq(type_url: str, subscribe=(), unsubscribe=(), nonce: str = "", error: str | None = None,
-         initial=None):  # type: ignore[no-untyped-def]
+def dreq(
+    type_url: str,
+    subscribe=(),
+    unsubscribe=(),
+    nonce: str = "",
+    error: str | None = None,
+    initial=None,
+):  # type: ignore[no-untyped-def]
     r = discovery_pb2.DeltaDiscoveryRequest(
-        node=NODE, type_url=type_url, resource_names_subscribe=list(subscribe),
-        resource_names_unsubscribe=list(unsubscribe), response_nonce=nonce,
+        node=NODE,
+        type_url=type_url,
+        resource_names_subscribe=list(subscribe),
+        resource_names_unsubscribe=list(unsubscribe),
+        response_nonce=nonce,
         initial_resource_versions=initial or {},
     )
     if error is not None:
@@ -279,7 +291,9 @@ async def test_missing_or_malformed_node_id_refused() -> None:
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "node.id" in (err.value.details() or "")
         c2 = AdsClient(h.address)
-        c2.send(discovery_pb2.DiscoveryRequest(node=base_pb2.Node(id="BAD ID"), type_url=types.CLUSTER))
+        c2.send(
+            discovery_pb2.DiscoveryRequest(node=base_pb2.Node(id="BAD ID"), type_url=types.CLUSTER)
+        )
         with pytest.raises(grpc.aio.AioRpcError) as err2:
             await c2.recv()
         assert "gateway/<name>" in (err2.value.details() or "")

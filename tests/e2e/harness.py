@@ -1,0 +1,166 @@
+"""Real processes for end-to-end tests: the control plane, Envoy gateways, loopback upstreams."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from aiohttp import web
+from builders import free_port
+
+from meshgate.controlplane.server import ControlPlane, ServeOptions
+from meshgate.controlplane.sources import DirectorySource
+from meshgate.sidecar.bootstrap import BootstrapSpec, bootstrap_json
+from meshgate.sidecar.envoy_process import EnvoyProcess
+
+MESH = """\
+apiVersion: meshgate.dev/v1
+kind: Mesh
+metadata: {{name: default}}
+spec:
+  trustDomain: agents.test
+  egressGateway: {{listenPort: {port}}}
+"""
+
+DESTINATION = """\
+---
+apiVersion: meshgate.dev/v1
+kind: Destination
+metadata: {{name: {name}}}
+spec:
+  host: {host}
+  port: 80
+  tls: none
+  address: 127.0.0.1:{upstream}
+"""
+
+AGENT = """\
+---
+apiVersion: meshgate.dev/v1
+kind: AgentPolicy
+metadata: {{name: {agent}}}
+spec:
+  agent: {agent}
+  egress:
+{rules}
+"""
+
+
+def write_policy(
+    directory: Path,
+    listen_port: int,
+    destinations: dict[str, int],
+    extra: str = "",
+    agents: dict[str, list[str]] | None = None,
+) -> None:
+    """destinations: name -> upstream port (host is NAME.internal)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "mesh.yaml").write_text(MESH.format(port=listen_port))
+    text = "".join(
+        DESTINATION.format(name=n, host=f"{n}.internal", upstream=p)
+        for n, p in destinations.items()
+    )
+    (directory / "destinations.yaml").write_text(text + extra)
+    agents = agents if agents is not None else {"researcher": sorted(destinations)}
+    text = "".join(
+        AGENT.format(agent=a, rules="\n".join(f"    - destination: {d}" for d in ds))
+        for a, ds in agents.items()
+    )
+    (directory / "agents.yaml").write_text(text)
+
+
+@dataclass
+class Upstream:
+    port: int
+    hits: list[dict[str, Any]]
+
+
+@asynccontextmanager
+async def upstream(name: str) -> AsyncIterator[Upstream]:
+    """A loopback HTTP server that echoes who it is and what it received."""
+    hits: list[dict[str, Any]] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.text()
+        hits.append({"path": request.path_qs, "headers": dict(request.headers), "body": body})
+        return web.json_response({"upstream": name, "path": request.path_qs})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield Upstream(port, hits)
+    finally:
+        await runner.cleanup()
+
+
+@asynccontextmanager
+async def control_plane(policy_dir: Path, state_dir: Path) -> AsyncIterator[ControlPlane]:
+    opts = ServeOptions(
+        "127.0.0.1", free_port(), "127.0.0.1", free_port(), "127.0.0.1", debounce_quiet=0.05
+    )
+    cp = ControlPlane(DirectorySource(policy_dir, interval=0.1), state_dir, opts)
+    await cp.start()
+    try:
+        await until(lambda: cp.ready, timeout=10, what="control plane ready")
+        yield cp
+    finally:
+        await cp.stop()
+
+
+@asynccontextmanager
+async def gateway(
+    cp: ControlPlane, workdir: Path, name: str = "e2e", delta: bool = False
+) -> AsyncIterator[EnvoyProcess]:
+    admin = free_port()
+    spec = BootstrapSpec(
+        f"gateway/{name}", "meshgate-gateway", "127.0.0.1", cp.options.xds_port, admin, delta=delta
+    )
+    boot = workdir / f"gateway-{name}.json"
+    boot.write_text(bootstrap_json(spec))
+    envoy = EnvoyProcess(boot, admin, workdir / f"gateway-{name}.log")
+    await envoy.start()
+    try:
+        await envoy.wait_ready(30)
+        yield envoy
+    finally:
+        await envoy.stop()
+
+
+async def until(
+    check: Callable[[], Any], timeout: float = 10.0, what: str = "condition", interval: float = 0.05
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def envoy_admin(envoy: EnvoyProcess, path: str) -> str:
+    async with httpx.AsyncClient() as client:
+        resp = await client.get(f"http://127.0.0.1:{envoy.admin_port}{path}")
+        return resp.text
+
+
+async def via_gateway(
+    port: int, host: str, path: str = "/", method: str = "GET", **kw: Any
+) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=10) as client:
+        return await client.request(
+            method, f"http://127.0.0.1:{port}{path}", headers={"Host": host}, **kw
+        )
