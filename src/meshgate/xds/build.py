@@ -5,6 +5,7 @@ from __future__ import annotations
 from meshgate.policy.model import PolicyModel
 from meshgate.xds.gateway import gateway_resources
 from meshgate.xds.nodes import GATEWAY_GROUP
+from meshgate.xds.options import TranslateOptions
 from meshgate.xds.snapshot import Resource, Snapshot
 
 
@@ -15,13 +16,13 @@ def resource_name(message: object) -> str:
     return name
 
 
-def gateway_snapshot(model: PolicyModel, bind_address: str = "0.0.0.0") -> Snapshot:
-    resources = [
-        Resource.build(resource_name(m), m) for m in gateway_resources(model, bind_address)
-    ]
+def gateway_snapshot(model: PolicyModel, options: TranslateOptions) -> Snapshot:
+    resources = [Resource.build(resource_name(m), m) for m in gateway_resources(model, options)]
     return Snapshot.build(model.version, resources)
 
 
-def build_snapshots(model: PolicyModel, bind_address: str = "0.0.0.0") -> dict[str, Snapshot]:
+def build_snapshots(
+    model: PolicyModel, options: TranslateOptions | None = None
+) -> dict[str, Snapshot]:
     """Every node group's snapshot for this policy."""
-    return {GATEWAY_GROUP: gateway_snapshot(model, bind_address)}
+    return {GATEWAY_GROUP: gateway_snapshot(model, options or TranslateOptions())}

@@ -24,6 +24,7 @@ from meshgate.xds.common import (
     socket_address,
     stdout_access_log,
 )
+from meshgate.xds.options import TranslateOptions
 
 LISTENER_NAME = "egress-http"
 ROUTE_NAME = "egress-routes"
@@ -33,19 +34,19 @@ def cluster_name(destination: Destination) -> str:
     return f"dest-{destination.name}"
 
 
-def gateway_resources(model: PolicyModel, bind_address: str = "0.0.0.0") -> list[Message]:
+def gateway_resources(model: PolicyModel, options: TranslateOptions) -> list[Message]:
     """Every resource a gateway needs, in a stable order."""
     out: list[Message] = []
     for dest in model.destinations:
-        out.append(destination_cluster(dest))
+        out.append(destination_cluster(dest, options.system_ca_file))
         if dest.address is not None:
             out.append(destination_endpoints(dest))
-    out.append(egress_listener(model.mesh.gateway_listen_port, bind_address))
+    out.append(egress_listener(model.mesh.gateway_listen_port, options.gateway_bind))
     out.append(egress_routes(model))
     return out
 
 
-def destination_cluster(dest: Destination) -> cluster_pb2.Cluster:
+def destination_cluster(dest: Destination, system_ca_file: str) -> cluster_pb2.Cluster:
     cluster = cluster_pb2.Cluster(
         name=cluster_name(dest),
         connect_timeout=duration_pb2.Duration(seconds=5),
@@ -59,7 +60,7 @@ def destination_cluster(dest: Destination) -> cluster_pb2.Cluster:
         cluster.load_assignment.CopyFrom(_assignment(cluster.name, dest.host, dest.port))
     if dest.tls == "originate":
         cluster.transport_socket.name = "envoy.transport_sockets.tls"
-        cluster.transport_socket.typed_config.CopyFrom(pack(upstream_tls(dest)))
+        cluster.transport_socket.typed_config.CopyFrom(pack(upstream_tls(dest, system_ca_file)))
     return cluster
 
 
@@ -86,7 +87,7 @@ def _assignment(name: str, host: str, port: int) -> endpoint_pb2.ClusterLoadAssi
     )
 
 
-def upstream_tls(dest: Destination) -> tls_pb2.UpstreamTlsContext:
+def upstream_tls(dest: Destination, system_ca_file: str) -> tls_pb2.UpstreamTlsContext:
     """TLS to the real upstream: SNI and certificate checked against its name, fail closed."""
     validation = common_pb2.CertificateValidationContext(
         match_typed_subject_alt_names=[
@@ -96,10 +97,10 @@ def upstream_tls(dest: Destination) -> tls_pb2.UpstreamTlsContext:
             )
         ]
     )
-    if dest.ca_file:
-        validation.trusted_ca.CopyFrom(base_pb2.DataSource(filename=dest.ca_file))
-    else:
-        validation.system_root_certs.SetInParent()
+    # Envoy refuses SAN checks without an explicit trust anchor, so "the system store" is the
+    # bundle file the control plane found on its host (gateways run the same images).
+    ca_file = dest.ca_file or system_ca_file
+    validation.trusted_ca.CopyFrom(base_pb2.DataSource(filename=ca_file))
     return tls_pb2.UpstreamTlsContext(
         sni=dest.host,
         common_tls_context=tls_pb2.CommonTlsContext(validation_context=validation),

@@ -1,0 +1,165 @@
+"""The `meshgate` command as a user runs it: real subprocesses, real Envoy, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from builders import free_port
+from harness import write_policy
+
+pytestmark = pytest.mark.e2e
+
+MESHGATE = [sys.executable, "-m", "meshgate.cli"]
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*MESHGATE, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+    )
+
+
+def wait_http(url: str, timeout: float = 30) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            resp = httpx.get(url, timeout=2)
+            if resp.status_code == 200:
+                return resp
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{url} not ready in {timeout}s")
+        time.sleep(0.1)
+
+
+def test_up_serves_gateway_status_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    listen, xds, admin, gw_admin = free_port(), free_port(), free_port(), free_port()
+    upstream = free_port()
+    write_policy(tmp_path / "policies", listen, {"alpha": upstream})
+    proc = subprocess.Popen(
+        [
+            *MESHGATE,
+            "up",
+            "--policies",
+            str(tmp_path / "policies"),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--xds-port",
+            str(xds),
+            "--admin-port",
+            str(admin),
+            "--gateway-admin-port",
+            str(gw_admin),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{admin}/readyz")
+        wait_http(f"http://127.0.0.1:{gw_admin}/ready")
+        refused = httpx.get(f"http://127.0.0.1:{listen}/", headers={"Host": "nope.example"})
+        assert refused.status_code == 403
+        assert refused.json()["error"] == "unknown_destination"
+        no_upstream = httpx.get(f"http://127.0.0.1:{listen}/", headers={"Host": "alpha.internal"})
+        assert no_upstream.status_code == 503  # routed to alpha, which is not listening
+
+        status = run("status", "--admin", f"http://127.0.0.1:{admin}", "--format", "json")
+        assert status.returncode == 0, status.stderr
+        data = json.loads(status.stdout)
+        [node] = data["nodes"]
+        assert node["node"] == "gateway/local"
+        assert node["types"]["cds"]["acked"].startswith(data["policy"]["version"])
+        table = run("status", "--admin", f"http://127.0.0.1:{admin}")
+        assert "gateway/local" in table.stdout
+        assert "dir:" in table.stdout
+        plan = run("plan", str(tmp_path / "policies"), "--admin", f"http://127.0.0.1:{admin}")
+        assert plan.returncode == 0, plan.stderr
+        assert "No changes." in plan.stdout
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "meshgate stopped." in out
+    assert "Traceback" not in err
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{gw_admin}/ready", timeout=1)
+
+
+def test_serve_on_occupied_port_is_one_line_error(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        write_policy(tmp_path / "p", free_port(), {"alpha": 1})
+        res = run(
+            "serve",
+            "--policies",
+            str(tmp_path / "p"),
+            "--state-dir",
+            str(tmp_path / "s"),
+            "--admin-port",
+            str(port),
+            "--xds-port",
+            str(free_port()),
+        )
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr
+    assert f"cannot listen for admin HTTP on 127.0.0.1:{port}" in res.stderr
+
+
+def test_missing_envoy_binary_is_clear(tmp_path: Path) -> None:
+    res = run("gateway", "--state-dir", str(tmp_path), env={"MESHGATE_ENVOY": "/nonexistent/envoy"})
+    assert res.returncode == 1
+    assert "MESHGATE_ENVOY=/nonexistent/envoy is not an executable file" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_unknown_flag_and_bad_control_plane_address(tmp_path: Path) -> None:
+    res = run("serve", "--no-such-flag")
+    assert res.returncode == 2
+    assert "No such option" in res.stderr
+    res = run("gateway", "--control-plane", "nonsense", "--state-dir", str(tmp_path))
+    assert res.returncode == 1
+    assert "--control-plane must be HOST:PORT" in res.stderr
+
+
+def test_status_without_control_plane(tmp_path: Path) -> None:
+    res = run("status", "--admin", f"http://127.0.0.1:{free_port()}")
+    assert res.returncode == 1
+    assert "cannot reach the control plane" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_validate_reports_file_line_and_exit_status(tmp_path: Path) -> None:
+    write_policy(tmp_path / "p", 15001, {"alpha": 9000}, agents={"researcher": ["gh"]})
+    res = run("validate", str(tmp_path / "p"))
+    assert res.returncode == 1
+    assert f'{tmp_path / "p" / "agents.yaml"}:8:7: unknown destination "gh"' in res.stderr
+    assert "Traceback" not in res.stderr
+    write_policy(tmp_path / "q", 15001, {"alpha": 9000})
+    ok = run("validate", str(tmp_path / "q"))
+    assert ok.returncode == 0
+    assert "valid" in ok.stdout
+
+
+def test_every_command_has_help() -> None:
+    for cmd in ("serve", "gateway", "up", "status", "validate", "plan", "lint"):
+        res = run(cmd, "--help")
+        assert res.returncode == 0, cmd
+        assert "Usage" in res.stdout
