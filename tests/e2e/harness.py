@@ -15,7 +15,7 @@ from aiohttp import web
 from builders import free_port
 
 from meshgate.controlplane.server import ControlPlane, ServeOptions
-from meshgate.controlplane.sources import DirectorySource
+from meshgate.controlplane.sources import DirectorySource, PolicySource
 from meshgate.sidecar.bootstrap import BootstrapSpec, bootstrap_json
 from meshgate.sidecar.envoy_process import EnvoyProcess
 
@@ -104,11 +104,13 @@ async def upstream(name: str) -> AsyncIterator[Upstream]:
 
 
 @asynccontextmanager
-async def control_plane(policy_dir: Path, state_dir: Path) -> AsyncIterator[ControlPlane]:
+async def control_plane(
+    policy_dir: Path, state_dir: Path, source: PolicySource | None = None
+) -> AsyncIterator[ControlPlane]:
     opts = ServeOptions(
         "127.0.0.1", free_port(), "127.0.0.1", free_port(), "127.0.0.1", debounce_quiet=0.05
     )
-    cp = ControlPlane(DirectorySource(policy_dir, interval=0.1), state_dir, opts)
+    cp = ControlPlane(source or DirectorySource(policy_dir, interval=0.1), state_dir, opts)
     await cp.start()
     try:
         await until(lambda: cp.ready, timeout=10, what="control plane ready")
