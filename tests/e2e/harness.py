@@ -160,9 +160,15 @@ async def envoy_admin(envoy: EnvoyProcess, path: str) -> str:
 
 
 async def via_gateway(
-    port: int, host: str, path: str = "/", method: str = "GET", **kw: Any
+    port: int,
+    host: str,
+    path: str = "/",
+    method: str = "GET",
+    agent: str | None = "researcher",
+    headers: dict[str, str] | None = None,
+    **kw: Any,
 ) -> httpx.Response:
+    """A request as the agent's sidecar forwards it: Host names the tool, the header the agent."""
+    sent = {"Host": host, **({"x-meshgate-agent": agent} if agent else {}), **(headers or {})}
     async with httpx.AsyncClient(timeout=10) as client:
-        return await client.request(
-            method, f"http://127.0.0.1:{port}{path}", headers={"Host": host}, **kw
-        )
+        return await client.request(method, f"http://127.0.0.1:{port}{path}", headers=sent, **kw)

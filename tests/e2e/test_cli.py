@@ -76,7 +76,10 @@ def test_up_serves_gateway_status_and_stops_cleanly_on_ctrl_c(tmp_path: Path) ->
         refused = httpx.get(f"http://127.0.0.1:{listen}/", headers={"Host": "nope.example"})
         assert refused.status_code == 403
         assert refused.json()["error"] == "unknown_destination"
-        no_upstream = httpx.get(f"http://127.0.0.1:{listen}/", headers={"Host": "alpha.internal"})
+        no_upstream = httpx.get(
+            f"http://127.0.0.1:{listen}/",
+            headers={"Host": "alpha.internal", "x-meshgate-agent": "researcher"},
+        )
         assert no_upstream.status_code == 503  # routed to alpha, which is not listening
 
         status = run("status", "--admin", f"http://127.0.0.1:{admin}", "--format", "json")

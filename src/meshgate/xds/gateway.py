@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
@@ -16,6 +18,7 @@ from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
 from meshgate.policy.model import Destination, PolicyModel
+from meshgate.xds.allowlist import AGENT_HEADER, RATE_LIMIT_FILTER, destination_routes
 from meshgate.xds.common import (
     ads,
     json_refusal,
@@ -111,8 +114,9 @@ def egress_listener(port: int, bind_address: str) -> listener_pb2.Listener:
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix="egress",
         rds=hcm_pb2.Rds(config_source=ads(), route_config_name=ROUTE_NAME),
-        http_filters=[router_filter()],
+        http_filters=[rate_limit_filter(), router_filter()],
         access_log=[stdout_access_log()],
+        local_reply_config=refusal_bodies(),
     )
     return listener_pb2.Listener(
         name=LISTENER_NAME,
@@ -130,8 +134,52 @@ def egress_listener(port: int, bind_address: str) -> listener_pb2.Listener:
     )
 
 
+def rate_limit_filter() -> hcm_pb2.HttpFilter:
+    """Enabled per route only: routes of rules without a rateLimit carry no bucket."""
+    return hcm_pb2.HttpFilter(
+        name=RATE_LIMIT_FILTER,
+        typed_config=pack(local_rate_limit_pb2.LocalRateLimit(stat_prefix="meshgate_rl")),
+    )
+
+
+def refusal_bodies() -> hcm_pb2.LocalReplyConfig:
+    """Envoy's own refusals (rate limit, unreachable upstream) as the same small JSON."""
+
+    def mapper(status: int, fields: dict[str, str]) -> hcm_pb2.ResponseMapper:
+        return hcm_pb2.ResponseMapper(
+            filter=accesslog_pb2.AccessLogFilter(
+                status_code_filter=accesslog_pb2.StatusCodeFilter(
+                    comparison=accesslog_pb2.ComparisonFilter(
+                        op=accesslog_pb2.ComparisonFilter.EQ,
+                        value=base_pb2.RuntimeUInt32(default_value=status, runtime_key="_"),
+                    )
+                )
+            ),
+            body_format_override=json_refusal(status, fields).body_format,
+        )
+
+    agent = f"%REQ({AGENT_HEADER})%"
+    return hcm_pb2.LocalReplyConfig(
+        mappers=[
+            mapper(429, {"error": "rate_limited", "agent": agent, "route": "%ROUTE_NAME%"}),
+            mapper(
+                503,
+                {
+                    "error": "upstream_unavailable",
+                    "agent": agent,
+                    "reason": "%RESPONSE_CODE_DETAILS%",
+                },
+            ),
+            mapper(
+                502,
+                {"error": "upstream_error", "agent": agent, "reason": "%RESPONSE_CODE_DETAILS%"},
+            ),
+        ]
+    )
+
+
 def egress_routes(model: PolicyModel) -> route_pb2.RouteConfiguration:
-    vhosts = [_destination_vhost(d) for d in model.destinations]
+    vhosts = [_destination_vhost(model, d) for d in model.destinations]
     vhosts.append(
         route_components_pb2.VirtualHost(
             name="unknown-destination",
@@ -149,14 +197,9 @@ def egress_routes(model: PolicyModel) -> route_pb2.RouteConfiguration:
     return route_pb2.RouteConfiguration(name=ROUTE_NAME, virtual_hosts=vhosts)
 
 
-def _destination_vhost(dest: Destination) -> route_components_pb2.VirtualHost:
+def _destination_vhost(model: PolicyModel, dest: Destination) -> route_components_pb2.VirtualHost:
     return route_components_pb2.VirtualHost(
         name=dest.name,
         domains=[dest.host, f"{dest.host}:{dest.port}"],
-        routes=[
-            route_components_pb2.Route(
-                match=route_components_pb2.RouteMatch(prefix="/"),
-                route=route_components_pb2.RouteAction(cluster=cluster_name(dest)),
-            )
-        ],
+        routes=destination_routes(model, dest, cluster_name(dest)),
     )

@@ -1,0 +1,127 @@
+"""Per-agent allowlists as Envoy routes: one route per (agent, rule, path), then a refusal.
+
+The agent's identity arrives in AGENT_HEADER, which the agent's sidecar sets and overwrites
+(the identity issue replaces it with the verified client certificate). A rule's rate limit is a
+token bucket on its own routes, so it is per agent, per rule, per gateway instance.
+"""
+
+from __future__ import annotations
+
+import re
+
+from envoy.config.core.v3 import base_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
+from envoy.type.matcher.v3 import regex_pb2, string_pb2
+from envoy.type.v3 import percent_pb2, token_bucket_pb2
+from google.protobuf import duration_pb2, wrappers_pb2
+
+from meshgate.policy.model import Destination, EgressRule, PolicyModel
+from meshgate.xds.common import json_refusal, pack
+
+AGENT_HEADER = "x-meshgate-agent"
+RATE_LIMIT_FILTER = "envoy.filters.http.local_ratelimit"
+
+
+def destination_routes(model: PolicyModel, dest: Destination, cluster: str) -> list[rc.Route]:
+    routes: list[rc.Route] = []
+    for agent in model.agents:
+        for index, rule in enumerate(agent.rules):
+            if rule.destination == dest.name:
+                routes.extend(rule_routes(agent.agent, dest, index, rule, cluster))
+    routes.append(
+        rc.Route(
+            name=f"deny/{dest.name}",
+            match=rc.RouteMatch(prefix="/"),
+            direct_response=json_refusal(
+                403,
+                {
+                    "error": "egress_denied",
+                    "agent": f"%REQ({AGENT_HEADER})%",
+                    "destination": dest.name,
+                    "reason": "no rule of this agent allows this method and path",
+                },
+            ),
+        )
+    )
+    return routes
+
+
+def rule_routes(
+    agent: str, dest: Destination, index: int, rule: EgressRule, cluster: str
+) -> list[rc.Route]:
+    headers = [
+        rc.HeaderMatcher(name=AGENT_HEADER, string_match=string_pb2.StringMatcher(exact=agent))
+    ]
+    if rule.methods:
+        pattern = "|".join(re.escape(m) for m in rule.methods)
+        headers.append(
+            rc.HeaderMatcher(
+                name=":method",
+                string_match=string_pb2.StringMatcher(
+                    safe_regex=regex_pb2.RegexMatcher(regex=f"^({pattern})$")
+                ),
+            )
+        )
+    for h in rule.headers:
+        if h.value is None:
+            headers.append(rc.HeaderMatcher(name=h.name, present_match=True))
+        else:
+            headers.append(
+                rc.HeaderMatcher(name=h.name, string_match=string_pb2.StringMatcher(exact=h.value))
+            )
+    per_filter = {}
+    if rule.rate_limit is not None:
+        per_filter[RATE_LIMIT_FILTER] = pack(
+            token_bucket_limit(
+                f"{agent}.{dest.name}.{index}",
+                rule.rate_limit.requests,
+                rule.rate_limit.per_seconds,
+            )
+        )
+    matches = [_path_match(p) for p in rule.paths] or [rc.RouteMatch(prefix="/")]
+    routes = []
+    for n, match in enumerate(matches):
+        match.headers.extend(headers)
+        routes.append(
+            rc.Route(
+                name=f"allow/{agent}/{dest.name}/{index}/{n}",
+                match=match,
+                route=rc.RouteAction(cluster=cluster),
+                typed_per_filter_config=per_filter,
+            )
+        )
+    return routes
+
+
+def _path_match(pattern: str) -> rc.RouteMatch:
+    if pattern.endswith("*"):
+        return rc.RouteMatch(prefix=pattern[:-1])
+    return rc.RouteMatch(path=pattern)
+
+
+def token_bucket_limit(
+    stat: str, requests: int, per_seconds: int
+) -> local_rate_limit_pb2.LocalRateLimit:
+    """A full bucket of `requests`, refilled whole every `per_seconds`; 429 with retry-after."""
+    always = base_pb2.RuntimeFractionalPercent(
+        default_value=percent_pb2.FractionalPercent(
+            numerator=100, denominator=percent_pb2.FractionalPercent.HUNDRED
+        )
+    )
+    return local_rate_limit_pb2.LocalRateLimit(
+        stat_prefix=f"meshgate_rl.{stat}",
+        token_bucket=token_bucket_pb2.TokenBucket(
+            max_tokens=requests,
+            tokens_per_fill=wrappers_pb2.UInt32Value(value=requests),
+            fill_interval=duration_pb2.Duration(seconds=per_seconds),
+        ),
+        filter_enabled=always,
+        filter_enforced=always,
+        response_headers_to_add=[
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key="retry-after", value=str(per_seconds)),
+                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+            )
+        ],
+    )
