@@ -5,12 +5,19 @@ out.
 directory, a git commit and tests. It raises only `PolicyError`, whatever the input. The
 `*_with_locations` variants also return a `SourceMap` ("file:line" of each destination, agent and
 rule), which the compiled model deliberately doesn't carry; lint uses it for finding locations.
+
+Parsing and checking a file depends only on its display path and text, so those per-file results
+are cached, keyed on (display path, sha256 of the text): reloading a policy where one file changed
+re-parses only that file. Cross-document compilation always runs over every file. The cache keeps
+only the files of the latest load, so it is bounded by the size of one policy; cached objects are
+never handed to callers (the model and source map are built afresh by every load).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +36,73 @@ POLICY_SUFFIXES = (".yaml", ".yml")
 class LoadedPolicy:
     model: PolicyModel
     sources: SourceMap
+
+
+@dataclass(frozen=True)
+class _FileResult:
+    """What one file contributes to a load: its checked documents and problems. `complete` is
+    False when the file may hide documents (a YAML error, or a document of unknown kind)."""
+
+    checked: tuple[CheckedDoc, ...]
+    problems: tuple[Problem, ...]
+    complete: bool
+
+
+_CacheKey = tuple[str, bytes]
+
+
+class _FileCache:
+    """Per-file results of the latest load. Thread-safe: loads run on worker threads; two
+    concurrent loads may each miss, never see a wrong entry (the key pins path and text)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[_CacheKey, _FileResult] = {}
+
+    def get(self, key: _CacheKey) -> _FileResult | None:
+        with self._lock:
+            return self._entries.get(key)
+
+    def keep_only(self, entries: dict[_CacheKey, _FileResult]) -> None:
+        """Replace the contents with `entries` (the files of the load that just finished)."""
+        with self._lock:
+            self._entries = dict(entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries = {}
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+
+_CACHE = _FileCache()
+
+
+def clear_policy_cache() -> None:
+    """Forget cached per-file results (tests; or to release memory)."""
+    _CACHE.clear()
+
+
+def _cache_key(display: str, text: str) -> _CacheKey:
+    return display, hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+
+
+def _load_file(display: str, text: str) -> _FileResult:
+    """Parse and schema-check every document of one file."""
+    docs, yaml_problems = parse_documents(display, text)
+    problems = list(yaml_problems)
+    complete = not yaml_problems
+    checked: list[CheckedDoc] = []
+    for doc in docs:
+        result, doc_problems = check_document(doc)
+        problems += doc_problems
+        if result is not None:
+            checked.append(result)
+        elif doc_problems:
+            complete = False  # unknown kind: a Mesh or destination may be hiding in it
+    return _FileResult(tuple(checked), tuple(problems), complete)
 
 
 def content_version(files: Mapping[str, str]) -> str:
@@ -72,6 +146,7 @@ def _load(files: Mapping[str, str], version: str | None, root: str | None) -> Lo
     checked: list[CheckedDoc] = []
     complete = True
     texts: dict[str, str] = {}
+    used: dict[_CacheKey, _FileResult] = {}
     for path in sorted(files, key=str):
         text = files[path]
         display = str(path)
@@ -87,17 +162,15 @@ def _load(files: Mapping[str, str], version: str | None, root: str | None) -> Lo
             complete = False
             continue
         texts[display] = text
-        docs, yaml_problems = parse_documents(display, text)
-        if yaml_problems:
-            complete = False
-            problems += yaml_problems
-        for doc in docs:
-            result, doc_problems = check_document(doc)
-            problems += doc_problems
-            if result is not None:
-                checked.append(result)
-            elif doc_problems:
-                complete = False  # unknown kind: a Mesh or destination may be hiding in it
+        key = _cache_key(display, text)
+        file_result = used.get(key) or _CACHE.get(key)
+        if file_result is None:
+            file_result = _load_file(display, text)
+        used[key] = file_result
+        problems += file_result.problems
+        checked += file_result.checked
+        complete = complete and file_result.complete
+    _CACHE.keep_only(used)
     if version is None:
         version = content_version(texts)
     model, sources, compile_problems = compile_documents(
