@@ -7,6 +7,7 @@ token bucket on its own routes, so it is per agent, per rule, per gateway instan
 
 from __future__ import annotations
 
+import functools
 import re
 
 from envoy.config.core.v3 import base_pb2
@@ -47,9 +48,14 @@ def destination_routes(model: PolicyModel, dest: Destination, cluster: str) -> l
     return routes
 
 
+@functools.lru_cache(maxsize=200_000)
 def rule_routes(
     agent: str, dest: Destination, index: int, rule: EgressRule, cluster: str
-) -> list[rc.Route]:
+) -> tuple[rc.Route, ...]:
+    """Memoised: a policy change rebuilds only the routes of rules that changed.
+
+    Callers copy the returned messages into their own containers and never mutate them.
+    """
     headers = [
         rc.HeaderMatcher(name=AGENT_HEADER, string_match=string_pb2.StringMatcher(exact=agent))
     ]
@@ -91,7 +97,7 @@ def rule_routes(
                 typed_per_filter_config=per_filter,
             )
         )
-    return routes
+    return tuple(routes)
 
 
 def _path_match(pattern: str) -> rc.RouteMatch:

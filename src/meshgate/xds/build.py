@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 from meshgate.policy.model import PolicyModel
 from meshgate.xds.gateway import gateway_resources
 from meshgate.xds.nodes import GATEWAY_GROUP
 from meshgate.xds.options import TranslateOptions
+from meshgate.xds.sidecar import sidecar_resources
 from meshgate.xds.snapshot import Resource, Snapshot
 
 
@@ -24,5 +27,17 @@ def gateway_snapshot(model: PolicyModel, options: TranslateOptions) -> Snapshot:
 def build_snapshots(
     model: PolicyModel, options: TranslateOptions | None = None
 ) -> dict[str, Snapshot]:
-    """Every node group's snapshot for this policy."""
-    return {GATEWAY_GROUP: gateway_snapshot(model, options or TranslateOptions())}
+    """Every node group's snapshot: the gateways', and one per agent with a policy."""
+    opts = options or TranslateOptions()
+    snapshots = {GATEWAY_GROUP: gateway_snapshot(model, opts)}
+    for agent in model.agents:
+        resources = _sidecar(agent.agent, model.mesh.gateway_listen_port, opts)
+        snapshots[f"agent/{agent.agent}"] = Snapshot.build(model.version, resources)
+    return snapshots
+
+
+@functools.lru_cache(maxsize=100_000)
+def _sidecar(agent: str, gateway_port: int, options: TranslateOptions) -> tuple[Resource, ...]:
+    """Memoised: a sidecar's resources change only with its agent name and where the gateway is."""
+    messages = sidecar_resources(agent, gateway_port, options)
+    return tuple(Resource.build(resource_name(m), m) for m in messages)

@@ -55,7 +55,7 @@ def test_cache_wakes_only_changed_groups_and_cancel_works() -> None:
     cancel = cache.watch("gateway", lambda: woke.append("gw"))
     cache.watch("agent/x", lambda: woke.append("x"))
     snaps = build_snapshots(model("v1"))
-    assert cache.set_snapshots(snaps) == ["gateway"]
+    assert cache.set_snapshots(snaps) == ["agent/researcher", "gateway"]
     assert woke == ["gw"]
     assert cache.set_snapshots(build_snapshots(model("v1"))) == []  # same content: no wake
     assert woke == ["gw"]

@@ -1,0 +1,80 @@
+"""Policy model -> an agent's sidecar: a loopback HTTP proxy that sends everything to the gateway.
+
+The sidecar stamps the agent's identity header (overwriting anything the agent sent), so the
+gateway's allowlist applies; the agent itself needs only HTTP_PROXY.
+"""
+
+from __future__ import annotations
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from google.protobuf import duration_pb2
+from google.protobuf.message import Message
+
+from meshgate.xds.allowlist import AGENT_HEADER
+from meshgate.xds.common import pack, router_filter, socket_address, stdout_access_log
+from meshgate.xds.options import TranslateOptions
+
+GATEWAY_CLUSTER = "meshgate-gateway"
+PROXY_LISTENER = "agent-proxy"
+
+
+def sidecar_resources(agent: str, gateway_port: int, options: TranslateOptions) -> list[Message]:
+    host, port = options.gateway_address or ("127.0.0.1", gateway_port)
+    cluster = cluster_pb2.Cluster(
+        name=GATEWAY_CLUSTER,
+        type=cluster_pb2.Cluster.STRICT_DNS,
+        connect_timeout=duration_pb2.Duration(seconds=5),
+    )
+    cluster.load_assignment.cluster_name = GATEWAY_CLUSTER
+    cluster.load_assignment.endpoints.add().lb_endpoints.add().endpoint.address.CopyFrom(
+        socket_address(host, port)
+    )
+    routes = route_pb2.RouteConfiguration(
+        name=f"agent-{agent}",
+        virtual_hosts=[
+            rc.VirtualHost(
+                name="to-gateway",
+                domains=["*"],
+                routes=[
+                    rc.Route(
+                        match=rc.RouteMatch(prefix="/"),
+                        route=rc.RouteAction(cluster=GATEWAY_CLUSTER),
+                    )
+                ],
+                request_headers_to_add=[
+                    base_pb2.HeaderValueOption(
+                        header=base_pb2.HeaderValue(key=AGENT_HEADER, value=agent),
+                        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+                    )
+                ],
+            )
+        ],
+    )
+    hcm = hcm_pb2.HttpConnectionManager(
+        stat_prefix="agent",
+        route_config=routes,
+        http_filters=[router_filter()],
+        access_log=[stdout_access_log()],
+    )
+    listener = listener_pb2.Listener(
+        name=PROXY_LISTENER,
+        address=socket_address("127.0.0.1", options.sidecar_port),
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[
+                    listener_components_pb2.Filter(
+                        name="envoy.filters.network.http_connection_manager",
+                        typed_config=pack(hcm),
+                    )
+                ]
+            )
+        ],
+    )
+    return [cluster, listener]
