@@ -125,6 +125,13 @@ def gateway(
     _run_until_signal(main)
 
 
+def parse_address(address: str, flag: str = "--control-plane") -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise MeshgateError(f"{flag} must be HOST:PORT, got {address!r}")
+    return host, int(port)
+
+
 async def _start_gateway(
     control_plane: str,
     name: str,
@@ -138,9 +145,7 @@ async def _start_gateway(
     from meshgate.sidecar.envoy_process import EnvoyProcess, find_envoy
 
     find_envoy()
-    host, _, port = control_plane.rpartition(":")
-    if not host or not port.isdigit():
-        raise MeshgateError(f"--control-plane must be HOST:PORT, got {control_plane!r}")
+    host, port = parse_address(control_plane)
     state_dir.mkdir(parents=True, exist_ok=True)
     boot = state_dir / f"gateway-{name}.json"
     spec = BootstrapSpec(
@@ -272,6 +277,37 @@ def _acked(entry: dict[str, Any] | None) -> str:
     acked = str(entry.get("acked") or "-")
     short = acked.split("-")[0][:12] if acked != "-" else acked
     return f"{short}*" if entry.get("pending_ack") else short
+
+
+sidecar_app = typer.Typer(help="Agent sidecars.", no_args_is_help=True)
+app.add_typer(sidecar_app, name="sidecar")
+
+
+@sidecar_app.command(
+    "run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
+def sidecar_run(
+    ctx: typer.Context,
+    agent: Annotated[str, typer.Option(help="Agent name; identity of everything it sends.")],
+    control_plane: Annotated[str, typer.Option(help="xDS address HOST:PORT.")] = "127.0.0.1:18000",
+    admin_port: Annotated[int, typer.Option(help="Sidecar Envoy admin port.")] = 15090,
+    instance: Annotated[str, typer.Option(help="Instance id (node agent/NAME/ID).")] = "local",
+    state_dir: StateOpt = DEFAULT_STATE,
+) -> None:
+    """Run AGENT's sidecar Envoy; with `-- CMD ARGS`, run CMD behind it and exit with its status."""
+    from meshgate.sidecar.launcher import run_sidecar
+
+    _setup_logging(False)
+    command = list(ctx.args)
+    result: list[int] = []
+
+    async def main(stop: asyncio.Event) -> None:
+        result.append(
+            await run_sidecar(agent, instance, control_plane, admin_port, state_dir, command, stop)
+        )
+
+    _run_until_signal(main)
+    raise typer.Exit(result[0] if result else 0)
 
 
 PolicyDirArg = Annotated[Path, typer.Argument(help="Policy directory.")]

@@ -202,4 +202,6 @@ def _destination_vhost(model: PolicyModel, dest: Destination) -> route_component
         name=dest.name,
         domains=[dest.host, f"{dest.host}:{dest.port}"],
         routes=destination_routes(model, dest, cluster_name(dest)),
+        # identity is the gateway's business; upstream tools never see (or trust) the header
+        request_headers_to_remove=[AGENT_HEADER],
     )

@@ -1,0 +1,85 @@
+"""Run an agent's sidecar Envoy, and optionally the agent itself behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import urllib.request
+from pathlib import Path
+
+from meshgate.errors import ConfigError, EnvoyError
+from meshgate.sidecar.bootstrap import BootstrapSpec, bootstrap_json
+from meshgate.sidecar.envoy_process import EnvoyProcess, find_envoy
+from meshgate.xds.sidecar import PROXY_LISTENER
+
+
+def proxy_environment(proxy_url: str) -> dict[str, str]:
+    """What an ordinary HTTP client needs to send everything through the sidecar."""
+    env = {}
+    for name in ("HTTP_PROXY", "HTTPS_PROXY"):
+        env[name] = env[name.lower()] = proxy_url
+    env["NO_PROXY"] = env["no_proxy"] = "localhost,127.0.0.1,::1"
+    return env
+
+
+def proxy_port(admin_port: int) -> int:
+    """The sidecar's proxy port, as the control plane configured it (read from Envoy's admin)."""
+    url = f"http://127.0.0.1:{admin_port}/listeners?format=json"
+    with urllib.request.urlopen(url, timeout=2) as resp:
+        data = json.load(resp)
+    for listener in data.get("listener_statuses", []):
+        if listener.get("name") == PROXY_LISTENER:
+            return int(listener["local_address"]["socket_address"]["port_value"])
+    raise EnvoyError(f"sidecar has no {PROXY_LISTENER} listener")
+
+
+async def run_sidecar(
+    agent: str,
+    instance: str,
+    control_plane: str,
+    admin_port: int,
+    state_dir: Path,
+    command: list[str],
+    stop: asyncio.Event,
+) -> int:
+    if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", agent):
+        raise ConfigError(f"--agent {agent!r}: use lower-case letters, digits and '-'")
+    find_envoy()
+    host, _, port = control_plane.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--control-plane must be HOST:PORT, got {control_plane!r}")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    boot = state_dir / f"sidecar-{agent}-{instance}.json"
+    spec = BootstrapSpec(f"agent/{agent}/{instance}", "meshgate-agent", host, int(port), admin_port)
+    boot.write_text(bootstrap_json(spec))
+    envoy = EnvoyProcess(boot, admin_port, state_dir / f"sidecar-{agent}-{instance}.log")
+    await envoy.start()
+    try:
+        await envoy.wait_ready(30)
+        proxy = f"http://127.0.0.1:{await asyncio.to_thread(proxy_port, admin_port)}"
+        if not command:
+            print(f"sidecar for agent {agent} ready; HTTP_PROXY={proxy}", flush=True)
+            await _first(stop.wait(), envoy.wait())
+            return 0
+        env = {**os.environ, **proxy_environment(proxy)}
+        try:
+            child = await asyncio.create_subprocess_exec(*command, env=env)
+        except OSError as exc:
+            raise ConfigError(f"cannot run {command[0]!r}: {exc.strerror}") from None
+        await _first(stop.wait(), child.wait())
+        if child.returncode is None:  # we were signalled: pass it on, then wait
+            with contextlib.suppress(ProcessLookupError):
+                child.terminate()
+        return await child.wait()
+    finally:
+        await envoy.stop()
+
+
+async def _first(*aws: object) -> None:
+    tasks = [asyncio.ensure_future(a) for a in aws]  # type: ignore[call-overload]
+    _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
