@@ -108,7 +108,13 @@ async def control_plane(
     policy_dir: Path, state_dir: Path, source: PolicySource | None = None
 ) -> AsyncIterator[ControlPlane]:
     opts = ServeOptions(
-        "127.0.0.1", free_port(), "127.0.0.1", free_port(), "127.0.0.1", debounce_quiet=0.05
+        "127.0.0.1",
+        free_port(),
+        "127.0.0.1",
+        free_port(),
+        "127.0.0.1",
+        debounce_quiet=0.05,
+        secrets_interval=0.2,
     )
     cp = ControlPlane(source or DirectorySource(policy_dir, interval=0.1), state_dir, opts)
     await cp.start()

@@ -81,6 +81,7 @@ def test_up_serves_gateway_status_and_stops_cleanly_on_ctrl_c(tmp_path: Path) ->
             headers={"Host": "alpha.internal", "x-meshgate-agent": "researcher"},
         )
         assert no_upstream.status_code == 503  # routed to alpha, which is not listening
+        assert no_upstream.json()["error"] == "upstream_error"
 
         status = run("status", "--admin", f"http://127.0.0.1:{admin}", "--format", "json")
         assert status.returncode == 0, status.stderr

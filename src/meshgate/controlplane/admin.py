@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 def status_json(cp: ControlPlane) -> dict[str, Any]:
     return {
         "control_plane": {"xds": cp.xds_address, "admin": cp.admin_address, "ready": cp.ready},
-        "policy": cp.policy.to_json(),
+        "policy": {**cp.policy.to_json(), "missing_secrets": cp.missing_secrets()},
         "nodes": [c.to_json() for c in cp.registry.connections()],
         "recent_nacks": [n.to_json() for n in cp.registry.nacks()],
     }

@@ -19,6 +19,7 @@ from meshgate.controlplane.cache import SnapshotCache
 from meshgate.controlplane.debounce import Debouncer
 from meshgate.controlplane.policy_state import PolicyState
 from meshgate.controlplane.registry import NodeRegistry
+from meshgate.controlplane.secrets import SecretProvider, make_provider, read_secrets
 from meshgate.controlplane.sources import Candidate, PolicySource, SourceFailure
 from meshgate.errors import ConfigError, MeshgateError, PolicyError
 from meshgate.policy.loader import load_policy_texts
@@ -48,6 +49,8 @@ class ServeOptions:
     admin_port: int = 18001
     gateway_bind: str = "0.0.0.0"
     system_ca_file: str = field(default_factory=system_ca_bundle)
+    sidecar_port: int = 15080
+    secrets_interval: float = 1.0
     debounce_quiet: float = 0.1
     debounce_max: float = 1.0
 
@@ -83,6 +86,10 @@ class ControlPlane:
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.ready = False
+        self.translate = TranslateOptions(
+            options.gateway_bind, options.system_ca_file, options.sidecar_port
+        )
+        self._serving: tuple[PolicyModel, SecretProvider, dict[str, str]] | None = None
 
     async def start(self) -> None:
         """Bind both ports (a clear error if taken), then start watching policy."""
@@ -108,6 +115,7 @@ class ControlPlane:
         self._tasks = [
             asyncio.create_task(self.debouncer.run(), name="debounce"),
             asyncio.create_task(self._watch_source(), name="policy-source"),
+            asyncio.create_task(self._watch_secrets(), name="secrets"),
         ]
         log.info("xDS on %s, admin on http://%s", self.xds_address, self.admin_address)
 
@@ -157,8 +165,39 @@ class ControlPlane:
     def _compile(self, candidate: Candidate) -> tuple[PolicyModel, dict[str, Snapshot]]:
         model = load_policy_texts(candidate.files, candidate.version)
         resolved = resolve_relative_paths(model, candidate.root)
-        translate = TranslateOptions(self.options.gateway_bind, self.options.system_ca_file)
-        return model, build_snapshots(resolved, translate)
+        provider = make_provider(resolved.mesh.secrets)
+        secrets = read_secrets(resolved, provider)
+        snapshots = build_snapshots(resolved, self.translate, secrets)
+        self._serving = (resolved, provider, secrets)
+        return model, snapshots
+
+    async def _watch_secrets(self) -> None:
+        """Re-read secret values; a rotated or newly added secret is pushed without a restart."""
+        while True:
+            await asyncio.sleep(self.options.secrets_interval)
+            if self._serving is None:
+                continue
+            model, provider, old = self._serving
+            try:
+                new = await asyncio.to_thread(read_secrets, model, provider)
+                if new == old or self._serving[0] is not model:
+                    continue
+                snapshots = await asyncio.to_thread(build_snapshots, model, self.translate, new)
+            except Exception:  # never let a provider hiccup stop rotation for good
+                log.exception("reading secrets from %s failed", provider.description)
+                continue
+            if self._serving[0] is model:
+                self._serving = (model, provider, new)
+                self.cache.set_snapshots(snapshots)
+                log.info("secrets changed (%s); gateway credentials pushed", provider.description)
+
+    def missing_secrets(self) -> list[str]:
+        if self._serving is None:
+            return []
+        model, _, values = self._serving
+        return sorted(
+            {d.credentials.secret for d in model.destinations if d.credentials} - set(values)
+        )
 
     def _reject(self, origin: str, problems: list[str]) -> None:
         self.policy.rejected(origin, problems)

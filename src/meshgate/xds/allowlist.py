@@ -50,7 +50,11 @@ def destination_routes(model: PolicyModel, dest: Destination, cluster: str) -> l
 
 @functools.lru_cache(maxsize=200_000)
 def rule_routes(
-    agent: str, dest: Destination, index: int, rule: EgressRule, cluster: str
+    agent: str,
+    dest: Destination,
+    index: int,
+    rule: EgressRule,
+    cluster: str,
 ) -> tuple[rc.Route, ...]:
     """Memoised: a policy change rebuilds only the routes of rules that changed.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 
 from meshgate.policy.model import PolicyModel
 from meshgate.xds.gateway import gateway_resources
@@ -19,17 +20,22 @@ def resource_name(message: object) -> str:
     return name
 
 
-def gateway_snapshot(model: PolicyModel, options: TranslateOptions) -> Snapshot:
-    resources = [Resource.build(resource_name(m), m) for m in gateway_resources(model, options)]
+def gateway_snapshot(
+    model: PolicyModel, options: TranslateOptions, secrets: Mapping[str, str] | None = None
+) -> Snapshot:
+    messages = gateway_resources(model, options, secrets)
+    resources = [Resource.build(resource_name(m), m) for m in messages]
     return Snapshot.build(model.version, resources)
 
 
 def build_snapshots(
-    model: PolicyModel, options: TranslateOptions | None = None
+    model: PolicyModel,
+    options: TranslateOptions | None = None,
+    secrets: Mapping[str, str] | None = None,
 ) -> dict[str, Snapshot]:
-    """Every node group's snapshot: the gateways', and one per agent with a policy."""
+    """Every node group's snapshot: the gateways' (with secrets), one per agent (without)."""
     opts = options or TranslateOptions()
-    snapshots = {GATEWAY_GROUP: gateway_snapshot(model, opts)}
+    snapshots = {GATEWAY_GROUP: gateway_snapshot(model, opts, secrets)}
     for agent in model.agents:
         resources = _sidecar(agent.agent, model.mesh.gateway_listen_port, opts)
         snapshots[f"agent/{agent.agent}"] = Snapshot.build(model.version, resources)

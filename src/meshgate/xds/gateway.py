@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
@@ -27,6 +29,11 @@ from meshgate.xds.common import (
     socket_address,
     stdout_access_log,
 )
+from meshgate.xds.credentials import (
+    credential_secret,
+    has_credential,
+    injector_filter,
+)
 from meshgate.xds.options import TranslateOptions
 
 LISTENER_NAME = "egress-http"
@@ -37,15 +44,28 @@ def cluster_name(destination: Destination) -> str:
     return f"dest-{destination.name}"
 
 
-def gateway_resources(model: PolicyModel, options: TranslateOptions) -> list[Message]:
-    """Every resource a gateway needs, in a stable order."""
+def gateway_resources(
+    model: PolicyModel, options: TranslateOptions, secrets: Mapping[str, str] | None = None
+) -> list[Message]:
+    """Every resource a gateway needs, in a stable order. `secrets`: credential values by name."""
+    secrets = secrets or {}
     out: list[Message] = []
     for dest in model.destinations:
         out.append(destination_cluster(dest, options.system_ca_file))
         if dest.address is not None:
             out.append(destination_endpoints(dest))
-    out.append(egress_listener(model.mesh.gateway_listen_port, options.gateway_bind))
-    out.append(egress_routes(model))
+    injecting = [d for d in model.destinations if has_credential(d, secrets)]
+    out.append(
+        egress_listener(
+            model.mesh.gateway_listen_port,
+            options.gateway_bind,
+            [injector_filter(d) for d in injecting],
+        )
+    )
+    out.append(egress_routes(model, secrets))
+    for dest in injecting:
+        assert dest.credentials is not None
+        out.append(credential_secret(dest, secrets[dest.credentials.secret]))
     return out
 
 
@@ -110,11 +130,13 @@ def upstream_tls(dest: Destination, system_ca_file: str) -> tls_pb2.UpstreamTlsC
     )
 
 
-def egress_listener(port: int, bind_address: str) -> listener_pb2.Listener:
+def egress_listener(
+    port: int, bind_address: str, injectors: list[hcm_pb2.HttpFilter]
+) -> listener_pb2.Listener:
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix="egress",
         rds=hcm_pb2.Rds(config_source=ads(), route_config_name=ROUTE_NAME),
-        http_filters=[rate_limit_filter(), router_filter()],
+        http_filters=[rate_limit_filter(), *injectors, router_filter()],
         access_log=[stdout_access_log()],
         local_reply_config=refusal_bodies(),
     )
@@ -142,44 +164,53 @@ def rate_limit_filter() -> hcm_pb2.HttpFilter:
     )
 
 
-def refusal_bodies() -> hcm_pb2.LocalReplyConfig:
-    """Envoy's own refusals (rate limit, unreachable upstream) as the same small JSON."""
+# Envoy response flags meaning the upstream could not answer.
+UPSTREAM_FLAGS = ("UF", "UH", "UO", "URX", "UT", "UC", "UPE", "NC", "UMSDR")
 
-    def mapper(status: int, fields: dict[str, str]) -> hcm_pb2.ResponseMapper:
+
+def refusal_bodies() -> hcm_pb2.LocalReplyConfig:
+    """Envoy's own refusals (rate limit, unreachable upstream) as the same small JSON.
+
+    Upstream failures are matched by response flag, not status, so meshgate's own direct
+    responses (403, 503 credential_unavailable) keep their bodies; 429 only comes from the limiter.
+    """
+
+    def mapper(
+        when: accesslog_pb2.AccessLogFilter, fields: dict[str, str]
+    ) -> hcm_pb2.ResponseMapper:
         return hcm_pb2.ResponseMapper(
-            filter=accesslog_pb2.AccessLogFilter(
-                status_code_filter=accesslog_pb2.StatusCodeFilter(
-                    comparison=accesslog_pb2.ComparisonFilter(
-                        op=accesslog_pb2.ComparisonFilter.EQ,
-                        value=base_pb2.RuntimeUInt32(default_value=status, runtime_key="_"),
-                    )
-                )
-            ),
-            body_format_override=json_refusal(status, fields).body_format,
+            filter=when, body_format_override=json_refusal(0, fields).body_format
         )
 
+    status_429 = accesslog_pb2.AccessLogFilter(
+        status_code_filter=accesslog_pb2.StatusCodeFilter(
+            comparison=accesslog_pb2.ComparisonFilter(
+                op=accesslog_pb2.ComparisonFilter.EQ,
+                value=base_pb2.RuntimeUInt32(default_value=429, runtime_key="meshgate.rl_status"),
+            )
+        )
+    )
+    upstream_failed = accesslog_pb2.AccessLogFilter(
+        response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=list(UPSTREAM_FLAGS))
+    )
     agent = f"%REQ({AGENT_HEADER})%"
     return hcm_pb2.LocalReplyConfig(
         mappers=[
-            mapper(429, {"error": "rate_limited", "agent": agent, "route": "%ROUTE_NAME%"}),
+            mapper(status_429, {"error": "rate_limited", "agent": agent, "route": "%ROUTE_NAME%"}),
             mapper(
-                503,
+                upstream_failed,
                 {
-                    "error": "upstream_unavailable",
+                    "error": "upstream_error",
                     "agent": agent,
                     "reason": "%RESPONSE_CODE_DETAILS%",
                 },
-            ),
-            mapper(
-                502,
-                {"error": "upstream_error", "agent": agent, "reason": "%RESPONSE_CODE_DETAILS%"},
             ),
         ]
     )
 
 
-def egress_routes(model: PolicyModel) -> route_pb2.RouteConfiguration:
-    vhosts = [_destination_vhost(model, d) for d in model.destinations]
+def egress_routes(model: PolicyModel, secrets: Mapping[str, str]) -> route_pb2.RouteConfiguration:
+    vhosts = [_destination_vhost(model, d, secrets) for d in model.destinations]
     vhosts.append(
         route_components_pb2.VirtualHost(
             name="unknown-destination",
@@ -197,11 +228,31 @@ def egress_routes(model: PolicyModel) -> route_pb2.RouteConfiguration:
     return route_pb2.RouteConfiguration(name=ROUTE_NAME, virtual_hosts=vhosts)
 
 
-def _destination_vhost(model: PolicyModel, dest: Destination) -> route_components_pb2.VirtualHost:
+def _destination_vhost(
+    model: PolicyModel, dest: Destination, secrets: Mapping[str, str]
+) -> route_components_pb2.VirtualHost:
+    if dest.credentials is not None and not has_credential(dest, secrets):
+        # fail closed and say why, rather than send the request without its credential
+        routes = [
+            route_components_pb2.Route(
+                name=f"no-credential/{dest.name}",
+                match=route_components_pb2.RouteMatch(prefix="/"),
+                direct_response=json_refusal(
+                    503,
+                    {
+                        "error": "credential_unavailable",
+                        "destination": dest.name,
+                        "reason": f"secret {dest.credentials.secret!r} not found",
+                    },
+                ),
+            )
+        ]
+    else:
+        routes = destination_routes(model, dest, cluster_name(dest))
     return route_components_pb2.VirtualHost(
         name=dest.name,
         domains=[dest.host, f"{dest.host}:{dest.port}"],
-        routes=destination_routes(model, dest, cluster_name(dest)),
+        routes=routes,
         # identity is the gateway's business; upstream tools never see (or trust) the header
         request_headers_to_remove=[AGENT_HEADER],
     )
