@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -82,7 +83,7 @@ class Upstream:
 
 
 @asynccontextmanager
-async def upstream(name: str) -> AsyncIterator[Upstream]:
+async def upstream(name: str, tls: ssl.SSLContext | None = None) -> AsyncIterator[Upstream]:
     """A loopback HTTP server that echoes who it is and what it received."""
     hits: list[dict[str, Any]] = []
 
@@ -96,7 +97,7 @@ async def upstream(name: str) -> AsyncIterator[Upstream]:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=tls).start()
     try:
         yield Upstream(port, hits)
     finally:
