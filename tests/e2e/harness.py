@@ -114,6 +114,7 @@ async def control_plane(
         "127.0.0.1",
         free_port(),
         "127.0.0.1",
+        sidecar_port=free_port(),
         debounce_quiet=0.05,
         secrets_interval=0.2,
     )
@@ -141,6 +142,24 @@ async def gateway(
     try:
         await envoy.wait_ready(30)
         yield envoy
+    finally:
+        await envoy.stop()
+
+
+@asynccontextmanager
+async def sidecar(cp: ControlPlane, workdir: Path, agent: str) -> AsyncIterator[str]:
+    """An agent's sidecar Envoy; yields its proxy URL (what the agent's HTTP_PROXY would be)."""
+    admin = free_port()
+    spec = BootstrapSpec(
+        f"agent/{agent}/test", "meshgate-agent", "127.0.0.1", cp.options.xds_port, admin
+    )
+    boot = workdir / f"sidecar-{agent}.json"
+    boot.write_text(bootstrap_json(spec))
+    envoy = EnvoyProcess(boot, admin, workdir / f"sidecar-{agent}.log")
+    await envoy.start()
+    try:
+        await envoy.wait_ready(30)
+        yield f"http://127.0.0.1:{cp.options.sidecar_port}"
     finally:
         await envoy.stop()
 

@@ -30,21 +30,34 @@ def destination_routes(model: PolicyModel, dest: Destination, cluster: str) -> l
         for index, rule in enumerate(agent.rules):
             if rule.destination == dest.name:
                 routes.extend(rule_routes(agent.agent, dest, index, rule, cluster))
-    routes.append(
-        rc.Route(
-            name=f"deny/{dest.name}",
-            match=rc.RouteMatch(prefix="/"),
-            direct_response=json_refusal(
-                403,
-                {
-                    "error": "egress_denied",
-                    "agent": f"%REQ({AGENT_HEADER})%",
-                    "destination": dest.name,
-                    "reason": "no rule of this agent allows this method and path",
-                },
-            ),
-        )
+    tunnel_reason = (
+        "no rule of this agent allows a tunnel to this host"
+        if dest.tls == "passthrough"
+        else f"tls: {dest.tls}: send plain HTTP through the proxy, not CONNECT"
     )
+    for name, match, reason in (
+        (
+            "deny-connect",
+            rc.RouteMatch(connect_matcher=rc.RouteMatch.ConnectMatcher()),
+            tunnel_reason,
+        ),
+        ("deny", rc.RouteMatch(prefix="/"), "no rule of this agent allows this method and path"),
+    ):
+        routes.append(
+            rc.Route(
+                name=f"{name}/{dest.name}",
+                match=match,
+                direct_response=json_refusal(
+                    403,
+                    {
+                        "error": "egress_denied",
+                        "agent": f"%REQ({AGENT_HEADER})%",
+                        "destination": dest.name,
+                        "reason": reason,
+                    },
+                ),
+            )
+        )
     return routes
 
 
@@ -88,6 +101,24 @@ def rule_routes(
                 rule.rate_limit.requests,
                 rule.rate_limit.per_seconds,
             )
+        )
+    if dest.tls == "passthrough":  # the gateway sees only the tunnel's host: one CONNECT route
+        match = rc.RouteMatch(connect_matcher=rc.RouteMatch.ConnectMatcher(), headers=headers)
+        return (
+            rc.Route(
+                name=f"allow/{agent}/{dest.name}/{index}/connect",
+                match=match,
+                route=rc.RouteAction(
+                    cluster=cluster,
+                    upgrade_configs=[
+                        rc.RouteAction.UpgradeConfig(
+                            upgrade_type="CONNECT",
+                            connect_config=rc.RouteAction.UpgradeConfig.ConnectConfig(),
+                        )
+                    ],
+                ),
+                typed_per_filter_config=per_filter,
+            ),
         )
     matches = [_path_match(p) for p in rule.paths] or [rc.RouteMatch(prefix="/")]
     routes = []

@@ -56,3 +56,8 @@ def json_refusal(status: int, fields: dict[str, str]) -> route_components_pb2.Di
             json_format=body, content_type="application/json"
         ),
     )
+
+
+def connect_upgrade() -> hcm_pb2.HttpConnectionManager.UpgradeConfig:
+    """Accept HTTP CONNECT on this connection manager (routes decide what happens to it)."""
+    return hcm_pb2.HttpConnectionManager.UpgradeConfig(upgrade_type="CONNECT")

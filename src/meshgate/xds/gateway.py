@@ -23,6 +23,7 @@ from meshgate.policy.model import Destination, PolicyModel
 from meshgate.xds.allowlist import AGENT_HEADER, RATE_LIMIT_FILTER, destination_routes
 from meshgate.xds.common import (
     ads,
+    connect_upgrade,
     json_refusal,
     pack,
     router_filter,
@@ -137,6 +138,7 @@ def egress_listener(
         stat_prefix="egress",
         rds=hcm_pb2.Rds(config_source=ads(), route_config_name=ROUTE_NAME),
         http_filters=[rate_limit_filter(), *injectors, router_filter()],
+        upgrade_configs=[connect_upgrade()],
         access_log=[stdout_access_log()],
         local_reply_config=refusal_bodies(),
     )
@@ -217,10 +219,16 @@ def egress_routes(model: PolicyModel, secrets: Mapping[str, str]) -> route_pb2.R
             domains=["*"],
             routes=[
                 route_components_pb2.Route(
-                    match=route_components_pb2.RouteMatch(prefix="/"),
+                    match=match,
                     direct_response=json_refusal(
                         403, {"error": "unknown_destination", "host": "%REQ(:AUTHORITY)%"}
                     ),
+                )
+                for match in (
+                    route_components_pb2.RouteMatch(
+                        connect_matcher=route_components_pb2.RouteMatch.ConnectMatcher()
+                    ),
+                    route_components_pb2.RouteMatch(prefix="/"),
                 )
             ],
         )

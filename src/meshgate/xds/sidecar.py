@@ -18,7 +18,13 @@ from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
 from meshgate.xds.allowlist import AGENT_HEADER
-from meshgate.xds.common import pack, router_filter, socket_address, stdout_access_log
+from meshgate.xds.common import (
+    connect_upgrade,
+    pack,
+    router_filter,
+    socket_address,
+    stdout_access_log,
+)
 from meshgate.xds.options import TranslateOptions
 
 GATEWAY_CLUSTER = "meshgate-gateway"
@@ -43,10 +49,18 @@ def sidecar_resources(agent: str, gateway_port: int, options: TranslateOptions) 
                 name="to-gateway",
                 domains=["*"],
                 routes=[
+                    # a CONNECT is forwarded as CONNECT: the gateway decides on the tunnel
+                    rc.Route(
+                        match=rc.RouteMatch(connect_matcher=rc.RouteMatch.ConnectMatcher()),
+                        route=rc.RouteAction(
+                            cluster=GATEWAY_CLUSTER,
+                            upgrade_configs=[rc.RouteAction.UpgradeConfig(upgrade_type="CONNECT")],
+                        ),
+                    ),
                     rc.Route(
                         match=rc.RouteMatch(prefix="/"),
                         route=rc.RouteAction(cluster=GATEWAY_CLUSTER),
-                    )
+                    ),
                 ],
                 request_headers_to_add=[
                     base_pb2.HeaderValueOption(
@@ -61,6 +75,7 @@ def sidecar_resources(agent: str, gateway_port: int, options: TranslateOptions) 
         stat_prefix="agent",
         route_config=routes,
         http_filters=[router_filter()],
+        upgrade_configs=[connect_upgrade()],
         access_log=[stdout_access_log()],
     )
     listener = listener_pb2.Listener(
