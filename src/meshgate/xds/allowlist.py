@@ -13,7 +13,7 @@ import re
 from envoy.config.core.v3 import base_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
-from envoy.type.matcher.v3 import regex_pb2, string_pb2
+from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
 from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
 
@@ -121,6 +121,8 @@ def rule_routes(
             ),
         )
     matches = [_path_match(p) for p in rule.paths] or [rc.RouteMatch(prefix="/")]
+    if rule.tools:
+        matches = [m for base in matches for m in _tool_matches(base, rule.tools)]
     routes = []
     for n, match in enumerate(matches):
         match.headers.extend(headers)
@@ -133,6 +135,53 @@ def rule_routes(
             )
         )
     return tuple(routes)
+
+
+MCP_FILTER = "envoy.filters.http.mcp"
+
+
+def _mcp_field(*path: str) -> list[metadata_pb2.MetadataMatcher.PathSegment]:
+    return [metadata_pb2.MetadataMatcher.PathSegment(key=k) for k in path]
+
+
+def _tool_matches(base: rc.RouteMatch, tools: tuple[str, ...]) -> list[rc.RouteMatch]:
+    """MCP traffic other than tools/call, plus tools/call naming one of `tools`.
+
+    The MCP filter parses the JSON-RPC body into dynamic metadata and re-selects the route.
+    """
+    tools_call = string_pb2.StringMatcher(exact="tools/call")
+    not_a_call = rc.RouteMatch()
+    not_a_call.CopyFrom(base)
+    not_a_call.dynamic_metadata.append(
+        metadata_pb2.MetadataMatcher(
+            filter=MCP_FILTER,
+            path=_mcp_field("method"),
+            value=value_pb2.ValueMatcher(string_match=tools_call),
+            invert=True,
+        )
+    )
+    allowed_call = rc.RouteMatch()
+    allowed_call.CopyFrom(base)
+    names = "|".join(re.escape(t) for t in tools)
+    allowed_call.dynamic_metadata.extend(
+        [
+            metadata_pb2.MetadataMatcher(
+                filter=MCP_FILTER,
+                path=_mcp_field("method"),
+                value=value_pb2.ValueMatcher(string_match=tools_call),
+            ),
+            metadata_pb2.MetadataMatcher(
+                filter=MCP_FILTER,
+                path=_mcp_field("params", "name"),
+                value=value_pb2.ValueMatcher(
+                    string_match=string_pb2.StringMatcher(
+                        safe_regex=regex_pb2.RegexMatcher(regex=f"^({names})$")
+                    )
+                ),
+            ),
+        ]
+    )
+    return [not_a_call, allowed_call]
 
 
 def _path_match(pattern: str) -> rc.RouteMatch:

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 from envoy.config.accesslog.v3 import accesslog_pb2
-from envoy.config.core.v3 import address_pb2, config_source_pb2, substitution_format_string_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    config_source_pb2,
+    extension_pb2,
+    substitution_format_string_pb2,
+)
 from envoy.config.route.v3 import route_components_pb2
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2
+from envoy.extensions.common.matching.v3 import extension_matcher_pb2
+from envoy.extensions.filters.common.matcher.action.v3 import skip_action_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.type.matcher.v3 import http_inputs_pb2
 from google.protobuf import any_pb2, struct_pb2
 from google.protobuf.message import Message
+from xds.core.v3 import extension_pb2 as core_extension_pb2
+from xds.type.matcher.v3 import matcher_pb2
+from xds.type.matcher.v3 import string_pb2 as xds_string_pb2
 
 
 def pack(message: Message) -> any_pb2.Any:
@@ -61,3 +72,54 @@ def json_refusal(status: int, fields: dict[str, str]) -> route_components_pb2.Di
 def connect_upgrade() -> hcm_pb2.HttpConnectionManager.UpgradeConfig:
     """Accept HTTP CONNECT on this connection manager (routes decide what happens to it)."""
     return hcm_pb2.HttpConnectionManager.UpgradeConfig(upgrade_type="CONNECT")
+
+
+def only_for_authorities(
+    name: str, typed_config: any_pb2.Any, authorities: tuple[str, ...]
+) -> hcm_pb2.HttpFilter:
+    """An HTTP filter that Envoy skips unless the request's :authority is one of `authorities`.
+
+    For filters without per-route configuration (credential injector, MCP parser) that must
+    act on one destination's traffic only.
+    """
+    one_of = matcher_pb2.Matcher.MatcherList.Predicate(
+        or_matcher=matcher_pb2.Matcher.MatcherList.Predicate.PredicateList(
+            predicate=[
+                matcher_pb2.Matcher.MatcherList.Predicate(
+                    single_predicate=matcher_pb2.Matcher.MatcherList.Predicate.SinglePredicate(
+                        input=core_extension_pb2.TypedExtensionConfig(
+                            name="authority",
+                            typed_config=pack(
+                                http_inputs_pb2.HttpRequestHeaderMatchInput(
+                                    header_name=":authority"
+                                )
+                            ),
+                        ),
+                        value_match=xds_string_pb2.StringMatcher(exact=value),
+                    )
+                )
+                for value in authorities
+            ]
+        )
+    )
+    if len(authorities) == 1:  # an or_matcher needs two or more predicates
+        one_of = one_of.or_matcher.predicate[0]
+    skip_others = matcher_pb2.Matcher(
+        matcher_list=matcher_pb2.Matcher.MatcherList(
+            matchers=[
+                matcher_pb2.Matcher.MatcherList.FieldMatcher(
+                    predicate=matcher_pb2.Matcher.MatcherList.Predicate(not_matcher=one_of),
+                    on_match=matcher_pb2.Matcher.OnMatch(
+                        action=core_extension_pb2.TypedExtensionConfig(
+                            name="skip", typed_config=pack(skip_action_pb2.SkipFilter())
+                        )
+                    ),
+                )
+            ]
+        )
+    )
+    wrapped = extension_matcher_pb2.ExtensionWithMatcher(
+        xds_matcher=skip_others,
+        extension_config=extension_pb2.TypedExtensionConfig(name=name, typed_config=typed_config),
+    )
+    return hcm_pb2.HttpFilter(name=name, typed_config=pack(wrapped))

@@ -11,21 +11,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from envoy.config.core.v3 import base_pb2, extension_pb2
-from envoy.extensions.common.matching.v3 import extension_matcher_pb2
-from envoy.extensions.filters.common.matcher.action.v3 import skip_action_pb2
 from envoy.extensions.filters.http.credential_injector.v3 import credential_injector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.http.injected_credentials.generic.v3 import generic_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
-from envoy.type.matcher.v3 import http_inputs_pb2
-from xds.core.v3 import extension_pb2 as core_extension_pb2
-from xds.type.matcher.v3 import matcher_pb2
-from xds.type.matcher.v3 import string_pb2 as xds_string_pb2
 
 from meshgate.policy.model import Destination
-from meshgate.xds.common import ads, pack
+from meshgate.xds.common import ads, only_for_authorities, pack
 
 
 def filter_name(dest: Destination) -> str:
@@ -37,47 +31,9 @@ def secret_name(dest: Destination) -> str:
 
 
 def injector_filter(dest: Destination) -> hcm_pb2.HttpFilter:
-    authority = matcher_pb2.Matcher.MatcherList.Predicate(
-        or_matcher=matcher_pb2.Matcher.MatcherList.Predicate.PredicateList(
-            predicate=[
-                matcher_pb2.Matcher.MatcherList.Predicate(
-                    single_predicate=matcher_pb2.Matcher.MatcherList.Predicate.SinglePredicate(
-                        input=core_extension_pb2.TypedExtensionConfig(
-                            name="authority",
-                            typed_config=pack(
-                                http_inputs_pb2.HttpRequestHeaderMatchInput(
-                                    header_name=":authority"
-                                )
-                            ),
-                        ),
-                        value_match=xds_string_pb2.StringMatcher(exact=value),
-                    )
-                )
-                for value in (dest.host, f"{dest.host}:{dest.port}")
-            ]
-        )
+    return only_for_authorities(
+        filter_name(dest), pack(injector(dest)), (dest.host, f"{dest.host}:{dest.port}")
     )
-    skip_other_destinations = matcher_pb2.Matcher(
-        matcher_list=matcher_pb2.Matcher.MatcherList(
-            matchers=[
-                matcher_pb2.Matcher.MatcherList.FieldMatcher(
-                    predicate=matcher_pb2.Matcher.MatcherList.Predicate(not_matcher=authority),
-                    on_match=matcher_pb2.Matcher.OnMatch(
-                        action=core_extension_pb2.TypedExtensionConfig(
-                            name="skip", typed_config=pack(skip_action_pb2.SkipFilter())
-                        )
-                    ),
-                )
-            ]
-        )
-    )
-    wrapped = extension_matcher_pb2.ExtensionWithMatcher(
-        xds_matcher=skip_other_destinations,
-        extension_config=extension_pb2.TypedExtensionConfig(
-            name=filter_name(dest), typed_config=pack(injector(dest))
-        ),
-    )
-    return hcm_pb2.HttpFilter(name=filter_name(dest), typed_config=pack(wrapped))
 
 
 def injector(dest: Destination) -> credential_injector_pb2.CredentialInjector:

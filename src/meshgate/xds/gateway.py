@@ -11,6 +11,7 @@ from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
+from envoy.extensions.filters.http.mcp.v3 import mcp_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
@@ -20,11 +21,17 @@ from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
 from meshgate.policy.model import Destination, PolicyModel
-from meshgate.xds.allowlist import AGENT_HEADER, RATE_LIMIT_FILTER, destination_routes
+from meshgate.xds.allowlist import (
+    AGENT_HEADER,
+    MCP_FILTER,
+    RATE_LIMIT_FILTER,
+    destination_routes,
+)
 from meshgate.xds.common import (
     ads,
     connect_upgrade,
     json_refusal,
+    only_for_authorities,
     pack,
     router_filter,
     socket_address,
@@ -56,18 +63,29 @@ def gateway_resources(
         if dest.address is not None:
             out.append(destination_endpoints(dest))
     injecting = [d for d in model.destinations if has_credential(d, secrets)]
-    out.append(
-        egress_listener(
-            model.mesh.gateway_listen_port,
-            options.gateway_bind,
-            [injector_filter(d) for d in injecting],
-        )
-    )
+    # MCP parsing first: it re-selects the route the rate limiter and injectors then use
+    filters = [rate_limit_filter(), *(injector_filter(d) for d in injecting)]
+    tool_hosts = _tool_rule_authorities(model)
+    if tool_hosts:
+        mcp = mcp_pb2.Mcp(clear_route_cache=True)
+        filters.insert(0, only_for_authorities(MCP_FILTER, pack(mcp), tool_hosts))
+    out.append(egress_listener(model.mesh.gateway_listen_port, options.gateway_bind, filters))
     out.append(egress_routes(model, secrets))
     for dest in injecting:
         assert dest.credentials is not None
         out.append(credential_secret(dest, secrets[dest.credentials.secret]))
     return out
+
+
+def _tool_rule_authorities(model: PolicyModel) -> tuple[str, ...]:
+    """Authorities of destinations with MCP tool rules: only their bodies are parsed."""
+    names = {r.destination for a in model.agents for r in a.rules if r.tools}
+    return tuple(
+        authority
+        for d in model.destinations
+        if d.name in names
+        for authority in (d.host, f"{d.host}:{d.port}")
+    )
 
 
 def destination_cluster(dest: Destination, system_ca_file: str) -> cluster_pb2.Cluster:
@@ -132,12 +150,13 @@ def upstream_tls(dest: Destination, system_ca_file: str) -> tls_pb2.UpstreamTlsC
 
 
 def egress_listener(
-    port: int, bind_address: str, injectors: list[hcm_pb2.HttpFilter]
+    port: int, bind_address: str, filters: list[hcm_pb2.HttpFilter]
 ) -> listener_pb2.Listener:
+    """`filters`: the HTTP filters before the router, in order."""
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix="egress",
         rds=hcm_pb2.Rds(config_source=ads(), route_config_name=ROUTE_NAME),
-        http_filters=[rate_limit_filter(), *injectors, router_filter()],
+        http_filters=[*filters, router_filter()],
         upgrade_configs=[connect_upgrade()],
         access_log=[stdout_access_log()],
         local_reply_config=refusal_bodies(),
