@@ -89,6 +89,8 @@ async def upstream(name: str, tls: ssl.SSLContext | None = None) -> AsyncIterato
 
     async def handle(request: web.Request) -> web.Response:
         body = await request.text()
+        if request.path.startswith("/slow"):  # an in-flight request for reload tests
+            await asyncio.sleep(float(request.query.get("s", "2")))
         hits.append({"path": request.path_qs, "headers": dict(request.headers), "body": body})
         return web.json_response({"upstream": name, "path": request.path_qs})
 

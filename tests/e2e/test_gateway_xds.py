@@ -141,3 +141,23 @@ async def test_invalid_policy_rejected_last_good_serves_fix_recovers(tmp_path: P
                 return (await via_gateway(listen, "alpha2.internal")).status_code == 200
 
             await until(routes, timeout=5, what="fixed policy to serve")
+
+
+async def test_policy_change_does_not_drop_in_flight_requests(tmp_path: Path) -> None:
+    listen = free_port()
+    async with upstream("alpha") as up_a, upstream("beta") as up_b:
+        policy = tmp_path / "policies"
+        write_policy(policy, listen, {"alpha": up_a.port})
+        async with control_plane(policy, tmp_path / "state") as cp, gateway(cp, tmp_path):
+            in_flight = asyncio.create_task(via_gateway(listen, "alpha.internal", "/slow?s=2"))
+            await asyncio.sleep(0.3)  # let the request reach the upstream
+            write_policy(policy, listen, {"alpha": up_a.port, "beta": up_b.port})
+
+            async def beta_routes() -> bool:
+                return (await via_gateway(listen, "beta.internal")).status_code == 200
+
+            await until(beta_routes, timeout=5, what="the change to apply")
+            assert not in_flight.done()  # the change applied while the request was in flight
+            resp = await in_flight
+            assert resp.status_code == 200
+            assert resp.json()["path"] == "/slow?s=2"
