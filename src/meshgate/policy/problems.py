@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Pos:
     """A 1-based position in a file; line 0 means "the whole file or directory"."""
 
@@ -27,7 +27,7 @@ class Pos:
         return f"{self.file}:{self.line}" if self.line else self.file
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Problem:
     pos: Pos
     message: str
