@@ -81,6 +81,9 @@ def serve(
     gateway_bind: Annotated[str, typer.Option(help="Address gateways bind listeners to.")] = (
         "0.0.0.0"
     ),
+    sidecar_port: Annotated[
+        int, typer.Option(help="Loopback proxy port of every sidecar (agents' HTTP_PROXY).")
+    ] = 15080,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the control plane only (xDS + admin HTTP), serving POLICIES."""
@@ -88,7 +91,7 @@ def serve(
     from meshgate.controlplane.sources import make_source
 
     _setup_logging(verbose)
-    opts = ServeOptions(host, xds_port, host, admin_port, gateway_bind)
+    opts = ServeOptions(host, xds_port, host, admin_port, gateway_bind, sidecar_port=sidecar_port)
 
     async def main(stop: asyncio.Event) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
