@@ -24,12 +24,24 @@ AGENT_HEADER = "x-meshgate-agent"
 RATE_LIMIT_FILTER = "envoy.filters.http.local_ratelimit"
 
 
-def destination_routes(model: PolicyModel, dest: Destination, cluster: str) -> list[rc.Route]:
-    routes: list[rc.Route] = []
+Grant = tuple[str, int, EgressRule]  # (agent, index of the rule in its policy, rule)
+
+
+def grants_by_destination(model: PolicyModel) -> dict[str, tuple[Grant, ...]]:
+    """Every rule, grouped by the destination it names, in policy order."""
+    grouped: dict[str, list[Grant]] = {d.name: [] for d in model.destinations}
     for agent in model.agents:
         for index, rule in enumerate(agent.rules):
-            if rule.destination == dest.name:
-                routes.extend(rule_routes(agent.agent, dest, index, rule, cluster))
+            grouped.setdefault(rule.destination, []).append((agent.agent, index, rule))
+    return {name: tuple(grants) for name, grants in grouped.items()}
+
+
+def destination_routes(
+    dest: Destination, cluster: str, grants: tuple[Grant, ...]
+) -> list[rc.Route]:
+    routes: list[rc.Route] = []
+    for agent, index, rule in grants:
+        routes.extend(rule_routes(agent, dest, index, rule, cluster))
     tunnel_reason = (
         "no rule of this agent allows a tunnel to this host"
         if dest.tls == "passthrough"

@@ -38,7 +38,7 @@ def build_snapshots(
     snapshots = {GATEWAY_GROUP: gateway_snapshot(model, opts, secrets)}
     for agent in model.agents:
         resources = _sidecar(agent.agent, model.mesh.gateway_listen_port, opts)
-        snapshots[f"agent/{agent.agent}"] = Snapshot.build(model.version, resources)
+        snapshots[f"agent/{agent.agent}"] = Snapshot.build(model.version, resources, True)
     return snapshots
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 from envoy.config.accesslog.v3 import accesslog_pb2
@@ -25,7 +26,9 @@ from meshgate.xds.allowlist import (
     AGENT_HEADER,
     MCP_FILTER,
     RATE_LIMIT_FILTER,
+    Grant,
     destination_routes,
+    grants_by_destination,
 )
 from meshgate.xds.common import (
     ads,
@@ -231,7 +234,11 @@ def refusal_bodies() -> hcm_pb2.LocalReplyConfig:
 
 
 def egress_routes(model: PolicyModel, secrets: Mapping[str, str]) -> route_pb2.RouteConfiguration:
-    vhosts = [_destination_vhost(model, d, secrets) for d in model.destinations]
+    grants = grants_by_destination(model)
+    vhosts = [
+        _destination_vhost(d, grants[d.name], has_credential(d, secrets) or not d.credentials)
+        for d in model.destinations
+    ]
     vhosts.append(
         route_components_pb2.VirtualHost(
             name="unknown-destination",
@@ -255,10 +262,15 @@ def egress_routes(model: PolicyModel, secrets: Mapping[str, str]) -> route_pb2.R
     return route_pb2.RouteConfiguration(name=ROUTE_NAME, virtual_hosts=vhosts)
 
 
+@functools.lru_cache(maxsize=10_000)
 def _destination_vhost(
-    model: PolicyModel, dest: Destination, secrets: Mapping[str, str]
+    dest: Destination, grants: tuple[Grant, ...], credential_ready: bool
 ) -> route_components_pb2.VirtualHost:
-    if dest.credentials is not None and not has_credential(dest, secrets):
+    """Memoised on its inputs: a one-agent change rebuilds only the hosts that agent uses.
+
+    The returned message is shared: callers copy it into their RouteConfiguration.
+    """
+    if dest.credentials is not None and not credential_ready:
         # fail closed and say why, rather than send the request without its credential
         routes = [
             route_components_pb2.Route(
@@ -275,7 +287,7 @@ def _destination_vhost(
             )
         ]
     else:
-        routes = destination_routes(model, dest, cluster_name(dest))
+        routes = destination_routes(dest, cluster_name(dest), grants)
     return route_components_pb2.VirtualHost(
         name=dest.name,
         domains=[dest.host, f"{dest.host}:{dest.port}"],

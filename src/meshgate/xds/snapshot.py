@@ -6,6 +6,7 @@ replicas serving the same policy agree and an unchanged resource keeps its versi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from meshgate.xds.wire import length_delimited, string_field
 _HCM_TYPE = "type.googleapis.com/" + hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity: memoised builders hand out the same objects
 class Resource:
     """One named resource with its packed bytes and content version."""
 
@@ -37,6 +38,9 @@ class Resource:
     any_bytes: bytes  # serialised google.protobuf.Any
     version: str
     delta_bytes: bytes  # serialised envoy.service.discovery.v3.Resource
+    # names of the EDS (for clusters) or RDS (for listeners) resources this one needs,
+    # found once here so checking a snapshot never unpacks messages again
+    needs: tuple[str, ...] = ()
 
     @classmethod
     def build(cls, name: str, message: Message) -> Resource:
@@ -47,7 +51,7 @@ class Resource:
         any_bytes = packed.SerializeToString(deterministic=True)
         delta = discovery_pb2.Resource(name=name, version=version)
         delta_bytes = delta.SerializeToString(deterministic=True) + length_delimited(2, any_bytes)
-        return cls(name, type_url, message, any_bytes, version, delta_bytes)
+        return cls(name, type_url, message, any_bytes, version, delta_bytes, _needs(message))
 
 
 @dataclass(frozen=True)
@@ -62,47 +66,21 @@ class Snapshot:
     )
 
     @classmethod
-    def build(cls, policy_version: str, resources: Iterable[Resource]) -> Snapshot:
-        by_type: dict[str, dict[str, Resource]] = {t: {} for t in types.TYPE_ORDER}
-        for res in resources:
-            bucket = by_type.setdefault(res.type_url, {})
-            if res.name in bucket:
-                raise ConsistencyError(
-                    f"duplicate {types.SHORT_NAMES.get(res.type_url)} {res.name!r}"
-                )
-            bucket[res.name] = res
-        frozen = {
-            t: MappingProxyType(dict(sorted(bucket.items()))) for t, bucket in by_type.items()
-        }
-        versions = {t: _type_version(policy_version, bucket) for t, bucket in frozen.items()}
-        snap = cls(policy_version, MappingProxyType(frozen), MappingProxyType(versions))
-        snap.check_consistent()
-        return snap
+    def build(
+        cls, policy_version: str, resources: Iterable[Resource], recurring: bool = False
+    ) -> Snapshot:
+        """`recurring`: the same resource objects will come again (per-agent sidecars), so the
+        grouping, hashing and checks are memoised; one-off sets (the gateway) are not kept."""
+        index = _index if recurring else _index.__wrapped__
+        frozen, digests = index(tuple(resources))
+        versions = {t: f"{policy_version}-{digest}" for t, digest in digests.items()}
+        return cls(policy_version, frozen, MappingProxyType(versions))
 
     def of_type(self, type_url: str) -> Mapping[str, Resource]:
         return self.resources.get(type_url, MappingProxyType({}))
 
     def version(self, type_url: str) -> str:
         return self.type_versions.get(type_url, self.policy_version)
-
-    def check_consistent(self) -> None:
-        """Every EDS name a cluster needs and every route a listener names must be present."""
-        missing: list[str] = []
-        endpoints = self.of_type(types.ENDPOINT)
-        for cluster in self.of_type(types.CLUSTER).values():
-            assert isinstance(cluster.message, cluster_pb2.Cluster)
-            if cluster.message.type == cluster_pb2.Cluster.EDS:
-                eds = cluster.message.eds_cluster_config.service_name or cluster.name
-                if eds not in endpoints:
-                    missing.append(f"cluster {cluster.name!r} needs endpoints {eds!r}")
-        routes = self.of_type(types.ROUTE)
-        for listener in self.of_type(types.LISTENER).values():
-            assert isinstance(listener.message, listener_pb2.Listener)
-            for name in _route_names(listener.message):
-                if name not in routes:
-                    missing.append(f"listener {listener.name!r} needs route {name!r}")
-        if missing:
-            raise ConsistencyError("inconsistent snapshot: " + "; ".join(missing))
 
     def sotw_body(self, type_url: str, names: frozenset[str] | None) -> bytes:
         """DiscoveryResponse bytes without a nonce, cached per (type, subscription)."""
@@ -120,11 +98,57 @@ class Snapshot:
         return body
 
 
-def _type_version(policy_version: str, bucket: Mapping[str, Resource]) -> str:
+@functools.lru_cache(maxsize=100_000)
+def _index(
+    resources: tuple[Resource, ...],
+) -> tuple[Mapping[str, Mapping[str, Resource]], dict[str, str]]:
+    """Group, order, hash and check a resource set once; memoised because the same (memoised)
+    resources recur in every agent's snapshot on every policy version."""
+    by_type: dict[str, dict[str, Resource]] = {t: {} for t in types.TYPE_ORDER}
+    for res in resources:
+        bucket = by_type.setdefault(res.type_url, {})
+        if res.name in bucket:
+            raise ConsistencyError(f"duplicate {types.SHORT_NAMES.get(res.type_url)} {res.name!r}")
+        bucket[res.name] = res
+    frozen = MappingProxyType(
+        {t: MappingProxyType(dict(sorted(bucket.items()))) for t, bucket in by_type.items()}
+    )
+    digests = {t: _content_digest(bucket) for t, bucket in frozen.items()}
+    _check_consistent(frozen)
+    return frozen, digests
+
+
+def _check_consistent(resources: Mapping[str, Mapping[str, Resource]]) -> None:
+    """Every EDS name a cluster needs and every route a listener names must be present."""
+    missing: list[str] = []
+    for kind, what, needed_type, needed in (
+        (types.CLUSTER, "cluster", types.ENDPOINT, "endpoints"),
+        (types.LISTENER, "listener", types.ROUTE, "route"),
+    ):
+        available = resources.get(needed_type, {})
+        for res in resources.get(kind, {}).values():
+            missing.extend(
+                f"{what} {res.name!r} needs {needed} {name!r}"
+                for name in res.needs
+                if name not in available
+            )
+    if missing:
+        raise ConsistencyError("inconsistent snapshot: " + "; ".join(missing))
+
+
+def _content_digest(bucket: Mapping[str, Resource]) -> str:
     digest = hashlib.sha256()
     for name, res in bucket.items():
         digest.update(name.encode() + b"\0" + res.version.encode() + b"\n")
-    return f"{policy_version}-{digest.hexdigest()[:12]}"
+    return digest.hexdigest()[:12]
+
+
+def _needs(message: Message) -> tuple[str, ...]:
+    if isinstance(message, cluster_pb2.Cluster) and message.type == cluster_pb2.Cluster.EDS:
+        return (message.eds_cluster_config.service_name or message.name,)
+    if isinstance(message, listener_pb2.Listener):
+        return tuple(_route_names(message))
+    return ()
 
 
 def _route_names(listener: listener_pb2.Listener) -> list[str]:
