@@ -60,9 +60,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from meshgate.errors import PolicyError  # noqa: E402
-from meshgate.policy.loader import load_policy_texts, read_policy_files  # noqa: E402
+from meshgate.policy.loader import (  # noqa: E402
+    clear_policy_cache,
+    load_policy_texts,
+    read_policy_files,
+)
 from meshgate.policy.model import PolicyModel  # noqa: E402
-from meshgate.xds.build import build_snapshots  # noqa: E402
+from meshgate.xds.build import build_snapshots, clear_translation_caches  # noqa: E402
 from meshgate.xds.nodes import GATEWAY_GROUP  # noqa: E402
 from meshgate.xds.snapshot import Snapshot  # noqa: E402
 
@@ -300,6 +304,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         snapshots: dict[str, Snapshot] = {}
         model: PolicyModel | None = None
         for _ in range(args.repeat):
+            # each full compile is a cold start: no parsed files or translations remembered
+            clear_policy_cache()
+            clear_translation_caches()
             t_read, files = timed(read_policy_files, root)
             t_load, model = timed(load, files)
             t_build, snapshots = timed(build_snapshots, model)

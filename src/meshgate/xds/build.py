@@ -47,3 +47,13 @@ def _sidecar(agent: str, gateway_port: int, options: TranslateOptions) -> tuple[
     """Memoised: a sidecar's resources change only with its agent name and where the gateway is."""
     messages = sidecar_resources(agent, gateway_port, options)
     return tuple(Resource.build(resource_name(m), m) for m in messages)
+
+
+def clear_translation_caches() -> None:
+    """Forget every memoised translation (for cold-start measurements and tests)."""
+    from meshgate.xds import allowlist, gateway, snapshot
+
+    allowlist.rule_routes.cache_clear()
+    gateway._destination_vhost.cache_clear()
+    snapshot._index.cache_clear()
+    _sidecar.cache_clear()
