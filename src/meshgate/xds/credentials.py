@@ -11,15 +11,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from envoy.config.core.v3 import base_pb2, extension_pb2
+from envoy.extensions.common.matching.v3 import extension_matcher_pb2
+from envoy.extensions.filters.http.composite.v3 import composite_pb2
 from envoy.extensions.filters.http.credential_injector.v3 import credential_injector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.http.injected_credentials.generic.v3 import generic_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+from envoy.type.matcher.v3 import http_inputs_pb2
+from xds.core.v3 import extension_pb2 as core_extension_pb2
+from xds.type.matcher.v3 import matcher_pb2
 
 from meshgate.policy.model import Destination
-from meshgate.xds.common import ads, only_for_authorities, pack
+from meshgate.xds.common import ads, pack
 
 
 def filter_name(dest: Destination) -> str:
@@ -30,10 +35,45 @@ def secret_name(dest: Destination) -> str:
     return f"credential-{dest.name}"
 
 
-def injector_filter(dest: Destination) -> hcm_pb2.HttpFilter:
-    return only_for_authorities(
-        filter_name(dest), pack(injector(dest)), (dest.host, f"{dest.host}:{dest.port}")
+INJECTOR_FILTER = "meshgate.credentials"
+
+
+def injector_filter(dests: list[Destination]) -> hcm_pb2.HttpFilter:
+    """One filter for every destination: a hash lookup on :authority picks the injector."""
+    by_authority = {}
+    for dest in dests:
+        action = matcher_pb2.Matcher.OnMatch(
+            action=core_extension_pb2.TypedExtensionConfig(
+                name=f"inject-{dest.name}",
+                typed_config=pack(
+                    composite_pb2.ExecuteFilterAction(
+                        typed_config=extension_pb2.TypedExtensionConfig(
+                            name=filter_name(dest), typed_config=pack(injector(dest))
+                        )
+                    )
+                ),
+            )
+        )
+        for authority in (dest.host, f"{dest.host}:{dest.port}"):
+            by_authority[authority] = action
+    tree = matcher_pb2.Matcher(
+        matcher_tree=matcher_pb2.Matcher.MatcherTree(
+            input=core_extension_pb2.TypedExtensionConfig(
+                name="authority",
+                typed_config=pack(
+                    http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=":authority")
+                ),
+            ),
+            exact_match_map=matcher_pb2.Matcher.MatcherTree.MatchMap(map=by_authority),
+        )
     )
+    wrapped = extension_matcher_pb2.ExtensionWithMatcher(
+        xds_matcher=tree,
+        extension_config=extension_pb2.TypedExtensionConfig(
+            name="composite", typed_config=pack(composite_pb2.Composite())
+        ),
+    )
+    return hcm_pb2.HttpFilter(name=INJECTOR_FILTER, typed_config=pack(wrapped))
 
 
 def injector(dest: Destination) -> credential_injector_pb2.CredentialInjector:

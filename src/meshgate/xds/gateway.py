@@ -67,7 +67,7 @@ def gateway_resources(
             out.append(destination_endpoints(dest))
     injecting = [d for d in model.destinations if has_credential(d, secrets)]
     # MCP parsing first: it re-selects the route the rate limiter and injectors then use
-    filters = [rate_limit_filter(), *(injector_filter(d) for d in injecting)]
+    filters = [rate_limit_filter(), *([injector_filter(injecting)] if injecting else [])]
     tool_hosts = _tool_rule_authorities(model)
     if tool_hosts:
         mcp = mcp_pb2.Mcp(clear_route_cache=True)
