@@ -55,5 +55,6 @@ def clear_translation_caches() -> None:
 
     allowlist.rule_routes.cache_clear()
     gateway._destination_vhost.cache_clear()
+    gateway._vhost_bytes.cache_clear()
     snapshot._index.cache_clear()
     _sidecar.cache_clear()

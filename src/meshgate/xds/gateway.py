@@ -46,6 +46,8 @@ from meshgate.xds.credentials import (
     injector_filter,
 )
 from meshgate.xds.options import TranslateOptions
+from meshgate.xds.snapshot import Encoded
+from meshgate.xds.wire import length_delimited, string_field
 
 LISTENER_NAME = "egress-http"
 ROUTE_NAME = "egress-routes"
@@ -57,10 +59,10 @@ def cluster_name(destination: Destination) -> str:
 
 def gateway_resources(
     model: PolicyModel, options: TranslateOptions, secrets: Mapping[str, str] | None = None
-) -> list[Message]:
+) -> list[Message | Encoded]:
     """Every resource a gateway needs, in a stable order. `secrets`: credential values by name."""
     secrets = secrets or {}
-    out: list[Message] = []
+    out: list[Message | Encoded] = []
     for dest in model.destinations:
         out.append(destination_cluster(dest, options.system_ca_file))
         if dest.address is not None:
@@ -73,7 +75,7 @@ def gateway_resources(
         mcp = mcp_pb2.Mcp(clear_route_cache=True)
         filters.insert(0, only_for_authorities(MCP_FILTER, pack(mcp), tool_hosts))
     out.append(egress_listener(model.mesh.gateway_listen_port, options.gateway_bind, filters))
-    out.append(egress_routes(model, secrets))
+    out.append(egress_routes_encoded(model, secrets))
     for dest in injecting:
         assert dest.credentials is not None
         out.append(credential_secret(dest, secrets[dest.credentials.secret]))
@@ -234,32 +236,65 @@ def refusal_bodies() -> hcm_pb2.LocalReplyConfig:
 
 
 def egress_routes(model: PolicyModel, secrets: Mapping[str, str]) -> route_pb2.RouteConfiguration:
+    vhosts = [_destination_vhost(*key) for key in _vhost_keys(model, secrets)]
+    vhosts.append(_unknown_destination_vhost())
+    return route_pb2.RouteConfiguration(name=ROUTE_NAME, virtual_hosts=vhosts)
+
+
+def egress_routes_encoded(model: PolicyModel, secrets: Mapping[str, str]) -> Encoded:
+    """The same bytes as `egress_routes(...)` serialised, assembled from per-host bytes.
+
+    A one-agent change re-serialises only the virtual hosts that agent uses, not the whole
+    (possibly megabytes large) route table.
+    """
+    parts = [string_field(1, ROUTE_NAME)]
+    parts.extend(length_delimited(2, _vhost_bytes(*key)) for key in _vhost_keys(model, secrets))
+    parts.append(length_delimited(2, _unknown_vhost_bytes()))
+    return Encoded(ROUTE_NAME, ROUTE_TYPE, b"".join(parts))
+
+
+ROUTE_TYPE = "type.googleapis.com/" + route_pb2.RouteConfiguration.DESCRIPTOR.full_name
+VhostKey = tuple[Destination, tuple[Grant, ...], bool]
+
+
+def _vhost_keys(model: PolicyModel, secrets: Mapping[str, str]) -> list[VhostKey]:
     grants = grants_by_destination(model)
-    vhosts = [
-        _destination_vhost(d, grants[d.name], has_credential(d, secrets) or not d.credentials)
+    return [
+        (d, grants[d.name], has_credential(d, secrets) or not d.credentials)
         for d in model.destinations
     ]
-    vhosts.append(
-        route_components_pb2.VirtualHost(
-            name="unknown-destination",
-            domains=["*"],
-            routes=[
-                route_components_pb2.Route(
-                    match=match,
-                    direct_response=json_refusal(
-                        403, {"error": "unknown_destination", "host": "%REQ(:AUTHORITY)%"}
-                    ),
-                )
-                for match in (
-                    route_components_pb2.RouteMatch(
-                        connect_matcher=route_components_pb2.RouteMatch.ConnectMatcher()
-                    ),
-                    route_components_pb2.RouteMatch(prefix="/"),
-                )
-            ],
-        )
+
+
+@functools.lru_cache(maxsize=10_000)
+def _vhost_bytes(dest: Destination, grants: tuple[Grant, ...], credential_ready: bool) -> bytes:
+    vhost = _destination_vhost(dest, grants, credential_ready)
+    return bytes(vhost.SerializeToString(deterministic=True))
+
+
+@functools.lru_cache(maxsize=1)
+def _unknown_vhost_bytes() -> bytes:
+    return bytes(_unknown_destination_vhost().SerializeToString(deterministic=True))
+
+
+def _unknown_destination_vhost() -> route_components_pb2.VirtualHost:
+    return route_components_pb2.VirtualHost(
+        name="unknown-destination",
+        domains=["*"],
+        routes=[
+            route_components_pb2.Route(
+                match=match,
+                direct_response=json_refusal(
+                    403, {"error": "unknown_destination", "host": "%REQ(:AUTHORITY)%"}
+                ),
+            )
+            for match in (
+                route_components_pb2.RouteMatch(
+                    connect_matcher=route_components_pb2.RouteMatch.ConnectMatcher()
+                ),
+                route_components_pb2.RouteMatch(prefix="/"),
+            )
+        ],
     )
-    return route_pb2.RouteConfiguration(name=ROUTE_NAME, virtual_hosts=vhosts)
 
 
 @functools.lru_cache(maxsize=10_000)

@@ -28,13 +28,21 @@ from meshgate.xds.wire import length_delimited, string_field
 _HCM_TYPE = "type.googleapis.com/" + hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """A resource already serialised, assembled from cached parts (see xds/gateway.py)."""
+
+    name: str
+    type_url: str
+    payload: bytes
+
+
 @dataclass(frozen=True, eq=False)  # identity: memoised builders hand out the same objects
 class Resource:
     """One named resource with its packed bytes and content version."""
 
     name: str
     type_url: str
-    message: Message
     any_bytes: bytes  # serialised google.protobuf.Any
     version: str
     delta_bytes: bytes  # serialised envoy.service.discovery.v3.Resource
@@ -43,15 +51,23 @@ class Resource:
     needs: tuple[str, ...] = ()
 
     @classmethod
-    def build(cls, name: str, message: Message) -> Resource:
+    def build(cls, name: str, message: Message | Encoded) -> Resource:
+        if isinstance(message, Encoded):
+            return cls.from_payload(name, message.type_url, message.payload, ())
         type_url = "type.googleapis.com/" + message.DESCRIPTOR.full_name
         payload = message.SerializeToString(deterministic=True)
+        return cls.from_payload(name, type_url, payload, _needs(message))
+
+    @classmethod
+    def from_payload(
+        cls, name: str, type_url: str, payload: bytes, needs: tuple[str, ...]
+    ) -> Resource:
         version = hashlib.sha256(payload).hexdigest()[:16]
         packed = any_pb2.Any(type_url=type_url, value=payload)
         any_bytes = packed.SerializeToString(deterministic=True)
         delta = discovery_pb2.Resource(name=name, version=version)
         delta_bytes = delta.SerializeToString(deterministic=True) + length_delimited(2, any_bytes)
-        return cls(name, type_url, message, any_bytes, version, delta_bytes, _needs(message))
+        return cls(name, type_url, any_bytes, version, delta_bytes, needs)
 
 
 @dataclass(frozen=True)

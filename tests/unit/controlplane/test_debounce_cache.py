@@ -81,3 +81,13 @@ def test_same_policy_gives_byte_identical_snapshots() -> None:
             n: r.any_bytes for n, r in b.resources[type_url].items()
         }
     assert a.type_versions == b.type_versions
+
+
+def test_assembled_route_table_equals_the_serialised_message() -> None:
+    from meshgate.xds.gateway import egress_routes, egress_routes_encoded
+
+    m = model("v1")
+    assert (
+        egress_routes_encoded(m, {}).payload
+        == egress_routes(m, {}).SerializeToString(deterministic=True)
+    )
