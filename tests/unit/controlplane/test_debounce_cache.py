@@ -87,7 +87,22 @@ def test_assembled_route_table_equals_the_serialised_message() -> None:
     from meshgate.xds.gateway import egress_routes, egress_routes_encoded
 
     m = model("v1")
-    assert (
-        egress_routes_encoded(m, {}).payload
-        == egress_routes(m, {}).SerializeToString(deterministic=True)
+    assert egress_routes_encoded(m, {}).payload == egress_routes(m, {}).SerializeToString(
+        deterministic=True
     )
+
+
+def test_secrets_only_in_the_gateway_snapshot() -> None:
+    import dataclasses
+
+    from meshgate.policy.model import Credentials
+    from meshgate.xds import types
+
+    m = model("v1")
+    dest = dataclasses.replace(m.destinations[0], credentials=Credentials("X-Key", "k", "{secret}"))
+    m = dataclasses.replace(m, destinations=(dest, *m.destinations[1:]))
+    snaps = build_snapshots(m, secrets={"k": "value-that-must-stay-on-gateways"})
+    assert list(snaps["gateway"].of_type(types.SECRET)) == ["credential-alpha"]
+    for group, snap in snaps.items():
+        blob = b"".join(r.any_bytes for t in snap.resources.values() for r in t.values())
+        assert (b"value-that-must-stay-on-gateways" in blob) == (group == "gateway"), group
