@@ -9,6 +9,7 @@ from envoy.config.core.v3 import (
     extension_pb2,
     substitution_format_string_pb2,
 )
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2
 from envoy.extensions.common.matching.v3 import extension_matcher_pb2
@@ -123,3 +124,23 @@ def only_for_authorities(
         extension_config=extension_pb2.TypedExtensionConfig(name=name, typed_config=typed_config),
     )
     return hcm_pb2.HttpFilter(name=name, typed_config=pack(wrapped))
+
+
+def http_listener(
+    name: str, host: str, port: int, hcm: hcm_pb2.HttpConnectionManager
+) -> listener_pb2.Listener:
+    """A listener whose one filter chain is the given HTTP connection manager."""
+    return listener_pb2.Listener(
+        name=name,
+        address=socket_address(host, port),
+        filter_chains=[
+            listener_components_pb2.FilterChain(
+                filters=[
+                    listener_components_pb2.Filter(
+                        name="envoy.filters.network.http_connection_manager",
+                        typed_config=pack(hcm),
+                    )
+                ]
+            )
+        ],
+    )

@@ -9,7 +9,7 @@ from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
-from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 from envoy.extensions.filters.http.mcp.v3 import mcp_pb2
@@ -33,6 +33,7 @@ from meshgate.xds.allowlist import (
 from meshgate.xds.common import (
     ads,
     connect_upgrade,
+    http_listener,
     json_refusal,
     only_for_authorities,
     pack,
@@ -166,20 +167,7 @@ def egress_listener(
         access_log=[stdout_access_log()],
         local_reply_config=refusal_bodies(),
     )
-    return listener_pb2.Listener(
-        name=LISTENER_NAME,
-        address=socket_address(bind_address, port),
-        filter_chains=[
-            listener_components_pb2.FilterChain(
-                filters=[
-                    listener_components_pb2.Filter(
-                        name="envoy.filters.network.http_connection_manager",
-                        typed_config=pack(hcm),
-                    )
-                ]
-            )
-        ],
-    )
+    return http_listener(LISTENER_NAME, bind_address, port, hcm)
 
 
 def rate_limit_filter() -> hcm_pb2.HttpFilter:

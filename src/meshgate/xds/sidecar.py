@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
-from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -20,7 +19,7 @@ from google.protobuf.message import Message
 from meshgate.xds.allowlist import AGENT_HEADER
 from meshgate.xds.common import (
     connect_upgrade,
-    pack,
+    http_listener,
     router_filter,
     socket_address,
     stdout_access_log,
@@ -78,18 +77,5 @@ def sidecar_resources(agent: str, gateway_port: int, options: TranslateOptions) 
         upgrade_configs=[connect_upgrade()],
         access_log=[stdout_access_log()],
     )
-    listener = listener_pb2.Listener(
-        name=PROXY_LISTENER,
-        address=socket_address("127.0.0.1", options.sidecar_port),
-        filter_chains=[
-            listener_components_pb2.FilterChain(
-                filters=[
-                    listener_components_pb2.Filter(
-                        name="envoy.filters.network.http_connection_manager",
-                        typed_config=pack(hcm),
-                    )
-                ]
-            )
-        ],
-    )
+    listener = http_listener(PROXY_LISTENER, "127.0.0.1", options.sidecar_port, hcm)
     return [cluster, listener]
