@@ -249,6 +249,9 @@ def status(
         f"[bold]policy[/bold] {pol['version'] or '-'} from {pol['source']} "
         f"({pol['agents']} agents, {pol['destinations']} destinations)"
     )
+    if pol.get("missing_secrets"):
+        names = ", ".join(pol["missing_secrets"])
+        console.print(f"[yellow]missing secrets[/yellow] (their destinations answer 503): {names}")
     if pol.get("last_rejection"):
         rej = pol["last_rejection"]
         console.print(f"[red]last change refused[/red] ({rej['origin']}, {rej['at']}):")

@@ -92,6 +92,7 @@ def test_up_serves_gateway_status_and_stops_cleanly_on_ctrl_c(tmp_path: Path) ->
         table = run("status", "--admin", f"http://127.0.0.1:{admin}")
         assert "gateway/local" in table.stdout
         assert "dir:" in table.stdout
+        assert "missing secrets" not in table.stdout
         plan = run("plan", str(tmp_path / "policies"), "--admin", f"http://127.0.0.1:{admin}")
         assert plan.returncode == 0, plan.stderr
         assert "No changes." in plan.stdout
