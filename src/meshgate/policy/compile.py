@@ -8,8 +8,10 @@ are skipped when some file did not parse, so one syntax error doesn't cascade in
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property, lru_cache
 
 from meshgate.policy import schema, syntax
 from meshgate.policy.documents import CheckedDoc, did_you_mean
@@ -42,26 +44,113 @@ class SourceMap:
     rules: dict[tuple[str, int], str] = field(default_factory=dict)
 
 
+_period_seconds = lru_cache(maxsize=1024)(syntax.period_seconds)  # pure; few distinct periods
+
+
 @dataclass(frozen=True)
 class _Rule:
     rule: EgressRule
     doc: YamlDoc
     path: Path  # to the rule mapping
 
-    @property
+    @cached_property
     def pos(self) -> Pos:
         return self.doc.key_pos((*self.path, "destination"))
 
 
+@dataclass(frozen=True)
+class _Compiled:
+    """The compiled rules of one document and the problems their checks reported, with all that
+    those depend on besides the (immutable, cached) document itself."""
+
+    src: YamlDoc
+    rule_docs: list[schema.RuleDoc] | None
+    base: Path
+    complete: bool
+    dest_names: frozenset[str]
+    tls: tuple[str | None, ...]  # per rule: tls of its destination, None if not compiled
+    rules: tuple[_Rule, ...]
+    problems: tuple[Problem, ...]
+
+    def matches(
+        self,
+        src: YamlDoc,
+        rule_docs: list[schema.RuleDoc] | None,
+        base: Path,
+        complete: bool,
+        dest_names: frozenset[str],
+        tls: tuple[str | None, ...],
+    ) -> bool:
+        return (
+            self.src is src
+            and self.rule_docs is rule_docs
+            and self.base == base
+            and self.complete == complete
+            and (self.dest_names is dest_names or self.dest_names == dest_names)
+            and self.tls == tls
+        )
+
+
+_MemoKey = tuple[int, Path]
+
+
+class RuleMemo:
+    """Compiled rules of the AgentPolicy / AgentGroup / DefaultPolicy documents of the latest
+    compile, keyed on the document object (the loader's per-file cache hands the same objects to
+    the next load while a file is unchanged). An entry is used only while everything the rule
+    checks read is unchanged too: the destination names, each referenced destination's tls and
+    whether the policy is complete; its problems are replayed in place, so output is identical
+    to compiling afresh. Bounded by one policy; thread-safe like the per-file cache."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[_MemoKey, _Compiled] = {}
+        self._names: frozenset[str] = frozenset()
+
+    def get(self, key: _MemoKey) -> _Compiled | None:
+        with self._lock:
+            return self._entries.get(key)
+
+    def intern_names(self, names: frozenset[str]) -> frozenset[str]:
+        """`names`, or an equal set seen before (so unchanged entries compare by identity)."""
+        with self._lock:
+            if self._names == names:
+                return self._names
+            self._names = names
+            return names
+
+    def keep_only(self, entries: dict[_MemoKey, _Compiled]) -> None:
+        with self._lock:
+            self._entries = dict(entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries = {}
+            self._names = frozenset()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+
 class _Compiler:
-    def __init__(self, docs: Sequence[CheckedDoc], complete: bool, root: str) -> None:
+    def __init__(
+        self,
+        docs: Sequence[CheckedDoc],
+        complete: bool,
+        root: str,
+        memo: RuleMemo | None = None,
+    ) -> None:
         self.docs = docs
         self.complete = complete
         self.root = root
         self.problems: list[Problem] = []
         self.destinations: dict[str, Destination] = {}
-        self.dest_names: set[str] = {d.name for d in docs if d.kind == "Destination" and d.name}
+        names = frozenset(d.name for d in docs if d.kind == "Destination" and d.name)
+        self.dest_names: frozenset[str] = memo.intern_names(names) if memo else names
         self.sources = SourceMap()
+        self.memo = memo
+        self.memo_used: dict[_MemoKey, _Compiled] = {}
 
     def error(self, pos: Pos, message: str) -> None:
         self.problems.append(Problem(pos, message))
@@ -204,6 +293,35 @@ class _Compiler:
     # -- rules -----------------------------------------------------------------------------------
 
     def rules(self, src: YamlDoc, base: Path, docs: list[schema.RuleDoc] | None) -> list[_Rule]:
+        """Check and compile the rules at `base`, reusing the memo's result when it applies."""
+        if self.memo is None:
+            return self._compile_rules(src, base, docs)
+        key = (id(src), base)
+        tls = tuple(_tls(self.destinations.get(r.destination)) for r in docs or [])
+        entry = self.memo_used.get(key) or self.memo.get(key)
+        if entry is not None and entry.matches(
+            src, docs, base, self.complete, self.dest_names, tls
+        ):
+            self.problems += entry.problems
+        else:
+            start = len(self.problems)
+            rules = self._compile_rules(src, base, docs)
+            entry = _Compiled(
+                src,
+                docs,
+                base,
+                self.complete,
+                self.dest_names,
+                tls,
+                tuple(rules),
+                tuple(self.problems[start:]),
+            )
+        self.memo_used[key] = entry
+        return list(entry.rules)
+
+    def _compile_rules(
+        self, src: YamlDoc, base: Path, docs: list[schema.RuleDoc] | None
+    ) -> list[_Rule]:
         out: list[_Rule] = []
         for i, r in enumerate(docs or []):
             path = (*base, i)
@@ -211,7 +329,7 @@ class _Compiler:
             headers = tuple(HeaderMatch(h.name.lower(), h.value) for h in r.headers or [])
             rate = None
             if r.rateLimit is not None:
-                rate = RateLimit(r.rateLimit.requests, syntax.period_seconds(r.rateLimit.per))
+                rate = RateLimit(r.rateLimit.requests, _period_seconds(r.rateLimit.per))
             rule = EgressRule(
                 destination=r.destination,
                 methods=tuple(r.methods or ()),
@@ -342,6 +460,10 @@ class _Compiler:
                     break
 
 
+def _tls(dest: Destination | None) -> str | None:
+    return dest.tls if dest is not None else None
+
+
 def _allows_everything(r: EgressRule) -> bool:
     return not (r.methods or r.paths or r.headers or r.tools or r.rate_limit)
 
@@ -357,13 +479,22 @@ def _same(a: EgressRule, b: EgressRule) -> bool:
 
 
 def compile_documents(
-    docs: Sequence[CheckedDoc], complete: bool, root: str, version: str
+    docs: Sequence[CheckedDoc],
+    complete: bool,
+    root: str,
+    version: str,
+    memo: RuleMemo | None = None,
 ) -> tuple[PolicyModel | None, SourceMap, list[Problem]]:
-    """Compile schema-checked documents; the model is None whenever any problem was found."""
-    c = _Compiler(docs, complete, root)
+    """Compile schema-checked documents; the model is None whenever any problem was found.
+
+    With a `memo`, compiled rules of documents unchanged since the memo's last compile (same
+    objects, same destinations) are reused; the result is the same as without one."""
+    c = _Compiler(docs, complete, root, memo)
     mesh = c.mesh()
     c.destination_models()
     agents = c.agents()
+    if memo is not None:
+        memo.keep_only(c.memo_used)
     if c.problems or mesh is None or any(d.model is None for d in docs):
         return None, c.sources, c.problems
     model = PolicyModel(

@@ -8,7 +8,8 @@ rule), which the compiled model deliberately doesn't carry; lint uses it for fin
 
 Parsing and checking a file depends only on its display path and text, so those per-file results
 are cached, keyed on (display path, sha256 of the text): reloading a policy where one file changed
-re-parses only that file. Cross-document compilation always runs over every file. The cache keeps
+re-parses only that file. Cross-document compilation always runs over every file, but reuses the
+compiled rules of unchanged documents whose destinations are unchanged too. The cache keeps
 only the files of the latest load, so it is bounded by the size of one policy; cached objects are
 never handed to callers (the model and source map are built afresh by every load).
 """
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshgate.errors import PolicyError
-from meshgate.policy.compile import SourceMap, compile_documents
+from meshgate.policy.compile import RuleMemo, SourceMap, compile_documents
 from meshgate.policy.documents import CheckedDoc, check_document
 from meshgate.policy.model import PolicyModel
 from meshgate.policy.problems import Pos, Problem, render_problems
@@ -78,11 +79,13 @@ class _FileCache:
 
 
 _CACHE = _FileCache()
+_RULES = RuleMemo()  # compiled rules of the cached documents (see compile.RuleMemo)
 
 
 def clear_policy_cache() -> None:
-    """Forget cached per-file results (tests; or to release memory)."""
+    """Forget cached per-file results and compiled rules (tests; or to release memory)."""
     _CACHE.clear()
+    _RULES.clear()
 
 
 def _cache_key(display: str, text: str) -> _CacheKey:
@@ -174,7 +177,7 @@ def _load(files: Mapping[str, str], version: str | None, root: str | None) -> Lo
     if version is None:
         version = content_version(texts)
     model, sources, compile_problems = compile_documents(
-        checked, complete, root or _common_root(list(files)), version
+        checked, complete, root or _common_root(list(files)), version, _RULES
     )
     problems += compile_problems
     if problems or model is None:
