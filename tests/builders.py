@@ -13,6 +13,7 @@ import grpc
 from meshgate.controlplane.ads import SERVER_OPTIONS, AdsService
 from meshgate.controlplane.cache import SnapshotCache
 from meshgate.controlplane.registry import NodeRegistry
+from meshgate.controlplane.streams import Authenticator
 from meshgate.policy.model import AgentPolicy, Destination, EgressRule, Mesh, PolicyModel
 
 
@@ -46,11 +47,14 @@ class AdsHarness:
 
 
 @asynccontextmanager
-async def ads_server() -> AsyncIterator[AdsHarness]:
+async def ads_server(authenticate: Authenticator | None = None) -> AsyncIterator[AdsHarness]:
     cache = SnapshotCache()
     registry = NodeRegistry()
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    server.add_generic_rpc_handlers((AdsService(cache, registry).handler(),))
+    service = (
+        AdsService(cache, registry, authenticate) if authenticate else AdsService(cache, registry)
+    )
+    server.add_generic_rpc_handlers((service.handler(),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

@@ -39,6 +39,13 @@ StateOpt = Annotated[Path, typer.Option(help="Directory for local state (CA, aud
 XdsPortOpt = Annotated[int, typer.Option(help="Port for the xDS gRPC server.")]
 AdminPortOpt = Annotated[int, typer.Option(help="Port for the admin HTTP server.")]
 HostOpt = Annotated[str, typer.Option(help="Address the control plane listens on.")]
+TokenFileOpt = Annotated[
+    Path | None,
+    typer.Option(help="Join token file (default: minted from --state-dir when readable)."),
+]
+RequireTokensOpt = Annotated[
+    bool, typer.Option(help="Refuse xDS streams without a valid join token.")
+]
 
 
 def _fail(message: str) -> typer.Exit:
@@ -84,6 +91,7 @@ def serve(
     sidecar_port: Annotated[
         int, typer.Option(help="Loopback proxy port of every sidecar (agents' HTTP_PROXY).")
     ] = 15080,
+    require_tokens: RequireTokensOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the control plane only (xDS + admin HTTP), serving POLICIES."""
@@ -91,7 +99,15 @@ def serve(
     from meshgate.controlplane.sources import make_source
 
     _setup_logging(verbose)
-    opts = ServeOptions(host, xds_port, host, admin_port, gateway_bind, sidecar_port=sidecar_port)
+    opts = ServeOptions(
+        host,
+        xds_port,
+        host,
+        admin_port,
+        gateway_bind,
+        sidecar_port=sidecar_port,
+        require_tokens=require_tokens,
+    )
 
     async def main(stop: asyncio.Event) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -113,12 +129,15 @@ def gateway(
     state_dir: StateOpt = DEFAULT_STATE,
     delta: Annotated[bool, typer.Option(help="Use incremental (delta) xDS.")] = False,
     concurrency: Annotated[int, typer.Option(help="Envoy worker threads.")] = 1,
+    token_file: TokenFileOpt = None,
 ) -> None:
     """Run a real Envoy egress gateway bootstrapped to the control plane (foreground)."""
     _setup_logging(False)
 
     async def main(stop: asyncio.Event) -> None:
-        envoy = await _start_gateway(control_plane, name, admin_port, state_dir, delta, concurrency)
+        envoy = await _start_gateway(
+            control_plane, name, admin_port, state_dir, delta, concurrency, token_file=token_file
+        )
         console.print(f"gateway [bold]gateway/{name}[/bold] running; Envoy admin on :{admin_port}")
         try:
             await _wait_either(stop, envoy.wait())
@@ -143,16 +162,26 @@ async def _start_gateway(
     delta: bool,
     concurrency: int,
     wait_ready: bool = False,
+    token_file: Path | None = None,
 ) -> Any:
     from meshgate.sidecar.bootstrap import BootstrapSpec, bootstrap_json
     from meshgate.sidecar.envoy_process import EnvoyProcess, find_envoy
+    from meshgate.sidecar.launcher import join_token
 
     find_envoy()
     host, port = parse_address(control_plane)
     state_dir.mkdir(parents=True, exist_ok=True)
     boot = state_dir / f"gateway-{name}.json"
+    token = join_token(f"gateway/{name}", state_dir, token_file)
+    token = join_token(f"gateway/{name}", state_dir, token_file)
     spec = BootstrapSpec(
-        f"gateway/{name}", "meshgate-gateway", host, int(port), admin_port, delta=delta
+        f"gateway/{name}",
+        "meshgate-gateway",
+        host,
+        int(port),
+        admin_port,
+        delta=delta,
+        metadata=(("authorization", f"Bearer {token}"),) if token else (),
     )
     boot.write_text(bootstrap_json(spec))
     envoy = EnvoyProcess(boot, admin_port, state_dir / f"gateway-{name}.log", concurrency)
@@ -179,6 +208,7 @@ def up(
     xds_port: XdsPortOpt = 18000,
     admin_port: AdminPortOpt = 18001,
     gateway_admin_port: Annotated[int, typer.Option(help="Gateway Envoy admin port.")] = 15000,
+    require_tokens: RequireTokensOpt = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Control plane and a local egress gateway in one command; Ctrl-C stops both."""
@@ -186,7 +216,9 @@ def up(
     from meshgate.controlplane.sources import make_source
 
     _setup_logging(verbose)
-    opts = ServeOptions("127.0.0.1", xds_port, "127.0.0.1", admin_port, "127.0.0.1")
+    opts = ServeOptions(
+        "127.0.0.1", xds_port, "127.0.0.1", admin_port, "127.0.0.1", require_tokens=require_tokens
+    )
 
     async def main(stop: asyncio.Event) -> None:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -299,6 +331,7 @@ def sidecar_run(
     admin_port: Annotated[int, typer.Option(help="Sidecar Envoy admin port.")] = 15090,
     instance: Annotated[str, typer.Option(help="Instance id (node agent/NAME/ID).")] = "local",
     state_dir: StateOpt = DEFAULT_STATE,
+    token_file: TokenFileOpt = None,
 ) -> None:
     """Run AGENT's sidecar Envoy; with `-- CMD ARGS`, run CMD behind it and exit with its status."""
     from meshgate.sidecar.launcher import run_sidecar
@@ -309,11 +342,57 @@ def sidecar_run(
 
     async def main(stop: asyncio.Event) -> None:
         result.append(
-            await run_sidecar(agent, instance, control_plane, admin_port, state_dir, command, stop)
+            await run_sidecar(
+                agent, instance, control_plane, admin_port, state_dir, command, stop, token_file
+            )
         )
 
     _run_until_signal(main)
     raise typer.Exit(result[0] if result else 0)
+
+
+token_app = typer.Typer(help="Join tokens for authenticated xDS.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+
+def parse_ttl(text: str) -> int:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = text[:-1], text[-1:]
+    if unit not in units or not number.isdigit() or int(number) <= 0:
+        raise MeshgateError(f"--ttl {text!r}: use a positive number with s, m, h or d (10m)")
+    return int(number) * units[unit]
+
+
+@token_app.command("create")
+def token_create(
+    agent: Annotated[str | None, typer.Option(help="Token for agent/NAME (any instance).")] = None,
+    gateway_name: Annotated[
+        str | None, typer.Option("--gateway", help="Token for gateway/NAME.")
+    ] = None,
+    ttl: Annotated[str, typer.Option(help="Lifetime: 30s, 10m, 12h, 7d.")] = "1h",
+    state_dir: StateOpt = DEFAULT_STATE,
+) -> None:
+    """Print a signed join token (JWT) for one node; its id is on stderr for revocation."""
+    from meshgate.identity.tokens import TokenAuthority
+
+    if (agent is None) == (gateway_name is None):
+        raise _fail("give exactly one of --agent NAME or --gateway NAME")
+    subject = f"agent/{agent}" if agent else f"gateway/{gateway_name}"
+    token, claims = TokenAuthority(state_dir).create(subject, parse_ttl(ttl))
+    print(token)
+    err_console.print(f"token id {claims.token_id} for {subject}, valid {ttl}", highlight=False)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: Annotated[str, typer.Argument(help="The id printed by `token create`.")],
+    state_dir: StateOpt = DEFAULT_STATE,
+) -> None:
+    """Refuse this token from now on (new xDS streams)."""
+    from meshgate.identity.tokens import TokenAuthority
+
+    TokenAuthority(state_dir).revoke(token_id)
+    console.print(f"revoked {token_id}")
 
 
 PolicyDirArg = Annotated[Path, typer.Argument(help="Policy directory.")]

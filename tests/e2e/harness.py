@@ -108,7 +108,10 @@ async def upstream(name: str, tls: ssl.SSLContext | None = None) -> AsyncIterato
 
 @asynccontextmanager
 async def control_plane(
-    policy_dir: Path, state_dir: Path, source: PolicySource | None = None
+    policy_dir: Path,
+    state_dir: Path,
+    source: PolicySource | None = None,
+    require_tokens: bool = False,
 ) -> AsyncIterator[ControlPlane]:
     opts = ServeOptions(
         "127.0.0.1",
@@ -119,6 +122,7 @@ async def control_plane(
         sidecar_port=free_port(),
         debounce_quiet=0.05,
         secrets_interval=0.2,
+        require_tokens=require_tokens,
     )
     cp = ControlPlane(source or DirectorySource(policy_dir, interval=0.1), state_dir, opts)
     await cp.start()
@@ -131,18 +135,32 @@ async def control_plane(
 
 @asynccontextmanager
 async def gateway(
-    cp: ControlPlane, workdir: Path, name: str = "e2e", delta: bool = False
+    cp: ControlPlane,
+    workdir: Path,
+    name: str = "e2e",
+    delta: bool = False,
+    token: str | None = None,
+    ready_timeout: float = 30,
 ) -> AsyncIterator[EnvoyProcess]:
+    """A gateway Envoy; with tokens required, it gets a valid one unless `token` is given."""
     admin = free_port()
+    if token is None and cp.tokens is not None:
+        token, _ = cp.tokens.create(f"gateway/{name}", 600)
     spec = BootstrapSpec(
-        f"gateway/{name}", "meshgate-gateway", "127.0.0.1", cp.options.xds_port, admin, delta=delta
+        f"gateway/{name}",
+        "meshgate-gateway",
+        "127.0.0.1",
+        cp.options.xds_port,
+        admin,
+        delta=delta,
+        metadata=(("authorization", f"Bearer {token}"),) if token else (),
     )
     boot = workdir / f"gateway-{name}.json"
     boot.write_text(bootstrap_json(spec))
     envoy = EnvoyProcess(boot, admin, workdir / f"gateway-{name}.log")
     await envoy.start()
     try:
-        await envoy.wait_ready(30)
+        await envoy.wait_ready(ready_timeout)
         yield envoy
     finally:
         await envoy.stop()

@@ -20,6 +20,7 @@ from harness import (
     write_policy,
 )
 
+from meshgate.errors import EnvoyError
 from meshgate.xds import types
 
 pytestmark = pytest.mark.e2e
@@ -161,3 +162,22 @@ async def test_policy_change_does_not_drop_in_flight_requests(tmp_path: Path) ->
             resp = await in_flight
             assert resp.status_code == 200
             assert resp.json()["path"] == "/slow?s=2"
+
+
+async def test_authenticated_xds_real_envoy(tmp_path: Path) -> None:
+    listen = free_port()
+    async with upstream("alpha") as up_a:
+        policy = tmp_path / "policies"
+        write_policy(policy, listen, {"alpha": up_a.port})
+        async with control_plane(policy, tmp_path / "state", require_tokens=True) as cp:
+            async with gateway(cp, tmp_path, name="good"):
+                assert (await via_gateway(listen, "alpha.internal")).status_code == 200
+                [node] = cp.registry.connections()
+                assert node.identity == "gateway/good"
+            # a token for another node gets nothing: Envoy never becomes ready
+            assert cp.tokens is not None
+            wrong, _ = cp.tokens.create("gateway/other", 600)
+            with pytest.raises(EnvoyError, match="not ready"):
+                async with gateway(cp, tmp_path, name="bad", token=wrong, ready_timeout=3):
+                    pass
+            assert cp.registry.connections() == []

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from meshgate.controlplane.admin import make_app
 from meshgate.controlplane.ads import SERVER_OPTIONS, AdsService
+from meshgate.controlplane.auth import TokenAuthenticator
 from meshgate.controlplane.cache import SnapshotCache
 from meshgate.controlplane.debounce import Debouncer
 from meshgate.controlplane.policy_state import PolicyState
@@ -22,6 +23,7 @@ from meshgate.controlplane.registry import NodeRegistry
 from meshgate.controlplane.secrets import SecretProvider, make_provider, read_secrets
 from meshgate.controlplane.sources import Candidate, PolicySource, SourceFailure
 from meshgate.errors import ConfigError, MeshgateError, PolicyError
+from meshgate.identity.tokens import TokenAuthority
 from meshgate.policy.loader import load_policy_texts
 from meshgate.policy.model import PolicyModel
 from meshgate.policy.paths import resolve_relative_paths
@@ -51,6 +53,7 @@ class ServeOptions:
     system_ca_file: str = field(default_factory=system_ca_bundle)
     sidecar_port: int = 15080
     secrets_interval: float = 1.0
+    require_tokens: bool = False  # every xDS stream must present a valid join token
     debounce_quiet: float = 0.1
     debounce_max: float = 1.0
 
@@ -63,7 +66,12 @@ class ControlPlane:
         self.cache = SnapshotCache()
         self.registry = NodeRegistry()
         self.policy = PolicyState(source.description)
-        self.ads = AdsService(self.cache, self.registry)
+        self.tokens = TokenAuthority(state_dir) if options.require_tokens else None
+        self.ads = (
+            AdsService(self.cache, self.registry, TokenAuthenticator(self.tokens))
+            if self.tokens is not None
+            else AdsService(self.cache, self.registry)
+        )
         self.debouncer: Debouncer[Candidate] = Debouncer(
             self._apply, options.debounce_quiet, options.debounce_max
         )

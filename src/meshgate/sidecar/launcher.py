@@ -11,9 +11,26 @@ import urllib.request
 from pathlib import Path
 
 from meshgate.errors import ConfigError, EnvoyError
+from meshgate.identity.tokens import TokenAuthority
 from meshgate.sidecar.bootstrap import BootstrapSpec, bootstrap_json
 from meshgate.sidecar.envoy_process import EnvoyProcess, find_envoy
 from meshgate.xds.sidecar import PROXY_LISTENER
+
+LOCAL_TOKEN_TTL = 7 * 24 * 3600
+
+
+def join_token(subject: str, state_dir: Path, token_file: Path | None) -> str | None:
+    """The node's join token: from --token-file, else minted locally by whoever can read the
+    control plane's state directory (the local-only channel), else none."""
+    if token_file is not None:
+        try:
+            return token_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{token_file}: cannot read token: {exc.strerror}") from None
+    if not (state_dir / "tokens" / "signing-key.pem").exists():
+        return None
+    token, _ = TokenAuthority(state_dir).create(subject, LOCAL_TOKEN_TTL)
+    return token
 
 
 def proxy_environment(proxy_url: str) -> dict[str, str]:
@@ -44,6 +61,7 @@ async def run_sidecar(
     state_dir: Path,
     command: list[str],
     stop: asyncio.Event,
+    token_file: Path | None = None,
 ) -> int:
     if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", agent):
         raise ConfigError(f"--agent {agent!r}: use lower-case letters, digits and '-'")
@@ -53,7 +71,15 @@ async def run_sidecar(
         raise ConfigError(f"--control-plane must be HOST:PORT, got {control_plane!r}")
     state_dir.mkdir(parents=True, exist_ok=True)
     boot = state_dir / f"sidecar-{agent}-{instance}.json"
-    spec = BootstrapSpec(f"agent/{agent}/{instance}", "meshgate-agent", host, int(port), admin_port)
+    token = join_token(f"agent/{agent}", state_dir, token_file)
+    spec = BootstrapSpec(
+        f"agent/{agent}/{instance}",
+        "meshgate-agent",
+        host,
+        int(port),
+        admin_port,
+        metadata=(("authorization", f"Bearer {token}"),) if token else (),
+    )
     boot.write_text(bootstrap_json(spec))
     envoy = EnvoyProcess(boot, admin_port, state_dir / f"sidecar-{agent}-{instance}.log")
     await envoy.start()

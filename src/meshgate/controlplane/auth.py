@@ -1,0 +1,31 @@
+"""Authenticated xDS: the stream's join token decides who the node may be."""
+
+from __future__ import annotations
+
+from meshgate.controlplane.streams import StreamError
+from meshgate.identity.tokens import TokenAuthority, TokenError, subject_allows
+
+TOKEN_HEADER = "authorization"
+
+
+class TokenAuthenticator:
+    """Checks `authorization: Bearer <join token>` against the node id, before any config."""
+
+    def __init__(self, authority: TokenAuthority) -> None:
+        self.authority = authority
+
+    def __call__(self, node_id: str, metadata: dict[str, str], peer: str) -> str:
+        header = metadata.get(TOKEN_HEADER, "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise StreamError("UNAUTHENTICATED", "a join token is required (meshgate token create)")
+        try:
+            claims = self.authority.verify(token.strip())
+        except TokenError as exc:
+            raise StreamError("UNAUTHENTICATED", str(exc)) from None
+        if not subject_allows(claims.subject, node_id):
+            raise StreamError(
+                "UNAUTHENTICATED",
+                f"token is for {claims.subject}, not for node {node_id}",
+            )
+        return claims.subject

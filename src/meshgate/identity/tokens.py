@@ -1,0 +1,135 @@
+"""Join tokens: a node proves who it is before it gets any config or key.
+
+Signed JWTs (EdDSA) from a key that lives only in the control plane's state directory. The
+audience and expiry are checked, revoked token ids are refused, and the subject names the node
+(`agent/<name>` or `gateway/<name>`) so a token cannot be used for another node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from meshgate.errors import MeshgateError
+
+AUDIENCE = "meshgate-xds"
+ISSUER = "meshgate"
+
+
+class TokenError(MeshgateError):
+    """A token that must be refused; the message says why (never echoes the token)."""
+
+
+@dataclass(frozen=True)
+class TokenClaims:
+    subject: str  # "agent/<name>" or "gateway/<name>"
+    token_id: str
+    expires_at: int
+
+
+class TokenAuthority:
+    """Issues and checks join tokens; state under `<state_dir>/tokens/` (key file mode 0600)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.directory = state_dir / "tokens"
+        self._key = _load_or_create_key(self.directory / "signing-key.pem")
+        self._public: Ed25519PublicKey = self._key.public_key()
+
+    def create(self, subject: str, ttl_seconds: int) -> tuple[str, TokenClaims]:
+        if ttl_seconds <= 0:
+            raise TokenError("token lifetime must be positive")
+        now = int(time.time())
+        claims = TokenClaims(subject, uuid.uuid4().hex, now + ttl_seconds)
+        token = jwt.encode(
+            {
+                "iss": ISSUER,
+                "aud": AUDIENCE,
+                "sub": subject,
+                "iat": now,
+                "exp": claims.expires_at,
+                "jti": claims.token_id,
+            },
+            self._key,
+            algorithm="EdDSA",
+        )
+        return token, claims
+
+    def verify(self, token: str) -> TokenClaims:
+        try:
+            data = jwt.decode(
+                token,
+                self._public,
+                algorithms=["EdDSA"],
+                audience=AUDIENCE,
+                issuer=ISSUER,
+                options={"require": ["exp", "sub", "jti", "aud", "iss"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise TokenError("token expired") from None
+        except jwt.InvalidAudienceError:
+            raise TokenError("token is not for meshgate xDS (audience)") from None
+        except jwt.InvalidSignatureError:
+            raise TokenError("token signature is not from this control plane") from None
+        except jwt.PyJWTError as exc:
+            raise TokenError(f"invalid token: {exc}") from None
+        claims = TokenClaims(str(data["sub"]), str(data["jti"]), int(data["exp"]))
+        if claims.token_id in self.revoked():
+            raise TokenError(f"token {claims.token_id} was revoked")
+        return claims
+
+    def revoke(self, token_id: str) -> None:
+        revoked = self.revoked() | {token_id}
+        path = self.directory / "revoked.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(sorted(revoked)))
+        os.replace(tmp, path)
+
+    def revoked(self) -> set[str]:
+        try:
+            return set(json.loads((self.directory / "revoked.json").read_text()))
+        except FileNotFoundError:
+            return set()
+        except (OSError, ValueError) as exc:
+            raise TokenError(f"{self.directory / 'revoked.json'}: unreadable ({exc})") from None
+
+
+def subject_allows(subject: str, node_id: str) -> bool:
+    """`agent/x` covers `agent/x` and its instances `agent/x/<id>`; `gateway/g` only itself."""
+    return node_id == subject or (
+        subject.startswith("agent/") and node_id.startswith(subject + "/")
+    )
+
+
+def _load_or_create_key(path: Path) -> Ed25519PrivateKey:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process created it first: use theirs
+            return _load_or_create_key(path)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+        return key
+    try:
+        loaded = serialization.load_pem_private_key(data, password=None)
+    except ValueError:
+        raise TokenError(f"{path}: not a PEM private key") from None
+    if not isinstance(loaded, Ed25519PrivateKey):
+        raise TokenError(f"{path}: expected an Ed25519 key")
+    return loaded
