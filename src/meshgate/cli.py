@@ -164,7 +164,7 @@ async def _start_gateway(
     wait_ready: bool = False,
     token_file: Path | None = None,
 ) -> Any:
-    from meshgate.sidecar.bootstrap import BootstrapSpec, bootstrap_json
+    from meshgate.sidecar.bootstrap import BootstrapSpec, write_bootstrap
     from meshgate.sidecar.envoy_process import EnvoyProcess, find_envoy
     from meshgate.sidecar.launcher import join_token
 
@@ -183,7 +183,7 @@ async def _start_gateway(
         delta=delta,
         metadata=(("authorization", f"Bearer {token}"),) if token else (),
     )
-    boot.write_text(bootstrap_json(spec))
+    write_bootstrap(boot, spec)
     envoy = EnvoyProcess(boot, admin_port, state_dir / f"gateway-{name}.log", concurrency)
     await envoy.start()
     if wait_ready:

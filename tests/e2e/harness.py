@@ -17,7 +17,7 @@ from builders import free_port
 
 from meshgate.controlplane.server import ControlPlane, ServeOptions
 from meshgate.controlplane.sources import DirectorySource, PolicySource
-from meshgate.sidecar.bootstrap import BootstrapSpec, bootstrap_json
+from meshgate.sidecar.bootstrap import BootstrapSpec, write_bootstrap
 from meshgate.sidecar.envoy_process import EnvoyProcess
 
 MESH = """\
@@ -156,7 +156,7 @@ async def gateway(
         metadata=(("authorization", f"Bearer {token}"),) if token else (),
     )
     boot = workdir / f"gateway-{name}.json"
-    boot.write_text(bootstrap_json(spec))
+    write_bootstrap(boot, spec)
     envoy = EnvoyProcess(boot, admin, workdir / f"gateway-{name}.log")
     await envoy.start()
     try:
@@ -174,7 +174,7 @@ async def sidecar(cp: ControlPlane, workdir: Path, agent: str) -> AsyncIterator[
         f"agent/{agent}/test", "meshgate-agent", "127.0.0.1", cp.options.xds_port, admin
     )
     boot = workdir / f"sidecar-{agent}.json"
-    boot.write_text(bootstrap_json(spec))
+    write_bootstrap(boot, spec)
     envoy = EnvoyProcess(boot, admin, workdir / f"sidecar-{agent}.log")
     await envoy.start()
     try:

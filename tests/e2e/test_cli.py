@@ -73,6 +73,10 @@ def test_up_serves_gateway_status_and_stops_cleanly_on_ctrl_c(tmp_path: Path) ->
     try:
         wait_http(f"http://127.0.0.1:{admin}/readyz")
         wait_http(f"http://127.0.0.1:{gw_admin}/ready")
+        # up requires join tokens; its gateway minted one, kept in an owner-only bootstrap
+        boot = tmp_path / "state" / "gateway-local.json"
+        assert boot.stat().st_mode & 0o777 == 0o600
+        assert "Bearer " in boot.read_text()
         refused = httpx.get(f"http://127.0.0.1:{listen}/", headers={"Host": "nope.example"})
         assert refused.status_code == 403
         assert refused.json()["error"] == "unknown_destination"

@@ -5,7 +5,9 @@ Everything else arrives over ADS. Built as a typed Bootstrap proto and written a
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
@@ -77,3 +79,13 @@ def build_bootstrap(spec: BootstrapSpec) -> bootstrap_pb2.Bootstrap:
 
 def bootstrap_json(spec: BootstrapSpec) -> str:
     return json_format.MessageToJson(build_bootstrap(spec), indent=2)
+
+
+def write_bootstrap(path: Path, spec: BootstrapSpec) -> None:
+    """Write the bootstrap readable by its owner only: it can carry the node's join token."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(bootstrap_json(spec))
+    os.chmod(tmp, 0o600)  # O_CREAT's mode does not apply to a file that already existed
+    os.replace(tmp, path)

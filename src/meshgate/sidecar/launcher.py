@@ -12,7 +12,7 @@ from pathlib import Path
 
 from meshgate.errors import ConfigError, EnvoyError
 from meshgate.identity.tokens import TokenAuthority
-from meshgate.sidecar.bootstrap import BootstrapSpec, bootstrap_json
+from meshgate.sidecar.bootstrap import BootstrapSpec, write_bootstrap
 from meshgate.sidecar.envoy_process import EnvoyProcess, find_envoy
 from meshgate.xds.sidecar import PROXY_LISTENER
 
@@ -80,7 +80,7 @@ async def run_sidecar(
         admin_port,
         metadata=(("authorization", f"Bearer {token}"),) if token else (),
     )
-    boot.write_text(bootstrap_json(spec))
+    write_bootstrap(boot, spec)
     envoy = EnvoyProcess(boot, admin_port, state_dir / f"sidecar-{agent}-{instance}.log")
     await envoy.start()
     try:
