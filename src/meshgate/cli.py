@@ -147,13 +147,6 @@ def gateway(
     _run_until_signal(main)
 
 
-def parse_address(address: str, flag: str = "--control-plane") -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise MeshgateError(f"{flag} must be HOST:PORT, got {address!r}")
-    return host, int(port)
-
-
 async def _start_gateway(
     control_plane: str,
     name: str,
@@ -164,27 +157,19 @@ async def _start_gateway(
     wait_ready: bool = False,
     token_file: Path | None = None,
 ) -> Any:
-    from meshgate.sidecar.bootstrap import BootstrapSpec, write_bootstrap
-    from meshgate.sidecar.envoy_process import EnvoyProcess, find_envoy
-    from meshgate.sidecar.launcher import join_token
+    from meshgate.sidecar.launcher import prepare_envoy
 
-    find_envoy()
-    host, port = parse_address(control_plane)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    boot = state_dir / f"gateway-{name}.json"
-    token = join_token(f"gateway/{name}", state_dir, token_file)
-    token = join_token(f"gateway/{name}", state_dir, token_file)
-    spec = BootstrapSpec(
+    envoy = prepare_envoy(
         f"gateway/{name}",
-        "meshgate-gateway",
-        host,
-        int(port),
+        f"gateway/{name}",
+        control_plane,
         admin_port,
+        state_dir,
+        token_file,
+        file_stem=f"gateway-{name}",
         delta=delta,
-        metadata=(("authorization", f"Bearer {token}"),) if token else (),
+        concurrency=concurrency,
     )
-    write_bootstrap(boot, spec)
-    envoy = EnvoyProcess(boot, admin_port, state_dir / f"gateway-{name}.log", concurrency)
     await envoy.start()
     if wait_ready:
         await envoy.wait_ready()

@@ -19,6 +19,44 @@ from meshgate.xds.sidecar import PROXY_LISTENER
 LOCAL_TOKEN_TTL = 7 * 24 * 3600
 
 
+def parse_address(address: str, flag: str = "--control-plane") -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"{flag} must be HOST:PORT, got {address!r}")
+    return host, int(port)
+
+
+def prepare_envoy(
+    node_id: str,
+    token_subject: str,
+    control_plane: str,
+    admin_port: int,
+    state_dir: Path,
+    token_file: Path | None,
+    *,
+    file_stem: str,
+    delta: bool = False,
+    concurrency: int = 1,
+) -> EnvoyProcess:
+    """Bootstrap (with the node's join token) written to the state dir; Envoy not yet started."""
+    find_envoy()
+    host, port = parse_address(control_plane)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    token = join_token(token_subject, state_dir, token_file)
+    spec = BootstrapSpec(
+        node_id,
+        "meshgate-gateway" if node_id.startswith("gateway/") else "meshgate-agent",
+        host,
+        port,
+        admin_port,
+        delta=delta,
+        metadata=(("authorization", f"Bearer {token}"),) if token else (),
+    )
+    boot = state_dir / f"{file_stem}.json"
+    write_bootstrap(boot, spec)
+    return EnvoyProcess(boot, admin_port, state_dir / f"{file_stem}.log", concurrency)
+
+
 def join_token(subject: str, state_dir: Path, token_file: Path | None) -> str | None:
     """The node's join token: from --token-file, else minted locally by whoever can read the
     control plane's state directory (the local-only channel), else none."""
@@ -65,23 +103,15 @@ async def run_sidecar(
 ) -> int:
     if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", agent):
         raise ConfigError(f"--agent {agent!r}: use lower-case letters, digits and '-'")
-    find_envoy()
-    host, _, port = control_plane.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--control-plane must be HOST:PORT, got {control_plane!r}")
-    state_dir.mkdir(parents=True, exist_ok=True)
-    boot = state_dir / f"sidecar-{agent}-{instance}.json"
-    token = join_token(f"agent/{agent}", state_dir, token_file)
-    spec = BootstrapSpec(
+    envoy = prepare_envoy(
         f"agent/{agent}/{instance}",
-        "meshgate-agent",
-        host,
-        int(port),
+        f"agent/{agent}",
+        control_plane,
         admin_port,
-        metadata=(("authorization", f"Bearer {token}"),) if token else (),
+        state_dir,
+        token_file,
+        file_stem=f"sidecar-{agent}-{instance}",
     )
-    write_bootstrap(boot, spec)
-    envoy = EnvoyProcess(boot, admin_port, state_dir / f"sidecar-{agent}-{instance}.log")
     await envoy.start()
     try:
         await envoy.wait_ready(30)
