@@ -43,6 +43,9 @@ TokenFileOpt = Annotated[
     Path | None,
     typer.Option(help="Join token file (default: minted from --state-dir when readable)."),
 ]
+MtlsOpt = Annotated[
+    bool, typer.Option(help="Sidecar -> gateway mTLS with SPIFFE certificates over SDS.")
+]
 RequireTokensOpt = Annotated[
     bool, typer.Option(help="Refuse xDS streams without a valid join token.")
 ]
@@ -92,6 +95,7 @@ def serve(
         int, typer.Option(help="Loopback proxy port of every sidecar (agents' HTTP_PROXY).")
     ] = 15080,
     require_tokens: RequireTokensOpt = False,
+    mtls: MtlsOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the control plane only (xDS + admin HTTP), serving POLICIES."""
@@ -107,6 +111,7 @@ def serve(
         gateway_bind,
         sidecar_port=sidecar_port,
         require_tokens=require_tokens,
+        mtls=mtls,
     )
 
     async def main(stop: asyncio.Event) -> None:
@@ -194,6 +199,7 @@ def up(
     admin_port: AdminPortOpt = 18001,
     gateway_admin_port: Annotated[int, typer.Option(help="Gateway Envoy admin port.")] = 15000,
     require_tokens: RequireTokensOpt = True,
+    mtls: MtlsOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Control plane and a local egress gateway in one command; Ctrl-C stops both."""
@@ -202,7 +208,13 @@ def up(
 
     _setup_logging(verbose)
     opts = ServeOptions(
-        "127.0.0.1", xds_port, "127.0.0.1", admin_port, "127.0.0.1", require_tokens=require_tokens
+        "127.0.0.1",
+        xds_port,
+        "127.0.0.1",
+        admin_port,
+        "127.0.0.1",
+        require_tokens=require_tokens,
+        mtls=mtls,
     )
 
     async def main(stop: asyncio.Event) -> None:

@@ -112,6 +112,8 @@ async def control_plane(
     state_dir: Path,
     source: PolicySource | None = None,
     require_tokens: bool = False,
+    mtls: bool = False,
+    cert_ttl_seconds: int = 3600,
 ) -> AsyncIterator[ControlPlane]:
     opts = ServeOptions(
         "127.0.0.1",
@@ -123,6 +125,8 @@ async def control_plane(
         debounce_quiet=0.05,
         secrets_interval=0.2,
         require_tokens=require_tokens,
+        mtls=mtls,
+        cert_ttl_seconds=cert_ttl_seconds,
     )
     cp = ControlPlane(source or DirectorySource(policy_dir, interval=0.1), state_dir, opts)
     await cp.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import ssl
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from meshgate.controlplane.ads import SERVER_OPTIONS, AdsService
 from meshgate.controlplane.auth import TokenAuthenticator
 from meshgate.controlplane.cache import SnapshotCache
 from meshgate.controlplane.debounce import Debouncer
+from meshgate.controlplane.identity import IdentityIssuer
 from meshgate.controlplane.policy_state import PolicyState
 from meshgate.controlplane.registry import NodeRegistry
 from meshgate.controlplane.secrets import SecretProvider, make_provider, read_secrets
@@ -27,7 +29,7 @@ from meshgate.identity.tokens import TokenAuthority
 from meshgate.policy.loader import load_policy_texts
 from meshgate.policy.model import PolicyModel
 from meshgate.policy.paths import resolve_relative_paths
-from meshgate.xds.build import build_snapshots
+from meshgate.xds.build import Identities, build_snapshots
 from meshgate.xds.options import DEFAULT_CA_BUNDLE, TranslateOptions
 from meshgate.xds.snapshot import Snapshot
 
@@ -44,6 +46,19 @@ def system_ca_bundle() -> str:
 
 
 @dataclass(frozen=True)
+class Serving:
+    """The resolved policy being served and the runtime inputs its snapshots were built from."""
+
+    model: PolicyModel
+    provider: SecretProvider
+    secrets: dict[str, str]
+    identities: Identities | None
+
+    def build(self, translate: TranslateOptions) -> dict[str, Snapshot]:
+        return build_snapshots(self.model, translate, self.secrets, self.identities)
+
+
+@dataclass(frozen=True)
 class ServeOptions:
     xds_host: str = "127.0.0.1"
     xds_port: int = 18000
@@ -54,6 +69,8 @@ class ServeOptions:
     sidecar_port: int = 15080
     secrets_interval: float = 1.0
     require_tokens: bool = False  # every xDS stream must present a valid join token
+    mtls: bool = False  # sidecar -> gateway mTLS with SPIFFE certificates over SDS
+    cert_ttl_seconds: int = 3600
     debounce_quiet: float = 0.1
     debounce_max: float = 1.0
 
@@ -97,7 +114,12 @@ class ControlPlane:
         self.translate = TranslateOptions(
             options.gateway_bind, options.system_ca_file, options.sidecar_port
         )
-        self._serving: tuple[PolicyModel, SecretProvider, dict[str, str]] | None = None
+        self._serving: Serving | None = None
+        self.issuer = (
+            IdentityIssuer(state_dir, dt.timedelta(seconds=options.cert_ttl_seconds))
+            if options.mtls
+            else None
+        )
 
     async def start(self) -> None:
         """Bind both ports (a clear error if taken), then start watching policy."""
@@ -123,7 +145,7 @@ class ControlPlane:
         self._tasks = [
             asyncio.create_task(self.debouncer.run(), name="debounce"),
             asyncio.create_task(self._watch_source(), name="policy-source"),
-            asyncio.create_task(self._watch_secrets(), name="secrets"),
+            asyncio.create_task(self._watch_runtime_inputs(), name="secrets-and-certificates"),
         ]
         log.info("xDS on %s, admin on http://%s", self.xds_address, self.admin_address)
 
@@ -174,35 +196,45 @@ class ControlPlane:
         model = load_policy_texts(candidate.files, candidate.version)
         resolved = resolve_relative_paths(model, candidate.root)
         provider = make_provider(resolved.mesh.secrets)
-        secrets = read_secrets(resolved, provider)
-        snapshots = build_snapshots(resolved, self.translate, secrets)
-        self._serving = (resolved, provider, secrets)
+        serving = Serving(resolved, provider, *self._runtime_inputs(resolved, provider))
+        snapshots = serving.build(self.translate)
+        self._serving = serving
         return model, snapshots
 
-    async def _watch_secrets(self) -> None:
-        """Re-read secret values; a rotated or newly added secret is pushed without a restart."""
+    def _runtime_inputs(
+        self, model: PolicyModel, provider: SecretProvider
+    ) -> tuple[dict[str, str], Identities | None]:
+        """What snapshots need besides policy: secret values and (mTLS) current certificates."""
+        identities = self.issuer.identities(model) if self.issuer is not None else None
+        return read_secrets(model, provider), identities
+
+    async def _watch_runtime_inputs(self) -> None:
+        """Push rotated secrets and renewed certificates without a restart or a policy change."""
         while True:
             await asyncio.sleep(self.options.secrets_interval)
-            if self._serving is None:
+            serving = self._serving
+            if serving is None:
                 continue
-            model, provider, old = self._serving
             try:
-                new = await asyncio.to_thread(read_secrets, model, provider)
-                if new == old or self._serving[0] is not model:
+                secrets, identities = await asyncio.to_thread(
+                    self._runtime_inputs, serving.model, serving.provider
+                )
+                if secrets == serving.secrets and identities == serving.identities:
                     continue
-                snapshots = await asyncio.to_thread(build_snapshots, model, self.translate, new)
+                fresh = Serving(serving.model, serving.provider, secrets, identities)
+                snapshots = await asyncio.to_thread(fresh.build, self.translate)
             except Exception:  # never let a provider hiccup stop rotation for good
-                log.exception("reading secrets from %s failed", provider.description)
+                log.exception("refreshing secrets or certificates failed")
                 continue
-            if self._serving[0] is model:
-                self._serving = (model, provider, new)
+            if self._serving is serving:  # no policy change won the race meanwhile
+                self._serving = fresh
                 self.cache.set_snapshots(snapshots)
-                log.info("secrets changed (%s); gateway credentials pushed", provider.description)
+                log.info("secrets or certificates changed; pushed to the nodes that hold them")
 
     def missing_secrets(self) -> list[str]:
         if self._serving is None:
             return []
-        model, _, values = self._serving
+        model, values = self._serving.model, self._serving.secrets
         return sorted(
             {d.credentials.secret for d in model.destinations if d.credentials} - set(values)
         )

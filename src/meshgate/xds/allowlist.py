@@ -37,11 +37,14 @@ def grants_by_destination(model: PolicyModel) -> dict[str, tuple[Grant, ...]]:
 
 
 def destination_routes(
-    dest: Destination, cluster: str, grants: tuple[Grant, ...]
+    dest: Destination, cluster: str, grants: tuple[Grant, ...], trust_domain: str | None = None
 ) -> list[rc.Route]:
+    """`trust_domain` set: agents are recognised by the SPIFFE ID the gateway took from their
+    verified certificate; otherwise by the name their sidecar stamped."""
     routes: list[rc.Route] = []
     for agent, index, rule in grants:
-        routes.extend(rule_routes(agent, dest, index, rule, cluster))
+        identity = f"spiffe://{trust_domain}/agent/{agent}" if trust_domain else agent
+        routes.extend(rule_routes(agent, dest, index, rule, cluster, identity))
     tunnel_reason = (
         "no rule of this agent allows a tunnel to this host"
         if dest.tls == "passthrough"
@@ -80,13 +83,14 @@ def rule_routes(
     index: int,
     rule: EgressRule,
     cluster: str,
+    identity: str,
 ) -> tuple[rc.Route, ...]:
     """Memoised: a policy change rebuilds only the routes of rules that changed.
 
     Callers copy the returned messages into their own containers and never mutate them.
     """
     headers = [
-        rc.HeaderMatcher(name=AGENT_HEADER, string_match=string_pb2.StringMatcher(exact=agent))
+        rc.HeaderMatcher(name=AGENT_HEADER, string_match=string_pb2.StringMatcher(exact=identity))
     ]
     if rule.methods:
         pattern = "|".join(re.escape(m) for m in rule.methods)

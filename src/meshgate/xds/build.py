@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from meshgate.policy.model import PolicyModel
 from meshgate.xds.gateway import gateway_resources
+from meshgate.xds.mtls import NodeIdentity
 from meshgate.xds.nodes import GATEWAY_GROUP
 from meshgate.xds.options import TranslateOptions
 from meshgate.xds.sidecar import sidecar_resources
@@ -20,10 +22,21 @@ def resource_name(message: object) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class Identities:
+    """Certificates the control plane issued: the gateways' and each agent's (mTLS mode)."""
+
+    gateway: NodeIdentity
+    agents: Mapping[str, NodeIdentity]
+
+
 def gateway_snapshot(
-    model: PolicyModel, options: TranslateOptions, secrets: Mapping[str, str] | None = None
+    model: PolicyModel,
+    options: TranslateOptions,
+    secrets: Mapping[str, str] | None = None,
+    identity: NodeIdentity | None = None,
 ) -> Snapshot:
-    messages = gateway_resources(model, options, secrets)
+    messages = gateway_resources(model, options, secrets, identity)
     resources = [Resource.build(resource_name(m), m) for m in messages]
     return Snapshot.build(model.version, resources)
 
@@ -32,20 +45,32 @@ def build_snapshots(
     model: PolicyModel,
     options: TranslateOptions | None = None,
     secrets: Mapping[str, str] | None = None,
+    identities: Identities | None = None,
 ) -> dict[str, Snapshot]:
-    """Every node group's snapshot: the gateways' (with secrets), one per agent (without)."""
+    """Every node group's snapshot: the gateways' (with secrets), one per agent (without).
+
+    Each group gets only its own certificate and key."""
     opts = options or TranslateOptions()
-    snapshots = {GATEWAY_GROUP: gateway_snapshot(model, opts, secrets)}
+    gw_identity = identities.gateway if identities else None
+    snapshots = {GATEWAY_GROUP: gateway_snapshot(model, opts, secrets, gw_identity)}
+    trust_domain = model.mesh.trust_domain
     for agent in model.agents:
-        resources = _sidecar(agent.agent, model.mesh.gateway_listen_port, opts)
+        ident = identities.agents.get(agent.agent) if identities else None
+        resources = _sidecar(agent.agent, model.mesh.gateway_listen_port, opts, ident, trust_domain)
         snapshots[f"agent/{agent.agent}"] = Snapshot.build(model.version, resources, True)
     return snapshots
 
 
 @functools.lru_cache(maxsize=100_000)
-def _sidecar(agent: str, gateway_port: int, options: TranslateOptions) -> tuple[Resource, ...]:
-    """Memoised: a sidecar's resources change only with its agent name and where the gateway is."""
-    messages = sidecar_resources(agent, gateway_port, options)
+def _sidecar(
+    agent: str,
+    gateway_port: int,
+    options: TranslateOptions,
+    identity: NodeIdentity | None,
+    trust_domain: str,
+) -> tuple[Resource, ...]:
+    """Memoised: a sidecar's resources change only with its agent, certificate and gateway."""
+    messages = sidecar_resources(agent, gateway_port, options, identity, trust_domain)
     return tuple(Resource.build(resource_name(m), m) for m in messages)
 
 

@@ -46,6 +46,7 @@ from meshgate.xds.credentials import (
     has_credential,
     injector_filter,
 )
+from meshgate.xds.mtls import NodeIdentity, gateway_tls, identity_from_certificate, identity_secrets
 from meshgate.xds.options import TranslateOptions
 from meshgate.xds.snapshot import Encoded
 from meshgate.xds.wire import length_delimited, string_field
@@ -59,10 +60,15 @@ def cluster_name(destination: Destination) -> str:
 
 
 def gateway_resources(
-    model: PolicyModel, options: TranslateOptions, secrets: Mapping[str, str] | None = None
+    model: PolicyModel,
+    options: TranslateOptions,
+    secrets: Mapping[str, str] | None = None,
+    identity: NodeIdentity | None = None,
 ) -> list[Message | Encoded]:
-    """Every resource a gateway needs, in a stable order. `secrets`: credential values by name."""
+    """Every resource a gateway needs, in a stable order. `secrets`: credential values by name;
+    `identity`: the gateway's certificate, which turns on mTLS with agents' sidecars."""
     secrets = secrets or {}
+    trust_domain = model.mesh.trust_domain if identity is not None else None
     out: list[Message | Encoded] = []
     for dest in model.destinations:
         out.append(destination_cluster(dest, options.system_ca_file))
@@ -75,12 +81,27 @@ def gateway_resources(
     if tool_hosts:
         mcp = mcp_pb2.Mcp(clear_route_cache=True)
         filters.insert(0, only_for_authorities(MCP_FILTER, pack(mcp), tool_hosts))
-    out.append(egress_listener(model.mesh.gateway_listen_port, options.gateway_bind, filters))
-    out.append(egress_routes_encoded(model, secrets))
+    listener = egress_listener(model.mesh.gateway_listen_port, options.gateway_bind, filters)
+    if identity is not None:
+        require_agent_certificates(listener)
+        out.extend(identity_secrets(identity, f"spiffe://{model.mesh.trust_domain}/agent/"))
+    out.append(listener)
+    out.append(egress_routes_encoded(model, secrets, trust_domain))
     for dest in injecting:
         assert dest.credentials is not None
         out.append(credential_secret(dest, secrets[dest.credentials.secret]))
     return out
+
+
+def require_agent_certificates(listener: listener_pb2.Listener) -> None:
+    """mTLS on the gateway listener; the agent header is rewritten from the client certificate."""
+    chain = listener.filter_chains[0]
+    chain.transport_socket.name = "envoy.transport_sockets.tls"
+    chain.transport_socket.typed_config.CopyFrom(pack(gateway_tls()))
+    hcm = hcm_pb2.HttpConnectionManager()
+    chain.filters[0].typed_config.Unpack(hcm)
+    hcm.early_header_mutation_extensions.append(identity_from_certificate(AGENT_HEADER))
+    chain.filters[0].typed_config.CopyFrom(pack(hcm))
 
 
 def _tool_rule_authorities(model: PolicyModel) -> tuple[str, ...]:
@@ -223,39 +244,48 @@ def refusal_bodies() -> hcm_pb2.LocalReplyConfig:
     )
 
 
-def egress_routes(model: PolicyModel, secrets: Mapping[str, str]) -> route_pb2.RouteConfiguration:
-    vhosts = [_destination_vhost(*key) for key in _vhost_keys(model, secrets)]
+def egress_routes(
+    model: PolicyModel, secrets: Mapping[str, str], trust_domain: str | None = None
+) -> route_pb2.RouteConfiguration:
+    vhosts = [_destination_vhost(*key) for key in _vhost_keys(model, secrets, trust_domain)]
     vhosts.append(_unknown_destination_vhost())
     return route_pb2.RouteConfiguration(name=ROUTE_NAME, virtual_hosts=vhosts)
 
 
-def egress_routes_encoded(model: PolicyModel, secrets: Mapping[str, str]) -> Encoded:
+def egress_routes_encoded(
+    model: PolicyModel, secrets: Mapping[str, str], trust_domain: str | None = None
+) -> Encoded:
     """The same bytes as `egress_routes(...)` serialised, assembled from per-host bytes.
 
     A one-agent change re-serialises only the virtual hosts that agent uses, not the whole
     (possibly megabytes large) route table.
     """
     parts = [string_field(1, ROUTE_NAME)]
-    parts.extend(length_delimited(2, _vhost_bytes(*key)) for key in _vhost_keys(model, secrets))
+    keys = _vhost_keys(model, secrets, trust_domain)
+    parts.extend(length_delimited(2, _vhost_bytes(*key)) for key in keys)
     parts.append(length_delimited(2, _unknown_vhost_bytes()))
     return Encoded(ROUTE_NAME, ROUTE_TYPE, b"".join(parts))
 
 
 ROUTE_TYPE = "type.googleapis.com/" + route_pb2.RouteConfiguration.DESCRIPTOR.full_name
-VhostKey = tuple[Destination, tuple[Grant, ...], bool]
+VhostKey = tuple[Destination, tuple[Grant, ...], bool, str | None]
 
 
-def _vhost_keys(model: PolicyModel, secrets: Mapping[str, str]) -> list[VhostKey]:
+def _vhost_keys(
+    model: PolicyModel, secrets: Mapping[str, str], trust_domain: str | None
+) -> list[VhostKey]:
     grants = grants_by_destination(model)
     return [
-        (d, grants[d.name], has_credential(d, secrets) or not d.credentials)
+        (d, grants[d.name], has_credential(d, secrets) or not d.credentials, trust_domain)
         for d in model.destinations
     ]
 
 
 @functools.lru_cache(maxsize=10_000)
-def _vhost_bytes(dest: Destination, grants: tuple[Grant, ...], credential_ready: bool) -> bytes:
-    vhost = _destination_vhost(dest, grants, credential_ready)
+def _vhost_bytes(
+    dest: Destination, grants: tuple[Grant, ...], credential_ready: bool, trust_domain: str | None
+) -> bytes:
+    vhost = _destination_vhost(dest, grants, credential_ready, trust_domain)
     return bytes(vhost.SerializeToString(deterministic=True))
 
 
@@ -287,7 +317,7 @@ def _unknown_destination_vhost() -> route_components_pb2.VirtualHost:
 
 @functools.lru_cache(maxsize=10_000)
 def _destination_vhost(
-    dest: Destination, grants: tuple[Grant, ...], credential_ready: bool
+    dest: Destination, grants: tuple[Grant, ...], credential_ready: bool, trust_domain: str | None
 ) -> route_components_pb2.VirtualHost:
     """Memoised on its inputs: a one-agent change rebuilds only the hosts that agent uses.
 
@@ -310,7 +340,7 @@ def _destination_vhost(
             )
         ]
     else:
-        routes = destination_routes(dest, cluster_name(dest), grants)
+        routes = destination_routes(dest, cluster_name(dest), grants, trust_domain)
     return route_components_pb2.VirtualHost(
         name=dest.name,
         domains=[dest.host, f"{dest.host}:{dest.port}"],

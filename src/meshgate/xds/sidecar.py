@@ -20,17 +20,26 @@ from meshgate.xds.allowlist import AGENT_HEADER
 from meshgate.xds.common import (
     connect_upgrade,
     http_listener,
+    pack,
     router_filter,
     socket_address,
     stdout_access_log,
 )
+from meshgate.xds.mtls import NodeIdentity, identity_secrets, sidecar_tls
 from meshgate.xds.options import TranslateOptions
 
 GATEWAY_CLUSTER = "meshgate-gateway"
 PROXY_LISTENER = "agent-proxy"
 
 
-def sidecar_resources(agent: str, gateway_port: int, options: TranslateOptions) -> list[Message]:
+def sidecar_resources(
+    agent: str,
+    gateway_port: int,
+    options: TranslateOptions,
+    identity: NodeIdentity | None = None,
+    trust_domain: str | None = None,
+) -> list[Message]:
+    """With `identity`, the hop to the gateway is mTLS with the agent's own certificate."""
     host, port = options.gateway_address or ("127.0.0.1", gateway_port)
     cluster = cluster_pb2.Cluster(
         name=GATEWAY_CLUSTER,
@@ -78,4 +87,8 @@ def sidecar_resources(agent: str, gateway_port: int, options: TranslateOptions) 
         access_log=[stdout_access_log()],
     )
     listener = http_listener(PROXY_LISTENER, "127.0.0.1", options.sidecar_port, hcm)
-    return [cluster, listener]
+    if identity is None:
+        return [cluster, listener]
+    cluster.transport_socket.name = "envoy.transport_sockets.tls"
+    cluster.transport_socket.typed_config.CopyFrom(pack(sidecar_tls()))
+    return [*identity_secrets(identity, f"spiffe://{trust_domain}/gateway/"), cluster, listener]

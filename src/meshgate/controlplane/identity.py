@@ -1,0 +1,63 @@
+"""Issues and renews the workload certificates the snapshots carry (mTLS mode).
+
+One certificate per node group: the gateways share `spiffe://<td>/gateway/egress`, each agent's
+sidecars share `spiffe://<td>/agent/<name>`. A certificate is re-issued at half its lifetime;
+the new one reaches Envoy over SDS and existing connections are not dropped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from pathlib import Path
+
+from meshgate.identity.ca import CertificateAuthority
+from meshgate.identity.certs import IssuedCert, issue, spiffe_id
+from meshgate.policy.model import PolicyModel
+from meshgate.xds.build import Identities
+from meshgate.xds.mtls import NodeIdentity
+
+GATEWAY_IDENTITY_NAME = "egress"
+
+
+class IdentityIssuer:
+    def __init__(self, state_dir: Path, ttl: dt.timedelta = dt.timedelta(hours=1)) -> None:
+        self.state_dir = state_dir
+        self.ttl = ttl
+        self._ca: CertificateAuthority | None = None
+        self._issued: dict[str, tuple[IssuedCert, NodeIdentity]] = {}
+        self._lock = threading.Lock()  # called from worker threads (compile, renewal watch)
+
+    def identities(self, model: PolicyModel) -> Identities:
+        """Current certificates for every node group of this policy, renewing any that are due."""
+        with self._lock:
+            ca = self._authority(model.mesh.trust_domain)
+            td = model.mesh.trust_domain
+            gateway = self._current(ca, spiffe_id(td, "gateway", GATEWAY_IDENTITY_NAME))
+            agents = {
+                a.agent: self._current(ca, spiffe_id(td, "agent", a.agent)) for a in model.agents
+            }
+            wanted = {gateway.spiffe_id, *(i.spiffe_id for i in agents.values())}
+            for stale in set(self._issued) - wanted:  # agents removed from policy
+                del self._issued[stale]
+            return Identities(gateway, agents)
+
+    def issued(self, spiffe: str) -> IssuedCert | None:
+        with self._lock:
+            entry = self._issued.get(spiffe)
+            return entry[0] if entry else None
+
+    def _authority(self, trust_domain: str) -> CertificateAuthority:
+        if self._ca is None or self._ca.trust_domain != trust_domain:
+            self._ca = CertificateAuthority.load_or_create(self.state_dir, trust_domain)
+            self._issued.clear()
+        return self._ca
+
+    def _current(self, ca: CertificateAuthority, spiffe: str) -> NodeIdentity:
+        entry = self._issued.get(spiffe)
+        if entry is not None and dt.datetime.now(dt.UTC) < entry[0].renew_at:
+            return entry[1]
+        cert = issue(ca, spiffe, self.ttl)
+        ident = NodeIdentity(spiffe, cert.cert_chain_pem, cert.key_pem, ca.trust_bundle_pem())
+        self._issued[spiffe] = (cert, ident)
+        return ident
