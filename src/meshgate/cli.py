@@ -348,6 +348,36 @@ def sidecar_run(
     raise typer.Exit(result[0] if result else 0)
 
 
+identity_app = typer.Typer(help="Workload identities.", no_args_is_help=True)
+app.add_typer(identity_app, name="identity")
+
+
+@identity_app.command("show")
+def identity_show(
+    agent: Annotated[str, typer.Option(help="Agent name.")],
+    admin: Annotated[str, typer.Option(help="Control plane admin URL.")] = DEFAULT_ADMIN,
+    format: Annotated[str, typer.Option("--format", help="text or json")] = "text",
+) -> None:
+    """SPIFFE ID, current certificate (serial, expiry) and the rules that apply to AGENT."""
+    data = _get_json(f"{admin.rstrip('/')}/v1/identity/{agent}")
+    if "error" in data:
+        raise _fail(data["error"])
+    if format == "json":
+        console.print_json(data=data)
+        return
+    console.print(f"spiffe id    {data['spiffe_id']}", highlight=False)
+    cert = data["certificate"]
+    if cert:
+        console.print(f"serial       {cert['serial']}", highlight=False)
+        console.print(f"valid until  {cert['not_after']}", highlight=False)
+    else:
+        why = "no certificate issued yet" if data["mtls"] else "mTLS is off (serve --mtls)"
+        console.print(f"certificate  none: {why}", highlight=False)
+    console.print("rules" + ("" if data["rules"] else "        none: every request is refused"))
+    for rule in data["rules"]:
+        console.print(f"  - {rule}", highlight=False, markup=False)
+
+
 token_app = typer.Typer(help="Join tokens for authenticated xDS.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 

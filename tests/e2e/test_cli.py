@@ -97,6 +97,13 @@ def test_up_serves_gateway_status_and_stops_cleanly_on_ctrl_c(tmp_path: Path) ->
         assert "gateway/local" in table.stdout
         assert "dir:" in table.stdout
         assert "missing secrets" not in table.stdout
+        ident = run(
+            "identity", "show", "--agent", "researcher", "--admin", f"http://127.0.0.1:{admin}"
+        )
+        assert ident.returncode == 0, ident.stderr
+        assert "spiffe://agents.test/agent/researcher" in ident.stdout
+        assert "mTLS is off" in ident.stdout
+        assert "- alpha any method any path" in ident.stdout
         plan = run("plan", str(tmp_path / "policies"), "--admin", f"http://127.0.0.1:{admin}")
         assert plan.returncode == 0, plan.stderr
         assert "No changes." in plan.stdout
@@ -168,7 +175,18 @@ def test_validate_reports_file_line_and_exit_status(tmp_path: Path) -> None:
 
 
 def test_every_command_has_help() -> None:
-    for cmd in ("serve", "gateway", "up", "status", "validate", "plan", "lint"):
+    for cmd in (
+        "serve",
+        "gateway",
+        "up",
+        "status",
+        "validate",
+        "plan",
+        "lint",
+        "token",
+        "sidecar",
+        "identity",
+    ):
         res = run(cmd, "--help")
         assert res.returncode == 0, cmd
         assert "Usage" in res.stdout

@@ -61,6 +61,14 @@ async def test_identity_comes_from_the_certificate_and_renews(tmp_path: Path) ->
                 )
                 again = await client.get("http://alpha.internal/y")
                 assert again.status_code == 200
+                async with httpx.AsyncClient() as direct:  # not through the sidecar
+                    url = f"http://{cp.admin_address}/v1/identity/researcher"
+                    shown = (await direct.get(url)).json()
+                current = cp.issuer.issued("spiffe://agents.test/agent/researcher")
+                assert current is not None
+                assert shown["spiffe_id"] == "spiffe://agents.test/agent/researcher"
+                assert int(shown["certificate"]["serial"], 16) == current.serial
+                assert [r.split()[0] for r in shown["rules"]] == ["alpha"]
 
             # without a certificate the gateway does not even talk HTTP
             with pytest.raises(httpx.HTTPError):

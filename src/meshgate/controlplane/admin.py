@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 import prometheus_client
 from aiohttp import web
 
+from meshgate.identity.certs import describe
+from meshgate.policy.plan import describe_rule
 from meshgate.policy.serialize import model_to_json
 
 if TYPE_CHECKING:
@@ -48,7 +50,26 @@ def make_app(cp: ControlPlane) -> web.Application:
             body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST}
         )
 
+    async def identity(request: web.Request) -> web.Response:
+        agent = request.match_info["agent"]
+        model = cp.policy.model
+        if model is None:
+            return web.json_response({"error": "no policy loaded"}, status=404)
+        policy = model.agent(agent)
+        spiffe = model.spiffe_id(agent)
+        cert = cp.issuer.issued(spiffe) if cp.issuer is not None else None
+        return web.json_response(
+            {
+                "agent": agent,
+                "spiffe_id": spiffe,
+                "certificate": describe(cert.cert_chain_pem) if cert else None,
+                "mtls": cp.issuer is not None,
+                "rules": [describe_rule(r) for r in policy.rules] if policy else [],
+            }
+        )
+
     app = web.Application()
+    app.router.add_get("/v1/identity/{agent}", identity)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status)
