@@ -378,6 +378,27 @@ def identity_show(
         console.print(f"  - {rule}", highlight=False, markup=False)
 
 
+ca_app = typer.Typer(help="The built-in certificate authority.", no_args_is_help=True)
+app.add_typer(ca_app, name="ca")
+
+
+@ca_app.command("rotate")
+def ca_rotate(
+    admin: Annotated[str, typer.Option(help="Control plane admin URL.")] = DEFAULT_ADMIN,
+) -> None:
+    """Roll the intermediate CA with overlap: old certificates stay valid until replaced."""
+    request = urllib.request.Request(f"{admin.rstrip('/')}/v1/ca/rotate", method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            data = json.load(resp)
+    except urllib.error.HTTPError as exc:
+        raise _fail(json.load(exc).get("error", str(exc))) from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise _fail(f"cannot reach the control plane at {admin}: {reason}") from None
+    console.print(f"new intermediate {data['intermediate_serial']}; certificates roll over now")
+
+
 token_app = typer.Typer(help="Join tokens for authenticated xDS.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 

@@ -104,6 +104,9 @@ def test_up_serves_gateway_status_and_stops_cleanly_on_ctrl_c(tmp_path: Path) ->
         assert "spiffe://agents.test/agent/researcher" in ident.stdout
         assert "mTLS is off" in ident.stdout
         assert "- alpha any method any path" in ident.stdout
+        rotate = run("ca", "rotate", "--admin", f"http://127.0.0.1:{admin}")
+        assert rotate.returncode == 1
+        assert "mTLS is off" in rotate.stderr
         plan = run("plan", str(tmp_path / "policies"), "--admin", f"http://127.0.0.1:{admin}")
         assert plan.returncode == 0, plan.stderr
         assert "No changes." in plan.stdout

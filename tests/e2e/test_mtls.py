@@ -70,6 +70,31 @@ async def test_identity_comes_from_the_certificate_and_renews(tmp_path: Path) ->
                 assert int(shown["certificate"]["serial"], 16) == current.serial
                 assert [r.split()[0] for r in shown["rules"]] == ["alpha"]
 
+                # rolling the intermediate: new leaves everywhere, traffic never fails
+                async with httpx.AsyncClient() as direct:
+                    rotated = await direct.post(f"http://{cp.admin_address}/v1/ca/rotate")
+                assert rotated.status_code == 200
+                before = current
+
+                def reissued() -> bool:
+                    now = cp.issuer.issued("spiffe://agents.test/agent/researcher")  # type: ignore[union-attr]
+                    return (
+                        now is not None
+                        and now.cert_chain_pem[-800:] != before.cert_chain_pem[-800:]
+                    )
+
+                await until(reissued, timeout=10, what="leaf from the new intermediate")
+                await until(
+                    lambda: (
+                        node.types[types.SECRET].version_acked
+                        == node.types[types.SECRET].version_sent
+                        and not node.types[types.SECRET].in_flight
+                    ),
+                    what="new leaf ACKed",
+                )
+                for _ in range(3):
+                    assert (await client.get("http://alpha.internal/z")).status_code == 200
+
             # without a certificate the gateway does not even talk HTTP
             with pytest.raises(httpx.HTTPError):
                 async with httpx.AsyncClient(timeout=5) as plain:
@@ -77,4 +102,4 @@ async def test_identity_comes_from_the_certificate_and_renews(tmp_path: Path) ->
                         f"http://127.0.0.1:{listen}/x",
                         headers={"Host": "alpha.internal", "x-meshgate-agent": "researcher"},
                     )
-            assert len(up_a.hits) == 2
+            assert len(up_a.hits) == 5

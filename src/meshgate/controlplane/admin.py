@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 import prometheus_client
 from aiohttp import web
 
+from meshgate.errors import MeshgateError
 from meshgate.identity.certs import describe
 from meshgate.policy.plan import describe_rule
 from meshgate.policy.serialize import model_to_json
@@ -68,7 +70,17 @@ def make_app(cp: ControlPlane) -> web.Application:
             }
         )
 
+    async def rotate_ca(_: web.Request) -> web.Response:
+        if cp.issuer is None:
+            return web.json_response({"error": "mTLS is off (serve --mtls)"}, status=409)
+        try:
+            serial = await asyncio.to_thread(cp.issuer.rotate)
+        except MeshgateError as exc:
+            return web.json_response({"error": str(exc)}, status=409)
+        return web.json_response({"rotated": True, "intermediate_serial": f"{serial:x}"})
+
     app = web.Application()
+    app.router.add_post("/v1/ca/rotate", rotate_ca)
     app.router.add_get("/v1/identity/{agent}", identity)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -11,7 +11,7 @@ import datetime as dt
 import threading
 from pathlib import Path
 
-from meshgate.identity.ca import CertificateAuthority
+from meshgate.identity.ca import CertificateAuthority, IdentityError
 from meshgate.identity.certs import IssuedCert, issue, spiffe_id
 from meshgate.policy.model import PolicyModel
 from meshgate.xds.build import Identities
@@ -41,6 +41,19 @@ class IdentityIssuer:
             for stale in set(self._issued) - wanted:  # agents removed from policy
                 del self._issued[stale]
             return Identities(gateway, agents)
+
+    def rotate(self) -> int:
+        """Roll the intermediate; every node gets a leaf from the new one on the next refresh.
+
+        The trust bundle (roots) is unchanged, so leaves from the old intermediate keep
+        verifying until they are replaced: no connection fails. Returns the new serial.
+        """
+        with self._lock:
+            if self._ca is None:
+                raise IdentityError("no certificate authority yet: no policy has been applied")
+            self._ca.rotate_intermediate()
+            self._issued.clear()
+            return int(self._ca.intermediate.serial_number)
 
     def issued(self, spiffe: str) -> IssuedCert | None:
         with self._lock:
