@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import httpx
 import pytest
-from builders import free_port
+from builders import free_port, write_test_pki
 from harness import control_plane, gateway, sidecar, until, upstream, write_policy
 
 from meshgate.xds import types
@@ -101,5 +102,16 @@ async def test_identity_comes_from_the_certificate_and_renews(tmp_path: Path) ->
                     await plain.get(
                         f"http://127.0.0.1:{listen}/x",
                         headers={"Host": "alpha.internal", "x-meshgate-agent": "researcher"},
+                    )
+            # a client certificate from another CA is refused at the handshake
+            ca, cert, key = write_test_pki(tmp_path / "rogue", ["rogue.example"], "rogue")
+            rogue = ssl.create_default_context(cafile=str(ca))
+            rogue.check_hostname = False
+            rogue.verify_mode = ssl.CERT_NONE
+            rogue.load_cert_chain(cert, key)
+            with pytest.raises(httpx.HTTPError):
+                async with httpx.AsyncClient(verify=rogue, timeout=5) as impostor:
+                    await impostor.get(
+                        f"https://127.0.0.1:{listen}/x", headers={"Host": "alpha.internal"}
                     )
             assert len(up_a.hits) == 5
