@@ -51,6 +51,14 @@ def make_provider(config: SecretsConfig) -> SecretProvider:
         return FileSecrets(Path(config.path or "secrets"))
     if config.provider == "env":
         return EnvSecrets()
+    if config.provider == "vault":
+        try:
+            from meshgate.controlplane.vault import VaultSecrets
+        except ImportError:
+            raise ConfigError(
+                "secrets provider vault needs: pip install 'meshgate[vault]'"
+            ) from None
+        return VaultSecrets(dict(config.options))
     raise ConfigError(f"secrets provider {config.provider!r} is not available in this build")
 
 

@@ -1,0 +1,95 @@
+"""Vault as the secret provider: KV version 2 read through `hvac`, token or AppRole login.
+
+Settings come from the Mesh (`secrets: {provider: vault, address: ..., ...}`):
+`mount` (default `secret`), `path` (prefix, default `meshgate`), `field` (default `value`),
+`namespace`, `ttl` (seconds a value is reused, default 30), and either a token in the
+environment variable named by `tokenEnv` (default `VAULT_TOKEN`) or AppRole with `roleId` and
+the secret id in the environment variable named by `secretIdEnv`. No credential is ever
+written in policy. A Vault that cannot be reached keeps the last values it gave.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import hvac
+import requests
+from hvac import exceptions as hvac_errors
+
+from meshgate.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class VaultSecrets:
+    def __init__(self, options: Mapping[str, str], environ: Mapping[str, str] | None = None):
+        env = os.environ if environ is None else environ
+        try:
+            self.address = options["address"]
+        except KeyError:
+            raise ConfigError("secrets: vault needs an address") from None
+        self.mount = options.get("mount", "secret")
+        self.prefix = options.get("path", "meshgate").strip("/")
+        self.field = options.get("field", "value")
+        self.ttl = float(options.get("ttl", "30"))
+        self.description = f"vault:{self.address}/{self.mount}/{self.prefix}"
+        self._role_id = options.get("roleId")
+        self._secret_id = env.get(options.get("secretIdEnv", "VAULT_SECRET_ID"), "")
+        self._token = env.get(options.get("tokenEnv", "VAULT_TOKEN"), "")
+        if not self._role_id and not self._token:
+            raise ConfigError(
+                "secrets: vault needs a token (env VAULT_TOKEN or tokenEnv) or AppRole (roleId)"
+            )
+        self._client = hvac.Client(url=self.address, namespace=options.get("namespace"))
+        self._client.token = None  # hvac would pick VAULT_TOKEN up itself; we decide (tokenEnv)
+        self._cache: dict[str, tuple[float, str | None]] = {}
+        self._lock = threading.Lock()
+
+    def read(self, name: str) -> str | None:
+        with self._lock:
+            cached = self._cache.get(name)
+            if cached is not None and time.monotonic() < cached[0]:
+                return cached[1]
+            try:
+                value = self._fetch(name)
+            except (hvac_errors.VaultError, requests.RequestException) as exc:
+                log.warning(
+                    "vault: reading %r failed (%s); keeping the last value",
+                    name,
+                    type(exc).__name__,
+                )
+                return cached[1] if cached else None
+            self._cache[name] = (time.monotonic() + self.ttl, value)
+            return value
+
+    def _fetch(self, name: str) -> str | None:
+        self._login_if_needed()
+        try:
+            resp: dict[str, Any] = self._client.secrets.kv.v2.read_secret_version(
+                path=f"{self.prefix}/{name}", mount_point=self.mount, raise_on_deleted_version=True
+            )
+        except hvac_errors.InvalidPath:
+            return None
+        except hvac_errors.Forbidden:
+            if not self._role_id:
+                raise
+            self._client.token = None  # AppRole token expired: log in again once
+            self._login_if_needed()
+            resp = self._client.secrets.kv.v2.read_secret_version(
+                path=f"{self.prefix}/{name}", mount_point=self.mount, raise_on_deleted_version=True
+            )
+        value = resp.get("data", {}).get("data", {}).get(self.field)
+        return value if isinstance(value, str) else None
+
+    def _login_if_needed(self) -> None:
+        if self._client.token:
+            return
+        if self._role_id:
+            self._client.auth.approle.login(role_id=self._role_id, secret_id=self._secret_id)
+        else:
+            self._client.token = self._token
