@@ -198,8 +198,11 @@ def up(
     xds_port: XdsPortOpt = 18000,
     admin_port: AdminPortOpt = 18001,
     gateway_admin_port: Annotated[int, typer.Option(help="Gateway Envoy admin port.")] = 15000,
+    sidecar_port: Annotated[
+        int, typer.Option(help="Loopback proxy port of every sidecar (agents' HTTP_PROXY).")
+    ] = 15080,
     require_tokens: RequireTokensOpt = True,
-    mtls: MtlsOpt = False,
+    mtls: MtlsOpt = True,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Control plane and a local egress gateway in one command; Ctrl-C stops both."""
@@ -213,6 +216,7 @@ def up(
         "127.0.0.1",
         admin_port,
         "127.0.0.1",
+        sidecar_port=sidecar_port,
         require_tokens=require_tokens,
         mtls=mtls,
     )

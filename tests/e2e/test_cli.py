@@ -47,9 +47,22 @@ def wait_http(url: str, timeout: float = 30) -> httpx.Response:
         time.sleep(0.1)
 
 
+AGENT_SCRIPT = """
+import json, urllib.error, urllib.request
+out = {}
+for host in ("nope.example", "alpha.internal"):
+    try:
+        with urllib.request.urlopen(f"http://{host}/", timeout=10) as r:
+            out[host] = [r.status, json.load(r)]
+    except urllib.error.HTTPError as e:
+        out[host] = [e.code, json.load(e)]
+print(json.dumps(out))
+"""
+
+
 def test_up_serves_gateway_status_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     listen, xds, admin, gw_admin = free_port(), free_port(), free_port(), free_port()
-    upstream = free_port()
+    upstream, sidecar_port = free_port(), free_port()
     write_policy(tmp_path / "policies", listen, {"alpha": upstream})
     proc = subprocess.Popen(
         [
@@ -65,6 +78,8 @@ def test_up_serves_gateway_status_and_stops_cleanly_on_ctrl_c(tmp_path: Path) ->
             str(admin),
             "--gateway-admin-port",
             str(gw_admin),
+            "--sidecar-port",
+            str(sidecar_port),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -77,15 +92,9 @@ def test_up_serves_gateway_status_and_stops_cleanly_on_ctrl_c(tmp_path: Path) ->
         boot = tmp_path / "state" / "gateway-local.json"
         assert boot.stat().st_mode & 0o777 == 0o600
         assert "Bearer " in boot.read_text()
-        refused = httpx.get(f"http://127.0.0.1:{listen}/", headers={"Host": "nope.example"})
-        assert refused.status_code == 403
-        assert refused.json()["error"] == "unknown_destination"
-        no_upstream = httpx.get(
-            f"http://127.0.0.1:{listen}/",
-            headers={"Host": "alpha.internal", "x-meshgate-agent": "researcher"},
-        )
-        assert no_upstream.status_code == 503  # routed to alpha, which is not listening
-        assert no_upstream.json()["error"] == "upstream_error"
+        # up defaults to mTLS: without a client certificate the gateway does not talk HTTP
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{listen}/", headers={"Host": "nope.example"})
 
         status = run("status", "--admin", f"http://127.0.0.1:{admin}", "--format", "json")
         assert status.returncode == 0, status.stderr
@@ -97,16 +106,40 @@ def test_up_serves_gateway_status_and_stops_cleanly_on_ctrl_c(tmp_path: Path) ->
         assert "gateway/local" in table.stdout
         assert "dir:" in table.stdout
         assert "missing secrets" not in table.stdout
+        # an ordinary script behind its sidecar: identity from its certificate
+        agent = run(
+            "sidecar",
+            "run",
+            "--agent",
+            "researcher",
+            "--control-plane",
+            f"127.0.0.1:{xds}",
+            "--admin-port",
+            str(free_port()),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--",
+            sys.executable,
+            "-c",
+            AGENT_SCRIPT,
+        )
+        assert agent.returncode == 0, agent.stderr
+        got = json.loads(agent.stdout.strip().splitlines()[-1])
+        assert got["nope.example"][0] == 403
+        assert got["nope.example"][1]["error"] == "unknown_destination"
+        assert got["alpha.internal"][0] == 503  # allowed, but nothing listens upstream
+        assert got["alpha.internal"][1]["error"] == "upstream_error"
+        assert got["alpha.internal"][1]["agent"] == "spiffe://agents.test/agent/researcher"
         ident = run(
             "identity", "show", "--agent", "researcher", "--admin", f"http://127.0.0.1:{admin}"
         )
         assert ident.returncode == 0, ident.stderr
         assert "spiffe://agents.test/agent/researcher" in ident.stdout
-        assert "mTLS is off" in ident.stdout
+        assert "serial" in ident.stdout and "valid until" in ident.stdout
         assert "- alpha any method any path" in ident.stdout
         rotate = run("ca", "rotate", "--admin", f"http://127.0.0.1:{admin}")
-        assert rotate.returncode == 1
-        assert "mTLS is off" in rotate.stderr
+        assert rotate.returncode == 0, rotate.stderr
+        assert "new intermediate" in rotate.stdout
         plan = run("plan", str(tmp_path / "policies"), "--admin", f"http://127.0.0.1:{admin}")
         assert plan.returncode == 0, plan.stderr
         assert "No changes." in plan.stdout

@@ -101,6 +101,8 @@ def require_agent_certificates(listener: listener_pb2.Listener) -> None:
     hcm = hcm_pb2.HttpConnectionManager()
     chain.filters[0].typed_config.Unpack(hcm)
     hcm.early_header_mutation_extensions.append(identity_from_certificate(AGENT_HEADER))
+    # the agent header is stripped before upstream; the certificate still names the caller
+    hcm.local_reply_config.CopyFrom(refusal_bodies("%DOWNSTREAM_PEER_URI_SAN%"))
     chain.filters[0].typed_config.CopyFrom(pack(hcm))
 
 
@@ -203,7 +205,7 @@ def rate_limit_filter() -> hcm_pb2.HttpFilter:
 UPSTREAM_FLAGS = ("UF", "UH", "UO", "URX", "UT", "UC", "UPE", "NC", "UMSDR")
 
 
-def refusal_bodies() -> hcm_pb2.LocalReplyConfig:
+def refusal_bodies(agent: str = f"%REQ({AGENT_HEADER})%") -> hcm_pb2.LocalReplyConfig:
     """Envoy's own refusals (rate limit, unreachable upstream) as the same small JSON.
 
     Upstream failures are matched by response flag, not status, so meshgate's own direct
@@ -228,7 +230,6 @@ def refusal_bodies() -> hcm_pb2.LocalReplyConfig:
     upstream_failed = accesslog_pb2.AccessLogFilter(
         response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=list(UPSTREAM_FLAGS))
     )
-    agent = f"%REQ({AGENT_HEADER})%"
     return hcm_pb2.LocalReplyConfig(
         mappers=[
             mapper(status_429, {"error": "rate_limited", "agent": agent, "route": "%ROUTE_NAME%"}),
