@@ -12,13 +12,16 @@ import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from meshgate.errors import MeshgateError
+
+if TYPE_CHECKING:  # imported lazily at run time: `meshgate --help` stays fast
+    from meshgate.controlplane.server import ControlPlane, ServeOptions
 
 app = typer.Typer(
     help="meshgate: egress and identity control plane for AI agents, on real Envoy.",
@@ -43,6 +46,10 @@ TokenFileOpt = Annotated[
     Path | None,
     typer.Option(help="Join token file (default: minted from --state-dir when readable)."),
 ]
+SidecarPortOpt = Annotated[
+    int, typer.Option(help="Loopback proxy port of every sidecar (agents' HTTP_PROXY).")
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v")]
 MtlsOpt = Annotated[
     bool, typer.Option(help="Sidecar -> gateway mTLS with SPIFFE certificates over SDS.")
 ]
@@ -81,6 +88,16 @@ def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
         raise _fail(str(exc)) from None
 
 
+async def _start_control_plane(policies: str, state_dir: Path, opts: ServeOptions) -> ControlPlane:
+    from meshgate.controlplane.server import ControlPlane
+    from meshgate.controlplane.sources import make_source
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    cp = ControlPlane(make_source(policies, state_dir), state_dir, opts)
+    await cp.start()
+    return cp
+
+
 @app.command()
 def serve(
     policies: PoliciesOpt = "policies",
@@ -91,16 +108,13 @@ def serve(
     gateway_bind: Annotated[str, typer.Option(help="Address gateways bind listeners to.")] = (
         "0.0.0.0"
     ),
-    sidecar_port: Annotated[
-        int, typer.Option(help="Loopback proxy port of every sidecar (agents' HTTP_PROXY).")
-    ] = 15080,
+    sidecar_port: SidecarPortOpt = 15080,
     require_tokens: RequireTokensOpt = False,
     mtls: MtlsOpt = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run the control plane only (xDS + admin HTTP), serving POLICIES."""
-    from meshgate.controlplane.server import ControlPlane, ServeOptions
-    from meshgate.controlplane.sources import make_source
+    from meshgate.controlplane.server import ServeOptions
 
     _setup_logging(verbose)
     opts = ServeOptions(
@@ -115,9 +129,7 @@ def serve(
     )
 
     async def main(stop: asyncio.Event) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        cp = ControlPlane(make_source(policies, state_dir), state_dir, opts)
-        await cp.start()
+        cp = await _start_control_plane(policies, state_dir, opts)
         try:
             await stop.wait()
         finally:
@@ -198,16 +210,13 @@ def up(
     xds_port: XdsPortOpt = 18000,
     admin_port: AdminPortOpt = 18001,
     gateway_admin_port: Annotated[int, typer.Option(help="Gateway Envoy admin port.")] = 15000,
-    sidecar_port: Annotated[
-        int, typer.Option(help="Loopback proxy port of every sidecar (agents' HTTP_PROXY).")
-    ] = 15080,
+    sidecar_port: SidecarPortOpt = 15080,
     require_tokens: RequireTokensOpt = True,
     mtls: MtlsOpt = True,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Control plane and a local egress gateway in one command; Ctrl-C stops both."""
-    from meshgate.controlplane.server import ControlPlane, ServeOptions
-    from meshgate.controlplane.sources import make_source
+    from meshgate.controlplane.server import ServeOptions
 
     _setup_logging(verbose)
     opts = ServeOptions(
@@ -222,9 +231,7 @@ def up(
     )
 
     async def main(stop: asyncio.Event) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        cp = ControlPlane(make_source(policies, state_dir), state_dir, opts)
-        await cp.start()
+        cp = await _start_control_plane(policies, state_dir, opts)
         envoy = None
         try:
             envoy = await _start_gateway(

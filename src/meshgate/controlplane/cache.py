@@ -48,9 +48,6 @@ class SnapshotCache:
 
         return cancel
 
-    def stream_count(self) -> int:
-        return sum(len(w) for w in self._watchers.values())
-
 
 def _versions(snapshot: Snapshot | None) -> Mapping[str, str] | None:
     return None if snapshot is None else snapshot.type_versions

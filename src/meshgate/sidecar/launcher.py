@@ -19,10 +19,10 @@ from meshgate.xds.sidecar import PROXY_LISTENER
 LOCAL_TOKEN_TTL = 7 * 24 * 3600
 
 
-def parse_address(address: str, flag: str = "--control-plane") -> tuple[str, int]:
+def parse_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        raise ConfigError(f"{flag} must be HOST:PORT, got {address!r}")
+        raise ConfigError(f"--control-plane must be HOST:PORT, got {address!r}")
     return host, int(port)
 
 

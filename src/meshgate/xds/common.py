@@ -58,16 +58,17 @@ def stdout_access_log() -> accesslog_pb2.AccessLog:
     )
 
 
-def json_refusal(status: int, fields: dict[str, str]) -> route_components_pb2.DirectResponseAction:
-    """A refusal with a small JSON body; values may use Envoy's %COMMAND% substitutions."""
+def json_body(fields: dict[str, str]) -> substitution_format_string_pb2.SubstitutionFormatString:
+    """A small JSON body; values may use Envoy's %COMMAND% substitutions."""
     body = struct_pb2.Struct()
     body.update(fields)
-    return route_components_pb2.DirectResponseAction(
-        status=status,
-        body_format=substitution_format_string_pb2.SubstitutionFormatString(
-            json_format=body, content_type="application/json"
-        ),
+    return substitution_format_string_pb2.SubstitutionFormatString(
+        json_format=body, content_type="application/json"
     )
+
+
+def json_refusal(status: int, fields: dict[str, str]) -> route_components_pb2.DirectResponseAction:
+    return route_components_pb2.DirectResponseAction(status=status, body_format=json_body(fields))
 
 
 def connect_upgrade() -> hcm_pb2.HttpConnectionManager.UpgradeConfig:

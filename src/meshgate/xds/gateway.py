@@ -34,6 +34,7 @@ from meshgate.xds.common import (
     ads,
     connect_upgrade,
     http_listener,
+    json_body,
     json_refusal,
     only_for_authorities,
     pack,
@@ -215,9 +216,7 @@ def refusal_bodies(agent: str = f"%REQ({AGENT_HEADER})%") -> hcm_pb2.LocalReplyC
     def mapper(
         when: accesslog_pb2.AccessLogFilter, fields: dict[str, str]
     ) -> hcm_pb2.ResponseMapper:
-        return hcm_pb2.ResponseMapper(
-            filter=when, body_format_override=json_refusal(0, fields).body_format
-        )
+        return hcm_pb2.ResponseMapper(filter=when, body_format_override=json_body(fields))
 
     status_429 = accesslog_pb2.AccessLogFilter(
         status_code_filter=accesslog_pb2.StatusCodeFilter(
