@@ -1,0 +1,1 @@
+"""The audit log: every request through a gateway or sidecar, allowed or refused, as one record."""

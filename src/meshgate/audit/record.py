@@ -1,0 +1,43 @@
+"""One audit record: a narrow row per request, the contract between ingest, stores and queries."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+Decision = Literal["allowed", "denied", "rate_limited", "upstream_error"]
+DECISIONS: tuple[Decision, ...] = ("allowed", "denied", "rate_limited", "upstream_error")
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """What happened to one request. `request_id` is unique: stores ignore a second copy."""
+
+    timestamp: dt.datetime  # request start, timezone-aware UTC
+    request_id: str
+    agent: str
+    spiffe_id: str
+    destination: str
+    host: str
+    method: str
+    path: str
+    status: int
+    decision: Decision
+    reason: str
+    bytes_sent: int  # to the agent (response body)
+    bytes_received: int  # from the agent (request body)
+    duration_ms: float
+    policy_version: str  # the policy commit that allowed or refused it
+    gateway: str  # node id of the Envoy that logged it (gateway/<name> or agent/<name>)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["timestamp"] = self.timestamp.astimezone(dt.UTC).isoformat()
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> AuditRecord:
+        fields = dict(data)
+        fields["timestamp"] = dt.datetime.fromisoformat(fields["timestamp"]).astimezone(dt.UTC)
+        return cls(**fields)
