@@ -52,6 +52,16 @@ def make_app(cp: ControlPlane) -> web.Application:
             body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST}
         )
 
+    async def jwks(_: web.Request) -> web.Response:
+        """Public keys that verify tool JWTs (`identity: jwt`); a tool may cache them briefly."""
+        if cp.issuer is None:
+            return web.json_response(
+                {"error": "tool identity needs mTLS (meshgate serve --mtls)"}, status=404
+            )
+        return web.json_response(
+            cp.issuer.tool_signer.jwks(), headers={"Cache-Control": "max-age=300"}
+        )
+
     async def identity(request: web.Request) -> web.Response:
         agent = request.match_info["agent"]
         model = cp.policy.model
@@ -82,6 +92,7 @@ def make_app(cp: ControlPlane) -> web.Application:
     app = web.Application()
     app.router.add_post("/v1/ca/rotate", rotate_ca)
     app.router.add_get("/v1/identity/{agent}", identity)
+    app.router.add_get("/.well-known/jwks.json", jwks)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status)

@@ -13,19 +13,30 @@ from pathlib import Path
 
 from meshgate.identity.ca import CertificateAuthority, IdentityError
 from meshgate.identity.certs import IssuedCert, issue, spiffe_id
+from meshgate.identity.tool_tokens import ToolToken, ToolTokenSigner, issuer_for
 from meshgate.policy.model import PolicyModel
 from meshgate.xds.build import Identities
 from meshgate.xds.mtls import NodeIdentity
+from meshgate.xds.tool_identity import tool_identity_pairs
 
 GATEWAY_IDENTITY_NAME = "egress"
+TOOL_TOKEN_TTL = dt.timedelta(minutes=10)
 
 
 class IdentityIssuer:
-    def __init__(self, state_dir: Path, ttl: dt.timedelta = dt.timedelta(hours=1)) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        ttl: dt.timedelta = dt.timedelta(hours=1),
+        tool_token_ttl: dt.timedelta = TOOL_TOKEN_TTL,
+    ) -> None:
         self.state_dir = state_dir
         self.ttl = ttl
+        self.tool_token_ttl = tool_token_ttl
+        self.tool_signer = ToolTokenSigner(state_dir)
         self._ca: CertificateAuthority | None = None
         self._issued: dict[str, tuple[IssuedCert, NodeIdentity]] = {}
+        self._tool_tokens: dict[tuple[str, str], ToolToken] = {}
         self._lock = threading.Lock()  # called from worker threads (compile, renewal watch)
 
     def identities(self, model: PolicyModel) -> Identities:
@@ -40,7 +51,7 @@ class IdentityIssuer:
             wanted = {gateway.spiffe_id, *(i.spiffe_id for i in agents.values())}
             for stale in set(self._issued) - wanted:  # agents removed from policy
                 del self._issued[stale]
-            return Identities(gateway, agents)
+            return Identities(gateway, agents, self._current_tool_tokens(model))
 
     def rotate(self) -> int:
         """Roll the intermediate; every node gets a leaf from the new one on the next refresh.
@@ -59,6 +70,21 @@ class IdentityIssuer:
         with self._lock:
             entry = self._issued.get(spiffe)
             return entry[0] if entry else None
+
+    def _current_tool_tokens(self, model: PolicyModel) -> dict[tuple[str, str], str]:
+        """A JWT per (agent, `identity: jwt` destination) it may call, re-minted at half-life."""
+        now = int(dt.datetime.now(dt.UTC).timestamp())
+        ttl = int(self.tool_token_ttl.total_seconds())
+        issuer = issuer_for(model.mesh.trust_domain)
+        fresh: dict[tuple[str, str], ToolToken] = {}
+        for agent, dest in tool_identity_pairs(model):
+            key = (agent, dest.name)
+            token = self._tool_tokens.get(key)
+            if token is None or now >= token.renew_at:
+                token = self.tool_signer.mint(model.spiffe_id(agent), dest.name, issuer, ttl)
+            fresh[key] = token
+        self._tool_tokens = fresh  # pairs no longer in policy are dropped
+        return {key: token.token for key, token in fresh.items()}
 
     def _authority(self, trust_domain: str) -> CertificateAuthority:
         if self._ca is None or self._ca.trust_domain != trust_domain:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from meshgate.policy.model import PolicyModel
 from meshgate.xds.gateway import gateway_resources
@@ -13,6 +13,7 @@ from meshgate.xds.nodes import GATEWAY_GROUP
 from meshgate.xds.options import TranslateOptions
 from meshgate.xds.sidecar import sidecar_resources
 from meshgate.xds.snapshot import Resource, Snapshot
+from meshgate.xds.tool_identity import ToolTokens
 
 
 def resource_name(message: object) -> str:
@@ -28,6 +29,7 @@ class Identities:
 
     gateway: NodeIdentity
     agents: Mapping[str, NodeIdentity]
+    tool_tokens: ToolTokens = field(default_factory=dict)  # (agent, destination) -> JWT
 
 
 def gateway_snapshot(
@@ -35,8 +37,9 @@ def gateway_snapshot(
     options: TranslateOptions,
     secrets: Mapping[str, str] | None = None,
     identity: NodeIdentity | None = None,
+    tool_tokens: ToolTokens | None = None,
 ) -> Snapshot:
-    messages = gateway_resources(model, options, secrets, identity)
+    messages = gateway_resources(model, options, secrets, identity, tool_tokens)
     resources = [Resource.build(resource_name(m), m) for m in messages]
     return Snapshot.build(model.version, resources)
 
@@ -52,7 +55,8 @@ def build_snapshots(
     Each group gets only its own certificate and key."""
     opts = options or TranslateOptions()
     gw_identity = identities.gateway if identities else None
-    snapshots = {GATEWAY_GROUP: gateway_snapshot(model, opts, secrets, gw_identity)}
+    tool_tokens = identities.tool_tokens if identities else None
+    snapshots = {GATEWAY_GROUP: gateway_snapshot(model, opts, secrets, gw_identity, tool_tokens)}
     trust_domain = model.mesh.trust_domain
     for agent in model.agents:
         ident = identities.agents.get(agent.agent) if identities else None

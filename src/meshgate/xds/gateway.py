@@ -50,6 +50,7 @@ from meshgate.xds.credentials import (
 from meshgate.xds.mtls import NodeIdentity, gateway_tls, identity_from_certificate, identity_secrets
 from meshgate.xds.options import TranslateOptions
 from meshgate.xds.snapshot import Encoded
+from meshgate.xds.tool_identity import ToolTokens, tool_identity_resources
 from meshgate.xds.wire import length_delimited, string_field
 
 LISTENER_NAME = "egress-http"
@@ -65,9 +66,12 @@ def gateway_resources(
     options: TranslateOptions,
     secrets: Mapping[str, str] | None = None,
     identity: NodeIdentity | None = None,
+    tool_tokens: ToolTokens | None = None,
 ) -> list[Message | Encoded]:
     """Every resource a gateway needs, in a stable order. `secrets`: credential values by name;
-    `identity`: the gateway's certificate, which turns on mTLS with agents' sidecars."""
+    `identity`: the gateway's certificate, which turns on mTLS with agents' sidecars;
+    `tool_tokens`: JWTs for `identity: jwt` destinations (only with mTLS: they vouch for the
+    certificate's SPIFFE ID, never for a header an agent set)."""
     secrets = secrets or {}
     trust_domain = model.mesh.trust_domain if identity is not None else None
     out: list[Message | Encoded] = []
@@ -78,6 +82,11 @@ def gateway_resources(
     injecting = [d for d in model.destinations if has_credential(d, secrets)]
     # MCP parsing first: it re-selects the route the rate limiter and injectors then use
     filters = [rate_limit_filter(), *([injector_filter(injecting)] if injecting else [])]
+    tool_identity, tool_secrets = (
+        tool_identity_resources(model, tool_tokens) if identity and tool_tokens else (None, [])
+    )
+    if tool_identity is not None:
+        filters.append(tool_identity)
     tool_hosts = _tool_rule_authorities(model)
     if tool_hosts:
         mcp = mcp_pb2.Mcp(clear_route_cache=True)
@@ -91,6 +100,7 @@ def gateway_resources(
     for dest in injecting:
         assert dest.credentials is not None
         out.append(credential_secret(dest, secrets[dest.credentials.secret]))
+    out.extend(tool_secrets)
     return out
 
 
