@@ -53,6 +53,13 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v")]
 MtlsOpt = Annotated[
     bool, typer.Option(help="Sidecar -> gateway mTLS with SPIFFE certificates over SDS.")
 ]
+XdsTlsOpt = Annotated[
+    bool, typer.Option(help="Serve xDS over TLS (built-in xDS CA unless --xds-cert/--xds-key).")
+]
+XdsCaOpt = Annotated[
+    Path | None,
+    typer.Option(help="CA bundle that verifies a TLS xDS port (default: the local one, if any)."),
+]
 RequireTokensOpt = Annotated[
     bool, typer.Option(help="Refuse xDS streams without a valid join token.")
 ]
@@ -111,6 +118,9 @@ def serve(
     sidecar_port: SidecarPortOpt = 15080,
     require_tokens: RequireTokensOpt = False,
     mtls: MtlsOpt = False,
+    xds_tls: XdsTlsOpt = False,
+    xds_cert: Annotated[Path | None, typer.Option(help="xDS serving certificate (PEM).")] = None,
+    xds_key: Annotated[Path | None, typer.Option(help="Its private key (PEM).")] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the control plane only (xDS + admin HTTP), serving POLICIES."""
@@ -126,6 +136,9 @@ def serve(
         sidecar_port=sidecar_port,
         require_tokens=require_tokens,
         mtls=mtls,
+        xds_tls=xds_tls or xds_cert is not None,
+        xds_cert_file=xds_cert,
+        xds_key_file=xds_key,
     )
 
     async def main(stop: asyncio.Event) -> None:
@@ -147,13 +160,21 @@ def gateway(
     delta: Annotated[bool, typer.Option(help="Use incremental (delta) xDS.")] = False,
     concurrency: Annotated[int, typer.Option(help="Envoy worker threads.")] = 1,
     token_file: TokenFileOpt = None,
+    xds_ca: XdsCaOpt = None,
 ) -> None:
     """Run a real Envoy egress gateway bootstrapped to the control plane (foreground)."""
     _setup_logging(False)
 
     async def main(stop: asyncio.Event) -> None:
         envoy = await _start_gateway(
-            control_plane, name, admin_port, state_dir, delta, concurrency, token_file=token_file
+            control_plane,
+            name,
+            admin_port,
+            state_dir,
+            delta,
+            concurrency,
+            token_file=token_file,
+            xds_ca=xds_ca,
         )
         console.print(f"gateway [bold]gateway/{name}[/bold] running; Envoy admin on :{admin_port}")
         try:
@@ -173,6 +194,7 @@ async def _start_gateway(
     concurrency: int,
     wait_ready: bool = False,
     token_file: Path | None = None,
+    xds_ca: Path | None = None,
 ) -> Any:
     from meshgate.sidecar.launcher import prepare_envoy
 
@@ -186,6 +208,7 @@ async def _start_gateway(
         file_stem=f"gateway-{name}",
         delta=delta,
         concurrency=concurrency,
+        xds_ca=xds_ca,
     )
     await envoy.start()
     if wait_ready:
@@ -213,6 +236,7 @@ def up(
     sidecar_port: SidecarPortOpt = 15080,
     require_tokens: RequireTokensOpt = True,
     mtls: MtlsOpt = True,
+    xds_tls: XdsTlsOpt = True,
     verbose: VerboseOpt = False,
 ) -> None:
     """Control plane and a local egress gateway in one command; Ctrl-C stops both."""
@@ -228,6 +252,7 @@ def up(
         sidecar_port=sidecar_port,
         require_tokens=require_tokens,
         mtls=mtls,
+        xds_tls=xds_tls,
     )
 
     async def main(stop: asyncio.Event) -> None:
@@ -248,7 +273,8 @@ def up(
             console.print(
                 f"[green]meshgate is up[/green]: policy {cp.policy.to_json()['version']} from "
                 f"{policies}\n  egress gateway  http://127.0.0.1:{port}  (Envoy admin :"
-                f"{gateway_admin_port})\n  xDS             {cp.xds_address}\n  admin/status    "
+                f"{gateway_admin_port})\n  xDS             {cp.xds_address}"
+                f"{' (TLS)' if xds_tls else ''}\n  admin/status    "
                 f"http://{cp.admin_address}/status\nPress Ctrl-C to stop."
             )
             await _wait_either(stop, envoy.wait())
@@ -340,6 +366,7 @@ def sidecar_run(
     instance: Annotated[str, typer.Option(help="Instance id (node agent/NAME/ID).")] = "local",
     state_dir: StateOpt = DEFAULT_STATE,
     token_file: TokenFileOpt = None,
+    xds_ca: XdsCaOpt = None,
 ) -> None:
     """Run AGENT's sidecar Envoy; with `-- CMD ARGS`, run CMD behind it and exit with its status."""
     from meshgate.sidecar.launcher import run_sidecar
@@ -351,7 +378,15 @@ def sidecar_run(
     async def main(stop: asyncio.Event) -> None:
         result.append(
             await run_sidecar(
-                agent, instance, control_plane, admin_port, state_dir, command, stop, token_file
+                agent,
+                instance,
+                control_plane,
+                admin_port,
+                state_dir,
+                command,
+                stop,
+                token_file,
+                xds_ca,
             )
         )
 

@@ -26,6 +26,7 @@ from meshgate.controlplane.secrets import SecretProvider, make_provider, read_se
 from meshgate.controlplane.sources import Candidate, PolicySource, SourceFailure
 from meshgate.errors import ConfigError, MeshgateError, PolicyError
 from meshgate.identity.tokens import TokenAuthority
+from meshgate.identity.xds_tls import ensure_serving_cert, load_serving_cert, withdraw_bundle
 from meshgate.policy.loader import load_policy_texts
 from meshgate.policy.model import PolicyModel
 from meshgate.policy.paths import resolve_relative_paths
@@ -71,6 +72,9 @@ class ServeOptions:
     require_tokens: bool = False  # every xDS stream must present a valid join token
     mtls: bool = False  # sidecar -> gateway mTLS with SPIFFE certificates over SDS
     cert_ttl_seconds: int = 3600
+    xds_tls: bool = False  # serve the xDS port over TLS (built-in xDS CA unless files given)
+    xds_cert_file: Path | None = None
+    xds_key_file: Path | None = None
     debounce_quiet: float = 0.1
     debounce_max: float = 1.0
 
@@ -125,8 +129,12 @@ class ControlPlane:
         """Bind both ports (a clear error if taken), then start watching policy."""
         self._grpc = grpc.aio.server(options=SERVER_OPTIONS)
         self._grpc.add_generic_rpc_handlers((self.ads.handler(),))
+        credentials = self._xds_credentials()
         try:
-            port = self._grpc.add_insecure_port(self.xds_address)
+            if credentials is None:
+                port = self._grpc.add_insecure_port(self.xds_address)
+            else:
+                port = self._grpc.add_secure_port(self.xds_address, credentials)
         except RuntimeError:
             port = 0
         if port == 0:
@@ -148,6 +156,19 @@ class ControlPlane:
             asyncio.create_task(self._watch_runtime_inputs(), name="secrets-and-certificates"),
         ]
         log.info("xDS on %s, admin on http://%s", self.xds_address, self.admin_address)
+
+    def _xds_credentials(self) -> grpc.ServerCredentials | None:
+        opts = self.options
+        if not opts.xds_tls:
+            withdraw_bundle(self.state_dir)  # local launchers must not expect TLS from us
+            return None
+        if opts.xds_cert_file is not None and opts.xds_key_file is not None:
+            cert = load_serving_cert(opts.xds_cert_file, opts.xds_key_file)
+        elif opts.xds_cert_file is not None or opts.xds_key_file is not None:
+            raise ConfigError("--xds-cert and --xds-key go together")
+        else:
+            cert = ensure_serving_cert(self.state_dir, opts.xds_host)
+        return grpc.ssl_server_credentials([(cert.key_pem, cert.chain_pem)])
 
     async def stop(self) -> None:
         for task in self._tasks:

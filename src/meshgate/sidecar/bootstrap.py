@@ -5,6 +5,7 @@ Everything else arrives over ADS. Built as a typed Bootstrap proto and written a
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,9 @@ from pathlib import Path
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import duration_pb2, json_format
 
 from meshgate.xds.common import ads, pack, socket_address
@@ -30,6 +33,7 @@ class BootstrapSpec:
     admin_host: str = "127.0.0.1"
     delta: bool = False
     metadata: tuple[tuple[str, str], ...] = field(default=())  # gRPC initial metadata
+    xds_ca_file: str | None = None  # set: the xDS connection is TLS, verified against this bundle
 
 
 def build_bootstrap(spec: BootstrapSpec) -> bootstrap_pb2.Bootstrap:
@@ -55,6 +59,11 @@ def build_bootstrap(spec: BootstrapSpec) -> bootstrap_pb2.Bootstrap:
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": pack(http2)
         },
     )
+    if spec.xds_ca_file is not None:
+        xds_cluster.transport_socket.name = "envoy.transport_sockets.tls"
+        xds_cluster.transport_socket.typed_config.CopyFrom(
+            pack(xds_tls_context(spec.xds_host, spec.xds_ca_file))
+        )
     xds_cluster.load_assignment.cluster_name = XDS_CLUSTER
     xds_cluster.load_assignment.endpoints.add().lb_endpoints.add().endpoint.address.CopyFrom(
         socket_address(spec.xds_host, spec.xds_port)
@@ -75,6 +84,31 @@ def build_bootstrap(spec: BootstrapSpec) -> bootstrap_pb2.Bootstrap:
     )
     boot.admin.address.CopyFrom(socket_address(spec.admin_host, spec.admin_port))
     return boot
+
+
+def xds_tls_context(host: str, ca_file: str) -> tls_pb2.UpstreamTlsContext:
+    """TLS to the control plane: its certificate must chain to the bundle and name `host`."""
+    try:
+        ipaddress.ip_address(host)
+        san_type = common_pb2.SubjectAltNameMatcher.IP_ADDRESS
+        sni = ""
+    except ValueError:
+        san_type = common_pb2.SubjectAltNameMatcher.DNS
+        sni = host
+    validation = common_pb2.CertificateValidationContext(
+        trusted_ca=base_pb2.DataSource(filename=ca_file),
+        match_typed_subject_alt_names=[
+            common_pb2.SubjectAltNameMatcher(
+                san_type=san_type, matcher=string_pb2.StringMatcher(exact=host)
+            )
+        ],
+    )
+    return tls_pb2.UpstreamTlsContext(
+        sni=sni,
+        common_tls_context=tls_pb2.CommonTlsContext(
+            alpn_protocols=["h2"], validation_context=validation
+        ),
+    )
 
 
 def bootstrap_json(spec: BootstrapSpec) -> str:

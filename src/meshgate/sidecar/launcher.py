@@ -12,6 +12,7 @@ from pathlib import Path
 
 from meshgate.errors import ConfigError, EnvoyError
 from meshgate.identity.tokens import TokenAuthority
+from meshgate.identity.xds_tls import bundle_path
 from meshgate.sidecar.bootstrap import BootstrapSpec, write_bootstrap
 from meshgate.sidecar.envoy_process import EnvoyProcess, find_envoy
 from meshgate.xds.sidecar import PROXY_LISTENER
@@ -37,8 +38,12 @@ def prepare_envoy(
     file_stem: str,
     delta: bool = False,
     concurrency: int = 1,
+    xds_ca: Path | None = None,
 ) -> EnvoyProcess:
-    """Bootstrap (with the node's join token) written to the state dir; Envoy not yet started."""
+    """Bootstrap (with the node's join token) written to the state dir; Envoy not yet started.
+
+    `xds_ca`: the bundle that verifies the control plane; without it, the local control plane's
+    published bundle is used if it serves TLS (the state dir is the local-only channel)."""
     find_envoy()
     host, port = parse_address(control_plane)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -51,6 +56,7 @@ def prepare_envoy(
         admin_port,
         delta=delta,
         metadata=(("authorization", f"Bearer {token}"),) if token else (),
+        xds_ca_file=xds_ca_file(state_dir, xds_ca),
     )
     boot = state_dir / f"{file_stem}.json"
     write_bootstrap(boot, spec)
@@ -69,6 +75,15 @@ def join_token(subject: str, state_dir: Path, token_file: Path | None) -> str | 
         return None
     token, _ = TokenAuthority(state_dir).create(subject, LOCAL_TOKEN_TTL)
     return token
+
+
+def xds_ca_file(state_dir: Path, xds_ca: Path | None) -> str | None:
+    if xds_ca is not None:
+        if not xds_ca.is_file():
+            raise ConfigError(f"--xds-ca {xds_ca}: no such file")
+        return str(xds_ca.resolve())
+    local = bundle_path(state_dir)
+    return str(local.resolve()) if local.is_file() else None
 
 
 def proxy_environment(proxy_url: str) -> dict[str, str]:
@@ -100,6 +115,7 @@ async def run_sidecar(
     command: list[str],
     stop: asyncio.Event,
     token_file: Path | None = None,
+    xds_ca: Path | None = None,
 ) -> int:
     if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", agent):
         raise ConfigError(f"--agent {agent!r}: use lower-case letters, digits and '-'")
@@ -111,6 +127,7 @@ async def run_sidecar(
         state_dir,
         token_file,
         file_stem=f"sidecar-{agent}-{instance}",
+        xds_ca=xds_ca,
     )
     await envoy.start()
     try:
