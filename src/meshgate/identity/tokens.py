@@ -42,6 +42,7 @@ class TokenAuthority:
         self.directory = state_dir / "tokens"
         self._key = _load_or_create_key(self.directory / "signing-key.pem")
         self._public: Ed25519PublicKey = self._key.public_key()
+        self._revoked: tuple[tuple[int, int], frozenset[str]] | None = None  # (mtime, size), ids
 
     def create(self, subject: str, ttl_seconds: int) -> tuple[str, TokenClaims]:
         if ttl_seconds <= 0:
@@ -93,12 +94,18 @@ class TokenAuthority:
         os.replace(tmp, path)
 
     def revoked(self) -> set[str]:
+        """Re-read only when the file changed: a mass reconnect checks it once per stream."""
+        path = self.directory / "revoked.json"
         try:
-            return set(json.loads((self.directory / "revoked.json").read_text()))
+            stat = path.stat()
+            stamp = (stat.st_mtime_ns, stat.st_size)
+            if self._revoked is None or self._revoked[0] != stamp:
+                self._revoked = (stamp, frozenset(json.loads(path.read_text())))
+            return set(self._revoked[1])
         except FileNotFoundError:
             return set()
         except (OSError, ValueError) as exc:
-            raise TokenError(f"{self.directory / 'revoked.json'}: unreadable ({exc})") from None
+            raise TokenError(f"{path}: unreadable ({exc})") from None
 
 
 def subject_allows(subject: str, node_id: str) -> bool:
