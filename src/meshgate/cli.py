@@ -22,6 +22,7 @@ from meshgate.errors import MeshgateError
 
 if TYPE_CHECKING:  # imported lazily at run time: `meshgate --help` stays fast
     from meshgate.controlplane.server import ControlPlane, ServeOptions
+    from meshgate.controlplane.vault_ca import VaultCASettings
 
 app = typer.Typer(
     help="meshgate: egress and identity control plane for AI agents, on real Envoy.",
@@ -56,6 +57,23 @@ MtlsOpt = Annotated[
 RequireTokensOpt = Annotated[
     bool, typer.Option(help="Refuse xDS streams without a valid join token.")
 ]
+# Vault PKI as the upstream CA. Credentials only from the environment: VAULT_TOKEN, or AppRole
+# with VAULT_SECRET_ID (never on the command line, where `ps` would show them).
+CaOpt = Annotated[
+    str, typer.Option("--ca", help="Who signs the intermediate CA: builtin or vault.")
+]
+VaultAddressOpt = Annotated[
+    str | None, typer.Option(envvar="VAULT_ADDR", help="Vault address (with --ca vault).")
+]
+VaultMountOpt = Annotated[str, typer.Option(help="Mount of Vault's PKI engine.")]
+VaultNamespaceOpt = Annotated[str | None, typer.Option(envvar="VAULT_NAMESPACE")]
+VaultRoleIdOpt = Annotated[
+    str | None,
+    typer.Option(envvar="VAULT_ROLE_ID", help="AppRole role id (secret id: env VAULT_SECRET_ID)."),
+]
+VaultTtlOpt = Annotated[
+    str, typer.Option(help="Lifetime asked of Vault for the intermediate (renewed at 2/3).")
+]
 
 
 def _fail(message: str) -> typer.Exit:
@@ -70,6 +88,24 @@ def _setup_logging(verbose: bool) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
+
+
+def _vault_ca(
+    ca: str, address: str | None, mount: str, namespace: str | None, role_id: str | None, ttl: str
+) -> VaultCASettings | None:
+    if ca == "builtin":
+        return None
+    if ca != "vault":
+        raise _fail(f"--ca must be builtin or vault, got {ca!r}")
+    if not address:
+        raise _fail("--ca vault needs --vault-address (or env VAULT_ADDR)")
+    from meshgate.controlplane.vault_ca import VaultCASettings
+
+    try:
+        seconds = parse_ttl(ttl)
+    except MeshgateError as exc:
+        raise _fail(str(exc).replace("--ttl", "--vault-intermediate-ttl")) from None
+    return VaultCASettings(address, mount, namespace, role_id, seconds)
 
 
 def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
@@ -111,6 +147,12 @@ def serve(
     sidecar_port: SidecarPortOpt = 15080,
     require_tokens: RequireTokensOpt = False,
     mtls: MtlsOpt = False,
+    ca: CaOpt = "builtin",
+    vault_address: VaultAddressOpt = None,
+    vault_pki_mount: VaultMountOpt = "pki",
+    vault_namespace: VaultNamespaceOpt = None,
+    vault_role_id: VaultRoleIdOpt = None,
+    vault_intermediate_ttl: VaultTtlOpt = "30d",
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the control plane only (xDS + admin HTTP), serving POLICIES."""
@@ -126,6 +168,14 @@ def serve(
         sidecar_port=sidecar_port,
         require_tokens=require_tokens,
         mtls=mtls,
+        vault_ca=_vault_ca(
+            ca,
+            vault_address,
+            vault_pki_mount,
+            vault_namespace,
+            vault_role_id,
+            vault_intermediate_ttl,
+        ),
     )
 
     async def main(stop: asyncio.Event) -> None:
@@ -213,6 +263,12 @@ def up(
     sidecar_port: SidecarPortOpt = 15080,
     require_tokens: RequireTokensOpt = True,
     mtls: MtlsOpt = True,
+    ca: CaOpt = "builtin",
+    vault_address: VaultAddressOpt = None,
+    vault_pki_mount: VaultMountOpt = "pki",
+    vault_namespace: VaultNamespaceOpt = None,
+    vault_role_id: VaultRoleIdOpt = None,
+    vault_intermediate_ttl: VaultTtlOpt = "30d",
     verbose: VerboseOpt = False,
 ) -> None:
     """Control plane and a local egress gateway in one command; Ctrl-C stops both."""
@@ -228,6 +284,14 @@ def up(
         sidecar_port=sidecar_port,
         require_tokens=require_tokens,
         mtls=mtls,
+        vault_ca=_vault_ca(
+            ca,
+            vault_address,
+            vault_pki_mount,
+            vault_namespace,
+            vault_role_id,
+            vault_intermediate_ttl,
+        ),
     )
 
     async def main(stop: asyncio.Event) -> None:
@@ -384,6 +448,13 @@ def identity_show(
     else:
         why = "no certificate issued yet" if data["mtls"] else "mTLS is off (serve --mtls)"
         console.print(f"certificate  none: {why}", highlight=False)
+    if data.get("ca"):
+        ca = data["ca"]
+        console.print(
+            f"issued by    {ca['source']} intermediate {ca['intermediate_serial']}, "
+            f"valid until {ca['intermediate_not_after']}",
+            highlight=False,
+        )
     console.print("rules" + ("" if data["rules"] else "        none: every request is refused"))
     for rule in data["rules"]:
         console.print(f"  - {rule}", highlight=False, markup=False)

@@ -66,6 +66,7 @@ def make_app(cp: ControlPlane) -> web.Application:
                 "spiffe_id": spiffe,
                 "certificate": describe(cert.cert_chain_pem) if cert else None,
                 "mtls": cp.issuer is not None,
+                "ca": cp.issuer.authority() if cp.issuer is not None else None,
                 "rules": [describe_rule(r) for r in policy.rules] if policy else [],
             }
         )

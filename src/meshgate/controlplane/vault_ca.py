@@ -83,8 +83,12 @@ def _self_signed(cert: x509.Certificate) -> bool:
 
 
 def _reason(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())[:200]
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    """One short line: requests' connection errors repeat the URL and a nested repr."""
+    name = type(exc).__name__
+    if name in ("ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout"):
+        return f"{name}: Vault did not answer"
+    text = " ".join(str(exc).split()).split(", on ")[0][:160]  # hvac appends the method and URL
+    return f"{name}: {text}" if text else name
 
 
 def _pem_certs(text: str, what: str) -> list[x509.Certificate]:
