@@ -356,6 +356,13 @@ def status(
     if pol.get("missing_secrets"):
         names = ", ".join(pol["missing_secrets"])
         console.print(f"[yellow]missing secrets[/yellow] (their destinations answer 503): {names}")
+    if data.get("ca"):
+        ca = data["ca"]
+        console.print(
+            f"[bold]ca[/bold] {ca['source']}, intermediate {ca['intermediate_serial']} "
+            f"valid until {ca['intermediate_not_after']}",
+            highlight=False,
+        )
     if pol.get("last_rejection"):
         rej = pol["last_rejection"]
         console.print(f"[red]last change refused[/red] ({rej['origin']}, {rej['at']}):")
@@ -460,7 +467,9 @@ def identity_show(
         console.print(f"  - {rule}", highlight=False, markup=False)
 
 
-ca_app = typer.Typer(help="The built-in certificate authority.", no_args_is_help=True)
+ca_app = typer.Typer(
+    help="The certificate authority (built-in, or Vault PKI as upstream).", no_args_is_help=True
+)
 app.add_typer(ca_app, name="ca")
 
 
@@ -468,7 +477,9 @@ app.add_typer(ca_app, name="ca")
 def ca_rotate(
     admin: Annotated[str, typer.Option(help="Control plane admin URL.")] = DEFAULT_ADMIN,
 ) -> None:
-    """Roll the intermediate CA with overlap: old certificates stay valid until replaced."""
+    """Roll the intermediate CA with overlap: old certificates stay valid until replaced.
+
+    With --ca vault, Vault's PKI engine signs the new intermediate now."""
     request = urllib.request.Request(f"{admin.rstrip('/')}/v1/ca/rotate", method="POST")
     try:
         with urllib.request.urlopen(request, timeout=30) as resp:

@@ -8,6 +8,11 @@ signing with a real root key made by `cryptography`.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -110,3 +115,54 @@ async def test_agent_reaches_upstream_with_certificates_from_a_vault_signed_inte
                 assert "cannot rotate" in refused.json()["error"]
                 assert (await client.get("http://alpha.internal/after")).status_code == 200
                 assert len(up_a.hits) == 5
+
+
+MESHGATE = [sys.executable, "-m", "meshgate.cli"]
+
+
+def _run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*MESHGATE, *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_serve_with_vault_ca_from_the_command_line(tmp_path: Path) -> None:
+    xds, admin = free_port(), free_port()
+    write_policy(tmp_path / "policies", free_port(), {"alpha": free_port()})
+    env = {**os.environ, "COLUMNS": "200", "VAULT_TOKEN": "root-token"}
+    serve = ["serve", "--policies", str(tmp_path / "policies"), "--state-dir",
+             str(tmp_path / "state"), "--xds-port", str(xds), "--admin-port", str(admin),
+             "--mtls", "--ca", "vault", "--vault-pki-mount", "pki"]  # fmt: skip
+    admin_url = f"http://127.0.0.1:{admin}"
+
+    # Vault unreachable and nothing stored: one line, exit 1, nothing listening
+    down = _run(*serve, "--vault-address", f"http://127.0.0.1:{free_port()}", env=env)
+    assert down.returncode == 1
+    assert down.stderr.strip().count("\n") == 0
+    assert "cannot reach Vault's PKI engine and no intermediate is stored" in down.stderr
+
+    with fake_vault_pki() as vault:
+        proc = subprocess.Popen(
+            [*MESHGATE, *serve, "--vault-intermediate-ttl", "240h"],
+            env={**env, "VAULT_ADDR": vault.url},  # the address from the environment
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not vault.signed:
+                assert proc.poll() is None, proc.communicate()[1]
+                assert time.monotonic() < deadline, "no intermediate signed in 30s"
+                time.sleep(0.1)
+            lifetime = vault.signed[0].not_valid_after_utc - vault.signed[0].not_valid_before_utc
+            assert 239 * 3600 < lifetime.total_seconds() < 241 * 3600
+            shown = _run("identity", "show", "--agent", "researcher", "--admin", admin_url, env=env)
+            assert shown.returncode == 0, shown.stderr
+            assert f"issued by    vault:{vault.url}/pki intermediate" in shown.stdout
+            status = _run("status", "--admin", admin_url, env=env)
+            assert f"ca vault:{vault.url}/pki, intermediate" in status.stdout
+            rotated = _run("ca", "rotate", "--admin", admin_url, env=env)
+            assert rotated.returncode == 0, rotated.stderr
+            assert format(vault.signed[1].serial_number, "x") in rotated.stdout
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=30)

@@ -21,6 +21,7 @@ def status_json(cp: ControlPlane) -> dict[str, Any]:
     return {
         "control_plane": {"xds": cp.xds_address, "admin": cp.admin_address, "ready": cp.ready},
         "policy": {**cp.policy.to_json(), "missing_secrets": cp.missing_secrets()},
+        "ca": cp.issuer.authority() if cp.issuer is not None else None,
         "nodes": [c.to_json() for c in cp.registry.connections()],
         "recent_nacks": [n.to_json() for n in cp.registry.nacks()],
     }

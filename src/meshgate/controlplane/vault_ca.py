@@ -125,6 +125,7 @@ class VaultUpstreamCA:
             token=env.get(settings.token_env, ""),
             role_id=settings.role_id,
             secret_id=env.get(settings.secret_id_env, ""),
+            timeout=10,  # renewal runs under the issuer's lock: a hung Vault must not stall it
         )
         if not self._session.has_credentials:
             raise ConfigError(
@@ -141,9 +142,13 @@ class VaultUpstreamCA:
     # -- AuthoritySource --------------------------------------------------------------------
 
     def preflight(self) -> None:
-        """At start, with nothing stored to fall back on, Vault must answer: fail in one line."""
-        if any(p.exists() for p in self._dir.glob("*.pem")):
-            return  # load decides whether the stored intermediate is still usable
+        """At start, with no usable intermediate stored, Vault must answer: fail in one line.
+
+        (The trust domain comes with the first policy, so signing itself happens then.)
+        """
+        stored_for = self._stored_trust_domain()
+        if stored_for is not None and self._load_stored(stored_for) is not None:
+            return
         try:
             self._read_roots()
         except self._failures as exc:
@@ -287,6 +292,13 @@ class VaultUpstreamCA:
 
     def _source_line(self, trust_domain: str) -> str:
         return f"{self.description} {trust_domain}\n"
+
+    def _stored_trust_domain(self) -> str | None:
+        try:
+            described, _, trust_domain = (self._dir / SOURCE).read_text().strip().rpartition(" ")
+        except OSError:
+            return None
+        return trust_domain if described == self.description else None
 
     def _store(self, ca: CertificateAuthority) -> None:
         self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)

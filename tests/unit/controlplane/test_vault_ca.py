@@ -215,3 +215,22 @@ def test_bad_token_and_missing_credentials(vault: FakeVaultPki, tmp_path: Path) 
     with pytest.raises(ConfigError, match=r"needs a token \(env VAULT_TOKEN\)"):
         _source(vault, tmp_path, {})
     assert not (tmp_path / "ca-vault" / "intermediate-key.pem").exists()
+
+
+def test_start_needs_vault_when_the_stored_intermediate_expired(
+    vault: FakeVaultPki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _source(vault, tmp_path).load("agents.local")
+    vault.down = True
+    _later(monkeypatch, dt.timedelta(days=31))
+    with pytest.raises(IdentityError, match=r"no intermediate is stored \(VaultDown"):
+        _source(vault, tmp_path).preflight()
+
+
+def test_a_corrupt_stored_intermediate_is_replaced_by_a_new_signature(
+    vault: FakeVaultPki, tmp_path: Path
+) -> None:
+    first = _source(vault, tmp_path).load("agents.local")
+    (tmp_path / "ca-vault" / "intermediate-key.pem").write_text("not a key")
+    again = _source(vault, tmp_path).load("agents.local")
+    assert again.intermediate != first.intermediate and len(vault.signed) == 2
