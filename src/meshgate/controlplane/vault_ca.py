@@ -301,8 +301,11 @@ class VaultUpstreamCA:
         return trust_domain if described == self.description else None
 
     def _store(self, ca: CertificateAuthority) -> None:
-        self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._dir.chmod(0o700)
+        try:
+            self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._dir.chmod(0o700)  # mkdir's mode is filtered by the umask
+        except OSError as exc:
+            raise IdentityError(f"{self._dir}: cannot create ({exc.strerror})") from None
         files: list[tuple[str, bytes, int]] = [
             (INTERMEDIATE_KEY, key_pem(ca.intermediate_key), 0o600),  # key first, as ca.py
             (INTERMEDIATE_CERT, ca.chain_pem(), 0o644),
