@@ -22,6 +22,7 @@ from meshgate.errors import MeshgateError
 
 if TYPE_CHECKING:  # imported lazily at run time: `meshgate --help` stays fast
     from meshgate.controlplane.server import ControlPlane, ServeOptions
+    from meshgate.controlplane.vault_ca import VaultCASettings
 
 app = typer.Typer(
     help="meshgate: egress and identity control plane for AI agents, on real Envoy.",
@@ -63,6 +64,23 @@ XdsCaOpt = Annotated[
 RequireTokensOpt = Annotated[
     bool, typer.Option(help="Refuse xDS streams without a valid join token.")
 ]
+# Vault PKI as the upstream CA. Credentials only from the environment: VAULT_TOKEN, or AppRole
+# with VAULT_SECRET_ID (never on the command line, where `ps` would show them).
+CaOpt = Annotated[
+    str, typer.Option("--ca", help="Who signs the intermediate CA: builtin or vault.")
+]
+VaultAddressOpt = Annotated[
+    str | None, typer.Option(envvar="VAULT_ADDR", help="Vault address (with --ca vault).")
+]
+VaultMountOpt = Annotated[str, typer.Option(help="Mount of Vault's PKI engine.")]
+VaultNamespaceOpt = Annotated[str | None, typer.Option(envvar="VAULT_NAMESPACE")]
+VaultRoleIdOpt = Annotated[
+    str | None,
+    typer.Option(envvar="VAULT_ROLE_ID", help="AppRole role id (secret id: env VAULT_SECRET_ID)."),
+]
+VaultTtlOpt = Annotated[
+    str, typer.Option(help="Lifetime asked of Vault for the intermediate (renewed at 2/3).")
+]
 
 
 def _fail(message: str) -> typer.Exit:
@@ -77,6 +95,24 @@ def _setup_logging(verbose: bool) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
+
+
+def _vault_ca(
+    ca: str, address: str | None, mount: str, namespace: str | None, role_id: str | None, ttl: str
+) -> VaultCASettings | None:
+    if ca == "builtin":
+        return None
+    if ca != "vault":
+        raise _fail(f"--ca must be builtin or vault, got {ca!r}")
+    if not address:
+        raise _fail("--ca vault needs --vault-address (or env VAULT_ADDR)")
+    from meshgate.controlplane.vault_ca import VaultCASettings
+
+    try:
+        seconds = parse_ttl(ttl)
+    except MeshgateError as exc:
+        raise _fail(str(exc).replace("--ttl", "--vault-intermediate-ttl")) from None
+    return VaultCASettings(address, mount, namespace, role_id, seconds)
 
 
 def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
@@ -121,6 +157,12 @@ def serve(
     xds_tls: XdsTlsOpt = False,
     xds_cert: Annotated[Path | None, typer.Option(help="xDS serving certificate (PEM).")] = None,
     xds_key: Annotated[Path | None, typer.Option(help="Its private key (PEM).")] = None,
+    ca: CaOpt = "builtin",
+    vault_address: VaultAddressOpt = None,
+    vault_pki_mount: VaultMountOpt = "pki",
+    vault_namespace: VaultNamespaceOpt = None,
+    vault_role_id: VaultRoleIdOpt = None,
+    vault_intermediate_ttl: VaultTtlOpt = "30d",
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the control plane only (xDS + admin HTTP), serving POLICIES."""
@@ -139,6 +181,14 @@ def serve(
         xds_tls=xds_tls or xds_cert is not None,
         xds_cert_file=xds_cert,
         xds_key_file=xds_key,
+        vault_ca=_vault_ca(
+            ca,
+            vault_address,
+            vault_pki_mount,
+            vault_namespace,
+            vault_role_id,
+            vault_intermediate_ttl,
+        ),
     )
 
     async def main(stop: asyncio.Event) -> None:
@@ -237,6 +287,12 @@ def up(
     require_tokens: RequireTokensOpt = True,
     mtls: MtlsOpt = True,
     xds_tls: XdsTlsOpt = True,
+    ca: CaOpt = "builtin",
+    vault_address: VaultAddressOpt = None,
+    vault_pki_mount: VaultMountOpt = "pki",
+    vault_namespace: VaultNamespaceOpt = None,
+    vault_role_id: VaultRoleIdOpt = None,
+    vault_intermediate_ttl: VaultTtlOpt = "30d",
     verbose: VerboseOpt = False,
 ) -> None:
     """Control plane and a local egress gateway in one command; Ctrl-C stops both."""
@@ -253,6 +309,14 @@ def up(
         require_tokens=require_tokens,
         mtls=mtls,
         xds_tls=xds_tls,
+        vault_ca=_vault_ca(
+            ca,
+            vault_address,
+            vault_pki_mount,
+            vault_namespace,
+            vault_role_id,
+            vault_intermediate_ttl,
+        ),
     )
 
     async def main(stop: asyncio.Event) -> None:
@@ -318,6 +382,13 @@ def status(
     if pol.get("missing_secrets"):
         names = ", ".join(pol["missing_secrets"])
         console.print(f"[yellow]missing secrets[/yellow] (their destinations answer 503): {names}")
+    if data.get("ca"):
+        ca = data["ca"]
+        console.print(
+            f"[bold]ca[/bold] {ca['source']}, intermediate {ca['intermediate_serial']} "
+            f"valid until {ca['intermediate_not_after']}",
+            highlight=False,
+        )
     if pol.get("last_rejection"):
         rej = pol["last_rejection"]
         console.print(f"[red]last change refused[/red] ({rej['origin']}, {rej['at']}):")
@@ -419,12 +490,21 @@ def identity_show(
     else:
         why = "no certificate issued yet" if data["mtls"] else "mTLS is off (serve --mtls)"
         console.print(f"certificate  none: {why}", highlight=False)
+    if data.get("ca"):
+        ca = data["ca"]
+        console.print(
+            f"issued by    {ca['source']} intermediate {ca['intermediate_serial']}, "
+            f"valid until {ca['intermediate_not_after']}",
+            highlight=False,
+        )
     console.print("rules" + ("" if data["rules"] else "        none: every request is refused"))
     for rule in data["rules"]:
         console.print(f"  - {rule}", highlight=False, markup=False)
 
 
-ca_app = typer.Typer(help="The built-in certificate authority.", no_args_is_help=True)
+ca_app = typer.Typer(
+    help="The certificate authority (built-in, or Vault PKI as upstream).", no_args_is_help=True
+)
 app.add_typer(ca_app, name="ca")
 
 
@@ -432,7 +512,9 @@ app.add_typer(ca_app, name="ca")
 def ca_rotate(
     admin: Annotated[str, typer.Option(help="Control plane admin URL.")] = DEFAULT_ADMIN,
 ) -> None:
-    """Roll the intermediate CA with overlap: old certificates stay valid until replaced."""
+    """Roll the intermediate CA with overlap: old certificates stay valid until replaced.
+
+    With --ca vault, Vault's PKI engine signs the new intermediate now."""
     request = urllib.request.Request(f"{admin.rstrip('/')}/v1/ca/rotate", method="POST")
     try:
         with urllib.request.urlopen(request, timeout=30) as resp:

@@ -17,6 +17,7 @@ from builders import free_port
 
 from meshgate.controlplane.server import ControlPlane, ServeOptions
 from meshgate.controlplane.sources import DirectorySource, PolicySource
+from meshgate.controlplane.vault_ca import VaultCASettings
 from meshgate.sidecar.bootstrap import BootstrapSpec, write_bootstrap
 from meshgate.sidecar.envoy_process import EnvoyProcess
 
@@ -114,6 +115,7 @@ async def control_plane(
     require_tokens: bool = False,
     mtls: bool = False,
     cert_ttl_seconds: int = 3600,
+    vault_ca: VaultCASettings | None = None,
 ) -> AsyncIterator[ControlPlane]:
     opts = ServeOptions(
         "127.0.0.1",
@@ -127,6 +129,7 @@ async def control_plane(
         require_tokens=require_tokens,
         mtls=mtls,
         cert_ttl_seconds=cert_ttl_seconds,
+        vault_ca=vault_ca,
     )
     cp = ControlPlane(source or DirectorySource(policy_dir, interval=0.1), state_dir, opts)
     await cp.start()

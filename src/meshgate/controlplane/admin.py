@@ -21,6 +21,7 @@ def status_json(cp: ControlPlane) -> dict[str, Any]:
     return {
         "control_plane": {"xds": cp.xds_address, "admin": cp.admin_address, "ready": cp.ready},
         "policy": {**cp.policy.to_json(), "missing_secrets": cp.missing_secrets()},
+        "ca": cp.issuer.authority() if cp.issuer is not None else None,
         "nodes": [c.to_json() for c in cp.registry.connections()],
         "recent_nacks": [n.to_json() for n in cp.registry.nacks()],
     }
@@ -76,6 +77,7 @@ def make_app(cp: ControlPlane) -> web.Application:
                 "spiffe_id": spiffe,
                 "certificate": describe(cert.cert_chain_pem) if cert else None,
                 "mtls": cp.issuer is not None,
+                "ca": cp.issuer.authority() if cp.issuer is not None else None,
                 "rules": [describe_rule(r) for r in policy.rules] if policy else [],
             }
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from pathlib import Path
+from typing import Any, Protocol
 
 from meshgate.identity.ca import CertificateAuthority, IdentityError
 from meshgate.identity.certs import IssuedCert, issue, spiffe_id
@@ -23,17 +24,52 @@ GATEWAY_IDENTITY_NAME = "egress"
 TOOL_TOKEN_TTL = dt.timedelta(minutes=10)
 
 
+class AuthoritySource(Protocol):
+    """Where the intermediate that signs leaves comes from (built-in CA, or Vault's PKI)."""
+
+    description: str
+
+    def load(self, trust_domain: str) -> CertificateAuthority: ...
+
+    def refresh(self, ca: CertificateAuthority) -> CertificateAuthority | None:
+        """A renewed authority when the current one is due, else None."""
+        ...
+
+    def rotate(self, ca: CertificateAuthority) -> CertificateAuthority: ...
+
+
+class BuiltinAuthority:
+    """Root and intermediate under <state>/ca; rotation only on request."""
+
+    description = "builtin"
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+
+    def load(self, trust_domain: str) -> CertificateAuthority:
+        return CertificateAuthority.load_or_create(self.state_dir, trust_domain)
+
+    def refresh(self, ca: CertificateAuthority) -> CertificateAuthority | None:
+        return None
+
+    def rotate(self, ca: CertificateAuthority) -> CertificateAuthority:
+        ca.rotate_intermediate()
+        return ca
+
+
 class IdentityIssuer:
     def __init__(
         self,
         state_dir: Path,
         ttl: dt.timedelta = dt.timedelta(hours=1),
+        source: AuthoritySource | None = None,
         tool_token_ttl: dt.timedelta = TOOL_TOKEN_TTL,
     ) -> None:
         self.state_dir = state_dir
         self.ttl = ttl
         self.tool_token_ttl = tool_token_ttl
         self.tool_signer = ToolTokenSigner(state_dir)
+        self.source: AuthoritySource = source or BuiltinAuthority(state_dir)
         self._ca: CertificateAuthority | None = None
         self._issued: dict[str, tuple[IssuedCert, NodeIdentity]] = {}
         self._tool_tokens: dict[tuple[str, str], ToolToken] = {}
@@ -62,7 +98,7 @@ class IdentityIssuer:
         with self._lock:
             if self._ca is None:
                 raise IdentityError("no certificate authority yet: no policy has been applied")
-            self._ca.rotate_intermediate()
+            self._ca = self.source.rotate(self._ca)
             self._issued.clear()
             return int(self._ca.intermediate.serial_number)
 
@@ -85,10 +121,24 @@ class IdentityIssuer:
             fresh[key] = token
         self._tool_tokens = fresh  # pairs no longer in policy are dropped
         return {key: token.token for key, token in fresh.items()}
+    def authority(self) -> dict[str, Any] | None:
+        """Where the signing intermediate comes from and when it expires (status, identity)."""
+        with self._lock:
+            if self._ca is None:
+                return None
+            inter = self._ca.intermediate
+            return {
+                "source": self.source.description,
+                "intermediate_serial": format(inter.serial_number, "x"),
+                "intermediate_not_after": inter.not_valid_after_utc.isoformat(),
+            }
 
     def _authority(self, trust_domain: str) -> CertificateAuthority:
         if self._ca is None or self._ca.trust_domain != trust_domain:
-            self._ca = CertificateAuthority.load_or_create(self.state_dir, trust_domain)
+            self._ca = self.source.load(trust_domain)
+            self._issued.clear()
+        elif (renewed := self.source.refresh(self._ca)) is not None:
+            self._ca = renewed  # every node gets a leaf from the new intermediate
             self._issued.clear()
         return self._ca
 

@@ -9,6 +9,7 @@ import logging
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import prometheus_client
@@ -33,6 +34,9 @@ from meshgate.policy.paths import resolve_relative_paths
 from meshgate.xds.build import Identities, build_snapshots
 from meshgate.xds.options import DEFAULT_CA_BUNDLE, TranslateOptions
 from meshgate.xds.snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from meshgate.controlplane.vault_ca import VaultCASettings, VaultUpstreamCA
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +79,7 @@ class ServeOptions:
     xds_tls: bool = False  # serve the xDS port over TLS (built-in xDS CA unless files given)
     xds_cert_file: Path | None = None
     xds_key_file: Path | None = None
+    vault_ca: VaultCASettings | None = None  # Vault's PKI signs the intermediate (needs mtls)
     debounce_quiet: float = 0.1
     debounce_max: float = 1.0
 
@@ -119,14 +124,25 @@ class ControlPlane:
             options.gateway_bind, options.system_ca_file, options.sidecar_port
         )
         self._serving: Serving | None = None
+        self.vault_ca: VaultUpstreamCA | None = None
+        if options.vault_ca is not None:
+            if not options.mtls:
+                raise ConfigError("--ca vault needs --mtls: certificates are issued only then")
+            from meshgate.controlplane.vault_ca import VaultUpstreamCA
+
+            self.vault_ca = VaultUpstreamCA(options.vault_ca, state_dir)
         self.issuer = (
-            IdentityIssuer(state_dir, dt.timedelta(seconds=options.cert_ttl_seconds))
+            IdentityIssuer(
+                state_dir, dt.timedelta(seconds=options.cert_ttl_seconds), source=self.vault_ca
+            )
             if options.mtls
             else None
         )
 
     async def start(self) -> None:
         """Bind both ports (a clear error if taken), then start watching policy."""
+        if self.vault_ca is not None:  # Vault unreachable, nothing stored: fail now, one line
+            await asyncio.to_thread(self.vault_ca.preflight)
         self._grpc = grpc.aio.server(options=SERVER_OPTIONS)
         self._grpc.add_generic_rpc_handlers((self.ads.handler(),))
         credentials = self._xds_credentials()

@@ -6,6 +6,8 @@ Settings come from the Mesh (`secrets: {provider: vault, address: ..., ...}`):
 environment variable named by `tokenEnv` (default `VAULT_TOKEN`) or AppRole with `roleId` and
 the secret id in the environment variable named by `secretIdEnv`. No credential is ever
 written in policy. A Vault that cannot be reached keeps the last values it gave.
+
+`VaultSession` (client plus login) is shared with the Vault PKI upstream CA (`vault_ca.py`).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import hvac
 import requests
@@ -24,6 +26,59 @@ from hvac import exceptions as hvac_errors
 from meshgate.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# What a Vault call raises when Vault is down, sealed, or refuses: callers keep what they have.
+VAULT_FAILURES = (hvac_errors.VaultError, requests.RequestException)
+
+
+class VaultSession:
+    """An hvac client and how it logs in: a token from the environment, or AppRole.
+
+    Credentials come only from the environment (never policy or the command line). With AppRole
+    a 403 means the login token expired: log in again once and retry.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        namespace: str | None = None,
+        token: str = "",
+        role_id: str | None = None,
+        secret_id: str = "",
+        timeout: float = 30,
+    ) -> None:
+        self.address = address
+        self._role_id = role_id
+        self._secret_id = secret_id
+        self._token = token
+        self.client = hvac.Client(url=address, namespace=namespace, timeout=timeout)
+        self.client.token = None  # hvac would pick VAULT_TOKEN up itself; we decide (tokenEnv)
+
+    @property
+    def has_credentials(self) -> bool:
+        return bool(self._role_id or self._token)
+
+    def call(self, request: Callable[[Any], T]) -> T:
+        """request(client), logged in first; with AppRole, one re-login on 403."""
+        self._login_if_needed()
+        try:
+            return request(self.client)
+        except hvac_errors.Forbidden:
+            if not self._role_id:
+                raise
+            self.client.token = None  # AppRole token expired: log in again once
+            self._login_if_needed()
+            return request(self.client)
+
+    def _login_if_needed(self) -> None:
+        if self.client.token:
+            return
+        if self._role_id:
+            self.client.auth.approle.login(role_id=self._role_id, secret_id=self._secret_id)
+        else:
+            self.client.token = self._token
 
 
 class VaultSecrets:
@@ -38,15 +93,17 @@ class VaultSecrets:
         self.field = options.get("field", "value")
         self.ttl = float(options.get("ttl", "30"))
         self.description = f"vault:{self.address}/{self.mount}/{self.prefix}"
-        self._role_id = options.get("roleId")
-        self._secret_id = env.get(options.get("secretIdEnv", "VAULT_SECRET_ID"), "")
-        self._token = env.get(options.get("tokenEnv", "VAULT_TOKEN"), "")
-        if not self._role_id and not self._token:
+        self._session = VaultSession(
+            self.address,
+            namespace=options.get("namespace"),
+            token=env.get(options.get("tokenEnv", "VAULT_TOKEN"), ""),
+            role_id=options.get("roleId"),
+            secret_id=env.get(options.get("secretIdEnv", "VAULT_SECRET_ID"), ""),
+        )
+        if not self._session.has_credentials:
             raise ConfigError(
                 "secrets: vault needs a token (env VAULT_TOKEN or tokenEnv) or AppRole (roleId)"
             )
-        self._client = hvac.Client(url=self.address, namespace=options.get("namespace"))
-        self._client.token = None  # hvac would pick VAULT_TOKEN up itself; we decide (tokenEnv)
         self._cache: dict[str, tuple[float, str | None]] = {}
         self._lock = threading.Lock()
 
@@ -57,7 +114,7 @@ class VaultSecrets:
                 return cached[1]
             try:
                 value = self._fetch(name)
-            except (hvac_errors.VaultError, requests.RequestException) as exc:
+            except VAULT_FAILURES as exc:
                 log.warning(
                     "vault: reading %r failed (%s); keeping the last value",
                     name,
@@ -68,28 +125,19 @@ class VaultSecrets:
             return value
 
     def _fetch(self, name: str) -> str | None:
-        self._login_if_needed()
-        try:
-            resp: dict[str, Any] = self._client.secrets.kv.v2.read_secret_version(
-                path=f"{self.prefix}/{name}", mount_point=self.mount, raise_on_deleted_version=True
-            )
-        except hvac_errors.InvalidPath:
+        def read(client: Any) -> dict[str, Any] | None:
+            try:
+                resp: dict[str, Any] = client.secrets.kv.v2.read_secret_version(
+                    path=f"{self.prefix}/{name}",
+                    mount_point=self.mount,
+                    raise_on_deleted_version=True,
+                )
+            except hvac_errors.InvalidPath:
+                return None
+            return resp
+
+        resp = self._session.call(read)
+        if resp is None:
             return None
-        except hvac_errors.Forbidden:
-            if not self._role_id:
-                raise
-            self._client.token = None  # AppRole token expired: log in again once
-            self._login_if_needed()
-            resp = self._client.secrets.kv.v2.read_secret_version(
-                path=f"{self.prefix}/{name}", mount_point=self.mount, raise_on_deleted_version=True
-            )
         value = resp.get("data", {}).get("data", {}).get(self.field)
         return value if isinstance(value, str) else None
-
-    def _login_if_needed(self) -> None:
-        if self._client.token:
-            return
-        if self._role_id:
-            self._client.auth.approle.login(role_id=self._role_id, secret_id=self._secret_id)
-        else:
-            self._client.token = self._token
