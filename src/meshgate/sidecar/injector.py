@@ -87,15 +87,15 @@ def token_secret_name(agent: str) -> str:
 
 def agent_of(pod: dict[str, Any]) -> str | None:
     """The agent a pod runs as, from its `meshgate.dev/agent` label; None when unlabelled."""
-    labels = (pod.get("metadata") or {}).get("labels") or {}
-    value = labels.get(AGENT_LABEL)
+    value = _dict(_dict(pod, "metadata"), "labels").get(AGENT_LABEL)
     return None if value is None else str(value)
 
 
 def is_injected(pod: dict[str, Any]) -> bool:
-    annotations = (pod.get("metadata") or {}).get("annotations") or {}
-    spec = pod.get("spec") or {}
-    names = {c.get("name") for c in [*_list(spec, "initContainers"), *_list(spec, "containers")]}
+    annotations = _dict(_dict(pod, "metadata"), "annotations")
+    spec = _dict(pod, "spec")
+    containers = [*_list(spec, "initContainers"), *_list(spec, "containers")]
+    names = {c.get("name") for c in containers if isinstance(c, dict)}
     return annotations.get(INJECTED_ANNOTATION) == "true" or SIDECAR_NAME in names
 
 
@@ -116,7 +116,8 @@ def needs_injection(pod: dict[str, Any]) -> str | None:
             raise InjectError(f"spec.{key}: every entry must be an object")
     if spec.get("hostNetwork"):
         raise InjectError("hostNetwork pods cannot be injected: their loopback is the node's")
-    taken = {v.get("name") for v in _list(spec, "volumes")} & {TOKEN_VOLUME, STATE_VOLUME}
+    names = {v.get("name") for v in _list(spec, "volumes") if isinstance(v, dict)}
+    taken = names & {TOKEN_VOLUME, STATE_VOLUME}
     if taken:
         raise InjectError(f"pod already has a volume named {sorted(taken)[0]}")
     return agent
@@ -208,10 +209,11 @@ def proxy_env(settings: InjectSettings) -> dict[str, str]:
     return proxy_environment(f"http://127.0.0.1:{settings.sidecar_port}")
 
 
-def with_proxy_env(env: list[dict[str, Any]] | None, settings: InjectSettings) -> list[Any]:
+def with_proxy_env(env: Any, settings: InjectSettings) -> list[Any]:
     """The container's env with meshgate's proxy variables replacing any the app set."""
     ours = proxy_env(settings)
-    kept = [e for e in env or [] if e.get("name") not in ours]
+    entries = env if isinstance(env, list) else []
+    kept = [e for e in entries if not (isinstance(e, dict) and e.get("name") in ours)]
     return kept + [{"name": k, "value": v} for k, v in ours.items()]
 
 
@@ -228,7 +230,7 @@ def inject(pod: dict[str, Any], settings: InjectSettings) -> dict[str, Any]:
     spec["initContainers"] = [sidecar_container(agent, settings), *_list(spec, "initContainers")]
     spec["volumes"] = [*_list(spec, "volumes"), *pod_volumes(agent)]
     metadata = out.setdefault("metadata", {})
-    metadata["annotations"] = {**(metadata.get("annotations") or {}), INJECTED_ANNOTATION: "true"}
+    metadata["annotations"] = {**_dict(metadata, "annotations"), INJECTED_ANNOTATION: "true"}
     return out
 
 
@@ -297,6 +299,11 @@ def inject_object(obj: Any, settings: InjectSettings) -> Any:
         target = target[key]
     target[path[-1]] = injected
     return out
+
+
+def _dict(parent: dict[str, Any], key: str) -> dict[str, Any]:
+    value = parent.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 def _list(spec: dict[str, Any], key: str) -> list[Any]:
