@@ -116,7 +116,7 @@ def needs_injection(pod: dict[str, Any]) -> str | None:
             raise InjectError(f"spec.{key}: every entry must be an object")
     if spec.get("hostNetwork"):
         raise InjectError("hostNetwork pods cannot be injected: their loopback is the node's")
-    names = {v.get("name") for v in _list(spec, "volumes") if isinstance(v, dict)}
+    names = {str(v.get("name")) for v in _list(spec, "volumes") if isinstance(v, dict)}
     taken = names & {TOKEN_VOLUME, STATE_VOLUME}
     if taken:
         raise InjectError(f"pod already has a volume named {sorted(taken)[0]}")
