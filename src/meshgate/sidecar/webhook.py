@@ -101,10 +101,11 @@ def server_tls(cert: Path, key: Path) -> ssl.SSLContext:
     """TLS 1.2+ server context; a missing or mismatched file is one ConfigError line."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    for path in (cert, key):
+        if not path.is_file():
+            raise ConfigError(f"{path}: file not found")
     try:
         ctx.load_cert_chain(cert, key)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{exc.filename}: file not found") from None
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(f"{cert}, {key}: not a usable certificate and key ({exc})") from None
     return ctx
