@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import ssl
@@ -101,6 +102,11 @@ def server_tls(cert: Path, key: Path) -> ssl.SSLContext:
     """TLS 1.2+ server context; a missing or mismatched file is one ConfigError line."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load_pair(ctx, cert, key)
+    return ctx
+
+
+def _load_pair(ctx: ssl.SSLContext, cert: Path, key: Path) -> None:
     for path in (cert, key):
         if not path.is_file():
             raise ConfigError(f"{path}: file not found")
@@ -108,19 +114,40 @@ def server_tls(cert: Path, key: Path) -> ssl.SSLContext:
         ctx.load_cert_chain(cert, key)
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(f"{cert}, {key}: not a usable certificate and key ({exc})") from None
-    return ctx
+
+
+def _stamp(cert: Path, key: Path) -> tuple[float, float]:
+    try:
+        return cert.stat().st_mtime, key.stat().st_mtime
+    except OSError:
+        return 0.0, 0.0
 
 
 class WebhookServer:
-    """The HTTPS server on host:port, serving `/mutate` and `/healthz`."""
+    """The HTTPS server on host:port, serving `/mutate` and `/healthz`.
+
+    The certificate is re-read when its files change (cert-manager renews the Secret and the
+    kubelet swaps the files): with `failurePolicy: Fail`, serving an expired certificate would
+    stop every agent pod from being admitted.
+    """
 
     def __init__(
-        self, settings: InjectSettings, cert: Path, key: Path, host: str, port: int
+        self,
+        settings: InjectSettings,
+        cert: Path,
+        key: Path,
+        host: str,
+        port: int,
+        reload_interval: float = 30.0,
     ) -> None:
+        self.cert, self.key = cert, key
         self.tls = server_tls(cert, key)
+        self._stamp = _stamp(cert, key)
         self.runner = web.AppRunner(make_app(settings), access_log=None)
         self.host = host
         self.port = port
+        self.reload_interval = reload_interval
+        self._reloader: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.runner.setup()
@@ -130,8 +157,34 @@ class WebhookServer:
         except OSError as exc:
             await self.runner.cleanup()
             raise ConfigError(f"cannot listen on {self.host}:{self.port}: {exc.strerror}") from None
+        self._reloader = asyncio.create_task(self._reload_loop())
+
+    def reload_if_changed(self) -> bool:
+        """Load the certificate again if its files changed; new handshakes use it. A bad new
+        pair is logged and the current one kept."""
+        stamp = _stamp(self.cert, self.key)
+        if stamp == self._stamp:
+            return False
+        try:
+            server_tls(self.cert, self.key)  # check the pair on a scratch context first
+            _load_pair(self.tls, self.cert, self.key)
+        except ConfigError as exc:
+            log.warning("keeping the current certificate: %s", exc)
+            return False
+        self._stamp = stamp
+        log.info("reloaded the serving certificate from %s", self.cert)
+        return True
+
+    async def _reload_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.reload_interval)
+            self.reload_if_changed()
 
     async def stop(self) -> None:
+        if self._reloader is not None:
+            self._reloader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reloader
         await self.runner.cleanup()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import ssl
 import subprocess
 import sys
@@ -172,6 +173,37 @@ async def test_https_end_to_end_with_a_verifying_client(tmp_path: Path) -> None:
         async with httpx.AsyncClient(timeout=5) as plain:
             with pytest.raises(httpx.HTTPError):
                 await plain.get(f"http://127.0.0.1:{port}/healthz")
+    finally:
+        await server.stop()
+
+
+async def test_a_renewed_certificate_is_served_without_a_restart(tmp_path: Path) -> None:
+    ca_a, cert, key = write_test_pki(tmp_path / "a", ["localhost"], name="a")
+    ca_b, cert_b, key_b = write_test_pki(tmp_path / "b", ["localhost"], name="b")
+    port = free_port()
+    server = WebhookServer(SETTINGS, cert, key, "127.0.0.1", port, reload_interval=3600)
+    await server.start()
+
+    async def healthy(ca: Path) -> bool:
+        verify = ssl.create_default_context(cafile=str(ca))
+        async with httpx.AsyncClient(verify=verify, timeout=5) as client:
+            try:
+                return (await client.get(f"https://localhost:{port}/healthz")).is_success
+            except httpx.ConnectError:
+                return False
+
+    try:
+        assert await healthy(ca_a) and not await healthy(ca_b)
+        assert server.reload_if_changed() is False  # nothing changed
+        # a broken renewal (key of another certificate) is refused; the old pair keeps serving
+        key.write_bytes(key_b.read_bytes())
+        os.utime(key, (1, 1))
+        assert server.reload_if_changed() is False
+        assert await healthy(ca_a)
+        cert.write_bytes(cert_b.read_bytes())
+        os.utime(cert, (2, 2))
+        assert server.reload_if_changed() is True
+        assert await healthy(ca_b) and not await healthy(ca_a)
     finally:
         await server.stop()
 
