@@ -309,3 +309,27 @@ def test_placeholder_ca_bundle_is_base64() -> None:
         base64.b64decode(hook["clientConfig"]["caBundle"], validate=True)
     except binascii.Error as exc:  # pragma: no cover - the assertion message is the point
         raise AssertionError(f"caBundle is not base64: {exc}") from None
+
+
+def test_serve_gateway_address_reaches_the_sidecars_gateway_cluster(tmp_path: Path) -> None:
+    """The control plane's `--gateway-address` is what makes in-cluster sidecars dial the
+    gateway Service instead of loopback."""
+    from envoy.config.cluster.v3 import cluster_pb2
+
+    from meshgate.controlplane.server import ControlPlane, ServeOptions
+    from meshgate.controlplane.sources import DirectorySource
+    from meshgate.sidecar.launcher import parse_address
+    from meshgate.xds.sidecar import GATEWAY_CLUSTER, sidecar_resources
+
+    cp_cmd = container(find("Deployment", "meshgate-control-plane"))["command"]
+    address = parse_address(flag(cp_cmd, "--gateway-address"))
+    opts = ServeOptions(gateway_address=address)
+    cp = ControlPlane(DirectorySource(tmp_path), tmp_path / "state", opts)
+    clusters = [
+        r
+        for r in sidecar_resources("coder", 15001, cp.translate)
+        if isinstance(r, cluster_pb2.Cluster) and r.name == GATEWAY_CLUSTER
+    ]
+    (cluster,) = clusters
+    sock = cluster.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address
+    assert (sock.address, sock.port_value) == ("meshgate-gateway.meshgate-system.svc", 15001)
