@@ -163,12 +163,21 @@ def serve(
     vault_namespace: VaultNamespaceOpt = None,
     vault_role_id: VaultRoleIdOpt = None,
     vault_intermediate_ttl: VaultTtlOpt = "30d",
+    gateway_address: Annotated[
+        str | None,
+        typer.Option(help="HOST:PORT sidecars send to (a gateway Service); default loopback."),
+    ] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the control plane only (xDS + admin HTTP), serving POLICIES."""
     from meshgate.controlplane.server import ServeOptions
+    from meshgate.sidecar.launcher import parse_address
 
     _setup_logging(verbose)
+    try:
+        gateway_at = parse_address(gateway_address) if gateway_address else None
+    except MeshgateError as exc:
+        raise _fail(str(exc).replace("--control-plane", "--gateway-address")) from None
     opts = ServeOptions(
         host,
         xds_port,
@@ -189,6 +198,7 @@ def serve(
             vault_role_id,
             vault_intermediate_ttl,
         ),
+        gateway_address=gateway_at,
     )
 
     async def main(stop: asyncio.Event) -> None:
@@ -547,15 +557,33 @@ def token_create(
     ] = None,
     ttl: Annotated[str, typer.Option(help="Lifetime: 30s, 10m, 12h, 7d.")] = "1h",
     state_dir: StateOpt = DEFAULT_STATE,
+    format: Annotated[
+        str, typer.Option("--format", help="token, or k8s-secret (a Secret manifest).")
+    ] = "token",
+    namespace: Annotated[
+        str | None, typer.Option(help="Namespace of the k8s-secret (the agent pods').")
+    ] = None,
 ) -> None:
     """Print a signed join token (JWT) for one node; its id is on stderr for revocation."""
     from meshgate.identity.tokens import TokenAuthority
 
     if (agent is None) == (gateway_name is None):
         raise _fail("give exactly one of --agent NAME or --gateway NAME")
+    if format not in ("token", "k8s-secret"):
+        raise _fail(f"--format must be token or k8s-secret, got {format!r}")
+    if namespace is not None and format != "k8s-secret":
+        raise _fail("--namespace applies to --format k8s-secret only")
     subject = f"agent/{agent}" if agent else f"gateway/{gateway_name}"
     token, claims = TokenAuthority(state_dir).create(subject, parse_ttl(ttl))
-    print(token)
+    if format == "k8s-secret":
+        import yaml
+
+        from meshgate.sidecar.injector import token_secret
+
+        secret = token_secret(subject, token, claims.token_id, claims.expires_at, namespace)
+        print(yaml.safe_dump(secret, sort_keys=False), end="")
+    else:
+        print(token)
     err_console.print(f"token id {claims.token_id} for {subject}, valid {ttl}", highlight=False)
 
 
@@ -569,6 +597,71 @@ def token_revoke(
 
     TokenAuthority(state_dir).revoke(token_id)
     console.print(f"revoked {token_id}")
+
+
+inject_app = typer.Typer(help="Kubernetes sidecar injection.", no_args_is_help=True)
+app.add_typer(inject_app, name="inject")
+
+ImageOpt = Annotated[str, typer.Option(help="Image of the injected sidecar (has meshgate, envoy).")]
+InjectCpOpt = Annotated[str, typer.Option(help="xDS address HOST:PORT the sidecars dial.")]
+InjectAdminOpt = Annotated[int, typer.Option(help="Sidecar Envoy admin port (loopback).")]
+
+
+def _inject_settings(image: str, control_plane: str, sidecar_port: int, admin_port: int) -> Any:
+    from meshgate.sidecar.injector import InjectSettings
+
+    try:
+        return InjectSettings(image, control_plane, sidecar_port, admin_port)
+    except MeshgateError as exc:
+        raise _fail(str(exc)) from None
+
+
+@inject_app.command("serve")
+def inject_serve(
+    cert: Annotated[Path, typer.Option(help="TLS certificate (PEM) the API server verifies.")],
+    key: Annotated[Path, typer.Option(help="Its private key (PEM).")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="HTTPS port (POST /mutate, GET /healthz).")] = 8443,
+    image: ImageOpt = "ghcr.io/meshgate/meshgate:0.1.0",
+    control_plane: InjectCpOpt = "meshgate-control-plane.meshgate-system.svc:18000",
+    sidecar_port: SidecarPortOpt = 15080,
+    admin_port: InjectAdminOpt = 15090,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run the mutating admission webhook that injects sidecars into labelled agent pods."""
+    from meshgate.sidecar.webhook import serve_webhook
+
+    settings = _inject_settings(image, control_plane, sidecar_port, admin_port)
+    _setup_logging(verbose)
+
+    async def main(stop: asyncio.Event) -> None:
+        await serve_webhook(settings, cert, key, host, port, stop)
+
+    _run_until_signal(main)
+
+
+@inject_app.command("pod")
+def inject_pod(
+    file: Annotated[
+        Path, typer.Argument(help="Manifest YAML, several documents allowed; - is stdin.")
+    ],
+    image: ImageOpt = "ghcr.io/meshgate/meshgate:0.1.0",
+    control_plane: InjectCpOpt = "meshgate-control-plane.meshgate-system.svc:18000",
+    sidecar_port: SidecarPortOpt = 15080,
+    admin_port: InjectAdminOpt = 15090,
+) -> None:
+    """Print FILE with labelled Pods (and pod templates) injected as the webhook would."""
+    from meshgate.sidecar.injector import inject_manifests
+
+    settings = _inject_settings(image, control_plane, sidecar_port, admin_port)
+    try:
+        text = sys.stdin.read() if str(file) == "-" else file.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _fail(f"{file}: cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        print(inject_manifests(text, str(file), settings), end="")
+    except MeshgateError as exc:
+        raise _fail(str(exc)) from None
 
 
 PolicyDirArg = Annotated[Path, typer.Argument(help="Policy directory.")]

@@ -82,6 +82,7 @@ class ServeOptions:
     vault_ca: VaultCASettings | None = None  # Vault's PKI signs the intermediate (needs mtls)
     debounce_quiet: float = 0.1
     debounce_max: float = 1.0
+    gateway_address: tuple[str, int] | None = None  # where sidecars reach gateways (a Service)
 
 
 class ControlPlane:
@@ -121,7 +122,10 @@ class ControlPlane:
         self._tasks: list[asyncio.Task[None]] = []
         self.ready = False
         self.translate = TranslateOptions(
-            options.gateway_bind, options.system_ca_file, options.sidecar_port
+            options.gateway_bind,
+            options.system_ca_file,
+            options.sidecar_port,
+            options.gateway_address,
         )
         self._serving: Serving | None = None
         self.vault_ca: VaultUpstreamCA | None = None

@@ -1,0 +1,335 @@
+"""deploy/: every manifest against the Kubernetes schemas, and the pieces agree with each other.
+
+Schema validity is not enough for a deployment to work: selectors must select, Services must
+point at named ports, the webhook must call the injector's Service, every command line must
+parse with the real CLI, and the NetworkPolicy must let agents reach exactly the gateway and
+the control plane.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+import yaml
+from kube import validate
+
+from meshgate.cli import app
+from meshgate.sidecar.injector import (
+    AGENT_LABEL,
+    SIDECAR_NAME,
+    InjectSettings,
+    inject_object,
+    token_secret_name,
+)
+
+DEPLOY = Path(__file__).resolve().parents[3] / "deploy"
+MANIFESTS = sorted(p for p in DEPLOY.rglob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def load(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+ALL = [doc for path in MANIFESTS for doc in load(path)]
+
+
+def find(kind: str, name: str) -> dict[str, Any]:
+    matches = [d for d in ALL if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{kind} {name}: {len(matches)} found"
+    return matches[0]
+
+
+def flag(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+def container(deployment: dict[str, Any]) -> dict[str, Any]:
+    containers: list[dict[str, Any]] = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return containers[0]
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    for key, value in selector.get("matchLabels", {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions", []):
+        if expr["operator"] == "Exists" and expr["key"] not in labels:
+            return False
+        if expr["operator"] == "In" and labels.get(expr["key"]) not in expr["values"]:
+            return False
+    return True
+
+
+def test_the_manifests_are_found() -> None:
+    names = {p.relative_to(DEPLOY).as_posix() for p in MANIFESTS}
+    assert {"control-plane.yaml", "gateway.yaml", "injector.yaml"} <= names
+    assert {"agents/network-policy.yaml", "agents/example-agent.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.relative_to(DEPLOY).as_posix())
+def test_every_manifest_validates_against_the_kubernetes_schemas(path: Path) -> None:
+    docs = load(path)
+    assert docs
+    for doc in docs:
+        validate(doc)
+
+
+@pytest.mark.parametrize("directory", [DEPLOY, DEPLOY / "agents"], ids=["deploy", "agents"])
+def test_kustomizations_list_every_manifest_beside_them(directory: Path) -> None:
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    assert kustomization["kind"] == "Kustomization"
+    beside = {p.name for p in directory.glob("*.yaml") if p.name != "kustomization.yaml"}
+    assert set(kustomization["resources"]) == beside
+
+
+def test_kinds_and_api_versions_are_the_current_ones() -> None:
+    versions = {(d["kind"], d["apiVersion"]) for d in ALL}
+    assert versions >= {
+        ("Deployment", "apps/v1"),
+        ("Service", "v1"),
+        ("PodDisruptionBudget", "policy/v1"),
+        ("HorizontalPodAutoscaler", "autoscaling/v2"),
+        ("MutatingWebhookConfiguration", "admissionregistration.k8s.io/v1"),
+        ("NetworkPolicy", "networking.k8s.io/v1"),
+        ("ServiceAccount", "v1"),
+        ("Namespace", "v1"),
+    }
+
+
+def test_selectors_select_and_services_target_named_ports() -> None:
+    deployments = [d for d in ALL if d["kind"] == "Deployment"]
+    for dep in deployments:
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        assert selects(dep["spec"]["selector"], labels), dep["metadata"]["name"]
+        sa = dep["spec"]["template"]["spec"]["serviceAccountName"]
+        find("ServiceAccount", sa)
+    for svc in (d for d in ALL if d["kind"] == "Service"):
+        targets = [
+            d
+            for d in deployments
+            if d["metadata"]["namespace"] == svc["metadata"]["namespace"]
+            and selects(
+                {"matchLabels": svc["spec"]["selector"]},
+                d["spec"]["template"]["metadata"]["labels"],
+            )
+        ]
+        assert len(targets) == 1, svc["metadata"]["name"]
+        port_names = {p["name"] for p in container(targets[0]).get("ports", [])}
+        for port in svc["spec"]["ports"]:
+            assert port["targetPort"] in port_names
+    for pdb in (d for d in ALL if d["kind"] == "PodDisruptionBudget"):
+        dep = find("Deployment", pdb["metadata"]["name"])
+        assert selects(pdb["spec"]["selector"], dep["spec"]["template"]["metadata"]["labels"])
+        assert pdb["spec"]["minAvailable"] < dep["spec"]["replicas"]
+
+
+def test_replica_counts_and_autoscaling() -> None:
+    assert find("Deployment", "meshgate-control-plane")["spec"]["replicas"] == 2
+    gateway = find("Deployment", "meshgate-gateway")
+    assert gateway["spec"]["replicas"] >= 3
+    hpa = find("HorizontalPodAutoscaler", "meshgate-gateway")
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "meshgate-gateway",
+    }
+    assert hpa["spec"]["minReplicas"] == gateway["spec"]["replicas"] < hpa["spec"]["maxReplicas"]
+    # HPA utilization needs CPU requests
+    assert container(gateway)["resources"]["requests"]["cpu"]
+
+
+def _parse_with_cli(command: list[str]) -> Any:
+    """Parse a manifest's command line with the real `meshgate` CLI (unknown flags fail)."""
+    assert command[0] == "meshgate"
+    cmd: Any = typer.main.get_command(app)
+    args = command[1:]
+    while hasattr(cmd, "commands"):  # a command group
+        cmd = cmd.commands[args[0]]
+        args = args[1:]
+    return cmd.make_context(cmd.name or "", list(args))
+
+
+def test_every_command_line_parses_with_the_real_cli() -> None:
+    commands = [container(d)["command"] for d in ALL if d["kind"] == "Deployment"]
+    commands = [c for c in commands if c[0] == "meshgate"]
+    assert len(commands) == 3
+    example = find("Deployment", "coder")
+    injected = inject_object(example, InjectSettings())
+    commands.append(injected["spec"]["template"]["spec"]["initContainers"][0]["command"])
+    for command in commands:
+        ctx = _parse_with_cli(command)
+        assert ctx.params  # parsed into the command's parameters
+
+
+def test_addresses_and_ports_agree_across_components() -> None:
+    cp = container(find("Deployment", "meshgate-control-plane"))["command"]
+    gw = container(find("Deployment", "meshgate-gateway"))["command"]
+    inj = container(find("Deployment", "meshgate-injector"))["command"]
+    cp_svc = find("Service", "meshgate-control-plane")
+    gw_svc = find("Service", "meshgate-gateway")
+    xds_port = {p["name"]: p["port"] for p in cp_svc["spec"]["ports"]}["xds"]
+    assert str(xds_port) == flag(cp, "--xds-port")
+    cp_address = f"meshgate-control-plane.meshgate-system.svc:{xds_port}"
+    assert flag(gw, "--control-plane") == flag(inj, "--control-plane") == cp_address
+    egress_port = gw_svc["spec"]["ports"][0]["port"]
+    assert flag(cp, "--gateway-address") == f"meshgate-gateway.meshgate-system.svc:{egress_port}"
+    assert flag(cp, "--sidecar-port") == flag(inj, "--sidecar-port")
+    assert flag(inj, "--image") == container(find("Deployment", "meshgate-injector"))["image"]
+    assert "--require-tokens" in cp and "--mtls" in cp  # the NetworkPolicy is not the only guard
+
+
+def test_webhook_configuration_calls_the_injector_for_labelled_pods_only() -> None:
+    config = find("MutatingWebhookConfiguration", "meshgate-injector")
+    (hook,) = config["webhooks"]
+    assert hook["admissionReviewVersions"] == ["v1"] and hook["sideEffects"] == "None"
+    assert hook["failurePolicy"] == "Fail"
+    service = hook["clientConfig"]["service"]
+    svc = find("Service", service["name"])
+    assert service["namespace"] == svc["metadata"]["namespace"] == "meshgate-system"
+    assert service["port"] == svc["spec"]["ports"][0]["port"] and service["path"] == "/mutate"
+    inj = container(find("Deployment", "meshgate-injector"))
+    assert svc["spec"]["ports"][0]["targetPort"] == inj["ports"][0]["name"]
+    assert inj["ports"][0]["containerPort"] == int(flag(inj["command"], "--port"))
+    base64.b64decode(hook["clientConfig"]["caBundle"], validate=True)
+    assert hook["rules"] == [
+        {
+            "operations": ["CREATE"],
+            "apiGroups": [""],
+            "apiVersions": ["v1"],
+            "resources": ["pods"],
+            "scope": "Namespaced",
+        }
+    ]
+    assert hook["namespaceSelector"] == {"matchLabels": {"meshgate.dev/injection": "enabled"}}
+    assert hook["objectSelector"] == {
+        "matchExpressions": [{"key": AGENT_LABEL, "operator": "Exists"}]
+    }
+    system = find("Namespace", "meshgate-system")["metadata"].get("labels", {})
+    assert not selects(hook["namespaceSelector"], system)  # meshgate never injects itself
+    agents = find("Namespace", "agents")["metadata"]["labels"]
+    assert selects(hook["namespaceSelector"], agents)
+
+
+def test_agent_network_policy_allows_only_gateway_control_plane_and_dns() -> None:
+    policy = find("NetworkPolicy", "meshgate-agents")
+    spec = policy["spec"]
+    assert spec["podSelector"] == {} and set(spec["policyTypes"]) == {"Ingress", "Egress"}
+    assert spec["ingress"] == []
+    allowed: dict[str, set[tuple[str, int]]] = {}
+    for rule in spec["egress"]:
+        (peer,) = rule["to"]
+        namespace = peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        labels = peer["podSelector"]["matchLabels"]
+        target = f"{namespace}/{next(iter(labels.values()))}"
+        allowed[target] = {(p["protocol"], p["port"]) for p in rule["ports"]}
+        assert "ipBlock" not in peer
+    gw_port = find("Service", "meshgate-gateway")["spec"]["ports"][0]["port"]
+    assert allowed == {
+        "meshgate-system/meshgate-gateway": {("TCP", gw_port)},
+        "meshgate-system/meshgate-control-plane": {("TCP", 18000)},
+        "kube-system/kube-dns": {("UDP", 53), ("TCP", 53)},
+    }
+    for name in ("meshgate-gateway", "meshgate-control-plane"):
+        labels = find("Deployment", name)["spec"]["template"]["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == name
+
+
+def test_meshgate_system_ingress_admits_agents_and_gateways() -> None:
+    agent_pod = find("Deployment", "coder")["spec"]["template"]["metadata"]["labels"]
+    agent_ns = find("Namespace", "agents")["metadata"]["labels"]
+    gw = find("NetworkPolicy", "meshgate-gateway-ingress")["spec"]["ingress"][0]["from"][0]
+    assert selects(gw["namespaceSelector"], agent_ns) and selects(gw["podSelector"], agent_pod)
+    cp_rules = find("NetworkPolicy", "meshgate-control-plane-ingress")["spec"]["ingress"]
+    xds = next(r for r in cp_rules if r["ports"] == [{"protocol": "TCP", "port": 18000}])
+    assert any(
+        "podSelector" in p
+        and selects(p["podSelector"], {"app.kubernetes.io/name": "meshgate-gateway"})
+        for p in xds["from"]
+    )
+
+
+def test_containers_are_locked_down() -> None:
+    for dep in (d for d in ALL if d["kind"] == "Deployment"):
+        pod = dep["spec"]["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] and sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"] == {"drop": ["ALL"]}
+            assert {"requests", "limits"} <= set(c["resources"])
+
+
+def test_the_sample_agent_runs_on_the_agent_pool_and_injects_cleanly() -> None:
+    example = find("Deployment", "coder")
+    pod = example["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"meshgate.dev/pool": "agents"}
+    assert {
+        "key": "meshgate.dev/agents",
+        "operator": "Equal",
+        "value": "true",
+        "effect": "NoSchedule",
+    } in pod["tolerations"]
+    inj = container(find("Deployment", "meshgate-injector"))["command"]
+    settings = InjectSettings(
+        image=flag(inj, "--image"),
+        control_plane=flag(inj, "--control-plane"),
+        sidecar_port=int(flag(inj, "--sidecar-port")),
+        admin_port=int(flag(inj, "--admin-port")),
+    )
+    injected = inject_object(example, settings)
+    validate(injected)
+    spec = injected["spec"]["template"]["spec"]
+    assert spec["initContainers"][0]["name"] == SIDECAR_NAME
+    assert spec["nodeSelector"] == pod["nodeSelector"]  # placement is untouched
+    secret = spec["volumes"][0]["projected"]["sources"][0]["secret"]["name"]
+    assert secret == token_secret_name("coder")
+    assert "meshgate-join-coder" in (DEPLOY / "agents" / "example-agent.yaml").read_text()
+
+
+def test_exec_probes_are_valid_python() -> None:
+    for dep in (d for d in ALL if d["kind"] == "Deployment"):
+        for c in dep["spec"]["template"]["spec"]["containers"]:
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                command = c.get(probe, {}).get("exec", {}).get("command")
+                if command:
+                    assert command[:2] == ["python3", "-c"]
+                    compile(command[2], probe, "exec")
+
+
+def test_placeholder_ca_bundle_is_base64() -> None:
+    hook = find("MutatingWebhookConfiguration", "meshgate-injector")["webhooks"][0]
+    try:
+        base64.b64decode(hook["clientConfig"]["caBundle"], validate=True)
+    except binascii.Error as exc:  # pragma: no cover - the assertion message is the point
+        raise AssertionError(f"caBundle is not base64: {exc}") from None
+
+
+def test_serve_gateway_address_reaches_the_sidecars_gateway_cluster(tmp_path: Path) -> None:
+    """The control plane's `--gateway-address` is what makes in-cluster sidecars dial the
+    gateway Service instead of loopback."""
+    from envoy.config.cluster.v3 import cluster_pb2
+
+    from meshgate.controlplane.server import ControlPlane, ServeOptions
+    from meshgate.controlplane.sources import DirectorySource
+    from meshgate.sidecar.launcher import parse_address
+    from meshgate.xds.sidecar import GATEWAY_CLUSTER, sidecar_resources
+
+    cp_cmd = container(find("Deployment", "meshgate-control-plane"))["command"]
+    address = parse_address(flag(cp_cmd, "--gateway-address"))
+    opts = ServeOptions(gateway_address=address)
+    cp = ControlPlane(DirectorySource(tmp_path), tmp_path / "state", opts)
+    clusters = [
+        r
+        for r in sidecar_resources("coder", 15001, cp.translate)
+        if isinstance(r, cluster_pb2.Cluster) and r.name == GATEWAY_CLUSTER
+    ]
+    (cluster,) = clusters
+    sock = cluster.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address
+    assert (sock.address, sock.port_value) == ("meshgate-gateway.meshgate-system.svc", 15001)

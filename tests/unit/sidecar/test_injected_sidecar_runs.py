@@ -1,0 +1,115 @@
+"""The injected pod's containers, run locally: the sidecar's own command line starts a real Envoy
+against a real control plane (tokens and mTLS required), its startup probe turns green, and the
+app container's injected environment sends traffic through it under the agent's policy.
+
+Only what a kubelet does is simulated: `meshgate` is this checkout, the mounted token and state
+paths are rewritten to temp paths, and `$(MESHGATE_POD_NAME)` is expanded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from builders import free_port
+from e2e.harness import control_plane, gateway, upstream, write_policy
+
+from meshgate.sidecar.injector import STATE_DIR, TOKEN_FILE, InjectSettings, inject
+
+pytestmark = pytest.mark.e2e
+
+POD_NAME = "coder-7d9f8-x2x4q"
+APP = """\
+import json, urllib.request, urllib.error
+out = {}
+for host in ("alpha.internal", "beta.internal"):
+    try:
+        with urllib.request.urlopen(f"http://{host}/work", timeout=10) as r:
+            out[host] = r.status
+    except urllib.error.HTTPError as e:
+        out[host] = e.code
+print(json.dumps(out))
+"""
+
+
+def as_local(command: list[str], tmp: Path) -> list[str]:
+    """The container's command as this machine runs it."""
+    assert command[0] == "meshgate"
+    swap = {TOKEN_FILE: str(tmp / "token"), STATE_DIR: str(tmp / "sidecar-state")}
+    rest = [swap.get(a, a).replace("$(MESHGATE_POD_NAME)", POD_NAME) for a in command[1:]]
+    return [sys.executable, "-m", "meshgate.cli", *rest]
+
+
+def container_env(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+
+async def probe_until_ok(command: list[str], timeout: float = 40) -> None:
+    assert command[0] == "python3"
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        proc = await asyncio.create_subprocess_exec(sys.executable, *command[1:])
+        if await proc.wait() == 0:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("the sidecar's startup probe never succeeded")
+        await asyncio.sleep(0.2)
+
+
+async def test_injected_sidecar_command_runs_envoy_and_serves_the_app(tmp_path: Path) -> None:
+    async with upstream("alpha") as up_a, upstream("beta") as up_b:
+        policy = tmp_path / "policies"
+        write_policy(
+            policy,
+            free_port(),
+            {"alpha": up_a.port, "beta": up_b.port},
+            agents={"coder": ["alpha"], "researcher": ["beta"]},
+        )
+        async with (
+            control_plane(policy, tmp_path / "cp", require_tokens=True, mtls=True) as cp,
+            gateway(cp, tmp_path),
+        ):
+            assert cp.tokens is not None
+            token, _ = cp.tokens.create("agent/coder", 600)
+            (tmp_path / "token").write_text(token + "\n")  # as the projected Secret file
+            settings = InjectSettings(
+                image="meshgate:test",
+                control_plane=cp.xds_address,
+                sidecar_port=cp.options.sidecar_port,
+                admin_port=free_port(),
+            )
+            pod = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": POD_NAME, "labels": {"meshgate.dev/agent": "coder"}},
+                "spec": {"containers": [{"name": "agent", "image": "python:3.12"}]},
+            }
+            spec = inject(pod, settings)["spec"]
+            sidecar, app = spec["initContainers"][0], spec["containers"][0]
+            proc = await asyncio.create_subprocess_exec(
+                *as_local(sidecar["command"], tmp_path),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            try:
+                await probe_until_ok(sidecar["startupProbe"]["exec"]["command"])
+                node = f"agent/coder/{POD_NAME}"
+                assert node in {c.node_id for c in cp.registry.connections()}
+                env = {"PATH": os.environ.get("PATH", ""), **container_env(app)}
+                run = await asyncio.create_subprocess_exec(
+                    sys.executable, "-c", APP, env=env, stdout=asyncio.subprocess.PIPE
+                )
+                out, _ = await asyncio.wait_for(run.communicate(), 30)
+                assert json.loads(out) == {"alpha.internal": 200, "beta.internal": 403}
+                assert len(up_a.hits) == 1 and not up_b.hits
+            finally:
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGTERM)  # what the kubelet sends a sidecar
+                _, err = await asyncio.wait_for(proc.communicate(), 15)
+            assert proc.returncode == 0, err.decode()
