@@ -15,6 +15,7 @@ from envoy.config.core.v3 import base_pb2, config_source_pb2, grpc_service_pb2, 
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import duration_pb2, json_format
 
+from meshgate.sidecar.strict import netns_listener
 from meshgate.xds.common import ads, pack, socket_address
 
 XDS_CLUSTER = "meshgate-xds"
@@ -30,6 +31,7 @@ class BootstrapSpec:
     admin_host: str = "127.0.0.1"
     delta: bool = False
     metadata: tuple[tuple[str, str], ...] = field(default=())  # gRPC initial metadata
+    netns_path: str | None = None  # strict mode: also listen inside this network namespace
 
 
 def build_bootstrap(spec: BootstrapSpec) -> bootstrap_pb2.Bootstrap:
@@ -74,6 +76,8 @@ def build_bootstrap(spec: BootstrapSpec) -> bootstrap_pb2.Bootstrap:
         static_resources=bootstrap_pb2.Bootstrap.StaticResources(clusters=[xds_cluster]),
     )
     boot.admin.address.CopyFrom(socket_address(spec.admin_host, spec.admin_port))
+    if spec.netns_path is not None:
+        boot.static_resources.listeners.append(netns_listener(spec.netns_path))
     return boot
 
 

@@ -1,0 +1,82 @@
+"""Strict mode's jail: exec CMD in a new network namespace that has only a loopback interface.
+
+The launcher runs `python -m meshgate.sidecar.netns_exec FD CMD [ARGS...]` (see strict.py).
+We create the namespace, bring `lo` up and report over the socket FD; the launcher then has
+its Envoy open a listener inside our namespace (via /proc/<our pid>/ns/net) and says "go";
+we exec CMD, keeping our pid, so CMD's exit status and signals are the launcher's child's.
+
+Python 3.11 has no os.unshare, so unshare(2) and the interface ioctls go through ctypes and
+fcntl: no `ip`/`unshare` binaries needed. Imports stay minimal: this runs on every strict start.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import socket
+import struct
+import sys
+
+CLONE_NEWNET = 0x40000000
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+IFREQ = "16sh22x"  # struct ifreq: name, then the union's short ifr_flags, padded to 40 bytes
+
+NEEDS_PRIVILEGE = (
+    "strict mode needs root or CAP_SYS_ADMIN and CAP_NET_ADMIN (to create a network "
+    "namespace); run without --strict or grant the capabilities"
+)
+
+
+def enter_empty_netns() -> None:
+    """Move this process into a fresh network namespace and bring its loopback up.
+
+    A new namespace has only `lo`, down; with it up, 127.0.0.1 works (for the in-namespace
+    proxy listener) and every other destination is unreachable (no other interface, no route).
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        got = fcntl.ioctl(sock, SIOCGIFFLAGS, struct.pack(IFREQ, b"lo", 0))
+        flags = struct.unpack(IFREQ, got)[1]
+        fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack(IFREQ, b"lo", flags | IFF_UP))
+
+
+def describe(exc: OSError) -> str:
+    if exc.errno == errno.EPERM:
+        return NEEDS_PRIVILEGE
+    return f"strict mode cannot create a network namespace: {exc.strerror}"
+
+
+def main(argv: list[str]) -> int:
+    """Protocol on FD: we send `ready` or `error MESSAGE`; on `go` we exec CMD. The socket is
+    close-on-exec, so after `go` the launcher reads EOF on success or `error MESSAGE`."""
+    if len(argv) < 2 or not argv[0].isdigit():
+        print("usage: python -m meshgate.sidecar.netns_exec FD CMD [ARGS...]", file=sys.stderr)
+        return 2
+    chan = socket.socket(fileno=int(argv[0]))
+    command = argv[1:]
+    try:
+        enter_empty_netns()
+    except OSError as exc:
+        chan.sendall(f"error {describe(exc)}\n".encode())
+        return 1
+    chan.sendall(b"ready\n")
+    with chan.makefile("rb") as lines:
+        if lines.readline().strip() != b"go":  # the launcher gave up (EOF): never run CMD
+            return 1
+    chan.set_inheritable(False)
+    try:
+        os.execvp(command[0], command)
+    except OSError as exc:
+        chan.sendall(f"error cannot run {command[0]!r}: {exc.strerror}\n".encode())
+    return 127
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
