@@ -340,6 +340,14 @@ def sidecar_run(
     instance: Annotated[str, typer.Option(help="Instance id (node agent/NAME/ID).")] = "local",
     state_dir: StateOpt = DEFAULT_STATE,
     token_file: TokenFileOpt = None,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help="Run CMD in its own network namespace whose only way out is the sidecar "
+            "(needs root).",
+        ),
+    ] = False,
 ) -> None:
     """Run AGENT's sidecar Envoy; with `-- CMD ARGS`, run CMD behind it and exit with its status."""
     from meshgate.sidecar.launcher import run_sidecar
@@ -351,7 +359,15 @@ def sidecar_run(
     async def main(stop: asyncio.Event) -> None:
         result.append(
             await run_sidecar(
-                agent, instance, control_plane, admin_port, state_dir, command, stop, token_file
+                agent,
+                instance,
+                control_plane,
+                admin_port,
+                state_dir,
+                command,
+                stop,
+                token_file,
+                strict=strict,
             )
         )
 
