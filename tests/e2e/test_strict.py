@@ -27,8 +27,18 @@ pytestmark = pytest.mark.e2e
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="strict mode needs root; CI runs as root")
 
 AGENT_SCRIPT = """\
-import json, os, socket, sys, httpx
+import ctypes, json, os, socket, sys, httpx
 out = {"proxy": os.environ["HTTP_PROXY"], "direct": {}}
+# a root agent trying to climb back into its parent's (the host's) network namespace
+libc = ctypes.CDLL(None, use_errno=True)
+try:
+    fd = os.open(f"/proc/{os.getppid()}/ns/net", os.O_RDONLY)
+    back = libc.setns(fd, 0x40000000) == 0  # CLONE_NEWNET
+    out["setns"] = "ok" if back else os.strerror(ctypes.get_errno())
+except OSError as exc:
+    out["setns"] = exc.strerror
+cap_eff = int(next(l for l in open("/proc/self/status") if l.startswith("CapEff")).split()[1], 16)
+out["cap_sys_admin"], out["cap_net_admin"] = bool(cap_eff >> 21 & 1), bool(cap_eff >> 12 & 1)
 for target in sys.argv[1:]:  # dial the upstream itself, ignoring the proxy
     ip, port = target.rsplit(":", 1)
     try:
@@ -120,12 +130,16 @@ async def test_strict_blocks_direct_dials_and_keeps_the_proxy(tmp_path: Path) ->
     assert strict["direct"].pop(f"127.0.0.1:{up.port}") == "Connection refused"
     assert set(strict["direct"].values()) <= {"Network is unreachable"}
     assert strict["proxy"] == "http://127.0.0.1:15080"
+    # even as root it cannot get back out: the jail dropped the capabilities for that
+    assert strict["setns"] in {"Permission denied", "Operation not permitted"}
+    assert (strict["cap_sys_admin"], strict["cap_net_admin"]) == (False, False)
     # ... while the proxy still works, and still enforces policy
     assert strict["allowed"] == [200, {"upstream": "allowed", "path": "/work"}]
     assert strict["forbidden"][0] == 403
     assert strict["forbidden"][1]["error"] == "egress_denied"
     # the control: without --strict the same direct dials reach the upstream
     assert set(control["direct"].values()) == {"connected"}
+    assert control["setns"] == "ok"  # the same escape works with the capabilities
     assert len(control["direct"]) == len(targets)
     assert control["allowed"][0] == 200
     assert control["forbidden"][0] == 403
