@@ -178,16 +178,9 @@ async def test_strict_forwards_signals_and_stops_envoy(tmp_path: Path) -> None:
         httpx.get(f"http://127.0.0.1:{admin}/ready", timeout=2)
 
 
-@needs_root
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
-@pytest.mark.parametrize("dropped", ["-sys_admin,-net_admin", "-net_admin"])
-async def test_strict_without_capabilities_fails_clearly_before_envoy(
-    tmp_path: Path, dropped: str
-) -> None:
-    """Root without the capabilities (as in a default container) gets the one-line error."""
-    setpriv = ["setpriv", "--bounding-set", dropped, "--inh-caps", "-all", "--"]
-    cmd = [
-        *setpriv,
+def offline_cmd(state: Path, *command: str) -> list[str]:
+    """`sidecar run --strict` against a control plane that is not there (fails before it)."""
+    return [
         sys.executable,
         "-m",
         "meshgate.cli",
@@ -201,14 +194,64 @@ async def test_strict_without_capabilities_fails_clearly_before_envoy(
         "--admin-port",
         str(free_port()),
         "--state-dir",
-        str(tmp_path / "sc"),
-        "--",
-        "true",
+        str(state),
+        *(["--", *command] if command else []),
     ]
-    code, _, err = await run(cmd)
+
+
+NEEDS_PRIVILEGE = (
+    "error: strict mode needs root or CAP_SYS_ADMIN and CAP_NET_ADMIN (to create a network "
+    "namespace); run without --strict or grant the capabilities"
+)
+
+
+@needs_root
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+@pytest.mark.parametrize(
+    ("dropped", "error"),
+    [
+        ("-sys_admin,-net_admin", NEEDS_PRIVILEGE),
+        ("-sys_admin", NEEDS_PRIVILEGE),  # unshare(CLONE_NEWNET) itself is refused
+        ("-net_admin", NEEDS_PRIVILEGE),  # the namespace is made, its loopback cannot go up
+        (
+            "-setpcap",
+            "error: strict mode cannot drop CMD's capabilities: Operation not permitted; "
+            "run as root",
+        ),
+    ],
+    ids=["neither", "no-sys-admin", "no-net-admin", "no-setpcap"],
+)
+async def test_strict_without_capabilities_fails_clearly_before_envoy(
+    tmp_path: Path, dropped: str, error: str
+) -> None:
+    """Root without the capabilities (as in a default container) gets a one-line error."""
+    marker = tmp_path / "cmd-ran"
+    setpriv = ["setpriv", "--bounding-set", dropped, "--inh-caps", "-all", "--"]
+    code, _, err = await run([*setpriv, *offline_cmd(tmp_path / "sc", "touch", str(marker))])
+    assert code == 1
+    assert err.strip().splitlines() == [error]
+    assert not (tmp_path / "sc").exists()  # failed before any bootstrap was written or Envoy ran
+    assert not marker.exists()
+
+
+@needs_root
+async def test_strict_never_runs_cmd_when_envoy_fails(tmp_path: Path) -> None:
+    marker = tmp_path / "cmd-ran"
+    cmd = offline_cmd(tmp_path / "sc", "touch", str(marker))
+    proc = await asyncio.create_subprocess_exec(
+        *cmd,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "MESHGATE_ENVOY": shutil.which("false") or "/bin/false"},
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1
+    assert err.decode().startswith("error: envoy exited with status 1 before it was ready")
+    assert not marker.exists()
+
+
+async def test_strict_needs_a_command(tmp_path: Path) -> None:
+    code, _, err = await run(offline_cmd(tmp_path / "sc"))
     assert code == 1
     assert err.strip().splitlines() == [
-        "error: strict mode needs root or CAP_SYS_ADMIN and CAP_NET_ADMIN (to create a network "
-        "namespace); run without --strict or grant the capabilities"
+        "error: --strict confines a command: sidecar run --strict --agent NAME -- CMD"
     ]
-    assert not (tmp_path / "sc").exists()  # failed before any bootstrap was written or Envoy ran
