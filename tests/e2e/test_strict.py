@@ -50,6 +50,11 @@ with httpx.Client(timeout=10) as c:  # through the sidecar, via HTTP_PROXY
     for name in ("allowed", "forbidden"):
         r = c.get(f"http://{name}.internal/work")
         out[name] = [r.status_code, r.json()]
+# a CONNECT tunnel request reaches the sidecar too (and the gateway refuses this host)
+proxy_host, proxy_port = os.environ["HTTP_PROXY"].removeprefix("http://").split(":")
+with socket.create_connection((proxy_host, int(proxy_port)), timeout=10) as s:
+    s.sendall(b"CONNECT unknown.example:443 HTTP/1.1\\r\\nHost: unknown.example:443\\r\\n\\r\\n")
+    out["connect"] = s.recv(4096).split(b"\\r\\n")[0].decode()
 print(json.dumps(out))
 sys.exit(7)
 """
@@ -116,11 +121,13 @@ async def test_strict_blocks_direct_dials_and_keeps_the_proxy(tmp_path: Path) ->
         targets = [f"{ip}:{up.port}" for ip in ["127.0.0.1", *host_ipv4s()]]
         script = tmp_path / "agent.py"
         script.write_text(AGENT_SCRIPT)
-        async with control_plane(policy, tmp_path / "state") as cp, gateway(cp, tmp_path):
+        # mTLS, as `meshgate up` runs it: the strict hop sits in front of the usual sidecar
+        state = tmp_path / "state"
+        async with control_plane(policy, state, mtls=True) as cp, gateway(cp, tmp_path):
             results: dict[bool, dict[str, Any]] = {}
             for strict in (True, False):
-                state = tmp_path / f"sc-{strict}"
-                cmd = sidecar_cmd(cp, state, sys.executable, str(script), *targets, strict=strict)
+                sc_dir = tmp_path / f"sc-{strict}"
+                cmd = sidecar_cmd(cp, sc_dir, sys.executable, str(script), *targets, strict=strict)
                 code, out, err = await run(cmd)
                 assert code == 7, err  # CMD's own exit status, strict or not
                 results[strict] = json.loads(out.strip().splitlines()[-1])
@@ -137,12 +144,14 @@ async def test_strict_blocks_direct_dials_and_keeps_the_proxy(tmp_path: Path) ->
     assert strict["allowed"] == [200, {"upstream": "allowed", "path": "/work"}]
     assert strict["forbidden"][0] == 403
     assert strict["forbidden"][1]["error"] == "egress_denied"
+    assert strict["connect"] == "HTTP/1.1 403 Forbidden"
     # the control: without --strict the same direct dials reach the upstream
     assert set(control["direct"].values()) == {"connected"}
     assert control["setns"] == "ok"  # the same escape works with the capabilities
     assert len(control["direct"]) == len(targets)
     assert control["allowed"][0] == 200
     assert control["forbidden"][0] == 403
+    assert control["connect"] == "HTTP/1.1 403 Forbidden"
     assert not other.hits  # the forbidden upstream was never reached, by any route
 
 
