@@ -20,6 +20,7 @@ import pytest
 from builders import free_port
 from harness import control_plane, gateway, upstream, write_policy
 
+import meshgate
 from meshgate.controlplane.server import ControlPlane
 
 pytestmark = pytest.mark.e2e
@@ -264,3 +265,30 @@ async def test_strict_needs_a_command(tmp_path: Path) -> None:
     assert err.strip().splitlines() == [
         "error: --strict confines a command: sidecar run --strict --agent NAME -- CMD"
     ]
+
+
+@needs_root
+async def test_strict_jail_never_imports_from_the_working_directory(tmp_path: Path) -> None:
+    """The jail runs privileged before confinement; an agent's ./meshgate must not hijack it."""
+    marker = tmp_path / "hijacked"
+    fake = tmp_path / "cwd" / "meshgate"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    cmd = offline_cmd(tmp_path / "sc", "true")
+    cmd.insert(1, "-P")  # the CLI itself must not import it either
+    ours = str(Path(meshgate.__file__).parents[1])  # this meshgate, whatever the cwd
+    pythonpath = os.pathsep.join([ours, *filter(None, [os.environ.get("PYTHONPATH")])])
+    proc = await asyncio.create_subprocess_exec(
+        *cmd,
+        cwd=fake.parent,
+        stderr=asyncio.subprocess.PIPE,
+        env={
+            **os.environ,
+            "MESHGATE_ENVOY": shutil.which("false") or "/bin/false",
+            "PYTHONPATH": pythonpath,
+        },
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1
+    assert "envoy exited with status 1" in err.decode()  # the jail was made, Envoy then failed
+    assert not marker.exists()

@@ -77,6 +77,7 @@ class Jail:
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
+                "-P",  # not from the working directory: this runs privileged, before the jail
                 "-m",
                 "meshgate.sidecar.netns_exec",
                 str(theirs.fileno()),
@@ -88,10 +89,15 @@ class Jail:
             theirs.close()  # the child holds it now; our copy would hide its EOF
         reader, writer = await asyncio.open_connection(sock=ours)
         jail = cls(proc, reader, writer, command)
-        line = (await reader.readline()).decode().strip()
+        try:
+            line = (await asyncio.wait_for(reader.readline(), 30)).decode().strip()
+        except TimeoutError:
+            line = "error strict mode: CMD's network namespace was not ready within 30s"
         if line != "ready":
             await jail.abandon()
-            raise ConfigError(line.removeprefix("error ") or "strict mode: jail exited early")
+            raise ConfigError(
+                line.removeprefix("error ") or "strict mode: CMD's network namespace failed"
+            )
         return jail
 
     async def release(self) -> asyncio.subprocess.Process:
