@@ -1,6 +1,6 @@
 """Strict mode's jail: exec CMD in a new network namespace that has only a loopback interface.
 
-The launcher runs `python -m meshgate.sidecar.netns_exec FD CMD [ARGS...]` (see strict.py).
+The launcher runs `python -P -m meshgate.sidecar.netns_exec FD CMD [ARGS...]` (strict.py).
 We create the namespace, bring `lo` up and report over the socket FD; the launcher then has
 its Envoy open a listener inside our namespace (via /proc/<our pid>/ns/net) and says "go";
 we exec CMD, keeping our pid, so CMD's exit status and signals are the launcher's child's.

@@ -58,12 +58,10 @@ class Jail:
         proc: asyncio.subprocess.Process,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        command: list[str],
     ) -> None:
         self.proc = proc
         self._reader = reader
         self._writer = writer
-        self._command = command
 
     @property
     def netns_path(self) -> str:
@@ -88,7 +86,7 @@ class Jail:
         finally:
             theirs.close()  # the child holds it now; our copy would hide its EOF
         reader, writer = await asyncio.open_connection(sock=ours)
-        jail = cls(proc, reader, writer, command)
+        jail = cls(proc, reader, writer)
         try:
             line = (await asyncio.wait_for(reader.readline(), 30)).decode().strip()
         except TimeoutError:
