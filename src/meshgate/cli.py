@@ -448,6 +448,14 @@ def sidecar_run(
     state_dir: StateOpt = DEFAULT_STATE,
     token_file: TokenFileOpt = None,
     xds_ca: XdsCaOpt = None,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help="Run CMD in its own network namespace whose only way out is the sidecar "
+            "(needs root).",
+        ),
+    ] = False,
 ) -> None:
     """Run AGENT's sidecar Envoy; with `-- CMD ARGS`, run CMD behind it and exit with its status."""
     from meshgate.sidecar.launcher import run_sidecar
@@ -468,6 +476,7 @@ def sidecar_run(
                 stop,
                 token_file,
                 xds_ca,
+                strict=strict,
             )
         )
 

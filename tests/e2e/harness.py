@@ -84,8 +84,10 @@ class Upstream:
 
 
 @asynccontextmanager
-async def upstream(name: str, tls: ssl.SSLContext | None = None) -> AsyncIterator[Upstream]:
-    """A loopback HTTP server that echoes who it is and what it received."""
+async def upstream(
+    name: str, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1"
+) -> AsyncIterator[Upstream]:
+    """A loopback HTTP server (or on `host`) that echoes who it is and what it received."""
     hits: list[dict[str, Any]] = []
 
     async def handle(request: web.Request) -> web.Response:
@@ -100,7 +102,7 @@ async def upstream(name: str, tls: ssl.SSLContext | None = None) -> AsyncIterato
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=tls).start()
+    await web.TCPSite(runner, host, port, ssl_context=tls).start()
     try:
         yield Upstream(port, hits)
     finally:

@@ -18,6 +18,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import duration_pb2, json_format
 
+from meshgate.sidecar.strict import netns_listener
 from meshgate.xds.common import ads, pack, socket_address
 
 XDS_CLUSTER = "meshgate-xds"
@@ -34,6 +35,7 @@ class BootstrapSpec:
     delta: bool = False
     metadata: tuple[tuple[str, str], ...] = field(default=())  # gRPC initial metadata
     xds_ca_file: str | None = None  # set: the xDS connection is TLS, verified against this bundle
+    netns_path: str | None = None  # strict mode: also listen inside this network namespace
 
 
 def build_bootstrap(spec: BootstrapSpec) -> bootstrap_pb2.Bootstrap:
@@ -83,6 +85,8 @@ def build_bootstrap(spec: BootstrapSpec) -> bootstrap_pb2.Bootstrap:
         static_resources=bootstrap_pb2.Bootstrap.StaticResources(clusters=[xds_cluster]),
     )
     boot.admin.address.CopyFrom(socket_address(spec.admin_host, spec.admin_port))
+    if spec.netns_path is not None:
+        boot.static_resources.listeners.append(netns_listener(spec.netns_path))
     return boot
 
 

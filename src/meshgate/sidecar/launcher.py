@@ -15,6 +15,7 @@ from meshgate.identity.tokens import TokenAuthority
 from meshgate.identity.xds_tls import bundle_path
 from meshgate.sidecar.bootstrap import BootstrapSpec, write_bootstrap
 from meshgate.sidecar.envoy_process import EnvoyProcess, find_envoy
+from meshgate.sidecar.strict import NETNS_PROXY_PORT, Jail
 from meshgate.xds.sidecar import PROXY_LISTENER
 
 LOCAL_TOKEN_TTL = 7 * 24 * 3600
@@ -39,6 +40,7 @@ def prepare_envoy(
     delta: bool = False,
     concurrency: int = 1,
     xds_ca: Path | None = None,
+    netns_path: str | None = None,
 ) -> EnvoyProcess:
     """Bootstrap (with the node's join token) written to the state dir; Envoy not yet started.
 
@@ -57,6 +59,7 @@ def prepare_envoy(
         delta=delta,
         metadata=(("authorization", f"Bearer {token}"),) if token else (),
         xds_ca_file=xds_ca_file(state_dir, xds_ca),
+        netns_path=netns_path,
     )
     boot = state_dir / f"{file_stem}.json"
     write_bootstrap(boot, spec)
@@ -116,20 +119,33 @@ async def run_sidecar(
     stop: asyncio.Event,
     token_file: Path | None = None,
     xds_ca: Path | None = None,
+    strict: bool = False,
 ) -> int:
     if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", agent):
         raise ConfigError(f"--agent {agent!r}: use lower-case letters, digits and '-'")
-    envoy = prepare_envoy(
-        f"agent/{agent}/{instance}",
-        f"agent/{agent}",
-        control_plane,
-        admin_port,
-        state_dir,
-        token_file,
-        file_stem=f"sidecar-{agent}-{instance}",
-        xds_ca=xds_ca,
-    )
-    await envoy.start()
+    # --strict (sidecar/strict.py): CMD's process and empty network namespace come first, so a
+    # missing privilege fails before Envoy starts; Envoy then also listens inside it.
+    if strict and not command:
+        raise ConfigError("--strict confines a command: sidecar run --strict --agent NAME -- CMD")
+    strict_env = {**os.environ, **proxy_environment(f"http://127.0.0.1:{NETNS_PROXY_PORT}")}
+    jail = await Jail.create(command, strict_env) if strict else None
+    try:
+        envoy = prepare_envoy(
+            f"agent/{agent}/{instance}",
+            f"agent/{agent}",
+            control_plane,
+            admin_port,
+            state_dir,
+            token_file,
+            file_stem=f"sidecar-{agent}-{instance}",
+            netns_path=jail.netns_path if jail is not None else None,
+            xds_ca=xds_ca,
+        )
+        await envoy.start()
+    except BaseException:
+        if jail is not None:
+            await jail.abandon()
+        raise
     try:
         await envoy.wait_ready(30)
         proxy = f"http://127.0.0.1:{await asyncio.to_thread(proxy_port, admin_port)}"
@@ -138,10 +154,13 @@ async def run_sidecar(
             await _first(stop.wait(), envoy.wait())
             return 0
         env = {**os.environ, **proxy_environment(proxy)}
-        try:
-            child = await asyncio.create_subprocess_exec(*command, env=env)
-        except OSError as exc:
-            raise ConfigError(f"cannot run {command[0]!r}: {exc.strerror}") from None
+        if jail is not None:  # strict: CMD execs in its namespace, HTTP_PROXY is strict_env's
+            child = await jail.release()
+        else:
+            try:
+                child = await asyncio.create_subprocess_exec(*command, env=env)
+            except OSError as exc:
+                raise ConfigError(f"cannot run {command[0]!r}: {exc.strerror}") from None
         await _first(stop.wait(), child.wait())
         if child.returncode is None:  # we were signalled: pass it on, then wait
             with contextlib.suppress(ProcessLookupError):
@@ -149,6 +168,8 @@ async def run_sidecar(
         return await child.wait()
     finally:
         await envoy.stop()
+        if jail is not None:
+            await jail.abandon()
 
 
 async def _first(*aws: object) -> None:

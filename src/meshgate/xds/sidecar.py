@@ -30,6 +30,10 @@ from meshgate.xds.options import TranslateOptions
 
 GATEWAY_CLUSTER = "meshgate-gateway"
 PROXY_LISTENER = "agent-proxy"
+# `sidecar run --strict` (sidecar/strict.py): the listener Envoy opens inside the agent's network
+# namespace relays to PROXY_LISTENER through this cluster. It is here, not in the bootstrap,
+# because only the control plane knows the sidecar port; unused by non-strict sidecars.
+LOOPBACK_CLUSTER = "meshgate-agent-proxy"
 
 
 def sidecar_resources(
@@ -87,8 +91,28 @@ def sidecar_resources(
         access_log=[stdout_access_log()],
     )
     listener = http_listener(PROXY_LISTENER, "127.0.0.1", options.sidecar_port, hcm)
+    loopback = loopback_cluster(options.sidecar_port)
     if identity is None:
-        return [cluster, listener]
+        return [cluster, loopback, listener]
     cluster.transport_socket.name = "envoy.transport_sockets.tls"
     cluster.transport_socket.typed_config.CopyFrom(pack(sidecar_tls()))
-    return [*identity_secrets(identity, f"spiffe://{trust_domain}/gateway/"), cluster, listener]
+    return [
+        *identity_secrets(identity, f"spiffe://{trust_domain}/gateway/"),
+        cluster,
+        loopback,
+        listener,
+    ]
+
+
+def loopback_cluster(port: int) -> cluster_pb2.Cluster:
+    """The sidecar's own proxy listener as an upstream (for strict mode's namespace listener)."""
+    cluster = cluster_pb2.Cluster(
+        name=LOOPBACK_CLUSTER,
+        type=cluster_pb2.Cluster.STATIC,
+        connect_timeout=duration_pb2.Duration(seconds=1),
+    )
+    cluster.load_assignment.cluster_name = LOOPBACK_CLUSTER
+    cluster.load_assignment.endpoints.add().lb_endpoints.add().endpoint.address.CopyFrom(
+        socket_address("127.0.0.1", port)
+    )
+    return cluster
