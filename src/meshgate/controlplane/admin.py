@@ -23,6 +23,7 @@ def status_json(cp: ControlPlane) -> dict[str, Any]:
         "policy": {**cp.policy.to_json(), "missing_secrets": cp.missing_secrets()},
         "nodes": [c.to_json() for c in cp.registry.connections()],
         "recent_nacks": [n.to_json() for n in cp.registry.nacks()],
+        "consul": cp.consul.status_json(),  # watched services (issue 13)
     }
 
 

@@ -51,7 +51,9 @@ def test_consul_blocks_compile_into_the_model() -> None:
 def test_defaults_https_with_ca_file_resolved_against_the_policy_root() -> None:
     mesh = MESH + "  consul: {address: 'https://consul.internal:8501/', caFile: ca/consul.pem}\n"
     model = load_policy_texts(files(mesh, dest("  consul: {service: inv}\n")))
-    assert model.mesh.consul == ConsulConfig("https://consul.internal:8501", ca_file="ca/consul.pem")
+    assert model.mesh.consul == ConsulConfig(
+        "https://consul.internal:8501", ca_file="ca/consul.pem"
+    )
     assert model.destination("inventory").consul == ConsulService("inv")  # passingOnly: true
     resolved = resolve_relative_paths(model, PurePath("/srv/policy"))
     assert resolved.mesh.consul is not None
@@ -68,16 +70,12 @@ BAD = [
     ),
     pytest.param(
         files(mesh=MESH),
-        [
-            "p/dest.yaml:8:3: consul needs a consul block in the Mesh spec (consul: {address: ...})"
-        ],
+        ["p/dest.yaml:8:3: consul needs a consul block in the Mesh spec (consul: {address: ...})"],
         id="no-mesh-consul",
     ),
     pytest.param(
         files(d=dest("  consul: {service: inv, passingonly: false}\n")),
-        [
-            'p/dest.yaml:8:26: unknown field "passingonly" in consul (did you mean "passingOnly"?)'
-        ],
+        ['p/dest.yaml:8:26: unknown field "passingonly" in consul (did you mean "passingOnly"?)'],
         id="unknown-key-destination",
     ),
     pytest.param(
@@ -125,7 +123,7 @@ BAD = [
     ),
     pytest.param(
         files(d=dest("  consul: {service: inv, passingOnly: 'yes'}\n")),
-        ['p/dest.yaml:8:39: consul.passingOnly: expected true or false, got a string'],
+        ["p/dest.yaml:8:39: consul.passingOnly: expected true or false, got a string"],
         id="passing-only-type",
     ),
 ]
@@ -140,7 +138,9 @@ def test_bad_consul_policy_is_reported_at_file_line(
 
 def test_plan_shows_the_consul_service_change_and_json_round_trips() -> None:
     old = load_policy_texts(files())
-    new = load_policy_texts(files(d=dest("  consul: {service: inventory-v3, passingOnly: false}\n")))
+    new = load_policy_texts(
+        files(d=dest("  consul: {service: inventory-v3, passingOnly: false}\n"))
+    )
     text = render_plan_text(diff_policies(old, new))
     assert "~ destination inventory" in text
     assert "consul.service: inventory-api -> inventory-v3" in text
