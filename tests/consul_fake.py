@@ -9,7 +9,7 @@ meshgate uses, with Consul's semantics for them:
 * `PUT /v1/agent/service/register` (JSON body) and `PUT /v1/agent/service/deregister/<id>`;
 * ACLs: when `token` is set, a request without that `X-Consul-Token` gets 403 "ACL not found".
 
-`fail_with` makes every request answer that HTTP status (Consul "answering errors").
+`set_failing(500)` makes every request answer that status (Consul "answering errors").
 """
 
 from __future__ import annotations
@@ -83,6 +83,12 @@ class FakeConsul:
         with self.cond:
             self.services[service][instance_id].passing = passing
             self._bump(service)
+
+    def set_failing(self, status: int | None) -> None:
+        """Answer every request (blocked ones at once) with `status`; None: healthy again."""
+        with self.cond:
+            self.fail_with = status
+            self.cond.notify_all()
 
     def health_requests(self, service: str) -> list[Request]:
         with self.cond:

@@ -150,9 +150,7 @@ async def test_errors_keep_last_instances_back_off_and_recover_without_token_lea
     try:
         await changes.next()
         known = catalog.endpoints(model)
-        consul.fail_with = 500
-        with consul.cond:
-            consul.cond.notify_all()
+        consul.set_failing(500)
         await asyncio.sleep(1.0)
         assert catalog.endpoints(model) == known  # last known instances keep serving
         [status] = catalog.status_json()
@@ -161,7 +159,7 @@ async def test_errors_keep_last_instances_back_off_and_recover_without_token_lea
         # backoff: a handful of retries in a second, not a hot loop
         failed = [r for r in consul.health_requests("inventory") if r.answered == 0.0]
         assert 2 <= len(failed) <= 15
-        consul.fail_with = None
+        consul.set_failing(None)
         consul.remove_instance("inventory", "a")
         await changes.next(timeout=3.0)
         [status] = catalog.status_json()
