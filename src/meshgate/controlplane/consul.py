@@ -129,6 +129,7 @@ class ConsulCatalog:
         self._destinations: dict[ConsulService, list[str]] = {}
         self._key: _ClientKey | None = None
         self._client: Any = None
+        self._client_error: str | None = None
         self._provider: SecretProvider | None = None
 
     # -- policy side -----------------------------------------------------------------------------
@@ -147,9 +148,12 @@ class ConsulCatalog:
             await self._stop_all(keep_status=True)
             await self._close_client()
             self._key = key
-            self._provider = provider
+            self._client_error = None
             if key is not None:
-                self._client = _make_client(key.config, self.settings)
+                try:
+                    self._client = _make_client(key.config, self.settings)
+                except ConfigError as exc:  # py-consul missing: say so in status, keep serving
+                    self._client_error = str(exc)
         self._provider = provider
         for service in list(self._tasks):
             if service not in wanted:
@@ -165,8 +169,8 @@ class ConsulCatalog:
                 self._status.setdefault(service, ServiceStatus(service))
             self._destinations = wanted
         if self._client is None:
-            if wanted:  # only a model built in code can get here; validation requires it
-                self._record_all(wanted, "the Mesh has no consul settings")
+            if wanted:  # validation requires the Mesh's consul: only a code-built model lacks it
+                self._record_all(wanted, self._client_error or "the Mesh has no consul settings")
             return
         for service in wanted:
             if service not in self._tasks:

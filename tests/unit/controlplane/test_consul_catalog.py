@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import time
 from collections.abc import Iterator
 
@@ -246,3 +247,12 @@ def test_instances_use_the_service_address_then_the_node_address() -> None:
         1,  # a host name: EDS needs IP addresses
     )
     assert instances_of(None) == ((), 0)
+
+
+async def test_missing_py_consul_is_reported_in_status(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "consul.aio", None)  # as if the extra were not installed
+    catalog = ConsulCatalog(lambda: None, FAST)
+    await catalog.configure(policy("http://127.0.0.1:8500", INV), Secrets({}))
+    [status] = catalog.status_json()
+    assert status["last_error"] == "consul destinations need: pip install 'meshgate[consul]'"
+    await catalog.close()
