@@ -381,3 +381,53 @@ def test_validate_reports_consul_mistakes_at_file_line(tmp_path: Path) -> None:
         "http:// or https://, like http://127.0.0.1:8500",
         f"2 problems in {policy}",
     ]
+
+
+async def test_control_plane_follows_policy_and_catalogue_changes(tmp_path: Path) -> None:
+    """Without Envoy: what the control plane serves as the catalogue and the policy change."""
+    from meshgate.xds import types
+    from meshgate.xds.nodes import GATEWAY_GROUP
+
+    policy = tmp_path / "policies"
+    with fake_consul(token=TOKEN) as consul:
+        consul.set_instance("inventory", Instance("a", 9101))
+        write_consul_policy(policy, free_port(), consul.url)
+        async with control_plane(policy, tmp_path / "state") as cp:
+            await until(lambda: consul_status(cp)["instances"] == 1, what="first answer")
+
+            def gateway_versions() -> dict[str, str]:
+                snap = cp.cache.get(GATEWAY_GROUP)
+                assert snap is not None
+                return dict(snap.type_versions)
+
+            await until(lambda: _eds_size(cp) == 1, what="instance in the snapshot")
+            before = gateway_versions()
+            consul.set_instance("inventory", Instance("b", 9102))
+            await until(lambda: _eds_size(cp) == 2, timeout=1.0, what="EDS within a second")
+            after = gateway_versions()
+            changed = {t for t in before if before[t] != after[t]}
+            assert changed == {types.ENDPOINT}
+            # a policy edit that drops the destination stops its watch; the status says so
+            watch = cp.consul._tasks[next(iter(cp.consul._tasks))]
+            (policy / "dest.yaml").write_text(
+                DEST.replace("consul: {service: inventory}", "address: 127.0.0.1:9101")
+            )
+            await until(lambda: cp.consul.status_json() == [], what="watch stopped")
+            assert watch.done()
+
+
+def _eds_size(cp: ControlPlane) -> int:
+    from envoy.config.endpoint.v3 import endpoint_pb2
+    from google.protobuf import any_pb2
+
+    from meshgate.xds import types
+    from meshgate.xds.nodes import GATEWAY_GROUP
+
+    snap = cp.cache.get(GATEWAY_GROUP)
+    if snap is None or CLUSTER not in snap.of_type(types.ENDPOINT):
+        return -1
+    packed = any_pb2.Any()
+    packed.ParseFromString(snap.of_type(types.ENDPOINT)[CLUSTER].any_bytes)
+    cla = endpoint_pb2.ClusterLoadAssignment()
+    cla.ParseFromString(packed.value)
+    return sum(len(loc.lb_endpoints) for loc in cla.endpoints)
