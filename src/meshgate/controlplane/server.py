@@ -257,8 +257,8 @@ class ControlPlane:
             return
         try:
             await self.consul.configure(serving.model, serving.provider)
-        except MeshgateError as exc:
-            log.error("consul: %s", exc)
+        except Exception:  # the policy is applied; a watcher bug must not undo or block that
+            log.exception("consul: configuring the catalogue watches failed")
 
     async def _watch_consul(self) -> None:
         """Rebuild when instances change: only the destination's ClusterLoadAssignment differs,
