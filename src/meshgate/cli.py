@@ -407,7 +407,7 @@ def _print_consul(services: list[dict[str, Any]]) -> None:
     errors = []
     for s in services:
         count = "?" if s["instances"] is None else str(s["instances"])
-        table.add_row(
+        cells = (
             s["service"],
             s["tag"] or "-",
             ",".join(s["destinations"]),
@@ -415,6 +415,7 @@ def _print_consul(services: list[dict[str, Any]]) -> None:
             s["index"] or "-",
             s["last_success_at"] or "never",
         )
+        table.add_row(*(Text(c) for c in cells))  # plain text: a tag may contain "[...]"
         if s["last_error"]:
             errors.append(f"{s['service']}: {s['last_error']} ({s['last_error_at']})")
     console.print(table)
