@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import sys
 import threading
 import time
@@ -142,7 +143,10 @@ class FakeConsul:
 
 
 @contextmanager
-def fake_consul(token: str | None = None) -> Iterator[FakeConsul]:
+def fake_consul(
+    token: str | None = None, tls: ssl.SSLContext | None = None
+) -> Iterator[FakeConsul]:
+    """`tls`: serve https (the URL then names `localhost`, which the test certificate covers)."""
     state = FakeConsul(token=token)
 
     class Handler(BaseHTTPRequestHandler):
@@ -227,6 +231,9 @@ def fake_consul(token: str | None = None) -> Iterator[FakeConsul]:
 
     server = Server(("127.0.0.1", 0), Handler)
     state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+        state.url = f"https://localhost:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

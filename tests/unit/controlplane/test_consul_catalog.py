@@ -9,14 +9,17 @@ that blocks until the service's index moves.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+import ssl
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from builders import free_port
+from builders import free_port, write_test_pki
 from consul_fake import FakeConsul, Instance, fake_consul
 
 from meshgate.controlplane.consul import ConsulCatalog, WatchSettings, instances_of
@@ -256,3 +259,32 @@ async def test_missing_py_consul_is_reported_in_status(monkeypatch: pytest.Monke
     [status] = catalog.status_json()
     assert status["last_error"] == "consul destinations need: pip install 'meshgate[consul]'"
     await catalog.close()
+
+
+async def test_https_consul_verified_with_the_ca_file(tmp_path: Path) -> None:
+    ca, cert, key = write_test_pki(tmp_path, ["localhost"], "consul")
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    with fake_consul(token=TOKEN, tls=tls) as consul:
+        consul.set_instance("inventory", Instance("a", 8001))
+        changes = Changes()
+        trusted = ConsulCatalog(changes, FAST)
+        model = policy(consul.url, INV)
+        mesh = dataclasses.replace(
+            model.mesh, consul=ConsulConfig(consul.url, "t", ca_file=str(ca))
+        )
+        good = dataclasses.replace(model, mesh=mesh)
+        await trusted.configure(good, Secrets({"t": TOKEN}))
+        try:
+            await changes.next()
+            assert trusted.endpoints(good) == {"d-inventory-any": (("127.0.0.1", 8001),)}
+        finally:
+            await trusted.close()
+        # without the CA the certificate is refused: an error, never an unverified answer
+        untrusted = ConsulCatalog(lambda: None, FAST)
+        await untrusted.configure(policy(consul.url, INV), Secrets({"consul-token": TOKEN}))
+        await asyncio.sleep(0.5)
+        [status] = untrusted.status_json()
+        assert "certificate verify failed" in status["last_error"].lower()
+        assert status["instances"] is None
+        await untrusted.close()
