@@ -145,7 +145,7 @@ class ConsulCatalog:
         config = model.mesh.consul
         key = _ClientKey(config, provider.description) if config and wanted else None
         if key != self._key:
-            await self._stop_all(keep_status=True)
+            await self._stop_all()
             await self._close_client()
             self._key = key
             self._client_error = None
@@ -184,20 +184,18 @@ class ConsulCatalog:
                 self._status[service].last_error = message
 
     async def close(self) -> None:
-        await self._stop_all(keep_status=True)
+        await self._stop_all()
         await self._close_client()
         self._key = None
 
-    async def _stop_all(self, keep_status: bool) -> None:
+    async def _stop_all(self) -> None:
+        """Cancel every watch; statuses (and last known instances) stay."""
         tasks, self._tasks = list(self._tasks.values()), {}
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if not keep_status:
-            with self._lock:
-                self._status = {}
 
     async def _close_client(self) -> None:
         client, self._client = self._client, None
