@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from meshgate.errors import MeshgateError
 
@@ -221,9 +222,36 @@ def gateway(
     concurrency: Annotated[int, typer.Option(help="Envoy worker threads.")] = 1,
     token_file: TokenFileOpt = None,
     xds_ca: XdsCaOpt = None,
+    register_consul: Annotated[
+        str | None,
+        typer.Option(help="Register with this Consul agent (http(s)://HOST:PORT) while running."),
+    ] = None,
+    consul_token_file: Annotated[
+        Path | None, typer.Option(help="File holding the Consul ACL token for registration.")
+    ] = None,
+    consul_ca_file: Annotated[
+        Path | None, typer.Option(help="CA bundle for an https:// Consul address.")
+    ] = None,
+    consul_service: Annotated[str, typer.Option(help="Consul service name.")] = "meshgate-egress",
+    advertise: Annotated[
+        str, typer.Option(help="HOST:PORT applications reach the gateway listener on.")
+    ] = "127.0.0.1:15001",
 ) -> None:
     """Run a real Envoy egress gateway bootstrapped to the control plane (foreground)."""
     _setup_logging(False)
+    registration = (
+        _consul_registration(
+            register_consul,
+            name,
+            admin_port,
+            advertise,
+            consul_service,
+            consul_token_file,
+            consul_ca_file,
+        )
+        if register_consul
+        else None
+    )
 
     async def main(stop: asyncio.Event) -> None:
         envoy = await _start_gateway(
@@ -236,13 +264,66 @@ def gateway(
             token_file=token_file,
             xds_ca=xds_ca,
         )
+        registrar = None
         console.print(f"gateway [bold]gateway/{name}[/bold] running; Envoy admin on :{admin_port}")
         try:
+            if registration is not None:
+                from meshgate.sidecar.consul_registration import ConsulRegistrar
+
+                registrar = ConsulRegistrar(registration)
+                registrar.start()
             await _wait_either(stop, envoy.wait())
         finally:
+            if registrar is not None:  # leave the catalogue before Envoy goes away
+                await registrar.stop()
             await envoy.stop()
 
     _run_until_signal(main)
+
+
+def _consul_registration(
+    address: str,
+    name: str,
+    admin_port: int,
+    advertise: str,
+    service: str,
+    token_file: Path | None,
+    ca_file: Path | None,
+) -> Any:
+    """Check the --register-consul options (one-line errors) into a Registration."""
+    from pydantic_core import PydanticCustomError
+
+    from meshgate.policy import syntax
+    from meshgate.sidecar.consul_registration import Registration
+
+    try:
+        address = syntax.consul_address(address)
+    except PydanticCustomError as exc:
+        raise _fail(f"--register-consul {address!r}: {exc.message()}") from None
+    try:
+        host, port = syntax.parse_address(advertise)
+        syntax.consul_name(service)
+    except PydanticCustomError as exc:
+        raise _fail(f"--advertise {advertise!r} / --consul-service: {exc.message()}") from None
+    token = None
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip() or None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _fail(f"--consul-token-file {token_file}: cannot read: {exc}") from None
+    if ca_file is not None and not address.startswith("https://"):
+        raise _fail("--consul-ca-file needs an https:// --register-consul address")
+    return Registration(
+        consul=address,
+        service_id=f"{service}-{name}",
+        service=service,
+        address=host,
+        port=port,
+        check_url=f"http://127.0.0.1:{admin_port}/ready",
+        token=token,
+        ca_file=str(ca_file) if ca_file else None,
+        meta=(("meshgate_node", f"gateway/{name}"),),
+    )
 
 
 async def _start_gateway(
@@ -404,6 +485,7 @@ def status(
         console.print(f"[red]last change refused[/red] ({rej['origin']}, {rej['at']}):")
         for problem in rej["problems"]:
             console.print(f"  {problem}", highlight=False, markup=False)
+    _print_consul(data.get("consul") or [])
     table = Table("node", "identity", "proto", "cds", "eds", "lds", "rds", "sds", "NACK")
     nacks = []
     for node in data["nodes"]:
@@ -422,6 +504,30 @@ def status(
             f"{nack['message']}",
             highlight=False,
         )
+
+
+def _print_consul(services: list[dict[str, Any]]) -> None:
+    """Watched Consul services (issue 13): instances, index, last success and error."""
+    if not services:
+        return
+    table = Table("consul service", "tag", "destinations", "instances", "index", "last success")
+    errors = []
+    for s in services:
+        count = "?" if s["instances"] is None else str(s["instances"])
+        cells = (
+            s["service"],
+            s["tag"] or "-",
+            ",".join(s["destinations"]),
+            count,
+            s["index"] or "-",
+            s["last_success_at"] or "never",
+        )
+        table.add_row(*(Text(c) for c in cells))  # plain text: a tag may contain "[...]"
+        if s["last_error"]:
+            errors.append(f"{s['service']}: {s['last_error']} ({s['last_error_at']})")
+    console.print(table)
+    for line in errors:
+        console.print(Text.assemble(("consul error ", "red"), line), highlight=False)
 
 
 def _acked(entry: dict[str, Any] | None) -> str:

@@ -24,6 +24,7 @@ def status_json(cp: ControlPlane) -> dict[str, Any]:
         "ca": cp.issuer.authority() if cp.issuer is not None else None,
         "nodes": [c.to_json() for c in cp.registry.connections()],
         "recent_nacks": [n.to_json() for n in cp.registry.nacks()],
+        "consul": cp.consul.status_json(),  # watched services (issue 13)
     }
 
 

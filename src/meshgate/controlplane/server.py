@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import logging
 import ssl
@@ -19,6 +20,7 @@ from meshgate.controlplane.admin import make_app
 from meshgate.controlplane.ads import SERVER_OPTIONS, AdsService
 from meshgate.controlplane.auth import TokenAuthenticator
 from meshgate.controlplane.cache import SnapshotCache
+from meshgate.controlplane.consul import ConsulCatalog
 from meshgate.controlplane.debounce import Debouncer
 from meshgate.controlplane.identity import IdentityIssuer
 from meshgate.controlplane.policy_state import PolicyState
@@ -32,6 +34,7 @@ from meshgate.policy.loader import load_policy_texts
 from meshgate.policy.model import PolicyModel
 from meshgate.policy.paths import resolve_relative_paths
 from meshgate.xds.build import Identities, build_snapshots
+from meshgate.xds.gateway import Endpoints
 from meshgate.xds.options import DEFAULT_CA_BUNDLE, TranslateOptions
 from meshgate.xds.snapshot import Snapshot
 
@@ -58,9 +61,10 @@ class Serving:
     provider: SecretProvider
     secrets: dict[str, str]
     identities: Identities | None
+    endpoints: Endpoints = field(default_factory=dict)  # Consul instances per destination
 
     def build(self, translate: TranslateOptions) -> dict[str, Snapshot]:
-        return build_snapshots(self.model, translate, self.secrets, self.identities)
+        return build_snapshots(self.model, translate, self.secrets, self.identities, self.endpoints)
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,8 @@ class ControlPlane:
             if options.mtls
             else None
         )
+        self.consul = ConsulCatalog(self._consul_changed)
+        self._consul_dirty = asyncio.Event()
 
     async def start(self) -> None:
         """Bind both ports (a clear error if taken), then start watching policy."""
@@ -174,6 +180,7 @@ class ControlPlane:
             asyncio.create_task(self.debouncer.run(), name="debounce"),
             asyncio.create_task(self._watch_source(), name="policy-source"),
             asyncio.create_task(self._watch_runtime_inputs(), name="secrets-and-certificates"),
+            asyncio.create_task(self._watch_consul(), name="consul-endpoints"),
         ]
         log.info("xDS on %s, admin on http://%s", self.xds_address, self.admin_address)
 
@@ -196,6 +203,7 @@ class ControlPlane:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.consul.close()
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
         if self._runner is not None:
@@ -223,6 +231,7 @@ class ControlPlane:
             self._reject(candidate.origin, [f"internal error while compiling policy: {exc!r}"])
             return
         self.cache.set_snapshots(snapshots)
+        await self._configure_consul()
         self.policy.applied(model, candidate.origin)
         self._m_applied.inc()
         self.ready = True
@@ -237,7 +246,12 @@ class ControlPlane:
         model = load_policy_texts(candidate.files, candidate.version)
         resolved = resolve_relative_paths(model, candidate.root)
         provider = make_provider(resolved.mesh.secrets)
-        serving = Serving(resolved, provider, *self._runtime_inputs(resolved, provider))
+        serving = Serving(
+            resolved,
+            provider,
+            *self._runtime_inputs(resolved, provider),
+            self.consul.endpoints(resolved),
+        )
         snapshots = serving.build(self.translate)
         self._serving = serving
         return model, snapshots
@@ -262,7 +276,7 @@ class ControlPlane:
                 )
                 if secrets == serving.secrets and identities == serving.identities:
                     continue
-                fresh = Serving(serving.model, serving.provider, secrets, identities)
+                fresh = dataclasses.replace(serving, secrets=secrets, identities=identities)
                 snapshots = await asyncio.to_thread(fresh.build, self.translate)
             except Exception:  # never let a provider hiccup stop rotation for good
                 log.exception("refreshing secrets or certificates failed")
@@ -271,6 +285,47 @@ class ControlPlane:
                 self._serving = fresh
                 self.cache.set_snapshots(snapshots)
                 log.info("secrets or certificates changed; pushed to the nodes that hold them")
+
+    # -- consul (issue 13): catalogue instances are a runtime input of the gateway snapshot -----
+
+    def _consul_changed(self) -> None:
+        self._consul_dirty.set()
+
+    async def _configure_consul(self) -> None:
+        """Watch the services the policy just applied names (unchanged ones keep watching)."""
+        serving = self._serving
+        if serving is None:
+            return
+        try:
+            await self.consul.configure(serving.model, serving.provider)
+        except Exception:  # the policy is applied; a watcher bug must not undo or block that
+            log.exception("consul: configuring the catalogue watches failed")
+
+    async def _watch_consul(self) -> None:
+        """Rebuild when instances change: only the destination's ClusterLoadAssignment differs,
+        so nodes get an EDS push and nothing else."""
+        while True:
+            await self._consul_dirty.wait()
+            self._consul_dirty.clear()
+            serving = self._serving
+            if serving is None:
+                continue
+            endpoints = self.consul.endpoints(serving.model)
+            if endpoints == serving.endpoints:
+                continue
+            fresh = dataclasses.replace(serving, endpoints=endpoints)
+            try:
+                snapshots = await asyncio.to_thread(fresh.build, self.translate)
+            except Exception:
+                log.exception("rebuilding after a Consul change failed")
+                continue
+            if self._serving is serving:
+                self._serving = fresh
+                self.cache.set_snapshots(snapshots)
+            else:  # a policy or secret change won the race: redo against what serves now
+                self._consul_dirty.set()
+
+    # -- end consul ------------------------------------------------------------------------------
 
     def missing_secrets(self) -> list[str]:
         if self._serving is None:

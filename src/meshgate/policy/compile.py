@@ -17,6 +17,8 @@ from meshgate.policy import schema, syntax
 from meshgate.policy.documents import CheckedDoc, did_you_mean
 from meshgate.policy.model import (
     AgentPolicy,
+    ConsulConfig,
+    ConsulService,
     Credentials,
     Destination,
     EgressRule,
@@ -151,6 +153,7 @@ class _Compiler:
         self.sources = SourceMap()
         self.memo = memo
         self.memo_used: dict[_MemoKey, _Compiled] = {}
+        self.mesh_consul: bool | None = None  # None: unknown (no readable Mesh)
 
     def error(self, pos: Pos, message: str) -> None:
         self.problems.append(Problem(pos, message))
@@ -215,12 +218,22 @@ class _Compiler:
                 options.append((key, text))
             secrets = SecretsConfig(provider="vault", options=tuple(sorted(options)))
         port = spec.egressGateway.listenPort if spec.egressGateway else 15001
+        consul = self._consul_config(doc.source, spec.consul)
+        self.mesh_consul = spec.consul is not None
         return Mesh(
             name=doc.model.metadata.name,
             trust_domain=spec.trustDomain,
             gateway_listen_port=port,
             secrets=secrets,
+            consul=consul,
         )
+
+    def _consul_config(self, src: YamlDoc, doc: schema.ConsulMeshDoc | None) -> ConsulConfig | None:
+        if doc is None:
+            return None
+        if doc.caFile is not None and not doc.address.startswith("https://"):
+            self._bad(src, ("spec", "consul", "caFile"), "consul.caFile needs an https:// address")
+        return ConsulConfig(doc.address, doc.tokenSecret, doc.datacenter, doc.caFile)
 
     # -- destinations ----------------------------------------------------------------------------
 
@@ -255,6 +268,19 @@ class _Compiler:
                     "tls: passthrough (the gateway cannot add headers to "
                     "encrypted traffic)",
                 )
+            if spec.consul is not None and spec.address is not None:
+                ok = self._bad(
+                    src,
+                    ("spec", "consul"),
+                    "a destination has either address or consul, not both "
+                    "(consul finds the instances the address would name)",
+                )
+            elif spec.consul is not None and self.mesh_consul is False:
+                ok = self._bad(
+                    src,
+                    ("spec", "consul"),
+                    "consul needs a consul block in the Mesh spec (consul: {address: ...})",
+                )
             endpoint = (spec.host, spec.port)
             host_pos = src.value_pos(("spec", "host"))
             if endpoint in by_endpoint:
@@ -273,6 +299,8 @@ class _Compiler:
             creds = spec.credentials
             credentials = Credentials(creds.header, creds.secret, creds.format) if creds else None
             labels = (d.model.metadata.labels or {}).items()
+            c = spec.consul
+            consul = ConsulService(c.service, c.tag, c.passingOnly) if c is not None else None
             self.destinations[name] = Destination(
                 name=name,
                 host=spec.host,
@@ -283,6 +311,7 @@ class _Compiler:
                 credentials=credentials,
                 identity=spec.identity,
                 labels=tuple(sorted(labels)),
+                consul=consul,
             )
             self.sources.destinations[name] = src.start.short
 

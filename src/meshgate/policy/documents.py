@@ -152,6 +152,7 @@ def _allowed_fields(kind: str, context: str, data: Any) -> list[str]:
         "credentials": [schema.CredentialsDoc],
         "egressGateway": [schema.GatewayDoc],
         "secrets": [_secrets_model(data)],
+        "consul": [schema.ConsulMeshDoc if kind == "Mesh" else schema.ConsulServiceDoc],
     }
     names: list[str] = []
     for model in models.get(context, []):

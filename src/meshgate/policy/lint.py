@@ -179,6 +179,8 @@ def lint_policy(
                 )
             )
         target = d.address[0] if d.address else d.host
+        if d.consul is not None:  # instances from the Consul catalogue: an internal registry
+            target = f"{d.consul.service}.service.consul"
         if d.tls == "none" and not is_private_host(target):
             raw.append(
                 (

@@ -45,6 +45,15 @@ class Credentials:
 
 
 @dataclass(frozen=True)
+class ConsulService:
+    """Instances of a Consul service (optionally one tag), healthy ones only by default."""
+
+    service: str
+    tag: str | None = None
+    passing_only: bool = True
+
+
+@dataclass(frozen=True)
 class Destination:
     name: str
     host: str
@@ -55,6 +64,7 @@ class Destination:
     credentials: Credentials | None = None
     identity: Literal["none", "jwt"] = "none"
     labels: tuple[tuple[str, str], ...] = ()
+    consul: ConsulService | None = None  # instead of `address`: endpoints from Consul
 
 
 @dataclass(frozen=True)
@@ -72,11 +82,22 @@ class SecretsConfig:
 
 
 @dataclass(frozen=True)
+class ConsulConfig:
+    """The Consul HTTP API; `token_secret` names the ACL token in the secret provider."""
+
+    address: str  # http(s)://host:port
+    token_secret: str | None = None
+    datacenter: str | None = None
+    ca_file: str | None = None  # https only; relative to the policy root
+
+
+@dataclass(frozen=True)
 class Mesh:
     name: str = "default"
     trust_domain: str = "agents.local"
     gateway_listen_port: int = 15001
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
+    consul: ConsulConfig | None = None
 
 
 @dataclass(frozen=True)

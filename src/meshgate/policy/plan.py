@@ -101,6 +101,15 @@ def _mesh_fields(m: Mesh) -> dict[str, str]:
         out["secrets.path"] = m.secrets.path
     for k, v in m.secrets.options:
         out[f"secrets.{k}"] = v
+    if m.consul is not None:
+        out["consul.address"] = m.consul.address
+        for key, value in (
+            ("consul.tokenSecret", m.consul.token_secret),
+            ("consul.datacenter", m.consul.datacenter),
+            ("consul.caFile", m.consul.ca_file),
+        ):
+            if value is not None:
+                out[key] = value
     return out
 
 
@@ -116,6 +125,11 @@ def _destination_fields(d: Destination) -> dict[str, str]:
         out["credentials.format"] = "(set)"
     if d.labels:
         out["labels"] = ",".join(f"{k}={v}" for k, v in d.labels)
+    if d.consul:
+        out["consul.service"] = d.consul.service
+        if d.consul.tag is not None:
+            out["consul.tag"] = d.consul.tag
+        out["consul.passingOnly"] = "true" if d.consul.passing_only else "false"
     return out
 
 

@@ -81,10 +81,28 @@ SecretsDoc = Annotated[
 ]
 
 
+class ConsulMeshDoc(_Doc):
+    """Where the Consul catalogue is; the ACL token is a secret *name*, never a value."""
+
+    address: Annotated[str, AfterValidator(syntax.consul_address)]
+    tokenSecret: Annotated[str, AfterValidator(syntax.secret_name)] | None = None
+    datacenter: Annotated[str, AfterValidator(syntax.consul_name)] | None = None
+    caFile: NonEmpty | None = None
+
+
+class ConsulServiceDoc(_Doc):
+    """A Destination's instances come from this Consul service instead of `address`."""
+
+    service: Annotated[str, AfterValidator(syntax.consul_name)]
+    tag: Annotated[str, AfterValidator(syntax.consul_tag)] | None = None
+    passingOnly: bool = True
+
+
 class MeshSpec(_Doc):
     trustDomain: Annotated[str, AfterValidator(syntax.dns_name)]
     egressGateway: GatewayDoc | None = None
     secrets: SecretsDoc | None = None
+    consul: ConsulMeshDoc | None = None
 
 
 class CredentialsDoc(_Doc):
@@ -101,6 +119,7 @@ class DestinationSpec(_Doc):
     caFile: NonEmpty | None = None
     identity: Literal["none", "jwt"] = "none"
     credentials: CredentialsDoc | None = None
+    consul: ConsulServiceDoc | None = None
 
 
 class AgentPolicySpec(_Doc):

@@ -118,6 +118,44 @@ def secret_name(v: str) -> str:
     return v
 
 
+_CONSUL_NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,126}[A-Za-z0-9])?$")
+
+
+def consul_address(v: str) -> str:
+    """`http://host:port` or `https://host:port` (Consul's HTTP API), nothing after the port."""
+    scheme, sep, rest = v.partition("://")
+    if not sep or scheme not in ("http", "https"):
+        raise fail("must start with http:// or https://, like http://127.0.0.1:8500")
+    rest = rest.removesuffix("/")
+    if not rest or any(c in rest for c in "/?#@"):
+        raise fail("must be http(s)://host:port with no path, query or user")
+    parse_address(rest)
+    return f"{scheme}://{rest}"
+
+
+def split_consul_address(v: str) -> tuple[str, str, int]:
+    """A checked `consul_address` as (scheme, host, port)."""
+    scheme, _, rest = v.partition("://")
+    host, port = parse_address(rest)
+    return scheme, host, port
+
+
+def consul_name(v: str) -> str:
+    """A Consul service name or datacenter: letters, digits, '-', '_', '.'."""
+    if not _CONSUL_NAME_RE.match(v):
+        raise fail(
+            "must be letters, digits, '-', '_' or '.', starting and ending with a letter or "
+            "digit, at most 128 characters"
+        )
+    return v
+
+
+def consul_tag(v: str) -> str:
+    if not v or any(c.isspace() or c in "/?#&" for c in v):
+        raise fail("must be a non-empty tag without spaces, '/', '?', '#' or '&'")
+    return v
+
+
 def secret_format(v: str) -> str:
     if v.count(SECRET_PLACEHOLDER) != 1:
         raise fail_hidden("must contain {secret} exactly once")

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from meshgate.policy.model import PolicyModel
-from meshgate.xds.gateway import gateway_resources
+from meshgate.xds.gateway import Endpoints, gateway_resources
 from meshgate.xds.mtls import NodeIdentity
 from meshgate.xds.nodes import GATEWAY_GROUP
 from meshgate.xds.options import TranslateOptions
@@ -38,8 +38,9 @@ def gateway_snapshot(
     secrets: Mapping[str, str] | None = None,
     identity: NodeIdentity | None = None,
     tool_tokens: ToolTokens | None = None,
+    endpoints: Endpoints | None = None,
 ) -> Snapshot:
-    messages = gateway_resources(model, options, secrets, identity, tool_tokens)
+    messages = gateway_resources(model, options, secrets, identity, tool_tokens, endpoints)
     resources = [Resource.build(resource_name(m), m) for m in messages]
     return Snapshot.build(model.version, resources)
 
@@ -49,14 +50,18 @@ def build_snapshots(
     options: TranslateOptions | None = None,
     secrets: Mapping[str, str] | None = None,
     identities: Identities | None = None,
+    endpoints: Endpoints | None = None,
 ) -> dict[str, Snapshot]:
     """Every node group's snapshot: the gateways' (with secrets), one per agent (without).
 
-    Each group gets only its own certificate and key."""
+    Each group gets only its own certificate and key; `endpoints` (Consul instances) only
+    reach the gateways."""
     opts = options or TranslateOptions()
     gw_identity = identities.gateway if identities else None
     tool_tokens = identities.tool_tokens if identities else None
-    snapshots = {GATEWAY_GROUP: gateway_snapshot(model, opts, secrets, gw_identity, tool_tokens)}
+    snapshots = {
+        GATEWAY_GROUP: gateway_snapshot(model, opts, secrets, gw_identity, tool_tokens, endpoints)
+    }
     trust_domain = model.mesh.trust_domain
     for agent in model.agents:
         ident = identities.agents.get(agent.agent) if identities else None

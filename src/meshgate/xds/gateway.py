@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
@@ -61,17 +61,23 @@ def cluster_name(destination: Destination) -> str:
     return f"dest-{destination.name}"
 
 
+# Instances of Consul-backed destinations, by destination name (a runtime input, like secrets).
+Endpoints = Mapping[str, Sequence[tuple[str, int]]]
+
+
 def gateway_resources(
     model: PolicyModel,
     options: TranslateOptions,
     secrets: Mapping[str, str] | None = None,
     identity: NodeIdentity | None = None,
     tool_tokens: ToolTokens | None = None,
+    endpoints: Endpoints | None = None,
 ) -> list[Message | Encoded]:
     """Every resource a gateway needs, in a stable order. `secrets`: credential values by name;
     `identity`: the gateway's certificate, which turns on mTLS with agents' sidecars;
     `tool_tokens`: JWTs for `identity: jwt` destinations (only with mTLS: they vouch for the
-    certificate's SPIFFE ID, never for a header an agent set)."""
+    certificate's SPIFFE ID, never for a header an agent set);
+    `endpoints`: current instances of `consul` destinations (none known: an empty assignment)."""
     secrets = secrets or {}
     trust_domain = model.mesh.trust_domain if identity is not None else None
     out: list[Message | Encoded] = []
@@ -79,6 +85,8 @@ def gateway_resources(
         out.append(destination_cluster(dest, options.system_ca_file))
         if dest.address is not None:
             out.append(destination_endpoints(dest))
+        elif dest.consul is not None:  # consul: only this assignment changes with the catalogue
+            out.append(instance_endpoints(dest, (endpoints or {}).get(dest.name, ())))
     injecting = [d for d in model.destinations if has_credential(d, secrets)]
     # MCP parsing first: it re-selects the route the rate limiter and injectors then use
     filters = [rate_limit_filter(), *([injector_filter(injecting)] if injecting else [])]
@@ -133,7 +141,7 @@ def destination_cluster(dest: Destination, system_ca_file: str) -> cluster_pb2.C
         name=cluster_name(dest),
         connect_timeout=duration_pb2.Duration(seconds=5),
     )
-    if dest.address is not None:
+    if dest.address is not None or dest.consul is not None:
         cluster.type = cluster_pb2.Cluster.EDS
         cluster.eds_cluster_config.eds_config.CopyFrom(ads())
     else:
@@ -150,6 +158,20 @@ def destination_endpoints(dest: Destination) -> endpoint_pb2.ClusterLoadAssignme
     assert dest.address is not None
     host, port = dest.address
     return _assignment(cluster_name(dest), host, port)
+
+
+def instance_endpoints(
+    dest: Destination, instances: Sequence[tuple[str, int]]
+) -> endpoint_pb2.ClusterLoadAssignment:
+    """A Consul-backed destination's assignment: its instances in a stable order."""
+    lb = [
+        endpoint_components_pb2.LbEndpoint(
+            endpoint=endpoint_components_pb2.Endpoint(address=socket_address(host, port))
+        )
+        for host, port in sorted(set(instances))
+    ]
+    endpoints = [endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb)] if lb else []
+    return endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name(dest), endpoints=endpoints)
 
 
 def _assignment(name: str, host: str, port: int) -> endpoint_pb2.ClusterLoadAssignment:
