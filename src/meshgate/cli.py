@@ -720,13 +720,33 @@ app.add_typer(inject_app, name="inject")
 ImageOpt = Annotated[str, typer.Option(help="Image of the injected sidecar (has meshgate, envoy).")]
 InjectCpOpt = Annotated[str, typer.Option(help="xDS address HOST:PORT the sidecars dial.")]
 InjectAdminOpt = Annotated[int, typer.Option(help="Sidecar Envoy admin port (loopback).")]
+InjectXdsCaOpt = Annotated[
+    str,
+    typer.Option(help="ConfigMap (key ca.crt) in the pod's namespace verifying the xDS port."),
+]
+InjectXdsTlsOpt = Annotated[
+    bool, typer.Option(help="Sidecars verify a TLS xDS port; --no-xds-tls: plaintext (lab only).")
+]
 
 
-def _inject_settings(image: str, control_plane: str, sidecar_port: int, admin_port: int) -> Any:
+def _inject_settings(
+    image: str,
+    control_plane: str,
+    sidecar_port: int,
+    admin_port: int,
+    xds_ca_configmap: str,
+    xds_tls: bool,
+) -> Any:
     from meshgate.sidecar.injector import InjectSettings
 
     try:
-        return InjectSettings(image, control_plane, sidecar_port, admin_port)
+        return InjectSettings(
+            image,
+            control_plane,
+            sidecar_port,
+            admin_port,
+            xds_ca_configmap=xds_ca_configmap if xds_tls else None,
+        )
     except MeshgateError as exc:
         raise _fail(str(exc)) from None
 
@@ -741,12 +761,16 @@ def inject_serve(
     control_plane: InjectCpOpt = "meshgate-control-plane.meshgate-system.svc:18000",
     sidecar_port: SidecarPortOpt = 15080,
     admin_port: InjectAdminOpt = 15090,
+    xds_ca_configmap: InjectXdsCaOpt = "meshgate-xds-ca",
+    xds_tls: InjectXdsTlsOpt = True,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the mutating admission webhook that injects sidecars into labelled agent pods."""
     from meshgate.sidecar.webhook import serve_webhook
 
-    settings = _inject_settings(image, control_plane, sidecar_port, admin_port)
+    settings = _inject_settings(
+        image, control_plane, sidecar_port, admin_port, xds_ca_configmap, xds_tls
+    )
     _setup_logging(verbose)
 
     async def main(stop: asyncio.Event) -> None:
@@ -764,11 +788,15 @@ def inject_pod(
     control_plane: InjectCpOpt = "meshgate-control-plane.meshgate-system.svc:18000",
     sidecar_port: SidecarPortOpt = 15080,
     admin_port: InjectAdminOpt = 15090,
+    xds_ca_configmap: InjectXdsCaOpt = "meshgate-xds-ca",
+    xds_tls: InjectXdsTlsOpt = True,
 ) -> None:
     """Print FILE with labelled Pods (and pod templates) injected as the webhook would."""
     from meshgate.sidecar.injector import inject_manifests
 
-    settings = _inject_settings(image, control_plane, sidecar_port, admin_port)
+    settings = _inject_settings(
+        image, control_plane, sidecar_port, admin_port, xds_ca_configmap, xds_tls
+    )
     try:
         text = sys.stdin.read() if str(file) == "-" else file.read_text()
     except (OSError, UnicodeDecodeError) as exc:

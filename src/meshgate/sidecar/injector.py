@@ -8,7 +8,9 @@ the cluster does and what an operator previews offline are the same function. In
   so an agent never runs before its proxy has its configuration;
 - the proxy environment in every other container, overriding the pod's own values (a bypass
   such as `NO_PROXY=*` is the risk being closed);
-- the join token from a projected volume that sources the Secret `meshgate-join-<agent>`;
+- the join token from a projected volume that sources the Secret `meshgate-join-<agent>`, and
+  in the same volume the CA that verifies the control plane's TLS xDS port, from a ConfigMap
+  in the pod's namespace (`meshgate-xds-ca`, key `ca.crt`; none for a plaintext lab cluster);
 - an emptyDir for the bootstrap the sidecar writes at start, and the `meshgate.dev/injected`
   annotation. A pod that carries that annotation or the sidecar is left as is (idempotent).
 """
@@ -30,6 +32,9 @@ TOKEN_VOLUME = "meshgate-token"
 STATE_VOLUME = "meshgate-state"
 TOKEN_DIR = "/var/run/meshgate/token"
 TOKEN_FILE = f"{TOKEN_DIR}/token"
+XDS_CA_KEY = "ca.crt"  # the ConfigMap key; also the file name in the token volume
+XDS_CA_FILE = f"{TOKEN_DIR}/{XDS_CA_KEY}"
+DEFAULT_XDS_CA_CONFIGMAP = "meshgate-xds-ca"
 STATE_DIR = "/var/run/meshgate/state"
 POD_NAME_ENV = "MESHGATE_POD_NAME"
 SIDECAR_UID = 1337
@@ -37,6 +42,7 @@ DEFAULT_IMAGE = "ghcr.io/meshgate/meshgate:0.1.0"
 DEFAULT_CONTROL_PLANE = "meshgate-control-plane.meshgate-system.svc:18000"
 
 _AGENT_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_DNS_SUBDOMAIN_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 # Controllers whose pod template we inject offline (`meshgate inject pod`); the webhook sees Pods.
 _TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
     "Deployment": ("spec", "template"),
@@ -67,6 +73,10 @@ class InjectSettings:
     memory_request: str = "64Mi"
     cpu_limit: str = "1"
     memory_limit: str = "256Mi"
+    # ConfigMap (in the pod's namespace) whose `ca.crt` verifies the control plane's TLS xDS
+    # port; None: plaintext xDS (`--no-xds-tls`, a lab cluster only: the join token is sent
+    # in the clear).
+    xds_ca_configmap: str | None = DEFAULT_XDS_CA_CONFIGMAP
 
     def __post_init__(self) -> None:
         parse_address(self.control_plane)  # ConfigError on a bad HOST:PORT
@@ -78,6 +88,12 @@ class InjectSettings:
             raise ConfigError("--sidecar-port and --admin-port must differ")
         if not self.image:
             raise ConfigError("--image must not be empty")
+        ca = self.xds_ca_configmap
+        if ca is not None and (len(ca) > 253 or not _DNS_SUBDOMAIN_RE.fullmatch(ca)):
+            raise ConfigError(
+                f"--xds-ca-configmap {ca!r}: not a ConfigMap name (for plaintext xDS use "
+                "--no-xds-tls)"
+            )
 
 
 def token_secret_name(agent: str) -> str:
@@ -146,6 +162,7 @@ def sidecar_container(agent: str, settings: InjectSettings) -> dict[str, Any]:
             STATE_DIR,
             "--token-file",
             TOKEN_FILE,
+            *(["--xds-ca", XDS_CA_FILE] if settings.xds_ca_configmap is not None else []),
         ],
         "env": [{"name": POD_NAME_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
         # Envoy's admin listens on loopback only (it can stop the proxy), so probes exec into
@@ -184,22 +201,20 @@ def _ready_probe(settings: InjectSettings, period: int, failures: int) -> dict[s
     }
 
 
-def pod_volumes(agent: str) -> list[dict[str, Any]]:
+def pod_volumes(agent: str, settings: InjectSettings) -> list[dict[str, Any]]:
+    sources: list[dict[str, Any]] = [
+        {"secret": {"name": token_secret_name(agent), "items": [{"key": "token", "path": "token"}]}}
+    ]
+    if settings.xds_ca_configmap is not None:
+        # Not optional: without the CA the pod stays in ContainerCreating (FailedMount names
+        # the ConfigMap) instead of a sidecar that cannot verify, or reach, the control plane.
+        item = {"key": XDS_CA_KEY, "path": XDS_CA_KEY}
+        sources.append({"configMap": {"name": settings.xds_ca_configmap, "items": [item]}})
     return [
         {
             "name": TOKEN_VOLUME,
-            "projected": {
-                # Only the sidecar mounts this volume; other containers cannot see the token.
-                "defaultMode": 0o444,
-                "sources": [
-                    {
-                        "secret": {
-                            "name": token_secret_name(agent),
-                            "items": [{"key": "token", "path": "token"}],
-                        }
-                    }
-                ],
-            },
+            # Only the sidecar mounts this volume; other containers cannot see the token.
+            "projected": {"defaultMode": 0o444, "sources": sources},
         },
         {"name": STATE_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "32Mi"}},
     ]
@@ -228,7 +243,7 @@ def inject(pod: dict[str, Any], settings: InjectSettings) -> dict[str, Any]:
         for container in _list(spec, key):
             container["env"] = with_proxy_env(container.get("env"), settings)
     spec["initContainers"] = [sidecar_container(agent, settings), *_list(spec, "initContainers")]
-    spec["volumes"] = [*_list(spec, "volumes"), *pod_volumes(agent)]
+    spec["volumes"] = [*_list(spec, "volumes"), *pod_volumes(agent, settings)]
     metadata = out.setdefault("metadata", {})
     metadata["annotations"] = {**_dict(metadata, "annotations"), INJECTED_ANNOTATION: "true"}
     return out
@@ -255,7 +270,7 @@ def patch_for(pod: dict[str, Any], settings: InjectSettings) -> JsonPatch:
         ops.append({"op": "add", "path": "/spec/initContainers/0", "value": sidecar})
     else:
         ops.append({"op": "add", "path": "/spec/initContainers", "value": [sidecar]})
-    volumes = pod_volumes(agent)
+    volumes = pod_volumes(agent, settings)
     if _list(spec, "volumes"):
         ops.extend({"op": "add", "path": "/spec/volumes/-", "value": v} for v in volumes)
     else:

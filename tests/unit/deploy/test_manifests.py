@@ -22,6 +22,7 @@ from meshgate.cli import app
 from meshgate.sidecar.injector import (
     AGENT_LABEL,
     SIDECAR_NAME,
+    XDS_CA_KEY,
     InjectSettings,
     inject_object,
     token_secret_name,
@@ -52,6 +53,32 @@ def container(deployment: dict[str, Any]) -> dict[str, Any]:
     containers: list[dict[str, Any]] = deployment["spec"]["template"]["spec"]["containers"]
     assert len(containers) == 1
     return containers[0]
+
+
+def mounted_from(pod: dict[str, Any], c: dict[str, Any], path: str) -> tuple[str, str, str]:
+    """(source kind, object name, key) of the Secret or ConfigMap that a file path in the
+    container comes from, following its volumeMount and the volume (projected or not)."""
+    mount = max(
+        (m for m in c.get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/")),
+        key=lambda m: len(m["mountPath"]),
+    )
+    assert mount.get("readOnly") is True, f"{path}: mount {mount['name']} is writable"
+    rest = path[len(mount["mountPath"].rstrip("/")) + 1 :]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    if "projected" in volume:
+        sources = volume["projected"]["sources"]
+    else:
+        sources = [{k: v} for k, v in volume.items() if k in ("secret", "configMap")]
+    found = []
+    for source in sources:
+        ((kind, ref),) = source.items()
+        name = ref["secretName"] if "secretName" in ref else ref["name"]
+        items = ref.get("items")
+        if items is None:  # every key becomes a file of that name
+            found.append((kind, name, rest))
+        found += [(kind, name, i["key"]) for i in items or [] if i["path"] == rest]
+    assert len(found) == 1, f"{path}: provided by {found or 'nothing'}"
+    return found[0]
 
 
 def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
@@ -184,6 +211,47 @@ def test_addresses_and_ports_agree_across_components() -> None:
     assert "--require-tokens" in cp and "--mtls" in cp  # the NetworkPolicy is not the only guard
 
 
+def test_xds_tls_files_are_mounted_from_the_tls_secret_and_the_ca_configmap() -> None:
+    """The control plane serves xDS over TLS with the operator's Secret; the gateway and every
+    injected sidecar verify it with the ConfigMap's ca.crt, mounted where their flag says."""
+    cp_dep = find("Deployment", "meshgate-control-plane")
+    cp = container(cp_dep)
+    cmd = cp["command"]
+    assert "--xds-tls" in cmd
+    pod = cp_dep["spec"]["template"]["spec"]
+    tls_secret = "meshgate-xds-tls"
+    assert mounted_from(pod, cp, flag(cmd, "--xds-cert")) == ("secret", tls_secret, "tls.crt")
+    assert mounted_from(pod, cp, flag(cmd, "--xds-key")) == ("secret", tls_secret, "tls.key")
+    ca_source = ("configMap", "meshgate-xds-ca", XDS_CA_KEY)
+    gw_dep = find("Deployment", "meshgate-gateway")
+    gw = container(gw_dep)
+    gw_ca = flag(gw["command"], "--xds-ca")
+    assert mounted_from(gw_dep["spec"]["template"]["spec"], gw, gw_ca) == ca_source
+    inj = container(find("Deployment", "meshgate-injector"))["command"]
+    assert flag(inj, "--xds-ca-configmap") == "meshgate-xds-ca"
+    settings = InjectSettings(xds_ca_configmap=flag(inj, "--xds-ca-configmap"))
+    injected = inject_object(find("Deployment", "coder"), settings)["spec"]["template"]["spec"]
+    sidecar = injected["initContainers"][0]
+    assert mounted_from(injected, sidecar, flag(sidecar["command"], "--xds-ca")) == ca_source
+    # the token still comes from the agent's Secret, in the same projected volume
+    token = flag(sidecar["command"], "--token-file")
+    assert mounted_from(injected, sidecar, token) == ("secret", "meshgate-join-coder", "token")
+    # nodes dial the name the certificate must carry (docs/kubernetes.md)
+    host = flag(gw["command"], "--control-plane").rpartition(":")[0]
+    assert host == "meshgate-control-plane.meshgate-system.svc"
+    assert host in (DEPLOY / "control-plane.yaml").read_text()  # the comment naming the SAN
+
+
+def test_the_audit_store_comes_from_the_optional_secret_under_its_real_name() -> None:
+    cp = container(find("Deployment", "meshgate-control-plane"))
+    env = {e["name"]: e for e in cp["env"]}
+    assert "MESHGATE_AUDIT_DSN" not in env
+    ref = env["MESHGATE_AUDIT_STORE"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == "meshgate-postgres" and ref["optional"] is True
+    text = (DEPLOY / "control-plane.yaml").read_text()
+    assert "# audit: --audit-store=$(MESHGATE_AUDIT_STORE) once issue 7 lands" in text
+
+
 def test_webhook_configuration_calls_the_injector_for_labelled_pods_only() -> None:
     config = find("MutatingWebhookConfiguration", "meshgate-injector")
     (hook,) = config["webhooks"]
@@ -282,6 +350,7 @@ def test_the_sample_agent_runs_on_the_agent_pool_and_injects_cleanly() -> None:
         control_plane=flag(inj, "--control-plane"),
         sidecar_port=int(flag(inj, "--sidecar-port")),
         admin_port=int(flag(inj, "--admin-port")),
+        xds_ca_configmap=flag(inj, "--xds-ca-configmap"),
     )
     injected = inject_object(example, settings)
     validate(injected)

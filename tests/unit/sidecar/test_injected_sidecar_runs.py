@@ -1,26 +1,32 @@
 """The injected pod's containers, run locally: the sidecar's own command line starts a real Envoy
-against a real control plane (tokens and mTLS required), its startup probe turns green, and the
-app container's injected environment sends traffic through it under the agent's policy.
+against a real control plane (tokens, mTLS and xDS over TLS with an operator's certificate, as in
+deploy/), its startup probe turns green, and the app container's injected environment sends
+traffic through it under the agent's policy.
 
-Only what a kubelet does is simulated: `meshgate` is this checkout, the mounted token and state
-paths are rewritten to temp paths, and `$(MESHGATE_POD_NAME)` is expanded.
+Only what a kubelet does is simulated: `meshgate` is this checkout, the mounted token, CA and
+state paths are rewritten to temp paths, and `$(MESHGATE_POD_NAME)` is expanded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from builders import free_port
-from e2e.harness import control_plane, gateway, upstream, write_policy
+from builders import free_port, write_test_pki
+from e2e.harness import until, upstream, write_policy
 
-from meshgate.sidecar.injector import STATE_DIR, TOKEN_FILE, InjectSettings, inject
+from meshgate.controlplane.server import ControlPlane, ServeOptions
+from meshgate.controlplane.sources import DirectorySource
+from meshgate.sidecar.injector import STATE_DIR, TOKEN_FILE, XDS_CA_FILE, InjectSettings, inject
+from meshgate.sidecar.launcher import prepare_envoy
 
 pytestmark = pytest.mark.e2e
 
@@ -38,10 +44,67 @@ print(json.dumps(out))
 """
 
 
-def as_local(command: list[str], tmp: Path) -> list[str]:
+@contextlib.asynccontextmanager
+async def tls_control_plane(policy: Path, tmp: Path) -> AsyncIterator[tuple[ControlPlane, Path]]:
+    """`serve --require-tokens --mtls --xds-tls --xds-cert --xds-key` with an operator's
+    certificate (as deploy/control-plane.yaml mounts it); yields it and the CA that signed it."""
+    ca, cert, key = write_test_pki(tmp / "xds-pki", ["127.0.0.1", "localhost"], name="xds")
+    opts = ServeOptions(
+        "127.0.0.1",
+        free_port(),
+        "127.0.0.1",
+        free_port(),
+        "127.0.0.1",
+        sidecar_port=free_port(),
+        debounce_quiet=0.05,
+        secrets_interval=0.2,
+        require_tokens=True,
+        mtls=True,
+        xds_tls=True,
+        xds_cert_file=cert,
+        xds_key_file=key,
+    )
+    cp = ControlPlane(DirectorySource(policy, interval=0.1), tmp / "cp", opts)
+    await cp.start()
+    try:
+        await until(lambda: cp.ready, timeout=10, what="control plane ready")
+        yield cp, ca
+    finally:
+        await cp.stop()
+
+
+@contextlib.asynccontextmanager
+async def tls_gateway(cp: ControlPlane, ca: Path, tmp: Path) -> AsyncIterator[None]:
+    """The gateway as `meshgate gateway --token-file --xds-ca` starts it."""
+    assert cp.tokens is not None
+    token, _ = cp.tokens.create("gateway/egress", 600)
+    (tmp / "gateway-token").write_text(token)
+    envoy = prepare_envoy(
+        "gateway/egress",
+        "gateway/egress",
+        cp.xds_address,
+        free_port(),
+        tmp / "gateway-state",
+        tmp / "gateway-token",
+        file_stem="gateway-egress",
+        xds_ca=ca,
+    )
+    await envoy.start()
+    try:
+        await envoy.wait_ready(30)
+        yield
+    finally:
+        await envoy.stop()
+
+
+def as_local(command: list[str], tmp: Path, ca: Path) -> list[str]:
     """The container's command as this machine runs it."""
     assert command[0] == "meshgate"
-    swap = {TOKEN_FILE: str(tmp / "token"), STATE_DIR: str(tmp / "sidecar-state")}
+    swap = {
+        TOKEN_FILE: str(tmp / "token"),
+        STATE_DIR: str(tmp / "sidecar-state"),
+        XDS_CA_FILE: str(ca),  # the ConfigMap's ca.crt in the projected volume
+    }
     rest = [swap.get(a, a).replace("$(MESHGATE_POD_NAME)", POD_NAME) for a in command[1:]]
     return [sys.executable, "-m", "meshgate.cli", *rest]
 
@@ -72,8 +135,8 @@ async def test_injected_sidecar_command_runs_envoy_and_serves_the_app(tmp_path: 
             agents={"coder": ["alpha"], "researcher": ["beta"]},
         )
         async with (
-            control_plane(policy, tmp_path / "cp", require_tokens=True, mtls=True) as cp,
-            gateway(cp, tmp_path),
+            tls_control_plane(policy, tmp_path) as (cp, ca),
+            tls_gateway(cp, ca, tmp_path),
         ):
             assert cp.tokens is not None
             token, _ = cp.tokens.create("agent/coder", 600)
@@ -92,8 +155,9 @@ async def test_injected_sidecar_command_runs_envoy_and_serves_the_app(tmp_path: 
             }
             spec = inject(pod, settings)["spec"]
             sidecar, app = spec["initContainers"][0], spec["containers"][0]
+            assert XDS_CA_FILE in sidecar["command"]  # the default settings verify the xDS port
             proc = await asyncio.create_subprocess_exec(
-                *as_local(sidecar["command"], tmp_path),
+                *as_local(sidecar["command"], tmp_path, ca),
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
             )

@@ -17,6 +17,7 @@ from meshgate.errors import ConfigError
 from meshgate.sidecar.injector import (
     INJECTED_ANNOTATION,
     SIDECAR_NAME,
+    XDS_CA_FILE,
     InjectError,
     InjectSettings,
     inject,
@@ -81,6 +82,33 @@ def test_token_comes_from_the_agents_secret_via_a_projected_volume() -> None:
     # only the sidecar mounts the token: the agent's containers cannot read it
     for container in out["spec"]["containers"]:
         assert all(m["name"] != "meshgate-token" for m in container.get("volumeMounts", []))
+
+
+def test_sidecar_verifies_the_xds_port_with_the_ca_from_a_configmap_in_the_same_volume() -> None:
+    out = inject(pod(), SETTINGS)
+    validate(out)
+    sidecar = out["spec"]["initContainers"][0]
+    cmd = sidecar["command"]
+    assert cmd[cmd.index("--xds-ca") + 1] == XDS_CA_FILE == "/var/run/meshgate/token/ca.crt"
+    (volume,) = [v for v in out["spec"]["volumes"] if v["name"] == "meshgate-token"]
+    sources = volume["projected"]["sources"]
+    assert sources[1] == {
+        "configMap": {"name": "meshgate-xds-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+    }
+    assert "optional" not in sources[1]["configMap"]  # no CA: the pod does not start
+    mount = next(m for m in sidecar["volumeMounts"] if m["name"] == "meshgate-token")
+    assert f"{mount['mountPath']}/ca.crt" == XDS_CA_FILE
+
+
+def test_plaintext_xds_has_no_ca_and_another_configmap_name_is_used() -> None:
+    plain = inject(pod(), InjectSettings(xds_ca_configmap=None))
+    validate(plain)
+    assert "--xds-ca" not in plain["spec"]["initContainers"][0]["command"]
+    (volume,) = [v for v in plain["spec"]["volumes"] if v["name"] == "meshgate-token"]
+    assert [next(iter(s)) for s in volume["projected"]["sources"]] == ["secret"]
+    other = inject(pod(), InjectSettings(xds_ca_configmap="corp-ca.v2"))
+    sources = other["spec"]["volumes"][0]["projected"]["sources"]
+    assert sources[1]["configMap"]["name"] == "corp-ca.v2"
 
 
 def test_every_other_container_gets_the_proxy_env_and_meshgate_values_win() -> None:
@@ -186,6 +214,9 @@ def test_settings_are_checked() -> None:
         InjectSettings(sidecar_port=15090, admin_port=15090)
     with pytest.raises(ConfigError, match="not a TCP port"):
         InjectSettings(sidecar_port=70000)
+    for bad in ("", "Bad_Name", "x" * 254):
+        with pytest.raises(ConfigError, match=r"^--xds-ca-configmap .*--no-xds-tls\)$"):
+            InjectSettings(xds_ca_configmap=bad)
 
 
 def deployment(kind: str, labelled: bool) -> dict[str, Any]:
@@ -289,6 +320,25 @@ def test_cli_inject_pod_and_token_secret(tmp_path: Path) -> None:
     validate(out)
     assert out["spec"]["initContainers"][0]["image"] == "img:1"
     assert env_of(out["spec"]["containers"][0])["HTTP_PROXY"] == "http://127.0.0.1:15081"
+    assert XDS_CA_FILE in out["spec"]["initContainers"][0]["command"]  # TLS by default
+
+    for flags, configmap in (
+        (["--xds-ca-configmap", "corp-ca"], "corp-ca"),
+        (["--no-xds-tls"], None),
+    ):
+        res = subprocess.run(
+            [*MESHGATE, "inject", "pod", str(manifest), *flags],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert res.returncode == 0, res.stderr
+        out = yaml.safe_load(res.stdout)
+        validate(out)
+        sources = out["spec"]["volumes"][0]["projected"]["sources"]
+        names = [s["configMap"]["name"] for s in sources if "configMap" in s]
+        assert names == ([configmap] if configmap else [])
+        assert ("--xds-ca" in out["spec"]["initContainers"][0]["command"]) == bool(configmap)
 
     bad = subprocess.run(
         [*MESHGATE, "inject", "pod", str(tmp_path / "missing.yaml")],
