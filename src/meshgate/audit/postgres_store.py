@@ -34,6 +34,7 @@ class PostgresAuditStore(SqlAuditStore):
         except psycopg.Error as exc:
             raise ConfigError(f"cannot connect to the audit store: {exc}".strip()) from None
         super().__init__(conn)
+        self.integrity_error = psycopg.IntegrityError
         self.schema = schema
         with conn.transaction():
             # replicas starting together must not race on CREATE TABLE IF NOT EXISTS

@@ -33,6 +33,7 @@ from meshgate.audit.query import decode_cursor, encode_cursor
 from meshgate.audit.record import AuditRecord
 from meshgate.audit.retention import plan_retention
 from meshgate.audit.store import AuditPage, AuditQuery, RetainResult, SummaryRow
+from meshgate.errors import MeshgateError
 
 FIELDS = (
     "request_id",
@@ -163,12 +164,17 @@ def select_page(query: AuditQuery) -> tuple[str, list[Any]]:
     return sql, params
 
 
+class AuditStoreError(MeshgateError):
+    """The store's contents contradict its chain: appending would fork or corrupt it."""
+
+
 class SqlAuditStore:
     """An AuditLogStore over a DB-API connection; subclasses supply the dialect hooks."""
 
     id_type = "BIGINT"
     blob_type = "BYTEA"
     chain_lock = " FOR UPDATE"  # appended to the chain-row SELECT inside a write transaction
+    integrity_error: type[Exception] = Exception  # the driver's IntegrityError
 
     def __init__(self, conn: Any) -> None:
         self._conn = conn  # sqlite3.Connection or psycopg.Connection: DB-API is untyped here
@@ -233,13 +239,19 @@ class SqlAuditStore:
                 return 0
             batch = make_batch(state, new)
             marks = ",".join("?" * (2 + len(FIELDS)))
-            cur.executemany(
-                self._sql(
-                    f"INSERT INTO audit_records ({RECORD_COLUMNS}) VALUES ({marks}) "
-                    "ON CONFLICT (request_id) DO NOTHING"
-                ),
-                [record_row(batch.first_id + i, r) for i, r in enumerate(new)],
-            )
+            try:
+                cur.executemany(
+                    self._sql(
+                        f"INSERT INTO audit_records ({RECORD_COLUMNS}) VALUES ({marks}) "
+                        "ON CONFLICT (request_id) DO NOTHING"
+                    ),
+                    [record_row(batch.first_id + i, r) for i, r in enumerate(new)],
+                )
+            except self.integrity_error as exc:
+                raise AuditStoreError(
+                    f"audit store: record ids from {batch.first_id} are taken though the chain "
+                    f"ends at {state.head_last_id}; run `meshgate audit verify` ({exc})"
+                ) from None
             if cur.rowcount != len(new):  # impossible under the chain lock; never fork it
                 raise RuntimeError(f"audit append inserted {cur.rowcount} of {len(new)} records")
             self._exec(

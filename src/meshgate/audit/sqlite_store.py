@@ -21,6 +21,7 @@ class SqliteAuditStore(SqlAuditStore):
     id_type = "INTEGER"  # INTEGER PRIMARY KEY is the rowid: no second index for ids
     blob_type = "BLOB"
     chain_lock = ""  # BEGIN IMMEDIATE already holds the write lock
+    integrity_error = sqlite3.IntegrityError
 
     def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
         """`synchronous=FULL`: a returned append survives power loss, not only a crash."""
