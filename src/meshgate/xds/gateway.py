@@ -22,6 +22,11 @@ from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
 from meshgate.policy.model import Destination, PolicyModel
+from meshgate.xds.access_log import (
+    audit_connection_manager,
+    policy_version_header,
+    route_metadata,
+)
 from meshgate.xds.allowlist import (
     AGENT_HEADER,
     MCP_FILTER,
@@ -191,6 +196,7 @@ def egress_listener(
         access_log=[stdout_access_log()],
         local_reply_config=refusal_bodies(),
     )
+    audit_connection_manager(hcm, AGENT_HEADER)
     return http_listener(LISTENER_NAME, bind_address, port, hcm)
 
 
@@ -249,7 +255,11 @@ def egress_routes(
 ) -> route_pb2.RouteConfiguration:
     vhosts = [_destination_vhost(*key) for key in _vhost_keys(model, secrets, trust_domain)]
     vhosts.append(_unknown_destination_vhost())
-    return route_pb2.RouteConfiguration(name=ROUTE_NAME, virtual_hosts=vhosts)
+    return route_pb2.RouteConfiguration(
+        name=ROUTE_NAME,
+        virtual_hosts=vhosts,
+        response_headers_to_add=[policy_version_header(model.version)],
+    )
 
 
 def egress_routes_encoded(
@@ -258,12 +268,15 @@ def egress_routes_encoded(
     """The same bytes as `egress_routes(...)` serialised, assembled from per-host bytes.
 
     A one-agent change re-serialises only the virtual hosts that agent uses, not the whole
-    (possibly megabytes large) route table.
+    (possibly megabytes large) route table. The policy version is the one per-table field
+    (the response header saying which policy decided), so no route depends on it.
     """
     parts = [string_field(1, ROUTE_NAME)]
     keys = _vhost_keys(model, secrets, trust_domain)
     parts.extend(length_delimited(2, _vhost_bytes(*key)) for key in keys)
     parts.append(length_delimited(2, _unknown_vhost_bytes()))
+    version = policy_version_header(model.version).SerializeToString(deterministic=True)
+    parts.append(length_delimited(4, version))
     return Encoded(ROUTE_NAME, ROUTE_TYPE, b"".join(parts))
 
 
@@ -300,10 +313,12 @@ def _unknown_destination_vhost() -> route_components_pb2.VirtualHost:
         domains=["*"],
         routes=[
             route_components_pb2.Route(
+                name="unknown-destination",
                 match=match,
                 direct_response=json_refusal(
                     403, {"error": "unknown_destination", "host": "%REQ(:AUTHORITY)%"}
                 ),
+                metadata=route_metadata("", "denied", "unknown_destination"),
             )
             for match in (
                 route_components_pb2.RouteMatch(
@@ -337,6 +352,7 @@ def _destination_vhost(
                         "reason": f"secret {dest.credentials.secret!r} not found",
                     },
                 ),
+                metadata=route_metadata(dest.name, "upstream_error", "credential_unavailable"),
             )
         ]
     else:
