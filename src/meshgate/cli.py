@@ -174,23 +174,22 @@ async def _start_gateway(
     wait_ready: bool = False,
     token_file: Path | None = None,
 ) -> Any:
-    from meshgate.sidecar.launcher import prepare_envoy
+    """The gateway Envoy plus the shipper of its audit spool to the control plane."""
+    from meshgate.sidecar.launcher import prepare_gateway
 
-    envoy = prepare_envoy(
-        f"gateway/{name}",
-        f"gateway/{name}",
+    gw = prepare_gateway(
+        name,
         control_plane,
         admin_port,
         state_dir,
         token_file,
-        file_stem=f"gateway-{name}",
         delta=delta,
         concurrency=concurrency,
     )
-    await envoy.start()
+    await gw.start()
     if wait_ready:
-        await envoy.wait_ready()
-    return envoy
+        await gw.wait_ready()
+    return gw
 
 
 async def _wait_either(stop: asyncio.Event, other: Awaitable[Any]) -> None:

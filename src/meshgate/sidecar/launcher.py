@@ -10,10 +10,12 @@ import re
 import urllib.request
 from pathlib import Path
 
+from meshgate.audit.spool import SpoolShipper
 from meshgate.errors import ConfigError, EnvoyError
 from meshgate.identity.tokens import TokenAuthority
 from meshgate.sidecar.bootstrap import BootstrapSpec, write_bootstrap
 from meshgate.sidecar.envoy_process import EnvoyProcess, find_envoy
+from meshgate.xds.access_log import SPOOL_FILE
 from meshgate.xds.sidecar import PROXY_LISTENER
 
 LOCAL_TOKEN_TTL = 7 * 24 * 3600
@@ -37,8 +39,11 @@ def prepare_envoy(
     file_stem: str,
     delta: bool = False,
     concurrency: int = 1,
+    workdir: Path | None = None,
 ) -> EnvoyProcess:
-    """Bootstrap (with the node's join token) written to the state dir; Envoy not yet started."""
+    """Bootstrap (with the node's join token) written to the state dir; Envoy not yet started.
+
+    `workdir`: Envoy's working directory (default: the state dir)."""
     find_envoy()
     host, port = parse_address(control_plane)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -54,7 +59,78 @@ def prepare_envoy(
     )
     boot = state_dir / f"{file_stem}.json"
     write_bootstrap(boot, spec)
-    return EnvoyProcess(boot, admin_port, state_dir / f"{file_stem}.log", concurrency)
+    envoy = EnvoyProcess(boot, admin_port, state_dir / f"{file_stem}.log", concurrency, cwd=workdir)
+    envoy.xds_metadata = spec.metadata
+    return envoy
+
+
+class GatewayProcess:
+    """A gateway Envoy and the shipper of its audit spool: they start and stop together."""
+
+    def __init__(self, envoy: EnvoyProcess, shipper: SpoolShipper) -> None:
+        self.envoy = envoy
+        self.shipper = shipper
+        self._shipping: asyncio.Task[None] | None = None
+
+    @property
+    def admin_port(self) -> int:
+        return self.envoy.admin_port
+
+    async def start(self) -> None:
+        await self.envoy.start()
+        self._shipping = asyncio.create_task(self.shipper.run(), name="audit-spool")
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        await self.envoy.wait_ready(timeout)
+
+    async def wait(self) -> int:
+        return await self.envoy.wait()
+
+    async def stop(self) -> None:
+        """Envoy first (it flushes the spool), then one last shipment; the rest ships on the
+        next start, from the checkpoint."""
+        await self.envoy.stop()
+        if self._shipping is not None:
+            self._shipping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._shipping
+            await self.shipper.drain()
+            await self.shipper.close()
+
+
+def prepare_gateway(
+    name: str,
+    control_plane: str,
+    admin_port: int,
+    state_dir: Path,
+    token_file: Path | None,
+    *,
+    delta: bool = False,
+    concurrency: int = 1,
+) -> GatewayProcess:
+    """Envoy runs in `<state_dir>/gateway-<name>/`, where it writes its audit spool."""
+    workdir = state_dir / f"gateway-{name}"
+    workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    envoy = prepare_envoy(
+        f"gateway/{name}",
+        f"gateway/{name}",
+        control_plane,
+        admin_port,
+        state_dir,
+        token_file,
+        file_stem=f"gateway-{name}",
+        delta=delta,
+        concurrency=concurrency,
+        workdir=workdir,
+    )
+    shipper = SpoolShipper(
+        workdir / SPOOL_FILE,
+        control_plane,
+        f"gateway/{name}",
+        envoy.xds_metadata,
+        envoy_admin_port=admin_port,
+    )
+    return GatewayProcess(envoy, shipper)
 
 
 def join_token(subject: str, state_dir: Path, token_file: Path | None) -> str | None:
