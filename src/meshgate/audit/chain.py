@@ -249,12 +249,16 @@ class Verifier:
         ]
         positions = {d: i for i, d in enumerate(stored)}
         seen: set[int] = set()
+        stamps: list[int] = []
+        intact = 0
         for record_id, record in rows:
             self.report.records += 1
             seen.add(record_id)
+            stamps.append(to_micros(record.timestamp))
             pos = record_id - batch.first_id
             actual = digest(record)
             if 0 <= pos < len(stored) and stored[pos] == actual:
+                intact += 1
                 continue
             where = f"record id {record_id} (request_id {record.request_id!r}) in batch {batch.seq}"
             other = positions.get(actual)
@@ -274,6 +278,17 @@ class Verifier:
                         "edited", f"{where} was edited", batch.seq, record_id, record.request_id
                     )
                 )
+        if intact == batch.count and (min(stamps, default=0), max(stamps, default=0)) != (
+            batch.min_ts_us,
+            batch.max_ts_us,
+        ):  # retention trusts these: a forged max_ts_us could make it drop recent records
+            self.report.add(
+                Problem(
+                    "batch_tampered",
+                    f"batch {batch.seq}'s time range does not match its records",
+                    seq=batch.seq,
+                )
+            )
         for record_id in range(batch.first_id, batch.first_id + len(stored)):
             if record_id not in seen:
                 self.report.add(

@@ -27,7 +27,8 @@ def store_target(store: str | None, state_dir: Path) -> str:
 
 
 def parse_target(target: str | Path) -> StoreTarget:
-    """`sqlite:///path`, `sqlite:relative.db` or a plain path -> SQLite;
+    """`sqlite:///abs/path` (or SQLAlchemy's `sqlite:////abs/path`), `sqlite:relative.db` or
+    a plain path -> SQLite;
     `postgresql://...[?schema=name]` (or `postgres://`) -> PostgreSQL in that schema."""
     text = str(target)
     scheme = text.split(":", 1)[0].lower() if "://" in text or text.startswith("sqlite:") else ""
@@ -37,6 +38,7 @@ def parse_target(target: str | Path) -> StoreTarget:
     if scheme == "sqlite":
         path = text[len("sqlite:") :]
         path = path[2:] if path.startswith("//") else path  # sqlite:///abs -> /abs
+        path = "/" + path.lstrip("/") if path.startswith("/") else path  # sqlite:////abs too
         if not path:
             raise ConfigError(f"audit store {text!r} names no file")
         return StoreTarget("sqlite", path)

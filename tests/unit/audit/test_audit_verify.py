@@ -171,3 +171,9 @@ def test_deleting_the_first_batch_after_retention_is_caught(
     store_env.raw("DELETE FROM audit_records WHERE id BETWEEN 11 AND 20", [])
     store_env.raw("DELETE FROM audit_batches WHERE seq = 2", [])
     assert kinds(filled) == [("batch_missing", 3, None)]
+
+
+def test_forged_batch_time_range_is_caught(filled: SqlAuditStore, store_env: StoreEnv) -> None:
+    """Retention trusts max_ts_us, so verify checks it against the (hashed) records."""
+    store_env.raw("UPDATE audit_batches SET max_ts_us = 0 WHERE seq = 4", [])
+    assert kinds(filled) == [("batch_tampered", 4, None)]
