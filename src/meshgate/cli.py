@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from meshgate.audit.cli import audit_app
 from meshgate.errors import MeshgateError
 
 if TYPE_CHECKING:  # imported lazily at run time: `meshgate --help` stays fast
@@ -55,6 +56,13 @@ MtlsOpt = Annotated[
 ]
 RequireTokensOpt = Annotated[
     bool, typer.Option(help="Refuse xDS streams without a valid join token.")
+]
+AuditStoreOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Audit store: a path, sqlite:///path or postgresql://... "
+        "(default: $MESHGATE_AUDIT_STORE, else STATE_DIR/audit.db)."
+    ),
 ]
 
 
@@ -111,9 +119,10 @@ def serve(
     sidecar_port: SidecarPortOpt = 15080,
     require_tokens: RequireTokensOpt = False,
     mtls: MtlsOpt = False,
+    audit_store: AuditStoreOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Run the control plane only (xDS + admin HTTP), serving POLICIES."""
+    """Run the control plane only (xDS + admin HTTP + audit ingest), serving POLICIES."""
     from meshgate.controlplane.server import ServeOptions
 
     _setup_logging(verbose)
@@ -126,6 +135,7 @@ def serve(
         sidecar_port=sidecar_port,
         require_tokens=require_tokens,
         mtls=mtls,
+        audit_store=audit_store or "",
     )
 
     async def main(stop: asyncio.Event) -> None:
@@ -148,7 +158,9 @@ def gateway(
     concurrency: Annotated[int, typer.Option(help="Envoy worker threads.")] = 1,
     token_file: TokenFileOpt = None,
 ) -> None:
-    """Run a real Envoy egress gateway bootstrapped to the control plane (foreground)."""
+    """Run a real Envoy egress gateway bootstrapped to the control plane (foreground).
+
+    It also ships the gateway's audit spool (STATE_DIR/gateway-NAME/) to the control plane."""
     _setup_logging(False)
 
     async def main(stop: asyncio.Event) -> None:
@@ -212,6 +224,7 @@ def up(
     sidecar_port: SidecarPortOpt = 15080,
     require_tokens: RequireTokensOpt = True,
     mtls: MtlsOpt = True,
+    audit_store: AuditStoreOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Control plane and a local egress gateway in one command; Ctrl-C stops both."""
@@ -227,6 +240,7 @@ def up(
         sidecar_port=sidecar_port,
         require_tokens=require_tokens,
         mtls=mtls,
+        audit_store=audit_store or "",
     )
 
     async def main(stop: asyncio.Event) -> None:
@@ -323,6 +337,8 @@ def _acked(entry: dict[str, Any] | None) -> str:
     short = acked.split("-")[0][:12] if acked != "-" else acked
     return f"{short}*" if entry.get("pending_ack") else short
 
+
+app.add_typer(audit_app, name="audit")
 
 sidecar_app = typer.Typer(help="Agent sidecars.", no_args_is_help=True)
 app.add_typer(sidecar_app, name="sidecar")

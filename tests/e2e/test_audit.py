@@ -1,4 +1,4 @@
-"""The audit log end to end: real gateway and sidecar Envoys, the spool shipper, the SQLite store."""
+"""The audit log end to end: real gateway and sidecar Envoys, the spool shipper, SQLite."""
 
 from __future__ import annotations
 
