@@ -5,10 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 from builders import free_port
-from harness import MESH, audit_record, audit_records, control_plane, gateway, sidecar, upstream
+from envoy.service.accesslog.v3 import als_pb2
+from harness import (
+    MESH,
+    audit_record,
+    audit_records,
+    control_plane,
+    gateway,
+    sidecar,
+    upstream,
+    write_policy,
+)
+
+from meshgate.audit.spool import METHOD
 
 pytestmark = pytest.mark.e2e
 
@@ -148,3 +161,38 @@ async def test_every_outcome_is_one_record_with_who_what_and_which_policy(tmp_pa
             for pem in keys:
                 body = "".join(pem.splitlines()[1:-1])
                 assert body[:40] not in text
+
+
+async def test_forged_record_streams_are_refused(tmp_path: Path) -> None:
+    """With join tokens required, the access-log service on the xDS port authenticates too."""
+    write_policy(tmp_path / "policies", free_port(), {"tools": free_port()})
+    async with control_plane(tmp_path / "policies", tmp_path / "state", require_tokens=True) as cp:
+        assert cp.tokens is not None
+        good, _ = cp.tokens.create("gateway/g1", 600)
+        other, _ = cp.tokens.create("gateway/g2", 600)
+        async with grpc.aio.insecure_channel(cp.xds_address) as channel:
+            call = channel.stream_unary(
+                METHOD,
+                request_serializer=als_pb2.StreamAccessLogsMessage.SerializeToString,
+                response_deserializer=als_pb2.StreamAccessLogsResponse.FromString,
+            )
+
+            async def send(token: str | None, request_id: str) -> grpc.StatusCode:
+                message = als_pb2.StreamAccessLogsMessage()
+                message.identifier.node.id = "gateway/g1"
+                entry = message.http_logs.log_entry.add()
+                entry.common_properties.start_time.GetCurrentTime()
+                entry.request.request_id = request_id
+                entry.response.response_code.value = 200
+                metadata = (("authorization", f"Bearer {token}"),) if token else None
+                try:
+                    await call(iter([message]), metadata=metadata, timeout=5)
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code()
+                return grpc.StatusCode.OK
+
+            assert await send(None, "forged-1") == grpc.StatusCode.UNAUTHENTICATED
+            assert await send("not-a-token", "forged-2") == grpc.StatusCode.UNAUTHENTICATED
+            assert await send(other, "forged-3") == grpc.StatusCode.UNAUTHENTICATED
+            assert await send(good, "genuine") == grpc.StatusCode.OK
+        assert [r.request_id for r in audit_records(cp)] == ["genuine"]
