@@ -193,21 +193,35 @@ async def gateway(
 
 
 @asynccontextmanager
-async def sidecar(cp: ControlPlane, workdir: Path, agent: str) -> AsyncIterator[str]:
-    """An agent's sidecar Envoy; yields its proxy URL (what the agent's HTTP_PROXY would be)."""
+async def sidecar(
+    cp: ControlPlane, workdir: Path, agent: str, audit: bool = False
+) -> AsyncIterator[str]:
+    """An agent's sidecar Envoy; yields its proxy URL (what the agent's HTTP_PROXY would be).
+
+    It runs in `workdir/sidecar-<agent>/`; with `audit`, its spool (what it refuses itself)
+    is shipped to the control plane."""
     admin = free_port()
     spec = BootstrapSpec(
         f"agent/{agent}/test", "meshgate-agent", "127.0.0.1", cp.options.xds_port, admin
     )
     boot = workdir / f"sidecar-{agent}.json"
     write_bootstrap(boot, spec)
-    envoy = EnvoyProcess(boot, admin, workdir / f"sidecar-{agent}.log")
+    cwd = workdir / f"sidecar-{agent}"
+    envoy = EnvoyProcess(boot, admin, workdir / f"sidecar-{agent}.log", cwd=cwd)
     await envoy.start()
+    shipper = SpoolShipper(cwd / SPOOL_FILE, cp.xds_address, spec.node_id, spec.metadata)
+    shipping = asyncio.create_task(shipper.run()) if audit else None
     try:
         await envoy.wait_ready(30)
         yield f"http://127.0.0.1:{cp.options.sidecar_port}"
     finally:
         await envoy.stop()
+        if shipping is not None:
+            shipping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await shipping
+            await shipper.drain()
+        await shipper.close()
 
 
 async def until(

@@ -17,6 +17,7 @@ from harness import (
     control_plane,
     gateway,
     sidecar,
+    until,
     upstream,
     write_policy,
 )
@@ -196,3 +197,24 @@ async def test_forged_record_streams_are_refused(tmp_path: Path) -> None:
             assert await send(other, "forged-3") == grpc.StatusCode.UNAUTHENTICATED
             assert await send(good, "genuine") == grpc.StatusCode.OK
         assert [r.request_id for r in audit_records(cp)] == ["genuine"]
+
+
+async def test_a_sidecar_logs_what_it_refuses_itself(tmp_path: Path) -> None:
+    """No gateway is running: the sidecar answers 503 itself, and ships that record."""
+    write_policy(tmp_path / "policies", free_port(), {"tools": free_port()})
+    async with (
+        control_plane(tmp_path / "policies", tmp_path / "state") as cp,
+        sidecar(cp, tmp_path, "researcher", audit=True) as proxy,
+        httpx.AsyncClient(proxy=proxy, timeout=10) as client,
+    ):
+        refused = await client.get("http://tools.internal/x?k=v")
+        assert refused.status_code == 503
+        records = await until(lambda: audit_records(cp), what="the sidecar's record")
+        [r] = records
+        assert (r.gateway, r.agent, r.decision) == (
+            "agent/researcher/test",
+            "researcher",
+            "upstream_error",
+        )
+        assert (r.host, r.path, r.status) == ("tools.internal", "/x", 503)
+        assert "connection_failure" in r.reason

@@ -65,7 +65,8 @@ def prepare_envoy(
 
 
 class GatewayProcess:
-    """A gateway Envoy and the shipper of its audit spool: they start and stop together."""
+    """An Envoy (gateway or sidecar) and the shipper of its audit spool: they start and stop
+    together."""
 
     def __init__(self, envoy: EnvoyProcess, shipper: SpoolShipper) -> None:
         self.envoy = envoy
@@ -109,16 +110,41 @@ def prepare_gateway(
     concurrency: int = 1,
 ) -> GatewayProcess:
     """Envoy runs in `<state_dir>/gateway-<name>/`, where it writes its audit spool."""
-    workdir = state_dir / f"gateway-{name}"
-    workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    envoy = prepare_envoy(
+    return _prepare_spooled(
         f"gateway/{name}",
         f"gateway/{name}",
+        f"gateway-{name}",
         control_plane,
         admin_port,
         state_dir,
         token_file,
-        file_stem=f"gateway-{name}",
+        delta=delta,
+        concurrency=concurrency,
+    )
+
+
+def _prepare_spooled(
+    node_id: str,
+    token_subject: str,
+    stem: str,
+    control_plane: str,
+    admin_port: int,
+    state_dir: Path,
+    token_file: Path | None,
+    *,
+    delta: bool = False,
+    concurrency: int = 1,
+) -> GatewayProcess:
+    workdir = state_dir / stem
+    workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    envoy = prepare_envoy(
+        node_id,
+        token_subject,
+        control_plane,
+        admin_port,
+        state_dir,
+        token_file,
+        file_stem=stem,
         delta=delta,
         concurrency=concurrency,
         workdir=workdir,
@@ -126,7 +152,7 @@ def prepare_gateway(
     shipper = SpoolShipper(
         workdir / SPOOL_FILE,
         control_plane,
-        f"gateway/{name}",
+        node_id,
         envoy.xds_metadata,
         envoy_admin_port=admin_port,
     )
@@ -179,14 +205,15 @@ async def run_sidecar(
 ) -> int:
     if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", agent):
         raise ConfigError(f"--agent {agent!r}: use lower-case letters, digits and '-'")
-    envoy = prepare_envoy(
+    # the sidecar spools what it refuses itself (gateway unreachable) in its own directory
+    envoy = _prepare_spooled(
         f"agent/{agent}/{instance}",
         f"agent/{agent}",
+        f"sidecar-{agent}-{instance}",
         control_plane,
         admin_port,
         state_dir,
         token_file,
-        file_stem=f"sidecar-{agent}-{instance}",
     )
     await envoy.start()
     try:

@@ -54,11 +54,15 @@ SPOOL_FORMAT: dict[str, str] = {
 }
 
 
-def spool_access_log(path: str = SPOOL_FILE) -> accesslog_pb2.AccessLog:
+def spool_access_log(
+    path: str = SPOOL_FILE, only: accesslog_pb2.AccessLogFilter | None = None
+) -> accesslog_pb2.AccessLog:
+    """`only`: log just the requests this filter matches (default: every request)."""
     fmt = struct_pb2.Struct()
     fmt.update(SPOOL_FORMAT)
     return accesslog_pb2.AccessLog(
         name="envoy.access_loggers.file",
+        filter=only,
         typed_config=pack(
             file_pb2.FileAccessLog(
                 path=path,
@@ -66,6 +70,18 @@ def spool_access_log(path: str = SPOOL_FILE) -> accesslog_pb2.AccessLog:
             )
         ),
     )
+
+
+# A sidecar answers by itself only when the gateway cannot be reached: these flags.
+GATEWAY_UNREACHABLE_FLAGS = ("UF", "UH", "UO", "URX", "NC", "DF")
+
+
+def sidecar_spool_access_log() -> accesslog_pb2.AccessLog:
+    """A sidecar's spool: only what it refused itself (the gateway logs everything else)."""
+    unreachable = accesslog_pb2.AccessLogFilter(
+        response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=list(GATEWAY_UNREACHABLE_FLAGS))
+    )
+    return spool_access_log(only=unreachable)
 
 
 def route_metadata(destination: str, decision: str, reason: str = "") -> base_pb2.Metadata:
