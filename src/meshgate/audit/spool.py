@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,9 +96,12 @@ class SpoolShipper:
         poll_interval: float = 0.2,
         rotate_bytes: int = 64 << 20,
         timeout: float = 30.0,
+        refresh_metadata: Callable[[], tuple[tuple[str, str], ...]] | None = None,
     ) -> None:
         """`target`: the control plane's xDS address HOST:PORT; `metadata`: gRPC metadata
-        (the node's join token); `envoy_admin_port`: lets the shipper rotate the spool."""
+        (the node's join token); `envoy_admin_port`: lets the shipper rotate the spool;
+        `refresh_metadata`: a fresh token when the control plane says UNAUTHENTICATED (every
+        batch is a new stream, so a token that expired since Envoy connected would stop it)."""
         self.spool = spool
         self.rotated = spool.with_name(spool.name + ".1")
         self.checkpoint_path = checkpoint or spool.with_name(spool.name + ".checkpoint")
@@ -110,6 +113,7 @@ class SpoolShipper:
         self.poll_interval = poll_interval
         self.rotate_bytes = rotate_bytes
         self.timeout = timeout
+        self.refresh_metadata = refresh_metadata
         self.position = read_checkpoint(self.checkpoint_path)
         self.shipped = 0  # entries acknowledged by the control plane since start
         self.skipped = 0  # malformed lines
@@ -124,6 +128,9 @@ class SpoolShipper:
                 try:
                     sent = await self.ship_once()
                 except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.UNAUTHENTICATED and self.refresh_metadata:
+                        with contextlib.suppress(Exception):
+                            self.metadata = await asyncio.to_thread(self.refresh_metadata)
                     if not failing:
                         log.warning(
                             "audit: control plane %s refused or unreachable (%s: %s); spooling",

@@ -170,7 +170,11 @@ class ControlPlane:
 
     async def start(self) -> None:
         """Open the audit store, bind both ports (a clear error if taken), watch policy."""
-        await self.audit.open()
+        try:
+            await self.audit.open()
+        except BaseException:
+            await self.audit.close()
+            raise
         self._grpc = grpc.aio.server(options=SERVER_OPTIONS)
         # access logs share the xDS port: every node already reaches it, with the same token
         self._grpc.add_generic_rpc_handlers((self.ads.handler(), self.access_log.handler()))

@@ -149,12 +149,18 @@ def _prepare_spooled(
         concurrency=concurrency,
         workdir=workdir,
     )
+
+    def fresh_token() -> tuple[tuple[str, str], ...]:
+        token = join_token(token_subject, state_dir, token_file)
+        return (("authorization", f"Bearer {token}"),) if token else ()
+
     shipper = SpoolShipper(
         workdir / SPOOL_FILE,
         control_plane,
         node_id,
         envoy.xds_metadata,
         envoy_admin_port=admin_port,
+        refresh_metadata=fresh_token,
     )
     return GatewayProcess(envoy, shipper)
 

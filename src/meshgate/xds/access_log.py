@@ -12,6 +12,8 @@ Each request becomes one JSON line in the spool, a file relative to Envoy's work
 
 from __future__ import annotations
 
+import functools
+
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
 from envoy.config.core.v3 import base_pb2, extension_pb2, substitution_format_string_pb2
@@ -84,8 +86,11 @@ def sidecar_spool_access_log() -> accesslog_pb2.AccessLog:
     return spool_access_log(only=unreachable)
 
 
+@functools.lru_cache(maxsize=10_000)
 def route_metadata(destination: str, decision: str, reason: str = "") -> base_pb2.Metadata:
-    """What a route decides, for the audit log: constant per route, so routes stay cacheable."""
+    """What a route decides, for the audit log: constant per route, so routes stay cacheable.
+
+    Shared (memoised): callers copy it into their routes and never mutate it."""
     fields = struct_pb2.Struct()
     fields.update({"destination": destination, "decision": decision, "reason": reason})
     return base_pb2.Metadata(filter_metadata={METADATA_KEY: fields})

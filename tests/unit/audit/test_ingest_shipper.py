@@ -282,3 +282,31 @@ async def test_only_the_node_a_token_names_may_log(tmp_path: Path) -> None:
             await call(iter([bare]), metadata=(("authorization", f"Bearer {gw_token}"),))
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         await channel.close()
+
+
+async def test_a_refused_token_is_replaced_and_shipping_resumes(tmp_path: Path) -> None:
+    """Each batch is a new stream: a token that expired since start must not stop shipping."""
+    store = MemoryStore()
+    authority = TokenAuthority(tmp_path / "state")
+    expired, claims = authority.create("gateway/g1", 600)
+    authority.revoke(claims.token_id)  # refused like an expired one: UNAUTHENTICATED
+    fresh, _ = authority.create("gateway/g1", 600)
+    spool = tmp_path / "audit-spool.jsonl"
+    append(spool, range(3))
+    async with als_server(store, TokenAuthenticator(authority)) as address:
+        shipper = SpoolShipper(
+            spool,
+            address,
+            "gateway/g1",
+            (("authorization", f"Bearer {expired}"),),
+            refresh_metadata=lambda: (("authorization", f"Bearer {fresh}"),),
+        )
+        task = asyncio.create_task(shipper.run())
+        for _ in range(50):
+            if len(store.records) == 3:
+                break
+            await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert len(store.records) == 3
