@@ -38,39 +38,40 @@ ProblemKind = Literal[
 ]
 
 
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+ONE_US = dt.timedelta(microseconds=1)
+_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode  # built once
+
+
 def to_micros(when: dt.datetime) -> int:
     """UTC microseconds since the epoch: exact, sortable, the same integer in every store."""
     if when.tzinfo is None:
         when = when.replace(tzinfo=dt.UTC)
-    delta = when - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return (when - EPOCH) // ONE_US
 
 
 def from_micros(micros: int) -> dt.datetime:
-    return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=micros)
+    return EPOCH + dt.timedelta(microseconds=micros)
+
+
+def record_values(r: AuditRecord) -> tuple[Any, ...]:
+    """The record's fields in their fixed order, timestamp as UTC microseconds: what the
+    canonical encoding covers and what a store row holds after its id."""
+    return (
+        to_micros(r.timestamp), r.request_id, r.agent, r.spiffe_id, r.destination, r.host,
+        r.method, r.path, r.status, r.decision, r.reason, r.bytes_sent, r.bytes_received,
+        float(r.duration_ms), r.policy_version, r.gateway,
+    )  # fmt: skip
+
+
+def encode_values(values: tuple[Any, ...]) -> bytes:
+    """Compact JSON of `record_values`: independent of the store, floats round-trip exactly."""
+    return _ENCODE(list(values)).encode()
 
 
 def canonical(record: AuditRecord) -> bytes:
-    """One byte string per record, independent of the store: fixed field order, exact floats."""
-    values: list[Any] = [
-        to_micros(record.timestamp),
-        record.request_id,
-        record.agent,
-        record.spiffe_id,
-        record.destination,
-        record.host,
-        record.method,
-        record.path,
-        record.status,
-        record.decision,
-        record.reason,
-        record.bytes_sent,
-        record.bytes_received,
-        float(record.duration_ms),
-        record.policy_version,
-        record.gateway,
-    ]
-    return json.dumps(values, ensure_ascii=False, separators=(",", ":")).encode()
+    """One byte string per record: the chain's wire format (a test pins it)."""
+    return encode_values(record_values(record))
 
 
 def digest(record: AuditRecord) -> bytes:
@@ -113,16 +114,21 @@ class ChainState:
     head_last_id: int = 0
 
 
-def make_batch(state: ChainState, records: Sequence[AuditRecord]) -> Batch:
-    """The next batch after `state` for records that will get ids head_last_id+1 onwards."""
-    digests = b"".join(digest(r) for r in records)
+def make_batch(
+    state: ChainState, records: Sequence[AuditRecord], values: Sequence[tuple[Any, ...]] = ()
+) -> Batch:
+    """The next batch after `state` for records that will get ids head_last_id+1 onwards.
+
+    `values` may pass in `record_values` of each record, already computed for the insert."""
+    values = values or [record_values(r) for r in records]
+    digests = b"".join(hashlib.sha256(encode_values(v)).digest() for v in values)
     seq, first_id = state.head_seq + 1, state.head_last_id + 1
-    stamps = [to_micros(r.timestamp) for r in records]
+    stamps = [v[0] for v in values]
     return Batch(
         seq=seq,
         first_id=first_id,
-        last_id=first_id + len(records) - 1,
-        count=len(records),
+        last_id=first_id + len(values) - 1,
+        count=len(values),
         prev_hash=state.head_hash,
         hash=batch_hash(state.head_hash, seq, first_id, digests),
         digests=digests,

@@ -27,6 +27,7 @@ from meshgate.audit.chain import (
     VerifyReport,
     from_micros,
     make_batch,
+    record_values,
     to_micros,
 )
 from meshgate.audit.query import decode_cursor, encode_cursor
@@ -102,10 +103,6 @@ SCHEMA = (
 )
 CHAIN_COLUMNS = "anchor_seq, anchor_hash, anchor_last_id, head_seq, head_hash, head_last_id"
 BATCH_COLUMNS = "seq, first_id, last_id, count, prev_hash, hash, digests, min_ts_us, max_ts_us"
-
-
-def record_row(record_id: int, record: AuditRecord) -> tuple[Any, ...]:
-    return (record_id, to_micros(record.timestamp), *(getattr(record, f) for f in FIELDS))
 
 
 def row_record(row: Sequence[Any]) -> tuple[int, AuditRecord]:
@@ -237,7 +234,8 @@ class SqlAuditStore:
             new = [r for r in unique if r.request_id not in known]
             if not new:
                 return 0
-            batch = make_batch(state, new)
+            values = [record_values(r) for r in new]  # column order = RECORD_COLUMNS[1:]
+            batch = make_batch(state, new, values)
             marks = ",".join("?" * (2 + len(FIELDS)))
             try:
                 cur.executemany(
@@ -245,7 +243,7 @@ class SqlAuditStore:
                         f"INSERT INTO audit_records ({RECORD_COLUMNS}) VALUES ({marks}) "
                         "ON CONFLICT (request_id) DO NOTHING"
                     ),
-                    [record_row(batch.first_id + i, r) for i, r in enumerate(new)],
+                    [(batch.first_id + i, *v) for i, v in enumerate(values)],
                 )
             except self.integrity_error as exc:
                 raise AuditStoreError(
