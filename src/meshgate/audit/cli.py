@@ -1,7 +1,8 @@
 """`meshgate audit ...`: query, follow, summarise, verify and prune the audit log.
 
 The store is found as `--store URL`, else $MESHGATE_AUDIT_STORE, else `<--state-dir>/audit.db`
-(the control plane's default). Every expected failure is one line on stderr and exit 1.
+(the control plane's default); `query` and `summary` can instead ask a running control plane's
+admin API (`--control-plane URL`). Every expected failure is one line on stderr and exit 1.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import json
 import sqlite3
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -26,7 +30,7 @@ from meshgate.audit.open import open_store, parse_target, store_target
 from meshgate.audit.query import build_query, parse_duration, parse_instant
 from meshgate.audit.record import AuditRecord
 from meshgate.audit.sqlbase import SqlAuditStore
-from meshgate.audit.store import SummaryRow
+from meshgate.audit.store import AuditPage, AuditQuery, SummaryRow
 from meshgate.errors import ConfigError, MeshgateError
 
 audit_app = typer.Typer(
@@ -53,6 +57,13 @@ SinceOpt = Annotated[
 ]
 UntilOpt = Annotated[
     str | None, typer.Option(help="Before this time: a duration back (1h, 7d) or ISO 8601.")
+]
+ControlPlaneOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Ask this control plane's admin API (e.g. http://127.0.0.1:18001) instead of "
+        "opening the store."
+    ),
 ]
 DEFAULT_STATE = Path(".meshgate")
 RECORD_FIELDS = list(AuditRecord.__dataclass_fields__)
@@ -147,6 +158,7 @@ def query(
     format: FormatOpt = "table",
     store: StoreOpt = None,
     state_dir: StateOpt = DEFAULT_STATE,
+    control_plane: ControlPlaneOpt = None,
 ) -> None:
     """Records matching every filter, newest first; prints the next page's --cursor on stderr."""
     _check_format(format, ("table", "json", "csv"))
@@ -162,11 +174,49 @@ def query(
         )
     except ConfigError as exc:
         raise _fail(str(exc)) from None
-    with _opened(store, state_dir) as opened:
-        page = opened.query(q)
+    if control_plane:
+        page = _remote_page(control_plane, q)
+    else:
+        with _opened(store, state_dir) as opened:
+            page = opened.query(q)
     _print_records(page.records, format)
     if page.next_cursor:
         err_console.print(f"more: --cursor {page.next_cursor}", highlight=False, markup=False)
+
+
+def _remote_get(base: str, path: str, params: dict[str, str]) -> Any:
+    """GET a control plane's admin API; its 400 message or an unreachable host is one line."""
+    url = f"{base.rstrip('/')}{path}?{urllib.parse.urlencode(params)}"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            return json.load(resp)
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.load(exc).get("error", str(exc))
+        except ValueError:
+            message = str(exc)
+        raise _fail(f"{base}: {message}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise _fail(f"cannot reach the control plane at {base}: {reason}") from None
+
+
+def _remote_page(base: str, q: AuditQuery) -> AuditPage:
+    params = {
+        k: v
+        for k, v in {
+            "agent": q.agent,
+            "destination": q.destination,
+            "decision": q.decision,
+            "since": q.since.isoformat() if q.since else None,
+            "until": q.until.isoformat() if q.until else None,
+            "limit": str(q.limit),
+            "cursor": q.cursor,
+        }.items()
+        if v is not None
+    }
+    body = _remote_get(base, "/v1/audit", params)
+    return AuditPage([AuditRecord.from_json(r) for r in body["records"]], body["next_cursor"])
 
 
 def follow(
@@ -243,6 +293,7 @@ def summary(
     format: FormatOpt = "table",
     store: StoreOpt = None,
     state_dir: StateOpt = DEFAULT_STATE,
+    control_plane: ControlPlaneOpt = None,
 ) -> None:
     """Requests per agent x destination x decision over a time range."""
     _check_format(format, ("table", "json", "csv"))
@@ -253,8 +304,13 @@ def summary(
         raise _fail(str(exc)) from None
     if end is not None and start >= end:
         raise _fail("--since must be before --until")
-    with _opened(store, state_dir) as opened:
-        rows = opened.summary(start, end)
+    if control_plane:
+        params = {"since": start.isoformat(), **({"until": end.isoformat()} if end else {})}
+        body = _remote_get(control_plane, "/v1/audit/summary", params)
+        rows = [SummaryRow(**row) for row in body["rows"]]
+    else:
+        with _opened(store, state_dir) as opened:
+            rows = opened.summary(start, end)
     _print_summary(rows, format)
 
 

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import datetime as dt
 import io
 import json
 import re
 import sqlite3
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from conftest import make_records
 from typer.testing import CliRunner
 
 from meshgate.audit.chain import to_micros
 from meshgate.audit.cli import audit_app, follow
+from meshgate.audit.http import add_audit_routes
 from meshgate.audit.record import AuditRecord
 from meshgate.audit.sqlite_store import SqliteAuditStore
 
@@ -197,3 +202,46 @@ def test_follow_prints_records_appended_later(state: Path) -> None:
     assert seen == ["req-000100", "req-000101", "req-000102"] and last == 33
     assert to_micros(NOW) > 0
     store.close()
+
+
+@pytest.fixture
+def control_plane(state: Path) -> Iterator[str]:
+    """The admin API's audit routes over the state's store, served from a background thread."""
+    store = SqliteAuditStore(state / "audit.db")
+    app = web.Application()
+    add_audit_routes(app, lambda: store)
+    loop = asyncio.new_event_loop()
+    runner_ = web.AppRunner(app)
+    loop.run_until_complete(runner_.setup())
+    site = web.TCPSite(runner_, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{port}"
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    loop.run_until_complete(runner_.cleanup())
+    loop.close()
+    store.close()
+
+
+def test_query_and_summary_through_the_control_plane(control_plane: str, tmp_path: Path) -> None:
+    elsewhere = str(tmp_path / "no-store-here")
+    args = ["--control-plane", control_plane, "--state-dir", elsewhere]
+    code, out, err = run("query", *args, "--agent", "a2", "--limit", "3", "--format", "json")
+    assert code == 0, err
+    assert [json.loads(x)["request_id"] for x in out.splitlines()] == [
+        "req-000029",
+        "req-000026",
+        "req-000023",
+    ]
+    assert err.startswith("more: --cursor ")
+    code, out, _ = run("summary", *args, "--since", "24h", "--format", "json")
+    assert code == 0 and sum(r["count"] for r in json.loads(out)) == 30
+
+
+def test_control_plane_errors_are_one_line(control_plane: str) -> None:
+    code, _, err = run("query", "--control-plane", "http://127.0.0.1:1")
+    assert code == 1 and err.startswith("error: cannot reach the control plane at")
+    assert err.count("\n") == 1
