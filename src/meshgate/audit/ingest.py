@@ -200,9 +200,11 @@ def _entry(data: dict[str, Any]) -> als.HTTPAccessLogEntry:
     duration_us = _int(data, "duration_us")
     common.duration.FromMicroseconds(duration_us)
     common.time_to_last_downstream_tx_byte.FromMicroseconds(duration_us)
-    common.route_name = _text(data, "route")
+    route = data.get("route")  # the route's metadata object; null when no route matched
+    if route is not None and not isinstance(route, dict):
+        raise ValueError("route metadata is not an object")
     for key in ("destination", "decision", "reason"):
-        if value := _text(data, key):
+        if value := _text(route or {}, key):
             common.custom_tags[TAG_PREFIX + key] = value
     if agent := _text(data, "agent"):
         common.metadata.filter_metadata[METADATA_KEY].CopyFrom(

@@ -27,9 +27,7 @@ def line(**overrides: Any) -> str:
         "request_id": "f988df20-a7b8-4e70-b976-5bd3a51cc1e3",
         "agent": "researcher",
         "spiffe_id": None,
-        "destination": "search",
-        "decision": "allowed",
-        "reason": None,
+        "route": {"destination": "search", "decision": "allowed", "reason": ""},
         "policy_version": "abc123",
         "authority": "search.internal",
         "method": "GET",
@@ -37,7 +35,6 @@ def line(**overrides: Any) -> str:
         "status": 200,
         "flags": "-",
         "details": "via_upstream",
-        "route": "allow/researcher/search/0/0",
         "bytes_received": 0,
         "bytes_sent": 42,
         "duration_us": 1500,
@@ -48,6 +45,12 @@ def line(**overrides: Any) -> str:
 
 
 def record(**overrides: Any) -> Any:
+    """`destination`, `decision`, `reason` overrides go into the route's metadata object."""
+    route = {"destination": "search", "decision": "allowed", "reason": ""}
+    for key in ("destination", "decision", "reason"):
+        if key in overrides:
+            route[key] = overrides.pop(key)
+    overrides.setdefault("route", {k: v for k, v in route.items() if v is not None} or None)
     return record_from_entry(entry_from_spool(line(**overrides)), "gateway/g1")
 
 
@@ -113,7 +116,7 @@ def test_mtls_identity_names_the_agent_and_the_spiffe_id() -> None:
             ("upstream_error", "upstream_response_timeout"),
         ),
         (
-            {"status": 400, "decision": None, "destination": None, "details": "http1.codec_error"},
+            {"status": 400, "route": None, "details": "http1.codec_error"},
             ("denied", "http1.codec_error"),
         ),
     ],
@@ -132,7 +135,15 @@ def test_unusual_method_and_missing_request_id_still_make_stable_records() -> No
 
 @pytest.mark.parametrize(
     "text",
-    ["", "not json", "[1, 2]", line(start=None), line(status="two hundred"), line(start="soon")],
+    [
+        "",
+        "not json",
+        "[1, 2]",
+        line(start=None),
+        line(status="two hundred"),
+        line(start="soon"),
+        line(route="allowed"),
+    ],
 )
 def test_malformed_lines_are_one_error(text: str) -> None:
     with pytest.raises(IngestError):
