@@ -91,7 +91,9 @@ def route_metadata(destination: str, decision: str, reason: str = "") -> base_pb
 
     Shared (memoised): callers copy it into their routes and never mutate it."""
     fields = struct_pb2.Struct()
-    fields.update({"destination": destination, "decision": decision, "reason": reason})
+    fields.update({"destination": destination, "decision": decision})
+    if reason:  # allow routes (most of them) carry no reason: smaller route tables
+        fields["reason"] = reason
     return base_pb2.Metadata(filter_metadata={METADATA_KEY: fields})
 
 
