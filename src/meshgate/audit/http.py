@@ -53,6 +53,8 @@ def add_audit_routes(app: web.Application, store_getter: StoreGetter) -> None:
             since = parse_instant(request.query.get("since", DEFAULT_SUMMARY_SINCE), "since", now)
             until_text = request.query.get("until")
             until = parse_instant(until_text, "until", now) if until_text else None
+            if until is not None and since >= until:
+                return _error("since must be before until", 400)
             rows = await asyncio.to_thread(store.summary, since, until)
         except MeshgateError as exc:
             return _error(str(exc), 400)

@@ -29,32 +29,46 @@ class PostgresAuditStore(SqlAuditStore):
             ) from None
         if not _IDENTIFIER.match(schema):
             raise ConfigError(f"audit store schema {schema!r} is not a plain SQL identifier")
+        self.url, self.schema = url, schema
+        self.integrity_error = psycopg.IntegrityError
+        super().__init__(self._connect())
+        with self._conn.transaction():
+            # replicas starting together must not race on CREATE ... IF NOT EXISTS
+            self._conn.execute("SELECT pg_advisory_xact_lock(hashtext('meshgate_audit_schema'))")
+            self._conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            self._conn.execute(f'SET search_path TO "{schema}"')
+            self._create_schema(self._conn.cursor())
+
+    def _connect(self) -> Any:
+        import psycopg
+
         try:
-            conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
         except psycopg.Error as exc:
             raise ConfigError(f"cannot connect to the audit store: {exc}".strip()) from None
-        super().__init__(conn)
-        self.integrity_error = psycopg.IntegrityError
-        self.schema = schema
-        with conn.transaction():
-            # replicas starting together must not race on CREATE TABLE IF NOT EXISTS
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext('meshgate_audit_schema'))")
-            conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
-        conn.execute(f'SET search_path TO "{schema}"')
-        with self._write() as cur:
-            self._create_schema(cur)
+        conn.execute(f'SET search_path TO "{self.schema}"')
+        return conn
+
+    def _live(self) -> Any:
+        """The connection, reopened if the server dropped it (a restart, a failover): the
+        operation that saw the break failed; the next one reconnects instead of failing too."""
+        if self._conn.broken or self._conn.closed:
+            self._conn = self._connect()
+        return self._conn
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s")
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[Any]:
-        with self._conn.transaction():
-            yield self._conn.cursor()
+        conn = self._live()
+        with conn.transaction():
+            yield conn.cursor()
 
     @contextlib.contextmanager
     def _snapshot(self) -> Iterator[Any]:
-        with self._conn.transaction():
-            cur = self._conn.cursor()
+        conn = self._live()
+        with conn.transaction():
+            cur = conn.cursor()
             cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             yield cur

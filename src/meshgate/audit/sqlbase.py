@@ -33,7 +33,7 @@ from meshgate.audit.chain import (
 from meshgate.audit.query import decode_cursor, encode_cursor
 from meshgate.audit.record import AuditRecord
 from meshgate.audit.retention import plan_retention
-from meshgate.audit.store import AuditPage, AuditQuery, RetainResult, SummaryRow
+from meshgate.audit.store import AuditLogStore, AuditPage, AuditQuery, RetainResult, SummaryRow
 from meshgate.errors import MeshgateError
 
 FIELDS = (
@@ -370,3 +370,8 @@ class SqlAuditStore:
                 (plan.seq, plan.hash, plan.last_id),
             )
             return RetainResult(plan.batches, int(removed), plan.seq, plan.hash)
+
+
+def _conforms(store: SqlAuditStore) -> AuditLogStore:
+    """Never called: mypy checks here that the SQL stores implement the whole protocol."""
+    return store

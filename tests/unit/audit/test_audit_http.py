@@ -72,6 +72,8 @@ async def test_summary(client: TestClient[web.Request, web.Application]) -> None
     assert {"agent": "a0", "destination": "d0", "decision": "allowed", "count": 4} in body["rows"]
     resp = await client.get("/v1/audit/summary", params={"since": "630s"})
     assert (await resp.json())["total"] == 10  # ages 1..10 minutes
+    resp = await client.get("/v1/audit/summary", params={"since": "1h", "until": "2h"})
+    assert resp.status == 400 and (await resp.json())["error"] == "since must be before until"
     resp = await client.get("/v1/audit/summary", params={"since": "soon"})
     assert resp.status == 400 and "since" in (await resp.json())["error"]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import threading
 
+import psycopg
+import pytest
 from conftest import T0, StoreEnv, make_record, make_records
 
 from meshgate.audit.query import decode_cursor
@@ -161,3 +163,17 @@ def test_reopening_keeps_records_and_chain(store_env: StoreEnv) -> None:
     report = again.verify()
     assert report.ok and (report.records, report.batches) == (12, 2)
     again.close()
+
+
+@pytest.mark.parametrize("store_env", ["postgres"], indirect=True)
+def test_postgres_store_reconnects_after_the_server_drops_it(store_env: StoreEnv) -> None:
+    store = store_env.open()
+    store.append(make_records(3))
+    pid = store._conn.info.backend_pid  # only this store's own connection
+    store_env.raw("SELECT pg_terminate_backend(?)", [pid])
+    with pytest.raises(psycopg.OperationalError):
+        store.append(make_records(3, start=3))  # the operation that meets the break fails
+    assert store.append(make_records(3, start=3)) == 3  # the next one reconnects
+    report = store.verify()
+    assert report.ok and report.records == 6
+    store.close()
