@@ -7,7 +7,7 @@ import sqlite3
 import tempfile
 from pathlib import Path
 
-from conftest import make_record, make_records
+from audit_fixtures import make_record, make_records
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from conftest import make_records
+from audit_fixtures import make_records
 from typer.testing import CliRunner
 
 from meshgate.audit.chain import to_micros

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import make_record
+from audit_fixtures import make_record
 
 from meshgate.audit.http import add_audit_routes
 from meshgate.audit.sqlbase import SqlAuditStore

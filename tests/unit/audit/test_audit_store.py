@@ -7,7 +7,7 @@ import threading
 
 import psycopg
 import pytest
-from conftest import T0, StoreEnv, make_record, make_records
+from audit_fixtures import T0, StoreEnv, make_record, make_records
 
 from meshgate.audit.query import decode_cursor
 from meshgate.audit.sqlbase import SqlAuditStore

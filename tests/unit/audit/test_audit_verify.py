@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from conftest import T0, StoreEnv, make_records
+from audit_fixtures import T0, StoreEnv, make_records
 
 from meshgate.audit.sqlbase import AuditStoreError, SqlAuditStore
 
