@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from pathlib import Path
 
@@ -19,10 +21,11 @@ from harness import (
     sidecar,
     until,
     upstream,
+    via_gateway,
     write_policy,
 )
 
-from meshgate.audit.spool import METHOD
+from meshgate.audit.spool import METHOD, SpoolShipper
 
 pytestmark = pytest.mark.e2e
 
@@ -218,3 +221,41 @@ async def test_a_sidecar_logs_what_it_refuses_itself(tmp_path: Path) -> None:
         )
         assert (r.host, r.path, r.status) == ("tools.internal", "/x", 503)
         assert "connection_failure" in r.reason
+
+
+async def test_spool_rotation_with_a_real_envoy_loses_nothing(tmp_path: Path) -> None:
+    """The shipper renames the spool and asks Envoy to reopen it; every line still ships once."""
+    listen = free_port()
+    async with upstream("tools") as up:
+        write_policy(tmp_path / "policies", listen, {"tools": up.port})
+        async with (
+            control_plane(tmp_path / "policies", tmp_path / "state") as cp,
+            gateway(cp, tmp_path, name="rot") as gw,
+        ):
+            spool = tmp_path / "gateway-rot" / "audit-spool.jsonl"
+            shipper = SpoolShipper(
+                spool, cp.xds_address, "gateway/rot", envoy_admin_port=gw.admin_port,
+                rotate_bytes=3_000,
+            )  # fmt: skip
+            shipping = asyncio.create_task(shipper.run())
+            ids: list[str] = []
+            inodes: set[int] = set()
+            try:
+                for wave in range(4):
+                    for i in range(15):
+                        r = await via_gateway(listen, "tools.internal", f"/w{wave}/{i}")
+                        assert r.status_code == 200
+                        ids.append(r.headers["x-request-id"])
+                    await until(
+                        lambda: {r.request_id for r in audit_records(cp)} >= set(ids),
+                        what=f"wave {wave} stored",
+                    )
+                    await until(spool.exists, what="Envoy reopened the spool")
+                    inodes.add(spool.stat().st_ino)
+            finally:
+                shipping.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await shipping
+            stored = [r.request_id for r in audit_records(cp)]
+            assert sorted(stored) == sorted(ids)
+            assert len(inodes) >= 2, "the spool should have been rotated"
