@@ -150,6 +150,8 @@ async def test_every_outcome_is_one_record_with_who_what_and_which_policy(tmp_pa
                         params={"decision": "denied", "agent": "researcher"},
                     )
                 ).json()
+                metrics = (await direct.get(f"http://{cp.admin_address}/metrics")).text
+            assert "meshgate_audit_records_stored_total 6.0" in metrics
             assert {r["request_id"] for r in listed["records"]} == {
                 ids["unknown"],
                 ids["forbidden"],
