@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from meshgate.audit.cli import audit_app
 from meshgate.errors import MeshgateError
 
 if TYPE_CHECKING:  # imported lazily at run time: `meshgate --help` stays fast
@@ -81,6 +82,13 @@ VaultRoleIdOpt = Annotated[
 ]
 VaultTtlOpt = Annotated[
     str, typer.Option(help="Lifetime asked of Vault for the intermediate (renewed at 2/3).")
+]
+AuditStoreOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Audit store: a path, sqlite:///path or postgresql://... "
+        "(default: $MESHGATE_AUDIT_STORE, else STATE_DIR/audit.db)."
+    ),
 ]
 
 
@@ -168,9 +176,10 @@ def serve(
         str | None,
         typer.Option(help="HOST:PORT sidecars send to (a gateway Service); default loopback."),
     ] = None,
+    audit_store: AuditStoreOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Run the control plane only (xDS + admin HTTP), serving POLICIES."""
+    """Run the control plane only (xDS + admin HTTP + audit ingest), serving POLICIES."""
     from meshgate.controlplane.server import ServeOptions
     from meshgate.sidecar.launcher import parse_address
 
@@ -200,6 +209,7 @@ def serve(
             vault_intermediate_ttl,
         ),
         gateway_address=gateway_at,
+        audit_store=audit_store or "",
     )
 
     async def main(stop: asyncio.Event) -> None:
@@ -237,7 +247,9 @@ def gateway(
         str, typer.Option(help="HOST:PORT applications reach the gateway listener on.")
     ] = "127.0.0.1:15001",
 ) -> None:
-    """Run a real Envoy egress gateway bootstrapped to the control plane (foreground)."""
+    """Run a real Envoy egress gateway bootstrapped to the control plane (foreground).
+
+    It also ships the gateway's audit spool (STATE_DIR/gateway-NAME/) to the control plane."""
     _setup_logging(False)
     registration = (
         _consul_registration(
@@ -337,24 +349,23 @@ async def _start_gateway(
     token_file: Path | None = None,
     xds_ca: Path | None = None,
 ) -> Any:
-    from meshgate.sidecar.launcher import prepare_envoy
+    """The gateway Envoy plus the shipper of its audit spool to the control plane."""
+    from meshgate.sidecar.launcher import prepare_gateway
 
-    envoy = prepare_envoy(
-        f"gateway/{name}",
-        f"gateway/{name}",
+    gw = prepare_gateway(
+        name,
         control_plane,
         admin_port,
         state_dir,
         token_file,
-        file_stem=f"gateway-{name}",
         delta=delta,
         concurrency=concurrency,
         xds_ca=xds_ca,
     )
-    await envoy.start()
+    await gw.start()
     if wait_ready:
-        await envoy.wait_ready()
-    return envoy
+        await gw.wait_ready()
+    return gw
 
 
 async def _wait_either(stop: asyncio.Event, other: Awaitable[Any]) -> None:
@@ -384,6 +395,7 @@ def up(
     vault_namespace: VaultNamespaceOpt = None,
     vault_role_id: VaultRoleIdOpt = None,
     vault_intermediate_ttl: VaultTtlOpt = "30d",
+    audit_store: AuditStoreOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Control plane and a local egress gateway in one command; Ctrl-C stops both."""
@@ -408,6 +420,7 @@ def up(
             vault_role_id,
             vault_intermediate_ttl,
         ),
+        audit_store=audit_store or "",
     )
 
     async def main(stop: asyncio.Event) -> None:
@@ -537,6 +550,8 @@ def _acked(entry: dict[str, Any] | None) -> str:
     short = acked.split("-")[0][:12] if acked != "-" else acked
     return f"{short}*" if entry.get("pending_ack") else short
 
+
+app.add_typer(audit_app, name="audit")
 
 sidecar_app = typer.Typer(help="Agent sidecars.", no_args_is_help=True)
 app.add_typer(sidecar_app, name="sidecar")

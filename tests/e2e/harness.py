@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,11 +16,15 @@ import httpx
 from aiohttp import web
 from builders import free_port
 
+from meshgate.audit.record import AuditRecord
+from meshgate.audit.spool import SpoolShipper
+from meshgate.audit.store import AuditQuery
 from meshgate.controlplane.server import ControlPlane, ServeOptions
 from meshgate.controlplane.sources import DirectorySource, PolicySource
 from meshgate.controlplane.vault_ca import VaultCASettings
 from meshgate.sidecar.bootstrap import BootstrapSpec, write_bootstrap
 from meshgate.sidecar.envoy_process import EnvoyProcess
+from meshgate.xds.access_log import SPOOL_FILE
 
 MESH = """\
 apiVersion: meshgate.dev/v1
@@ -150,8 +155,12 @@ async def gateway(
     delta: bool = False,
     token: str | None = None,
     ready_timeout: float = 30,
+    audit: bool = False,
 ) -> AsyncIterator[EnvoyProcess]:
-    """A gateway Envoy; with tokens required, it gets a valid one unless `token` is given."""
+    """A gateway Envoy; with tokens required, it gets a valid one unless `token` is given.
+
+    Envoy runs in `workdir/gateway-<name>/`, where it writes its audit spool; with `audit`, a
+    shipper sends the spool to the control plane (as `meshgate gateway` does)."""
     admin = free_port()
     if token is None and cp.tokens is not None:
         token, _ = cp.tokens.create(f"gateway/{name}", 600)
@@ -166,31 +175,58 @@ async def gateway(
     )
     boot = workdir / f"gateway-{name}.json"
     write_bootstrap(boot, spec)
-    envoy = EnvoyProcess(boot, admin, workdir / f"gateway-{name}.log")
+    cwd = workdir / f"gateway-{name}"
+    envoy = EnvoyProcess(boot, admin, workdir / f"gateway-{name}.log", cwd=cwd)
     await envoy.start()
+    shipping: asyncio.Task[None] | None = None
+    shipper = SpoolShipper(
+        cwd / SPOOL_FILE, cp.xds_address, spec.node_id, spec.metadata, envoy_admin_port=admin
+    )
     try:
         await envoy.wait_ready(ready_timeout)
+        if audit:
+            shipping = asyncio.create_task(shipper.run())
         yield envoy
     finally:
         await envoy.stop()
+        if shipping is not None:
+            shipping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await shipping
+            await shipper.drain()
+            await shipper.close()
 
 
 @asynccontextmanager
-async def sidecar(cp: ControlPlane, workdir: Path, agent: str) -> AsyncIterator[str]:
-    """An agent's sidecar Envoy; yields its proxy URL (what the agent's HTTP_PROXY would be)."""
+async def sidecar(
+    cp: ControlPlane, workdir: Path, agent: str, audit: bool = False
+) -> AsyncIterator[str]:
+    """An agent's sidecar Envoy; yields its proxy URL (what the agent's HTTP_PROXY would be).
+
+    It runs in `workdir/sidecar-<agent>/`; with `audit`, its spool (what it refuses itself)
+    is shipped to the control plane."""
     admin = free_port()
     spec = BootstrapSpec(
         f"agent/{agent}/test", "meshgate-agent", "127.0.0.1", cp.options.xds_port, admin
     )
     boot = workdir / f"sidecar-{agent}.json"
     write_bootstrap(boot, spec)
-    envoy = EnvoyProcess(boot, admin, workdir / f"sidecar-{agent}.log")
+    cwd = workdir / f"sidecar-{agent}"
+    envoy = EnvoyProcess(boot, admin, workdir / f"sidecar-{agent}.log", cwd=cwd)
     await envoy.start()
+    shipper = SpoolShipper(cwd / SPOOL_FILE, cp.xds_address, spec.node_id, spec.metadata)
+    shipping = asyncio.create_task(shipper.run()) if audit else None
     try:
         await envoy.wait_ready(30)
         yield f"http://127.0.0.1:{cp.options.sidecar_port}"
     finally:
         await envoy.stop()
+        if shipping is not None:
+            shipping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await shipping
+            await shipper.drain()
+        await shipper.close()
 
 
 async def until(
@@ -227,3 +263,27 @@ async def via_gateway(
     sent = {"Host": host, **({"x-meshgate-agent": agent} if agent else {}), **(headers or {})}
     async with httpx.AsyncClient(timeout=10) as client:
         return await client.request(method, f"http://127.0.0.1:{port}{path}", headers=sent, **kw)
+
+
+def audit_records(cp: ControlPlane, **filters: Any) -> list[AuditRecord]:
+    """Every stored audit record (all pages) matching `filters` (AuditQuery fields)."""
+    store = cp.audit_log
+    assert store is not None, "the control plane has no queryable audit store"
+    out: list[AuditRecord] = []
+    cursor = None
+    while True:
+        page = store.query(AuditQuery(**filters, limit=1000, cursor=cursor))
+        out.extend(page.records)
+        if page.next_cursor is None:
+            return out
+        cursor = page.next_cursor
+
+
+async def audit_record(cp: ControlPlane, request_id: str, timeout: float = 10) -> AuditRecord:
+    """The record of one request, once the gateway's spool has been shipped."""
+
+    def find() -> AuditRecord | None:
+        return next((r for r in audit_records(cp) if r.request_id == request_id), None)
+
+    found: AuditRecord = await until(find, timeout, f"audit record {request_id}")
+    return found

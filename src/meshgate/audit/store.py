@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from meshgate.audit.chain import VerifyReport
 from meshgate.audit.record import AuditRecord, Decision
 
 
@@ -36,3 +37,42 @@ class AuditStore(Protocol):
     def query(self, query: AuditQuery) -> AuditPage: ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SummaryRow:
+    agent: str
+    destination: str
+    decision: Decision
+    count: int
+
+
+@dataclass(frozen=True)
+class RetainResult:
+    batches: int  # whole batches removed
+    records: int
+    anchor_seq: int  # the first remaining batch must have seq anchor_seq + 1
+    anchor_hash: str  # ... and chain to this prev_hash
+
+
+class AuditLogStore(AuditStore, Protocol):
+    """What the SQL stores offer beyond the ingest contract: tail, summary, verify, retention.
+
+    A separate protocol so that an ingest-side fake only needs `AuditStore`."""
+
+    def last_id(self) -> int:
+        """The id of the newest record (0 when empty): where `tail -f` starts following."""
+
+    def tail(self, after_id: int, limit: int = 1000) -> list[tuple[int, AuditRecord]]:
+        """Records with id > after_id, oldest first (ids grow in append order)."""
+
+    def summary(
+        self, since: dt.datetime | None = None, until: dt.datetime | None = None
+    ) -> list[SummaryRow]:
+        """Requests per agent x destination x decision with since <= timestamp < until."""
+
+    def verify(self) -> VerifyReport:
+        """Recompute the whole hash chain and say where it breaks."""
+
+    def retain(self, older_than: dt.datetime) -> RetainResult:
+        """Delete the oldest whole batches whose records are all older than `older_than`."""

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import prometheus_client
 from aiohttp import web
 
+from meshgate.audit.http import add_audit_routes
 from meshgate.errors import MeshgateError
 from meshgate.identity.certs import describe
 from meshgate.policy.plan import describe_rule
@@ -101,4 +102,5 @@ def make_app(cp: ControlPlane) -> web.Application:
     app.router.add_get("/status", status)
     app.router.add_get("/v1/policy", policy)
     app.router.add_get("/metrics", metrics)
+    add_audit_routes(app, lambda: cp.audit_log)
     return app

@@ -121,6 +121,7 @@ class IdentityIssuer:
             fresh[key] = token
         self._tool_tokens = fresh  # pairs no longer in policy are dropped
         return {key: token.token for key, token in fresh.items()}
+
     def authority(self) -> dict[str, Any] | None:
         """Where the signing intermediate comes from and when it expires (status, identity)."""
         with self._lock:

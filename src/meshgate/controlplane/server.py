@@ -16,6 +16,10 @@ import grpc
 import prometheus_client
 from aiohttp import web
 
+from meshgate.audit.open import open_store, store_target
+from meshgate.audit.sqlbase import SqlAuditStore
+from meshgate.audit.store import AuditLogStore, AuditStore
+from meshgate.controlplane.access_log import AccessLogService, AuditWriter
 from meshgate.controlplane.admin import make_app
 from meshgate.controlplane.ads import SERVER_OPTIONS, AdsService
 from meshgate.controlplane.auth import TokenAuthenticator
@@ -27,6 +31,7 @@ from meshgate.controlplane.policy_state import PolicyState
 from meshgate.controlplane.registry import NodeRegistry
 from meshgate.controlplane.secrets import SecretProvider, make_provider, read_secrets
 from meshgate.controlplane.sources import Candidate, PolicySource, SourceFailure
+from meshgate.controlplane.streams import Authenticator, allow_all
 from meshgate.errors import ConfigError, MeshgateError, PolicyError
 from meshgate.identity.tokens import TokenAuthority
 from meshgate.identity.xds_tls import ensure_serving_cert, load_serving_cert, withdraw_bundle
@@ -87,10 +92,20 @@ class ServeOptions:
     debounce_quiet: float = 0.1
     debounce_max: float = 1.0
     gateway_address: tuple[str, int] | None = None  # where sidecars reach gateways (a Service)
+    # audit store: path, sqlite:///path or postgresql://...; empty: $MESHGATE_AUDIT_STORE,
+    # else SQLite at <state_dir>/audit.db
+    audit_store: str = ""
 
 
 class ControlPlane:
-    def __init__(self, source: PolicySource, state_dir: Path, options: ServeOptions) -> None:
+    def __init__(
+        self,
+        source: PolicySource,
+        state_dir: Path,
+        options: ServeOptions,
+        audit_store: AuditStore | None = None,
+    ) -> None:
+        """`audit_store`: use this store instead of opening `options.audit_store` (tests)."""
         self.source = source
         self.state_dir = state_dir
         self.options = options
@@ -98,11 +113,19 @@ class ControlPlane:
         self.registry = NodeRegistry()
         self.policy = PolicyState(source.description)
         self.tokens = TokenAuthority(state_dir) if options.require_tokens else None
-        self.ads = (
-            AdsService(self.cache, self.registry, TokenAuthenticator(self.tokens))
-            if self.tokens is not None
-            else AdsService(self.cache, self.registry)
+        authenticate: Authenticator = (
+            TokenAuthenticator(self.tokens) if self.tokens is not None else allow_all
         )
+        self.ads = AdsService(self.cache, self.registry, authenticate)
+        self.audit_url = store_target(options.audit_store or None, state_dir)
+        # what /v1/audit queries: the SQL stores offer more than the ingest interface
+        self.audit_log: AuditLogStore | None = (
+            audit_store if isinstance(audit_store, SqlAuditStore) else None
+        )
+        self.audit = AuditWriter(
+            (lambda: audit_store) if audit_store is not None else self._open_audit_store
+        )
+        self.access_log = AccessLogService(self.audit, authenticate, on_commit=self._count_audit)
         self.debouncer: Debouncer[Candidate] = Debouncer(
             self._apply, options.debounce_quiet, options.debounce_max
         )
@@ -112,6 +135,16 @@ class ControlPlane:
         )
         self._m_rejected = prometheus_client.Counter(
             "meshgate_policy_rejected", "Policy changes refused", registry=self.metrics_registry
+        )
+        self._m_audit = prometheus_client.Counter(
+            "meshgate_audit_records",
+            "Audit records received over the access-log service",
+            registry=self.metrics_registry,
+        )
+        self._m_audit_new = prometheus_client.Counter(
+            "meshgate_audit_records_stored",
+            "Audit records stored (received minus resent duplicates)",
+            registry=self.metrics_registry,
         )
         prometheus_client.Gauge(
             "meshgate_xds_streams", "Connected xDS streams", registry=self.metrics_registry
@@ -149,12 +182,32 @@ class ControlPlane:
         self.consul = ConsulCatalog(self._consul_changed)
         self._consul_dirty = asyncio.Event()
 
+    def _open_audit_store(self) -> AuditStore:
+        try:
+            store = open_store(self.audit_url)
+        except MeshgateError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"cannot open the audit store {self.audit_url}: {exc}") from None
+        self.audit_log = store
+        return store
+
+    def _count_audit(self, received: int, new: int) -> None:
+        self._m_audit.inc(received)
+        self._m_audit_new.inc(new)
+
     async def start(self) -> None:
-        """Bind both ports (a clear error if taken), then start watching policy."""
+        """Open the audit store, bind both ports (a clear error if taken), watch policy."""
         if self.vault_ca is not None:  # Vault unreachable, nothing stored: fail now, one line
             await asyncio.to_thread(self.vault_ca.preflight)
+        try:
+            await self.audit.open()
+        except BaseException:
+            await self.audit.close()
+            raise
         self._grpc = grpc.aio.server(options=SERVER_OPTIONS)
-        self._grpc.add_generic_rpc_handlers((self.ads.handler(),))
+        # access logs share the xDS port: every node already reaches it, with the same token
+        self._grpc.add_generic_rpc_handlers((self.ads.handler(), self.access_log.handler()))
         credentials = self._xds_credentials()
         try:
             if credentials is None:
@@ -164,6 +217,7 @@ class ControlPlane:
         except RuntimeError:
             port = 0
         if port == 0:
+            await self.audit.close()
             raise ConfigError(f"cannot listen for xDS on {self.xds_address}: address in use?")
         await self._grpc.start()
         self._runner = web.AppRunner(make_app(self), access_log=None)
@@ -208,6 +262,7 @@ class ControlPlane:
             await self._grpc.stop(grace=1.0)
         if self._runner is not None:
             await self._runner.cleanup()
+        await self.audit.close()
 
     async def _watch_source(self) -> None:
         async for change in self.source.changes():

@@ -32,11 +32,15 @@ def find_envoy() -> str:
     return found
 
 
+# File access logs (the gateway's audit spool) reach the disk within this many milliseconds.
+FILE_FLUSH_MS = 250
+
+
 def envoy_command(config_path: Path, concurrency: int = 1, log_level: str = "warn") -> list[str]:
     return [
         find_envoy(),
         "-c",
-        str(config_path),
+        str(config_path.resolve()),
         "--disable-hot-restart",
         "--concurrency",
         str(concurrency),
@@ -44,6 +48,8 @@ def envoy_command(config_path: Path, concurrency: int = 1, log_level: str = "war
         log_level,
         "--drain-time-s",
         "1",
+        "--file-flush-interval-msec",
+        str(FILE_FLUSH_MS),
     ]
 
 
@@ -55,21 +61,27 @@ class EnvoyProcess:
         log_file: Path | None = None,
         concurrency: int = 1,
         log_level: str = "warn",
+        cwd: Path | None = None,
     ) -> None:
+        """`cwd`: Envoy's working directory, where relative paths in its config (the audit
+        spool) land; default: the directory of the bootstrap."""
         self.config_path = config_path
+        self.cwd = cwd if cwd is not None else config_path.parent
         self.admin_port = admin_port
         self.log_file = log_file
         self.concurrency = concurrency
         self.log_level = log_level
         self.proc: asyncio.subprocess.Process | None = None
+        self.xds_metadata: tuple[tuple[str, str], ...] = ()  # what the bootstrap sends on xDS
         self._log: IO[bytes] | None = None
 
     async def start(self) -> None:
         cmd = envoy_command(self.config_path, self.concurrency, self.log_level)
         self._log = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115
         out = self._log if self._log is not None else None
+        self.cwd.mkdir(parents=True, exist_ok=True)
         self.proc = await asyncio.create_subprocess_exec(
-            *cmd, stdout=out, stderr=out, start_new_session=True
+            *cmd, stdout=out, stderr=out, start_new_session=True, cwd=self.cwd
         )
 
     async def wait_ready(self, timeout: float = 30.0) -> None:

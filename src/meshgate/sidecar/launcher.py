@@ -10,12 +10,14 @@ import re
 import urllib.request
 from pathlib import Path
 
+from meshgate.audit.spool import SpoolShipper
 from meshgate.errors import ConfigError, EnvoyError
 from meshgate.identity.tokens import TokenAuthority
 from meshgate.identity.xds_tls import bundle_path
 from meshgate.sidecar.bootstrap import BootstrapSpec, write_bootstrap
 from meshgate.sidecar.envoy_process import EnvoyProcess, find_envoy
 from meshgate.sidecar.strict import NETNS_PROXY_PORT, Jail
+from meshgate.xds.access_log import SPOOL_FILE
 from meshgate.xds.sidecar import PROXY_LISTENER
 
 LOCAL_TOKEN_TTL = 7 * 24 * 3600
@@ -41,11 +43,13 @@ def prepare_envoy(
     concurrency: int = 1,
     xds_ca: Path | None = None,
     netns_path: str | None = None,
+    workdir: Path | None = None,
 ) -> EnvoyProcess:
     """Bootstrap (with the node's join token) written to the state dir; Envoy not yet started.
 
     `xds_ca`: the bundle that verifies the control plane; without it, the local control plane's
-    published bundle is used if it serves TLS (the state dir is the local-only channel)."""
+    published bundle is used if it serves TLS (the state dir is the local-only channel).
+    `workdir`: Envoy's working directory (default: the state dir)."""
     find_envoy()
     host, port = parse_address(control_plane)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -63,7 +67,117 @@ def prepare_envoy(
     )
     boot = state_dir / f"{file_stem}.json"
     write_bootstrap(boot, spec)
-    return EnvoyProcess(boot, admin_port, state_dir / f"{file_stem}.log", concurrency)
+    envoy = EnvoyProcess(boot, admin_port, state_dir / f"{file_stem}.log", concurrency, cwd=workdir)
+    envoy.xds_metadata = spec.metadata
+    return envoy
+
+
+class GatewayProcess:
+    """An Envoy (gateway or sidecar) and the shipper of its audit spool: they start and stop
+    together."""
+
+    def __init__(self, envoy: EnvoyProcess, shipper: SpoolShipper) -> None:
+        self.envoy = envoy
+        self.shipper = shipper
+        self._shipping: asyncio.Task[None] | None = None
+
+    @property
+    def admin_port(self) -> int:
+        return self.envoy.admin_port
+
+    async def start(self) -> None:
+        await self.envoy.start()
+        self._shipping = asyncio.create_task(self.shipper.run(), name="audit-spool")
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        await self.envoy.wait_ready(timeout)
+
+    async def wait(self) -> int:
+        return await self.envoy.wait()
+
+    async def stop(self) -> None:
+        """Envoy first (it flushes the spool), then one last shipment; the rest ships on the
+        next start, from the checkpoint."""
+        await self.envoy.stop()
+        if self._shipping is not None:
+            self._shipping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._shipping
+            await self.shipper.drain()
+            await self.shipper.close()
+
+
+def prepare_gateway(
+    name: str,
+    control_plane: str,
+    admin_port: int,
+    state_dir: Path,
+    token_file: Path | None,
+    *,
+    delta: bool = False,
+    concurrency: int = 1,
+    xds_ca: Path | None = None,
+) -> GatewayProcess:
+    """Envoy runs in `<state_dir>/gateway-<name>/`, where it writes its audit spool."""
+    return _prepare_spooled(
+        f"gateway/{name}",
+        f"gateway/{name}",
+        f"gateway-{name}",
+        control_plane,
+        admin_port,
+        state_dir,
+        token_file,
+        delta=delta,
+        concurrency=concurrency,
+        xds_ca=xds_ca,
+    )
+
+
+def _prepare_spooled(
+    node_id: str,
+    token_subject: str,
+    stem: str,
+    control_plane: str,
+    admin_port: int,
+    state_dir: Path,
+    token_file: Path | None,
+    *,
+    delta: bool = False,
+    concurrency: int = 1,
+    xds_ca: Path | None = None,
+    netns_path: str | None = None,
+) -> GatewayProcess:
+    workdir = state_dir / stem
+    workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    envoy = prepare_envoy(
+        node_id,
+        token_subject,
+        control_plane,
+        admin_port,
+        state_dir,
+        token_file,
+        file_stem=stem,
+        delta=delta,
+        concurrency=concurrency,
+        workdir=workdir,
+        xds_ca=xds_ca,
+        netns_path=netns_path,
+    )
+
+    def fresh_token() -> tuple[tuple[str, str], ...]:
+        token = join_token(token_subject, state_dir, token_file)
+        return (("authorization", f"Bearer {token}"),) if token else ()
+
+    shipper = SpoolShipper(
+        workdir / SPOOL_FILE,
+        control_plane,
+        node_id,
+        envoy.xds_metadata,
+        envoy_admin_port=admin_port,
+        refresh_metadata=fresh_token,
+        ca_file=xds_ca_file(state_dir, xds_ca),  # the same TLS as the node's xDS stream
+    )
+    return GatewayProcess(envoy, shipper)
 
 
 def join_token(subject: str, state_dir: Path, token_file: Path | None) -> str | None:
@@ -130,14 +244,15 @@ async def run_sidecar(
     strict_env = {**os.environ, **proxy_environment(f"http://127.0.0.1:{NETNS_PROXY_PORT}")}
     jail = await Jail.create(command, strict_env) if strict else None
     try:
-        envoy = prepare_envoy(
+        # the sidecar spools what it refuses itself (gateway unreachable) in its own directory
+        envoy = _prepare_spooled(
             f"agent/{agent}/{instance}",
             f"agent/{agent}",
+            f"sidecar-{agent}-{instance}",
             control_plane,
             admin_port,
             state_dir,
             token_file,
-            file_stem=f"sidecar-{agent}-{instance}",
             netns_path=jail.netns_path if jail is not None else None,
             xds_ca=xds_ca,
         )

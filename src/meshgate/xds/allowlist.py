@@ -18,6 +18,7 @@ from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
 
 from meshgate.policy.model import Destination, EgressRule, PolicyModel
+from meshgate.xds.access_log import route_metadata
 from meshgate.xds.common import json_refusal, pack
 
 AGENT_HEADER = "x-meshgate-agent"
@@ -71,6 +72,7 @@ def destination_routes(
                         "reason": reason,
                     },
                 ),
+                metadata=route_metadata(dest.name, "denied", "egress_denied"),
             )
         )
     return routes
@@ -134,6 +136,7 @@ def rule_routes(
                     ],
                 ),
                 typed_per_filter_config=per_filter,
+                metadata=route_metadata(dest.name, "allowed"),
             ),
         )
     matches = [_path_match(p) for p in rule.paths] or [rc.RouteMatch(prefix="/")]
@@ -148,6 +151,7 @@ def rule_routes(
                 match=match,
                 route=rc.RouteAction(cluster=cluster),
                 typed_per_filter_config=per_filter,
+                metadata=route_metadata(dest.name, "allowed"),
             )
         )
     return tuple(routes)

@@ -22,6 +22,11 @@ from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
 from meshgate.policy.model import Destination, PolicyModel
+from meshgate.xds.access_log import (
+    audit_connection_manager,
+    policy_version_header,
+    route_metadata,
+)
 from meshgate.xds.allowlist import (
     AGENT_HEADER,
     MCP_FILTER,
@@ -40,7 +45,6 @@ from meshgate.xds.common import (
     pack,
     router_filter,
     socket_address,
-    stdout_access_log,
 )
 from meshgate.xds.credentials import (
     credential_secret,
@@ -220,9 +224,11 @@ def egress_listener(
         rds=hcm_pb2.Rds(config_source=ads(), route_config_name=ROUTE_NAME),
         http_filters=[*filters, router_filter()],
         upgrade_configs=[connect_upgrade()],
-        access_log=[stdout_access_log()],
         local_reply_config=refusal_bodies(),
     )
+    # the audit spool is the gateway's one request log: a second (stdout) logger costs
+    # throughput on the hot path for a copy of the same lines
+    audit_connection_manager(hcm, AGENT_HEADER)
     return http_listener(LISTENER_NAME, bind_address, port, hcm)
 
 
@@ -281,7 +287,11 @@ def egress_routes(
 ) -> route_pb2.RouteConfiguration:
     vhosts = [_destination_vhost(*key) for key in _vhost_keys(model, secrets, trust_domain)]
     vhosts.append(_unknown_destination_vhost())
-    return route_pb2.RouteConfiguration(name=ROUTE_NAME, virtual_hosts=vhosts)
+    return route_pb2.RouteConfiguration(
+        name=ROUTE_NAME,
+        virtual_hosts=vhosts,
+        response_headers_to_add=[policy_version_header(model.version)],
+    )
 
 
 def egress_routes_encoded(
@@ -290,12 +300,15 @@ def egress_routes_encoded(
     """The same bytes as `egress_routes(...)` serialised, assembled from per-host bytes.
 
     A one-agent change re-serialises only the virtual hosts that agent uses, not the whole
-    (possibly megabytes large) route table.
+    (possibly megabytes large) route table. The policy version is the one per-table field
+    (the response header saying which policy decided), so no route depends on it.
     """
     parts = [string_field(1, ROUTE_NAME)]
     keys = _vhost_keys(model, secrets, trust_domain)
     parts.extend(length_delimited(2, _vhost_bytes(*key)) for key in keys)
     parts.append(length_delimited(2, _unknown_vhost_bytes()))
+    version = policy_version_header(model.version).SerializeToString(deterministic=True)
+    parts.append(length_delimited(4, version))
     return Encoded(ROUTE_NAME, ROUTE_TYPE, b"".join(parts))
 
 
@@ -332,10 +345,12 @@ def _unknown_destination_vhost() -> route_components_pb2.VirtualHost:
         domains=["*"],
         routes=[
             route_components_pb2.Route(
+                name="unknown-destination",
                 match=match,
                 direct_response=json_refusal(
                     403, {"error": "unknown_destination", "host": "%REQ(:AUTHORITY)%"}
                 ),
+                metadata=route_metadata("", "denied", "unknown_destination"),
             )
             for match in (
                 route_components_pb2.RouteMatch(
@@ -369,6 +384,7 @@ def _destination_vhost(
                         "reason": f"secret {dest.credentials.secret!r} not found",
                     },
                 ),
+                metadata=route_metadata(dest.name, "upstream_error", "credential_unavailable"),
             )
         ]
     else:

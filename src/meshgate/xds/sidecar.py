@@ -16,6 +16,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 
+from meshgate.xds.access_log import sidecar_spool_access_log
 from meshgate.xds.allowlist import AGENT_HEADER
 from meshgate.xds.common import (
     connect_upgrade,
@@ -88,7 +89,7 @@ def sidecar_resources(
         route_config=routes,
         http_filters=[router_filter()],
         upgrade_configs=[connect_upgrade()],
-        access_log=[stdout_access_log()],
+        access_log=[stdout_access_log(), sidecar_spool_access_log()],
     )
     listener = http_listener(PROXY_LISTENER, "127.0.0.1", options.sidecar_port, hcm)
     loopback = loopback_cluster(options.sidecar_port)

@@ -1,0 +1,233 @@
+"""Envoy access-log entries -> audit records. Pure: no I/O.
+
+Two inputs meet here. Envoy's gRPC access logger sends `HTTPAccessLogEntry` protos; the gateway's
+spool holds one JSON object per request (keys: `meshgate.xds.access_log.SPOOL_FORMAT`), which the
+shipper turns into the same protos (`entry_from_spool`) so the control plane has one path.
+
+Where the audit fields come from in an entry:
+- route metadata (`meshgate`: destination, decision, reason): `custom_tags` `meshgate.<key>`;
+- the agent header the gateway routed on: dynamic metadata `meshgate.agent`;
+- the policy version: the response header `x-meshgate-policy` that the route table adds;
+- the verified peer (mTLS): the peer certificate's URI SAN.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+from typing import Any
+
+from envoy.config.core.v3 import base_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2 as als
+from google.protobuf import struct_pb2
+
+from meshgate.audit.record import AuditRecord, Decision
+from meshgate.xds.access_log import METADATA_KEY, POLICY_HEADER
+
+TAG_PREFIX = f"{METADATA_KEY}."
+MAX_FIELD = 2048  # bound what a logging node can make the store keep per field
+
+# Envoy's short response flags -> the ResponseFlags field each sets.
+FLAG_FIELDS: dict[str, str] = {
+    "LH": "failed_local_healthcheck",
+    "UH": "no_healthy_upstream",
+    "UT": "upstream_request_timeout",
+    "LR": "local_reset",
+    "UR": "upstream_remote_reset",
+    "UF": "upstream_connection_failure",
+    "UC": "upstream_connection_termination",
+    "UO": "upstream_overflow",
+    "NR": "no_route_found",
+    "DI": "delay_injected",
+    "FI": "fault_injected",
+    "RL": "rate_limited",
+    "RLSE": "rate_limit_service_error",
+    "DC": "downstream_connection_termination",
+    "URX": "upstream_retry_limit_exceeded",
+    "SI": "stream_idle_timeout",
+    "IH": "invalid_envoy_request_headers",
+    "DPE": "downstream_protocol_error",
+    "UMSDR": "upstream_max_stream_duration_reached",
+    "RFCF": "response_from_cache_filter",
+    "NFCF": "no_filter_config_found",
+    "DT": "duration_timeout",
+    "UPE": "upstream_protocol_error",
+    "NC": "no_cluster_found",
+    "OM": "overload_manager",
+    "DF": "dns_resolution_failure",
+    "DR": "downstream_remote_reset",
+}
+# The upstream could not give an answer (connect failure, reset, timeout, TLS or DNS failure).
+UPSTREAM_FAILURE_FIELDS = frozenset(
+    FLAG_FIELDS[f] for f in ("UH", "UT", "UR", "UF", "UC", "UO", "URX", "UMSDR", "UPE", "NC", "DF")
+)
+_SPIFFE_AGENT = re.compile(r"^spiffe://[^/]+/agent/(?P<name>[^/]+)$")
+
+
+class IngestError(ValueError):
+    """An entry that cannot become a record (the line or message is malformed)."""
+
+
+def decide(
+    route_decision: str, route_reason: str, status: int, flags: set[str], details: str
+) -> tuple[Decision, str]:
+    """The audit decision and reason from what the route said and what Envoy then did.
+
+    Route metadata is authoritative for refusals (403 denials, 503 credential_unavailable).
+    On an allowing route: the local rate limiter's 429 is `rate_limited`; a 5xx or an upstream
+    failure flag is `upstream_error` (reason: Envoy's response code details); any other status
+    the upstream answered (2xx-4xx) is `allowed`. No route at all (Envoy refused the request
+    before routing, e.g. a malformed request) counts as denied.
+    """
+    if route_decision == "denied":
+        return "denied", route_reason or "denied"
+    if route_decision == "upstream_error":
+        return "upstream_error", route_reason or details
+    if "rate_limited" in flags:
+        return "rate_limited", "rate_limited"
+    if flags & UPSTREAM_FAILURE_FIELDS or status >= 500:
+        return "upstream_error", details or f"status {status}"
+    if route_decision == "allowed":
+        return "allowed", details if status == 0 else ""
+    return "denied", details or "no_route"
+
+
+def agent_name(header: str) -> str:
+    """The agent's name from what the gateway routed on: a name, or its SPIFFE ID (mTLS)."""
+    m = _SPIFFE_AGENT.match(header)
+    return m["name"] if m else header
+
+
+def _clip(text: str) -> str:
+    return text[:MAX_FIELD]
+
+
+def record_from_entry(entry: als.HTTPAccessLogEntry, node_id: str) -> AuditRecord:
+    common, request, response = entry.common_properties, entry.request, entry.response
+    tags = common.custom_tags
+    flags = {f.name for f, v in common.response_flags.ListFields() if v is True}
+    status = response.response_code.value
+    decision, reason = decide(
+        tags.get(TAG_PREFIX + "decision", ""),
+        tags.get(TAG_PREFIX + "reason", ""),
+        status,
+        flags,
+        response.response_code_details,
+    )
+    meshgate_md = common.metadata.filter_metadata.get(METADATA_KEY)
+    agent_header = ""
+    if meshgate_md is not None and "agent" in meshgate_md.fields:
+        agent_header = meshgate_md.fields["agent"].string_value
+    peer = common.tls_properties.peer_certificate_properties.subject_alt_name
+    spiffe_id = next((san.uri for san in peer if san.uri), "")
+    if common.HasField("duration"):
+        duration = common.duration
+    else:
+        duration = common.time_to_last_downstream_tx_byte
+    request_id = request.request_id or _synthetic_id(entry, node_id)
+    return AuditRecord(
+        timestamp=common.start_time.ToDatetime(dt.UTC),
+        request_id=_clip(request_id),
+        agent=_clip(agent_name(agent_header)),
+        spiffe_id=_clip(spiffe_id),
+        destination=_clip(tags.get(TAG_PREFIX + "destination", "")),
+        host=_clip(request.authority),
+        method=_clip(_method_name(request.request_method) or tags.get(TAG_PREFIX + "method", "")),
+        path=_clip(request.path.split("?", 1)[0]),  # query strings can carry secrets
+        status=status,
+        decision=decision,
+        reason=_clip(reason),
+        bytes_sent=response.response_body_bytes,
+        bytes_received=request.request_body_bytes,
+        duration_ms=duration.ToNanoseconds() / 1e6,
+        policy_version=_clip(response.response_headers.get(POLICY_HEADER, "")),
+        gateway=node_id,
+    )
+
+
+_METHODS: dict[str, int] = {
+    name: number for name, number in base_pb2.RequestMethod.items() if name != "METHOD_UNSPECIFIED"
+}
+_METHOD_NAMES = {number: name for name, number in _METHODS.items()}
+
+
+def _method_name(number: int) -> str:
+    return _METHOD_NAMES.get(number, "")
+
+
+def _synthetic_id(entry: als.HTTPAccessLogEntry, node_id: str) -> str:
+    """A stable id for an entry without x-request-id, so a resend still dedupes."""
+    digest = hashlib.sha256(node_id.encode() + entry.SerializeToString(deterministic=True))
+    return "noid-" + digest.hexdigest()[:32]
+
+
+def entry_from_spool(line: str | bytes) -> als.HTTPAccessLogEntry:
+    """One spool line as the entry Envoy's gRPC logger would have sent for it."""
+    try:
+        data = json.loads(line)
+    except ValueError as exc:
+        raise IngestError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise IngestError("not a JSON object")
+    try:
+        return _entry(data)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise IngestError(f"bad field: {exc}") from None
+
+
+def _text(data: dict[str, Any], key: str) -> str:
+    value = data.get(key)
+    if value is None or value == "-":  # Envoy renders an absent value as null (or "-")
+        return ""
+    return str(value)
+
+
+def _int(data: dict[str, Any], key: str) -> int:
+    text = _text(data, key)
+    return int(text) if text else 0
+
+
+def _entry(data: dict[str, Any]) -> als.HTTPAccessLogEntry:
+    entry = als.HTTPAccessLogEntry()
+    common, request, response = entry.common_properties, entry.request, entry.response
+    start = _text(data, "start")
+    if not start:
+        raise ValueError("no start time")
+    start_ns = round(float(start) * 1e6) * 1000
+    common.start_time.FromNanoseconds(start_ns)
+    duration_us = _int(data, "duration_us")
+    common.duration.FromMicroseconds(duration_us)
+    common.time_to_last_downstream_tx_byte.FromMicroseconds(duration_us)
+    route = data.get("route")  # the route's metadata object; null when no route matched
+    if route is not None and not isinstance(route, dict):
+        raise ValueError("route metadata is not an object")
+    for key in ("destination", "decision", "reason"):
+        if value := _text(route or {}, key):
+            common.custom_tags[TAG_PREFIX + key] = value
+    if agent := _text(data, "agent"):
+        common.metadata.filter_metadata[METADATA_KEY].CopyFrom(
+            struct_pb2.Struct(fields={"agent": struct_pb2.Value(string_value=agent)})
+        )
+    if spiffe := _text(data, "spiffe_id"):
+        san = common.tls_properties.peer_certificate_properties.subject_alt_name.add()
+        san.uri = spiffe
+    for flag in _text(data, "flags").split(","):
+        if flag in FLAG_FIELDS:
+            setattr(common.response_flags, FLAG_FIELDS[flag], True)
+    request.request_id = _text(data, "request_id")
+    request.authority = _text(data, "authority")
+    request.path = _text(data, "path")
+    method = _text(data, "method")
+    if method in _METHODS:
+        request.request_method = _METHODS[method]
+    elif method:  # not in Envoy's enum (e.g. PROPFIND): keep it as a tag
+        common.custom_tags[TAG_PREFIX + "method"] = method
+    request.request_body_bytes = _int(data, "bytes_received")
+    response.response_code.value = _int(data, "status")
+    response.response_body_bytes = _int(data, "bytes_sent")
+    response.response_code_details = _text(data, "details")
+    if version := _text(data, "policy_version"):
+        response.response_headers[POLICY_HEADER] = version
+    return entry

@@ -1,0 +1,74 @@
+"""The shared audit store: PostgreSQL via psycopg 3, for several control-plane replicas.
+
+Every replica appends through the same chain: a writer locks the single `audit_chain` row
+(`SELECT ... FOR UPDATE`) before reading the head, so concurrent appends queue instead of forking
+the chain. Tables live in one schema (default `meshgate_audit`), which is also how tests isolate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from meshgate.audit.sqlbase import SqlAuditStore
+from meshgate.errors import ConfigError
+
+DEFAULT_SCHEMA = "meshgate_audit"
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+class PostgresAuditStore(SqlAuditStore):
+    def __init__(self, url: str, *, schema: str = DEFAULT_SCHEMA) -> None:
+        try:
+            import psycopg
+        except ImportError:
+            raise ConfigError(
+                "the PostgreSQL audit store needs psycopg: pip install 'meshgate[postgres]'"
+            ) from None
+        if not _IDENTIFIER.match(schema):
+            raise ConfigError(f"audit store schema {schema!r} is not a plain SQL identifier")
+        self.url, self.schema = url, schema
+        self.integrity_error = psycopg.IntegrityError
+        super().__init__(self._connect())
+        with self._conn.transaction():
+            # replicas starting together must not race on CREATE ... IF NOT EXISTS
+            self._conn.execute("SELECT pg_advisory_xact_lock(hashtext('meshgate_audit_schema'))")
+            self._conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            self._conn.execute(f'SET search_path TO "{schema}"')
+            self._create_schema(self._conn.cursor())
+
+    def _connect(self) -> Any:
+        import psycopg
+
+        try:
+            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+        except psycopg.Error as exc:
+            raise ConfigError(f"cannot connect to the audit store: {exc}".strip()) from None
+        conn.execute(f'SET search_path TO "{self.schema}"')
+        return conn
+
+    def _live(self) -> Any:
+        """The connection, reopened if the server dropped it (a restart, a failover): the
+        operation that saw the break failed; the next one reconnects instead of failing too."""
+        if self._conn.broken or self._conn.closed:
+            self._conn = self._connect()
+        return self._conn
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", "%s")
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Any]:
+        conn = self._live()
+        with conn.transaction():
+            yield conn.cursor()
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[Any]:
+        conn = self._live()
+        with conn.transaction():
+            cur = conn.cursor()
+            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            yield cur

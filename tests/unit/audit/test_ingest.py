@@ -1,0 +1,169 @@
+"""Pure ingest: spool lines and ALS entries -> audit records, and the decision mapping."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from meshgate.audit.ingest import (
+    IngestError,
+    agent_name,
+    decide,
+    entry_from_spool,
+    record_from_entry,
+)
+from meshgate.xds.access_log import SPOOL_FORMAT
+
+
+def line(**overrides: Any) -> str:
+    """A spool line as the gateway Envoy writes it (JSON format of SPOOL_FORMAT)."""
+    fields: dict[str, Any] = {
+        "start": "1795619752.601567",
+        "request_id": "f988df20-a7b8-4e70-b976-5bd3a51cc1e3",
+        "agent": "researcher",
+        "spiffe_id": None,
+        "route": {"destination": "search", "decision": "allowed", "reason": ""},
+        "policy_version": "abc123",
+        "authority": "search.internal",
+        "method": "GET",
+        "path": "/v1/search?q=secret",
+        "status": 200,
+        "flags": "-",
+        "details": "via_upstream",
+        "bytes_received": 0,
+        "bytes_sent": 42,
+        "duration_us": 1500,
+    }
+    assert set(fields) == set(SPOOL_FORMAT)  # the test speaks the format the gateway writes
+    fields.update(overrides)
+    return json.dumps(fields)
+
+
+def record(**overrides: Any) -> Any:
+    """`destination`, `decision`, `reason` overrides go into the route's metadata object."""
+    route = {"destination": "search", "decision": "allowed", "reason": ""}
+    for key in ("destination", "decision", "reason"):
+        if key in overrides:
+            route[key] = overrides.pop(key)
+    overrides.setdefault("route", {k: v for k, v in route.items() if v is not None} or None)
+    return record_from_entry(entry_from_spool(line(**overrides)), "gateway/g1")
+
+
+def test_allowed_line_becomes_a_full_record() -> None:
+    r = record()
+    assert r.timestamp == dt.datetime(2026, 11, 25, 15, 15, 52, 601567, tzinfo=dt.UTC)
+    assert r.request_id == "f988df20-a7b8-4e70-b976-5bd3a51cc1e3"
+    assert (r.agent, r.spiffe_id, r.destination, r.host) == (
+        "researcher",
+        "",
+        "search",
+        "search.internal",
+    )
+    assert (r.method, r.path, r.status) == ("GET", "/v1/search", 200)  # no query string
+    assert (r.decision, r.reason, r.policy_version, r.gateway) == (
+        "allowed",
+        "",
+        "abc123",
+        "gateway/g1",
+    )
+    assert (r.bytes_sent, r.bytes_received, r.duration_ms) == (42, 0, 1.5)
+
+
+def test_mtls_identity_names_the_agent_and_the_spiffe_id() -> None:
+    spiffe = "spiffe://agents.test/agent/researcher"
+    r = record(agent=spiffe, spiffe_id=spiffe)
+    assert (r.agent, r.spiffe_id) == ("researcher", spiffe)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            {"decision": "denied", "reason": "egress_denied", "status": 403},
+            ("denied", "egress_denied"),
+        ),
+        (
+            {
+                "decision": "denied",
+                "reason": "unknown_destination",
+                "status": 403,
+                "destination": "",
+            },
+            ("denied", "unknown_destination"),
+        ),
+        (
+            {"decision": "upstream_error", "reason": "credential_unavailable", "status": 503},
+            ("upstream_error", "credential_unavailable"),
+        ),
+        (
+            {"status": 429, "flags": "RL", "details": "local_rate_limited"},
+            ("rate_limited", "rate_limited"),
+        ),
+        ({"status": 429}, ("allowed", "")),  # the upstream's own 429 is its answer
+        ({"status": 404}, ("allowed", "")),
+        (
+            {"status": 503, "flags": "UF", "details": "upstream_reset_before_response_started{x}"},
+            ("upstream_error", "upstream_reset_before_response_started{x}"),
+        ),
+        ({"status": 502, "details": "via_upstream"}, ("upstream_error", "via_upstream")),
+        (
+            {"status": 504, "flags": "UT", "details": "upstream_response_timeout"},
+            ("upstream_error", "upstream_response_timeout"),
+        ),
+        (
+            {"status": 400, "route": None, "details": "http1.codec_error"},
+            ("denied", "http1.codec_error"),
+        ),
+    ],
+)
+def test_decision_mapping(overrides: dict[str, Any], expected: tuple[str, str]) -> None:
+    r = record(**overrides)
+    assert (r.decision, r.reason) == expected
+
+
+def test_unusual_method_and_missing_request_id_still_make_stable_records() -> None:
+    a = record(method="PROPFIND", request_id=None)
+    b = record(method="PROPFIND", request_id=None)
+    assert a.method == "PROPFIND"
+    assert a.request_id.startswith("noid-") and a.request_id == b.request_id
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "not json",
+        "[1, 2]",
+        line(start=None),
+        line(status="two hundred"),
+        line(start="soon"),
+        line(route="allowed"),
+    ],
+)
+def test_malformed_lines_are_one_error(text: str) -> None:
+    with pytest.raises(IngestError):
+        entry_from_spool(text)
+
+
+def test_fields_are_bounded() -> None:
+    r = record(path="/" + "a" * 10_000, agent="x" * 10_000)
+    assert len(r.path) == 2048 and len(r.agent) == 2048
+
+
+@given(st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=40))
+def test_agent_name_is_the_name_or_the_spiffe_path_tail(name: str) -> None:
+    assert agent_name(name) == name or name.startswith("spiffe://")
+    assert agent_name(f"spiffe://td/agent/{name}") in (name, f"spiffe://td/agent/{name}")
+
+
+def test_decide_is_total_over_route_decisions() -> None:
+    for route in ("allowed", "denied", "upstream_error", ""):
+        for status in (0, 200, 403, 429, 503):
+            for flags in (set(), {"rate_limited"}, {"upstream_connection_failure"}):
+                decision, _ = decide(route, "", status, flags, "")
+                assert decision in ("allowed", "denied", "rate_limited", "upstream_error")
