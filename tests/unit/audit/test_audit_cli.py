@@ -25,17 +25,22 @@ from meshgate.audit.record import AuditRecord
 from meshgate.audit.sqlite_store import SqliteAuditStore
 
 runner = CliRunner()
-NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
 @pytest.fixture
-def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def now() -> dt.datetime:
+    """Taken per test, so relative filters (`--since 10m`) hold however late the test runs."""
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+@pytest.fixture
+def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, now: dt.datetime) -> Path:
     """A state dir whose audit.db holds 30 records from the last 30 minutes (one a minute)."""
     monkeypatch.delenv("MESHGATE_AUDIT_STORE", raising=False)
     store = SqliteAuditStore(tmp_path / "audit.db")
     records = make_records(30)
     shifted = [
-        AuditRecord(**{**r.__dict__, "timestamp": NOW - dt.timedelta(minutes=30 - i)})
+        AuditRecord(**{**r.__dict__, "timestamp": now - dt.timedelta(minutes=30 - i)})
         for i, r in enumerate(records)
     ]
     store.append(shifted[:15])
@@ -167,8 +172,8 @@ def test_verify_reports_tampering_and_exits_1(state: Path) -> None:
     }
 
 
-def test_retain_then_verify(state: Path) -> None:
-    older = (NOW - dt.timedelta(minutes=15, seconds=30)).isoformat()
+def test_retain_then_verify(state: Path, now: dt.datetime) -> None:
+    older = (now - dt.timedelta(minutes=15, seconds=30)).isoformat()
     code, out, _ = run("retain", "--state-dir", str(state), "--older-than", older)
     assert code == 0 and out.startswith("removed 15 records in 1 batches")
     code, out, _ = run("verify", "--state-dir", str(state))
@@ -187,7 +192,7 @@ def test_tail_prints_the_last_lines_oldest_first(state: Path) -> None:
     assert [json.loads(x)["request_id"] for x in out.splitlines()] == ["req-000028", "req-000029"]
 
 
-def test_follow_prints_records_appended_later(state: Path) -> None:
+def test_follow_prints_records_appended_later(state: Path, now: dt.datetime) -> None:
     store = SqliteAuditStore(state / "audit.db")
     seen: list[str] = []
     polls = iter(range(4))
@@ -200,7 +205,7 @@ def test_follow_prints_records_appended_later(state: Path) -> None:
 
     last = follow(store, store.last_id(), lambda r: seen.append(r.request_id), 0.01, keep_going)
     assert seen == ["req-000100", "req-000101", "req-000102"] and last == 33
-    assert to_micros(NOW) > 0
+    assert to_micros(now) > 0
     store.close()
 
 

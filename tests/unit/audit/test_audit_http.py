@@ -14,12 +14,12 @@ from meshgate.audit.http import add_audit_routes
 from meshgate.audit.sqlbase import SqlAuditStore
 from meshgate.audit.store import AuditLogStore
 
-NOW = dt.datetime.now(dt.UTC)
-
 
 @pytest.fixture
 async def client(store: SqlAuditStore) -> AsyncIterator[TestClient[web.Request, web.Application]]:
-    store.append([make_record(i, timestamp=NOW - dt.timedelta(minutes=40 - i)) for i in range(40)])
+    # "now" per test: relative filters (`since=30m`) must not drift with the suite's run time
+    now = dt.datetime.now(dt.UTC)
+    store.append([make_record(i, timestamp=now - dt.timedelta(minutes=40 - i)) for i in range(40)])
     app = web.Application()
     add_audit_routes(app, lambda: store)
     async with TestClient(TestServer(app)) as test_client:

@@ -18,6 +18,7 @@ import typer
 import yaml
 from kube import validate
 
+from meshgate.audit.open import store_target
 from meshgate.cli import app
 from meshgate.sidecar.injector import (
     AGENT_LABEL,
@@ -242,14 +243,20 @@ def test_xds_tls_files_are_mounted_from_the_tls_secret_and_the_ca_configmap() ->
     assert host in (DEPLOY / "control-plane.yaml").read_text()  # the comment naming the SAN
 
 
-def test_the_audit_store_comes_from_the_optional_secret_under_its_real_name() -> None:
+def test_the_audit_store_comes_from_the_optional_secret_under_its_real_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     cp = container(find("Deployment", "meshgate-control-plane"))
     env = {e["name"]: e for e in cp["env"]}
     assert "MESHGATE_AUDIT_DSN" not in env
     ref = env["MESHGATE_AUDIT_STORE"]["valueFrom"]["secretKeyRef"]
     assert ref["name"] == "meshgate-postgres" and ref["optional"] is True
-    text = (DEPLOY / "control-plane.yaml").read_text()
-    assert "# audit: --audit-store=$(MESHGATE_AUDIT_STORE) once issue 7 lands" in text
+    # no --audit-store flag: `meshgate serve` reads the variable itself, so it wins when set
+    assert "--audit-store" not in " ".join(cp["command"] + cp.get("args", []))
+    monkeypatch.delenv("MESHGATE_AUDIT_STORE", raising=False)
+    assert store_target(None, Path("/state")) == "/state/audit.db"
+    monkeypatch.setenv("MESHGATE_AUDIT_STORE", "postgresql://db/audit")
+    assert store_target(None, Path("/state")) == "postgresql://db/audit"
 
 
 def test_webhook_configuration_calls_the_injector_for_labelled_pods_only() -> None:
