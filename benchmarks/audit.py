@@ -18,7 +18,7 @@ under 50 ms over 1,000,000 stored records. PASS/MISS is judged on p95.
 
 Usage::
 
-    .venv/bin/python benchmarks/audit.py [--records 1000000] [--batch 500] [--queries 200] \\
+    .venv/bin/python benchmarks/audit.py [--records 1000000] [--batch 2000] [--queries 200] \\
         [--stores sqlite,postgres] [--postgres URL]
 
 PostgreSQL defaults to $MESHGATE_TEST_POSTGRES or the local test server; the benchmark works in
@@ -177,7 +177,8 @@ def bench(name: str, store: SqlAuditStore, args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=1_000_000)
-    parser.add_argument("--batch", type=int, default=500)
+    # what the AccessLogService commits at most per append (controlplane/access_log.py)
+    parser.add_argument("--batch", type=int, default=2000)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--stores", default="sqlite,postgres")
     parser.add_argument("--sqlite-synchronous", default="FULL", choices=("FULL", "NORMAL"))
