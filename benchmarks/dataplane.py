@@ -44,6 +44,7 @@ from meshgate.controlplane.server import ControlPlane, ServeOptions  # noqa: E40
 from meshgate.controlplane.sources import DirectorySource  # noqa: E402
 from meshgate.sidecar.bootstrap import BootstrapSpec, bootstrap_json  # noqa: E402
 from meshgate.sidecar.envoy_process import EnvoyProcess  # noqa: E402
+from meshgate.xds.access_log import SPOOL_FORMAT  # noqa: E402
 
 DESTINATIONS = 50
 AGENTS = 100
@@ -71,6 +72,15 @@ STDOUT_LOG = {
     "name": "envoy.access_loggers.stdout",
     "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
+    },
+}
+
+AUDIT_LOG = {
+    "name": "envoy.access_loggers.file",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+        "path": "bare-audit-spool.jsonl",  # Envoy's working directory: the benchmark's tmp dir
+        "log_format": {"json_format": SPOOL_FORMAT},
     },
 }
 
@@ -207,7 +217,9 @@ def static_gateway_config(
             ]
         },
         "http_filters": [ROUTER],
-        "access_log": [STDOUT_LOG],
+        # A's gateway does the same per-request work as meshgate's: one JSON audit line (the
+        # same fields) to a file; B keeps a plain stdout log
+        "access_log": [AUDIT_LOG if agent_hop else STDOUT_LOG],
     }
     return _bootstrap(
         admin, _listener("egress-http", port, hcm), [_static_cluster("upstream", upstream_port)]
@@ -613,7 +625,7 @@ def main() -> int:
         "--connections", type=int, default=32, help="wrk connections for the throughput runs"
     )
     parser.add_argument(
-        "--rounds", type=int, default=3, help="interleaved rounds; medians are reported"
+        "--rounds", type=int, default=5, help="interleaved rounds; medians are reported"
     )
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args()

@@ -24,7 +24,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2 as als
 from google.protobuf import struct_pb2
 
 from meshgate.audit.record import AuditRecord, Decision
-from meshgate.xds.access_log import METADATA_KEY, POLICY_HEADER
+from meshgate.xds.access_log import METADATA_KEY, POLICY_HEADER, route_decision
 
 TAG_PREFIX = f"{METADATA_KEY}."
 MAX_FIELD = 2048  # bound what a logging node can make the store keep per field
@@ -200,13 +200,20 @@ def _entry(data: dict[str, Any]) -> als.HTTPAccessLogEntry:
     duration_us = _int(data, "duration_us")
     common.duration.FromMicroseconds(duration_us)
     common.time_to_last_downstream_tx_byte.FromMicroseconds(duration_us)
-    route = data.get("route")  # the route's metadata object; null when no route matched
-    if route is not None and not isinstance(route, dict):
-        raise ValueError("route metadata is not an object")
-    for key in ("destination", "decision", "reason"):
-        if value := _text(route or {}, key):
-            common.custom_tags[TAG_PREFIX + key] = value
-    if agent := _text(data, "agent"):
+    route = data.get("route")  # the route's name: what it decided; null when none matched
+    if route is not None and not isinstance(route, str):
+        raise ValueError("route is not a route name")
+    decided = route_decision(route) if route else None
+    if decided is not None:
+        for key, value in (
+            ("destination", decided.destination),
+            ("decision", decided.decision),
+            ("reason", decided.reason),
+        ):
+            if value:
+                common.custom_tags[TAG_PREFIX + key] = value
+    # an allow route names its agent; otherwise the agent header the gateway decided on
+    if agent := (decided.agent if decided else "") or _text(data, "agent"):
         common.metadata.filter_metadata[METADATA_KEY].CopyFrom(
             struct_pb2.Struct(fields={"agent": struct_pb2.Value(string_value=agent)})
         )

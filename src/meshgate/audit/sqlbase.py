@@ -80,8 +80,7 @@ SCHEMA = (
     # A resent record (a shipper retrying after a crash) repeats its spool line, start time
     # included, so (time, request id) finds it; ordered by time first, this index grows at its
     # end like the table, where a request-id-only index took one random page per record.
-    "CREATE UNIQUE INDEX IF NOT EXISTS audit_records_request"
-    " ON audit_records (ts_us, request_id)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS audit_records_request ON audit_records (ts_us, request_id)",
     "CREATE INDEX IF NOT EXISTS audit_records_agent ON audit_records (agent, ts_us, id)",
     "CREATE INDEX IF NOT EXISTS audit_records_decision ON audit_records (decision, ts_us, id)",
     "CREATE INDEX IF NOT EXISTS audit_records_dest ON audit_records (destination, ts_us, id)",

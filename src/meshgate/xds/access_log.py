@@ -1,10 +1,11 @@
 """What the gateway logs for the audit trail, and how each route says what it decided.
 
-Every route carries constant metadata under `meshgate` (destination, decision, reason), so route
-bytes stay cacheable. The policy version is added once, at RouteConfiguration level, as the
+Every route's name says what it decides (`route_decision` reads it back), so the log needs
+only `%ROUTE_NAME%`, a plain string copy per request, and route bytes stay cacheable. The
+policy version is added once, at RouteConfiguration level, as the
 response header `x-meshgate-policy` (it also tells the agent which commit decided); Envoy adds
-it to routed, direct and local (429, 503) responses alike. The agent header is copied into
-dynamic metadata before routing because the gateway strips it before forwarding upstream.
+it to routed, direct and local (429, 503) responses alike. The gateway strips the agent
+header before forwarding upstream, so allow routes carry their agent in their name.
 
 Each request becomes one JSON line in the spool, a file relative to Envoy's working directory
 (the launcher's per-gateway state directory); the `meshgate gateway` process ships it.
@@ -12,13 +13,12 @@ Each request becomes one JSON line in the spool, a file relative to Envoy's work
 
 from __future__ import annotations
 
-import functools
+from dataclasses import dataclass
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
 from envoy.config.core.v3 import base_pb2, extension_pb2, substitution_format_string_pb2
 from envoy.extensions.access_loggers.file.v3 import file_pb2
-from envoy.extensions.filters.http.header_to_metadata.v3 import header_to_metadata_pb2 as h2m
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
@@ -29,8 +29,7 @@ from meshgate.xds.common import pack
 
 SPOOL_FILE = "audit-spool.jsonl"  # relative: resolved in Envoy's working directory
 POLICY_HEADER = "x-meshgate-policy"
-METADATA_KEY = "meshgate"
-AGENT_METADATA_FILTER = "meshgate.agent-to-metadata"
+METADATA_KEY = "meshgate"  # namespace of the ALS tags and metadata an ingested line becomes
 REQUEST_ID_HEADER = "x-request-id"
 
 # One spool line per request. Keys are the contract with `meshgate.audit.ingest`. Kept lean:
@@ -38,10 +37,12 @@ REQUEST_ID_HEADER = "x-request-id"
 SPOOL_FORMAT: dict[str, str] = {
     "start": "%START_TIME(%s.%6f)%",
     "request_id": "%REQ(X-REQUEST-ID)%",
-    "agent": f"%DYNAMIC_METADATA({METADATA_KEY}:agent):256%",
+    # deny routes and local replies keep the agent header (only forwarding strips it); allow
+    # routes carry their agent in their name
+    "agent": "%REQ(X-MESHGATE-AGENT):256%",
     "spiffe_id": "%DOWNSTREAM_PEER_URI_SAN%",
-    # the route's whole `meshgate` metadata as one object: one lookup, not three
-    "route": f"%METADATA(ROUTE:{METADATA_KEY})%",
+    # what the route decided, in its name (see `route_decision`): a string copy, no lookups
+    "route": "%ROUTE_NAME%",
     "policy_version": f"%RESP({POLICY_HEADER})%",
     "authority": "%REQ(:AUTHORITY):512%",
     "method": "%REQ(:METHOD)%",
@@ -85,31 +86,41 @@ def sidecar_spool_access_log() -> accesslog_pb2.AccessLog:
     return spool_access_log(only=unreachable)
 
 
-@functools.lru_cache(maxsize=10_000)
-def route_metadata(destination: str, decision: str, reason: str = "") -> base_pb2.Metadata:
-    """What a route decides, for the audit log: constant per route, so routes stay cacheable.
-
-    Shared (memoised): callers copy it into their routes and never mutate it."""
-    fields = struct_pb2.Struct()
-    fields.update({"destination": destination, "decision": decision})
-    if reason:  # allow routes (most of them) carry no reason: smaller route tables
-        fields["reason"] = reason
-    return base_pb2.Metadata(filter_metadata={METADATA_KEY: fields})
+# Route names, the contract between the routes the gateway gets and the audit records:
+#   allow/<agent>/<destination>/<rule>/<n>   allowed (rate-limited and upstream failures are
+#                                            told by the status and response flags)
+#   deny/<destination>, deny-connect/<destination>   denied: egress_denied
+#   unknown-destination                      denied: unknown_destination
+#   no-credential/<destination>              upstream_error: credential_unavailable
+# Agent and destination names are DNS labels, so "/" never occurs inside one.
+UNKNOWN_DESTINATION_ROUTE = "unknown-destination"
 
 
-def agent_to_metadata_filter(agent_header: str) -> hcm_pb2.HttpFilter:
-    """Copy the agent header into dynamic metadata before routing strips it from the request."""
-    config = h2m.Config(
-        request_rules=[
-            h2m.Config.Rule(
-                header=agent_header,
-                on_header_present=h2m.Config.KeyValuePair(
-                    metadata_namespace=METADATA_KEY, key="agent"
-                ),
-            )
-        ]
-    )
-    return hcm_pb2.HttpFilter(name=AGENT_METADATA_FILTER, typed_config=pack(config))
+@dataclass(frozen=True)
+class RouteDecision:
+    destination: str
+    decision: str
+    reason: str = ""
+    agent: str = ""
+
+
+def allow_route_name(agent: str, destination: str, rule: int, suffix: str | int) -> str:
+    return f"allow/{agent}/{destination}/{rule}/{suffix}"
+
+
+def route_decision(name: str) -> RouteDecision | None:
+    """What the route of this name decided; None for a name that is not meshgate's."""
+    parts = name.split("/")
+    match parts:
+        case ["allow", agent, destination, _, _]:
+            return RouteDecision(destination, "allowed", agent=agent)
+        case ["deny" | "deny-connect", destination]:
+            return RouteDecision(destination, "denied", "egress_denied")
+        case ["unknown-destination"]:
+            return RouteDecision("", "denied", "unknown_destination")
+        case ["no-credential", destination]:
+            return RouteDecision(destination, "upstream_error", "credential_unavailable")
+    return None
 
 
 def policy_version_header(version: str) -> base_pb2.HeaderValueOption:
@@ -130,9 +141,8 @@ def drop_client_request_id() -> extension_pb2.TypedExtensionConfig:
     )
 
 
-def audit_connection_manager(hcm: hcm_pb2.HttpConnectionManager, agent_header: str) -> None:
+def audit_connection_manager(hcm: hcm_pb2.HttpConnectionManager) -> None:
     """Turn on audit logging for a gateway's connection manager (in place)."""
     hcm.access_log.append(spool_access_log())
     hcm.early_header_mutation_extensions.insert(0, drop_client_request_id())
     hcm.always_set_request_id_in_response = True
-    hcm.http_filters.insert(0, agent_to_metadata_filter(agent_header))

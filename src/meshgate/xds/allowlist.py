@@ -18,7 +18,7 @@ from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
 
 from meshgate.policy.model import Destination, EgressRule, PolicyModel
-from meshgate.xds.access_log import route_metadata
+from meshgate.xds.access_log import allow_route_name
 from meshgate.xds.common import json_refusal, pack
 
 AGENT_HEADER = "x-meshgate-agent"
@@ -72,7 +72,6 @@ def destination_routes(
                         "reason": reason,
                     },
                 ),
-                metadata=route_metadata(dest.name, "denied", "egress_denied"),
             )
         )
     return routes
@@ -124,7 +123,7 @@ def rule_routes(
         match = rc.RouteMatch(connect_matcher=rc.RouteMatch.ConnectMatcher(), headers=headers)
         return (
             rc.Route(
-                name=f"allow/{agent}/{dest.name}/{index}/connect",
+                name=allow_route_name(agent, dest.name, index, "connect"),
                 match=match,
                 route=rc.RouteAction(
                     cluster=cluster,
@@ -136,7 +135,6 @@ def rule_routes(
                     ],
                 ),
                 typed_per_filter_config=per_filter,
-                metadata=route_metadata(dest.name, "allowed"),
             ),
         )
     matches = [_path_match(p) for p in rule.paths] or [rc.RouteMatch(prefix="/")]
@@ -147,11 +145,10 @@ def rule_routes(
         match.headers.extend(headers)
         routes.append(
             rc.Route(
-                name=f"allow/{agent}/{dest.name}/{index}/{n}",
+                name=allow_route_name(agent, dest.name, index, n),
                 match=match,
                 route=rc.RouteAction(cluster=cluster),
                 typed_per_filter_config=per_filter,
-                metadata=route_metadata(dest.name, "allowed"),
             )
         )
     return tuple(routes)

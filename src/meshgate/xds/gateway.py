@@ -25,7 +25,6 @@ from meshgate.policy.model import Destination, PolicyModel
 from meshgate.xds.access_log import (
     audit_connection_manager,
     policy_version_header,
-    route_metadata,
 )
 from meshgate.xds.allowlist import (
     AGENT_HEADER,
@@ -228,7 +227,7 @@ def egress_listener(
     )
     # the audit spool is the gateway's one request log: a second (stdout) logger costs
     # throughput on the hot path for a copy of the same lines
-    audit_connection_manager(hcm, AGENT_HEADER)
+    audit_connection_manager(hcm)
     return http_listener(LISTENER_NAME, bind_address, port, hcm)
 
 
@@ -350,7 +349,6 @@ def _unknown_destination_vhost() -> route_components_pb2.VirtualHost:
                 direct_response=json_refusal(
                     403, {"error": "unknown_destination", "host": "%REQ(:AUTHORITY)%"}
                 ),
-                metadata=route_metadata("", "denied", "unknown_destination"),
             )
             for match in (
                 route_components_pb2.RouteMatch(
@@ -384,7 +382,6 @@ def _destination_vhost(
                         "reason": f"secret {dest.credentials.secret!r} not found",
                     },
                 ),
-                metadata=route_metadata(dest.name, "upstream_error", "credential_unavailable"),
             )
         ]
     else:

@@ -17,7 +17,7 @@ from meshgate.audit.ingest import (
     entry_from_spool,
     record_from_entry,
 )
-from meshgate.xds.access_log import SPOOL_FORMAT
+from meshgate.xds.access_log import SPOOL_FORMAT, RouteDecision, route_decision
 
 
 def line(**overrides: Any) -> str:
@@ -27,7 +27,7 @@ def line(**overrides: Any) -> str:
         "request_id": "f988df20-a7b8-4e70-b976-5bd3a51cc1e3",
         "agent": "researcher",
         "spiffe_id": None,
-        "route": {"destination": "search", "decision": "allowed", "reason": ""},
+        "route": "allow/researcher/search/0/0",
         "policy_version": "abc123",
         "authority": "search.internal",
         "method": "GET",
@@ -44,13 +44,19 @@ def line(**overrides: Any) -> str:
     return json.dumps(fields)
 
 
+ROUTES = {  # (decision, reason) -> the name of a gateway route that decides that
+    ("allowed", ""): "allow/researcher/{dest}/0/0",
+    ("denied", "egress_denied"): "deny/{dest}",
+    ("denied", "unknown_destination"): "unknown-destination",
+    ("upstream_error", "credential_unavailable"): "no-credential/{dest}",
+}
+
+
 def record(**overrides: Any) -> Any:
-    """`destination`, `decision`, `reason` overrides go into the route's metadata object."""
-    route = {"destination": "search", "decision": "allowed", "reason": ""}
-    for key in ("destination", "decision", "reason"):
-        if key in overrides:
-            route[key] = overrides.pop(key)
-    overrides.setdefault("route", {k: v for k, v in route.items() if v is not None} or None)
+    """`destination`, `decision`, `reason` overrides pick the route (by name) that decided."""
+    key = (overrides.pop("decision", "allowed"), overrides.pop("reason", ""))
+    dest = overrides.pop("destination", "search")
+    overrides.setdefault("route", ROUTES[key].format(dest=dest))
     return record_from_entry(entry_from_spool(line(**overrides)), "gateway/g1")
 
 
@@ -142,7 +148,7 @@ def test_unusual_method_and_missing_request_id_still_make_stable_records() -> No
         line(start=None),
         line(status="two hundred"),
         line(start="soon"),
-        line(route="allowed"),
+        line(route={"decision": "allowed"}),
     ],
 )
 def test_malformed_lines_are_one_error(text: str) -> None:
@@ -151,7 +157,10 @@ def test_malformed_lines_are_one_error(text: str) -> None:
 
 
 def test_fields_are_bounded() -> None:
-    r = record(path="/" + "a" * 10_000, agent="x" * 10_000)
+    # a refusal: the agent comes from the header (an allow route would name it)
+    r = record(
+        path="/" + "a" * 10_000, agent="x" * 10_000, decision="denied", reason="egress_denied"
+    )
     assert len(r.path) == 2048 and len(r.agent) == 2048
 
 
@@ -167,3 +176,21 @@ def test_decide_is_total_over_route_decisions() -> None:
             for flags in (set(), {"rate_limited"}, {"upstream_connection_failure"}):
                 decision, _ = decide(route, "", status, flags, "")
                 assert decision in ("allowed", "denied", "rate_limited", "upstream_error")
+
+
+def test_route_names_say_what_each_route_decided() -> None:
+    assert route_decision("allow/coder/github/2/connect") == RouteDecision(
+        "github", "allowed", agent="coder"
+    )
+    assert route_decision("deny-connect/github") == RouteDecision(
+        "github", "denied", "egress_denied"
+    )
+    assert route_decision("unknown-destination") == RouteDecision(
+        "", "denied", "unknown_destination"
+    )
+    assert route_decision("no-credential/llm") == RouteDecision(
+        "llm", "upstream_error", "credential_unavailable"
+    )
+    assert route_decision("something/else/entirely") is None
+    # a route name that is not meshgate's decides nothing: as if no route had matched
+    assert record(route="someone-elses-route") == record(route=None)

@@ -61,7 +61,7 @@ def spool_line(i: int, agent: str = "researcher") -> str:
             "start": f"{1795619752 + i}.000001",
             "request_id": f"req-{i:05d}",
             "agent": agent,
-            "route": {"destination": "search", "decision": "allowed", "reason": ""},
+            "route": f"allow/{agent}/search/0/0",
             "policy_version": "v1",
             "authority": "search.internal",
             "method": "GET",
