@@ -115,6 +115,7 @@ class _Stream:
         self.pending: list[AuditRecord] = []
         self.lock = asyncio.Lock()  # one commit at a time per stream, in order
         self.failure: StreamError | None = None
+        self.ended = asyncio.Event()  # the client half-closed: the flusher stops between commits
 
     async def run(self, requests: AsyncIterator[als_pb2.StreamAccessLogsMessage]) -> None:
         flusher: asyncio.Task[None] | None = None
@@ -131,10 +132,11 @@ class _Stream:
                 if len(self.pending) >= self.service.batch_size:
                     await self._commit()
         finally:
+            # never cancel a commit in flight: its batch has left `pending`, and an OK answer
+            # would move the client's checkpoint past records that were not stored
+            self.ended.set()
             if flusher is not None:
-                flusher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await flusher
+                await flusher
         await self._commit()
         if self.failure is not None:
             raise self.failure
@@ -166,12 +168,16 @@ class _Stream:
                         f"{self.node_id} may log only for agent {self.role.name},"
                         f" not {record.agent}",
                     )
-                record = replace(record, agent=self.role.name)
+                # a sidecar vouches for nothing but its own refusals
+                record = replace(record, agent=self.role.name, spiffe_id="")
             self.pending.append(record)
 
     async def _flush_periodically(self) -> None:
         while True:
-            await asyncio.sleep(self.service.flush_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.ended.wait(), self.service.flush_interval)
+            if self.ended.is_set():
+                return
             try:
                 await self._commit()
             except StreamError as exc:

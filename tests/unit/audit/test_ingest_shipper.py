@@ -309,3 +309,48 @@ async def test_a_refused_token_is_replaced_and_shipping_resumes(tmp_path: Path) 
         with pytest.raises(asyncio.CancelledError):
             await task
     assert len(store.records) == 3
+
+
+async def test_a_stream_ending_mid_commit_answers_only_after_every_record_is_stored() -> None:
+    """The periodic flush may hold a batch when the client half-closes: it must finish, not be
+    cancelled, or the OK would move the checkpoint past records never stored."""
+    import threading
+
+    store = MemoryStore()
+    release = threading.Event()
+    writer = AuditWriter(lambda: store)
+    await writer.open()
+    service = AccessLogService(writer, allow_all, flush_interval=0.1)
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((service.handler(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    # keep the store's one writer thread busy, so the flusher's append waits its turn
+    busy = asyncio.ensure_future(writer._run(lambda: release.wait(5)))
+
+    async def messages() -> AsyncIterator[als_pb2.StreamAccessLogsMessage]:
+        for i in (1, 2):
+            message = als_pb2.StreamAccessLogsMessage()
+            message.identifier.node.id = "gateway/g1"
+            message.http_logs.log_entry.add().CopyFrom(entry_from_spool(spool_line(i)))
+            yield message
+            await asyncio.sleep(0.3)  # past the flush interval: the flusher takes record 1
+
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.stream_unary(
+                METHOD,
+                request_serializer=als_pb2.StreamAccessLogsMessage.SerializeToString,
+                response_deserializer=als_pb2.StreamAccessLogsResponse.FromString,
+            )
+            answer = asyncio.ensure_future(call(messages(), timeout=10))
+            await asyncio.sleep(0.8)
+            assert not answer.done()  # still waiting on the busy store
+            release.set()
+            await answer
+        assert sorted(store.records) == ["req-00001", "req-00002"]
+    finally:
+        release.set()
+        await busy
+        await server.stop(grace=0)
+        await writer.close()
