@@ -57,6 +57,14 @@ RECORD_COLUMNS = "id, ts_us, " + ", ".join(FIELDS)
 IN_CHUNK = 500  # request_ids per IN (...) lookup
 BATCH_PAGE = 200  # batch rows read at a time by verify
 
+RecordKey = tuple[int, str, str]
+
+
+def record_key(record: AuditRecord) -> RecordKey:
+    """What makes a record the same record: a resend repeats all three."""
+    return (to_micros(record.timestamp), record.request_id, record.gateway)
+
+
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS audit_records (
         id {id_type} PRIMARY KEY,
@@ -80,7 +88,9 @@ SCHEMA = (
     # A resent record (a shipper retrying after a crash) repeats its spool line, start time
     # included, so (time, request id) finds it; ordered by time first, this index grows at its
     # end like the table, where a request-id-only index took one random page per record.
-    "CREATE UNIQUE INDEX IF NOT EXISTS audit_records_request ON audit_records (ts_us, request_id)",
+    # (the logging node is part of the key: no node can pre-empt another's records)
+    "CREATE UNIQUE INDEX IF NOT EXISTS audit_records_request"
+    " ON audit_records (ts_us, request_id, gateway)",
     "CREATE INDEX IF NOT EXISTS audit_records_agent ON audit_records (agent, ts_us, id)",
     "CREATE INDEX IF NOT EXISTS audit_records_decision ON audit_records (decision, ts_us, id)",
     "CREATE INDEX IF NOT EXISTS audit_records_dest ON audit_records (destination, ts_us, id)",
@@ -216,30 +226,30 @@ class SqlAuditStore:
         row = self._exec(cur, f"SELECT {CHAIN_COLUMNS} FROM audit_chain WHERE id = 1{suffix}")
         return ChainState(*row.fetchone())
 
-    def _existing(self, cur: Any, keys: list[tuple[int, str]]) -> set[tuple[int, str]]:
-        """Which (ts_us, request_id) keys are stored already: index seeks on the start times
-        (a plain IN list, which both engines turn into seeks), request ids compared here."""
+    def _existing(self, cur: Any, keys: list[RecordKey]) -> set[RecordKey]:
+        """Which (ts_us, request_id, gateway) keys are stored already: index seeks on the start
+        times (a plain IN list, which both engines turn into seeks), the rest compared here."""
         wanted = set(keys)
-        stamps = sorted({ts for ts, _ in keys})
-        found: set[tuple[int, str]] = set()
+        stamps = sorted({ts for ts, _, _ in keys})
+        found: set[RecordKey] = set()
         for i in range(0, len(stamps), IN_CHUNK):
             chunk = stamps[i : i + IN_CHUNK]
             marks = ",".join("?" * len(chunk))
-            sql = f"SELECT ts_us, request_id FROM audit_records WHERE ts_us IN ({marks})"
+            sql = f"SELECT ts_us, request_id, gateway FROM audit_records WHERE ts_us IN ({marks})"
             rows = self._exec(cur, sql, chunk).fetchall()
-            found.update(key for r in rows if (key := (int(r[0]), str(r[1]))) in wanted)
+            found.update(k for r in rows if (k := (int(r[0]), str(r[1]), str(r[2]))) in wanted)
         return found
 
     # -- AuditStore ----------------------------------------------------------------------------
 
     def append(self, records: Sequence[AuditRecord]) -> int:
         """One transaction: lock the chain row, skip known request_ids, insert, link the batch."""
-        unique = list({r.request_id: r for r in reversed(records)}.values())[::-1]
+        unique = list({record_key(r): r for r in reversed(records)}.values())[::-1]
         if not unique:
             return 0
         with self._lock, self._write() as cur:
             state = self._chain(cur, lock=True)
-            keys = [(to_micros(r.timestamp), r.request_id) for r in unique]
+            keys = [record_key(r) for r in unique]
             known = self._existing(cur, keys)
             new = [r for r, key in zip(unique, keys, strict=True) if key not in known]
             if not new:
@@ -251,7 +261,7 @@ class SqlAuditStore:
                 cur.executemany(
                     self._sql(
                         f"INSERT INTO audit_records ({RECORD_COLUMNS}) VALUES ({marks}) "
-                        "ON CONFLICT (ts_us, request_id) DO NOTHING"
+                        "ON CONFLICT (ts_us, request_id, gateway) DO NOTHING"
                     ),
                     [(batch.first_id + i, *v) for i, v in enumerate(values)],
                 )

@@ -30,7 +30,7 @@ class AuditPage:
 
 class AuditStore(Protocol):
     def append(self, records: Sequence[AuditRecord]) -> int:
-        """Store a batch durably (committed on return); duplicates by request_id are skipped.
+        """Store a batch durably (committed on return); a resent record is skipped.
 
         Returns how many records were new."""
 

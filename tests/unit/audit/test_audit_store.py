@@ -177,3 +177,14 @@ def test_postgres_store_reconnects_after_the_server_drops_it(store_env: StoreEnv
     report = store.verify()
     assert report.ok and report.records == 6
     store.close()
+
+
+def test_a_resend_is_skipped_but_no_node_can_pre_empt_another(store: SqlAuditStore) -> None:
+    gateway = make_record(1, gateway="gateway/egress")
+    assert store.append([gateway]) == 1
+    assert store.append([gateway, gateway]) == 0  # the shipper resending after a crash
+    # a sidecar reporting the same start time and request id is not the gateway's record
+    forged = make_record(1, gateway="agent/coder/1", agent="coder")
+    assert store.append([forged]) == 1
+    page = store.query(AuditQuery(limit=10))
+    assert sorted(r.gateway for r in page.records) == ["agent/coder/1", "gateway/egress"]
