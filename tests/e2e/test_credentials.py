@@ -68,6 +68,13 @@ async def test_injected_rotated_never_exposed(
             assert r.status_code == 200
             assert up.hits[-1]["headers"]["Authorization"] == f"Bearer {KEY1}"
             assert KEY1 not in r.text and KEY1 not in str(r.headers)
+            # Envoy picks virtual hosts case-insensitively: so does the injector's matcher
+            for host in ("LLM.internal", "llm.INTERNAL:80"):
+                r = await via_gateway(
+                    listen, host, "/v1/chat", headers={"Authorization": "Bearer agent-own"}
+                )
+                assert r.status_code == 200, host
+                assert up.hits[-1]["headers"]["Authorization"] == f"Bearer {KEY1}", host
 
             # a missing secret fails closed with a reason, and status names it (not a value)
             missing = await via_gateway(listen, "other.internal", "/")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import (
     address_pb2,
@@ -144,4 +146,39 @@ def http_listener(
                 ]
             )
         ],
+    )
+
+
+def authority_matcher(
+    table: Mapping[str, matcher_pb2.Matcher.OnMatch],
+) -> matcher_pb2.Matcher:
+    """Pick by the request's authority: a hash lookup, then (only on a miss) a case-insensitive
+    list, because Envoy picks virtual hosts case-insensitively and `Host: Billing.internal`
+    must not reach an allow route while skipping the filter meant for it."""
+    authority = core_extension_pb2.TypedExtensionConfig(
+        name="authority",
+        typed_config=pack(http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=":authority")),
+    )
+    any_case = matcher_pb2.Matcher(
+        matcher_list=matcher_pb2.Matcher.MatcherList(
+            matchers=[
+                matcher_pb2.Matcher.MatcherList.FieldMatcher(
+                    predicate=matcher_pb2.Matcher.MatcherList.Predicate(
+                        single_predicate=matcher_pb2.Matcher.MatcherList.Predicate.SinglePredicate(
+                            input=authority,
+                            value_match=xds_string_pb2.StringMatcher(exact=key, ignore_case=True),
+                        )
+                    ),
+                    on_match=on_match,
+                )
+                for key, on_match in table.items()
+            ]
+        )
+    )
+    return matcher_pb2.Matcher(
+        matcher_tree=matcher_pb2.Matcher.MatcherTree(
+            input=authority,
+            exact_match_map=matcher_pb2.Matcher.MatcherTree.MatchMap(map=table),
+        ),
+        on_no_match=matcher_pb2.Matcher.OnMatch(matcher=any_case),
     )

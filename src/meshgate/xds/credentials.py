@@ -19,12 +19,11 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from envoy.extensions.http.injected_credentials.generic.v3 import generic_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
-from envoy.type.matcher.v3 import http_inputs_pb2
 from xds.core.v3 import extension_pb2 as core_extension_pb2
 from xds.type.matcher.v3 import matcher_pb2
 
 from meshgate.policy.model import Destination
-from meshgate.xds.common import ads, pack
+from meshgate.xds.common import ads, authority_matcher, pack
 
 
 def filter_name(dest: Destination) -> str:
@@ -56,17 +55,7 @@ def injector_filter(dests: list[Destination]) -> hcm_pb2.HttpFilter:
         )
         for authority in (dest.host, f"{dest.host}:{dest.port}"):
             by_authority[authority] = action
-    tree = matcher_pb2.Matcher(
-        matcher_tree=matcher_pb2.Matcher.MatcherTree(
-            input=core_extension_pb2.TypedExtensionConfig(
-                name="authority",
-                typed_config=pack(
-                    http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=":authority")
-                ),
-            ),
-            exact_match_map=matcher_pb2.Matcher.MatcherTree.MatchMap(map=by_authority),
-        )
-    )
+    tree = authority_matcher(by_authority)
     wrapped = extension_matcher_pb2.ExtensionWithMatcher(
         xds_matcher=tree,
         extension_config=extension_pb2.TypedExtensionConfig(

@@ -25,7 +25,7 @@ from xds.type.matcher.v3 import matcher_pb2
 
 from meshgate.policy.model import Destination, PolicyModel
 from meshgate.xds.allowlist import AGENT_HEADER
-from meshgate.xds.common import ads, pack
+from meshgate.xds.common import ads, authority_matcher, pack
 
 TOOL_IDENTITY_FILTER = "meshgate.tool-identity"
 BEARER_HEADER = "authorization"
@@ -94,7 +94,7 @@ def _filter(model: PolicyModel, pairs: list[tuple[str, Destination]]) -> hcm_pb2
         for authority in (dest.host, f"{dest.host}:{dest.port}"):
             by_authority[authority] = nested
     wrapped = extension_matcher_pb2.ExtensionWithMatcher(
-        xds_matcher=_exact_tree(":authority", by_authority),
+        xds_matcher=authority_matcher(by_authority),
         extension_config=extension_pb2.TypedExtensionConfig(
             name="composite", typed_config=pack(composite_pb2.Composite())
         ),
