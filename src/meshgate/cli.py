@@ -197,7 +197,7 @@ def serve(
         sidecar_port=sidecar_port,
         require_tokens=require_tokens,
         mtls=mtls,
-        xds_tls=xds_tls or xds_cert is not None,
+        xds_tls=xds_tls or xds_cert is not None or xds_key is not None,
         xds_cert_file=xds_cert,
         xds_key_file=xds_key,
         vault_ca=_vault_ca(

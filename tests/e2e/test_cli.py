@@ -226,3 +226,20 @@ def test_every_command_has_help() -> None:
         res = run(cmd, "--help")
         assert res.returncode == 0, cmd
         assert "Usage" in res.stdout
+
+
+def test_serve_tls_and_audit_store_mistakes_are_one_line_and_keep_secrets(tmp_path: Path) -> None:
+    write_policy(tmp_path / "p", free_port(), {"alpha": 1})
+    common = ["serve", "--policies", str(tmp_path / "p"), "--state-dir", str(tmp_path / "s")]
+    ports = ["--xds-port", str(free_port()), "--admin-port", str(free_port())]
+    key = tmp_path / "key.pem"
+    key.write_text("not used")
+    alone = run(*common, *ports, "--xds-key", str(key))  # not silently plaintext
+    assert alone.returncode == 1 and "Traceback" not in alone.stderr
+    assert "--xds-cert and --xds-key go together" in alone.stderr
+    dsn = "postgresql://meshgate:s3cret-pw@127.0.0.1:1/audit"
+    bad = run(*common, *ports, "--audit-store", dsn)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    [line] = bad.stderr.strip().splitlines()
+    assert "cannot connect to the audit store 127.0.0.1:1/audit: " in line
+    assert "s3cret-pw" not in bad.stderr + bad.stdout

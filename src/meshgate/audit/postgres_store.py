@@ -11,12 +11,23 @@ import contextlib
 import re
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from meshgate.audit.sqlbase import SqlAuditStore
 from meshgate.errors import ConfigError
 
 DEFAULT_SCHEMA = "meshgate_audit"
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+def _where(url: str) -> str:
+    """Host, port and database: enough to find it, never the password."""
+    parts = urlsplit(url)
+    return f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path or ''}"
 
 
 class PostgresAuditStore(SqlAuditStore):
@@ -32,12 +43,18 @@ class PostgresAuditStore(SqlAuditStore):
         self.url, self.schema = url, schema
         self.integrity_error = psycopg.IntegrityError
         super().__init__(self._connect())
-        with self._conn.transaction():
-            # replicas starting together must not race on CREATE ... IF NOT EXISTS
-            self._conn.execute("SELECT pg_advisory_xact_lock(hashtext('meshgate_audit_schema'))")
-            self._conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
-            self._conn.execute(f'SET search_path TO "{schema}"')
-            self._create_schema(self._conn.cursor())
+        try:
+            with self._conn.transaction():
+                # replicas starting together must not race on CREATE ... IF NOT EXISTS
+                self._conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext('meshgate_audit_schema'))"
+                )
+                self._conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+                self._conn.execute(f'SET search_path TO "{schema}"')
+                self._create_schema(self._conn.cursor())
+        except psycopg.Error as exc:
+            self._conn.close()
+            raise ConfigError(f"audit store {_where(url)}: {_one_line(exc)}") from None
 
     def _connect(self) -> Any:
         import psycopg
@@ -45,7 +62,9 @@ class PostgresAuditStore(SqlAuditStore):
         try:
             conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
         except psycopg.Error as exc:
-            raise ConfigError(f"cannot connect to the audit store: {exc}".strip()) from None
+            raise ConfigError(
+                f"cannot connect to the audit store {_where(self.url)}: {_one_line(exc)}"
+            ) from None
         conn.execute(f'SET search_path TO "{self.schema}"')
         return conn
 

@@ -26,7 +26,10 @@ def parse_duration(text: str, option: str) -> dt.timedelta:
     match = _DURATION.match(text)
     if not match:
         raise ConfigError(f"{option}: {text!r} is not a duration like 30s, 15m, 1h, 7d or 2w")
-    return dt.timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    try:
+        return dt.timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    except OverflowError:
+        raise ConfigError(f"{option}: {text!r} is too long a duration") from None
 
 
 def parse_instant(text: str, option: str, now: dt.datetime | None = None) -> dt.datetime:
@@ -35,7 +38,10 @@ def parse_instant(text: str, option: str, now: dt.datetime | None = None) -> dt.
     if text.strip().lower() == "now":
         return now
     if _DURATION.match(text):
-        return now - parse_duration(text, option)
+        try:
+            return now - parse_duration(text, option)
+        except OverflowError:
+            raise ConfigError(f"{option}: {text!r} reaches back before the year 1") from None
     try:
         when = dt.datetime.fromisoformat(text.strip())
     except ValueError:

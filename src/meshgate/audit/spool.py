@@ -150,6 +150,11 @@ class SpoolShipper:
                     log.error("audit: spool %s: %s", self.spool, exc)
                     await asyncio.sleep(5.0)
                     continue
+                except Exception as exc:  # never stop shipping for good: the spool only grows
+                    log.error("audit: shipping %s failed: %s; retrying", self.spool, exc)
+                    await self.close()
+                    await asyncio.sleep(5.0)
+                    continue
                 if failing:
                     log.info("audit: shipping to %s again", self.target)
                 failing, backoff = False, self.poll_interval

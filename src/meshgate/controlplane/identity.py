@@ -73,6 +73,7 @@ class IdentityIssuer:
         self._ca: CertificateAuthority | None = None
         self._issued: dict[str, tuple[IssuedCert, NodeIdentity]] = {}
         self._tool_tokens: dict[tuple[str, str], ToolToken] = {}
+        self._tool_issuer = ""
         self._lock = threading.Lock()  # called from worker threads (compile, renewal watch)
 
     def identities(self, model: PolicyModel) -> Identities:
@@ -112,6 +113,8 @@ class IdentityIssuer:
         now = int(dt.datetime.now(dt.UTC).timestamp())
         ttl = int(self.tool_token_ttl.total_seconds())
         issuer = issuer_for(model.mesh.trust_domain)
+        if issuer != self._tool_issuer:  # a new trust domain: every sub and iss changes
+            self._tool_tokens, self._tool_issuer = {}, issuer
         fresh: dict[tuple[str, str], ToolToken] = {}
         for agent, dest in tool_identity_pairs(model):
             key = (agent, dest.name)

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import logging
+import re
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,11 @@ if TYPE_CHECKING:
     from meshgate.controlplane.vault_ca import VaultCASettings, VaultUpstreamCA
 
 log = logging.getLogger(__name__)
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for errors and logs (a DSN usually carries one)."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
 def system_ca_bundle() -> str:
@@ -188,7 +194,9 @@ class ControlPlane:
         except MeshgateError:
             raise
         except Exception as exc:
-            raise ConfigError(f"cannot open the audit store {self.audit_url}: {exc}") from None
+            where = redact_url(self.audit_url)
+            detail = str(exc).replace(self.audit_url, where)
+            raise ConfigError(f"cannot open the audit store {where}: {detail}") from None
         self.audit_log = store
         return store
 
@@ -200,6 +208,7 @@ class ControlPlane:
         """Open the audit store, bind both ports (a clear error if taken), watch policy."""
         if self.vault_ca is not None:  # Vault unreachable, nothing stored: fail now, one line
             await asyncio.to_thread(self.vault_ca.preflight)
+        credentials = self._xds_credentials()  # a bad certificate fails before anything opens
         try:
             await self.audit.open()
         except BaseException:
@@ -208,7 +217,6 @@ class ControlPlane:
         self._grpc = grpc.aio.server(options=SERVER_OPTIONS)
         # access logs share the xDS port: every node already reaches it, with the same token
         self._grpc.add_generic_rpc_handlers((self.ads.handler(), self.access_log.handler()))
-        credentials = self._xds_credentials()
         try:
             if credentials is None:
                 port = self._grpc.add_insecure_port(self.xds_address)

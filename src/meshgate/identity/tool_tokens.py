@@ -70,6 +70,24 @@ class ToolTokenSigner:
         return {"keys": [self.jwk]}
 
 
+def create_exclusive(path: Path, data: bytes) -> bool:
+    """Write a whole 0600 file under `path` unless one exists (False then). Written aside and
+    hard-linked into place, so a process that loses the race never reads a half-written key."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
 def _public_jwk(public: ec.EllipticCurvePublicKey) -> dict[str, Any]:
     numbers = public.public_numbers()
     x, y = (_b64(n.to_bytes(32, "big")) for n in (numbers.x, numbers.y))
@@ -94,12 +112,8 @@ def _load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process created it first: use theirs
+        if not create_exclusive(path, pem):  # another replica created it first: use theirs
             return _load_or_create_key(path)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(pem)
         return key
     try:
         loaded = serialization.load_pem_private_key(data, password=None)
