@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jwt
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from meshgate.errors import MeshgateError
+from meshgate.identity.keyfiles import load_or_create_key
 
 AUDIENCE = "meshgate-xds"
 ISSUER = "meshgate"
@@ -116,27 +116,9 @@ def subject_allows(subject: str, node_id: str) -> bool:
 
 
 def _load_or_create_key(path: Path) -> Ed25519PrivateKey:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process created it first: use theirs
-            return _load_or_create_key(path)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(pem)
-        return key
-    try:
-        loaded = serialization.load_pem_private_key(data, password=None)
-    except ValueError:
-        raise TokenError(f"{path}: not a PEM private key") from None
-    if not isinstance(loaded, Ed25519PrivateKey):
-        raise TokenError(f"{path}: expected an Ed25519 key")
-    return loaded
+    def ed25519(key: object) -> Ed25519PrivateKey | None:
+        return key if isinstance(key, Ed25519PrivateKey) else None
+
+    return load_or_create_key(
+        path, Ed25519PrivateKey.generate, ed25519, "an Ed25519 key", TokenError
+    )

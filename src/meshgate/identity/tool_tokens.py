@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshgate.identity.ca import IdentityError
+from meshgate.identity.keyfiles import load_or_create_key
 
 ALGORITHM = "ES256"
 KEY_FILE = "tool-jwt/signing-key.pem"
@@ -70,24 +69,6 @@ class ToolTokenSigner:
         return {"keys": [self.jwk]}
 
 
-def create_exclusive(path: Path, data: bytes) -> bool:
-    """Write a whole 0600 file under `path` unless one exists (False then). Written aside and
-    hard-linked into place, so a process that loses the race never reads a half-written key."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.link(tmp, path)
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink(missing_ok=True)
-    return True
-
-
 def _public_jwk(public: ec.EllipticCurvePublicKey) -> dict[str, Any]:
     numbers = public.public_numbers()
     x, y = (_b64(n.to_bytes(32, "big")) for n in (numbers.x, numbers.y))
@@ -102,23 +83,11 @@ def _b64(data: bytes) -> str:
 
 
 def _load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        key = ec.generate_private_key(ec.SECP256R1())
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        if not create_exclusive(path, pem):  # another replica created it first: use theirs
-            return _load_or_create_key(path)
-        return key
-    try:
-        loaded = serialization.load_pem_private_key(data, password=None)
-    except ValueError:
-        raise IdentityError(f"{path}: not a PEM private key") from None
-    if not isinstance(loaded, ec.EllipticCurvePrivateKey) or loaded.curve.name != "secp256r1":
-        raise IdentityError(f"{path}: expected a P-256 EC key")
-    return loaded
+    def p256(key: object) -> ec.EllipticCurvePrivateKey | None:
+        if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1":
+            return key
+        return None
+
+    return load_or_create_key(
+        path, lambda: ec.generate_private_key(ec.SECP256R1()), p256, "a P-256 EC key", IdentityError
+    )
