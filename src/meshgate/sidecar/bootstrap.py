@@ -19,7 +19,7 @@ from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import duration_pb2, json_format
 
 from meshgate.sidecar.strict import netns_listener
-from meshgate.xds.common import ads, pack, socket_address
+from meshgate.xds.common import ads, pack, single_endpoint, socket_address
 
 XDS_CLUSTER = "meshgate-xds"
 
@@ -66,10 +66,7 @@ def build_bootstrap(spec: BootstrapSpec) -> bootstrap_pb2.Bootstrap:
         xds_cluster.transport_socket.typed_config.CopyFrom(
             pack(xds_tls_context(spec.xds_host, spec.xds_ca_file))
         )
-    xds_cluster.load_assignment.cluster_name = XDS_CLUSTER
-    xds_cluster.load_assignment.endpoints.add().lb_endpoints.add().endpoint.address.CopyFrom(
-        socket_address(spec.xds_host, spec.xds_port)
-    )
+    xds_cluster.load_assignment.CopyFrom(single_endpoint(XDS_CLUSTER, spec.xds_host, spec.xds_port))
     boot = bootstrap_pb2.Bootstrap(
         node=base_pb2.Node(id=spec.node_id, cluster=spec.node_cluster),
         dynamic_resources=bootstrap_pb2.Bootstrap.DynamicResources(

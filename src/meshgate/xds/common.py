@@ -11,6 +11,7 @@ from envoy.config.core.v3 import (
     extension_pb2,
     substitution_format_string_pb2,
 )
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2
@@ -39,6 +40,24 @@ def ads() -> config_source_pb2.ConfigSource:
     return config_source_pb2.ConfigSource(
         ads=config_source_pb2.AggregatedConfigSource(),
         resource_api_version=config_source_pb2.V3,
+    )
+
+
+def single_endpoint(name: str, host: str, port: int) -> endpoint_pb2.ClusterLoadAssignment:
+    """A cluster's one endpoint: a destination address, the gateway, the xDS server."""
+    return endpoint_pb2.ClusterLoadAssignment(
+        cluster_name=name,
+        endpoints=[
+            endpoint_components_pb2.LocalityLbEndpoints(
+                lb_endpoints=[
+                    endpoint_components_pb2.LbEndpoint(
+                        endpoint=endpoint_components_pb2.Endpoint(
+                            address=socket_address(host, port)
+                        )
+                    )
+                ]
+            )
+        ],
     )
 
 

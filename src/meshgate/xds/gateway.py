@@ -43,6 +43,7 @@ from meshgate.xds.common import (
     only_for_authorities,
     pack,
     router_filter,
+    single_endpoint,
     socket_address,
 )
 from meshgate.xds.credentials import (
@@ -150,7 +151,7 @@ def destination_cluster(dest: Destination, system_ca_file: str) -> cluster_pb2.C
     else:
         cluster.type = cluster_pb2.Cluster.LOGICAL_DNS
         cluster.dns_lookup_family = cluster_pb2.Cluster.V4_PREFERRED
-        cluster.load_assignment.CopyFrom(_assignment(cluster.name, dest.host, dest.port))
+        cluster.load_assignment.CopyFrom(single_endpoint(cluster.name, dest.host, dest.port))
     if dest.tls == "originate":
         cluster.transport_socket.name = "envoy.transport_sockets.tls"
         cluster.transport_socket.typed_config.CopyFrom(pack(upstream_tls(dest, system_ca_file)))
@@ -160,7 +161,7 @@ def destination_cluster(dest: Destination, system_ca_file: str) -> cluster_pb2.C
 def destination_endpoints(dest: Destination) -> endpoint_pb2.ClusterLoadAssignment:
     assert dest.address is not None
     host, port = dest.address
-    return _assignment(cluster_name(dest), host, port)
+    return single_endpoint(cluster_name(dest), host, port)
 
 
 def instance_endpoints(
@@ -175,23 +176,6 @@ def instance_endpoints(
     ]
     endpoints = [endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb)] if lb else []
     return endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name(dest), endpoints=endpoints)
-
-
-def _assignment(name: str, host: str, port: int) -> endpoint_pb2.ClusterLoadAssignment:
-    return endpoint_pb2.ClusterLoadAssignment(
-        cluster_name=name,
-        endpoints=[
-            endpoint_components_pb2.LocalityLbEndpoints(
-                lb_endpoints=[
-                    endpoint_components_pb2.LbEndpoint(
-                        endpoint=endpoint_components_pb2.Endpoint(
-                            address=socket_address(host, port)
-                        )
-                    )
-                ]
-            )
-        ],
-    )
 
 
 def upstream_tls(dest: Destination, system_ca_file: str) -> tls_pb2.UpstreamTlsContext:

@@ -23,7 +23,7 @@ from meshgate.xds.common import (
     http_listener,
     pack,
     router_filter,
-    socket_address,
+    single_endpoint,
     stdout_access_log,
 )
 from meshgate.xds.mtls import NodeIdentity, identity_secrets, sidecar_tls
@@ -51,10 +51,7 @@ def sidecar_resources(
         type=cluster_pb2.Cluster.STRICT_DNS,
         connect_timeout=duration_pb2.Duration(seconds=5),
     )
-    cluster.load_assignment.cluster_name = GATEWAY_CLUSTER
-    cluster.load_assignment.endpoints.add().lb_endpoints.add().endpoint.address.CopyFrom(
-        socket_address(host, port)
-    )
+    cluster.load_assignment.CopyFrom(single_endpoint(GATEWAY_CLUSTER, host, port))
     routes = route_pb2.RouteConfiguration(
         name=f"agent-{agent}",
         virtual_hosts=[
@@ -112,8 +109,5 @@ def loopback_cluster(port: int) -> cluster_pb2.Cluster:
         type=cluster_pb2.Cluster.STATIC,
         connect_timeout=duration_pb2.Duration(seconds=1),
     )
-    cluster.load_assignment.cluster_name = LOOPBACK_CLUSTER
-    cluster.load_assignment.endpoints.add().lb_endpoints.add().endpoint.address.CopyFrom(
-        socket_address("127.0.0.1", port)
-    )
+    cluster.load_assignment.CopyFrom(single_endpoint(LOOPBACK_CLUSTER, "127.0.0.1", port))
     return cluster
