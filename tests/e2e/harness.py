@@ -123,7 +123,9 @@ async def control_plane(
     mtls: bool = False,
     cert_ttl_seconds: int = 3600,
     vault_ca: VaultCASettings | None = None,
+    **options: Any,
 ) -> AsyncIterator[ControlPlane]:
+    """A control plane on free loopback ports; `options`: any other ServeOptions field."""
     opts = ServeOptions(
         "127.0.0.1",
         free_port(),
@@ -137,6 +139,7 @@ async def control_plane(
         mtls=mtls,
         cert_ttl_seconds=cert_ttl_seconds,
         vault_ca=vault_ca,
+        **options,
     )
     cp = ControlPlane(source or DirectorySource(policy_dir, interval=0.1), state_dir, opts)
     await cp.start()

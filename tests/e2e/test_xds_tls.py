@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from builders import free_port, write_test_pki
-from harness import until, upstream, via_gateway, write_policy
+from harness import control_plane, upstream, via_gateway, write_policy
 
-from meshgate.controlplane.server import ControlPlane, ServeOptions
-from meshgate.controlplane.sources import DirectorySource
+from meshgate.controlplane.server import ControlPlane
 from meshgate.errors import MeshgateError
 from meshgate.identity.xds_tls import bundle_path
 from meshgate.sidecar.envoy_process import EnvoyProcess
@@ -21,28 +20,11 @@ from meshgate.sidecar.launcher import prepare_envoy
 pytestmark = pytest.mark.e2e
 
 
-@contextlib.asynccontextmanager
-async def tls_control_plane(
-    policy: Path, state: Path, **tls: object
-) -> AsyncIterator[ControlPlane]:
-    opts = ServeOptions(
-        "127.0.0.1",
-        free_port(),
-        "127.0.0.1",
-        free_port(),
-        "127.0.0.1",
-        sidecar_port=free_port(),
-        debounce_quiet=0.05,
-        require_tokens=True,
-        **tls,  # type: ignore[arg-type]
-    )
-    cp = ControlPlane(DirectorySource(policy, interval=0.1), state, opts)
-    await cp.start()
-    try:
-        await until(lambda: cp.ready, timeout=10, what="control plane ready")
-        yield cp
-    finally:
-        await cp.stop()
+def tls_control_plane(
+    policy: Path, state: Path, **tls: Any
+) -> contextlib.AbstractAsyncContextManager[ControlPlane]:
+    """Join tokens required; mTLS off so a plain client can probe the gateway."""
+    return control_plane(policy, state, require_tokens=True, **tls)
 
 
 def gateway_envoy(cp: ControlPlane, state: Path, xds_ca: Path | None = None) -> EnvoyProcess:

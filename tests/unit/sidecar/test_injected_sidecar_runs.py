@@ -21,10 +21,9 @@ from typing import Any
 
 import pytest
 from builders import free_port, write_test_pki
-from e2e.harness import until, upstream, write_policy
+from e2e.harness import control_plane, upstream, write_policy
 
-from meshgate.controlplane.server import ControlPlane, ServeOptions
-from meshgate.controlplane.sources import DirectorySource
+from meshgate.controlplane.server import ControlPlane
 from meshgate.sidecar.injector import STATE_DIR, TOKEN_FILE, XDS_CA_FILE, InjectSettings, inject
 from meshgate.sidecar.launcher import prepare_envoy
 
@@ -49,28 +48,16 @@ async def tls_control_plane(policy: Path, tmp: Path) -> AsyncIterator[tuple[Cont
     """`serve --require-tokens --mtls --xds-tls --xds-cert --xds-key` with an operator's
     certificate (as deploy/control-plane.yaml mounts it); yields it and the CA that signed it."""
     ca, cert, key = write_test_pki(tmp / "xds-pki", ["127.0.0.1", "localhost"], name="xds")
-    opts = ServeOptions(
-        "127.0.0.1",
-        free_port(),
-        "127.0.0.1",
-        free_port(),
-        "127.0.0.1",
-        sidecar_port=free_port(),
-        debounce_quiet=0.05,
-        secrets_interval=0.2,
+    async with control_plane(
+        policy,
+        tmp / "cp",
         require_tokens=True,
         mtls=True,
         xds_tls=True,
         xds_cert_file=cert,
         xds_key_file=key,
-    )
-    cp = ControlPlane(DirectorySource(policy, interval=0.1), tmp / "cp", opts)
-    await cp.start()
-    try:
-        await until(lambda: cp.ready, timeout=10, what="control plane ready")
+    ) as cp:
         yield cp, ca
-    finally:
-        await cp.stop()
 
 
 @contextlib.asynccontextmanager
