@@ -47,10 +47,8 @@ async def test_only_listed_tools_reach_the_mcp_server(tmp_path: Path) -> None:
         (policy / "rules.yaml").write_text(POLICY.format(port=up.port))
         async with control_plane(policy, tmp_path / "state") as cp, gateway(cp, tmp_path):
 
-            async def call(body: dict[str, Any]) -> int:
-                r = await via_gateway(
-                    listen, "mcp.internal", "/mcp", "POST", agent="coder", json=body
-                )
+            async def call(body: dict[str, Any], host: str = "mcp.internal") -> int:
+                r = await via_gateway(listen, host, "/mcp", "POST", agent="coder", json=body)
                 return r.status_code
 
             assert await call(rpc("initialize", {"protocolVersion": "2025-06-18"})) == 200
@@ -70,3 +68,8 @@ async def test_only_listed_tools_reach_the_mcp_server(tmp_path: Path) -> None:
             assert denied.json()["error"] == "egress_denied"
             assert [h["body"] for h in up.hits if "write_file" in h["body"]] == []
             assert len(up.hits) == 4
+            # the tool parser runs for the host in any case, as Envoy's virtual hosts match it
+            read = rpc("tools/call", {"name": "read_file", "arguments": {}})
+            assert await call(read, host="MCP.Internal") == 200
+            write = rpc("tools/call", {"name": "write_file", "arguments": {}})
+            assert await call(write, host="MCP.Internal") == 403

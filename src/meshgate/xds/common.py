@@ -110,15 +110,9 @@ def only_for_authorities(
             predicate=[
                 matcher_pb2.Matcher.MatcherList.Predicate(
                     single_predicate=matcher_pb2.Matcher.MatcherList.Predicate.SinglePredicate(
-                        input=core_extension_pb2.TypedExtensionConfig(
-                            name="authority",
-                            typed_config=pack(
-                                http_inputs_pb2.HttpRequestHeaderMatchInput(
-                                    header_name=":authority"
-                                )
-                            ),
-                        ),
-                        value_match=xds_string_pb2.StringMatcher(exact=value),
+                        input=header_input(":authority"),
+                        # any case, as Envoy picks virtual hosts
+                        value_match=xds_string_pb2.StringMatcher(exact=value, ignore_case=True),
                     )
                 )
                 for value in authorities
@@ -174,10 +168,7 @@ def authority_matcher(
     """Pick by the request's authority: a hash lookup, then (only on a miss) a case-insensitive
     list, because Envoy picks virtual hosts case-insensitively and `Host: Billing.internal`
     must not reach an allow route while skipping the filter meant for it."""
-    authority = core_extension_pb2.TypedExtensionConfig(
-        name="authority",
-        typed_config=pack(http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=":authority")),
-    )
+    authority = header_input(":authority")
     any_case = matcher_pb2.Matcher(
         matcher_list=matcher_pb2.Matcher.MatcherList(
             matchers=[
@@ -194,10 +185,25 @@ def authority_matcher(
             ]
         )
     )
+    exact = header_exact_match(":authority", table)
+    exact.on_no_match.matcher.CopyFrom(any_case)
+    return exact
+
+
+def header_exact_match(
+    header: str, table: Mapping[str, matcher_pb2.Matcher.OnMatch]
+) -> matcher_pb2.Matcher:
+    """A hash lookup on one request header's value."""
     return matcher_pb2.Matcher(
         matcher_tree=matcher_pb2.Matcher.MatcherTree(
-            input=authority,
+            input=header_input(header),
             exact_match_map=matcher_pb2.Matcher.MatcherTree.MatchMap(map=table),
-        ),
-        on_no_match=matcher_pb2.Matcher.OnMatch(matcher=any_case),
+        )
+    )
+
+
+def header_input(header: str) -> core_extension_pb2.TypedExtensionConfig:
+    return core_extension_pb2.TypedExtensionConfig(
+        name=header.lstrip(":"),
+        typed_config=pack(http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=header)),
     )

@@ -19,13 +19,12 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 )
 from envoy.extensions.http.injected_credentials.generic.v3 import generic_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
-from envoy.type.matcher.v3 import http_inputs_pb2
 from xds.core.v3 import extension_pb2 as core_extension_pb2
 from xds.type.matcher.v3 import matcher_pb2
 
 from meshgate.policy.model import Destination, PolicyModel
 from meshgate.xds.allowlist import AGENT_HEADER
-from meshgate.xds.common import ads, authority_matcher, pack
+from meshgate.xds.common import ads, authority_matcher, header_exact_match, pack
 
 TOOL_IDENTITY_FILTER = "meshgate.tool-identity"
 BEARER_HEADER = "authorization"
@@ -90,7 +89,7 @@ def _filter(model: PolicyModel, pairs: list[tuple[str, Destination]]) -> hcm_pb2
         callers[model.spiffe_id(agent)] = _inject(agent, dest)
     by_authority: dict[str, matcher_pb2.Matcher.OnMatch] = {}
     for dest, callers in by_dest.values():
-        nested = matcher_pb2.Matcher.OnMatch(matcher=_exact_tree(AGENT_HEADER, callers))
+        nested = matcher_pb2.Matcher.OnMatch(matcher=header_exact_match(AGENT_HEADER, callers))
         for authority in (dest.host, f"{dest.host}:{dest.port}"):
             by_authority[authority] = nested
     wrapped = extension_matcher_pb2.ExtensionWithMatcher(
@@ -100,18 +99,6 @@ def _filter(model: PolicyModel, pairs: list[tuple[str, Destination]]) -> hcm_pb2
         ),
     )
     return hcm_pb2.HttpFilter(name=TOOL_IDENTITY_FILTER, typed_config=pack(wrapped))
-
-
-def _exact_tree(header: str, table: dict[str, matcher_pb2.Matcher.OnMatch]) -> matcher_pb2.Matcher:
-    return matcher_pb2.Matcher(
-        matcher_tree=matcher_pb2.Matcher.MatcherTree(
-            input=core_extension_pb2.TypedExtensionConfig(
-                name=header.lstrip(":") or "header",
-                typed_config=pack(http_inputs_pb2.HttpRequestHeaderMatchInput(header_name=header)),
-            ),
-            exact_match_map=matcher_pb2.Matcher.MatcherTree.MatchMap(map=table),
-        )
-    )
 
 
 def _inject(agent: str, dest: Destination) -> matcher_pb2.Matcher.OnMatch:
