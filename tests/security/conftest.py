@@ -147,7 +147,7 @@ def start_echo(name: str) -> Echo:
             self.end_headers()
             self.wfile.write(data)
 
-        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _answer  # noqa: N815
+        do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _answer
 
         def log_message(self, *args: Any) -> None:
             pass
@@ -233,7 +233,9 @@ class Mesh:
             fh.write(code)
         os.chmod(name, 0o644)
         done = self.agent(agent, [AGENT_PYTHON, name], sidecar_args=sidecar_args, timeout=timeout)
-        assert done.returncode == 0, f"agent exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+        assert done.returncode == 0, (
+            f"agent exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+        )
         lines = done.stdout.strip().splitlines()
         assert lines, f"agent printed nothing:\n{done.stderr}"
         return json.loads(lines[-1])
@@ -295,7 +297,9 @@ def _write_tree(root: Path, upstreams: dict[str, Echo], gateway_port: int) -> No
     os.chmod(key, 0o600)
 
 
-def _start(mode: str, root: Path, xds: int, admin: int, logs: Path) -> list[subprocess.Popen[bytes]]:
+def _start(
+    mode: str, root: Path, xds: int, admin: int, logs: Path
+) -> list[subprocess.Popen[bytes]]:
     def spawn(*args: str, log: str) -> subprocess.Popen[bytes]:
         out = open(logs / log, "wb")  # noqa: SIM115 - closed with the process
         return subprocess.Popen(
