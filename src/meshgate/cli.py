@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import urllib.error
@@ -50,21 +51,27 @@ TokenFileOpt = Annotated[
     typer.Option(help="Join token file (default: minted from --state-dir when readable)."),
 ]
 SidecarPortOpt = Annotated[
-    int, typer.Option(help="Loopback proxy port of every sidecar (agents' HTTP_PROXY).")
+    int, typer.Option(help="Loopback proxy port of the injected sidecars (apps' HTTP_PROXY).")
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v")]
-MtlsOpt = Annotated[
-    bool, typer.Option(help="Sidecar -> gateway mTLS with SPIFFE certificates over SDS.")
+InsecureServeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--insecure",
+        help="LAB ONLY: plaintext xDS without join tokens and no sidecar -> gateway mTLS. "
+        "Anyone who reaches the xDS port reads every credential.",
+    ),
 ]
-XdsTlsOpt = Annotated[
-    bool, typer.Option(help="Serve xDS over TLS (built-in xDS CA unless --xds-cert/--xds-key).")
+InsecureNodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--insecure",
+        help="LAB ONLY: talk plaintext, unauthenticated xDS to a `serve --insecure` plane.",
+    ),
 ]
 XdsCaOpt = Annotated[
     Path | None,
     typer.Option(help="CA bundle that verifies a TLS xDS port (default: the local one, if any)."),
-]
-RequireTokensOpt = Annotated[
-    bool, typer.Option(help="Refuse xDS streams without a valid join token.")
 ]
 # Vault PKI as the upstream CA. Credentials only from the environment: VAULT_TOKEN, or AppRole
 # with VAULT_SECRET_ID (never on the command line, where `ps` would show them).
@@ -95,6 +102,19 @@ AuditStoreOpt = Annotated[
 def _fail(message: str) -> typer.Exit:
     err_console.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
     return typer.Exit(1)
+
+
+def _warn_insecure(what: str) -> None:
+    err_console.print(
+        f"[bold red]WARNING: --insecure[/bold red]: {what}. Never use this outside a lab.",
+        highlight=False,
+    )
+
+
+INSECURE_SERVE = (
+    "xDS is plaintext and needs no join token, and sidecars reach gateways without mTLS: "
+    "any process that reaches the xDS port receives every credential and key"
+)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -128,6 +148,9 @@ def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     """Run `main(stop)`; SIGINT/SIGTERM set `stop` so everything shuts down in order."""
 
     async def runner() -> None:
+        # nothing a long-running meshgate process writes (keys, tokens, audit store, spools,
+        # logs) is for other users, agents above all
+        os.umask(0o077)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -143,8 +166,9 @@ def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
 async def _start_control_plane(policies: str, state_dir: Path, opts: ServeOptions) -> ControlPlane:
     from meshgate.controlplane.server import ControlPlane
     from meshgate.controlplane.sources import make_source
+    from meshgate.sidecar.agent_user import private_dir
 
-    state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(state_dir)
     cp = ControlPlane(make_source(policies, state_dir), state_dir, opts)
     await cp.start()
     return cp
@@ -157,13 +181,10 @@ def serve(
     host: HostOpt = "127.0.0.1",
     xds_port: XdsPortOpt = 18000,
     admin_port: AdminPortOpt = 18001,
-    gateway_bind: Annotated[str, typer.Option(help="Address gateways bind listeners to.")] = (
-        "0.0.0.0"
-    ),
-    sidecar_port: SidecarPortOpt = 15080,
-    require_tokens: RequireTokensOpt = False,
-    mtls: MtlsOpt = False,
-    xds_tls: XdsTlsOpt = False,
+    gateway_bind: Annotated[
+        str, typer.Option(help="Address gateways bind their listener to (0.0.0.0 in a pod).")
+    ] = "127.0.0.1",
+    insecure: InsecureServeOpt = False,
     xds_cert: Annotated[Path | None, typer.Option(help="xDS serving certificate (PEM).")] = None,
     xds_key: Annotated[Path | None, typer.Option(help="Its private key (PEM).")] = None,
     ca: CaOpt = "builtin",
@@ -188,16 +209,19 @@ def serve(
         gateway_at = parse_address(gateway_address) if gateway_address else None
     except MeshgateError as exc:
         raise _fail(str(exc).replace("--control-plane", "--gateway-address")) from None
+    if insecure:
+        if xds_cert is not None or xds_key is not None or ca != "builtin":
+            raise _fail("--insecure turns TLS and mTLS off: it excludes --xds-cert/--xds-key/--ca")
+        _warn_insecure(INSECURE_SERVE)
     opts = ServeOptions(
         host,
         xds_port,
         host,
         admin_port,
         gateway_bind,
-        sidecar_port=sidecar_port,
-        require_tokens=require_tokens,
-        mtls=mtls,
-        xds_tls=xds_tls or xds_cert is not None or xds_key is not None,
+        require_tokens=not insecure,
+        mtls=not insecure,
+        xds_tls=not insecure,
         xds_cert_file=xds_cert,
         xds_key_file=xds_key,
         vault_ca=_vault_ca(
@@ -232,6 +256,7 @@ def gateway(
     concurrency: Annotated[int, typer.Option(help="Envoy worker threads.")] = 1,
     token_file: TokenFileOpt = None,
     xds_ca: XdsCaOpt = None,
+    insecure: InsecureNodeOpt = False,
     register_consul: Annotated[
         str | None,
         typer.Option(help="Register with this Consul agent (http(s)://HOST:PORT) while running."),
@@ -251,6 +276,9 @@ def gateway(
 
     It also ships the gateway's audit spool (STATE_DIR/gateway-NAME/) to the control plane."""
     _setup_logging(False)
+    if insecure:
+        _warn_insecure("this gateway takes its configuration, credentials included, over "
+                       "plaintext, unauthenticated xDS")  # fmt: skip
     registration = (
         _consul_registration(
             register_consul,
@@ -275,6 +303,7 @@ def gateway(
             concurrency,
             token_file=token_file,
             xds_ca=xds_ca,
+            insecure=insecure,
         )
         registrar = None
         console.print(f"gateway [bold]gateway/{name}[/bold] running; Envoy admin on :{admin_port}")
@@ -348,6 +377,7 @@ async def _start_gateway(
     wait_ready: bool = False,
     token_file: Path | None = None,
     xds_ca: Path | None = None,
+    insecure: bool = False,
 ) -> Any:
     """The gateway Envoy plus the shipper of its audit spool to the control plane."""
     from meshgate.sidecar.launcher import prepare_gateway
@@ -361,6 +391,7 @@ async def _start_gateway(
         delta=delta,
         concurrency=concurrency,
         xds_ca=xds_ca,
+        insecure=insecure,
     )
     await gw.start()
     if wait_ready:
@@ -385,10 +416,7 @@ def up(
     xds_port: XdsPortOpt = 18000,
     admin_port: AdminPortOpt = 18001,
     gateway_admin_port: Annotated[int, typer.Option(help="Gateway Envoy admin port.")] = 15000,
-    sidecar_port: SidecarPortOpt = 15080,
-    require_tokens: RequireTokensOpt = True,
-    mtls: MtlsOpt = True,
-    xds_tls: XdsTlsOpt = True,
+    insecure: InsecureServeOpt = False,
     ca: CaOpt = "builtin",
     vault_address: VaultAddressOpt = None,
     vault_pki_mount: VaultMountOpt = "pki",
@@ -402,15 +430,19 @@ def up(
     from meshgate.controlplane.server import ServeOptions
 
     _setup_logging(verbose)
+    if insecure:
+        if ca != "builtin":
+            raise _fail("--insecure turns mTLS off: it excludes --ca")
+        _warn_insecure(INSECURE_SERVE)
+    xds_tls = not insecure
     opts = ServeOptions(
         "127.0.0.1",
         xds_port,
         "127.0.0.1",
         admin_port,
         "127.0.0.1",
-        sidecar_port=sidecar_port,
-        require_tokens=require_tokens,
-        mtls=mtls,
+        require_tokens=not insecure,
+        mtls=not insecure,
         xds_tls=xds_tls,
         vault_ca=_vault_ca(
             ca,
@@ -435,6 +467,7 @@ def up(
                 False,
                 1,
                 wait_ready=True,
+                insecure=insecure,
             )
             model = cp.policy.model
             port = model.mesh.gateway_listen_port if model else "?"
@@ -577,13 +610,49 @@ def sidecar_run(
             "(needs root).",
         ),
     ] = False,
+    user: Annotated[
+        str | None,
+        typer.Option(help="User CMD runs as (root launcher only; default nobody)."),
+    ] = None,
+    insecure_same_user: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-same-user",
+            help="Run CMD as the launcher's own user, who can read the mesh's keys and tokens.",
+        ),
+    ] = False,
+    proxy_port: Annotated[
+        int, typer.Option(help="Loopback port of this sidecar's proxy (default: a free one).")
+    ] = 0,
+    insecure: InsecureNodeOpt = False,
 ) -> None:
-    """Run AGENT's sidecar Envoy; with `-- CMD ARGS`, run CMD behind it and exit with its status."""
+    """Run AGENT's sidecar Envoy; with `-- CMD ARGS`, run CMD behind it and exit with its status.
+
+    CMD never keeps a capability, and runs as another user than the sidecar (--user, default
+    nobody, when run as root) so it cannot read the mesh's keys or forge its audit spool."""
+    from meshgate.sidecar.agent_user import resolve_agent_user
     from meshgate.sidecar.launcher import run_sidecar
 
     _setup_logging(False)
     command = list(ctx.args)
     result: list[int] = []
+    agent_user = None
+    if command:
+        try:
+            agent_user = resolve_agent_user(user, insecure_same_user)
+        except MeshgateError as exc:
+            raise _fail(str(exc)) from None
+        if insecure_same_user:
+            err_console.print(
+                f"[bold red]WARNING: --insecure-same-user[/bold red]: CMD runs as "
+                f"{agent_user.name}, the sidecar's own user: it can read the mesh's keys and "
+                "tokens and forge its audit spool. Never use this for an untrusted agent.",
+                highlight=False,
+            )
+    elif user is not None or insecure_same_user:
+        raise _fail("--user and --insecure-same-user apply to a command: -- CMD ARGS")
+    if insecure:
+        _warn_insecure("this sidecar takes its configuration over plaintext, unauthenticated xDS")
 
     async def main(stop: asyncio.Event) -> None:
         result.append(
@@ -598,6 +667,9 @@ def sidecar_run(
                 token_file,
                 xds_ca,
                 strict=strict,
+                user=agent_user,
+                proxy_port=proxy_port,
+                insecure=insecure,
             )
         )
 

@@ -62,7 +62,7 @@ print(json.dumps(out))
 
 def test_up_serves_gateway_status_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     listen, xds, admin, gw_admin = free_port(), free_port(), free_port(), free_port()
-    upstream, sidecar_port = free_port(), free_port()
+    upstream = free_port()
     write_policy(tmp_path / "policies", listen, {"alpha": upstream})
     proc = subprocess.Popen(
         [
@@ -78,8 +78,6 @@ def test_up_serves_gateway_status_and_stops_cleanly_on_ctrl_c(tmp_path: Path) ->
             str(admin),
             "--gateway-admin-port",
             str(gw_admin),
-            "--sidecar-port",
-            str(sidecar_port),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -119,7 +117,7 @@ def test_up_serves_gateway_status_and_stops_cleanly_on_ctrl_c(tmp_path: Path) ->
             "--state-dir",
             str(tmp_path / "state"),
             "--",
-            sys.executable,
+            "/usr/bin/python3",  # CMD runs as nobody: stdlib only
             "-c",
             AGENT_SCRIPT,
         )

@@ -253,6 +253,7 @@ def test_gateway_registers_itself_and_deregisters_on_a_clean_stop(tmp_path: Path
                 str(admin),
                 "--state-dir",
                 str(tmp_path / "state"),
+                "--insecure",  # no control plane here, so nothing to verify
                 "--register-consul",
                 consul.url,
                 "--consul-token-file",
@@ -316,6 +317,7 @@ def test_registration_retries_while_consul_is_down(tmp_path: Path) -> None:
                 str(admin),
                 "--state-dir",
                 str(tmp_path / "state"),
+                "--insecure",  # no control plane here, so nothing to verify
                 "--register-consul",
                 consul.url,
             ],

@@ -130,7 +130,7 @@ def test_serve_with_vault_ca_from_the_command_line(tmp_path: Path) -> None:
     env = {**os.environ, "COLUMNS": "200", "VAULT_TOKEN": "root-token"}
     serve = ["serve", "--policies", str(tmp_path / "policies"), "--state-dir",
              str(tmp_path / "state"), "--xds-port", str(xds), "--admin-port", str(admin),
-             "--mtls", "--ca", "vault", "--vault-pki-mount", "pki"]  # fmt: skip
+             "--ca", "vault", "--vault-pki-mount", "pki"]  # fmt: skip
     admin_url = f"http://127.0.0.1:{admin}"
 
     # Vault unreachable and nothing stored: one line, exit 1, nothing listening

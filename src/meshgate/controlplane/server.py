@@ -84,9 +84,8 @@ class ServeOptions:
     xds_port: int = 18000
     admin_host: str = "127.0.0.1"
     admin_port: int = 18001
-    gateway_bind: str = "0.0.0.0"
+    gateway_bind: str = "127.0.0.1"
     system_ca_file: str = field(default_factory=system_ca_bundle)
-    sidecar_port: int = 15080
     secrets_interval: float = 1.0
     require_tokens: bool = False  # every xDS stream must present a valid join token
     mtls: bool = False  # sidecar -> gateway mTLS with SPIFFE certificates over SDS
@@ -167,7 +166,6 @@ class ControlPlane:
         self.translate = TranslateOptions(
             options.gateway_bind,
             options.system_ca_file,
-            options.sidecar_port,
             options.gateway_address,
         )
         self._serving: Serving | None = None
