@@ -70,7 +70,6 @@ def _status(mesh: Mesh) -> dict[str, object]:
 
 def test_a_hostile_agent_cannot_rotate_the_ca_or_read_audit_records(mesh: Mesh) -> None:
     token_file = mesh.state_dir / "admin" / "token"
-    token = token_file.read_text().strip()
     ca_before = _status(mesh)["ca"]
     host, port = mesh.admin_url.removeprefix("http://").rsplit(":", 1)
     code = ATTACK.format(host=host, port=int(port), token_file=str(token_file))
@@ -106,6 +105,7 @@ def test_a_hostile_agent_cannot_rotate_the_ca_or_read_audit_records(mesh: Mesh) 
             break
         time.sleep(0.3)
     assert records and records[0]["decision"] == "allowed"
+    token = token_file.read_text().strip()
     assert token not in status.stdout + status.stderr + done.stdout + done.stderr
 
     # what keeps the token from the agent: its user cannot open the file (0600 in 0700) and
