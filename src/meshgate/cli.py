@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -89,6 +86,20 @@ VaultRoleIdOpt = Annotated[
 ]
 VaultTtlOpt = Annotated[
     str, typer.Option(help="Lifetime asked of Vault for the intermediate (renewed at 2/3).")
+]
+# the admin API's operator token (docs/admin-auth.md); the token itself never goes on a command line
+ServeAdminTokenOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Admin API token file to require (default: created as STATE_DIR/admin/token)."
+    ),
+]
+AdminTokenFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="File holding the control plane's admin token (default: $MESHGATE_ADMIN_TOKEN, "
+        "else STATE_DIR/admin/token)."
+    ),
 ]
 AuditStoreOpt = Annotated[
     str | None,
@@ -198,6 +209,7 @@ def serve(
         typer.Option(help="HOST:PORT sidecars send to (a gateway Service); default loopback."),
     ] = None,
     audit_store: AuditStoreOpt = None,
+    admin_token_file: ServeAdminTokenOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the control plane only (xDS + admin HTTP + audit ingest), serving POLICIES."""
@@ -234,6 +246,7 @@ def serve(
         ),
         gateway_address=gateway_at,
         audit_store=audit_store or "",
+        admin_token_file=admin_token_file,
     )
 
     async def main(stop: asyncio.Event) -> None:
@@ -424,6 +437,7 @@ def up(
     vault_role_id: VaultRoleIdOpt = None,
     vault_intermediate_ttl: VaultTtlOpt = "30d",
     audit_store: AuditStoreOpt = None,
+    admin_token_file: ServeAdminTokenOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Control plane and a local egress gateway in one command; Ctrl-C stops both."""
@@ -453,6 +467,7 @@ def up(
             vault_intermediate_ttl,
         ),
         audit_store=audit_store or "",
+        admin_token_file=admin_token_file,
     )
 
     async def main(stop: asyncio.Event) -> None:
@@ -488,24 +503,43 @@ def up(
     _run_until_signal(main)
 
 
-def _get_json(url: str) -> Any:
+def _admin_call(
+    admin: str,
+    method: str,
+    path: str,
+    token_file: Path | None,
+    state_dir: Path,
+    timeout: float = 5,
+    where: str | None = None,
+) -> Any:
+    """(status, JSON body) from the admin API with the operator token; a missing or refused
+    token, or an unreachable control plane (named as `where`, default the URL), is one line."""
+    from meshgate.adminclient import AdminClient, AdminError, Unreachable, find_token
+
     try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return json.load(resp)
-    except urllib.error.HTTPError as exc:
-        return json.load(exc)
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise _fail(f"cannot reach the control plane at {url}: {reason}") from None
+        client = AdminClient(admin, find_token(token_file, state_dir), timeout)
+        answer = client.request(method, path)
+    except Unreachable as exc:
+        where = where or f"{admin.rstrip('/')}{path}"
+        raise _fail(f"cannot reach the control plane at {where}: {exc.reason}") from None
+    except AdminError as exc:
+        raise _fail(str(exc)) from None
+    return answer.status, answer.body
+
+
+def _get_json(admin: str, path: str, token_file: Path | None, state_dir: Path) -> Any:
+    return _admin_call(admin, "GET", path, token_file, state_dir)[1]
 
 
 @app.command()
 def status(
     admin: Annotated[str, typer.Option(help="Control plane admin URL.")] = DEFAULT_ADMIN,
     format: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+    admin_token_file: AdminTokenFileOpt = None,
+    state_dir: StateOpt = DEFAULT_STATE,
 ) -> None:
     """Connected nodes, their identity, ACKed version per type, last NACK; policy state."""
-    data = _get_json(admin.rstrip("/") + "/status")
+    data = _get_json(admin, "/status", admin_token_file, state_dir)
     if format == "json":
         console.print_json(data=data)
         return
@@ -686,9 +720,11 @@ def identity_show(
     agent: Annotated[str, typer.Option(help="Agent name.")],
     admin: Annotated[str, typer.Option(help="Control plane admin URL.")] = DEFAULT_ADMIN,
     format: Annotated[str, typer.Option("--format", help="text or json")] = "text",
+    admin_token_file: AdminTokenFileOpt = None,
+    state_dir: StateOpt = DEFAULT_STATE,
 ) -> None:
     """SPIFFE ID, current certificate (serial, expiry) and the rules that apply to AGENT."""
-    data = _get_json(f"{admin.rstrip('/')}/v1/identity/{agent}")
+    data = _get_json(admin, f"/v1/identity/{agent}", admin_token_file, state_dir)
     if "error" in data:
         raise _fail(data["error"])
     if format == "json":
@@ -700,7 +736,7 @@ def identity_show(
         console.print(f"serial       {cert['serial']}", highlight=False)
         console.print(f"valid until  {cert['not_after']}", highlight=False)
     else:
-        why = "no certificate issued yet" if data["mtls"] else "mTLS is off (serve --mtls)"
+        why = "no certificate issued yet" if data["mtls"] else "mTLS is off (serve --insecure)"
         console.print(f"certificate  none: {why}", highlight=False)
     if data.get("ca"):
         ca = data["ca"]
@@ -723,19 +759,17 @@ app.add_typer(ca_app, name="ca")
 @ca_app.command("rotate")
 def ca_rotate(
     admin: Annotated[str, typer.Option(help="Control plane admin URL.")] = DEFAULT_ADMIN,
+    admin_token_file: AdminTokenFileOpt = None,
+    state_dir: StateOpt = DEFAULT_STATE,
 ) -> None:
     """Roll the intermediate CA with overlap: old certificates stay valid until replaced.
 
     With --ca vault, Vault's PKI engine signs the new intermediate now."""
-    request = urllib.request.Request(f"{admin.rstrip('/')}/v1/ca/rotate", method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as resp:
-            data = json.load(resp)
-    except urllib.error.HTTPError as exc:
-        raise _fail(json.load(exc).get("error", str(exc))) from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise _fail(f"cannot reach the control plane at {admin}: {reason}") from None
+    code, data = _admin_call(
+        admin, "POST", "/v1/ca/rotate", admin_token_file, state_dir, timeout=30, where=admin
+    )
+    if code >= 400:
+        raise _fail(data.get("error", f"HTTP {code}") if isinstance(data, dict) else f"HTTP {code}")
     console.print(f"new intermediate {data['intermediate_serial']}; certificates roll over now")
 
 
@@ -932,6 +966,8 @@ def plan(
         Path | None, typer.Option(help="Diff against this policy directory instead (offline).")
     ] = None,
     format: Annotated[str, typer.Option("--format", help="text or json")] = "text",
+    admin_token_file: AdminTokenFileOpt = None,
+    state_dir: StateOpt = DEFAULT_STATE,
 ) -> None:
     """Show what applying DIRECTORY would change versus what the control plane serves."""
     from meshgate.errors import PolicyError
@@ -944,7 +980,7 @@ def plan(
     if against is not None:
         old = _load_dir(against).model
     else:
-        data = _get_json(admin.rstrip("/") + "/v1/policy")
+        data = _get_json(admin, "/v1/policy", admin_token_file, state_dir)
         if "error" in data:
             old = None
         else:

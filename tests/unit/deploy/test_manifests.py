@@ -244,6 +244,17 @@ def test_xds_tls_files_are_mounted_from_the_tls_secret_and_the_ca_configmap() ->
     assert host in (DEPLOY / "control-plane.yaml").read_text()  # the comment naming the SAN
 
 
+def test_the_admin_token_comes_from_its_secret_shared_by_the_replicas() -> None:
+    """Each replica would otherwise create its own in its emptyDir state: they must agree."""
+    dep = find("Deployment", "meshgate-control-plane")
+    pod = dep["spec"]["template"]["spec"]
+    cp = container(dep)
+    path = flag(cp["command"], "--admin-token-file")
+    assert mounted_from(pod, cp, path) == ("secret", "meshgate-admin-token", "token")
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "admin-token"]
+    assert volume["secret"]["defaultMode"] & 0o007 == 0  # serve refuses a world-readable token
+
+
 def test_the_audit_store_comes_from_the_optional_secret_under_its_real_name(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
