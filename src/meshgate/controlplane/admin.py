@@ -117,7 +117,8 @@ def make_app(cp: ControlPlane, admin_token: str) -> web.Application:
         """Public keys that verify tool JWTs (`identity: jwt`); a tool may cache them briefly."""
         if cp.issuer is None:
             return web.json_response(
-                {"error": "tool identity needs mTLS (a control plane not started with --insecure)"}, status=404
+                {"error": "tool identity needs mTLS (serve without --insecure)"},
+                status=404,
             )
         return web.json_response(
             cp.issuer.tool_signer.jwks(), headers={"Cache-Control": "max-age=300"}

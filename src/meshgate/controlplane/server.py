@@ -176,7 +176,9 @@ class ControlPlane:
         self.vault_ca: VaultUpstreamCA | None = None
         if options.vault_ca is not None:
             if not options.mtls:
-                raise ConfigError("--ca vault needs mTLS (not --insecure): certificates are issued only then")
+                raise ConfigError(
+                    "--ca vault needs mTLS (not --insecure): certificates come only then"
+                )
             from meshgate.controlplane.vault_ca import VaultUpstreamCA
 
             self.vault_ca = VaultUpstreamCA(options.vault_ca, state_dir)
