@@ -22,7 +22,7 @@ from meshgate.audit.store import AuditQuery
 from meshgate.controlplane.server import ControlPlane, ServeOptions
 from meshgate.controlplane.sources import DirectorySource, PolicySource
 from meshgate.controlplane.vault_ca import VaultCASettings
-from meshgate.sidecar.bootstrap import BootstrapSpec, write_bootstrap
+from meshgate.sidecar.bootstrap import BootstrapSpec, ProxyBinding, write_bootstrap
 from meshgate.sidecar.envoy_process import EnvoyProcess
 from meshgate.xds.access_log import SPOOL_FILE
 
@@ -132,7 +132,6 @@ async def control_plane(
         "127.0.0.1",
         free_port(),
         "127.0.0.1",
-        sidecar_port=free_port(),
         debounce_quiet=0.05,
         secrets_interval=0.2,
         require_tokens=require_tokens,
@@ -208,9 +207,14 @@ async def sidecar(
 
     It runs in `workdir/sidecar-<agent>/`; with `audit`, its spool (what it refuses itself)
     is shipped to the control plane."""
-    admin = free_port()
+    admin, proxy_port = free_port(), free_port()
     spec = BootstrapSpec(
-        f"agent/{agent}/test", "meshgate-agent", "127.0.0.1", cp.options.xds_port, admin
+        f"agent/{agent}/test",
+        "meshgate-agent",
+        "127.0.0.1",
+        cp.options.xds_port,
+        admin,
+        proxy=ProxyBinding(agent, "127.0.0.1", proxy_port),
     )
     boot = workdir / f"sidecar-{agent}.json"
     write_bootstrap(boot, spec)
@@ -221,7 +225,7 @@ async def sidecar(
     shipping = asyncio.create_task(shipper.run()) if audit else None
     try:
         await envoy.wait_ready(30)
-        yield f"http://127.0.0.1:{cp.options.sidecar_port}"
+        yield f"http://127.0.0.1:{proxy_port}"
     finally:
         await envoy.stop()
         if shipping is not None:

@@ -18,10 +18,20 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import duration_pb2, json_format
 
-from meshgate.sidecar.strict import netns_listener
 from meshgate.xds.common import ads, pack, single_endpoint, socket_address
+from meshgate.xds.sidecar import proxy_listener
 
 XDS_CLUSTER = "meshgate-xds"
+
+
+@dataclass(frozen=True)
+class ProxyBinding:
+    """Where one sidecar's proxy listener binds (see xds/sidecar.proxy_listener)."""
+
+    agent: str
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: a free port, read back from Envoy's admin
+    netns_path: str | None = None  # strict mode: inside this network namespace only
 
 
 @dataclass(frozen=True)
@@ -35,7 +45,7 @@ class BootstrapSpec:
     delta: bool = False
     metadata: tuple[tuple[str, str], ...] = field(default=())  # gRPC initial metadata
     xds_ca_file: str | None = None  # set: the xDS connection is TLS, verified against this bundle
-    netns_path: str | None = None  # strict mode: also listen inside this network namespace
+    proxy: ProxyBinding | None = None  # sidecars: the agent's HTTP proxy listener
 
 
 def build_bootstrap(spec: BootstrapSpec) -> bootstrap_pb2.Bootstrap:
@@ -82,8 +92,11 @@ def build_bootstrap(spec: BootstrapSpec) -> bootstrap_pb2.Bootstrap:
         static_resources=bootstrap_pb2.Bootstrap.StaticResources(clusters=[xds_cluster]),
     )
     boot.admin.address.CopyFrom(socket_address(spec.admin_host, spec.admin_port))
-    if spec.netns_path is not None:
-        boot.static_resources.listeners.append(netns_listener(spec.netns_path))
+    if spec.proxy is not None:
+        p = spec.proxy
+        boot.static_resources.listeners.append(
+            proxy_listener(p.agent, p.host, p.port, p.netns_path)
+        )
     return boot
 
 

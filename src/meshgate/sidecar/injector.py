@@ -66,7 +66,7 @@ class InjectSettings:
 
     image: str = DEFAULT_IMAGE
     control_plane: str = DEFAULT_CONTROL_PLANE  # HOST:PORT of the xDS Service
-    sidecar_port: int = 15080  # = `meshgate serve --sidecar-port`; the apps' HTTP_PROXY
+    sidecar_port: int = 15080  # the sidecar's proxy in the pod's own network; apps' HTTP_PROXY
     admin_port: int = 15090  # sidecar Envoy admin, loopback only
     image_pull_policy: str = "IfNotPresent"
     cpu_request: str = "50m"
@@ -156,13 +156,19 @@ def sidecar_container(agent: str, settings: InjectSettings) -> dict[str, Any]:
             settings.control_plane,
             "--admin-port",
             str(settings.admin_port),
+            "--proxy-port",
+            str(settings.sidecar_port),
             "--instance",
             f"$({POD_NAME_ENV})",
             "--state-dir",
             STATE_DIR,
             "--token-file",
             TOKEN_FILE,
-            *(["--xds-ca", XDS_CA_FILE] if settings.xds_ca_configmap is not None else []),
+            *(
+                ["--xds-ca", XDS_CA_FILE]
+                if settings.xds_ca_configmap is not None
+                else ["--insecure"]
+            ),
         ],
         "env": [{"name": POD_NAME_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
         # Envoy's admin listens on loopback only (it can stop the proxy), so probes exec into
