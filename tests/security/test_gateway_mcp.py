@@ -10,11 +10,13 @@ the MCP server; each is refused with a JSON reason and audited as denied. Honest
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from conftest import Mesh
 from gateway_agent import AGENT_LIB
+
+if TYPE_CHECKING:  # the fixture comes from tests/security/conftest.py; a plain import of
+    from conftest import Mesh  # "conftest" can name another directory's conftest in a mixed run
 
 pytestmark = pytest.mark.e2e
 
