@@ -14,7 +14,7 @@ import os
 import time
 
 import pytest
-from conftest import Mesh
+from hostile_mesh import Mesh
 
 pytestmark = pytest.mark.e2e
 

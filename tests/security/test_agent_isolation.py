@@ -13,8 +13,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import BILLING_SECRET, MESHGATE, Mesh, free_port
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from hostile_mesh import BILLING_SECRET, MESHGATE, Mesh, free_port
 
 from meshgate.xds.types import CLUSTER
 

@@ -16,7 +16,7 @@ import pytest
 from gateway_agent import AGENT_LIB
 
 if TYPE_CHECKING:  # the fixture comes from tests/security/conftest.py; a plain import of
-    from conftest import Mesh  # "conftest" can name another directory's conftest in a mixed run
+    from hostile_mesh import Mesh
 
 pytestmark = pytest.mark.e2e
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import Mesh
+from hostile_mesh import Mesh
 
 pytestmark = pytest.mark.e2e
 
