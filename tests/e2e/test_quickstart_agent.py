@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from builders import free_port
+from envoys import wait_live_admin
 from harness import upstream, write_policy
 
 pytestmark = pytest.mark.e2e
@@ -62,7 +63,7 @@ async def wait_ready(url: str, timeout: float = 30) -> httpx.Response:
 
 
 async def test_up_agent_script_and_its_audit_trail(tmp_path: Path) -> None:
-    listen, xds, admin, gw_admin, sidecar_port = (free_port() for _ in range(5))
+    listen, xds, admin, sidecar_port = (free_port() for _ in range(4))
     state = tmp_path / "state"
     async with upstream("search") as search, upstream("billing") as billing:
         write_policy(
@@ -82,8 +83,6 @@ async def test_up_agent_script_and_its_audit_trail(tmp_path: Path) -> None:
             str(xds),
             "--admin-port",
             str(admin),
-            "--gateway-admin-port",
-            str(gw_admin),
             "--sidecar-port",
             str(sidecar_port),
             stdout=asyncio.subprocess.PIPE,
@@ -91,7 +90,7 @@ async def test_up_agent_script_and_its_audit_trail(tmp_path: Path) -> None:
         )
         try:
             version = (await wait_ready(f"http://127.0.0.1:{admin}/readyz")).json()["version"]
-            await wait_ready(f"http://127.0.0.1:{gw_admin}/ready")
+            await asyncio.to_thread(wait_live_admin, up.pid)
             script = tmp_path / "agent.py"
             script.write_text(AGENT)
             code, out, err = await meshgate(
@@ -101,8 +100,6 @@ async def test_up_agent_script_and_its_audit_trail(tmp_path: Path) -> None:
                 "researcher",
                 "--control-plane",
                 f"127.0.0.1:{xds}",
-                "--admin-port",
-                str(free_port()),
                 "--state-dir",
                 str(state),
                 "--",

@@ -32,7 +32,6 @@ def gateway_envoy(cp: ControlPlane, state: Path, xds_ca: Path | None = None) -> 
         "gateway/tls",
         "gateway/tls",
         cp.xds_address,
-        free_port(),
         state,
         None,
         file_stem="gateway-tls",

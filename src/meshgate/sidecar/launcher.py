@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import re
-import urllib.request
 from pathlib import Path
 
 from meshgate.audit.spool import SpoolShipper
@@ -15,6 +14,7 @@ from meshgate.errors import ConfigError, EnvoyError
 from meshgate.identity.tokens import TokenAuthority
 from meshgate.identity.xds_tls import bundle_path
 from meshgate.sidecar.bootstrap import BootstrapSpec, write_bootstrap
+from meshgate.sidecar.envoy_admin import AdminSocket, EnvoyAdmin
 from meshgate.sidecar.envoy_process import EnvoyProcess, find_envoy
 from meshgate.sidecar.strict import NETNS_PROXY_PORT, Jail
 from meshgate.xds.access_log import SPOOL_FILE
@@ -34,7 +34,6 @@ def prepare_envoy(
     node_id: str,
     token_subject: str,
     control_plane: str,
-    admin_port: int,
     state_dir: Path,
     token_file: Path | None,
     *,
@@ -44,30 +43,36 @@ def prepare_envoy(
     xds_ca: Path | None = None,
     netns_path: str | None = None,
     workdir: Path | None = None,
+    health_port: int | None = None,
 ) -> EnvoyProcess:
     """Bootstrap (with the node's join token) written to the state dir; Envoy not yet started.
 
     `xds_ca`: the bundle that verifies the control plane; without it, the local control plane's
     published bundle is used if it serves TLS (the state dir is the local-only channel).
-    `workdir`: Envoy's working directory (default: the state dir)."""
+    `workdir`: Envoy's working directory (default: `<state_dir>/<file_stem>`), private (0700),
+    also where its admin socket is (sidecar/envoy_admin.py). `health_port`: a loopback
+    `GET /healthz/ready` listener for outside probes."""
     find_envoy()
     host, port = parse_address(control_plane)
     state_dir.mkdir(parents=True, exist_ok=True)
+    workdir = workdir if workdir is not None else state_dir / file_stem
+    admin = AdminSocket.in_dir(workdir)
     token = join_token(token_subject, state_dir, token_file)
     spec = BootstrapSpec(
         node_id,
         "meshgate-gateway" if node_id.startswith("gateway/") else "meshgate-agent",
         host,
         port,
-        admin_port,
+        str(admin.path),
         delta=delta,
         metadata=(("authorization", f"Bearer {token}"),) if token else (),
         xds_ca_file=xds_ca_file(state_dir, xds_ca),
         netns_path=netns_path,
+        health_port=health_port,
     )
     boot = state_dir / f"{file_stem}.json"
     write_bootstrap(boot, spec)
-    envoy = EnvoyProcess(boot, admin_port, state_dir / f"{file_stem}.log", concurrency, cwd=workdir)
+    envoy = EnvoyProcess(boot, admin, state_dir / f"{file_stem}.log", concurrency, cwd=workdir)
     envoy.xds_metadata = spec.metadata
     return envoy
 
@@ -82,8 +87,8 @@ class GatewayProcess:
         self._shipping: asyncio.Task[None] | None = None
 
     @property
-    def admin_port(self) -> int:
-        return self.envoy.admin_port
+    def admin(self) -> EnvoyAdmin:
+        return self.envoy.admin
 
     async def start(self) -> None:
         await self.envoy.start()
@@ -110,13 +115,13 @@ class GatewayProcess:
 def prepare_gateway(
     name: str,
     control_plane: str,
-    admin_port: int,
     state_dir: Path,
     token_file: Path | None,
     *,
     delta: bool = False,
     concurrency: int = 1,
     xds_ca: Path | None = None,
+    health_port: int | None = None,
 ) -> GatewayProcess:
     """Envoy runs in `<state_dir>/gateway-<name>/`, where it writes its audit spool."""
     return _prepare_spooled(
@@ -124,12 +129,12 @@ def prepare_gateway(
         f"gateway/{name}",
         f"gateway-{name}",
         control_plane,
-        admin_port,
         state_dir,
         token_file,
         delta=delta,
         concurrency=concurrency,
         xds_ca=xds_ca,
+        health_port=health_port,
     )
 
 
@@ -138,7 +143,6 @@ def _prepare_spooled(
     token_subject: str,
     stem: str,
     control_plane: str,
-    admin_port: int,
     state_dir: Path,
     token_file: Path | None,
     *,
@@ -146,14 +150,13 @@ def _prepare_spooled(
     concurrency: int = 1,
     xds_ca: Path | None = None,
     netns_path: str | None = None,
+    health_port: int | None = None,
 ) -> GatewayProcess:
     workdir = state_dir / stem
-    workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
     envoy = prepare_envoy(
         node_id,
         token_subject,
         control_plane,
-        admin_port,
         state_dir,
         token_file,
         file_stem=stem,
@@ -162,6 +165,7 @@ def _prepare_spooled(
         workdir=workdir,
         xds_ca=xds_ca,
         netns_path=netns_path,
+        health_port=health_port,
     )
 
     def fresh_token() -> tuple[tuple[str, str], ...]:
@@ -173,7 +177,7 @@ def _prepare_spooled(
         control_plane,
         node_id,
         envoy.xds_metadata,
-        envoy_admin_port=admin_port,
+        envoy_admin=envoy.admin,
         refresh_metadata=fresh_token,
         ca_file=xds_ca_file(state_dir, xds_ca),  # the same TLS as the node's xDS stream
     )
@@ -212,11 +216,9 @@ def proxy_environment(proxy_url: str) -> dict[str, str]:
     return env
 
 
-def proxy_port(admin_port: int) -> int:
+def proxy_port(admin: EnvoyAdmin) -> int:
     """The sidecar's proxy port, as the control plane configured it (read from Envoy's admin)."""
-    url = f"http://127.0.0.1:{admin_port}/listeners?format=json"
-    with urllib.request.urlopen(url, timeout=2) as resp:
-        data = json.load(resp)
+    data = json.loads(admin.get("/listeners?format=json").text)
     for listener in data.get("listener_statuses", []):
         if listener.get("name") == PROXY_LISTENER:
             return int(listener["local_address"]["socket_address"]["port_value"])
@@ -227,13 +229,13 @@ async def run_sidecar(
     agent: str,
     instance: str,
     control_plane: str,
-    admin_port: int,
     state_dir: Path,
     command: list[str],
     stop: asyncio.Event,
     token_file: Path | None = None,
     xds_ca: Path | None = None,
     strict: bool = False,
+    health_port: int | None = None,
 ) -> int:
     if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", agent):
         raise ConfigError(f"--agent {agent!r}: use lower-case letters, digits and '-'")
@@ -250,11 +252,11 @@ async def run_sidecar(
             f"agent/{agent}",
             f"sidecar-{agent}-{instance}",
             control_plane,
-            admin_port,
             state_dir,
             token_file,
             netns_path=jail.netns_path if jail is not None else None,
             xds_ca=xds_ca,
+            health_port=health_port,
         )
         await envoy.start()
     except BaseException:
@@ -263,7 +265,7 @@ async def run_sidecar(
         raise
     try:
         await envoy.wait_ready(30)
-        proxy = f"http://127.0.0.1:{await asyncio.to_thread(proxy_port, admin_port)}"
+        proxy = f"http://127.0.0.1:{await asyncio.to_thread(proxy_port, envoy.admin)}"
         if not command:
             print(f"sidecar for agent {agent} ready; HTTP_PROXY={proxy}", flush=True)
             await _first(stop.wait(), envoy.wait())

@@ -16,7 +16,12 @@ from meshgate.xds.sidecar import LOOPBACK_CLUSTER, sidecar_resources
 
 def spec(netns_path: str | None) -> BootstrapSpec:
     return BootstrapSpec(
-        "agent/a/1", "meshgate-agent", "127.0.0.1", 18000, 15090, netns_path=netns_path
+        "agent/a/1",
+        "meshgate-agent",
+        "127.0.0.1",
+        18000,
+        "/run/a/admin.sock",
+        netns_path=netns_path,
     )
 
 
