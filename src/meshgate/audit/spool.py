@@ -67,7 +67,9 @@ def read_checkpoint(path: Path) -> Checkpoint:
 def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     """Durable before it is visible: write, fsync, rename over the old one, fsync the dir."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # beside the spool: as private
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as fh:
         json.dump({"inode": checkpoint.inode, "offset": checkpoint.offset}, fh)
         fh.flush()
         os.fsync(fh.fileno())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import stat
@@ -30,6 +31,9 @@ from meshgate.errors import ConfigError
 ADMIN_SOCKET = "admin.sock"
 SOCKET_MODE = 0o600
 SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
+
+# httpx logs every request at INFO: readiness polls are not news for meshgate's log
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def private_dir(path: Path) -> Path:
