@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import psutil
 import pytest
 from conftest import BILLING_SECRET, MESHGATE, Mesh, free_port
@@ -66,11 +67,13 @@ with urllib.request.urlopen("http://billing.internal/invoices", timeout=10) as r
 
 @pytest.fixture
 def bystander(mesh: Mesh) -> Iterator[subprocess.Popen[str]]:
-    """Another agent's sidecar on this host (`sidecar run` without CMD), with a health port."""
+    """Another agent's sidecar on this host (`sidecar run` without CMD), with a health port
+    (`proc.health_port`)."""
+    health_port = free_port()
     proc = subprocess.Popen(
         [
             *MESHGATE, "sidecar", "run", "--agent", "researcher", "--instance", "bystander",
-            "--control-plane", mesh.xds, "--health-port", str(free_port()),
+            "--control-plane", mesh.xds, "--health-port", str(health_port),
         ],
         cwd=mesh.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         stdin=subprocess.DEVNULL,
@@ -82,6 +85,7 @@ def bystander(mesh: Mesh) -> Iterator[subprocess.Popen[str]]:
         if "ready" in line:
             break
     assert proc.poll() is None, "".join(seen)
+    proc.health_port = health_port  # type: ignore[attr-defined]
     try:
         yield proc
     finally:
@@ -205,3 +209,14 @@ def test_envoy_logs_and_spools_are_owner_only(mesh: Mesh) -> None:
     loose = {p: oct(stat.S_IMODE(p.stat().st_mode)) for p in [*logs, *spools]}
     loose = {p: m for p, m in loose.items() if int(m, 8) & 0o077}
     assert not loose, f"readable by others: {loose}"
+
+
+def test_health_port_says_ready_and_does_nothing_else(bystander: subprocess.Popen[str]) -> None:
+    """What Consul and the kubelet probe: GET /healthz/ready, 200 once Envoy serves; any other
+    request is 404 (the health_check filter answers itself, nothing reaches admin)."""
+    base = f"http://127.0.0.1:{bystander.health_port}"  # type: ignore[attr-defined]
+    assert httpx.get(f"{base}/healthz/ready", timeout=5).status_code == 200
+    assert httpx.get(f"{base}/ready", timeout=5).status_code == 404
+    assert httpx.post(f"{base}/healthz/ready", timeout=5).status_code == 404
+    assert httpx.post(f"{base}/healthcheck/fail", timeout=5).status_code == 404
+    assert httpx.get(f"{base}/healthz/ready", timeout=5).status_code == 200
