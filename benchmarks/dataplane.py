@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from meshgate.controlplane.server import ControlPlane, ServeOptions  # noqa: E402
 from meshgate.controlplane.sources import DirectorySource  # noqa: E402
-from meshgate.sidecar.bootstrap import BootstrapSpec, bootstrap_json  # noqa: E402
+from meshgate.sidecar.bootstrap import BootstrapSpec, ProxyBinding, bootstrap_json  # noqa: E402
 from meshgate.sidecar.envoy_process import EnvoyProcess  # noqa: E402
 from meshgate.xds.access_log import SPOOL_FORMAT  # noqa: E402
 
@@ -396,10 +396,12 @@ async def start_xds(
     node: str,
     cluster: str,
     xds_port: int,
+    proxy: ProxyBinding | None = None,
 ) -> EnvoyProcess:
     admin = free_port()
     boot = workdir / f"{name}.json"
-    boot.write_text(bootstrap_json(BootstrapSpec(node, cluster, "127.0.0.1", xds_port, admin)))
+    spec = BootstrapSpec(node, cluster, "127.0.0.1", xds_port, admin, proxy=proxy)
+    boot.write_text(bootstrap_json(spec))
     envoy = EnvoyProcess(boot, admin, workdir / f"{name}.log")
     await envoy.start()
     await envoy.wait_ready(30)
@@ -446,7 +448,6 @@ async def bench(duration: float, connections: int, rounds: int) -> dict[str, Any
                 "127.0.0.1",
                 free_port(),
                 "127.0.0.1",
-                sidecar_port=mg_sc_port,
             )
             cp = ControlPlane(DirectorySource(work / "policy"), work / "state", opts)
             await cp.start()
@@ -467,6 +468,7 @@ async def bench(duration: float, connections: int, rounds: int) -> dict[str, Any
                     f"agent/{AGENT}/bench",
                     "meshgate-agent",
                     opts.xds_port,
+                    ProxyBinding(AGENT, "127.0.0.1", mg_sc_port),
                 )
             )
 

@@ -24,6 +24,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def admin_auth(cp: Any) -> dict[str, str]:
+    """Headers with a running control plane's admin token (its admin API refuses requests
+    without it, except probes, JWKS and metrics)."""
+    return {"Authorization": f"Bearer {cp.admin_token}"}
+
+
 def model(
     version: str = "v1",
     destinations: tuple[Destination, ...] | None = None,

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
+import os
 import signal
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -50,7 +48,7 @@ TokenFileOpt = Annotated[
     typer.Option(help="Join token file (default: minted from --state-dir when readable)."),
 ]
 SidecarPortOpt = Annotated[
-    int, typer.Option(help="Loopback proxy port of every sidecar (agents' HTTP_PROXY).")
+    int, typer.Option(help="Loopback proxy port of the injected sidecars (apps' HTTP_PROXY).")
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v")]
 HealthPortOpt = Annotated[
@@ -60,18 +58,24 @@ HealthPortOpt = Annotated[
         "else). Envoy's admin is a unix socket in the state dir, never a port."
     ),
 ]
-MtlsOpt = Annotated[
-    bool, typer.Option(help="Sidecar -> gateway mTLS with SPIFFE certificates over SDS.")
+InsecureServeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--insecure",
+        help="LAB ONLY: plaintext xDS without join tokens and no sidecar -> gateway mTLS. "
+        "Anyone who reaches the xDS port reads every credential.",
+    ),
 ]
-XdsTlsOpt = Annotated[
-    bool, typer.Option(help="Serve xDS over TLS (built-in xDS CA unless --xds-cert/--xds-key).")
+InsecureNodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--insecure",
+        help="LAB ONLY: talk plaintext, unauthenticated xDS to a `serve --insecure` plane.",
+    ),
 ]
 XdsCaOpt = Annotated[
     Path | None,
     typer.Option(help="CA bundle that verifies a TLS xDS port (default: the local one, if any)."),
-]
-RequireTokensOpt = Annotated[
-    bool, typer.Option(help="Refuse xDS streams without a valid join token.")
 ]
 # Vault PKI as the upstream CA. Credentials only from the environment: VAULT_TOKEN, or AppRole
 # with VAULT_SECRET_ID (never on the command line, where `ps` would show them).
@@ -90,6 +94,20 @@ VaultRoleIdOpt = Annotated[
 VaultTtlOpt = Annotated[
     str, typer.Option(help="Lifetime asked of Vault for the intermediate (renewed at 2/3).")
 ]
+# the admin API's operator token (docs/admin-auth.md); the token itself never goes on a command line
+ServeAdminTokenOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Admin API token file to require (default: created as STATE_DIR/admin/token)."
+    ),
+]
+AdminTokenFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="File holding the control plane's admin token (default: $MESHGATE_ADMIN_TOKEN, "
+        "else STATE_DIR/admin/token)."
+    ),
+]
 AuditStoreOpt = Annotated[
     str | None,
     typer.Option(
@@ -102,6 +120,19 @@ AuditStoreOpt = Annotated[
 def _fail(message: str) -> typer.Exit:
     err_console.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
     return typer.Exit(1)
+
+
+def _warn_insecure(what: str) -> None:
+    err_console.print(
+        f"[bold red]WARNING: --insecure[/bold red]: {what}. Never use this outside a lab.",
+        highlight=False,
+    )
+
+
+INSECURE_SERVE = (
+    "xDS is plaintext and needs no join token, and sidecars reach gateways without mTLS: "
+    "any process that reaches the xDS port receives every credential and key"
+)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -135,6 +166,9 @@ def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     """Run `main(stop)`; SIGINT/SIGTERM set `stop` so everything shuts down in order."""
 
     async def runner() -> None:
+        # nothing a long-running meshgate process writes (keys, tokens, audit store, spools,
+        # logs) is for other users, agents above all
+        os.umask(0o077)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -150,8 +184,9 @@ def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
 async def _start_control_plane(policies: str, state_dir: Path, opts: ServeOptions) -> ControlPlane:
     from meshgate.controlplane.server import ControlPlane
     from meshgate.controlplane.sources import make_source
+    from meshgate.sidecar.agent_user import private_dir
 
-    state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(state_dir)
     cp = ControlPlane(make_source(policies, state_dir), state_dir, opts)
     await cp.start()
     return cp
@@ -164,13 +199,10 @@ def serve(
     host: HostOpt = "127.0.0.1",
     xds_port: XdsPortOpt = 18000,
     admin_port: AdminPortOpt = 18001,
-    gateway_bind: Annotated[str, typer.Option(help="Address gateways bind listeners to.")] = (
-        "0.0.0.0"
-    ),
-    sidecar_port: SidecarPortOpt = 15080,
-    require_tokens: RequireTokensOpt = False,
-    mtls: MtlsOpt = False,
-    xds_tls: XdsTlsOpt = False,
+    gateway_bind: Annotated[
+        str, typer.Option(help="Address gateways bind their listener to (0.0.0.0 in a pod).")
+    ] = "127.0.0.1",
+    insecure: InsecureServeOpt = False,
     xds_cert: Annotated[Path | None, typer.Option(help="xDS serving certificate (PEM).")] = None,
     xds_key: Annotated[Path | None, typer.Option(help="Its private key (PEM).")] = None,
     ca: CaOpt = "builtin",
@@ -184,6 +216,7 @@ def serve(
         typer.Option(help="HOST:PORT sidecars send to (a gateway Service); default loopback."),
     ] = None,
     audit_store: AuditStoreOpt = None,
+    admin_token_file: ServeAdminTokenOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the control plane only (xDS + admin HTTP + audit ingest), serving POLICIES."""
@@ -195,16 +228,19 @@ def serve(
         gateway_at = parse_address(gateway_address) if gateway_address else None
     except MeshgateError as exc:
         raise _fail(str(exc).replace("--control-plane", "--gateway-address")) from None
+    if insecure:
+        if xds_cert is not None or xds_key is not None or ca != "builtin":
+            raise _fail("--insecure turns TLS and mTLS off: it excludes --xds-cert/--xds-key/--ca")
+        _warn_insecure(INSECURE_SERVE)
     opts = ServeOptions(
         host,
         xds_port,
         host,
         admin_port,
         gateway_bind,
-        sidecar_port=sidecar_port,
-        require_tokens=require_tokens,
-        mtls=mtls,
-        xds_tls=xds_tls or xds_cert is not None or xds_key is not None,
+        require_tokens=not insecure,
+        mtls=not insecure,
+        xds_tls=not insecure,
         xds_cert_file=xds_cert,
         xds_key_file=xds_key,
         vault_ca=_vault_ca(
@@ -217,6 +253,7 @@ def serve(
         ),
         gateway_address=gateway_at,
         audit_store=audit_store or "",
+        admin_token_file=admin_token_file,
     )
 
     async def main(stop: asyncio.Event) -> None:
@@ -239,6 +276,7 @@ def gateway(
     concurrency: Annotated[int, typer.Option(help="Envoy worker threads.")] = 1,
     token_file: TokenFileOpt = None,
     xds_ca: XdsCaOpt = None,
+    insecure: InsecureNodeOpt = False,
     register_consul: Annotated[
         str | None,
         typer.Option(help="Register with this Consul agent (http(s)://HOST:PORT) while running."),
@@ -258,6 +296,9 @@ def gateway(
 
     It also ships the gateway's audit spool (STATE_DIR/gateway-NAME/) to the control plane."""
     _setup_logging(False)
+    if insecure:
+        _warn_insecure("this gateway takes its configuration, credentials included, over "
+                       "plaintext, unauthenticated xDS")  # fmt: skip
     registration = (
         _consul_registration(
             register_consul,
@@ -282,6 +323,7 @@ def gateway(
             token_file=token_file,
             xds_ca=xds_ca,
             health_port=health_port,
+            insecure=insecure,
         )
         registrar = None
         console.print(
@@ -361,6 +403,7 @@ async def _start_gateway(
     token_file: Path | None = None,
     xds_ca: Path | None = None,
     health_port: int | None = None,
+    insecure: bool = False,
 ) -> Any:
     """The gateway Envoy plus the shipper of its audit spool to the control plane."""
     from meshgate.sidecar.launcher import prepare_gateway
@@ -374,6 +417,7 @@ async def _start_gateway(
         concurrency=concurrency,
         xds_ca=xds_ca,
         health_port=health_port,
+        insecure=insecure,
     )
     await gw.start()
     if wait_ready:
@@ -397,10 +441,7 @@ def up(
     state_dir: StateOpt = DEFAULT_STATE,
     xds_port: XdsPortOpt = 18000,
     admin_port: AdminPortOpt = 18001,
-    sidecar_port: SidecarPortOpt = 15080,
-    require_tokens: RequireTokensOpt = True,
-    mtls: MtlsOpt = True,
-    xds_tls: XdsTlsOpt = True,
+    insecure: InsecureServeOpt = False,
     ca: CaOpt = "builtin",
     vault_address: VaultAddressOpt = None,
     vault_pki_mount: VaultMountOpt = "pki",
@@ -408,21 +449,26 @@ def up(
     vault_role_id: VaultRoleIdOpt = None,
     vault_intermediate_ttl: VaultTtlOpt = "30d",
     audit_store: AuditStoreOpt = None,
+    admin_token_file: ServeAdminTokenOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Control plane and a local egress gateway in one command; Ctrl-C stops both."""
     from meshgate.controlplane.server import ServeOptions
 
     _setup_logging(verbose)
+    if insecure:
+        if ca != "builtin":
+            raise _fail("--insecure turns mTLS off: it excludes --ca")
+        _warn_insecure(INSECURE_SERVE)
+    xds_tls = not insecure
     opts = ServeOptions(
         "127.0.0.1",
         xds_port,
         "127.0.0.1",
         admin_port,
         "127.0.0.1",
-        sidecar_port=sidecar_port,
-        require_tokens=require_tokens,
-        mtls=mtls,
+        require_tokens=not insecure,
+        mtls=not insecure,
         xds_tls=xds_tls,
         vault_ca=_vault_ca(
             ca,
@@ -433,6 +479,7 @@ def up(
             vault_intermediate_ttl,
         ),
         audit_store=audit_store or "",
+        admin_token_file=admin_token_file,
     )
 
     async def main(stop: asyncio.Event) -> None:
@@ -446,6 +493,7 @@ def up(
                 False,
                 1,
                 wait_ready=True,
+                insecure=insecure,
             )
             model = cp.policy.model
             port = model.mesh.gateway_listen_port if model else "?"
@@ -466,24 +514,43 @@ def up(
     _run_until_signal(main)
 
 
-def _get_json(url: str) -> Any:
+def _admin_call(
+    admin: str,
+    method: str,
+    path: str,
+    token_file: Path | None,
+    state_dir: Path,
+    timeout: float = 5,
+    where: str | None = None,
+) -> Any:
+    """(status, JSON body) from the admin API with the operator token; a missing or refused
+    token, or an unreachable control plane (named as `where`, default the URL), is one line."""
+    from meshgate.adminclient import AdminClient, AdminError, Unreachable, find_token
+
     try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return json.load(resp)
-    except urllib.error.HTTPError as exc:
-        return json.load(exc)
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise _fail(f"cannot reach the control plane at {url}: {reason}") from None
+        client = AdminClient(admin, find_token(token_file, state_dir), timeout)
+        answer = client.request(method, path)
+    except Unreachable as exc:
+        where = where or f"{admin.rstrip('/')}{path}"
+        raise _fail(f"cannot reach the control plane at {where}: {exc.reason}") from None
+    except AdminError as exc:
+        raise _fail(str(exc)) from None
+    return answer.status, answer.body
+
+
+def _get_json(admin: str, path: str, token_file: Path | None, state_dir: Path) -> Any:
+    return _admin_call(admin, "GET", path, token_file, state_dir)[1]
 
 
 @app.command()
 def status(
     admin: Annotated[str, typer.Option(help="Control plane admin URL.")] = DEFAULT_ADMIN,
     format: Annotated[str, typer.Option("--format", help="table or json")] = "table",
+    admin_token_file: AdminTokenFileOpt = None,
+    state_dir: StateOpt = DEFAULT_STATE,
 ) -> None:
     """Connected nodes, their identity, ACKed version per type, last NACK; policy state."""
-    data = _get_json(admin.rstrip("/") + "/status")
+    data = _get_json(admin, "/status", admin_token_file, state_dir)
     if format == "json":
         console.print_json(data=data)
         return
@@ -588,13 +655,49 @@ def sidecar_run(
             "(needs root).",
         ),
     ] = False,
+    user: Annotated[
+        str | None,
+        typer.Option(help="User CMD runs as (root launcher only; default nobody)."),
+    ] = None,
+    insecure_same_user: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-same-user",
+            help="Run CMD as the launcher's own user, who can read the mesh's keys and tokens.",
+        ),
+    ] = False,
+    proxy_port: Annotated[
+        int, typer.Option(help="Loopback port of this sidecar's proxy (default: a free one).")
+    ] = 0,
+    insecure: InsecureNodeOpt = False,
 ) -> None:
-    """Run AGENT's sidecar Envoy; with `-- CMD ARGS`, run CMD behind it and exit with its status."""
+    """Run AGENT's sidecar Envoy; with `-- CMD ARGS`, run CMD behind it and exit with its status.
+
+    CMD never keeps a capability, and runs as another user than the sidecar (--user, default
+    nobody, when run as root) so it cannot read the mesh's keys or forge its audit spool."""
+    from meshgate.sidecar.agent_user import resolve_agent_user
     from meshgate.sidecar.launcher import run_sidecar
 
     _setup_logging(False)
     command = list(ctx.args)
     result: list[int] = []
+    agent_user = None
+    if command:
+        try:
+            agent_user = resolve_agent_user(user, insecure_same_user)
+        except MeshgateError as exc:
+            raise _fail(str(exc)) from None
+        if insecure_same_user:
+            err_console.print(
+                f"[bold red]WARNING: --insecure-same-user[/bold red]: CMD runs as "
+                f"{agent_user.name}, the sidecar's own user: it can read the mesh's keys and "
+                "tokens and forge its audit spool. Never use this for an untrusted agent.",
+                highlight=False,
+            )
+    elif user is not None or insecure_same_user:
+        raise _fail("--user and --insecure-same-user apply to a command: -- CMD ARGS")
+    if insecure:
+        _warn_insecure("this sidecar takes its configuration over plaintext, unauthenticated xDS")
 
     async def main(stop: asyncio.Event) -> None:
         result.append(
@@ -609,6 +712,9 @@ def sidecar_run(
                 xds_ca,
                 strict=strict,
                 health_port=health_port,
+                user=agent_user,
+                proxy_port=proxy_port,
+                insecure=insecure,
             )
         )
 
@@ -625,9 +731,11 @@ def identity_show(
     agent: Annotated[str, typer.Option(help="Agent name.")],
     admin: Annotated[str, typer.Option(help="Control plane admin URL.")] = DEFAULT_ADMIN,
     format: Annotated[str, typer.Option("--format", help="text or json")] = "text",
+    admin_token_file: AdminTokenFileOpt = None,
+    state_dir: StateOpt = DEFAULT_STATE,
 ) -> None:
     """SPIFFE ID, current certificate (serial, expiry) and the rules that apply to AGENT."""
-    data = _get_json(f"{admin.rstrip('/')}/v1/identity/{agent}")
+    data = _get_json(admin, f"/v1/identity/{agent}", admin_token_file, state_dir)
     if "error" in data:
         raise _fail(data["error"])
     if format == "json":
@@ -639,7 +747,7 @@ def identity_show(
         console.print(f"serial       {cert['serial']}", highlight=False)
         console.print(f"valid until  {cert['not_after']}", highlight=False)
     else:
-        why = "no certificate issued yet" if data["mtls"] else "mTLS is off (serve --mtls)"
+        why = "no certificate issued yet" if data["mtls"] else "mTLS is off (serve --insecure)"
         console.print(f"certificate  none: {why}", highlight=False)
     if data.get("ca"):
         ca = data["ca"]
@@ -662,19 +770,17 @@ app.add_typer(ca_app, name="ca")
 @ca_app.command("rotate")
 def ca_rotate(
     admin: Annotated[str, typer.Option(help="Control plane admin URL.")] = DEFAULT_ADMIN,
+    admin_token_file: AdminTokenFileOpt = None,
+    state_dir: StateOpt = DEFAULT_STATE,
 ) -> None:
     """Roll the intermediate CA with overlap: old certificates stay valid until replaced.
 
     With --ca vault, Vault's PKI engine signs the new intermediate now."""
-    request = urllib.request.Request(f"{admin.rstrip('/')}/v1/ca/rotate", method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as resp:
-            data = json.load(resp)
-    except urllib.error.HTTPError as exc:
-        raise _fail(json.load(exc).get("error", str(exc))) from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise _fail(f"cannot reach the control plane at {admin}: {reason}") from None
+    code, data = _admin_call(
+        admin, "POST", "/v1/ca/rotate", admin_token_file, state_dir, timeout=30, where=admin
+    )
+    if code >= 400:
+        raise _fail(data.get("error", f"HTTP {code}") if isinstance(data, dict) else f"HTTP {code}")
     console.print(f"new intermediate {data['intermediate_serial']}; certificates roll over now")
 
 
@@ -873,6 +979,8 @@ def plan(
         Path | None, typer.Option(help="Diff against this policy directory instead (offline).")
     ] = None,
     format: Annotated[str, typer.Option("--format", help="text or json")] = "text",
+    admin_token_file: AdminTokenFileOpt = None,
+    state_dir: StateOpt = DEFAULT_STATE,
 ) -> None:
     """Show what applying DIRECTORY would change versus what the control plane serves."""
     from meshgate.errors import PolicyError
@@ -885,7 +993,7 @@ def plan(
     if against is not None:
         old = _load_dir(against).model
     else:
-        data = _get_json(admin.rstrip("/") + "/v1/policy")
+        data = _get_json(admin, "/v1/policy", admin_token_file, state_dir)
         if "error" in data:
             old = None
         else:

@@ -22,7 +22,7 @@ from meshgate.audit.store import AuditQuery
 from meshgate.controlplane.server import ControlPlane, ServeOptions
 from meshgate.controlplane.sources import DirectorySource, PolicySource
 from meshgate.controlplane.vault_ca import VaultCASettings
-from meshgate.sidecar.bootstrap import BootstrapSpec, write_bootstrap
+from meshgate.sidecar.bootstrap import BootstrapSpec, ProxyBinding, write_bootstrap
 from meshgate.sidecar.envoy_admin import AdminSocket
 from meshgate.sidecar.envoy_process import EnvoyProcess
 from meshgate.xds.access_log import SPOOL_FILE
@@ -133,7 +133,6 @@ async def control_plane(
         "127.0.0.1",
         free_port(),
         "127.0.0.1",
-        sidecar_port=free_port(),
         debounce_quiet=0.05,
         secrets_interval=0.2,
         require_tokens=require_tokens,
@@ -211,8 +210,14 @@ async def sidecar(
     is shipped to the control plane."""
     cwd = workdir / f"sidecar-{agent}"
     admin = AdminSocket.in_dir(cwd)
+    proxy_port = free_port()
     spec = BootstrapSpec(
-        f"agent/{agent}/test", "meshgate-agent", "127.0.0.1", cp.options.xds_port, str(admin.path)
+        f"agent/{agent}/test",
+        "meshgate-agent",
+        "127.0.0.1",
+        cp.options.xds_port,
+        str(admin.path),
+        proxy=ProxyBinding(agent, "127.0.0.1", proxy_port),
     )
     boot = workdir / f"sidecar-{agent}.json"
     write_bootstrap(boot, spec)
@@ -222,7 +227,7 @@ async def sidecar(
     shipping = asyncio.create_task(shipper.run()) if audit else None
     try:
         await envoy.wait_ready(30)
-        yield f"http://127.0.0.1:{cp.options.sidecar_port}"
+        yield f"http://127.0.0.1:{proxy_port}"
     finally:
         await envoy.stop()
         if shipping is not None:

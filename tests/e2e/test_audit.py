@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from builders import free_port
+from builders import admin_auth, free_port
 from envoy.service.accesslog.v3 import als_pb2
 from harness import (
     MESH,
@@ -143,7 +143,7 @@ async def test_every_outcome_is_one_record_with_who_what_and_which_policy(tmp_pa
                 assert (r.agent, r.spiffe_id, r.policy_version) == ("researcher", SPIFFE, version)
 
             # the admin API serves them too
-            async with httpx.AsyncClient() as direct:
+            async with httpx.AsyncClient(headers=admin_auth(cp)) as direct:
                 listed = (
                     await direct.get(
                         f"http://{cp.admin_address}/v1/audit",

@@ -54,7 +54,7 @@ def test_gateway_ships_and_audit_query_shows_it(tmp_path: Path) -> None:
     serve = spawn(
         "serve", "--policies", str(tmp_path / "policies"), "--state-dir", str(state),
         "--xds-port", str(xds), "--admin-port", str(admin), "--gateway-bind", "127.0.0.1",
-        "--sidecar-port", str(free_port()), "--require-tokens",
+        "--insecure",  # the test speaks to the gateway directly, without a client certificate
         log=tmp_path / "serve.log",
     )  # fmt: skip
     gateway = None
@@ -65,7 +65,7 @@ def test_gateway_ships_and_audit_query_shows_it(tmp_path: Path) -> None:
         )
         gateway = spawn(
             "gateway", "--control-plane", f"127.0.0.1:{xds}",
-            "--state-dir", str(state), "--name", "local",
+            "--state-dir", str(state), "--name", "local", "--insecure",
             log=tmp_path / "gateway.log",
         )  # fmt: skip
 

@@ -88,15 +88,14 @@ async def test_sigkill_under_load_loses_and_doubles_nothing(tmp_path: Path) -> N
             "--xds-port", str(xds),
             "--admin-port", str(admin),
             "--gateway-bind", "127.0.0.1",
-            "--sidecar-port", str(free_port()),
-            "--require-tokens",
+            "--insecure",  # requests go to the gateway directly, without a client certificate
         ]  # fmt: skip
         cp = start_control_plane(args, tmp_path / "cp.log")
         gw = None
         try:
             await wait_ready(f"127.0.0.1:{admin}")
             # the launcher mints the gateway's join token from the state dir, as on one host
-            gw = prepare_gateway("e2e", f"127.0.0.1:{xds}", state, None)
+            gw = prepare_gateway("e2e", f"127.0.0.1:{xds}", state, None, insecure=True)
             await gw.start()
             await gw.wait_ready()
 

@@ -63,7 +63,7 @@ print(json.dumps(out))
 
 def test_up_serves_gateway_status_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     listen, xds, admin = free_port(), free_port(), free_port()
-    upstream, sidecar_port = free_port(), free_port()
+    upstream = free_port()
     write_policy(tmp_path / "policies", listen, {"alpha": upstream})
     proc = subprocess.Popen(
         [
@@ -77,8 +77,6 @@ def test_up_serves_gateway_status_and_stops_cleanly_on_ctrl_c(tmp_path: Path) ->
             str(xds),
             "--admin-port",
             str(admin),
-            "--sidecar-port",
-            str(sidecar_port),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -89,6 +87,7 @@ def test_up_serves_gateway_status_and_stops_cleanly_on_ctrl_c(tmp_path: Path) ->
         [gw_admin] = wait_live_admin(proc.pid)  # Envoy's admin: a unix socket, no TCP port
         assert gw_admin.socket.stat().st_mode & 0o777 == 0o600
         [envoy] = envoys_under(proc.pid)
+        state = ("--state-dir", str(tmp_path / "state"))  # the admin token is there
         # up requires join tokens; its gateway minted one, kept in an owner-only bootstrap
         boot = tmp_path / "state" / "gateway-local.json"
         assert boot.stat().st_mode & 0o777 == 0o600
@@ -97,13 +96,13 @@ def test_up_serves_gateway_status_and_stops_cleanly_on_ctrl_c(tmp_path: Path) ->
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"http://127.0.0.1:{listen}/", headers={"Host": "nope.example"})
 
-        status = run("status", "--admin", f"http://127.0.0.1:{admin}", "--format", "json")
+        status = run("status", "--admin", f"http://127.0.0.1:{admin}", "--format", "json", *state)
         assert status.returncode == 0, status.stderr
         data = json.loads(status.stdout)
         [node] = data["nodes"]
         assert node["node"] == "gateway/local"
         assert node["types"]["cds"]["acked"].startswith(data["policy"]["version"])
-        table = run("status", "--admin", f"http://127.0.0.1:{admin}")
+        table = run("status", "--admin", f"http://127.0.0.1:{admin}", *state)
         assert "gateway/local" in table.stdout
         assert "dir:" in table.stdout
         assert "missing secrets" not in table.stdout
@@ -118,7 +117,7 @@ def test_up_serves_gateway_status_and_stops_cleanly_on_ctrl_c(tmp_path: Path) ->
             "--state-dir",
             str(tmp_path / "state"),
             "--",
-            sys.executable,
+            "/usr/bin/python3",  # CMD runs as nobody: stdlib only
             "-c",
             AGENT_SCRIPT,
         )
@@ -130,16 +129,24 @@ def test_up_serves_gateway_status_and_stops_cleanly_on_ctrl_c(tmp_path: Path) ->
         assert got["alpha.internal"][1]["error"] == "upstream_error"
         assert got["alpha.internal"][1]["agent"] == "spiffe://agents.test/agent/researcher"
         ident = run(
-            "identity", "show", "--agent", "researcher", "--admin", f"http://127.0.0.1:{admin}"
+            "identity",
+            "show",
+            "--agent",
+            "researcher",
+            "--admin",
+            f"http://127.0.0.1:{admin}",
+            *state,
         )
         assert ident.returncode == 0, ident.stderr
         assert "spiffe://agents.test/agent/researcher" in ident.stdout
         assert "serial" in ident.stdout and "valid until" in ident.stdout
         assert "- alpha any method any path" in ident.stdout
-        rotate = run("ca", "rotate", "--admin", f"http://127.0.0.1:{admin}")
+        rotate = run("ca", "rotate", "--admin", f"http://127.0.0.1:{admin}", *state)
         assert rotate.returncode == 0, rotate.stderr
         assert "new intermediate" in rotate.stdout
-        plan = run("plan", str(tmp_path / "policies"), "--admin", f"http://127.0.0.1:{admin}")
+        plan = run(
+            "plan", str(tmp_path / "policies"), "--admin", f"http://127.0.0.1:{admin}", *state
+        )
         assert plan.returncode == 0, plan.stderr
         assert "No changes." in plan.stdout
     finally:

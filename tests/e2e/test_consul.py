@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from builders import free_port
+from builders import admin_auth, free_port
 from consul_fake import Instance, fake_consul
 from harness import AGENT, MESH, control_plane, gateway, sidecar, until, upstream
 
@@ -210,7 +210,7 @@ def _stat_above(gw: EnvoyProcess, name: str, value: int):  # type: ignore[no-unt
 
 
 async def _admin_status(cp: ControlPlane) -> dict[str, object]:
-    async with httpx.AsyncClient() as client:
+    async with httpx.AsyncClient(headers=admin_auth(cp)) as client:
         data: dict[str, object] = (await client.get(f"http://{cp.admin_address}/status")).json()
         return data
 
@@ -223,6 +223,8 @@ async def _cli_status(cp: ControlPlane) -> str:
         "status",
         "--admin",
         f"http://{cp.admin_address}",
+        "--state-dir",
+        str(cp.state_dir),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env={**os.environ, "COLUMNS": "200"},
@@ -251,6 +253,7 @@ def test_gateway_registers_itself_and_deregisters_on_a_clean_stop(tmp_path: Path
                 str(health),
                 "--state-dir",
                 str(tmp_path / "state"),
+                "--insecure",  # no control plane here, so nothing to verify
                 "--register-consul",
                 consul.url,
                 "--consul-token-file",
@@ -314,6 +317,7 @@ def test_registration_retries_while_consul_is_down(tmp_path: Path) -> None:
                 str(health),
                 "--state-dir",
                 str(tmp_path / "state"),
+                "--insecure",  # no control plane here, so nothing to verify
                 "--register-consul",
                 consul.url,
             ],

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from builders import free_port
+from builders import admin_auth, free_port
 from harness import MESH, control_plane, envoy_admin, gateway, until, upstream, via_gateway
 
 pytestmark = pytest.mark.e2e
@@ -80,7 +80,7 @@ async def test_injected_rotated_never_exposed(
             missing = await via_gateway(listen, "other.internal", "/")
             assert missing.status_code == 503
             assert missing.json()["error"] == "credential_unavailable"
-            async with httpx.AsyncClient() as client:
+            async with httpx.AsyncClient(headers=admin_auth(cp)) as client:
                 status = (await client.get(f"http://{cp.admin_address}/status")).text
             assert '"missing_secrets": ["not-there"]' in status.replace("\n", "")
 
@@ -96,12 +96,14 @@ async def test_injected_rotated_never_exposed(
             assert gw.proc is not None and gw.proc.pid == pid
 
             # never in status, the served policy, logs, or Envoy's config dump
-            async with httpx.AsyncClient() as client:
+            async with httpx.AsyncClient(headers=admin_auth(cp)) as client:
                 exposed = [
                     (await client.get(f"http://{cp.admin_address}{path}")).text
                     for path in ("/status", "/v1/policy", "/metrics")
                 ]
             exposed.append(caplog.text)
             exposed.append(await envoy_admin(gw, "/config_dump?include_eds"))
+            assert '"nodes"' in exposed[0]  # answered, not refused
             for text in exposed:
                 assert KEY1 not in text and KEY2 not in text
+                assert str(cp.admin_token) not in text  # nor the admin token

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from builders import free_port
+from builders import admin_auth, free_port
 from harness import (
     DESTINATION,
     control_plane,
@@ -99,7 +99,7 @@ async def test_nacked_change_keeps_previous_config_and_is_reported(tmp_path: Pat
             assert resp.status_code == 200
             assert "broken" not in await envoy_admin(envoy, "/clusters")
             # reported in status JSON
-            async with httpx.AsyncClient() as client:
+            async with httpx.AsyncClient(headers=admin_auth(cp)) as client:
                 status = (await client.get(f"http://{cp.admin_address}/status")).json()
             assert "/nonexistent/ca.pem" in status["nodes"][0]["last_nack"]["message"]
             assert status["recent_nacks"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from builders import free_port, write_test_pki
+from builders import admin_auth, free_port, write_test_pki
 from harness import control_plane, gateway, sidecar, until, upstream, write_policy
 
 from meshgate.xds import types
@@ -62,7 +62,9 @@ async def test_identity_comes_from_the_certificate_and_renews(tmp_path: Path) ->
                 )
                 again = await client.get("http://alpha.internal/y")
                 assert again.status_code == 200
-                async with httpx.AsyncClient() as direct:  # not through the sidecar
+                async with httpx.AsyncClient(
+                    headers=admin_auth(cp)
+                ) as direct:  # not via the sidecar
                     url = f"http://{cp.admin_address}/v1/identity/researcher"
                     shown = (await direct.get(url)).json()
                 current = cp.issuer.issued("spiffe://agents.test/agent/researcher")
@@ -72,7 +74,7 @@ async def test_identity_comes_from_the_certificate_and_renews(tmp_path: Path) ->
                 assert [r.split()[0] for r in shown["rules"]] == ["alpha"]
 
                 # rolling the intermediate: new leaves everywhere, traffic never fails
-                async with httpx.AsyncClient() as direct:
+                async with httpx.AsyncClient(headers=admin_auth(cp)) as direct:
                     rotated = await direct.post(f"http://{cp.admin_address}/v1/ca/rotate")
                 assert rotated.status_code == 200
                 before = current

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from builders import free_port
+from builders import admin_auth, free_port
 from cryptography import x509
 from fake_vault_pki import fake_vault_pki
 from harness import control_plane, envoy_admin, gateway, sidecar, until, upstream, write_policy
@@ -76,7 +76,7 @@ async def test_agent_reaches_upstream_with_certificates_from_a_vault_signed_inte
                 assert chain[1].issuer == vault.root.subject
                 assert b"PRIVATE KEY" not in vault.bodies()
 
-                async with httpx.AsyncClient() as direct:
+                async with httpx.AsyncClient(headers=admin_auth(cp)) as direct:
                     shown = (
                         await direct.get(f"http://{cp.admin_address}/v1/identity/researcher")
                     ).json()
@@ -84,7 +84,7 @@ async def test_agent_reaches_upstream_with_certificates_from_a_vault_signed_inte
 
                 # `meshgate ca rotate`: Vault signs a new intermediate; traffic never fails
                 node = next(n for n in cp.registry.connections() if n.node_id.startswith("agent/"))
-                async with httpx.AsyncClient() as direct:
+                async with httpx.AsyncClient(headers=admin_auth(cp)) as direct:
                     rotated = await direct.post(f"http://{cp.admin_address}/v1/ca/rotate")
                 assert rotated.status_code == 200, rotated.text
                 assert len(vault.signed) == 2
@@ -109,7 +109,7 @@ async def test_agent_reaches_upstream_with_certificates_from_a_vault_signed_inte
 
                 # Vault sealed: rotation is refused in one line, the current intermediate serves
                 vault.down = True
-                async with httpx.AsyncClient() as direct:
+                async with httpx.AsyncClient(headers=admin_auth(cp)) as direct:
                     refused = await direct.post(f"http://{cp.admin_address}/v1/ca/rotate")
                 assert refused.status_code == 409
                 assert "cannot rotate" in refused.json()["error"]
@@ -130,8 +130,9 @@ def test_serve_with_vault_ca_from_the_command_line(tmp_path: Path) -> None:
     env = {**os.environ, "COLUMNS": "200", "VAULT_TOKEN": "root-token"}
     serve = ["serve", "--policies", str(tmp_path / "policies"), "--state-dir",
              str(tmp_path / "state"), "--xds-port", str(xds), "--admin-port", str(admin),
-             "--mtls", "--ca", "vault", "--vault-pki-mount", "pki"]  # fmt: skip
+             "--ca", "vault", "--vault-pki-mount", "pki"]  # fmt: skip
     admin_url = f"http://127.0.0.1:{admin}"
+    state = ("--state-dir", str(tmp_path / "state"))  # where its admin token is
 
     # Vault unreachable and nothing stored: one line, exit 1, nothing listening
     down = _run(*serve, "--vault-address", f"http://127.0.0.1:{free_port()}", env=env)
@@ -155,12 +156,14 @@ def test_serve_with_vault_ca_from_the_command_line(tmp_path: Path) -> None:
                 time.sleep(0.1)
             lifetime = vault.signed[0].not_valid_after_utc - vault.signed[0].not_valid_before_utc
             assert 239 * 3600 < lifetime.total_seconds() < 241 * 3600
-            shown = _run("identity", "show", "--agent", "researcher", "--admin", admin_url, env=env)
+            shown = _run(
+                "identity", "show", "--agent", "researcher", "--admin", admin_url, *state, env=env
+            )
             assert shown.returncode == 0, shown.stderr
             assert f"issued by    vault:{vault.url}/pki intermediate" in shown.stdout
-            status = _run("status", "--admin", admin_url, env=env)
+            status = _run("status", "--admin", admin_url, *state, env=env)
             assert f"ca vault:{vault.url}/pki, intermediate" in status.stdout
-            rotated = _run("ca", "rotate", "--admin", admin_url, env=env)
+            rotated = _run("ca", "rotate", "--admin", admin_url, *state, env=env)
             assert rotated.returncode == 0, rotated.stderr
             assert format(vault.signed[1].serial_number, "x") in rotated.stdout
         finally:

@@ -50,6 +50,8 @@ async def test_sidecar_run_stamps_identity_and_returns_command_status(tmp_path: 
                 cp.xds_address,
                 "--state-dir",
                 str(tmp_path / "sc"),
+                "--insecure",  # the harness's control plane serves plaintext xDS
+                "--insecure-same-user",  # CMD is the test venv's python (isolation: tests/security)
                 "--",
                 sys.executable,
                 str(script),

@@ -183,14 +183,16 @@ class Mesh:
     def policy_dir(self) -> Path:
         return self.root / "policies"
 
-    def meshgate(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def meshgate(
+        self, *args: str, timeout: float = 60, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [*MESHGATE, *args],
             cwd=self.root,
             capture_output=True,
             text=True,
             timeout=timeout,
-            env={**os.environ, "COLUMNS": "200"},
+            env={**os.environ, "COLUMNS": "200", **(env or {})},
             stdin=subprocess.DEVNULL,
         )
 
@@ -201,8 +203,10 @@ class Mesh:
         *,
         sidecar_args: tuple[str, ...] = (),
         timeout: float = 60,
+        env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """`meshgate sidecar run --agent AGENT -- ARGV`, as an operator starts an agent."""
+        """`meshgate sidecar run --agent AGENT -- ARGV`, as an operator starts an agent;
+        `env`: added to the launcher's environment."""
         return self.meshgate(
             "sidecar",
             "run",
@@ -214,6 +218,7 @@ class Mesh:
             "--",
             *argv,
             timeout=timeout,
+            env=env,
         )
 
     def agent_python(
@@ -223,14 +228,18 @@ class Mesh:
         *,
         sidecar_args: tuple[str, ...] = (),
         timeout: float = 60,
+        args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> Any:
-        """Run a stdlib-only script as AGENT; its last stdout line is JSON."""
+        """Run a stdlib-only script (with ARGS) as AGENT; its last stdout line is JSON."""
         scripts = self.root / "scripts"
         fd, name = tempfile.mkstemp(suffix=".py", dir=scripts)
         with os.fdopen(fd, "w") as fh:
             fh.write(code)
         os.chmod(name, 0o644)
-        done = self.agent(agent, [AGENT_PYTHON, name], sidecar_args=sidecar_args, timeout=timeout)
+        done = self.agent(
+            agent, [AGENT_PYTHON, name, *args], sidecar_args=sidecar_args, timeout=timeout, env=env
+        )
         assert done.returncode == 0, (
             f"agent exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
         )

@@ -2,7 +2,8 @@
 
 The store is found as `--store URL`, else $MESHGATE_AUDIT_STORE, else `<--state-dir>/audit.db`
 (the control plane's default); `query` and `summary` can instead ask a running control plane's
-admin API (`--control-plane URL`). Every expected failure is one line on stderr and exit 1.
+admin API (`--control-plane URL`, with its operator token: `meshgate.adminclient`). Every expected
+failure is one line on stderr and exit 1.
 """
 
 from __future__ import annotations
@@ -14,9 +15,6 @@ import json
 import sqlite3
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,6 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from meshgate.adminclient import AdminClient, AdminError, Unreachable, find_token
 from meshgate.audit.chain import VerifyReport
 from meshgate.audit.open import open_store, parse_target, store_target
 from meshgate.audit.query import build_query, parse_duration, parse_instant
@@ -63,6 +62,13 @@ ControlPlaneOpt = Annotated[
     typer.Option(
         help="Ask this control plane's admin API (e.g. http://127.0.0.1:18001) instead of "
         "opening the store."
+    ),
+]
+AdminTokenFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="With --control-plane: file holding its admin token (default: "
+        "$MESHGATE_ADMIN_TOKEN, else <state-dir>/admin/token)."
     ),
 ]
 DEFAULT_STATE = Path(".meshgate")
@@ -159,6 +165,7 @@ def query(
     store: StoreOpt = None,
     state_dir: StateOpt = DEFAULT_STATE,
     control_plane: ControlPlaneOpt = None,
+    admin_token_file: AdminTokenFileOpt = None,
 ) -> None:
     """Records matching every filter, newest first; prints the next page's --cursor on stderr."""
     _check_format(format, ("table", "json", "csv"))
@@ -175,7 +182,7 @@ def query(
     except ConfigError as exc:
         raise _fail(str(exc)) from None
     if control_plane:
-        page = _remote_page(control_plane, q)
+        page = _remote_page(_admin(control_plane, admin_token_file, state_dir), q)
     else:
         with _opened(store, state_dir) as opened:
             page = opened.query(q)
@@ -184,24 +191,30 @@ def query(
         err_console.print(f"more: --cursor {page.next_cursor}", highlight=False, markup=False)
 
 
-def _remote_get(base: str, path: str, params: dict[str, str]) -> Any:
-    """GET a control plane's admin API; its 400 message or an unreachable host is one line."""
-    url = f"{base.rstrip('/')}{path}?{urllib.parse.urlencode(params)}"
+def _admin(base: str, token_file: Path | None, state_dir: Path) -> AdminClient:
     try:
-        with urllib.request.urlopen(url, timeout=30) as resp:
-            return json.load(resp)
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.load(exc).get("error", str(exc))
-        except ValueError:
-            message = str(exc)
-        raise _fail(f"{base}: {message}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise _fail(f"cannot reach the control plane at {base}: {reason}") from None
+        return AdminClient(base, find_token(token_file, state_dir))
+    except AdminError as exc:
+        raise _fail(str(exc)) from None
 
 
-def _remote_page(base: str, q: AuditQuery) -> AuditPage:
+def _remote_get(client: AdminClient, path: str, params: dict[str, str]) -> Any:
+    """GET a control plane's admin API; its 400 message, a refused token or an unreachable host
+    is one line."""
+    try:
+        answer = client.request("GET", path, params)
+    except Unreachable as exc:
+        raise _fail(f"cannot reach the control plane at {client.base}: {exc.reason}") from None
+    except AdminError as exc:
+        raise _fail(str(exc)) from None
+    if answer.status >= 400:
+        body = answer.body
+        message = body.get("error") if isinstance(body, dict) else None
+        raise _fail(f"{client.base}: {message or f'HTTP {answer.status}'}")
+    return answer.body
+
+
+def _remote_page(client: AdminClient, q: AuditQuery) -> AuditPage:
     params = {
         k: v
         for k, v in {
@@ -215,7 +228,7 @@ def _remote_page(base: str, q: AuditQuery) -> AuditPage:
         }.items()
         if v is not None
     }
-    body = _remote_get(base, "/v1/audit", params)
+    body = _remote_get(client, "/v1/audit", params)
     return AuditPage([AuditRecord.from_json(r) for r in body["records"]], body["next_cursor"])
 
 
@@ -294,6 +307,7 @@ def summary(
     store: StoreOpt = None,
     state_dir: StateOpt = DEFAULT_STATE,
     control_plane: ControlPlaneOpt = None,
+    admin_token_file: AdminTokenFileOpt = None,
 ) -> None:
     """Requests per agent x destination x decision over a time range."""
     _check_format(format, ("table", "json", "csv"))
@@ -306,7 +320,8 @@ def summary(
         raise _fail("--since must be before --until")
     if control_plane:
         params = {"since": start.isoformat(), **({"until": end.isoformat()} if end else {})}
-        body = _remote_get(control_plane, "/v1/audit/summary", params)
+        client = _admin(control_plane, admin_token_file, state_dir)
+        body = _remote_get(client, "/v1/audit/summary", params)
         rows = [SummaryRow(**row) for row in body["rows"]]
     else:
         with _opened(store, state_dir) as opened:

@@ -1,12 +1,20 @@
-"""Admin HTTP: status as JSON, health and readiness, the served policy, Prometheus metrics."""
+"""Admin HTTP: status as JSON, health and readiness, the served policy, Prometheus metrics.
+
+Every route needs the operator token (`Authorization: Bearer`, docs/admin-auth.md) except
+`PUBLIC_PATHS`: probes, the tool-JWT public keys, and label-free counters.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import logging
 from typing import TYPE_CHECKING, Any
 
 import prometheus_client
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from meshgate.audit.http import add_audit_routes
 from meshgate.errors import MeshgateError
@@ -16,6 +24,54 @@ from meshgate.policy.serialize import model_to_json
 
 if TYPE_CHECKING:
     from meshgate.controlplane.server import ControlPlane
+
+log = logging.getLogger(__name__)
+
+# Public by design: kubelet probes (/healthz, /readyz), the keys tools verify JWTs with, and
+# Prometheus counters without labels (no agent, destination or policy content; docs/admin-auth.md).
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/.well-known/jwks.json", "/metrics"})
+REALM = 'Bearer realm="meshgate-admin"'
+
+
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()
+
+
+def _bearer(header: str) -> str | None:
+    scheme, _, value = header.strip().partition(" ")
+    value = value.strip()
+    return value if scheme.lower() == "bearer" and value else None
+
+
+def token_middleware(token: str) -> Middleware:
+    """Refuse, with 401 and `WWW-Authenticate`, every request to a non-public route (unknown
+    paths included) whose bearer token is not `token`; compared in constant time."""
+    expected = _digest(token)
+
+    @web.middleware
+    async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        if resource is not None and resource.canonical in PUBLIC_PATHS:
+            return await handler(request)
+        given = _bearer(request.headers.get("Authorization", ""))
+        if given is not None and hmac.compare_digest(_digest(given), expected):
+            return await handler(request)
+        if given is None:
+            error, challenge = "admin token required (Authorization: Bearer <token>)", REALM
+        else:
+            error, challenge = "invalid admin token", f'{REALM}, error="invalid_token"'
+        log.warning(
+            "admin API: refused %s %s from %s: %s",
+            request.method,
+            request.path,
+            request.remote,
+            "no token" if given is None else "wrong token",
+        )
+        return web.json_response(
+            {"error": error}, status=401, headers={"WWW-Authenticate": challenge}
+        )
+
+    return require_token
 
 
 def status_json(cp: ControlPlane) -> dict[str, Any]:
@@ -29,7 +85,9 @@ def status_json(cp: ControlPlane) -> dict[str, Any]:
     }
 
 
-def make_app(cp: ControlPlane) -> web.Application:
+def make_app(cp: ControlPlane, admin_token: str) -> web.Application:
+    """The admin API; all but `PUBLIC_PATHS` answer only to `Authorization: Bearer admin_token`."""
+
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"ok": True})
 
@@ -59,7 +117,8 @@ def make_app(cp: ControlPlane) -> web.Application:
         """Public keys that verify tool JWTs (`identity: jwt`); a tool may cache them briefly."""
         if cp.issuer is None:
             return web.json_response(
-                {"error": "tool identity needs mTLS (meshgate serve --mtls)"}, status=404
+                {"error": "tool identity needs mTLS (serve without --insecure)"},
+                status=404,
             )
         return web.json_response(
             cp.issuer.tool_signer.jwks(), headers={"Cache-Control": "max-age=300"}
@@ -86,14 +145,14 @@ def make_app(cp: ControlPlane) -> web.Application:
 
     async def rotate_ca(_: web.Request) -> web.Response:
         if cp.issuer is None:
-            return web.json_response({"error": "mTLS is off (serve --mtls)"}, status=409)
+            return web.json_response({"error": "mTLS is off (serve --insecure)"}, status=409)
         try:
             serial = await asyncio.to_thread(cp.issuer.rotate)
         except MeshgateError as exc:
             return web.json_response({"error": str(exc)}, status=409)
         return web.json_response({"rotated": True, "intermediate_serial": f"{serial:x}"})
 
-    app = web.Application()
+    app = web.Application(middlewares=[token_middleware(admin_token)])
     app.router.add_post("/v1/ca/rotate", rotate_ca)
     app.router.add_get("/v1/identity/{agent}", identity)
     app.router.add_get("/.well-known/jwks.json", jwks)

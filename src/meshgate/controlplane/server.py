@@ -34,6 +34,7 @@ from meshgate.controlplane.secrets import SecretProvider, make_provider, read_se
 from meshgate.controlplane.sources import Candidate, PolicySource, SourceFailure
 from meshgate.controlplane.streams import Authenticator, allow_all
 from meshgate.errors import ConfigError, MeshgateError, PolicyError
+from meshgate.identity.admin_token import load_or_create_token, load_token_file, token_path
 from meshgate.identity.tokens import TokenAuthority
 from meshgate.identity.xds_tls import ensure_serving_cert, load_serving_cert, withdraw_bundle
 from meshgate.policy.loader import load_policy_texts
@@ -84,9 +85,8 @@ class ServeOptions:
     xds_port: int = 18000
     admin_host: str = "127.0.0.1"
     admin_port: int = 18001
-    gateway_bind: str = "0.0.0.0"
+    gateway_bind: str = "127.0.0.1"
     system_ca_file: str = field(default_factory=system_ca_bundle)
-    sidecar_port: int = 15080
     secrets_interval: float = 1.0
     require_tokens: bool = False  # every xDS stream must present a valid join token
     mtls: bool = False  # sidecar -> gateway mTLS with SPIFFE certificates over SDS
@@ -101,6 +101,8 @@ class ServeOptions:
     # audit store: path, sqlite:///path or postgresql://...; empty: $MESHGATE_AUDIT_STORE,
     # else SQLite at <state_dir>/audit.db
     audit_store: str = ""
+    # the admin API's bearer token; None: created once in <state_dir>/admin/token
+    admin_token_file: Path | None = None
 
 
 class ControlPlane:
@@ -164,17 +166,19 @@ class ControlPlane:
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.ready = False
+        self.admin_token: str | None = None  # loaded by start()
         self.translate = TranslateOptions(
             options.gateway_bind,
             options.system_ca_file,
-            options.sidecar_port,
             options.gateway_address,
         )
         self._serving: Serving | None = None
         self.vault_ca: VaultUpstreamCA | None = None
         if options.vault_ca is not None:
             if not options.mtls:
-                raise ConfigError("--ca vault needs --mtls: certificates are issued only then")
+                raise ConfigError(
+                    "--ca vault needs mTLS (not --insecure): certificates come only then"
+                )
             from meshgate.controlplane.vault_ca import VaultUpstreamCA
 
             self.vault_ca = VaultUpstreamCA(options.vault_ca, state_dir)
@@ -209,6 +213,8 @@ class ControlPlane:
         if self.vault_ca is not None:  # Vault unreachable, nothing stored: fail now, one line
             await asyncio.to_thread(self.vault_ca.preflight)
         credentials = self._xds_credentials()  # a bad certificate fails before anything opens
+        token_file = self.options.admin_token_file or token_path(self.state_dir)
+        self.admin_token = await asyncio.to_thread(self._load_admin_token)  # so does a bad token
         try:
             await self.audit.open()
         except BaseException:
@@ -228,7 +234,7 @@ class ControlPlane:
             await self.audit.close()
             raise ConfigError(f"cannot listen for xDS on {self.xds_address}: address in use?")
         await self._grpc.start()
-        self._runner = web.AppRunner(make_app(self), access_log=None)
+        self._runner = web.AppRunner(make_app(self, self.admin_token), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.options.admin_host, self.options.admin_port)
         try:
@@ -244,7 +250,17 @@ class ControlPlane:
             asyncio.create_task(self._watch_runtime_inputs(), name="secrets-and-certificates"),
             asyncio.create_task(self._watch_consul(), name="consul-endpoints"),
         ]
-        log.info("xDS on %s, admin on http://%s", self.xds_address, self.admin_address)
+        log.info(
+            "xDS on %s, admin on http://%s (its token: %s)",
+            self.xds_address,
+            self.admin_address,
+            token_file,
+        )
+
+    def _load_admin_token(self) -> str:
+        if self.options.admin_token_file is not None:
+            return load_token_file(self.options.admin_token_file)
+        return load_or_create_token(self.state_dir)
 
     def _xds_credentials(self) -> grpc.ServerCredentials | None:
         opts = self.options

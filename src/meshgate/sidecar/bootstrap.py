@@ -30,7 +30,6 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import duration_pb2, json_format, wrappers_pb2
 
-from meshgate.sidecar.strict import netns_listener
 from meshgate.xds.common import (
     ads,
     http_listener,
@@ -38,12 +37,23 @@ from meshgate.xds.common import (
     router_filter,
     single_endpoint,
 )
+from meshgate.xds.sidecar import proxy_listener
 
 XDS_CLUSTER = "meshgate-xds"
 HEALTH_LISTENER = "meshgate-health"
 HEALTH_PATH = "/healthz/ready"
 HEALTH_HOST = "127.0.0.1"
 ADMIN_SOCKET_MODE = 0o600
+
+
+@dataclass(frozen=True)
+class ProxyBinding:
+    """Where one sidecar's proxy listener binds (see xds/sidecar.proxy_listener)."""
+
+    agent: str
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: a free port, read back from Envoy's admin
+    netns_path: str | None = None  # strict mode: inside this network namespace only
 
 
 @dataclass(frozen=True)
@@ -56,7 +66,7 @@ class BootstrapSpec:
     delta: bool = False
     metadata: tuple[tuple[str, str], ...] = field(default=())  # gRPC initial metadata
     xds_ca_file: str | None = None  # set: the xDS connection is TLS, verified against this bundle
-    netns_path: str | None = None  # strict mode: also listen inside this network namespace
+    proxy: ProxyBinding | None = None  # sidecars: the agent's HTTP proxy listener
     health_port: int | None = None  # set: GET /healthz/ready on 127.0.0.1:PORT, nothing else
 
 
@@ -106,8 +116,11 @@ def build_bootstrap(spec: BootstrapSpec) -> bootstrap_pb2.Bootstrap:
     boot.admin.address.CopyFrom(
         address_pb2.Address(pipe=address_pb2.Pipe(path=spec.admin_socket, mode=ADMIN_SOCKET_MODE))
     )
-    if spec.netns_path is not None:
-        boot.static_resources.listeners.append(netns_listener(spec.netns_path))
+    if spec.proxy is not None:
+        p = spec.proxy
+        boot.static_resources.listeners.append(
+            proxy_listener(p.agent, p.host, p.port, p.netns_path)
+        )
     if spec.health_port is not None:
         boot.static_resources.listeners.append(health_listener(spec.health_port))
     return boot

@@ -69,7 +69,7 @@ class InjectSettings:
 
     image: str = DEFAULT_IMAGE
     control_plane: str = DEFAULT_CONTROL_PLANE  # HOST:PORT of the xDS Service
-    sidecar_port: int = 15080  # = `meshgate serve --sidecar-port`; the apps' HTTP_PROXY
+    sidecar_port: int = 15080  # the sidecar's proxy in the pod's own network; apps' HTTP_PROXY
     health_port: int = 15021  # the sidecar's loopback GET /healthz/ready (its probes)
     image_pull_policy: str = "IfNotPresent"
     cpu_request: str = "50m"
@@ -171,13 +171,19 @@ def sidecar_container(agent: str, settings: InjectSettings) -> dict[str, Any]:
             settings.control_plane,
             "--health-port",
             str(settings.health_port),
+            "--proxy-port",
+            str(settings.sidecar_port),
             "--instance",
             f"$({POD_NAME_ENV})",
             "--state-dir",
             STATE_DIR,
             "--token-file",
             TOKEN_FILE,
-            *(["--xds-ca", XDS_CA_FILE] if settings.xds_ca_configmap is not None else []),
+            *(
+                ["--xds-ca", XDS_CA_FILE]
+                if settings.xds_ca_configmap is not None
+                else ["--insecure"]
+            ),
         ],
         "env": [
             {"name": POD_NAME_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},

@@ -13,7 +13,13 @@ from meshgate.audit.spool import SpoolShipper
 from meshgate.errors import ConfigError, EnvoyError
 from meshgate.identity.tokens import TokenAuthority
 from meshgate.identity.xds_tls import bundle_path
-from meshgate.sidecar.bootstrap import BootstrapSpec, write_bootstrap
+from meshgate.sidecar.agent_user import (
+    AgentUser,
+    agent_environment,
+    check_state_dir_private,
+    private_dir,
+)
+from meshgate.sidecar.bootstrap import BootstrapSpec, ProxyBinding, write_bootstrap
 from meshgate.sidecar.envoy_admin import AdminSocket, EnvoyAdmin
 from meshgate.sidecar.envoy_process import EnvoyProcess, find_envoy
 from meshgate.sidecar.strict import NETNS_PROXY_PORT, Jail
@@ -41,23 +47,39 @@ def prepare_envoy(
     delta: bool = False,
     concurrency: int = 1,
     xds_ca: Path | None = None,
-    netns_path: str | None = None,
+    proxy: ProxyBinding | None = None,
     workdir: Path | None = None,
     health_port: int | None = None,
+    insecure: bool = False,
 ) -> EnvoyProcess:
     """Bootstrap (with the node's join token) written to the state dir; Envoy not yet started.
 
     `xds_ca`: the bundle that verifies the control plane; without it, the local control plane's
     published bundle is used if it serves TLS (the state dir is the local-only channel).
+    Without a bundle or a token the node refuses to start unless `insecure` (plaintext,
+    unauthenticated xDS, for a control plane started with `serve --insecure`).
     `workdir`: Envoy's working directory (default: `<state_dir>/<file_stem>`), private (0700),
     also where its admin socket is (sidecar/envoy_admin.py). `health_port`: a loopback
     `GET /healthz/ready` listener for outside probes."""
     find_envoy()
     host, port = parse_address(control_plane)
-    state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(state_dir)
     workdir = workdir if workdir is not None else state_dir / file_stem
     admin = AdminSocket.in_dir(workdir)
     token = join_token(token_subject, state_dir, token_file)
+    ca_file = xds_ca_file(state_dir, xds_ca)
+    if not insecure:
+        if ca_file is None:
+            raise ConfigError(
+                f"no CA to verify the control plane's TLS xDS port: pass --xds-ca (the local "
+                f"control plane publishes one in {state_dir}), or --insecure for a control plane "
+                "started with `serve --insecure`"
+            )
+        if token is None:
+            raise ConfigError(
+                "no join token: pass --token-file (`meshgate token create`), or run where the "
+                f"control plane's state directory {state_dir} is readable"
+            )
     spec = BootstrapSpec(
         node_id,
         "meshgate-gateway" if node_id.startswith("gateway/") else "meshgate-agent",
@@ -66,8 +88,8 @@ def prepare_envoy(
         str(admin.path),
         delta=delta,
         metadata=(("authorization", f"Bearer {token}"),) if token else (),
-        xds_ca_file=xds_ca_file(state_dir, xds_ca),
-        netns_path=netns_path,
+        xds_ca_file=ca_file,
+        proxy=proxy,
         health_port=health_port,
     )
     boot = state_dir / f"{file_stem}.json"
@@ -122,6 +144,7 @@ def prepare_gateway(
     concurrency: int = 1,
     xds_ca: Path | None = None,
     health_port: int | None = None,
+    insecure: bool = False,
 ) -> GatewayProcess:
     """Envoy runs in `<state_dir>/gateway-<name>/`, where it writes its audit spool."""
     return _prepare_spooled(
@@ -135,6 +158,7 @@ def prepare_gateway(
         concurrency=concurrency,
         xds_ca=xds_ca,
         health_port=health_port,
+        insecure=insecure,
     )
 
 
@@ -149,10 +173,12 @@ def _prepare_spooled(
     delta: bool = False,
     concurrency: int = 1,
     xds_ca: Path | None = None,
-    netns_path: str | None = None,
+    proxy: ProxyBinding | None = None,
+    insecure: bool = False,
     health_port: int | None = None,
 ) -> GatewayProcess:
     workdir = state_dir / stem
+    private_dir(workdir)
     envoy = prepare_envoy(
         node_id,
         token_subject,
@@ -164,8 +190,9 @@ def _prepare_spooled(
         concurrency=concurrency,
         workdir=workdir,
         xds_ca=xds_ca,
-        netns_path=netns_path,
         health_port=health_port,
+        proxy=proxy,
+        insecure=insecure,
     )
 
     def fresh_token() -> tuple[tuple[str, str], ...]:
@@ -216,8 +243,9 @@ def proxy_environment(proxy_url: str) -> dict[str, str]:
     return env
 
 
-def proxy_port(admin: EnvoyAdmin) -> int:
-    """The sidecar's proxy port, as the control plane configured it (read from Envoy's admin)."""
+def proxy_port_of(admin: EnvoyAdmin) -> int:
+    """The port the sidecar's proxy listener holds (a free one unless --proxy-port), read from
+    Envoy's admin socket."""
     data = json.loads(admin.get("/listeners?format=json").text)
     for listener in data.get("listener_statuses", []):
         if listener.get("name") == PROXY_LISTENER:
@@ -235,16 +263,35 @@ async def run_sidecar(
     token_file: Path | None = None,
     xds_ca: Path | None = None,
     strict: bool = False,
+    *,
+    user: AgentUser | None = None,
+    proxy_port: int = 0,
+    insecure: bool = False,
     health_port: int | None = None,
 ) -> int:
+    """`user`: who CMD runs as (sidecar/agent_user.py); required with a command."""
     if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", agent):
         raise ConfigError(f"--agent {agent!r}: use lower-case letters, digits and '-'")
-    # --strict (sidecar/strict.py): CMD's process and empty network namespace come first, so a
-    # missing privilege fails before Envoy starts; Envoy then also listens inside it.
     if strict and not command:
         raise ConfigError("--strict confines a command: sidecar run --strict --agent NAME -- CMD")
-    strict_env = {**os.environ, **proxy_environment(f"http://127.0.0.1:{NETNS_PROXY_PORT}")}
-    jail = await Jail.create(command, strict_env) if strict else None
+    if command:
+        if user is None:
+            raise ConfigError("sidecar run with a command needs the user CMD runs as")
+        if not user.same_as_launcher:  # (one that does not exist yet is created 0700)
+            check_state_dir_private(state_dir, user)
+    # --strict: CMD's process and empty network namespace come first, so a missing privilege
+    # fails before Envoy starts; Envoy then listens only inside that namespace. Otherwise CMD
+    # starts once the sidecar is ready and its proxy port known.
+    env = agent_environment(dict(os.environ), user) if user is not None else {}
+    jail = None
+    if strict and user is not None:
+        jail_env = {**env, **proxy_environment(f"http://127.0.0.1:{NETNS_PROXY_PORT}")}
+        jail = await Jail.create(command, jail_env, netns=True, uid=user.uid, gid=user.gid)
+    binding = (
+        ProxyBinding(agent, "127.0.0.1", NETNS_PROXY_PORT, jail.netns_path)
+        if jail is not None
+        else ProxyBinding(agent, "127.0.0.1", proxy_port)
+    )
     try:
         # the sidecar spools what it refuses itself (gateway unreachable) in its own directory
         envoy = _prepare_spooled(
@@ -254,9 +301,10 @@ async def run_sidecar(
             control_plane,
             state_dir,
             token_file,
-            netns_path=jail.netns_path if jail is not None else None,
+            proxy=binding,
             xds_ca=xds_ca,
             health_port=health_port,
+            insecure=insecure,
         )
         await envoy.start()
     except BaseException:
@@ -264,20 +312,22 @@ async def run_sidecar(
             await jail.abandon()
         raise
     try:
-        await envoy.wait_ready(30)
-        proxy = f"http://127.0.0.1:{await asyncio.to_thread(proxy_port, envoy.admin)}"
-        if not command:
+        try:
+            await envoy.wait_ready(30)
+        except EnvoyError as exc:
+            raise EnvoyError(f"{exc}{_port_hint(binding)}") from None
+        if not command or user is None:
+            proxy = f"http://127.0.0.1:{await asyncio.to_thread(proxy_port_of, envoy.admin)}"
             print(f"sidecar for agent {agent} ready; HTTP_PROXY={proxy}", flush=True)
             await _first(stop.wait(), envoy.wait())
             return 0
-        env = {**os.environ, **proxy_environment(proxy)}
-        if jail is not None:  # strict: CMD execs in its namespace, HTTP_PROXY is strict_env's
-            child = await jail.release()
-        else:
-            try:
-                child = await asyncio.create_subprocess_exec(*command, env=env)
-            except OSError as exc:
-                raise ConfigError(f"cannot run {command[0]!r}: {exc.strerror}") from None
+        if jail is None:
+            proxy = f"http://127.0.0.1:{await asyncio.to_thread(proxy_port_of, envoy.admin)}"
+            jail = await Jail.create(
+                command, {**env, **proxy_environment(proxy)}, netns=False, uid=user.uid,
+                gid=user.gid,
+            )  # fmt: skip
+        child = await jail.release()
         await _first(stop.wait(), child.wait())
         if child.returncode is None:  # we were signalled: pass it on, then wait
             with contextlib.suppress(ProcessLookupError):
@@ -287,6 +337,15 @@ async def run_sidecar(
         await envoy.stop()
         if jail is not None:
             await jail.abandon()
+
+
+def _port_hint(binding: ProxyBinding) -> str:
+    if binding.port and binding.netns_path is None:
+        return (
+            f" (is 127.0.0.1:{binding.port} taken, by another sidecar? each sidecar needs a "
+            "port of its own: omit --proxy-port for a free one)"
+        )
+    return ""
 
 
 async def _first(*aws: object) -> None:

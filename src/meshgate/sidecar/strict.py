@@ -2,11 +2,11 @@
 
 The namespace (made by netns_exec.py) has only loopback, so a direct dial to any outside IP
 fails with "Network is unreachable" and the host's loopback services are not there at all.
-The sidecar Envoy stays in the host namespace and opens one extra listener *inside* the
+The sidecar Envoy stays in the host namespace and opens its proxy listener *only inside* the
 agent's namespace (SocketAddress.network_namespace_filepath = /proc/<pid>/ns/net) on
-127.0.0.1:NETNS_PROXY_PORT; it TCP-proxies to the sidecar's ordinary loopback listener
-through the LOOPBACK_CLUSTER that every agent snapshot carries. The listener names a
-per-instance path, so it lives in this instance's bootstrap; xDS snapshots stay per agent.
+127.0.0.1:NETNS_PROXY_PORT: no host process can reach this agent's sidecar, and this agent
+reaches no other. The listener names a per-instance path, so it lives in this instance's
+bootstrap (xds/sidecar.proxy_listener); xDS snapshots stay per agent.
 No addresses, routes, veth pairs, Unix sockets or forwarder processes to manage.
 """
 
@@ -17,41 +17,14 @@ import contextlib
 import socket
 import sys
 
-from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
-from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
-
 from meshgate.errors import ConfigError
-from meshgate.xds.common import pack
-from meshgate.xds.sidecar import LOOPBACK_CLUSTER
 
 NETNS_PROXY_PORT = 15080  # inside the agent's private namespace: nothing else can hold it
-NETNS_LISTENER = "agent-proxy-netns"
-
-
-def netns_listener(netns_path: str, port: int = NETNS_PROXY_PORT) -> listener_pb2.Listener:
-    """127.0.0.1:port inside the namespace at `netns_path`, relayed to the sidecar's proxy."""
-    listener = listener_pb2.Listener(
-        name=NETNS_LISTENER,
-        filter_chains=[
-            listener_components_pb2.FilterChain(
-                filters=[
-                    listener_components_pb2.Filter(
-                        name="envoy.filters.network.tcp_proxy",
-                        typed_config=pack(
-                            tcp_proxy_pb2.TcpProxy(stat_prefix="netns", cluster=LOOPBACK_CLUSTER)
-                        ),
-                    )
-                ]
-            )
-        ],
-    )
-    sock = listener.address.socket_address
-    sock.address, sock.port_value, sock.network_namespace_filepath = "127.0.0.1", port, netns_path
-    return listener
 
 
 class Jail:
-    """CMD's process, already in its empty namespace, held before exec until `release`."""
+    """CMD's process, privileges dropped (and in strict mode in its empty namespace), held
+    before exec until `release` (sidecar/agent_exec.py does the dropping)."""
 
     def __init__(
         self,
@@ -69,18 +42,33 @@ class Jail:
         return f"/proc/{self.proc.pid}/ns/net"
 
     @classmethod
-    async def create(cls, command: list[str], env: dict[str, str]) -> Jail:
-        """Fails with the one-line privilege error before anything else (Envoy) starts."""
+    async def create(
+        cls,
+        command: list[str],
+        env: dict[str, str],
+        *,
+        netns: bool,
+        uid: int = -1,
+        gid: int = -1,
+        cwd: str | None = None,
+    ) -> Jail:
+        """Fails with the one-line privilege error before anything else (Envoy) starts.
+
+        `uid`/`gid` < 0: CMD keeps the launcher's user (only --insecure-same-user)."""
         ours, theirs = socket.socketpair()
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-P",  # not from the working directory: this runs privileged, before the jail
                 "-m",
-                "meshgate.sidecar.netns_exec",
+                "meshgate.sidecar.agent_exec",
                 str(theirs.fileno()),
+                "1" if netns else "0",
+                str(uid),
+                str(gid),
                 *command,
                 env=env,
+                cwd=cwd,
                 pass_fds=(theirs.fileno(),),
             )
         finally:
@@ -90,12 +78,10 @@ class Jail:
         try:
             line = (await asyncio.wait_for(reader.readline(), 30)).decode().strip()
         except TimeoutError:
-            line = "error strict mode: CMD's network namespace was not ready within 30s"
+            line = "error CMD's jail was not ready within 30s"
         if line != "ready":
             await jail.abandon()
-            raise ConfigError(
-                line.removeprefix("error ") or "strict mode: CMD's network namespace failed"
-            )
+            raise ConfigError(line.removeprefix("error ") or "could not prepare CMD's process")
         return jail
 
     async def release(self) -> asyncio.subprocess.Process:

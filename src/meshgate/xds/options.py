@@ -9,7 +9,6 @@ DEFAULT_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 
 @dataclass(frozen=True)
 class TranslateOptions:
-    gateway_bind: str = "0.0.0.0"
+    gateway_bind: str = "127.0.0.1"
     system_ca_file: str = DEFAULT_CA_BUNDLE  # trust for `tls: originate` without a caFile
-    sidecar_port: int = 15080  # loopback HTTP proxy port of every sidecar (agents' HTTP_PROXY)
     gateway_address: tuple[str, int] | None = None  # where sidecars reach the gateway

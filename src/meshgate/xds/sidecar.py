@@ -1,24 +1,32 @@
-"""Policy model -> an agent's sidecar: a loopback HTTP proxy that sends everything to the gateway.
+"""Policy model -> an agent's sidecar: routes that send everything to the gateway.
 
 The sidecar stamps the agent's identity header (overwriting anything the agent sent), so the
 gateway's allowlist applies; the agent itself needs only HTTP_PROXY.
+
+The proxy *listener* is not part of the snapshot: each sidecar's launcher puts it in that
+sidecar's bootstrap (`proxy_listener`), on an address no other sidecar shares (its own loopback
+port without SO_REUSEPORT, or only inside the agent's network namespace in strict mode). A
+listener sent over LDS would be the same for every sidecar of an agent, which is how one port
+ended up shared by every sidecar on a host. The listener fetches these routes over RDS.
 """
 
 from __future__ import annotations
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
+from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from meshgate.xds.access_log import sidecar_spool_access_log
 from meshgate.xds.allowlist import AGENT_HEADER
 from meshgate.xds.common import (
+    ads,
     connect_upgrade,
     http_listener,
     pack,
@@ -31,10 +39,10 @@ from meshgate.xds.options import TranslateOptions
 
 GATEWAY_CLUSTER = "meshgate-gateway"
 PROXY_LISTENER = "agent-proxy"
-# `sidecar run --strict` (sidecar/strict.py): the listener Envoy opens inside the agent's network
-# namespace relays to PROXY_LISTENER through this cluster. It is here, not in the bootstrap,
-# because only the control plane knows the sidecar port; unused by non-strict sidecars.
-LOOPBACK_CLUSTER = "meshgate-agent-proxy"
+
+
+def route_name(agent: str) -> str:
+    return f"agent-{agent}"
 
 
 def sidecar_resources(
@@ -53,7 +61,7 @@ def sidecar_resources(
     )
     cluster.load_assignment.CopyFrom(single_endpoint(GATEWAY_CLUSTER, host, port))
     routes = route_pb2.RouteConfiguration(
-        name=f"agent-{agent}",
+        name=route_name(agent),
         virtual_hosts=[
             rc.VirtualHost(
                 name="to-gateway",
@@ -81,33 +89,33 @@ def sidecar_resources(
             )
         ],
     )
-    hcm = hcm_pb2.HttpConnectionManager(
-        stat_prefix="agent",
-        route_config=routes,
-        http_filters=[router_filter()],
-        upgrade_configs=[connect_upgrade()],
-        access_log=[stdout_access_log(), sidecar_spool_access_log()],
-    )
-    listener = http_listener(PROXY_LISTENER, "127.0.0.1", options.sidecar_port, hcm)
-    loopback = loopback_cluster(options.sidecar_port)
     if identity is None:
-        return [cluster, loopback, listener]
+        return [cluster, routes]
     cluster.transport_socket.name = "envoy.transport_sockets.tls"
     cluster.transport_socket.typed_config.CopyFrom(pack(sidecar_tls()))
     return [
         *identity_secrets(identity, f"spiffe://{trust_domain}/gateway/"),
         cluster,
-        loopback,
-        listener,
+        routes,
     ]
 
 
-def loopback_cluster(port: int) -> cluster_pb2.Cluster:
-    """The sidecar's own proxy listener as an upstream (for strict mode's namespace listener)."""
-    cluster = cluster_pb2.Cluster(
-        name=LOOPBACK_CLUSTER,
-        type=cluster_pb2.Cluster.STATIC,
-        connect_timeout=duration_pb2.Duration(seconds=1),
+def proxy_listener(
+    agent: str, host: str, port: int, netns_path: str | None = None
+) -> listener_pb2.Listener:
+    """The agent's HTTP proxy, for one sidecar's bootstrap: `host:port` (port 0: a free one,
+    read back from Envoy's admin), never shared through SO_REUSEPORT, so a second sidecar on
+    the same port fails to start instead of taking a share of the first one's connections.
+    `netns_path`: open it inside that network namespace (strict mode) instead of the host's."""
+    hcm = hcm_pb2.HttpConnectionManager(
+        stat_prefix="agent",
+        rds=hcm_pb2.Rds(config_source=ads(), route_config_name=route_name(agent)),
+        http_filters=[router_filter()],
+        upgrade_configs=[connect_upgrade()],
+        access_log=[stdout_access_log(), sidecar_spool_access_log()],
     )
-    cluster.load_assignment.CopyFrom(single_endpoint(LOOPBACK_CLUSTER, "127.0.0.1", port))
-    return cluster
+    listener = http_listener(PROXY_LISTENER, host, port, hcm)
+    listener.enable_reuse_port.CopyFrom(wrappers_pb2.BoolValue(value=False))
+    if netns_path is not None:
+        listener.address.socket_address.network_namespace_filepath = netns_path
+    return listener

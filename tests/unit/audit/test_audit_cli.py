@@ -23,6 +23,8 @@ from meshgate.audit.cli import audit_app, follow
 from meshgate.audit.http import add_audit_routes
 from meshgate.audit.record import AuditRecord
 from meshgate.audit.sqlite_store import SqliteAuditStore
+from meshgate.controlplane.admin import token_middleware
+from meshgate.identity.admin_token import generate_token
 
 runner = CliRunner()
 
@@ -49,8 +51,8 @@ def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, now: dt.datetime) -> 
     return tmp_path
 
 
-def run(*args: str) -> tuple[int, str, str]:
-    result = runner.invoke(audit_app, list(args))
+def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    result = runner.invoke(audit_app, list(args), env={"MESHGATE_ADMIN_TOKEN": "", **(env or {})})
     return result.exit_code, result.stdout, result.stderr
 
 
@@ -209,11 +211,15 @@ def test_follow_prints_records_appended_later(state: Path, now: dt.datetime) -> 
     store.close()
 
 
+ADMIN_TOKEN = generate_token()
+
+
 @pytest.fixture
 def control_plane(state: Path) -> Iterator[str]:
-    """The admin API's audit routes over the state's store, served from a background thread."""
+    """The admin API's audit routes over the state's store, served from a background thread,
+    behind the operator token ADMIN_TOKEN as the control plane serves them."""
     store = SqliteAuditStore(state / "audit.db")
-    app = web.Application()
+    app = web.Application(middlewares=[token_middleware(ADMIN_TOKEN)])
     add_audit_routes(app, lambda: store)
     loop = asyncio.new_event_loop()
     runner_ = web.AppRunner(app)
@@ -233,7 +239,10 @@ def control_plane(state: Path) -> Iterator[str]:
 
 def test_query_and_summary_through_the_control_plane(control_plane: str, tmp_path: Path) -> None:
     elsewhere = str(tmp_path / "no-store-here")
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(ADMIN_TOKEN + "\n")
     args = ["--control-plane", control_plane, "--state-dir", elsewhere]
+    args += ["--admin-token-file", str(token_file)]
     code, out, err = run("query", *args, "--agent", "a2", "--limit", "3", "--format", "json")
     assert code == 0, err
     assert [json.loads(x)["request_id"] for x in out.splitlines()] == [
@@ -244,6 +253,32 @@ def test_query_and_summary_through_the_control_plane(control_plane: str, tmp_pat
     assert err.startswith("more: --cursor ")
     code, out, _ = run("summary", *args, "--since", "24h", "--format", "json")
     assert code == 0 and sum(r["count"] for r in json.loads(out)) == 30
+    # the token from the environment, or from the control plane's state dir
+    code, out, err = run(
+        "summary", "--control-plane", control_plane, "--state-dir", elsewhere,
+        env={"MESHGATE_ADMIN_TOKEN": ADMIN_TOKEN},
+    )  # fmt: skip
+    assert code == 0, err
+    (tmp_path / "cp-state" / "admin").mkdir(parents=True)
+    (tmp_path / "cp-state" / "admin" / "token").write_text(ADMIN_TOKEN)
+    code, out, err = run(
+        "query", "--control-plane", control_plane, "--state-dir", str(tmp_path / "cp-state"),
+        "--format", "json",
+    )  # fmt: skip
+    assert code == 0 and "req-000029" in out, err
+
+
+def test_control_plane_without_or_with_a_wrong_token(control_plane: str, tmp_path: Path) -> None:
+    args = ["--control-plane", control_plane, "--state-dir", str(tmp_path / "none")]
+    for command in ("query", "summary"):
+        code, out, err = run(command, *args)
+        assert code == 1 and out == "" and err.count("\n") == 1, err
+        assert "needs its admin token and none was found" in err
+        assert "--admin-token-file" in err
+        code, out, err = run(command, *args, env={"MESHGATE_ADMIN_TOKEN": "w" * 43})
+        assert code == 1 and out == "" and err.count("\n") == 1, err
+        assert "refused the admin token from $MESHGATE_ADMIN_TOKEN (401)" in err
+        assert "w" * 43 not in err and ADMIN_TOKEN not in err
 
 
 def test_control_plane_errors_are_one_line(control_plane: str) -> None:

@@ -207,9 +207,10 @@ def test_addresses_and_ports_agree_across_components() -> None:
     assert flag(gw, "--control-plane") == flag(inj, "--control-plane") == cp_address
     egress_port = gw_svc["spec"]["ports"][0]["port"]
     assert flag(cp, "--gateway-address") == f"meshgate-gateway.meshgate-system.svc:{egress_port}"
-    assert flag(cp, "--sidecar-port") == flag(inj, "--sidecar-port")
+    assert flag(cp, "--gateway-bind") == "0.0.0.0"  # gateway pods serve other pods
     assert flag(inj, "--image") == container(find("Deployment", "meshgate-injector"))["image"]
-    assert "--require-tokens" in cp and "--mtls" in cp  # the NetworkPolicy is not the only guard
+    # tokens, TLS xDS and mTLS are serve's defaults: the NetworkPolicy is not the only guard
+    assert "--insecure" not in cp and "--insecure" not in gw
 
 
 def test_xds_tls_files_are_mounted_from_the_tls_secret_and_the_ca_configmap() -> None:
@@ -218,7 +219,7 @@ def test_xds_tls_files_are_mounted_from_the_tls_secret_and_the_ca_configmap() ->
     cp_dep = find("Deployment", "meshgate-control-plane")
     cp = container(cp_dep)
     cmd = cp["command"]
-    assert "--xds-tls" in cmd
+    assert "--insecure" not in cmd
     pod = cp_dep["spec"]["template"]["spec"]
     tls_secret = "meshgate-xds-tls"
     assert mounted_from(pod, cp, flag(cmd, "--xds-cert")) == ("secret", tls_secret, "tls.crt")
@@ -241,6 +242,17 @@ def test_xds_tls_files_are_mounted_from_the_tls_secret_and_the_ca_configmap() ->
     host = flag(gw["command"], "--control-plane").rpartition(":")[0]
     assert host == "meshgate-control-plane.meshgate-system.svc"
     assert host in (DEPLOY / "control-plane.yaml").read_text()  # the comment naming the SAN
+
+
+def test_the_admin_token_comes_from_its_secret_shared_by_the_replicas() -> None:
+    """Each replica would otherwise create its own in its emptyDir state: they must agree."""
+    dep = find("Deployment", "meshgate-control-plane")
+    pod = dep["spec"]["template"]["spec"]
+    cp = container(dep)
+    path = flag(cp["command"], "--admin-token-file")
+    assert mounted_from(pod, cp, path) == ("secret", "meshgate-admin-token", "token")
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "admin-token"]
+    assert volume["secret"]["defaultMode"] & 0o007 == 0  # serve refuses a world-readable token
 
 
 def test_the_audit_store_comes_from_the_optional_secret_under_its_real_name(

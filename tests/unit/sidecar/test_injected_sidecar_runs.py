@@ -130,7 +130,7 @@ async def test_injected_sidecar_command_runs_envoy_and_serves_the_app(tmp_path: 
             settings = InjectSettings(
                 image="meshgate:test",
                 control_plane=cp.xds_address,
-                sidecar_port=cp.options.sidecar_port,
+                sidecar_port=free_port(),
                 health_port=free_port(),
             )
             pod = {

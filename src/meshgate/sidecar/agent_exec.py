@@ -1,12 +1,16 @@
-"""Strict mode's jail: exec CMD in a new network namespace that has only a loopback interface.
+"""How `sidecar run` starts CMD: without privileges, without the launcher's user, maybe jailed.
 
-The launcher runs `python -P -m meshgate.sidecar.netns_exec FD CMD [ARGS...]` (strict.py).
-We create the namespace, bring `lo` up and report over the socket FD; the launcher then has
-its Envoy open a listener inside our namespace (via /proc/<our pid>/ns/net) and says "go";
-we exec CMD, keeping our pid, so CMD's exit status and signals are the launcher's child's.
+The launcher runs `python -P -m meshgate.sidecar.agent_exec FD NETNS UID GID CMD [ARGS...]`
+(strict.py's Jail). With NETNS=1 we move into a new network namespace with only `lo` up
+(strict mode). Then, before exec: every capability leaves the bounding, inheritable and
+ambient sets, NO_NEW_PRIVS is set (no setuid binary can hand root back), and with UID >= 0
+we become that user (supplementary groups cleared), so CMD cannot read the launcher's state
+(signing keys, CA keys, bootstraps with join tokens), ptrace its Envoy, or write its spools.
+We report over the socket FD and wait for "go"; we exec CMD keeping our pid, so CMD's exit
+status and signals are the launcher's child's.
 
-Python 3.11 has no os.unshare, so unshare(2) and the interface ioctls go through ctypes and
-fcntl: no `ip`/`unshare` binaries needed. Imports stay minimal: this runs on every strict start.
+Python 3.11 has no os.unshare, so unshare(2), prctl and the interface ioctls go through
+ctypes and fcntl: no `ip`/`unshare`/`setpriv` binaries needed. Imports stay minimal.
 """
 
 from __future__ import annotations
@@ -25,21 +29,10 @@ SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 IFREQ = "16sh22x"  # struct ifreq: name, then the union's short ifr_flags, padded to 40 bytes
 PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 CAP_VERSION_3 = 0x20080522
-# What would let CMD, even as root, leave its namespace or act in the host's: setns/unshare
-# (SYS_ADMIN), moving an interface across namespaces (NET_ADMIN), injecting into a process
-# outside (SYS_PTRACE), and kernel-level routes around everything (SYS_MODULE, SYS_RAWIO, BPF).
-ESCAPE_CAPABILITIES = {
-    "CAP_NET_ADMIN": 12,
-    "CAP_SYS_MODULE": 16,
-    "CAP_SYS_RAWIO": 17,
-    "CAP_SYS_PTRACE": 19,
-    "CAP_SYS_ADMIN": 21,
-    "CAP_BPF": 39,
-}
-
 NEEDS_PRIVILEGE = (
     "strict mode needs root or CAP_SYS_ADMIN and CAP_NET_ADMIN (to create a network "
     "namespace); run without --strict or grant the capabilities"
@@ -81,26 +74,38 @@ def enter_empty_netns() -> None:
         fcntl.ioctl(sock, SIOCSIFFLAGS, struct.pack(IFREQ, b"lo", flags | IFF_UP))
 
 
-def drop_escape_capabilities() -> None:
-    """Keep ESCAPE_CAPABILITIES from whatever we exec, root or not.
+def last_capability() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as fh:
+            return int(fh.read())
+    except (OSError, ValueError):
+        return 63
 
-    This process keeps its own; only the exec is affected. A root exec is granted
-    (inheritable | bounding), so the caps leave the bounding set and inheritable is cleared;
-    the ambient set, what a non-root exec would keep, is cleared too.
+
+def drop_privileges(uid: int, gid: int) -> None:
+    """Leave CMD no capability, no way to regain one, and (uid >= 0) another user.
+
+    The bounding set is emptied first (that needs CAP_SETPCAP, which we hold as root); a
+    non-root launcher has no capabilities to give away, so EPERM there is harmless.
     """
     libc = _libc()
-    for cap in ESCAPE_CAPABILITIES.values():
+    # EINVAL: a capability this kernel does not know. EPERM (no CAP_SETPCAP) is harmless only
+    # for a non-root launcher: nothing it execs can gain a capability under NO_NEW_PRIVS.
+    tolerated = (errno.EINVAL,) if os.geteuid() == 0 else (errno.EINVAL, errno.EPERM)
+    for cap in range(last_capability() + 1):
         if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
             err = ctypes.get_errno()
-            if err != errno.EINVAL:  # EINVAL: a capability this kernel does not know
+            if err not in tolerated:
                 raise OSError(err, os.strerror(err))
     libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)  # EINVAL: no ambient set
+    if uid >= 0:
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)  # from root: permitted and effective sets are cleared
     header = _CapHeader(CAP_VERSION_3, 0)
-    data = (_CapData * 2)()
-    _check(libc.capget(ctypes.byref(header), data))
-    for word in data:
-        word.inheritable = 0
+    data = (_CapData * 2)()  # all zero: no effective, permitted or inheritable capability
     _check(libc.capset(ctypes.byref(header), data))
+    _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
 
 
 def describe(exc: OSError) -> str:
@@ -112,20 +117,25 @@ def describe(exc: OSError) -> str:
 def main(argv: list[str]) -> int:
     """Protocol on FD: we send `ready` or `error MESSAGE`; on `go` we exec CMD. The socket is
     close-on-exec, so after `go` the launcher reads EOF on success or `error MESSAGE`."""
-    if len(argv) < 2 or not argv[0].isdigit():
-        print("usage: python -m meshgate.sidecar.netns_exec FD CMD [ARGS...]", file=sys.stderr)
+    if len(argv) < 5 or not all(a.lstrip("-").isdigit() for a in argv[:4]):
+        print(
+            "usage: python -m meshgate.sidecar.agent_exec FD NETNS UID GID CMD [ARGS...]",
+            file=sys.stderr,
+        )
         return 2
     chan = socket.socket(fileno=int(argv[0]))
-    command = argv[1:]
+    netns, uid, gid = argv[1] == "1", int(argv[2]), int(argv[3])
+    command = argv[4:]
+    if netns:
+        try:
+            enter_empty_netns()
+        except OSError as exc:
+            chan.sendall(f"error {describe(exc)}\n".encode())
+            return 1
     try:
-        enter_empty_netns()
+        drop_privileges(uid, gid)
     except OSError as exc:
-        chan.sendall(f"error {describe(exc)}\n".encode())
-        return 1
-    try:
-        drop_escape_capabilities()
-    except OSError as exc:
-        message = f"strict mode cannot drop CMD's capabilities: {exc.strerror}; run as root"
+        message = f"cannot drop CMD's privileges: {exc.strerror}; run as root"
         chan.sendall(f"error {message}\n".encode())
         return 1
     chan.sendall(b"ready\n")
