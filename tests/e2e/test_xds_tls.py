@@ -27,13 +27,15 @@ def tls_control_plane(
     return control_plane(policy, state, require_tokens=True, **tls)
 
 
-def gateway_envoy(cp: ControlPlane, state: Path, xds_ca: Path | None = None) -> EnvoyProcess:
+def gateway_envoy(
+    cp: ControlPlane, state: Path, xds_ca: Path | None = None, token_file: Path | None = None
+) -> EnvoyProcess:
     return prepare_envoy(
         "gateway/tls",
         "gateway/tls",
         cp.xds_address,
         state,
-        None,
+        token_file,
         file_stem="gateway-tls",
         xds_ca=xds_ca,
     )
@@ -72,7 +74,10 @@ async def test_nodes_verify_the_control_plane_and_plaintext_is_refused(tmp_path:
 
             # a node that trusts another CA never gets config (nor sends its token)
             other_ca, _, _ = write_test_pki(tmp_path / "other", ["127.0.0.1"])
-            wrong = gateway_envoy(cp, tmp_path / "other-state", xds_ca=other_ca)
+            assert cp.tokens is not None  # a valid token: only the CA is wrong
+            token_file = tmp_path / "token"
+            token_file.write_text(cp.tokens.create("gateway/tls", 600)[0])
+            wrong = gateway_envoy(cp, tmp_path / "other-state", other_ca, token_file)
             await wrong.start()
             try:
                 with pytest.raises(Exception, match="ready"):
