@@ -65,7 +65,8 @@ async def test_only_listed_tools_reach_the_mcp_server(tmp_path: Path) -> None:
                 agent="coder",
                 json=rpc("tools/call", {"name": "delete_repo"}),
             )
-            assert denied.json()["error"] == "egress_denied"
+            assert denied.json()["error"] == "tool_denied"
+            assert denied.json()["tool"] == "delete_repo"
             assert [h["body"] for h in up.hits if "write_file" in h["body"]] == []
             assert len(up.hits) == 4
             # the tool parser runs for the host in any case, as Envoy's virtual hosts match it

@@ -103,6 +103,33 @@ spec:
       methods: [GET]
       paths: ["/invoices*"]
 """,
+    # tests/security/test_gateway_*.py: agents of their own, so no other test drains their buckets
+    "gateway-agents.yaml": """\
+apiVersion: meshgate.dev/v1
+kind: AgentPolicy
+metadata: {name: gw-mcp}
+spec:
+  agent: gw-mcp
+  egress:
+    - destination: mcp
+      paths: ["/mcp"]
+      tools: [read_file]
+---
+apiVersion: meshgate.dev/v1
+kind: AgentPolicy
+metadata: {name: gw-rl}
+spec:
+  agent: gw-rl
+  egress:
+    - destination: quota
+      methods: [GET]
+      paths: ["/a", "/b"]
+      rateLimit: {requests: 3, per: 1m}
+    - destination: mcp
+      paths: ["/mcp"]
+      tools: [read_file]
+      rateLimit: {requests: 3, per: 1m}
+""",
 }
 
 

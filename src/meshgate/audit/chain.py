@@ -60,12 +60,20 @@ def record_values(r: AuditRecord) -> tuple[Any, ...]:
     return (
         to_micros(r.timestamp), r.request_id, r.agent, r.spiffe_id, r.destination, r.host,
         r.method, r.path, r.status, r.decision, r.reason, r.bytes_sent, r.bytes_received,
-        float(r.duration_ms), r.policy_version, r.gateway,
+        float(r.duration_ms), r.policy_version, r.gateway, r.mcp_method, r.mcp_tool,
     )  # fmt: skip
 
 
+BASE_FIELDS = 16  # values before the MCP fields, which were added later
+
+
 def encode_values(values: tuple[Any, ...]) -> bytes:
-    """Compact JSON of `record_values`: independent of the store, floats round-trip exactly."""
+    """Compact JSON of `record_values`: independent of the store, floats round-trip exactly.
+
+    A record without MCP fields encodes as before they existed (the first 16 values), so records
+    stored by earlier versions still verify; one with either field encodes all of them."""
+    if not any(values[BASE_FIELDS:]):
+        values = values[:BASE_FIELDS]
     return _ENCODE(list(values)).encode()
 
 

@@ -132,7 +132,7 @@ def _print_records(records: Sequence[AuditRecord], format: str) -> None:
                 r.timestamp.strftime("%Y-%m-%d %H:%M:%S"),
                 r.agent,
                 r.destination,
-                f"{r.method} {r.host}{r.path}",
+                f"{r.method} {r.host}{r.path}{_mcp(r)}",
                 str(r.status),
                 r.decision,
                 r.reason,
@@ -140,12 +140,19 @@ def _print_records(records: Sequence[AuditRecord], format: str) -> None:
         console.print(table)
 
 
+def _mcp(r: AuditRecord) -> str:
+    """` [tools/call read_file]` for an MCP request, else nothing."""
+    if not r.mcp_method:
+        return ""
+    return f" [{r.mcp_method}{' ' + r.mcp_tool if r.mcp_tool else ''}]"
+
+
 def _line(record: AuditRecord) -> str:
     """One record per line, for tail: greppable."""
     r = record
     return (
         f"{r.timestamp.isoformat(timespec='milliseconds')} {r.agent} -> {r.destination} "
-        f"{r.method} {r.host}{r.path} {r.status} {r.decision}"
+        f"{r.method} {r.host}{r.path}{_mcp(r)} {r.status} {r.decision}"
         + (f" ({r.reason})" if r.reason else "")
     )
 
@@ -156,6 +163,9 @@ def query(
     destination: Annotated[str | None, typer.Option(help="Only this destination.")] = None,
     decision: Annotated[
         str | None, typer.Option(help="allowed, denied, rate_limited or upstream_error.")
+    ] = None,
+    tool: Annotated[
+        str | None, typer.Option(help="Only MCP tools/call records naming this tool.")
     ] = None,
     since: SinceOpt = None,
     until: UntilOpt = None,
@@ -178,6 +188,7 @@ def query(
             until=until,
             limit=limit,
             cursor=cursor,
+            tool=tool,
         )
     except ConfigError as exc:
         raise _fail(str(exc)) from None
@@ -221,6 +232,7 @@ def _remote_page(client: AdminClient, q: AuditQuery) -> AuditPage:
             "agent": q.agent,
             "destination": q.destination,
             "decision": q.decision,
+            "tool": q.tool,
             "since": q.since.isoformat() if q.since else None,
             "until": q.until.isoformat() if q.until else None,
             "limit": str(q.limit),

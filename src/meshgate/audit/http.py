@@ -18,7 +18,7 @@ from meshgate.audit.store import AuditLogStore
 from meshgate.errors import MeshgateError
 
 StoreGetter = Callable[[], AuditLogStore | None]
-PARAMS = ("agent", "destination", "decision", "since", "until", "limit", "cursor")
+PARAMS = ("agent", "destination", "decision", "tool", "since", "until", "limit", "cursor")
 NAMES = {name: name for name in PARAMS}
 DEFAULT_SUMMARY_SINCE = "24h"
 

@@ -24,10 +24,18 @@ from envoy.data.accesslog.v3 import accesslog_pb2 as als
 from google.protobuf import struct_pb2
 
 from meshgate.audit.record import AuditRecord, Decision
-from meshgate.xds.access_log import METADATA_KEY, POLICY_HEADER, route_decision
+from meshgate.xds.access_log import (
+    METADATA_KEY,
+    POLICY_HEADER,
+    local_refusal,
+    route_decision,
+)
 
 TAG_PREFIX = f"{METADATA_KEY}."
 MAX_FIELD = 2048  # bound what a logging node can make the store keep per field
+# Paths are kept whole: the gateway refuses paths over 8 KiB, and what it refuses is bounded by
+# Envoy's 60 KiB request-header limit; this bound only stops a forged stream.
+MAX_PATH = 64 * 1024
 
 # Envoy's short response flags -> the ResponseFlags field each sets.
 FLAG_FIELDS: dict[str, str] = {
@@ -79,8 +87,13 @@ def decide(
     On an allowing route: the local rate limiter's 429 is `rate_limited`; a 5xx or an upstream
     failure flag is `upstream_error` (reason: Envoy's response code details); any other status
     the upstream answered (2xx-4xx) is `allowed`. No route at all (Envoy refused the request
-    before routing, e.g. a malformed request) counts as denied.
+    before routing, e.g. a malformed request) counts as denied. A refusal by one of the
+    gateway's own filters (path guard, MCP body checks: `access_log.LOCAL_REFUSALS`) is denied
+    whatever route had been selected, with its reason.
     """
+    refused = local_refusal(details)
+    if refused is not None and (route_decision != "denied" or route_reason in ("", "mcp_unparsed")):
+        return "denied", refused
     if route_decision == "denied":
         return "denied", route_reason or "denied"
     if route_decision == "upstream_error":
@@ -135,7 +148,7 @@ def record_from_entry(entry: als.HTTPAccessLogEntry, node_id: str) -> AuditRecor
         destination=_clip(tags.get(TAG_PREFIX + "destination", "")),
         host=_clip(request.authority),
         method=_clip(_method_name(request.request_method) or tags.get(TAG_PREFIX + "method", "")),
-        path=_clip(request.path.split("?", 1)[0]),  # query strings can carry secrets
+        path=request.path.split("?", 1)[0][:MAX_PATH],  # query strings can carry secrets
         status=status,
         decision=decision,
         reason=_clip(reason),
@@ -144,6 +157,8 @@ def record_from_entry(entry: als.HTTPAccessLogEntry, node_id: str) -> AuditRecor
         duration_ms=duration.ToNanoseconds() / 1e6,
         policy_version=_clip(response.response_headers.get(POLICY_HEADER, "")),
         gateway=node_id,
+        mcp_method=_clip(tags.get(TAG_PREFIX + "mcp_method", "")),
+        mcp_tool=_clip(tags.get(TAG_PREFIX + "mcp_tool", "")),
     )
 
 
@@ -231,6 +246,9 @@ def _entry(data: dict[str, Any]) -> als.HTTPAccessLogEntry:
         request.request_method = _METHODS[method]
     elif method:  # not in Envoy's enum (e.g. PROPFIND): keep it as a tag
         common.custom_tags[TAG_PREFIX + "method"] = method
+    for key in ("mcp_method", "mcp_tool"):
+        if value := _text(data, key):
+            common.custom_tags[TAG_PREFIX + key] = value
     request.request_body_bytes = _int(data, "bytes_received")
     response.response_code.value = _int(data, "status")
     response.response_body_bytes = _int(data, "bytes_sent")

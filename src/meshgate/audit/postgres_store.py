@@ -75,6 +75,14 @@ class PostgresAuditStore(SqlAuditStore):
             self._conn = self._connect()
         return self._conn
 
+    def _columns(self, cur: Any) -> set[str]:
+        cur.execute(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = %s AND table_name = 'audit_records'",
+            (self.schema,),
+        )
+        return {str(row[0]) for row in cur.fetchall()}
+
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s")
 

@@ -92,6 +92,7 @@ def build_query(
     until: str | None = None,
     limit: str | int = 100,
     cursor: str | None = None,
+    tool: str | None = None,
     now: dt.datetime | None = None,
     names: dict[str, str] | None = None,
 ) -> AuditQuery:
@@ -115,6 +116,7 @@ def build_query(
         agent=agent or None,
         destination=destination or None,
         decision=parse_decision(decision, n["decision"]),
+        tool=tool or None,
         since=start,
         until=end,
         limit=parse_limit(limit, n["limit"]),

@@ -30,6 +30,9 @@ class AuditRecord:
     duration_ms: float
     policy_version: str  # the policy commit that allowed or refused it
     gateway: str  # node id of the Envoy that logged it (gateway/<name> or agent/<name>)
+    # what the gateway's MCP filter read from a JSON-RPC body ("" for other requests)
+    mcp_method: str = ""  # e.g. tools/call, tools/list, initialize
+    mcp_tool: str = ""  # params.name of a tools/call
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -52,6 +52,8 @@ FIELDS = (
     "duration_ms",
     "policy_version",
     "gateway",
+    "mcp_method",
+    "mcp_tool",
 )
 RECORD_COLUMNS = "id, ts_us, " + ", ".join(FIELDS)
 IN_CHUNK = 500  # request_ids per IN (...) lookup
@@ -83,7 +85,9 @@ SCHEMA = (
         bytes_received BIGINT NOT NULL,
         duration_ms DOUBLE PRECISION NOT NULL,
         policy_version TEXT NOT NULL,
-        gateway TEXT NOT NULL)""",
+        gateway TEXT NOT NULL,
+        mcp_method TEXT NOT NULL DEFAULT '',
+        mcp_tool TEXT NOT NULL DEFAULT '')""",
     "CREATE INDEX IF NOT EXISTS audit_records_time ON audit_records (ts_us, id)",
     # A resent record (a shipper retrying after a crash) repeats its spool line, start time
     # included, so (time, request id) finds it; ordered by time first, this index grows at its
@@ -94,6 +98,7 @@ SCHEMA = (
     "CREATE INDEX IF NOT EXISTS audit_records_agent ON audit_records (agent, ts_us, id)",
     "CREATE INDEX IF NOT EXISTS audit_records_decision ON audit_records (decision, ts_us, id)",
     "CREATE INDEX IF NOT EXISTS audit_records_dest ON audit_records (destination, ts_us, id)",
+    # (audit_records_tool is created by MIGRATIONS, after a store from before it has the column)
     """CREATE TABLE IF NOT EXISTS audit_batches (
         seq BIGINT PRIMARY KEY,
         first_id BIGINT NOT NULL,
@@ -114,6 +119,16 @@ SCHEMA = (
         head_last_id BIGINT NOT NULL)""",
     f"""INSERT INTO audit_chain VALUES (1, 0, '{GENESIS}', 0, 0, '{GENESIS}', 0)
         ON CONFLICT DO NOTHING""",
+)
+# Columns added after the first release, with the statement that adds each to an older store
+# (both engines take ADD COLUMN with a constant default; existing rows read as ''). Applied at
+# open, under the same lock as the schema.
+ADDED_COLUMNS = (
+    ("mcp_method", "ALTER TABLE audit_records ADD COLUMN mcp_method TEXT NOT NULL DEFAULT ''"),
+    ("mcp_tool", "ALTER TABLE audit_records ADD COLUMN mcp_tool TEXT NOT NULL DEFAULT ''"),
+)
+MIGRATIONS = (
+    "CREATE INDEX IF NOT EXISTS audit_records_tool ON audit_records (mcp_tool, ts_us, id)",
 )
 CHAIN_COLUMNS = "anchor_seq, anchor_hash, anchor_last_id, head_seq, head_hash, head_last_id"
 BATCH_COLUMNS = "seq, first_id, last_id, count, prev_hash, hash, digests, min_ts_us, max_ts_us"
@@ -158,8 +173,12 @@ def time_filters(
 def select_page(query: AuditQuery) -> tuple[str, list[Any]]:
     """Newest first, keyset on (ts_us, id): each page starts strictly after the cursor."""
     where, params = time_filters(query.since, query.until)
-    for column in ("agent", "destination", "decision"):
-        value = getattr(query, column)
+    for column, value in (
+        ("agent", query.agent),
+        ("destination", query.destination),
+        ("decision", query.decision),
+        ("mcp_tool", query.tool),
+    ):
         if value is not None:
             where.append(f"{column} = ?")
             params.append(value)
@@ -220,6 +239,16 @@ class SqlAuditStore:
     def _create_schema(self, cur: Any) -> None:
         for statement in SCHEMA:
             self._exec(cur, statement.format(id_type=self.id_type, blob_type=self.blob_type))
+        present = self._columns(cur)
+        for column, add in ADDED_COLUMNS:
+            if column not in present:  # a store created before this column existed
+                self._exec(cur, add)
+        for statement in MIGRATIONS:
+            self._exec(cur, statement)
+
+    def _columns(self, cur: Any) -> set[str]:
+        """The columns audit_records has now (the dialect's catalogue)."""
+        raise NotImplementedError
 
     def _chain(self, cur: Any, lock: bool) -> ChainState:
         suffix = self.chain_lock if lock else ""

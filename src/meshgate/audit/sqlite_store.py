@@ -46,6 +46,9 @@ class SqliteAuditStore(SqlAuditStore):
         with self._write() as cur:
             self._create_schema(cur)
 
+    def _columns(self, cur: Any) -> set[str]:
+        return {str(row[1]) for row in cur.execute("PRAGMA table_info(audit_records)")}
+
     @contextlib.contextmanager
     def _write(self) -> Iterator[Any]:
         cur = self._conn.cursor()

@@ -16,6 +16,7 @@ class AuditQuery:
     agent: str | None = None
     destination: str | None = None
     decision: Decision | None = None
+    tool: str | None = None  # MCP tool name (mcp_tool)
     since: dt.datetime | None = None
     until: dt.datetime | None = None
     limit: int = 100

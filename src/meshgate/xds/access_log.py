@@ -46,13 +46,19 @@ SPOOL_FORMAT: dict[str, str] = {
     "policy_version": f"%RESP({POLICY_HEADER})%",
     "authority": "%REQ(:AUTHORITY):512%",
     "method": "%REQ(:METHOD)%",
-    "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH):2048%",
+    # the whole path the rules matched and the upstream got (normalised; never cut: the gateway
+    # refuses paths over 8 KiB, and Envoy's header limit bounds what it refuses). Not
+    # x-envoy-original-path: the gateway rewrites no path, and an agent can send that header.
+    "path": "%REQ(:PATH)%",
     "status": "%RESPONSE_CODE%",
     "flags": "%RESPONSE_FLAGS%",
     "details": "%RESPONSE_CODE_DETAILS%",
     "bytes_received": "%BYTES_RECEIVED%",
     "bytes_sent": "%BYTES_SENT%",
     "duration_us": "%COMMON_DURATION(DS_RX_BEG:DS_TX_END:us)%",
+    # what the MCP filter read from a JSON-RPC body (absent for other requests)
+    "mcp_method": "%DYNAMIC_METADATA(envoy.filters.http.mcp:method):256%",
+    "mcp_tool": "%DYNAMIC_METADATA(envoy.filters.http.mcp:params:name):256%",
 }
 
 
@@ -91,6 +97,9 @@ def sidecar_spool_access_log() -> accesslog_pb2.AccessLog:
 #                                            told by the status and response flags)
 #   deny/<destination>, deny-connect/<destination>   denied: egress_denied
 #   unknown-destination                      denied: unknown_destination
+#   deny-tool/<destination>                  denied: tool_denied (an MCP tools/call not allowed)
+#   mcp-unparsed/<destination>               denied: mcp_unparsed (a body the MCP filter did
+#                                            not read, on a destination with tool rules)
 #   no-credential/<destination>              upstream_error: credential_unavailable
 # Agent and destination names are DNS labels, so "/" never occurs inside one.
 UNKNOWN_DESTINATION_ROUTE = "unknown-destination"
@@ -116,10 +125,38 @@ def route_decision(name: str) -> RouteDecision | None:
             return RouteDecision(destination, "allowed", agent=agent)
         case ["deny" | "deny-connect", destination]:
             return RouteDecision(destination, "denied", "egress_denied")
+        case ["deny-tool", destination]:
+            return RouteDecision(destination, "denied", "tool_denied")
+        case ["mcp-unparsed", destination]:
+            return RouteDecision(destination, "denied", "mcp_unparsed")
         case ["unknown-destination"]:
             return RouteDecision("", "denied", "unknown_destination")
         case ["no-credential", destination]:
             return RouteDecision(destination, "upstream_error", "credential_unavailable")
+    return None
+
+
+# Refusals the gateway's filters make before (or instead of) a route's answer, by Envoy's response
+# code details. The route then may be an allow route, so these decide first (`local_refusal`).
+RBAC_DENIED = "rbac_access_denied_matched_policy"
+PATH_TOO_LONG = "path-too-long"  # RBAC policy names in the gateway's filters
+PATH_NOT_CANONICAL = "path-not-canonical"
+BODY_GUARD_POLICY = "mcp-body-unparsed"
+LOCAL_REFUSALS: dict[str, str] = {
+    f"{RBAC_DENIED}[{PATH_TOO_LONG}]": "path_too_long",
+    f"{RBAC_DENIED}[{PATH_NOT_CANONICAL}]": "path_not_canonical",
+    "path_normalization_failed": "path_not_canonical",  # Envoy: an escaped slash or backslash
+    f"{RBAC_DENIED}[{BODY_GUARD_POLICY}]": "mcp_unparsed: a body on a request routed as body-less",
+    "request_payload_too_large": "body_too_large",  # over the MCP hosts' body limit
+}
+
+
+def local_refusal(details: str) -> str | None:
+    """The audit reason of a refusal the gateway's filters made (None: not one of them)."""
+    if details in LOCAL_REFUSALS:
+        return LOCAL_REFUSALS[details]
+    if details.startswith("mcp_"):  # the MCP filter refused the body (not JSON, ...)
+        return f"mcp_unparsed: {details}"
     return None
 
 

@@ -1,8 +1,16 @@
 """Per-agent allowlists as Envoy routes: one route per (agent, rule, path), then a refusal.
 
 The agent's identity arrives in AGENT_HEADER, which the agent's sidecar sets and overwrites
-(the identity issue replaces it with the verified client certificate). A rule's rate limit is a
-token bucket on its own routes, so it is per agent, per rule, per gateway instance.
+(the identity issue replaces it with the verified client certificate). A rule's rate limit is
+one token bucket per agent and rule (per gateway instance), however many routes the rule
+becomes: the bucket lives in the destination's virtual host (`rate_limit_config`), and every
+route of the rule names it with a `generic_key` rate-limit action.
+
+MCP tool rules fail closed (`_tool_matches`, `mcp_refusal_routes`): a request is forwarded under
+a tool rule only when the MCP filter described it (a JSON-RPC method other than `tools/call`, or
+`tools/call` of a listed tool) or when it has no body at all. A request with a body that the
+filter did not describe is refused (`mcp_unparsed`), and so is a body over MCP_BODY_LIMIT (the
+gateway buffers whole bodies for tool hosts, so the parser always sees all of it).
 """
 
 from __future__ import annotations
@@ -11,18 +19,22 @@ import functools
 import re
 
 from envoy.config.core.v3 import base_pb2
+from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
 from envoy.type.v3 import percent_pb2, token_bucket_pb2
-from google.protobuf import duration_pb2, wrappers_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from meshgate.policy.model import Destination, EgressRule, PolicyModel
-from meshgate.xds.access_log import allow_route_name
+from meshgate.xds.access_log import BODY_GUARD_POLICY, allow_route_name
 from meshgate.xds.common import json_refusal, pack
 
 AGENT_HEADER = "x-meshgate-agent"
 RATE_LIMIT_FILTER = "envoy.filters.http.local_ratelimit"
+BODY_GUARD_FILTER = "meshgate.mcp-body-guard"  # RBAC, configured only on body-less tool routes
 
 
 Grant = tuple[str, int, EgressRule]  # (agent, index of the rule in its policy, rule)
@@ -46,6 +58,8 @@ def destination_routes(
     for agent, index, rule in grants:
         identity = f"spiffe://{trust_domain}/agent/{agent}" if trust_domain else agent
         routes.extend(rule_routes(agent, dest, index, rule, cluster, identity))
+    if dest.tls != "passthrough" and any(rule.tools for _, _, rule in grants):
+        routes.extend(mcp_refusal_routes(dest))
     tunnel_reason = (
         "no rule of this agent allows a tunnel to this host"
         if dest.tls == "passthrough"
@@ -110,15 +124,8 @@ def rule_routes(
             headers.append(
                 rc.HeaderMatcher(name=h.name, string_match=string_pb2.StringMatcher(exact=h.value))
             )
-    per_filter = {}
-    if rule.rate_limit is not None:
-        per_filter[RATE_LIMIT_FILTER] = pack(
-            token_bucket_limit(
-                f"{agent}.{dest.name}.{index}",
-                rule.rate_limit.requests,
-                rule.rate_limit.per_seconds,
-            )
-        )
+    # the rule's one bucket, shared by all its routes, lives in the virtual host
+    limits = [rule_rate_limit(agent, dest, index)] if rule.rate_limit is not None else []
     if dest.tls == "passthrough":  # the gateway sees only the tunnel's host: one CONNECT route
         match = rc.RouteMatch(connect_matcher=rc.RouteMatch.ConnectMatcher(), headers=headers)
         return (
@@ -133,21 +140,22 @@ def rule_routes(
                             connect_config=rc.RouteAction.UpgradeConfig.ConnectConfig(),
                         )
                     ],
+                    rate_limits=limits,
                 ),
-                typed_per_filter_config=per_filter,
             ),
         )
-    matches = [_path_match(p) for p in rule.paths] or [rc.RouteMatch(prefix="/")]
+    bases = [_path_match(p) for p in rule.paths] or [rc.RouteMatch(prefix="/")]
+    matches: list[tuple[rc.RouteMatch, dict[str, any_pb2.Any]]] = [(m, {}) for m in bases]
     if rule.tools:
-        matches = [m for base in matches for m in _tool_matches(base, rule.tools)]
+        matches = [m for base in bases for m in _tool_matches(base, rule.tools)]
     routes = []
-    for n, match in enumerate(matches):
+    for n, (match, per_filter) in enumerate(matches):
         match.headers.extend(headers)
         routes.append(
             rc.Route(
                 name=allow_route_name(agent, dest.name, index, n),
                 match=match,
-                route=rc.RouteAction(cluster=cluster),
+                route=rc.RouteAction(cluster=cluster, rate_limits=limits),
                 typed_per_filter_config=per_filter,
             )
         )
@@ -157,36 +165,108 @@ def rule_routes(
 MCP_FILTER = "envoy.filters.http.mcp"
 
 
+MCP_BODY_LIMIT = 1024 * 1024  # bytes of a request body the MCP filter reads; longer: refused
+
+
 def _mcp_field(*path: str) -> list[metadata_pb2.MetadataMatcher.PathSegment]:
     return [metadata_pb2.MetadataMatcher.PathSegment(key=k) for k in path]
 
 
-def _tool_matches(base: rc.RouteMatch, tools: tuple[str, ...]) -> list[rc.RouteMatch]:
-    """MCP traffic other than tools/call, plus tools/call naming one of `tools`.
+def _mcp_method(
+    value: value_pb2.ValueMatcher, invert: bool = False
+) -> metadata_pb2.MetadataMatcher:
+    return metadata_pb2.MetadataMatcher(
+        filter=MCP_FILTER, path=_mcp_field("method"), value=value, invert=invert
+    )
 
+
+_TOOLS_CALL = value_pb2.ValueMatcher(string_match=string_pb2.StringMatcher(exact="tools/call"))
+_PRESENT = value_pb2.ValueMatcher(present_match=True)
+
+
+def _no_body() -> list[rc.HeaderMatcher]:
+    """HTTP/1.1 framing says there is no body: no Transfer-Encoding, Content-Length absent or 0.
+
+    (Sidecars speak HTTP/1.1 to the gateway, where a body needs one of the two headers.)"""
+    return [
+        rc.HeaderMatcher(name="transfer-encoding", present_match=True, invert_match=True),
+        rc.HeaderMatcher(
+            name="content-length",
+            string_match=string_pb2.StringMatcher(
+                safe_regex=regex_pb2.RegexMatcher(regex="0*[1-9][0-9]*")
+            ),
+            invert_match=True,
+            treat_missing_header_as_empty=True,
+        ),
+    ]
+
+
+def _has_body() -> list[list[rc.HeaderMatcher]]:
+    """The two ways a request has a body (each list: one route's headers)."""
+    return [
+        [rc.HeaderMatcher(name="transfer-encoding", present_match=True)],
+        [
+            rc.HeaderMatcher(
+                name="content-length",
+                string_match=string_pb2.StringMatcher(
+                    safe_regex=regex_pb2.RegexMatcher(regex="0*[1-9][0-9]*")
+                ),
+            )
+        ],
+    ]
+
+
+def _body_guard() -> any_pb2.Any:
+    """Refuse a request that turns out to have a body after all.
+
+    Envoy picks a route from the headers, before the body arrives; an HTTP/1.1 chunked body
+    shows no framing header there. The gateway's buffer filter (tool hosts only) reads the whole
+    body and sets Content-Length, then the MCP filter parses what it recognises (and re-selects
+    the route); this guard, after both, refuses what is still on the body-less route with a body.
+    """
+    has_body = rbac_pb2.Permission(
+        header=rc.HeaderMatcher(
+            name="content-length",
+            string_match=string_pb2.StringMatcher(
+                safe_regex=regex_pb2.RegexMatcher(regex="0*[1-9][0-9]*")
+            ),
+        )
+    )
+    rules = rbac_pb2.RBAC(
+        action=rbac_pb2.RBAC.DENY,
+        policies={
+            BODY_GUARD_POLICY: rbac_pb2.Policy(
+                permissions=[has_body], principals=[rbac_pb2.Principal(any=True)]
+            )
+        },
+    )
+    return pack(http_rbac_pb2.RBACPerRoute(rbac=http_rbac_pb2.RBAC(rules=rules)))
+
+
+def _tool_matches(
+    base: rc.RouteMatch, tools: tuple[str, ...]
+) -> list[tuple[rc.RouteMatch, dict[str, any_pb2.Any]]]:
+    """What a tool rule admits, each only when proven, with each route's filter configs:
+
+    - a body the MCP filter parsed as JSON-RPC whose method is not `tools/call`;
+    - `tools/call` naming one of `tools`;
+    - a request without a body (an SSE GET, a session DELETE): it carries no call
+      (`_body_guard` refuses it if a body turns up after all).
+
+    Anything else (a body the filter did not describe) falls through to `mcp_refusal_routes`.
     The MCP filter parses the JSON-RPC body into dynamic metadata and re-selects the route.
     """
-    tools_call = string_pb2.StringMatcher(exact="tools/call")
-    not_a_call = rc.RouteMatch()
-    not_a_call.CopyFrom(base)
-    not_a_call.dynamic_metadata.append(
-        metadata_pb2.MetadataMatcher(
-            filter=MCP_FILTER,
-            path=_mcp_field("method"),
-            value=value_pb2.ValueMatcher(string_match=tools_call),
-            invert=True,
-        )
+    other_method = rc.RouteMatch()
+    other_method.CopyFrom(base)
+    other_method.dynamic_metadata.extend(
+        [_mcp_method(_PRESENT), _mcp_method(_TOOLS_CALL, invert=True)]
     )
     allowed_call = rc.RouteMatch()
     allowed_call.CopyFrom(base)
     names = "|".join(re.escape(t) for t in tools)
     allowed_call.dynamic_metadata.extend(
         [
-            metadata_pb2.MetadataMatcher(
-                filter=MCP_FILTER,
-                path=_mcp_field("method"),
-                value=value_pb2.ValueMatcher(string_match=tools_call),
-            ),
+            _mcp_method(_TOOLS_CALL),
             metadata_pb2.MetadataMatcher(
                 filter=MCP_FILTER,
                 path=_mcp_field("params", "name"),
@@ -198,7 +278,61 @@ def _tool_matches(base: rc.RouteMatch, tools: tuple[str, ...]) -> list[rc.RouteM
             ),
         ]
     )
-    return [not_a_call, allowed_call]
+    bodyless = rc.RouteMatch()
+    bodyless.CopyFrom(base)
+    bodyless.dynamic_metadata.append(_mcp_method(_PRESENT, invert=True))
+    bodyless.headers.extend(_no_body())
+    return [(other_method, {}), (allowed_call, {}), (bodyless, {BODY_GUARD_FILTER: _body_guard()})]
+
+
+def mcp_refusal_routes(dest: Destination) -> list[rc.Route]:
+    """After every rule of a destination with tool rules, before its `deny` route:
+
+    - `deny-tool/<dest>`: a parsed `tools/call` no rule of this agent allows (403 tool_denied);
+    - `mcp-unparsed/<dest>`: a request with a body the MCP filter has not described: not
+      JSON-RPC, not sent with MCP's Content-Type and Accept, a GET or DELETE with a body, ...
+
+    (Switching the filter to REJECT_NO_MCP with a per-route McpOverride was tried: in Envoy 1.40
+    the filter then no longer re-selects the route after parsing, so valid calls were refused.
+    PASS_THROUGH plus these routes is as strict, and other rules' traffic is unaffected.)
+    """
+    agent = f"%REQ({AGENT_HEADER})%"
+    deny_tool = rc.Route(
+        name=f"deny-tool/{dest.name}",
+        match=rc.RouteMatch(prefix="/", dynamic_metadata=[_mcp_method(_TOOLS_CALL)]),
+        direct_response=json_refusal(
+            403,
+            {
+                "error": "tool_denied",
+                "agent": agent,
+                "destination": dest.name,
+                "tool": f"%DYNAMIC_METADATA({MCP_FILTER}:params:name):256%",
+                "reason": "no rule of this agent allows this MCP tool",
+            },
+        ),
+    )
+    unparsed = [
+        rc.Route(
+            name=f"mcp-unparsed/{dest.name}",
+            match=rc.RouteMatch(
+                prefix="/",
+                dynamic_metadata=[_mcp_method(_PRESENT, invert=True)],
+                headers=headers,
+            ),
+            direct_response=json_refusal(
+                403,
+                {
+                    "error": "mcp_unparsed",
+                    "agent": agent,
+                    "destination": dest.name,
+                    "reason": "the MCP filter did not read this request's body as a JSON-RPC "
+                    "message, so it cannot be shown not to be a forbidden tool call",
+                },
+            ),
+        )
+        for headers in _has_body()
+    ]
+    return [deny_tool, *unparsed]
 
 
 def _path_match(pattern: str) -> rc.RouteMatch:
@@ -207,27 +341,79 @@ def _path_match(pattern: str) -> rc.RouteMatch:
     return rc.RouteMatch(path=pattern)
 
 
-def token_bucket_limit(
-    stat: str, requests: int, per_seconds: int
-) -> local_rate_limit_pb2.LocalRateLimit:
-    """A full bucket of `requests`, refilled whole every `per_seconds`; 429 with retry-after."""
+RULE_KEY = "meshgate_rule"  # descriptor key naming an agent's rule: agent/destination/index
+
+
+def rule_key(agent: str, dest: Destination, index: int) -> str:
+    return f"{agent}/{dest.name}/{index}"
+
+
+def rule_rate_limit(agent: str, dest: Destination, index: int) -> rc.RateLimit:
+    """The action every route of a rule carries: its requests draw from the rule's bucket."""
+    return rc.RateLimit(
+        actions=[
+            rc.RateLimit.Action(
+                generic_key=rc.RateLimit.Action.GenericKey(
+                    descriptor_key=RULE_KEY, descriptor_value=rule_key(agent, dest, index)
+                )
+            )
+        ]
+    )
+
+
+def _bucket(requests: int, per_seconds: int) -> token_bucket_pb2.TokenBucket:
+    """A full bucket of `requests`, refilled whole every `per_seconds`."""
+    return token_bucket_pb2.TokenBucket(
+        max_tokens=requests,
+        tokens_per_fill=wrappers_pb2.UInt32Value(value=requests),
+        fill_interval=duration_pb2.Duration(seconds=per_seconds),
+    )
+
+
+# The virtual host's default bucket, which requests of rules without a limit would draw from if
+# Envoy consumed it; `always_consume_default_token_bucket` is off, and it is effectively endless.
+UNLIMITED = 1 << 30
+
+
+def rate_limit_config(
+    dest: Destination, grants: tuple[Grant, ...]
+) -> local_rate_limit_pb2.LocalRateLimit | None:
+    """One bucket per rule with a rateLimit, for the destination's virtual host (None: none).
+
+    Routes of a rule name its bucket (`rule_rate_limit`); routes of other rules name none and
+    are never limited. 429s carry `retry-after` (the longest refill period among this host's
+    rules: Envoy adds one set of headers per host) and `x-ratelimit-limit/-remaining/-reset`.
+    """
+    limited = [(a, i, r.rate_limit) for a, i, r in grants if r.rate_limit is not None]
+    if not limited:
+        return None
     always = base_pb2.RuntimeFractionalPercent(
         default_value=percent_pb2.FractionalPercent(
             numerator=100, denominator=percent_pb2.FractionalPercent.HUNDRED
         )
     )
+    retry_after = max(limit.per_seconds for _, _, limit in limited)
     return local_rate_limit_pb2.LocalRateLimit(
-        stat_prefix=f"meshgate_rl.{stat}",
-        token_bucket=token_bucket_pb2.TokenBucket(
-            max_tokens=requests,
-            tokens_per_fill=wrappers_pb2.UInt32Value(value=requests),
-            fill_interval=duration_pb2.Duration(seconds=per_seconds),
-        ),
+        stat_prefix=f"meshgate_rl.{dest.name}",
+        token_bucket=_bucket(UNLIMITED, 1),
         filter_enabled=always,
         filter_enforced=always,
+        always_consume_default_token_bucket=wrappers_pb2.BoolValue(value=False),
+        enable_x_ratelimit_headers=ratelimit_pb2.DRAFT_VERSION_03,
+        descriptors=[
+            ratelimit_pb2.LocalRateLimitDescriptor(
+                entries=[
+                    ratelimit_pb2.RateLimitDescriptor.Entry(
+                        key=RULE_KEY, value=rule_key(agent, dest, index)
+                    )
+                ],
+                token_bucket=_bucket(limit.requests, limit.per_seconds),
+            )
+            for agent, index, limit in limited
+        ],
         response_headers_to_add=[
             base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key="retry-after", value=str(per_seconds)),
+                header=base_pb2.HeaderValue(key="retry-after", value=str(retry_after)),
                 append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
             )
         ],

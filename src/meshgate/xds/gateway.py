@@ -7,32 +7,46 @@ from collections.abc import Mapping, Sequence
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import base_pb2
+from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
+from envoy.config.core.v3 import base_pb2, extension_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
+from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2
+from envoy.extensions.filters.http.buffer.v3 import buffer_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 from envoy.extensions.filters.http.mcp.v3 import mcp_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.http.early_header_mutation.header_mutation.v3 import header_mutation_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
-from envoy.type.matcher.v3 import string_pb2
-from google.protobuf import duration_pb2
+from envoy.type.matcher.v3 import path_pb2, regex_pb2, string_pb2
+from google.api.expr.v1alpha1 import syntax_pb2
+from google.protobuf import duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from meshgate.policy.model import Destination, PolicyModel
 from meshgate.xds.access_log import (
+    BODY_GUARD_POLICY,
+    PATH_NOT_CANONICAL,
+    PATH_TOO_LONG,
+    RBAC_DENIED,
     audit_connection_manager,
     policy_version_header,
 )
 from meshgate.xds.allowlist import (
     AGENT_HEADER,
+    BODY_GUARD_FILTER,
+    MCP_BODY_LIMIT,
     MCP_FILTER,
     RATE_LIMIT_FILTER,
     Grant,
     destination_routes,
     grants_by_destination,
+    rate_limit_config,
 )
 from meshgate.xds.common import (
     ads,
@@ -58,6 +72,7 @@ from meshgate.xds.tool_identity import ToolTokens, tool_identity_resources
 from meshgate.xds.wire import length_delimited, string_field
 
 LISTENER_NAME = "egress-http"
+BUFFER_FILTER = "envoy.filters.http.buffer"
 ROUTE_NAME = "egress-routes"
 
 
@@ -101,8 +116,22 @@ def gateway_resources(
         filters.append(tool_identity)
     tool_hosts = _tool_rule_authorities(model)
     if tool_hosts:
-        mcp = mcp_pb2.Mcp(clear_route_cache=True)
-        filters.insert(0, only_for_authorities(MCP_FILTER, pack(mcp), tool_hosts))
+        # PASS_THROUGH: the routes decide what an unparsed request may do (allowlist._tool_matches)
+        whole_body = buffer_pb2.Buffer(
+            max_request_bytes=wrappers_pb2.UInt32Value(value=MCP_BODY_LIMIT)
+        )
+        mcp = mcp_pb2.Mcp(
+            clear_route_cache=True,
+            max_request_body_size=wrappers_pb2.UInt32Value(value=MCP_BODY_LIMIT),
+        )
+        filters[0:0] = [
+            # whole bodies (up to the limit, else 413) before parsing: the parser sees all of a
+            # body, and a chunked body gets its Content-Length (see allowlist._body_guard)
+            only_for_authorities(BUFFER_FILTER, pack(whole_body), tool_hosts),
+            only_for_authorities(MCP_FILTER, pack(mcp), tool_hosts),
+            only_for_authorities(BODY_GUARD_FILTER, pack(http_rbac_pb2.RBAC()), tool_hosts),
+        ]
+    filters.insert(0, path_guard_filter())
     listener = egress_listener(model.mesh.gateway_listen_port, options.gateway_bind, filters)
     if identity is not None:
         require_agent_certificates(listener)
@@ -208,15 +237,101 @@ def egress_listener(
         http_filters=[*filters, router_filter()],
         upgrade_configs=[connect_upgrade()],
         local_reply_config=refusal_bodies(),
+        # rules are matched on, and requests forwarded with, the canonical path: dot segments
+        # resolved (also percent-encoded ones), repeated slashes merged, %2F/%5C refused
+        normalize_path=wrappers_pb2.BoolValue(value=True),
+        merge_slashes=True,
+        path_with_escaped_slashes_action=hcm_pb2.HttpConnectionManager.REJECT_REQUEST,
     )
+    hcm.early_header_mutation_extensions.append(strip_agent_headers())
     # the audit spool is the gateway's one request log: a second (stdout) logger costs
     # throughput on the hot path for a copy of the same lines
     audit_connection_manager(hcm)
     return http_listener(LISTENER_NAME, bind_address, port, hcm)
 
 
+# Headers an agent may not send upstream: the tool-JWT header (only the gateway's injector sets
+# it) and method overrides, which would make an upstream act on another method than the one the
+# rule allowed. Removed before anything else reads the request.
+STRIPPED_HEADERS = (
+    "x-meshgate-identity",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+)
+
+
+def strip_agent_headers() -> extension_pb2.TypedExtensionConfig:
+    mutation = header_mutation_pb2.HeaderMutation(
+        mutations=[mutation_rules_pb2.HeaderMutation(remove=h) for h in STRIPPED_HEADERS]
+    )
+    return extension_pb2.TypedExtensionConfig(
+        name="meshgate.strip-agent-headers", typed_config=pack(mutation)
+    )
+
+
+# Bytes of :path (query included) the gateway accepts, checked on the normalised path that rules
+# see and upstreams get (Envoy normalises before any filter runs; the raw request line is bounded
+# by Envoy's 60 KiB header limit). Longer is refused, so a record always holds the whole path.
+MAX_PATH = 8192
+PATH_FILTER = "meshgate.path-guard"
+# What Envoy's normalisation leaves that upstreams may still read as a way out of a prefix:
+# `..;x` / `.;x` segments (servlet path parameters), `%3B` after dots, backslashes (raw or
+# encoded, which some servers treat as `/`), a dot segment Envoy did not resolve, or a
+# percent-encoded dot or slash. (Envoy's regexes match the whole path.)
+NON_CANONICAL_PATH = (
+    r".*("
+    r"(^|/)\.\.?(;|%3[bB])"
+    r"|\\"
+    r"|%5[cC]|%2[fF]|%2[eE]"
+    r"|(^|/)\.\.?(/|$)"
+    r").*"
+)
+
+
+def _cel_call(function: str, *args: syntax_pb2.Expr) -> syntax_pb2.Expr:
+    return syntax_pb2.Expr(call_expr=syntax_pb2.Expr.Call(function=function, args=list(args)))
+
+
+def path_guard_filter() -> hcm_pb2.HttpFilter:
+    """Refuse, before any route is used, a :path longer than MAX_PATH (no record need cut it)
+    or one Envoy could not make canonical (NON_CANONICAL_PATH).
+    Local replies (`refusal_bodies`) turn the RBAC refusals into JSON with a reason."""
+    request = syntax_pb2.Expr(ident_expr=syntax_pb2.Expr.Ident(name="request"))
+    request_path = syntax_pb2.Expr(
+        select_expr=syntax_pb2.Expr.Select(operand=request, field="path")
+    )
+    too_long = _cel_call(
+        "_>_",
+        _cel_call("size", request_path),
+        syntax_pb2.Expr(const_expr=syntax_pb2.Constant(int64_value=MAX_PATH)),
+    )
+    anyone = [rbac_pb2.Principal(any=True)]
+    rules = rbac_pb2.RBAC(
+        action=rbac_pb2.RBAC.DENY,
+        policies={
+            PATH_TOO_LONG: rbac_pb2.Policy(
+                permissions=[rbac_pb2.Permission(any=True)], principals=anyone, condition=too_long
+            ),
+            PATH_NOT_CANONICAL: rbac_pb2.Policy(
+                permissions=[
+                    rbac_pb2.Permission(
+                        url_path=path_pb2.PathMatcher(
+                            path=string_pb2.StringMatcher(
+                                safe_regex=regex_pb2.RegexMatcher(regex=NON_CANONICAL_PATH)
+                            )
+                        )
+                    )
+                ],
+                principals=anyone,
+            ),
+        },
+    )
+    return hcm_pb2.HttpFilter(name=PATH_FILTER, typed_config=pack(http_rbac_pb2.RBAC(rules=rules)))
+
+
 def rate_limit_filter() -> hcm_pb2.HttpFilter:
-    """Enabled per route only: routes of rules without a rateLimit carry no bucket."""
+    """Enabled per virtual host: hosts whose rules have no rateLimit carry no buckets."""
     return hcm_pb2.HttpFilter(
         name=RATE_LIMIT_FILTER,
         typed_config=pack(local_rate_limit_pb2.LocalRateLimit(stat_prefix="meshgate_rl")),
@@ -250,8 +365,77 @@ def refusal_bodies(agent: str = f"%REQ({AGENT_HEADER})%") -> hcm_pb2.LocalReplyC
     upstream_failed = accesslog_pb2.AccessLogFilter(
         response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=list(UPSTREAM_FLAGS))
     )
+
+    def details(expression: str) -> accesslog_pb2.AccessLogFilter:
+        return accesslog_pb2.AccessLogFilter(
+            extension_filter=accesslog_pb2.ExtensionFilter(
+                name="envoy.access_loggers.extension_filters.cel",
+                typed_config=pack(cel_pb2.ExpressionFilter(expression=expression)),
+            )
+        )
+
+    def refusal(
+        when: accesslog_pb2.AccessLogFilter, status: int, fields: dict[str, str]
+    ) -> hcm_pb2.ResponseMapper:
+        m = mapper(when, fields)
+        m.status_code.value = status
+        return m
+
+    rbac = RBAC_DENIED
     return hcm_pb2.LocalReplyConfig(
         mappers=[
+            refusal(
+                details(f"response.code_details == '{rbac}[{PATH_TOO_LONG}]'"),
+                414,
+                {
+                    "error": "path_too_long",
+                    "agent": agent,
+                    "reason": f"the request path is longer than {MAX_PATH} bytes",
+                },
+            ),
+            refusal(
+                details(
+                    f"response.code_details == '{rbac}[{PATH_NOT_CANONICAL}]'"
+                    " || response.code_details == 'path_normalization_failed'"
+                ),
+                400,
+                {
+                    "error": "path_not_canonical",
+                    "agent": agent,
+                    "reason": "the path has a segment or escape the gateway cannot make "
+                    "canonical: a `..;` segment, a backslash, or an encoded slash, "
+                    "backslash or dot",
+                },
+            ),
+            refusal(
+                details(f"response.code_details == '{rbac}[{BODY_GUARD_POLICY}]'"),
+                403,
+                {
+                    "error": "mcp_unparsed",
+                    "agent": agent,
+                    "reason": "a request with a body the MCP filter did not read as JSON-RPC "
+                    "(a tool call cannot be ruled out)",
+                },
+            ),
+            refusal(
+                details("response.code_details == 'request_payload_too_large'"),
+                413,
+                {
+                    "error": "body_too_large",
+                    "agent": agent,
+                    "reason": f"request bodies to MCP tool hosts are limited to {MCP_BODY_LIMIT} "
+                    "bytes",
+                },
+            ),
+            refusal(
+                details("response.code_details.startsWith('mcp_')"),
+                403,
+                {
+                    "error": "mcp_unparsed",
+                    "agent": agent,
+                    "reason": "MCP filter: %LOCAL_REPLY_BODY% (%RESPONSE_CODE_DETAILS%)",
+                },
+            ),
             mapper(status_429, {"error": "rate_limited", "agent": agent, "route": "%ROUTE_NAME%"}),
             mapper(
                 upstream_failed,
@@ -370,10 +554,14 @@ def _destination_vhost(
         ]
     else:
         routes = destination_routes(dest, cluster_name(dest), grants, trust_domain)
-    return route_components_pb2.VirtualHost(
+    vhost = route_components_pb2.VirtualHost(
         name=dest.name,
         domains=[dest.host, f"{dest.host}:{dest.port}"],
         routes=routes,
         # identity is the gateway's business; upstream tools never see (or trust) the header
         request_headers_to_remove=[AGENT_HEADER],
     )
+    limits = rate_limit_config(dest, grants)
+    if limits is not None:  # one bucket per rule, shared by all the rule's routes
+        vhost.typed_per_filter_config[RATE_LIMIT_FILTER].CopyFrom(pack(limits))
+    return vhost

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshgate.audit.ingest import (
+    MAX_PATH,
     IngestError,
     agent_name,
     decide,
@@ -38,6 +39,8 @@ def line(**overrides: Any) -> str:
         "bytes_received": 0,
         "bytes_sent": 42,
         "duration_us": 1500,
+        "mcp_method": None,
+        "mcp_tool": None,
     }
     assert set(fields) == set(SPOOL_FORMAT)  # the test speaks the format the gateway writes
     fields.update(overrides)
@@ -47,6 +50,8 @@ def line(**overrides: Any) -> str:
 ROUTES = {  # (decision, reason) -> the name of a gateway route that decides that
     ("allowed", ""): "allow/researcher/{dest}/0/0",
     ("denied", "egress_denied"): "deny/{dest}",
+    ("denied", "tool_denied"): "deny-tool/{dest}",
+    ("denied", "mcp_unparsed"): "mcp-unparsed/{dest}",
     ("denied", "unknown_destination"): "unknown-destination",
     ("upstream_error", "credential_unavailable"): "no-credential/{dest}",
 }
@@ -156,12 +161,58 @@ def test_malformed_lines_are_one_error(text: str) -> None:
         entry_from_spool(text)
 
 
-def test_fields_are_bounded() -> None:
+def test_fields_are_bounded_but_paths_are_whole() -> None:
     # a refusal: the agent comes from the header (an allow route would name it)
+    tail = "/../../admin"
     r = record(
-        path="/" + "a" * 10_000, agent="x" * 10_000, decision="denied", reason="egress_denied"
+        path="/" + "a" * 10_000 + tail,
+        agent="x" * 10_000,
+        decision="denied",
+        reason="egress_denied",
     )
-    assert len(r.path) == 2048 and len(r.agent) == 2048
+    assert len(r.agent) == 2048
+    assert r.path.endswith(tail) and len(r.path) == 10_001 + len(tail)  # never cut
+    assert len(record(path="/" + "a" * 100_000).path) == MAX_PATH  # only a forged stream
+
+
+def test_mcp_method_and_tool_are_recorded() -> None:
+    r = record(mcp_method="tools/call", mcp_tool="read_file")
+    assert (r.mcp_method, r.mcp_tool) == ("tools/call", "read_file")
+    assert record().mcp_method == "" and record().mcp_tool == ""
+    denied = record(
+        decision="denied", reason="tool_denied", mcp_method="tools/call", mcp_tool="write_file"
+    )
+    assert (denied.decision, denied.reason, denied.mcp_tool) == (
+        "denied",
+        "tool_denied",
+        "write_file",
+    )
+
+
+@pytest.mark.parametrize(
+    ("route", "status", "details", "reason"),
+    [
+        # the gateway's own filters refuse before the (allow) route is used
+        ("allow/researcher/docs/0/0", 414, "rbac_access_denied_matched_policy[path-too-long]",
+         "path_too_long"),
+        ("allow/researcher/docs/0/0", 400,
+         "rbac_access_denied_matched_policy[path-not-canonical]", "path_not_canonical"),
+        (None, 400, "path_normalization_failed", "path_not_canonical"),
+        ("allow/researcher/mcp/0/2", 403, "rbac_access_denied_matched_policy[mcp-body-unparsed]",
+         "mcp_unparsed: a body on a request routed as body-less"),
+        ("mcp-unparsed/mcp", 413, "request_payload_too_large", "body_too_large"),
+        ("mcp-unparsed/mcp", 403, "mcp_parse_error", "mcp_unparsed: mcp_parse_error"),
+        ("mcp-unparsed/mcp", 403, "direct_response", "mcp_unparsed"),
+        ("deny-tool/mcp", 403, "direct_response", "tool_denied"),
+    ],
+)  # fmt: skip
+def test_gateway_filter_refusals_are_denied_with_their_reason(
+    route: str | None, status: int, details: str, reason: str
+) -> None:
+    r = record_from_entry(
+        entry_from_spool(line(route=route, status=status, details=details)), "gateway/g1"
+    )
+    assert (r.decision, r.reason) == ("denied", reason)
 
 
 @given(st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=40))
