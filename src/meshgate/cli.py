@@ -51,6 +51,13 @@ SidecarPortOpt = Annotated[
     int, typer.Option(help="Loopback proxy port of the injected sidecars (apps' HTTP_PROXY).")
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v")]
+HealthPortOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Envoy answers GET /healthz/ready on 127.0.0.1:PORT (for outside probes; nothing "
+        "else). Envoy's admin is a unix socket in the state dir, never a port."
+    ),
+]
 InsecureServeOpt = Annotated[
     bool,
     typer.Option(
@@ -263,7 +270,7 @@ def serve(
 def gateway(
     control_plane: Annotated[str, typer.Option(help="xDS address HOST:PORT.")] = "127.0.0.1:18000",
     name: Annotated[str, typer.Option(help="Gateway name; node id is gateway/NAME.")] = "local",
-    admin_port: Annotated[int, typer.Option(help="Envoy admin port.")] = 15000,
+    health_port: HealthPortOpt = None,
     state_dir: StateOpt = DEFAULT_STATE,
     delta: Annotated[bool, typer.Option(help="Use incremental (delta) xDS.")] = False,
     concurrency: Annotated[int, typer.Option(help="Envoy worker threads.")] = 1,
@@ -296,7 +303,7 @@ def gateway(
         _consul_registration(
             register_consul,
             name,
-            admin_port,
+            health_port,
             advertise,
             consul_service,
             consul_token_file,
@@ -310,16 +317,19 @@ def gateway(
         envoy = await _start_gateway(
             control_plane,
             name,
-            admin_port,
             state_dir,
             delta,
             concurrency,
             token_file=token_file,
             xds_ca=xds_ca,
+            health_port=health_port,
             insecure=insecure,
         )
         registrar = None
-        console.print(f"gateway [bold]gateway/{name}[/bold] running; Envoy admin on :{admin_port}")
+        console.print(
+            f"gateway [bold]gateway/{name}[/bold] running; Envoy admin on {envoy.admin.socket}",
+            highlight=False,
+        )
         try:
             if registration is not None:
                 from meshgate.sidecar.consul_registration import ConsulRegistrar
@@ -338,7 +348,7 @@ def gateway(
 def _consul_registration(
     address: str,
     name: str,
-    admin_port: int,
+    health_port: int | None,
     advertise: str,
     service: str,
     token_file: Path | None,
@@ -348,6 +358,7 @@ def _consul_registration(
     from pydantic_core import PydanticCustomError
 
     from meshgate.policy import syntax
+    from meshgate.sidecar.bootstrap import HEALTH_PATH
     from meshgate.sidecar.consul_registration import Registration
 
     try:
@@ -367,13 +378,15 @@ def _consul_registration(
             raise _fail(f"--consul-token-file {token_file}: cannot read: {exc}") from None
     if ca_file is not None and not address.startswith("https://"):
         raise _fail("--consul-ca-file needs an https:// --register-consul address")
+    if health_port is None:
+        raise _fail("--register-consul needs --health-port (Consul's HTTP check)")
     return Registration(
         consul=address,
         service_id=f"{service}-{name}",
         service=service,
         address=host,
         port=port,
-        check_url=f"http://127.0.0.1:{admin_port}/ready",
+        check_url=f"http://127.0.0.1:{health_port}{HEALTH_PATH}",
         token=token,
         ca_file=str(ca_file) if ca_file else None,
         meta=(("meshgate_node", f"gateway/{name}"),),
@@ -383,13 +396,13 @@ def _consul_registration(
 async def _start_gateway(
     control_plane: str,
     name: str,
-    admin_port: int,
     state_dir: Path,
     delta: bool,
     concurrency: int,
     wait_ready: bool = False,
     token_file: Path | None = None,
     xds_ca: Path | None = None,
+    health_port: int | None = None,
     insecure: bool = False,
 ) -> Any:
     """The gateway Envoy plus the shipper of its audit spool to the control plane."""
@@ -398,12 +411,12 @@ async def _start_gateway(
     gw = prepare_gateway(
         name,
         control_plane,
-        admin_port,
         state_dir,
         token_file,
         delta=delta,
         concurrency=concurrency,
         xds_ca=xds_ca,
+        health_port=health_port,
         insecure=insecure,
     )
     await gw.start()
@@ -428,7 +441,6 @@ def up(
     state_dir: StateOpt = DEFAULT_STATE,
     xds_port: XdsPortOpt = 18000,
     admin_port: AdminPortOpt = 18001,
-    gateway_admin_port: Annotated[int, typer.Option(help="Gateway Envoy admin port.")] = 15000,
     insecure: InsecureServeOpt = False,
     ca: CaOpt = "builtin",
     vault_address: VaultAddressOpt = None,
@@ -477,7 +489,6 @@ def up(
             envoy = await _start_gateway(
                 f"127.0.0.1:{xds_port}",
                 "local",
-                gateway_admin_port,
                 state_dir,
                 False,
                 1,
@@ -488,8 +499,8 @@ def up(
             port = model.mesh.gateway_listen_port if model else "?"
             console.print(
                 f"[green]meshgate is up[/green]: policy {cp.policy.to_json()['version']} from "
-                f"{policies}\n  egress gateway  http://127.0.0.1:{port}  (Envoy admin :"
-                f"{gateway_admin_port})\n  xDS             {cp.xds_address}"
+                f"{policies}\n  egress gateway  http://127.0.0.1:{port}  (Envoy admin "
+                f"{envoy.admin.socket})\n  xDS             {cp.xds_address}"
                 f"{' (TLS)' if xds_tls else ''}\n  admin/status    "
                 f"http://{cp.admin_address}/status\nPress Ctrl-C to stop."
             )
@@ -631,7 +642,7 @@ def sidecar_run(
     ctx: typer.Context,
     agent: Annotated[str, typer.Option(help="Agent name; identity of everything it sends.")],
     control_plane: Annotated[str, typer.Option(help="xDS address HOST:PORT.")] = "127.0.0.1:18000",
-    admin_port: Annotated[int, typer.Option(help="Sidecar Envoy admin port.")] = 15090,
+    health_port: HealthPortOpt = None,
     instance: Annotated[str, typer.Option(help="Instance id (node agent/NAME/ID).")] = "local",
     state_dir: StateOpt = DEFAULT_STATE,
     token_file: TokenFileOpt = None,
@@ -694,13 +705,13 @@ def sidecar_run(
                 agent,
                 instance,
                 control_plane,
-                admin_port,
                 state_dir,
                 command,
                 stop,
                 token_file,
                 xds_ca,
                 strict=strict,
+                health_port=health_port,
                 user=agent_user,
                 proxy_port=proxy_port,
                 insecure=insecure,
@@ -840,7 +851,9 @@ app.add_typer(inject_app, name="inject")
 
 ImageOpt = Annotated[str, typer.Option(help="Image of the injected sidecar (has meshgate, envoy).")]
 InjectCpOpt = Annotated[str, typer.Option(help="xDS address HOST:PORT the sidecars dial.")]
-InjectAdminOpt = Annotated[int, typer.Option(help="Sidecar Envoy admin port (loopback).")]
+InjectHealthOpt = Annotated[
+    int, typer.Option(help="Sidecar's loopback GET /healthz/ready port (its probes).")
+]
 InjectXdsCaOpt = Annotated[
     str,
     typer.Option(help="ConfigMap (key ca.crt) in the pod's namespace verifying the xDS port."),
@@ -854,7 +867,7 @@ def _inject_settings(
     image: str,
     control_plane: str,
     sidecar_port: int,
-    admin_port: int,
+    health_port: int,
     xds_ca_configmap: str,
     xds_tls: bool,
 ) -> Any:
@@ -865,7 +878,7 @@ def _inject_settings(
             image,
             control_plane,
             sidecar_port,
-            admin_port,
+            health_port,
             xds_ca_configmap=xds_ca_configmap if xds_tls else None,
         )
     except MeshgateError as exc:
@@ -881,7 +894,7 @@ def inject_serve(
     image: ImageOpt = "ghcr.io/meshgate/meshgate:0.1.0",
     control_plane: InjectCpOpt = "meshgate-control-plane.meshgate-system.svc:18000",
     sidecar_port: SidecarPortOpt = 15080,
-    admin_port: InjectAdminOpt = 15090,
+    health_port: InjectHealthOpt = 15021,
     xds_ca_configmap: InjectXdsCaOpt = "meshgate-xds-ca",
     xds_tls: InjectXdsTlsOpt = True,
     verbose: VerboseOpt = False,
@@ -890,7 +903,7 @@ def inject_serve(
     from meshgate.sidecar.webhook import serve_webhook
 
     settings = _inject_settings(
-        image, control_plane, sidecar_port, admin_port, xds_ca_configmap, xds_tls
+        image, control_plane, sidecar_port, health_port, xds_ca_configmap, xds_tls
     )
     _setup_logging(verbose)
 
@@ -908,7 +921,7 @@ def inject_pod(
     image: ImageOpt = "ghcr.io/meshgate/meshgate:0.1.0",
     control_plane: InjectCpOpt = "meshgate-control-plane.meshgate-system.svc:18000",
     sidecar_port: SidecarPortOpt = 15080,
-    admin_port: InjectAdminOpt = 15090,
+    health_port: InjectHealthOpt = 15021,
     xds_ca_configmap: InjectXdsCaOpt = "meshgate-xds-ca",
     xds_tls: InjectXdsTlsOpt = True,
 ) -> None:
@@ -916,7 +929,7 @@ def inject_pod(
     from meshgate.sidecar.injector import inject_manifests
 
     settings = _inject_settings(
-        image, control_plane, sidecar_port, admin_port, xds_ca_configmap, xds_tls
+        image, control_plane, sidecar_port, health_port, xds_ca_configmap, xds_tls
     )
     try:
         text = sys.stdin.read() if str(file) == "-" else file.read_text()

@@ -23,6 +23,7 @@ from meshgate.controlplane.server import ControlPlane, ServeOptions
 from meshgate.controlplane.sources import DirectorySource, PolicySource
 from meshgate.controlplane.vault_ca import VaultCASettings
 from meshgate.sidecar.bootstrap import BootstrapSpec, ProxyBinding, write_bootstrap
+from meshgate.sidecar.envoy_admin import AdminSocket
 from meshgate.sidecar.envoy_process import EnvoyProcess
 from meshgate.xds.access_log import SPOOL_FILE
 
@@ -163,26 +164,26 @@ async def gateway(
 
     Envoy runs in `workdir/gateway-<name>/`, where it writes its audit spool; with `audit`, a
     shipper sends the spool to the control plane (as `meshgate gateway` does)."""
-    admin = free_port()
     if token is None and cp.tokens is not None:
         token, _ = cp.tokens.create(f"gateway/{name}", 600)
+    cwd = workdir / f"gateway-{name}"
+    admin = AdminSocket.in_dir(cwd)  # pytest's tmp paths are long: often the /tmp fallback
     spec = BootstrapSpec(
         f"gateway/{name}",
         "meshgate-gateway",
         "127.0.0.1",
         cp.options.xds_port,
-        admin,
+        str(admin.path),
         delta=delta,
         metadata=(("authorization", f"Bearer {token}"),) if token else (),
     )
     boot = workdir / f"gateway-{name}.json"
     write_bootstrap(boot, spec)
-    cwd = workdir / f"gateway-{name}"
     envoy = EnvoyProcess(boot, admin, workdir / f"gateway-{name}.log", cwd=cwd)
     await envoy.start()
     shipping: asyncio.Task[None] | None = None
     shipper = SpoolShipper(
-        cwd / SPOOL_FILE, cp.xds_address, spec.node_id, spec.metadata, envoy_admin_port=admin
+        cwd / SPOOL_FILE, cp.xds_address, spec.node_id, spec.metadata, envoy_admin=envoy.admin
     )
     try:
         await envoy.wait_ready(ready_timeout)
@@ -207,18 +208,19 @@ async def sidecar(
 
     It runs in `workdir/sidecar-<agent>/`; with `audit`, its spool (what it refuses itself)
     is shipped to the control plane."""
-    admin, proxy_port = free_port(), free_port()
+    cwd = workdir / f"sidecar-{agent}"
+    admin = AdminSocket.in_dir(cwd)
+    proxy_port = free_port()
     spec = BootstrapSpec(
         f"agent/{agent}/test",
         "meshgate-agent",
         "127.0.0.1",
         cp.options.xds_port,
-        admin,
+        str(admin.path),
         proxy=ProxyBinding(agent, "127.0.0.1", proxy_port),
     )
     boot = workdir / f"sidecar-{agent}.json"
     write_bootstrap(boot, spec)
-    cwd = workdir / f"sidecar-{agent}"
     envoy = EnvoyProcess(boot, admin, workdir / f"sidecar-{agent}.log", cwd=cwd)
     await envoy.start()
     shipper = SpoolShipper(cwd / SPOOL_FILE, cp.xds_address, spec.node_id, spec.metadata)
@@ -252,9 +254,9 @@ async def until(
 
 
 async def envoy_admin(envoy: EnvoyProcess, path: str) -> str:
-    async with httpx.AsyncClient() as client:
-        resp = await client.get(f"http://127.0.0.1:{envoy.admin_port}{path}")
-        return resp.text
+    """GET `path` from Envoy's admin, over its unix socket (it has no TCP admin port)."""
+    resp = await envoy.admin.arequest("GET", path)
+    return resp.text
 
 
 async def via_gateway(

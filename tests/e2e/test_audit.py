@@ -236,7 +236,7 @@ async def test_spool_rotation_with_a_real_envoy_loses_nothing(tmp_path: Path) ->
         ):
             spool = tmp_path / "gateway-rot" / "audit-spool.jsonl"
             shipper = SpoolShipper(
-                spool, cp.xds_address, "gateway/rot", envoy_admin_port=gw.admin_port,
+                spool, cp.xds_address, "gateway/rot", envoy_admin=gw.admin,
                 rotate_bytes=3_000,
             )  # fmt: skip
             shipping = asyncio.create_task(shipper.run())

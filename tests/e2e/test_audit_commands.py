@@ -43,7 +43,7 @@ def eventually(check: object, timeout: float = 30, what: str = "condition") -> o
 
 
 def test_gateway_ships_and_audit_query_shows_it(tmp_path: Path) -> None:
-    listen, xds, admin, envoy_admin = free_port(), free_port(), free_port(), free_port()
+    listen, xds, admin = free_port(), free_port(), free_port()
     state = tmp_path / "state"
     write_policy(
         tmp_path / "policies",
@@ -64,7 +64,7 @@ def test_gateway_ships_and_audit_query_shows_it(tmp_path: Path) -> None:
             what="control plane ready",
         )
         gateway = spawn(
-            "gateway", "--control-plane", f"127.0.0.1:{xds}", "--admin-port", str(envoy_admin),
+            "gateway", "--control-plane", f"127.0.0.1:{xds}",
             "--state-dir", str(state), "--name", "local", "--insecure",
             log=tmp_path / "gateway.log",
         )  # fmt: skip

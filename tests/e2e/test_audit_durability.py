@@ -95,7 +95,7 @@ async def test_sigkill_under_load_loses_and_doubles_nothing(tmp_path: Path) -> N
         try:
             await wait_ready(f"127.0.0.1:{admin}")
             # the launcher mints the gateway's join token from the state dir, as on one host
-            gw = prepare_gateway("e2e", f"127.0.0.1:{xds}", free_port(), state, None, insecure=True)
+            gw = prepare_gateway("e2e", f"127.0.0.1:{xds}", state, None, insecure=True)
             await gw.start()
             await gw.wait_ready()
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from builders import free_port
+from envoys import envoys_under, wait_live_admin
 from harness import write_policy
 
 pytestmark = pytest.mark.e2e
@@ -61,7 +62,7 @@ print(json.dumps(out))
 
 
 def test_up_serves_gateway_status_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
-    listen, xds, admin, gw_admin = free_port(), free_port(), free_port(), free_port()
+    listen, xds, admin = free_port(), free_port(), free_port()
     upstream = free_port()
     write_policy(tmp_path / "policies", listen, {"alpha": upstream})
     proc = subprocess.Popen(
@@ -76,8 +77,6 @@ def test_up_serves_gateway_status_and_stops_cleanly_on_ctrl_c(tmp_path: Path) ->
             str(xds),
             "--admin-port",
             str(admin),
-            "--gateway-admin-port",
-            str(gw_admin),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -85,7 +84,9 @@ def test_up_serves_gateway_status_and_stops_cleanly_on_ctrl_c(tmp_path: Path) ->
     )
     try:
         wait_http(f"http://127.0.0.1:{admin}/readyz")
-        wait_http(f"http://127.0.0.1:{gw_admin}/ready")
+        [gw_admin] = wait_live_admin(proc.pid)  # Envoy's admin: a unix socket, no TCP port
+        assert gw_admin.socket.stat().st_mode & 0o777 == 0o600
+        [envoy] = envoys_under(proc.pid)
         state = ("--state-dir", str(tmp_path / "state"))  # the admin token is there
         # up requires join tokens; its gateway minted one, kept in an owner-only bootstrap
         boot = tmp_path / "state" / "gateway-local.json"
@@ -113,8 +114,6 @@ def test_up_serves_gateway_status_and_stops_cleanly_on_ctrl_c(tmp_path: Path) ->
             "researcher",
             "--control-plane",
             f"127.0.0.1:{xds}",
-            "--admin-port",
-            str(free_port()),
             "--state-dir",
             str(tmp_path / "state"),
             "--",
@@ -156,8 +155,8 @@ def test_up_serves_gateway_status_and_stops_cleanly_on_ctrl_c(tmp_path: Path) ->
     assert proc.returncode == 0, err
     assert "meshgate stopped." in out
     assert "Traceback" not in err
-    with pytest.raises(httpx.HTTPError):
-        httpx.get(f"http://127.0.0.1:{gw_admin}/ready", timeout=1)
+    assert not envoy.is_running()
+    assert not gw_admin.is_live() and not gw_admin.socket.exists()
 
 
 def test_serve_on_occupied_port_is_one_line_error(tmp_path: Path) -> None:

@@ -60,8 +60,7 @@ def write_consul_policy(directory: Path, listen: int, consul_url: str) -> None:
 
 
 async def stats(envoy: EnvoyProcess) -> dict[str, int]:
-    async with httpx.AsyncClient() as client:
-        text = (await client.get(f"http://127.0.0.1:{envoy.admin_port}/stats")).text
+    text = (await envoy.admin.arequest("GET", "/stats")).text
     out = {}
     for line in text.splitlines():
         name, _, value = line.partition(": ")
@@ -198,8 +197,7 @@ async def test_gateway_follows_the_consul_catalogue(
 
 
 async def _cla_size(gw: EnvoyProcess, n: int) -> bool:
-    async with httpx.AsyncClient() as client:
-        text = (await client.get(f"http://127.0.0.1:{gw.admin_port}/clusters")).text
+    text = (await gw.admin.arequest("GET", "/clusters")).text
     hosts = set(re.findall(rf"^{CLUSTER}::([0-9.]+:[0-9]+)::cx_active", text, re.M))
     return len(hosts) == n
 
@@ -239,7 +237,7 @@ async def _cli_status(cp: ControlPlane) -> str:
 def test_gateway_registers_itself_and_deregisters_on_a_clean_stop(tmp_path: Path) -> None:
     token_file = tmp_path / "consul-token"
     token_file.write_text(TOKEN + "\n")
-    admin = free_port()
+    health = free_port()
     with fake_consul(token=TOKEN) as consul:
         proc = subprocess.Popen(
             [
@@ -251,8 +249,8 @@ def test_gateway_registers_itself_and_deregisters_on_a_clean_stop(tmp_path: Path
                 f"127.0.0.1:{free_port()}",  # nothing there: registration does not need xDS
                 "--name",
                 "edge-1",
-                "--admin-port",
-                str(admin),
+                "--health-port",
+                str(health),
                 "--state-dir",
                 str(tmp_path / "state"),
                 "--insecure",  # no control plane here, so nothing to verify
@@ -274,7 +272,7 @@ def test_gateway_registers_itself_and_deregisters_on_a_clean_stop(tmp_path: Path
             assert (body["address"], body["port"]) == ("10.1.2.3", 15001)
             assert body["meta"] == {"meshgate_node": "gateway/edge-1"}
             [check] = body["checks"]
-            assert check["http"] == f"http://127.0.0.1:{admin}/ready"
+            assert check["http"] == f"http://127.0.0.1:{health}/healthz/ready"
             assert check["DeregisterCriticalServiceAfter"] == "1m"
             proc.terminate()  # SIGTERM: a clean stop
             out, _ = proc.communicate(timeout=30)
@@ -304,7 +302,7 @@ def _wait_for(check, proc: subprocess.Popen[str], timeout: float = 30) -> None: 
 
 def test_registration_retries_while_consul_is_down(tmp_path: Path) -> None:
     """A Consul answering errors at start does not stop the gateway; it registers later."""
-    admin = free_port()
+    health = free_port()
     with fake_consul() as consul:
         consul.set_failing(500)
         proc = subprocess.Popen(
@@ -315,8 +313,8 @@ def test_registration_retries_while_consul_is_down(tmp_path: Path) -> None:
                 "gateway",
                 "--control-plane",
                 f"127.0.0.1:{free_port()}",
-                "--admin-port",
-                str(admin),
+                "--health-port",
+                str(health),
                 "--state-dir",
                 str(tmp_path / "state"),
                 "--insecure",  # no control plane here, so nothing to verify
@@ -362,6 +360,23 @@ def test_bad_register_consul_address_is_one_line(tmp_path: Path) -> None:
     assert res.stderr.strip().splitlines() == [
         "error: --register-consul 'consul:8500': must start with http:// or https://, like "
         "http://127.0.0.1:8500"
+    ]
+
+
+def test_register_consul_needs_a_health_port(tmp_path: Path) -> None:
+    """Consul's HTTP check gets the health listener: Envoy's admin is a unix socket."""
+    res = subprocess.run(
+        [
+            sys.executable, "-m", "meshgate.cli", "gateway", "--register-consul",
+            "http://127.0.0.1:8500", "--state-dir", str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == [
+        "error: --register-consul needs --health-port (Consul's HTTP check)"
     ]
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from builders import free_port
+from envoys import wait_live_admin
 from harness import upstream, write_policy
 
 pytestmark = pytest.mark.e2e
@@ -65,7 +66,7 @@ async def wait_ready(url: str, timeout: float = 30) -> httpx.Response:
 
 
 async def test_up_agent_script_and_its_audit_trail(tmp_path: Path, agent_dir: Path) -> None:
-    listen, xds, admin, gw_admin = (free_port() for _ in range(4))
+    listen, xds, admin = (free_port() for _ in range(3))
     state = tmp_path / "state"
     async with upstream("search") as search, upstream("billing") as billing:
         write_policy(
@@ -85,14 +86,12 @@ async def test_up_agent_script_and_its_audit_trail(tmp_path: Path, agent_dir: Pa
             str(xds),
             "--admin-port",
             str(admin),
-            "--gateway-admin-port",
-            str(gw_admin),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
         try:
             version = (await wait_ready(f"http://127.0.0.1:{admin}/readyz")).json()["version"]
-            await wait_ready(f"http://127.0.0.1:{gw_admin}/ready")
+            await asyncio.to_thread(wait_live_admin, up.pid)
             script = agent_dir / "agent.py"  # run by `nobody`, as sidecar run drops CMD to it
             script.write_text(AGENT)
             script.chmod(0o644)
@@ -103,8 +102,6 @@ async def test_up_agent_script_and_its_audit_trail(tmp_path: Path, agent_dir: Pa
                 "researcher",
                 "--control-plane",
                 f"127.0.0.1:{xds}",
-                "--admin-port",
-                str(free_port()),
                 "--state-dir",
                 str(state),
                 "--",

@@ -48,8 +48,6 @@ async def test_sidecar_run_stamps_identity_and_returns_command_status(tmp_path: 
                 "researcher",
                 "--control-plane",
                 cp.xds_address,
-                "--admin-port",
-                str(free_port()),
                 "--state-dir",
                 str(tmp_path / "sc"),
                 "--insecure",  # the harness's control plane serves plaintext xDS

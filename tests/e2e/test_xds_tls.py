@@ -34,7 +34,6 @@ def gateway_envoy(
         "gateway/tls",
         "gateway/tls",
         cp.xds_address,
-        free_port(),
         state,
         token_file,
         file_stem="gateway-tls",

@@ -238,8 +238,6 @@ class Mesh:
             agent,
             "--control-plane",
             self.xds,
-            "--admin-port",
-            str(free_port()),
             *sidecar_args,
             "--",
             *argv,
@@ -355,11 +353,8 @@ def _start(
 
     common = ("--xds-port", str(xds), "--admin-port", str(admin))
     if mode == "up":
-        return [spawn("up", *common, "--gateway-admin-port", str(free_port()), log="up.log")]
+        return [spawn("up", *common, log="up.log")]
     serve = spawn("serve", *common, log="serve.log")
     _wait(lambda: _http_ok(f"http://127.0.0.1:{admin}/readyz"), "serve ready", [serve], 60)
-    gateway = spawn(
-        "gateway", "--control-plane", f"127.0.0.1:{xds}", "--admin-port", str(free_port()),
-        log="gateway.log",
-    )  # fmt: skip
+    gateway = spawn("gateway", "--control-plane", f"127.0.0.1:{xds}", log="gateway.log")
     return [serve, gateway]

@@ -145,7 +145,7 @@ def test_each_sidecar_owns_its_listener(mesh: Mesh) -> None:
     port = free_port()
     other = subprocess.Popen(
         [*MESHGATE, "sidecar", "run", "--agent", "accountant", "--control-plane", mesh.xds,
-         "--admin-port", str(free_port()), "--proxy-port", str(port)],
+         "--proxy-port", str(port)],
         cwd=mesh.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -222,7 +222,7 @@ def test_nodes_refuse_to_start_without_tls_or_token(mesh: Mesh, tmp_path: Path) 
     start (no silent plaintext); --insecure is the one explicit way, and it warns."""
     empty = tmp_path / "state"
     gw = mesh.meshgate("gateway", "--control-plane", mesh.xds, "--state-dir", str(empty),
-                       "--admin-port", str(free_port()), timeout=30)  # fmt: skip
+                       timeout=30)  # fmt: skip
     assert gw.returncode == 1 and "no CA to verify the control plane" in gw.stderr, gw.stderr
     assert "Traceback" not in gw.stderr
 

@@ -8,9 +8,9 @@ answered, which it does after committing the batch. A crash between commit and c
 resends the batch; the store skips the duplicates by request id.
 
 Rotation: once everything up to `rotate_bytes` is shipped, the spool is renamed to `<spool>.1`
-and Envoy is asked to reopen its logs (admin `/reopen_logs`). The old file is drained to its end
-once Envoy writes to the new one, then deleted. A spool shorter than the checkpoint (truncated by
-hand) is read again from its start.
+and Envoy is asked to reopen its logs (admin `/reopen_logs`, over its unix socket). The old file
+is drained to its end once Envoy writes to the new one, then deleted. A spool shorter than the
+checkpoint (truncated by hand) is read again from its start.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import contextlib
 import json
 import logging
 import os
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2 as als
@@ -31,6 +31,9 @@ from envoy.service.accesslog.v3 import als_pb2
 
 from meshgate.audit.ingest import IngestError, entry_from_spool
 from meshgate.errors import ConfigError
+
+if TYPE_CHECKING:
+    from meshgate.sidecar.envoy_admin import EnvoyAdmin
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,9 @@ def read_checkpoint(path: Path) -> Checkpoint:
 def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     """Durable before it is visible: write, fsync, rename over the old one, fsync the dir."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # beside the spool: as private
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as fh:
         json.dump({"inode": checkpoint.inode, "offset": checkpoint.offset}, fh)
         fh.flush()
         os.fsync(fh.fileno())
@@ -92,7 +97,7 @@ class SpoolShipper:
         metadata: tuple[tuple[str, str], ...] = (),
         *,
         checkpoint: Path | None = None,
-        envoy_admin_port: int | None = None,
+        envoy_admin: EnvoyAdmin | None = None,
         batch_bytes: int = 1 << 20,
         poll_interval: float = 0.2,
         rotate_bytes: int = 64 << 20,
@@ -101,7 +106,8 @@ class SpoolShipper:
         ca_file: str | None = None,
     ) -> None:
         """`target`: the control plane's xDS address HOST:PORT; `metadata`: gRPC metadata
-        (the node's join token); `envoy_admin_port`: lets the shipper rotate the spool;
+        (the node's join token); `envoy_admin`: Envoy's admin (its unix socket), lets the
+        shipper rotate the spool;
         `refresh_metadata`: a fresh token when the control plane says UNAUTHENTICATED (every
         batch is a new stream, so a token that expired since Envoy connected would stop it);
         `ca_file`: the control plane serves TLS, verified against this bundle."""
@@ -111,7 +117,7 @@ class SpoolShipper:
         self.target = target
         self.node_id = node_id
         self.metadata = metadata
-        self.envoy_admin_port = envoy_admin_port
+        self.envoy_admin = envoy_admin
         self.batch_bytes = batch_bytes
         self.poll_interval = poll_interval
         self.rotate_bytes = rotate_bytes
@@ -275,21 +281,16 @@ class SpoolShipper:
         await call(self._messages(entries), metadata=self.metadata or None, timeout=self.timeout)
 
     async def _maybe_rotate(self, size: int) -> None:
-        if size < self.rotate_bytes or self.envoy_admin_port is None or self.rotated.exists():
+        if size < self.rotate_bytes or self.envoy_admin is None or self.rotated.exists():
             return
         os.replace(self.spool, self.rotated)
         log.info("audit: rotated %s (%d bytes shipped)", self.spool, size)
         await self._reopen_logs()
 
     async def _reopen_logs(self) -> None:
-        if self.envoy_admin_port is None:
+        if self.envoy_admin is None:
             return
-        url = f"http://127.0.0.1:{self.envoy_admin_port}/reopen_logs"
-        with contextlib.suppress(OSError):
-            await asyncio.to_thread(_post, url)
+        import httpx
 
-
-def _post(url: str) -> None:
-    request = urllib.request.Request(url, method="POST")
-    with urllib.request.urlopen(request, timeout=2):
-        pass
+        with contextlib.suppress(httpx.HTTPError):
+            await self.envoy_admin.arequest("POST", "/reopen_logs")

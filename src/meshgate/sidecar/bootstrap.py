@@ -12,16 +12,38 @@ from pathlib import Path
 
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import base_pb2, config_source_pb2, grpc_service_pb2, protocol_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    base_pb2,
+    config_source_pb2,
+    grpc_service_pb2,
+    protocol_pb2,
+)
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.health_check.v3 import health_check_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
-from google.protobuf import duration_pb2, json_format
+from google.protobuf import duration_pb2, json_format, wrappers_pb2
 
-from meshgate.xds.common import ads, pack, single_endpoint, socket_address
+from meshgate.xds.common import (
+    ads,
+    http_listener,
+    pack,
+    router_filter,
+    single_endpoint,
+)
 from meshgate.xds.sidecar import proxy_listener
 
 XDS_CLUSTER = "meshgate-xds"
+HEALTH_LISTENER = "meshgate-health"
+HEALTH_PATH = "/healthz/ready"
+HEALTH_HOST = "127.0.0.1"
+ADMIN_SOCKET_MODE = 0o600
 
 
 @dataclass(frozen=True)
@@ -40,12 +62,12 @@ class BootstrapSpec:
     node_cluster: str
     xds_host: str
     xds_port: int
-    admin_port: int
-    admin_host: str = "127.0.0.1"
+    admin_socket: str  # Envoy's admin: a unix socket (mode 0600), never a TCP port
     delta: bool = False
     metadata: tuple[tuple[str, str], ...] = field(default=())  # gRPC initial metadata
     xds_ca_file: str | None = None  # set: the xDS connection is TLS, verified against this bundle
     proxy: ProxyBinding | None = None  # sidecars: the agent's HTTP proxy listener
+    health_port: int | None = None  # set: GET /healthz/ready on 127.0.0.1:PORT, nothing else
 
 
 def build_bootstrap(spec: BootstrapSpec) -> bootstrap_pb2.Bootstrap:
@@ -91,13 +113,54 @@ def build_bootstrap(spec: BootstrapSpec) -> bootstrap_pb2.Bootstrap:
         ),
         static_resources=bootstrap_pb2.Bootstrap.StaticResources(clusters=[xds_cluster]),
     )
-    boot.admin.address.CopyFrom(socket_address(spec.admin_host, spec.admin_port))
+    boot.admin.address.CopyFrom(
+        address_pb2.Address(pipe=address_pb2.Pipe(path=spec.admin_socket, mode=ADMIN_SOCKET_MODE))
+    )
     if spec.proxy is not None:
         p = spec.proxy
         boot.static_resources.listeners.append(
             proxy_listener(p.agent, p.host, p.port, p.netns_path)
         )
+    if spec.health_port is not None:
+        boot.static_resources.listeners.append(health_listener(spec.health_port))
     return boot
+
+
+def health_listener(port: int, host: str = HEALTH_HOST) -> listener_pb2.Listener:
+    """A readiness endpoint for probes from outside (Consul, the kubelet via exec) that cannot
+    change anything: `GET /healthz/ready` answers 200 once Envoy serves (listeners start only
+    after the initial configuration arrived) and 503 while it drains; everything else is 404.
+    Envoy's health_check filter answers itself (pass_through_mode false), no admin involved."""
+    health = health_check_pb2.HealthCheck(
+        pass_through_mode=wrappers_pb2.BoolValue(value=False),
+        headers=[_header_is(":path", HEALTH_PATH), _header_is(":method", "GET")],
+    )
+    nothing_else = route_components_pb2.Route(
+        match=route_components_pb2.RouteMatch(prefix="/"),
+        direct_response=route_components_pb2.DirectResponseAction(status=404),
+    )
+    hcm = hcm_pb2.HttpConnectionManager(
+        stat_prefix="meshgate_health",
+        route_config=route_pb2.RouteConfiguration(
+            name=HEALTH_LISTENER,
+            virtual_hosts=[
+                route_components_pb2.VirtualHost(
+                    name="health", domains=["*"], routes=[nothing_else]
+                )
+            ],
+        ),
+        http_filters=[
+            hcm_pb2.HttpFilter(name="envoy.filters.http.health_check", typed_config=pack(health)),
+            router_filter(),
+        ],
+    )
+    return http_listener(HEALTH_LISTENER, host, port, hcm)
+
+
+def _header_is(name: str, value: str) -> route_components_pb2.HeaderMatcher:
+    return route_components_pb2.HeaderMatcher(
+        name=name, string_match=string_pb2.StringMatcher(exact=value)
+    )
 
 
 def xds_tls_context(host: str, ca_file: str) -> tls_pb2.UpstreamTlsContext:

@@ -8,12 +8,11 @@ import os
 import shutil
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import IO
 
 from meshgate.errors import EnvoyError
+from meshgate.sidecar.envoy_admin import AdminSocket, EnvoyAdmin
 
 
 def find_envoy() -> str:
@@ -34,9 +33,14 @@ def find_envoy() -> str:
 
 # File access logs (the gateway's audit spool) reach the disk within this many milliseconds.
 FILE_FLUSH_MS = 250
+# Envoy creates its files (the audit spool, the admin socket) readable by its owner only.
+ENVOY_UMASK = 0o077
+# warn never logs request headers (debug and trace do, injected credentials included); the
+# level can only be raised through admin, which is a socket only the launcher's user reaches.
+LOG_LEVEL = "warn"
 
 
-def envoy_command(config_path: Path, concurrency: int = 1, log_level: str = "warn") -> list[str]:
+def envoy_command(config_path: Path, concurrency: int = 1, log_level: str = LOG_LEVEL) -> list[str]:
     return [
         find_envoy(),
         "-c",
@@ -57,17 +61,19 @@ class EnvoyProcess:
     def __init__(
         self,
         config_path: Path,
-        admin_port: int,
+        admin_socket: AdminSocket,
         log_file: Path | None = None,
         concurrency: int = 1,
-        log_level: str = "warn",
+        log_level: str = LOG_LEVEL,
         cwd: Path | None = None,
     ) -> None:
-        """`cwd`: Envoy's working directory, where relative paths in its config (the audit
+        """`admin_socket`: where the bootstrap puts Envoy's admin (`AdminSocket.in_dir`);
+        `cwd`: Envoy's working directory, where relative paths in its config (the audit
         spool) land; default: the directory of the bootstrap."""
         self.config_path = config_path
         self.cwd = cwd if cwd is not None else config_path.parent
-        self.admin_port = admin_port
+        self.admin_socket = admin_socket
+        self.admin = EnvoyAdmin(admin_socket.path)
         self.log_file = log_file
         self.concurrency = concurrency
         self.log_level = log_level
@@ -77,27 +83,33 @@ class EnvoyProcess:
 
     async def start(self) -> None:
         cmd = envoy_command(self.config_path, self.concurrency, self.log_level)
-        self._log = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115
+        self._log = open_private_log(self.log_file) if self.log_file else None
         out = self._log if self._log is not None else None
-        self.cwd.mkdir(parents=True, exist_ok=True)
+        self.cwd.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.proc = await asyncio.create_subprocess_exec(
-            *cmd, stdout=out, stderr=out, start_new_session=True, cwd=self.cwd
+            *cmd,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+            cwd=self.cwd,
+            umask=ENVOY_UMASK,
         )
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
         """Ready means Envoy's admin says LIVE: initial config received and listeners warmed."""
         deadline = time.monotonic() + timeout
-        url = f"http://127.0.0.1:{self.admin_port}/ready"
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.returncode is not None:
                 raise EnvoyError(
                     f"envoy exited with status {self.proc.returncode} before it was ready"
                     + (f"; see {self.log_file}" if self.log_file else "")
                 )
-            if await asyncio.to_thread(_admin_says_live, url):
+            if await asyncio.to_thread(self.admin.is_live):
                 return
             await asyncio.sleep(0.1)
-        raise EnvoyError(f"envoy was not ready within {timeout:.0f}s (admin {url})")
+        raise EnvoyError(
+            f"envoy was not ready within {timeout:.0f}s (admin {self.admin_socket.path})"
+        )
 
     async def stop(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
@@ -109,6 +121,8 @@ class EnvoyProcess:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, 9)
                 await self.proc.wait()
+        if self.proc is not None and self.proc.returncode is not None:
+            self.admin_socket.cleanup()
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -118,9 +132,8 @@ class EnvoyProcess:
         return await self.proc.wait()
 
 
-def _admin_says_live(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as resp:
-            return bool(resp.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
+def open_private_log(path: Path) -> IO[bytes]:
+    """Append to `path`, readable by its owner only (also when it already existed)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab")

@@ -4,8 +4,10 @@ The admission webhook (`sidecar/webhook.py`) and `meshgate inject pod` share thi
 the cluster does and what an operator previews offline are the same function. Injection adds:
 
 - the sidecar as a *native* sidecar (first init container, `restartPolicy: Always`): the kubelet
-  starts it before every other container and waits for its startup probe (Envoy's `/ready`),
-  so an agent never runs before its proxy has its configuration;
+  starts it before every other container and waits for its startup probe (the sidecar's
+  loopback `GET /healthz/ready`, which can change nothing: Envoy's admin is a unix socket in
+  the sidecar's state volume, which no other container mounts), so an agent never runs before
+  its proxy has its configuration;
 - the proxy environment in every other container, overriding the pod's own values (a bypass
   such as `NO_PROXY=*` is the risk being closed);
 - the join token from a projected volume that sources the Secret `meshgate-join-<agent>`, and
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshgate.errors import ConfigError
+from meshgate.sidecar.bootstrap import HEALTH_PATH
 from meshgate.sidecar.launcher import parse_address, proxy_environment
 
 AGENT_LABEL = "meshgate.dev/agent"
@@ -67,7 +70,7 @@ class InjectSettings:
     image: str = DEFAULT_IMAGE
     control_plane: str = DEFAULT_CONTROL_PLANE  # HOST:PORT of the xDS Service
     sidecar_port: int = 15080  # the sidecar's proxy in the pod's own network; apps' HTTP_PROXY
-    admin_port: int = 15090  # sidecar Envoy admin, loopback only
+    health_port: int = 15021  # the sidecar's loopback GET /healthz/ready (its probes)
     image_pull_policy: str = "IfNotPresent"
     cpu_request: str = "50m"
     memory_request: str = "64Mi"
@@ -80,12 +83,12 @@ class InjectSettings:
 
     def __post_init__(self) -> None:
         parse_address(self.control_plane)  # ConfigError on a bad HOST:PORT
-        for name in ("sidecar_port", "admin_port"):
+        for name in ("sidecar_port", "health_port"):
             port = getattr(self, name)
             if not 0 < port < 65536:
                 raise ConfigError(f"--{name.replace('_', '-')} {port}: not a TCP port")
-        if self.sidecar_port == self.admin_port:
-            raise ConfigError("--sidecar-port and --admin-port must differ")
+        if self.sidecar_port == self.health_port:
+            raise ConfigError("--sidecar-port and --health-port must differ")
         if not self.image:
             raise ConfigError("--image must not be empty")
         ca = self.xds_ca_configmap
@@ -136,6 +139,18 @@ def needs_injection(pod: dict[str, Any]) -> str | None:
     taken = names & {TOKEN_VOLUME, STATE_VOLUME}
     if taken:
         raise InjectError(f"pod already has a volume named {sorted(taken)[0]}")
+    # Only the sidecar mounts these volumes: the token, and the state dir holding Envoy's admin
+    # socket. A container naming them in advance would mount them once injection adds them.
+    for key in ("initContainers", "containers", "ephemeralContainers"):
+        for container in _list(spec, key):
+            if not isinstance(container, dict):
+                continue
+            for mount in [*_list(container, "volumeMounts"), *_list(container, "volumeDevices")]:
+                if isinstance(mount, dict) and mount.get("name") in (TOKEN_VOLUME, STATE_VOLUME):
+                    raise InjectError(
+                        f"container {container.get('name')!r} mounts {mount['name']}, which "
+                        "only the injected sidecar may mount"
+                    )
     return agent
 
 
@@ -154,8 +169,8 @@ def sidecar_container(agent: str, settings: InjectSettings) -> dict[str, Any]:
             agent,
             "--control-plane",
             settings.control_plane,
-            "--admin-port",
-            str(settings.admin_port),
+            "--health-port",
+            str(settings.health_port),
             "--proxy-port",
             str(settings.sidecar_port),
             "--instance",
@@ -170,9 +185,14 @@ def sidecar_container(agent: str, settings: InjectSettings) -> dict[str, Any]:
                 else ["--insecure"]
             ),
         ],
-        "env": [{"name": POD_NAME_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
-        # Envoy's admin listens on loopback only (it can stop the proxy), so probes exec into
-        # the container instead of an httpGet from the kubelet.
+        "env": [
+            {"name": POD_NAME_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            # the root filesystem is read-only: should the admin socket's path in the state dir
+            # be too long for a unix socket, its private fallback directory goes here
+            {"name": "TMPDIR", "value": STATE_DIR},
+        ],
+        # The health listener is on loopback only, so probes exec into the container instead
+        # of an httpGet from the kubelet.
         "startupProbe": _ready_probe(settings, period=1, failures=120),
         "readinessProbe": _ready_probe(settings, period=5, failures=3),
         "resources": {
@@ -196,8 +216,9 @@ def sidecar_container(agent: str, settings: InjectSettings) -> dict[str, Any]:
 
 
 def _ready_probe(settings: InjectSettings, period: int, failures: int) -> dict[str, Any]:
-    """Exits 0 when Envoy's admin `/ready` answers 200 (config received, listeners warm)."""
-    url = f"http://127.0.0.1:{settings.admin_port}/ready"
+    """Exits 0 when the sidecar's health listener answers 200: Envoy has its configuration
+    and serves (it opens listeners only then); it cannot reach Envoy's admin."""
+    url = f"http://127.0.0.1:{settings.health_port}{HEALTH_PATH}"
     check = f"import urllib.request as u; u.urlopen('{url}', timeout=1)"
     return {
         "exec": {"command": ["python3", "-c", check]},

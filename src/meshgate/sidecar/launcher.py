@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import re
-import urllib.request
 from pathlib import Path
 
 from meshgate.audit.spool import SpoolShipper
@@ -21,6 +20,7 @@ from meshgate.sidecar.agent_user import (
     private_dir,
 )
 from meshgate.sidecar.bootstrap import BootstrapSpec, ProxyBinding, write_bootstrap
+from meshgate.sidecar.envoy_admin import AdminSocket, EnvoyAdmin
 from meshgate.sidecar.envoy_process import EnvoyProcess, find_envoy
 from meshgate.sidecar.strict import NETNS_PROXY_PORT, Jail
 from meshgate.xds.access_log import SPOOL_FILE
@@ -40,7 +40,6 @@ def prepare_envoy(
     node_id: str,
     token_subject: str,
     control_plane: str,
-    admin_port: int,
     state_dir: Path,
     token_file: Path | None,
     *,
@@ -50,6 +49,7 @@ def prepare_envoy(
     xds_ca: Path | None = None,
     proxy: ProxyBinding | None = None,
     workdir: Path | None = None,
+    health_port: int | None = None,
     insecure: bool = False,
 ) -> EnvoyProcess:
     """Bootstrap (with the node's join token) written to the state dir; Envoy not yet started.
@@ -58,10 +58,14 @@ def prepare_envoy(
     published bundle is used if it serves TLS (the state dir is the local-only channel).
     Without a bundle or a token the node refuses to start unless `insecure` (plaintext,
     unauthenticated xDS, for a control plane started with `serve --insecure`).
-    `workdir`: Envoy's working directory (default: the state dir)."""
+    `workdir`: Envoy's working directory (default: `<state_dir>/<file_stem>`), private (0700),
+    also where its admin socket is (sidecar/envoy_admin.py). `health_port`: a loopback
+    `GET /healthz/ready` listener for outside probes."""
     find_envoy()
     host, port = parse_address(control_plane)
     private_dir(state_dir)
+    workdir = workdir if workdir is not None else state_dir / file_stem
+    admin = AdminSocket.in_dir(workdir)
     token = join_token(token_subject, state_dir, token_file)
     ca_file = xds_ca_file(state_dir, xds_ca)
     if not insecure:
@@ -81,15 +85,16 @@ def prepare_envoy(
         "meshgate-gateway" if node_id.startswith("gateway/") else "meshgate-agent",
         host,
         port,
-        admin_port,
+        str(admin.path),
         delta=delta,
         metadata=(("authorization", f"Bearer {token}"),) if token else (),
         xds_ca_file=ca_file,
         proxy=proxy,
+        health_port=health_port,
     )
     boot = state_dir / f"{file_stem}.json"
     write_bootstrap(boot, spec)
-    envoy = EnvoyProcess(boot, admin_port, state_dir / f"{file_stem}.log", concurrency, cwd=workdir)
+    envoy = EnvoyProcess(boot, admin, state_dir / f"{file_stem}.log", concurrency, cwd=workdir)
     envoy.xds_metadata = spec.metadata
     return envoy
 
@@ -104,8 +109,8 @@ class GatewayProcess:
         self._shipping: asyncio.Task[None] | None = None
 
     @property
-    def admin_port(self) -> int:
-        return self.envoy.admin_port
+    def admin(self) -> EnvoyAdmin:
+        return self.envoy.admin
 
     async def start(self) -> None:
         await self.envoy.start()
@@ -132,13 +137,13 @@ class GatewayProcess:
 def prepare_gateway(
     name: str,
     control_plane: str,
-    admin_port: int,
     state_dir: Path,
     token_file: Path | None,
     *,
     delta: bool = False,
     concurrency: int = 1,
     xds_ca: Path | None = None,
+    health_port: int | None = None,
     insecure: bool = False,
 ) -> GatewayProcess:
     """Envoy runs in `<state_dir>/gateway-<name>/`, where it writes its audit spool."""
@@ -147,12 +152,12 @@ def prepare_gateway(
         f"gateway/{name}",
         f"gateway-{name}",
         control_plane,
-        admin_port,
         state_dir,
         token_file,
         delta=delta,
         concurrency=concurrency,
         xds_ca=xds_ca,
+        health_port=health_port,
         insecure=insecure,
     )
 
@@ -162,7 +167,6 @@ def _prepare_spooled(
     token_subject: str,
     stem: str,
     control_plane: str,
-    admin_port: int,
     state_dir: Path,
     token_file: Path | None,
     *,
@@ -171,6 +175,7 @@ def _prepare_spooled(
     xds_ca: Path | None = None,
     proxy: ProxyBinding | None = None,
     insecure: bool = False,
+    health_port: int | None = None,
 ) -> GatewayProcess:
     workdir = state_dir / stem
     private_dir(workdir)
@@ -178,7 +183,6 @@ def _prepare_spooled(
         node_id,
         token_subject,
         control_plane,
-        admin_port,
         state_dir,
         token_file,
         file_stem=stem,
@@ -186,6 +190,7 @@ def _prepare_spooled(
         concurrency=concurrency,
         workdir=workdir,
         xds_ca=xds_ca,
+        health_port=health_port,
         proxy=proxy,
         insecure=insecure,
     )
@@ -199,7 +204,7 @@ def _prepare_spooled(
         control_plane,
         node_id,
         envoy.xds_metadata,
-        envoy_admin_port=admin_port,
+        envoy_admin=envoy.admin,
         refresh_metadata=fresh_token,
         ca_file=xds_ca_file(state_dir, xds_ca),  # the same TLS as the node's xDS stream
     )
@@ -238,11 +243,10 @@ def proxy_environment(proxy_url: str) -> dict[str, str]:
     return env
 
 
-def proxy_port_of(admin_port: int) -> int:
-    """The port the sidecar's proxy listener holds (a free one unless --proxy-port)."""
-    url = f"http://127.0.0.1:{admin_port}/listeners?format=json"
-    with urllib.request.urlopen(url, timeout=2) as resp:
-        data = json.load(resp)
+def proxy_port_of(admin: EnvoyAdmin) -> int:
+    """The port the sidecar's proxy listener holds (a free one unless --proxy-port), read from
+    Envoy's admin socket."""
+    data = json.loads(admin.get("/listeners?format=json").text)
     for listener in data.get("listener_statuses", []):
         if listener.get("name") == PROXY_LISTENER:
             return int(listener["local_address"]["socket_address"]["port_value"])
@@ -253,7 +257,6 @@ async def run_sidecar(
     agent: str,
     instance: str,
     control_plane: str,
-    admin_port: int,
     state_dir: Path,
     command: list[str],
     stop: asyncio.Event,
@@ -264,6 +267,7 @@ async def run_sidecar(
     user: AgentUser | None = None,
     proxy_port: int = 0,
     insecure: bool = False,
+    health_port: int | None = None,
 ) -> int:
     """`user`: who CMD runs as (sidecar/agent_user.py); required with a command."""
     if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", agent):
@@ -295,11 +299,11 @@ async def run_sidecar(
             f"agent/{agent}",
             f"sidecar-{agent}-{instance}",
             control_plane,
-            admin_port,
             state_dir,
             token_file,
             proxy=binding,
             xds_ca=xds_ca,
+            health_port=health_port,
             insecure=insecure,
         )
         await envoy.start()
@@ -313,12 +317,12 @@ async def run_sidecar(
         except EnvoyError as exc:
             raise EnvoyError(f"{exc}{_port_hint(binding)}") from None
         if not command or user is None:
-            proxy = f"http://127.0.0.1:{await asyncio.to_thread(proxy_port_of, admin_port)}"
+            proxy = f"http://127.0.0.1:{await asyncio.to_thread(proxy_port_of, envoy.admin)}"
             print(f"sidecar for agent {agent} ready; HTTP_PROXY={proxy}", flush=True)
             await _first(stop.wait(), envoy.wait())
             return 0
         if jail is None:
-            proxy = f"http://127.0.0.1:{await asyncio.to_thread(proxy_port_of, admin_port)}"
+            proxy = f"http://127.0.0.1:{await asyncio.to_thread(proxy_port_of, envoy.admin)}"
             jail = await Jail.create(
                 command, {**env, **proxy_environment(proxy)}, netns=False, uid=user.uid,
                 gid=user.gid,

@@ -27,6 +27,7 @@ from meshgate.controlplane.access_log import AccessLogService, AuditWriter
 from meshgate.controlplane.auth import TokenAuthenticator
 from meshgate.controlplane.streams import Authenticator, allow_all
 from meshgate.identity.tokens import TokenAuthority
+from meshgate.sidecar.envoy_admin import EnvoyAdmin
 
 
 class MemoryStore:
@@ -194,15 +195,15 @@ async def test_rotation_and_truncation_lose_nothing(tmp_path: Path) -> None:
     app.router.add_post("/reopen_logs", reopen_logs)
     runner = web.AppRunner(app)
     await runner.setup()
-    admin = free_port()
-    await web.TCPSite(runner, "127.0.0.1", admin).start()
+    admin = EnvoyAdmin(tmp_path / "admin.sock")  # Envoy's admin is a unix socket
+    await web.UnixSite(runner, str(admin.socket)).start()
     try:
         append(spool, range(50))
         first_inode = os.stat(spool).st_ino
         assert spool.stat().st_size > 10_000
         async with als_server(store) as address:
             shipper = SpoolShipper(
-                spool, address, "gateway/g1", envoy_admin_port=admin, rotate_bytes=10_000
+                spool, address, "gateway/g1", envoy_admin=admin, rotate_bytes=10_000
             )
             await ship_all(shipper)  # ships, then rotates: the spool is renamed, Envoy reopens
             assert reopened == [1]

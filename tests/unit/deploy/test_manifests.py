@@ -368,7 +368,7 @@ def test_the_sample_agent_runs_on_the_agent_pool_and_injects_cleanly() -> None:
         image=flag(inj, "--image"),
         control_plane=flag(inj, "--control-plane"),
         sidecar_port=int(flag(inj, "--sidecar-port")),
-        admin_port=int(flag(inj, "--admin-port")),
+        health_port=int(flag(inj, "--health-port")),
         xds_ca_configmap=flag(inj, "--xds-ca-configmap"),
     )
     injected = inject_object(example, settings)

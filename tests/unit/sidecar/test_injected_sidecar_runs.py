@@ -70,7 +70,6 @@ async def tls_gateway(cp: ControlPlane, ca: Path, tmp: Path) -> AsyncIterator[No
         "gateway/egress",
         "gateway/egress",
         cp.xds_address,
-        free_port(),
         tmp / "gateway-state",
         tmp / "gateway-token",
         file_stem="gateway-egress",
@@ -132,7 +131,7 @@ async def test_injected_sidecar_command_runs_envoy_and_serves_the_app(tmp_path: 
                 image="meshgate:test",
                 control_plane=cp.xds_address,
                 sidecar_port=free_port(),
-                admin_port=free_port(),
+                health_port=free_port(),
             )
             pod = {
                 "apiVersion": "v1",

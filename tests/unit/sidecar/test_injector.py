@@ -62,7 +62,12 @@ def test_labelled_pod_gets_native_sidecar_first_and_validates() -> None:
     assert cmd[cmd.index("--token-file") + 1] == "/var/run/meshgate/token/token"
     assert cmd[cmd.index("--instance") + 1] == "$(MESHGATE_POD_NAME)"
     assert sidecar["env"][0]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-    assert "15090/ready" in sidecar["startupProbe"]["exec"]["command"][-1]
+    # probes: the loopback health listener; Envoy's admin is a unix socket in the state
+    # volume, which only the sidecar mounts
+    assert cmd[cmd.index("--health-port") + 1] == "15021" and "--admin-port" not in cmd
+    assert "127.0.0.1:15021/healthz/ready" in sidecar["startupProbe"]["exec"]["command"][-1]
+    mounted = {m["name"] for c in out["spec"]["containers"] for m in c.get("volumeMounts", [])}
+    assert not mounted & {"meshgate-token", "meshgate-state"}
     sc = sidecar["securityContext"]
     assert sc["runAsNonRoot"] and sc["readOnlyRootFilesystem"]
     assert sc["capabilities"] == {"drop": ["ALL"]} and sc["allowPrivilegeEscalation"] is False
@@ -139,9 +144,10 @@ def test_every_other_container_gets_the_proxy_env_and_meshgate_values_win() -> N
 
 
 def test_sidecar_port_setting_reaches_the_proxy_env() -> None:
-    out = inject(pod(), InjectSettings(sidecar_port=16000, admin_port=16001))
+    out = inject(pod(), InjectSettings(sidecar_port=16000, health_port=16001))
     assert env_of(out["spec"]["containers"][0])["HTTP_PROXY"] == "http://127.0.0.1:16000"
-    assert "16001/ready" in out["spec"]["initContainers"][0]["readinessProbe"]["exec"]["command"][2]
+    probe = out["spec"]["initContainers"][0]["readinessProbe"]["exec"]["command"][2]
+    assert "16001/healthz/ready" in probe
 
 
 def test_unlabelled_pod_is_left_alone() -> None:
@@ -194,6 +200,16 @@ def test_json_patch_applied_to_the_original_equals_offline_injection(name: str) 
         (pod(agent="Coder_1"), "lower-case"),
         (pod(hostNetwork=True), "hostNetwork"),
         (pod(volumes=[{"name": "meshgate-token", "emptyDir": {}}]), "meshgate-token"),
+        # an app container naming the sidecar's volumes would mount them once injected: the
+        # state volume holds Envoy's admin socket, the token volume the join token
+        (
+            pod(containers=[{"name": "app", "volumeMounts": [{"name": "meshgate-state"}]}]),
+            "'app' mounts meshgate-state",
+        ),
+        (
+            pod(initContainers=[{"name": "i", "volumeMounts": [{"name": "meshgate-token"}]}]),
+            "'i' mounts meshgate-token",
+        ),
         ({"kind": "Pod", "metadata": {"labels": {"meshgate.dev/agent": "a"}}}, "containers"),
         (pod(containers=["not-an-object"]), "every entry"),
     ],
@@ -211,7 +227,7 @@ def test_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match="HOST:PORT"):
         InjectSettings(control_plane="no-port")
     with pytest.raises(ConfigError, match="must differ"):
-        InjectSettings(sidecar_port=15090, admin_port=15090)
+        InjectSettings(sidecar_port=15090, health_port=15090)
     with pytest.raises(ConfigError, match="not a TCP port"):
         InjectSettings(sidecar_port=70000)
     for bad in ("", "Bad_Name", "x" * 254):

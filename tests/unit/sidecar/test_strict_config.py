@@ -17,7 +17,9 @@ from meshgate.xds.sidecar import PROXY_LISTENER, sidecar_resources
 
 
 def spec(proxy: ProxyBinding | None) -> BootstrapSpec:
-    return BootstrapSpec("agent/a/1", "meshgate-agent", "127.0.0.1", 18000, 15090, proxy=proxy)
+    return BootstrapSpec(
+        "agent/a/1", "meshgate-agent", "127.0.0.1", 18000, "/run/a/admin.sock", proxy=proxy
+    )
 
 
 def only_listener(proxy: ProxyBinding) -> listener_pb2.Listener:
