@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,11 +19,21 @@ from meshgate.controlplane.registry import NodeRegistry
 from meshgate.controlplane.streams import Authenticator
 from meshgate.policy.model import AgentPolicy, Destination, EgressRule, Mesh, PolicyModel
 
+_PORTS = itertools.count(20000 + (os.getpid() * 7919) % 12000)
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port for a listener whose number must be known before it binds (an Envoy listener
+    named in policy). Taken below the kernel's ephemeral range (32768+), so no port-0 bind or
+    outgoing connection can take it between here and the bind, and never twice in a process."""
+    while True:
+        port = 20000 + (next(_PORTS) - 20000) % 12000
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def admin_auth(cp: Any) -> dict[str, str]:

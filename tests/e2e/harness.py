@@ -129,9 +129,9 @@ async def control_plane(
     """A control plane on free loopback ports; `options`: any other ServeOptions field."""
     opts = ServeOptions(
         "127.0.0.1",
-        free_port(),
+        0,  # the OS picks; the plane reports cp.xds_address / cp.admin_address
         "127.0.0.1",
-        free_port(),
+        0,
         "127.0.0.1",
         debounce_quiet=0.05,
         secrets_interval=0.2,

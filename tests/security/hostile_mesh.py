@@ -183,12 +183,6 @@ def start_echo(name: str) -> Echo:
     return echo
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass
 class Mesh:
     mode: str

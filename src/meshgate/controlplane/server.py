@@ -233,6 +233,7 @@ class ControlPlane:
         if port == 0:
             await self.audit.close()
             raise ConfigError(f"cannot listen for xDS on {self.xds_address}: address in use?")
+        self.xds_address = f"{self.options.xds_host}:{port}"  # port 0 asks the OS for one
         await self._grpc.start()
         self._runner = web.AppRunner(make_app(self, self.admin_token), access_log=None)
         await self._runner.setup()
@@ -244,6 +245,9 @@ class ControlPlane:
             raise ConfigError(
                 f"cannot listen for admin HTTP on {self.admin_address}: {exc.strerror}"
             ) from None
+        bound = self._runner.addresses  # port 0 asks the OS for one
+        if bound:
+            self.admin_address = f"{self.options.admin_host}:{bound[0][1]}"
         self._tasks = [
             asyncio.create_task(self.debouncer.run(), name="debounce"),
             asyncio.create_task(self._watch_source(), name="policy-source"),

@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 from aiohttp import web
+from builders import free_port
 from envoy.service.accesslog.v3 import als_pb2
 
 from meshgate.audit.ingest import entry_from_spool
@@ -97,14 +98,6 @@ async def als_server(
     finally:
         await server.stop(grace=0)
         await writer.close()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def ship_all(shipper: SpoolShipper) -> None:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from builders import free_port
 from typer.testing import CliRunner
 
 from meshgate.audit.cli import audit_app
@@ -45,9 +44,9 @@ runner = CliRunner()
 def _options(**kw: object) -> ServeOptions:
     return ServeOptions(
         "127.0.0.1",
-        free_port(),
+        0,  # the OS picks; the plane reports cp.xds_address / cp.admin_address
         "127.0.0.1",
-        free_port(),
+        0,
         "127.0.0.1",
         debounce_quiet=0.01,
         mtls=True,
