@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from builders import free_port
 from hostile_mesh import (
     AGENT_PYTHON,
     UPSTREAMS,
@@ -19,7 +20,6 @@ from hostile_mesh import (
     _start,
     _wait,
     _write_tree,
-    free_port,
     start_echo,
 )
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from builders import free_port
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from hostile_mesh import BILLING_SECRET, MESHGATE, Mesh, free_port
+from hostile_mesh import BILLING_SECRET, MESHGATE, Mesh
 
 from meshgate.xds.types import CLUSTER
 

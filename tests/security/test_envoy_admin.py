@@ -22,8 +22,9 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from builders import free_port
 from envoys import admin_socket_of, envoys_under, tcp_listen_ports
-from hostile_mesh import BILLING_SECRET, MESHGATE, Mesh, free_port
+from hostile_mesh import BILLING_SECRET, MESHGATE, Mesh
 
 pytestmark = pytest.mark.e2e
 
