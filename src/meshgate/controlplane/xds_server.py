@@ -34,7 +34,8 @@ class XdsServer:
         return f"{self.host}:{self.port}"
 
     async def start(self) -> None:
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+        # no SO_REUSEPORT: a second control plane on a taken port must fail, not share it
+        server = grpc.aio.server(options=(*SERVER_OPTIONS, ("grpc.so_reuseport", 0)))
         server.add_generic_rpc_handlers(self.handlers)
         try:
             if self.credentials is None:
@@ -44,6 +45,7 @@ class XdsServer:
         except RuntimeError:
             port = 0
         if port == 0:
+            await server.stop(None)  # never started, but it must not be left to the collector
             raise ConfigError(f"cannot listen for xDS on {self.address}: address in use?")
         self.port = port
         await server.start()
