@@ -207,3 +207,102 @@ async def test_xds_server_binds_port_zero_and_refuses_a_taken_port() -> None:
             await taken.start()
     finally:
         await server.stop(grace=0)
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+
+    def append(self, records: Any) -> int:
+        before = len(self.ids)
+        self.ids.update(r.request_id for r in records)
+        return len(self.ids) - before
+
+    def close(self) -> None:
+        pass
+
+
+async def test_audit_ingest_refuses_undecodable_bytes_and_keeps_serving() -> None:
+    from envoy.service.accesslog.v3 import als_pb2
+
+    from meshgate.audit.spool import METHOD
+    from meshgate.controlplane.access_log import AuditIngest, AuditWriter
+
+    store = MemoryStore()
+    ingest = AuditIngest(AuditWriter(lambda: store))  # type: ignore[arg-type,return-value]
+    await ingest.start()
+    server = XdsServer("127.0.0.1", 0, [ingest.handler()])
+    await server.start()
+    good = als_pb2.StreamAccessLogsMessage()
+    good.identifier.node.id = "gateway/g1"
+    good.http_logs.log_entry.add().request.request_id = "req-1"
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            call = channel.stream_unary(
+                METHOD,
+                request_serializer=lambda raw: raw,
+                response_deserializer=als_pb2.StreamAccessLogsResponse.FromString,
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call(iter([b"\xff\xff\xff"]), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            await call(iter([good.SerializeToString()]), timeout=10)
+        assert store.ids == {"req-1"}
+    finally:
+        await server.stop(grace=0)
+        await ingest.stop()
+
+
+class ChangingSecrets:
+    description = "changing"
+
+    def __init__(self) -> None:
+        self.value = "one"
+
+    def read(self, name: str) -> str | None:
+        return self.value
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.inputs: list[Inputs] = []
+        self.current = Inputs({}, None)
+
+    async def update_inputs(self, policy: CompiledPolicy, change: Any) -> bool:
+        fresh = change(self.current)
+        if fresh == self.current:
+            return False
+        self.current = fresh
+        self.inputs.append(fresh)
+        return True
+
+
+async def test_runtime_inputs_report_a_rotated_secret_to_their_consumer() -> None:
+    from meshgate.controlplane.runtime_inputs import RuntimeInputs
+    from meshgate.policy.model import Credentials, Destination
+
+    dest = Destination(
+        "alpha",
+        "alpha.internal",
+        80,
+        tls="none",
+        address=("127.0.0.1", 9),
+        credentials=Credentials("Authorization", "key", "{secret}"),
+    )
+    m = model("v1", (dest,))
+    provider = ChangingSecrets()
+    policy = CompiledPolicy(m, m, provider, "test")
+    recorder = Recorder()
+    inputs = RuntimeInputs(None, lambda: recorder, interval=0.05)
+    assert (await inputs.read(policy)).secrets == {"key": "one"}
+    await inputs.start()
+    try:
+        await inputs.follow(policy)
+        await asyncio.sleep(0.3)
+        assert [i.secrets for i in recorder.inputs] == [{"key": "one"}]
+        provider.value = "two"
+        await asyncio.sleep(0.3)
+        assert [i.secrets for i in recorder.inputs] == [{"key": "one"}, {"key": "two"}]
+        assert recorder.current.identities is None  # mTLS off: no issuer
+    finally:
+        await inputs.stop()
