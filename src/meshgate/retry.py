@@ -57,19 +57,22 @@ class Backoff:
     async def until_success(
         self,
         call: Callable[[], Awaitable[T]],
-        on_failure: Callable[[BaseException, float], None],
+        on_failure: Callable[[BaseException, float], Awaitable[None] | None],
         retry_on: tuple[type[BaseException], ...] = (Exception,),
     ) -> T:
         """`await call()` until it returns, sleeping (asyncio) between failures.
 
-        `on_failure(error, next_delay)` runs after each failure that will be retried. An error
-        outside `retry_on` (and cancellation, which is no Exception) propagates at once."""
+        `on_failure(error, next_delay)` (plain or async) runs after each failure that will be
+        retried. An error outside `retry_on` (and cancellation, which is no Exception)
+        propagates at once."""
 
-        def before_sleep(state: RetryCallState) -> None:
+        async def before_sleep(state: RetryCallState) -> None:
             assert state.outcome is not None and state.next_action is not None
             error = state.outcome.exception()
             assert error is not None
-            on_failure(error, state.next_action.sleep)
+            pending = on_failure(error, state.next_action.sleep)
+            if pending is not None:
+                await pending
 
         retrying = AsyncRetrying(
             sleep=_sleep,

@@ -103,3 +103,20 @@ def test_outage_logs_one_warning_per_outage(caplog: pytest.LogCaptureFixture) ->
     assert [m for lvl, m in levels if lvl == "WARNING"] == ["down 0", "down again"]
     assert [m for lvl, m in levels if lvl == "INFO"] == ["back"]
     assert len([m for lvl, m in levels if lvl == "DEBUG"]) == 4
+
+
+async def test_an_async_failure_callback_is_awaited_before_the_next_try() -> None:
+    seen: list[str] = []
+
+    async def flaky() -> int:
+        seen.append("try")
+        if len(seen) < 3:
+            raise ConnectionError
+        return 7
+
+    async def on_failure(exc: BaseException, delay: float) -> None:
+        await asyncio.sleep(0)
+        seen.append("refreshed")
+
+    assert await Backoff(0.01, 0.02).until_success(flaky, on_failure) == 7
+    assert seen == ["try", "refreshed", "try", "refreshed", "try"]
