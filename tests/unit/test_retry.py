@@ -110,7 +110,7 @@ async def test_an_async_failure_callback_is_awaited_before_the_next_try() -> Non
 
     async def flaky() -> int:
         seen.append("try")
-        if len(seen) < 3:
+        if seen.count("try") < 3:
             raise ConnectionError
         return 7
 
