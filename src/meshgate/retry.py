@@ -82,7 +82,11 @@ class Backoff:
             before_sleep=before_sleep,
             reraise=True,
         )
-        result: T = await retrying(call)
+
+        async def attempt() -> T:  # tenacity would treat a lambda returning a coroutine as sync
+            return await call()
+
+        result: T = await retrying(attempt)
         return result
 
 

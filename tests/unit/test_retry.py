@@ -120,3 +120,17 @@ async def test_an_async_failure_callback_is_awaited_before_the_next_try() -> Non
 
     assert await Backoff(0.01, 0.02).until_success(flaky, on_failure) == 7
     assert seen == ["try", "refreshed", "try", "refreshed", "try"]
+
+
+async def test_a_plain_callable_returning_an_awaitable_is_awaited() -> None:
+    calls = 0
+
+    async def flaky(value: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls < 2:
+            raise ConnectionError
+        return value
+
+    assert await Backoff(0.01, 0.01).until_success(lambda: flaky(5), lambda e, d: None) == 5
+    assert calls == 2

@@ -5,6 +5,7 @@ is proven to answer as the real client does."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from meshgate.adapters.consul import (
 )
 from meshgate.controlplane.consul import ConsulCatalog, WatchSettings, instances_of
 from meshgate.policy.model import ConsulConfig, ConsulService, Destination, Mesh, PolicyModel
+from meshgate.sidecar.consul_registration import ConsulRegistrar, Registration
 
 TOKEN = "contract-token-2b9e"
 
@@ -214,3 +216,26 @@ async def test_the_catalogue_watch_runs_on_the_twin() -> None:
         assert "no leader" in catalog.status_json()[0]["last_error"]
     finally:
         await catalog.close()
+
+
+async def test_gateway_registration_runs_on_the_twin(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    twin = InMemoryConsul(token=TOKEN)
+    twin.set_failing(f"500 no leader (token {TOKEN})")
+    reg = Registration(
+        "http://consul:8500", "egress-1", "egress", "10.0.0.1", 15001, "http://x/ready", TOKEN
+    )
+    registrar = ConsulRegistrar(reg, backoff_max=0.05, client_factory=lambda c: twin,
+                                backoff_base=0.01)  # fmt: skip
+    registrar.start()
+    await asyncio.sleep(0.3)  # several retries while Consul fails
+    assert twin.registered == {} and not registrar.registered
+    twin.set_failing(None)
+    await asyncio.wait_for(registrar.wait_registered(), 3.0)
+    assert twin.registered["egress-1"] == reg.service_registration
+    await registrar.stop()
+    assert twin.registered == {}
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "registering egress-1 failed" in warnings[0].getMessage()
+    assert len([r for r in caplog.records if "registering egress-1" in r.getMessage()]) > 3
+    assert TOKEN not in caplog.text
