@@ -246,7 +246,7 @@ class VaultUpstreamCA:
         self._store(ca)
         self._failed_renewals = 0
         self._retry_at = 0.0
-        self._outage.failing = False  # the line below says it works again
+        self._outage.recovered("vault CA: %s signs again", self.description)
         log.info(
             "vault CA: intermediate %x signed by %s, valid until %s",
             ca.intermediate.serial_number,
