@@ -105,9 +105,9 @@ class Outage:
         """A warning for the first failure of an outage; later ones only at debug level."""
         level = logging.DEBUG if self.failing else logging.WARNING
         self.failing = True
-        self.log.log(level, message, *args)
+        self.log.log(level, message, *args, stacklevel=2)  # the caller's line, not ours
 
     def recovered(self, message: str, *args: object) -> None:
         if self.failing:
             self.failing = False
-            self.log.info(message, *args)
+            self.log.info(message, *args, stacklevel=2)

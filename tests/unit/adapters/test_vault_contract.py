@@ -5,6 +5,8 @@ against both, so the twins are proven to answer as the real clients do."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from meshgate.adapters.vault import (
     VaultUnavailable,
 )
 from meshgate.adapters.vault_hvac import HvacVaultKV, HvacVaultPKI, VaultSession
+from meshgate.controlplane import vault_ca
 from meshgate.controlplane.vault import VaultSecrets
 from meshgate.controlplane.vault_ca import VaultCASettings, VaultUpstreamCA
 
@@ -162,3 +165,32 @@ def test_the_upstream_ca_runs_on_either(pki: tuple[VaultPKI, Any], tmp_path: Pat
     backing.down = True
     # stored and not yet due: no Vault needed
     assert source.load("agents.local").intermediate == ca.intermediate
+
+
+def test_upstream_ca_renewal_backs_off_and_warns_once_per_outage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    twin = InMemoryVaultPKI()
+    source = VaultUpstreamCA(
+        VaultCASettings("http://vault:8200"), tmp_path, {}, retry_min=0.2, retry_max=0.4, pki=twin
+    )
+    ca = source.load("agents.local")
+    real = vault_ca.now_utc
+    monkeypatch.setattr(vault_ca, "now_utc", lambda: real() + dt.timedelta(days=21))  # due
+    twin.down = True
+    delays = []
+    for _ in range(4):
+        start = time.monotonic()
+        assert source.refresh(ca) is None  # fails: keeps the current one
+        assert source.refresh(ca) is None  # backing off: not even tried
+        delays.append(source._retry_at - start)
+        time.sleep(max(0.0, source._retry_at - time.monotonic()) + 0.01)
+    assert 0.1 <= delays[0] <= 0.21 and all(0.2 <= d <= 0.41 for d in delays[2:])
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "keeping the current one" in warnings[0].getMessage()
+    twin.down = False
+    renewed = source.refresh(ca)
+    assert renewed is not None and renewed.intermediate == twin.signed[-1]
+    assert "signs again" in caplog.text
+    assert len(twin.signed) == 2  # the first, and the renewal: failed tries signed nothing
