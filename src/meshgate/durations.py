@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Sequence
 from decimal import Decimal
 from enum import StrEnum
 
@@ -43,8 +44,8 @@ class DurationError(ConfigError):
         self.problem = problem
 
 
-def _one_of(units: str) -> str:
-    return ", ".join(units[:-1]) + f" or {units[-1]}" if len(units) > 1 else units
+def _one_of(words: Sequence[str]) -> str:
+    return ", ".join(words[:-1]) + f" or {words[-1]}" if len(words) > 1 else "".join(words)
 
 
 def parse_duration(
@@ -63,7 +64,7 @@ def parse_duration(
     is refused; `maximum`: inclusive upper bound."""
     match = _SYNTAX.fullmatch(text)
     if not match or (match.group("fraction") and not fractions):
-        examples = ", ".join(_EXAMPLES[u] for u in units[:-1]) + f" or {_EXAMPLES[units[-1]]}"
+        examples = _one_of([_EXAMPLES[u] for u in units])
         raise DurationError(what, text, Problem.SYNTAX, f"is not a duration like {examples}")
     unit = match.group("unit")
     if unit and unit not in tuple(units):
