@@ -20,6 +20,7 @@ import time
 from collections.abc import Mapping
 
 from meshgate.adapters.vault import VaultKV, VaultUnavailable
+from meshgate.durations import parse_duration
 from meshgate.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class VaultSecrets:
         self.mount = options.get("mount", "secret")
         self.prefix = options.get("path", "meshgate").strip("/")
         self.field = options.get("field", "value")
-        self.ttl = float(options.get("ttl", "30"))
+        self.ttl = parse_duration(str(options.get("ttl", "30")), "secrets.ttl").total_seconds()
         self.description = f"vault:{self.address}/{self.mount}/{self.prefix}"
         self._kv = kv if kv is not None else self._hvac_kv(options, env)
         self._cache: dict[str, tuple[float, str | None]] = {}
