@@ -134,26 +134,36 @@ class AuditIngest:
             },
         )
 
+    async def _hand_over(
+        self, inbox: asyncio.Queue[bytes | None], raw: bytes | None, done: asyncio.Future[None]
+    ) -> bool:
+        """Queue `raw` on the ingest loop, waiting for room; False if the stream ended first."""
+        put = asyncio.wrap_future(self._submit(inbox.put(raw)))
+        await asyncio.wait((put, done), return_when=asyncio.FIRST_COMPLETED)
+        if put.done():
+            return True
+        put.cancel()
+        return False
+
     async def stream_access_logs(
         self, requests: AsyncIterator[bytes], context: Any
     ) -> als_pb2.StreamAccessLogsResponse:
         """On the xDS loop: move raw messages to the ingest loop, answer once committed."""
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        inbox: asyncio.Queue[bytes | None] | None = None
         stream = _Stream(self, metadata, context.peer())
         try:
             inbox = await asyncio.wrap_future(self._submit(_new_queue()))
             done = asyncio.wrap_future(self._submit(stream.run(_drain(inbox))))
+            handed_over = False
             try:
                 async for raw in requests:
-                    put = asyncio.wrap_future(self._submit(inbox.put(raw)))
-                    await asyncio.wait((put, done), return_when=asyncio.FIRST_COMPLETED)
-                    if done.done():  # refused or failed: stop reading
-                        put.cancel()
-                        break
-            finally:  # the end of the stream (or the client went away): commit what came
-                if self._loop is not None:
-                    self._loop.call_soon_threadsafe(_close_inbox, inbox)
+                    if not await self._hand_over(inbox, raw, done):
+                        break  # refused or failed: stop reading
+                else:  # the client half-closed: commit everything, then answer
+                    handed_over = await self._hand_over(inbox, None, done)
+            finally:
+                if not handed_over and self._loop is not None:  # no OK answer will be sent
+                    self._loop.call_soon_threadsafe(_end_abruptly, inbox)
             await done
         except StreamError as exc:
             log.info("access-log stream from %s refused: %s", stream.node_id or "?", exc.message)
@@ -165,8 +175,10 @@ async def _new_queue() -> asyncio.Queue[bytes | None]:
     return asyncio.Queue(QUEUE_MESSAGES)  # created on the ingest loop, which owns it
 
 
-def _close_inbox(inbox: asyncio.Queue[bytes | None]) -> None:
-    while inbox.full():  # the reader may be gone (failed): the end marker must still fit
+def _end_abruptly(inbox: asyncio.Queue[bytes | None]) -> None:
+    """The stream ends without an OK answer (the client left, or it was refused): what is
+    still queued may be dropped, the client keeps its spool and sends it again."""
+    while inbox.full():
         inbox.get_nowait()
     inbox.put_nowait(None)
 

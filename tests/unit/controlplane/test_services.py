@@ -306,3 +306,47 @@ async def test_runtime_inputs_report_a_rotated_secret_to_their_consumer() -> Non
         assert recorder.current.identities is None  # mTLS off: no issuer
     finally:
         await inputs.stop()
+
+
+async def test_audit_ingest_answers_a_backed_up_stream_only_after_storing_all_of_it() -> None:
+    """A full hand-over queue behind a busy store when the client half-closes: the end of the
+    stream must wait for room, never push queued messages out."""
+    import threading
+
+    from envoy.service.accesslog.v3 import als_pb2
+
+    from meshgate.audit.spool import METHOD
+    from meshgate.controlplane.access_log import QUEUE_MESSAGES, AuditIngest, AuditWriter
+
+    store, release = MemoryStore(), threading.Event()
+    writer = AuditWriter(lambda: store)  # type: ignore[arg-type,return-value]
+    ingest = AuditIngest(writer, batch_size=1)  # a commit per message: the queue backs up
+    await ingest.start()
+    server = XdsServer("127.0.0.1", 0, [ingest.handler()])
+    await server.start()
+    busy = asyncio.ensure_future(writer._run(lambda: release.wait(10)))
+    total = QUEUE_MESSAGES + 1  # one taken by the blocked commit, the queue full behind it
+    messages = []
+    for i in range(total):
+        message = als_pb2.StreamAccessLogsMessage()
+        message.identifier.node.id = "gateway/g1"
+        message.http_logs.log_entry.add().request.request_id = f"req-{i}"
+        messages.append(message.SerializeToString())
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            call = channel.stream_unary(
+                METHOD,
+                request_serializer=lambda raw: raw,
+                response_deserializer=als_pb2.StreamAccessLogsResponse.FromString,
+            )
+            answer = asyncio.ensure_future(call(iter(messages), timeout=20))
+            await asyncio.sleep(0.5)
+            assert not answer.done()  # the store has not taken anything yet
+            release.set()
+            await answer
+        assert store.ids == {f"req-{i}" for i in range(total)}
+    finally:
+        release.set()
+        await busy
+        await server.stop(grace=0)
+        await ingest.stop()
