@@ -1,4 +1,8 @@
-"""Snapshot cache: the current snapshot of every node group, and who to wake when one changes."""
+"""Snapshot cache: the current snapshot of every node group, and who to wake when one changes.
+
+Versions are content hashes (xds/snapshot.py), so "changed" means some type's content for that
+group changed; a policy change that touches one agent wakes that agent's group and the gateways.
+"""
 
 from __future__ import annotations
 
@@ -24,11 +28,13 @@ class SnapshotCache:
 
     def set_snapshots(self, snapshots: Mapping[str, Snapshot]) -> list[str]:
         """Replace every group's snapshot; wake only streams whose group changed. Returns them."""
-        changed = [
-            group
-            for group in sorted(set(snapshots) | set(self._snapshots))
-            if _versions(self._snapshots.get(group)) != _versions(snapshots.get(group))
-        ]
+        changed = []
+        for group in sorted(set(snapshots) | set(self._snapshots)):
+            old, new = self._snapshots.get(group), snapshots.get(group)
+            if _versions(old) != _versions(new):
+                changed.append(group)
+            if old is not None and new is not None and old is not new:
+                new.keep_bodies(old)
         self._snapshots = dict(snapshots)
         for group in changed:
             for wake in list(self._watchers.get(group, ())):

@@ -1,7 +1,9 @@
 """Immutable, checked snapshots: every resource a node group should have, serialised once.
 
-Versions are content hashes of the deterministic encoding, prefixed with the policy version, so
-replicas serving the same policy agree and an unchanged resource keeps its version.
+Versions come from content only: a resource's is the sha256 of its deterministic encoding, a
+type's the hash of its resources' names and versions. So replicas agree, and a policy change
+that leaves a node group's content of a type alone leaves that type's version alone: nothing is
+pushed for it. The policy version is kept beside the content, for status, never inside a version.
 """
 
 from __future__ import annotations
@@ -74,9 +76,9 @@ class Resource:
 class Snapshot:
     """Everything one node group is served. Built whole, checked, never mutated."""
 
-    policy_version: str
+    policy_version: str  # what it was built from; informational, never part of a version
     resources: Mapping[str, Mapping[str, Resource]]
-    type_versions: Mapping[str, str]
+    type_versions: Mapping[str, str]  # content digest per type (every type in TYPE_ORDER)
     _sotw_cache: dict[tuple[str, frozenset[str] | None], bytes] = field(
         default_factory=dict, compare=False, repr=False
     )
@@ -88,15 +90,29 @@ class Snapshot:
         """`recurring`: the same resource objects will come again (per-agent sidecars), so the
         grouping, hashing and checks are memoised; one-off sets (the gateway) are not kept."""
         index = _index if recurring else _index.__wrapped__
-        frozen, digests = index(tuple(resources))
-        versions = {t: f"{policy_version}-{digest}" for t, digest in digests.items()}
-        return cls(policy_version, frozen, MappingProxyType(versions))
+        frozen, versions = index(tuple(resources))
+        return cls(policy_version, frozen, versions)
 
     def of_type(self, type_url: str) -> Mapping[str, Resource]:
         return self.resources.get(type_url, MappingProxyType({}))
 
     def version(self, type_url: str) -> str:
-        return self.type_versions.get(type_url, self.policy_version)
+        return self.type_versions.get(type_url, _EMPTY_DIGEST)
+
+    def changed_types(self, previous: Snapshot | None) -> list[str]:
+        """Types (in push order) whose content differs from `previous`'s."""
+        return [
+            t
+            for t in types.TYPE_ORDER
+            if previous is None or previous.version(t) != self.version(t)
+        ]
+
+    def keep_bodies(self, previous: Snapshot) -> None:
+        """Adopt `previous`'s cached SotW bodies for the types whose content is unchanged, so
+        a new policy version that leaves this group alone costs no re-serialisation."""
+        for key, body in previous._sotw_cache.items():
+            if previous.version(key[0]) == self.version(key[0]):
+                self._sotw_cache.setdefault(key, body)
 
     def sotw_body(self, type_url: str, names: frozenset[str] | None) -> bytes:
         """DiscoveryResponse bytes without a nonce, cached per (type, subscription)."""
@@ -117,7 +133,7 @@ class Snapshot:
 @functools.lru_cache(maxsize=100_000)
 def _index(
     resources: tuple[Resource, ...],
-) -> tuple[Mapping[str, Mapping[str, Resource]], dict[str, str]]:
+) -> tuple[Mapping[str, Mapping[str, Resource]], Mapping[str, str]]:
     """Group, order, hash and check a resource set once; memoised because the same (memoised)
     resources recur in every agent's snapshot on every policy version."""
     by_type: dict[str, dict[str, Resource]] = {t: {} for t in types.TYPE_ORDER}
@@ -129,7 +145,7 @@ def _index(
     frozen = MappingProxyType(
         {t: MappingProxyType(dict(sorted(bucket.items()))) for t, bucket in by_type.items()}
     )
-    digests = {t: _content_digest(bucket) for t, bucket in frozen.items()}
+    digests = MappingProxyType({t: _content_digest(bucket) for t, bucket in frozen.items()})
     _check_consistent(frozen)
     return frozen, digests
 
@@ -153,10 +169,14 @@ def _check_consistent(resources: Mapping[str, Mapping[str, Resource]]) -> None:
 
 
 def _content_digest(bucket: Mapping[str, Resource]) -> str:
+    """A type's version: its resources' names and content versions, in name order."""
     digest = hashlib.sha256()
     for name, res in bucket.items():
         digest.update(name.encode() + b"\0" + res.version.encode() + b"\n")
-    return digest.hexdigest()[:12]
+    return digest.hexdigest()[:16]
+
+
+_EMPTY_DIGEST = _content_digest({})
 
 
 def _needs(message: Message) -> tuple[str, ...]:
