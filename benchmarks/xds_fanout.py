@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import collections
 import dataclasses
+import gc
 import json
 import os
 import statistics
@@ -68,10 +69,15 @@ class Fleet:
         from meshgate.policy.model import AgentPolicy, Destination, EgressRule, Mesh
 
         self.dests = tuple(
-            Destination(f"tool-{i:03d}", f"tool-{i:03d}.internal", 80, tls="none",
-                        address=("127.0.0.1", 10000 + i))
+            Destination(
+                f"tool-{i:03d}",
+                f"tool-{i:03d}.internal",
+                80,
+                tls="none",
+                address=("127.0.0.1", 10000 + i),
+            )
             for i in range(DESTINATIONS)
-        )  # fmt: skip
+        )
         self.names = [agent_name(i) for i in range(1, agents + 1)]
         self.rules = {
             n: (EgressRule(self.dests[i % DESTINATIONS].name),) for i, n in enumerate(self.names)
@@ -109,7 +115,9 @@ class Fleet:
 
     def move_gateway(self) -> None:
         self.version += 1
-        self.mesh = dataclasses.replace(self.mesh, gateway_listen_port=self.mesh.gateway_listen_port + 1)
+        self.mesh = dataclasses.replace(
+            self.mesh, gateway_listen_port=self.mesh.gateway_listen_port + 1
+        )
 
 
 class Server:
@@ -124,22 +132,45 @@ class Server:
         t0 = time.perf_counter()
         self.cache.set_snapshots(self.fleet.build())
         self.cold_build_s = time.perf_counter() - t0
-        self.probe_victim = agents // 2
+        self.gc_pauses = [0, 0.0, 0.0]  # full collections, their total and longest seconds
+        self._gc_start = 0.0
+        gc.callbacks.append(self._gc)
+
+    def _gc(self, phase: str, info: dict[str, int]) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+            return
+        took = time.perf_counter() - self._gc_start
+        self.gc_pauses = [
+            self.gc_pauses[0] + 1,
+            self.gc_pauses[1] + took,
+            max(self.gc_pauses[2], took),
+        ]
 
     def apply(self, snapshots: dict[str, Any]) -> dict[str, Any]:
-        """Hand new snapshots to the cache; say which versions each stream should now get."""
-        previous = {g: self.cache.get(g) for g in snapshots}
-        t_set = time.time()
-        changed = self.cache.set_snapshots(snapshots)
+        """Hand new snapshots to the cache; say which versions each stream should now get
+        (worked out first, so that the bookkeeping does not delay the pushes)."""
         expected: collections.Counter[str] = collections.Counter()
+        groups = 0
+        by_group = self.streams_by_group()
+        for group, new in snapshots.items():
+            old = self.cache.get(group)
+            changed = new.changed_types(old)
+            if changed:
+                groups += 1
+            for subscribed in by_group.get(group, ()):
+                expected.update(new.version(t) for t in changed if t in subscribed)
+        t_set = time.time()
+        self.cache.set_snapshots(snapshots)
+        return {"t_set": t_set, "groups": groups, "expected": dict(expected)}
+
+    def streams_by_group(self) -> dict[str, list[set[str]]]:
+        out: dict[str, list[set[str]]] = {}
         for conn in self.registry.connections():
-            group = conn.role.group
-            if group in changed:
-                old, new = previous[group], snapshots[group]
-                for type_url in conn.types:
-                    if old is None or old.version(type_url) != new.version(type_url):
-                        expected[new.version(type_url)] += 1
-        return {"t_set": t_set, "groups": len(changed), "expected": dict(expected)}
+            out.setdefault(conn.role.group, []).append(set(conn.types))
+        return out
 
     async def build(self) -> tuple[dict[str, Any], float]:
         t0 = time.perf_counter()
@@ -157,6 +188,23 @@ class Server:
 
             sent = self.ads.sent
             return {types.SHORT_NAMES[t]: n for t, n in sent.items()}
+        if cmd == "gc":
+            return {
+                "collections": self.gc_pauses[0],
+                "total_s": self.gc_pauses[1],
+                "max_s": self.gc_pauses[2],
+            }
+        if cmd == "profile":
+            import cProfile
+            import pstats
+
+            if words[1] == "start":
+                self.profiler = cProfile.Profile()
+                self.profiler.enable()
+            else:
+                self.profiler.disable()
+                pstats.Stats(self.profiler, stream=sys.stderr).sort_stats("tottime").print_stats(30)
+            return {}
         if cmd == "pusher":
             p = self.ads.pusher
             return {"max_in_flight": p.max_in_flight, "limit": p.limit, "pushes": p.pushes}
@@ -244,7 +292,9 @@ async def run_clients(address: str, first: int, count: int) -> None:
         nid = node_id(index)
         route = ROUTE_NAME if nid.startswith("gateway/") else route_name(nid.split("/")[1])
         subs = {types.CLUSTER: [], types.LISTENER: [], types.ROUTE: [route], types.SECRET: secrets}
-        channel = grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+        channel = grpc.aio.insecure_channel(
+            address, options=[("grpc.use_local_subchannel_pool", 1)]
+        )
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
         queue: asyncio.Queue[discovery_pb2.DiscoveryRequest] = asyncio.Queue()
 
@@ -254,15 +304,19 @@ async def run_clients(address: str, first: int, count: int) -> None:
 
         node = base_pb2.Node(id=nid)
         for type_url, names in subs.items():
-            queue.put_nowait(discovery_pb2.DiscoveryRequest(node=node, type_url=type_url, resource_names=names))
+            queue.put_nowait(
+                discovery_pb2.DiscoveryRequest(node=node, type_url=type_url, resource_names=names)
+            )
         initial = set(subs)
         async for resp in stub.StreamAggregatedResources(requests()):
             queue.put_nowait(
                 discovery_pb2.DiscoveryRequest(
-                    type_url=resp.type_url, version_info=resp.version_info,
-                    response_nonce=resp.nonce, resource_names=subs[resp.type_url],
+                    type_url=resp.type_url,
+                    version_info=resp.version_info,
+                    response_nonce=resp.nonce,
+                    resource_names=subs[resp.type_url],
                 )
-            )  # fmt: skip
+            )
             entry = seen.setdefault(resp.version_info, [0, 0.0])
             entry[0] += 1
             entry[1] = time.time()
@@ -285,6 +339,9 @@ async def run_clients(address: str, first: int, count: int) -> None:
         if k % 200 == 199:
             await asyncio.sleep(0.05)
     await all_ready.wait()
+    # The clients stand in for 10,000 Envoys: their own collector pauses (thousands of
+    # channels) must not be charged to the server, so their long-lived objects are frozen.
+    gc.freeze()
     print("ready", flush=True)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=2**24)
@@ -304,22 +361,39 @@ class Bench:
         self.agents = agents
         self.server = subprocess.Popen(
             [py, me, "--role", "server", "--agents", str(agents), "--max-pushes", str(max_pushes)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert self.server.stdout is not None
         port = int(self.server.stdout.readline().split()[1])
         total = agents + GATEWAYS
-        per = [total // client_procs + (1 if i < total % client_procs else 0) for i in range(client_procs)]
+        per = [
+            total // client_procs + (1 if i < total % client_procs else 0)
+            for i in range(client_procs)
+        ]
         self.clients = []
         first = 0
         t0 = time.time()
         for count in per:
             self.clients.append(
                 subprocess.Popen(
-                    [py, me, "--role", "clients", "--address", f"127.0.0.1:{port}",
-                     "--first", str(first), "--count", str(count)],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                )  # fmt: skip
+                    [
+                        py,
+                        me,
+                        "--role",
+                        "clients",
+                        "--address",
+                        f"127.0.0.1:{port}",
+                        "--first",
+                        str(first),
+                        "--count",
+                        str(count),
+                    ],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
             )
             first += count
         for c in self.clients:
@@ -390,6 +464,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         streams = bench.ask("streams")
         out: dict[str, Any] = {
+            "gc_connect": bench.ask("gc"),
             "agents": args.agents,
             "streams": streams["streams"],
             "connect_s": bench.connect_s,
@@ -397,22 +472,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "memory_connected_mb": bench.ask("mem"),
         }
         step = max(1, args.agents // args.repeat)
-        out["rules"] = [bench.change(f"rules {1 + k * step}") for k in range(args.repeat)]
-        out["cert"] = [bench.change(f"cert {2 + k * step}") for k in range(args.repeat)]
-        out["wide"] = [bench.change("wide") for _ in range(max(1, args.repeat // 2))]
-        before = bench.ask("sent")
-        wave = bench.ask(f"wave {args.wave} {args.probes} {args.probe_spacing}")
-        out["wave"] = {
-            "groups": args.wave,
-            "ack_s": bench.wait(wave["wave"]),
-            "expected": sum(wave["wave"]["expected"].values())
-            + sum(sum(p["expected"].values()) for p in wave["probes"]),
-            "probe_delays_s": [bench.wait(p) for p in wave["probes"]],
-            "probes_started_s": [p["t_set"] - wave["wave"]["t_set"] for p in wave["probes"]],
-        }
-        time.sleep(0.2)
-        after = bench.ask("sent")
-        out["wave"]["sent"] = sum(after.values()) - sum(before.values())
+        steps = args.steps.split(",")
+        if args.profile:
+            bench.ask("profile start")
+        if "rules" in steps:
+            out["rules"] = [bench.change(f"rules {1 + k * step}") for k in range(args.repeat)]
+        if "cert" in steps:
+            out["cert"] = [bench.change(f"cert {2 + k * step}") for k in range(args.repeat)]
+        if "wide" in steps:
+            out["wide"] = [bench.change("wide") for _ in range(max(1, args.repeat // 2))]
+        if "wave" in steps:
+            before = bench.ask("sent")
+            wave = bench.ask(f"wave {args.wave} {args.probes} {args.probe_spacing}")
+            out["wave"] = {
+                "groups": args.wave,
+                "ack_s": bench.wait(wave["wave"]),
+                "expected": sum(wave["wave"]["expected"].values())
+                + sum(sum(p["expected"].values()) for p in wave["probes"]),
+                "probe_delays_s": [bench.wait(p) for p in wave["probes"]],
+                "probes_started_s": [p["t_set"] - wave["wave"]["t_set"] for p in wave["probes"]],
+            }
+            time.sleep(0.2)
+            after = bench.ask("sent")
+            out["wave"]["sent"] = sum(after.values()) - sum(before.values())
+        if args.profile:
+            bench.ask("profile stop")
+        out["gc"] = bench.ask("gc")
         out["pusher"] = bench.ask("pusher")
         out["memory_end_mb"] = bench.ask("mem")
         return out
@@ -422,15 +507,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def report(r: dict[str, Any]) -> None:
     ms = 1000
-    print(f"agents {r['agents']:,}, streams {r['streams']:,} (sidecars + {GATEWAYS} gateways), connected in "
-          f"{r['connect_s']:.1f} s; cold build {r['cold_build_s']:.2f} s")  # fmt: skip
-    for key, what in (("rules", "one agent's rules"), ("cert", "one agent's certificate"),
-                      ("wide", "mesh-wide (gateway port)")):  # fmt: skip
+    print(
+        f"agents {r['agents']:,}, streams {r['streams']:,} (sidecars + {GATEWAYS} gateways), "
+        f"connected in {r['connect_s']:.1f} s; cold build {r['cold_build_s']:.2f} s"
+    )
+    for key, what in (
+        ("rules", "one agent's rules"),
+        ("cert", "one agent's certificate"),
+        ("wide", "mesh-wide (gateway port)"),
+    ):
+        if key not in r:
+            continue
         rows = r[key]
         acks = [x["ack_s"] for x in rows]
         sent = rows[-1]["sent"]
@@ -442,19 +534,28 @@ def report(r: dict[str, Any]) -> None:
             f"{statistics.median(acks) * ms:.1f} ms, max {max(acks) * ms:.1f} ms; "
             f"build {statistics.median(x['build_s'] for x in rows) * ms:.0f} ms"
         )
-    w = r["wave"]
-    base = [x["ack_s"] for x in r["cert"]]
-    delays = w["probe_delays_s"]
-    print(
-        f"{'renewal wave':>26}: {w['groups']:,} groups' SDS all ACK in {w['ack_s'] * ms:.0f} ms; "
-        f"responses {w['sent']:,} (expected {w['expected']:,}); {len(delays)} one-agent changes "
-        f"during it: push delay p50 {pct(delays, 0.5) * ms:.1f} ms, p99 {pct(delays, 0.99) * ms:.1f} ms "
-        f"(without a wave: p50 {pct(base, 0.5) * ms:.1f} ms)"
-    )
+    if "wave" in r:
+        w = r["wave"]
+        base = [x["ack_s"] for x in r.get("cert", [])] or [float("nan")]
+        delays = w["probe_delays_s"]
+        p50, p99 = pct(delays, 0.5) * ms, pct(delays, 0.99) * ms
+        print(
+            f"{'renewal wave':>26}: {w['groups']:,} groups' SDS all ACK in "
+            f"{w['ack_s'] * ms:.0f} ms; responses {w['sent']:,} (expected {w['expected']:,}); "
+            f"{len(delays)} one-agent changes during it: push delay p50 {p50:.1f} ms, "
+            f"p99 {p99:.1f} ms (without a wave: p50 {pct(base, 0.5) * ms:.1f} ms)"
+        )
     print(f"{'pusher':>26}: {r['pusher']}")
+    g, g0 = r["gc"], r["gc_connect"]
+    print(
+        f"{'server full GCs':>26}: {g['collections']} ({g0['collections']} while connecting), "
+        f"total {g['total_s']:.2f} s, longest {g['max_s'] * ms:.0f} ms"
+    )
     m1, m2 = r["memory_connected_mb"], r["memory_end_mb"]
-    print(f"{'server memory':>26}: RSS connected {m1['VmRSS']:.0f} MB, at end {m2['VmRSS']:.0f} MB, "
-          f"peak {m2['VmHWM']:.0f} MB")  # fmt: skip
+    print(
+        f"{'server memory':>26}: RSS connected {m1['VmRSS']:.0f} MB, at end {m2['VmRSS']:.0f} MB, "
+        f"peak {m2['VmHWM']:.0f} MB"
+    )
 
 
 def main() -> None:
@@ -468,6 +569,8 @@ def main() -> None:
     ap.add_argument("--wave", type=int, default=1000, help="groups renewed at once")
     ap.add_argument("--probes", type=int, default=20, help="one-agent changes during the wave")
     ap.add_argument("--probe-spacing", type=float, default=0.01, help="seconds between them")
+    ap.add_argument("--steps", default="rules,cert,wide,wave", help="which changes to make")
+    ap.add_argument("--profile", action="store_true", help="cProfile the server (to stderr)")
     ap.add_argument("--address", default="")
     ap.add_argument("--first", type=int, default=0)
     ap.add_argument("--count", type=int, default=0)

@@ -19,6 +19,12 @@ class SnapshotCache:
     def __init__(self) -> None:
         self._snapshots: dict[str, Snapshot] = {}
         self._watchers: dict[str, set[Watcher]] = {}
+        self.policy_version: str | None = None  # of the newest snapshots set
+
+    def serving(self, group: str) -> tuple[Snapshot | None, str | None]:
+        """The group's snapshot and the policy being served (which may be newer than the
+        snapshot's own, when that policy left the group's content alone)."""
+        return self._snapshots.get(group), self.policy_version
 
     def get(self, group: str) -> Snapshot | None:
         return self._snapshots.get(group)
@@ -28,14 +34,29 @@ class SnapshotCache:
 
     def set_snapshots(self, snapshots: Mapping[str, Snapshot]) -> list[str]:
         """Replace every group's snapshot; wake only streams whose group changed. Returns them."""
-        changed = []
-        for group in sorted(set(snapshots) | set(self._snapshots)):
-            old, new = self._snapshots.get(group), snapshots.get(group)
-            if _versions(old) != _versions(new):
+        previous = self._snapshots
+        current: dict[str, Snapshot] = {}
+        changed = [group for group in previous if group not in snapshots]
+        for group, new in snapshots.items():
+            old = previous.get(group)
+            # memoised sidecar builds hand out the same versions object: compare it first
+            if old is not None and (
+                old.type_versions is new.type_versions or old.type_versions == new.type_versions
+            ):
+                # Same content: keep the old object (and its cached bodies). The new one dies
+                # young, so a policy change that touches one agent leaves the heap of 10,000
+                # groups' snapshots as it was, and the collector with nothing new to scan.
+                current[group] = old
+            else:
+                current[group] = new
                 changed.append(group)
-            if old is not None and new is not None and old is not new:
-                new.keep_bodies(old)
-        self._snapshots = dict(snapshots)
+                if old is not None:
+                    new.keep_bodies(old)
+        changed.sort()
+        self._snapshots = current
+        for snap in snapshots.values():
+            self.policy_version = snap.policy_version
+            break
         for group in changed:
             for wake in list(self._watchers.get(group, ())):
                 wake()
@@ -53,7 +74,3 @@ class SnapshotCache:
                     del self._watchers[group]
 
         return cancel
-
-
-def _versions(snapshot: Snapshot | None) -> Mapping[str, str] | None:
-    return None if snapshot is None else snapshot.type_versions

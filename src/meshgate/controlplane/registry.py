@@ -44,8 +44,11 @@ class NodeConnection:
     connected_at: float = field(default_factory=time.time)
     types: dict[str, TypeState] = field(default_factory=dict)
     last_nack: Nack | None = None
-    # the group's current snapshot, so status can say which policy a node's ACKed content is
-    current: Callable[[], Snapshot | None] = field(default=lambda: None, repr=False)
+    # the group's snapshot and the serving policy, so status can say which policy a node's
+    # ACKed content belongs to
+    current: Callable[[], tuple[Snapshot | None, str | None]] = field(
+        default=lambda: (None, None), repr=False
+    )
 
     def policy_acked(self, type_url: str) -> str | None:
         """The serving policy's version if this node ACKed that policy's content for the type.
@@ -53,10 +56,10 @@ class NodeConnection:
         Versions are content hashes, so a node whose content a policy change left alone was
         sent nothing and is on the new policy all the same."""
         st = self.types.get(type_url)
-        snap = self.current()
+        snap, policy = self.current()
         if st is None or snap is None or st.version_acked != snap.version(type_url):
             return None
-        return snap.policy_version
+        return policy
 
     def to_json(self) -> dict[str, Any]:
         per_type = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import collections
+import functools
 import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -196,7 +197,7 @@ class AdsStream(abc.ABC):
             self.peer,
             identity,
             envoy_version,
-            current=lambda: self.cache.get(group),
+            current=functools.partial(self.cache.serving, group),
         )
         self.registry.add(self.conn)
         self._cancel_watch = self.cache.watch(role.group, self._wake)

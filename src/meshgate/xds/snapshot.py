@@ -109,7 +109,7 @@ class Snapshot:
 
     def keep_bodies(self, previous: Snapshot) -> None:
         """Adopt `previous`'s cached SotW bodies for the types whose content is unchanged, so
-        a new policy version that leaves this group alone costs no re-serialisation."""
+        a change to one type (the gateway's routes) does not re-serialise the others."""
         for key, body in previous._sotw_cache.items():
             if previous.version(key[0]) == self.version(key[0]):
                 self._sotw_cache.setdefault(key, body)
