@@ -10,7 +10,8 @@ from collections.abc import Callable, Mapping
 
 from meshgate.xds.snapshot import Snapshot
 
-Watcher = Callable[[], None]
+# called with the number of groups the change touched (small changes are pushed first)
+Watcher = Callable[[int], None]
 
 
 class SnapshotCache:
@@ -59,7 +60,7 @@ class SnapshotCache:
             break
         for group in changed:
             for wake in list(self._watchers.get(group, ())):
-                wake()
+                wake(len(changed))
         return changed
 
     def watch(self, group: str, wake: Watcher) -> Callable[[], None]:

@@ -6,7 +6,8 @@ latency with it); pushing one at a time would make the last stream wait for all 
 So a key waits in `pending` (FIFO, once however often it is requested) until one of at most
 `limit` push slots is free. A request for a key whose push is in flight is remembered and the
 key is queued again once that push is done: the push reads the newest snapshot, so requests
-merge, and a change that lands mid-push is never lost.
+merge, and a change that lands mid-push is never lost. Small changes (a few node groups) go
+ahead of bulk ones (a certificate renewal wave, a mesh-wide change), FIFO within each.
 
 `PushQueue` is the bookkeeping alone (no asyncio, tested directly); `Pusher` drives it.
 """
@@ -25,51 +26,61 @@ log = logging.getLogger(__name__)
 
 
 class PushQueue(Generic[K]):
-    """Pending keys in FIFO order, keys being pushed, and keys requested while being pushed.
+    """Pending keys in FIFO order (urgent ones first), keys being pushed, and keys requested
+    while being pushed.
 
     Each key carries the time it was first requested (merges keep the earliest), so the delay
-    from a change to its push can be measured."""
+    from a change to its push can be measured. Urgent keys (small changes) are taken before any
+    other pending key, so a one-agent change does not wait behind a renewal wave of thousands;
+    a key requested both ways counts as urgent."""
 
     def __init__(self) -> None:
-        self._pending: dict[K, float] = {}  # insertion order is FIFO order
+        self._urgent: dict[K, float] = {}  # insertion order is FIFO order
+        self._pending: dict[K, float] = {}
         self._in_flight: set[K] = set()
-        self._again: dict[K, float] = {}  # requested while in flight
+        self._again: dict[K, tuple[float, bool]] = {}  # requested while in flight
 
-    def enqueue(self, key: K, at: float) -> bool:
+    def enqueue(self, key: K, at: float, urgent: bool = False) -> bool:
         """Request a push of `key`; False if it merged into a request already waiting."""
         if key in self._in_flight:
-            merged = key in self._again
-            self._again.setdefault(key, at)
-            return not merged
-        if key in self._pending:
+            prev = self._again.get(key)
+            self._again[key] = (prev[0], prev[1] or urgent) if prev else (at, urgent)
+            return prev is None
+        if key in self._urgent:
             return False
-        self._pending[key] = at
+        if key in self._pending:
+            if urgent:
+                self._urgent[key] = self._pending.pop(key)
+            return False
+        (self._urgent if urgent else self._pending)[key] = at
         return True
 
     def dequeue(self) -> tuple[K, float] | None:
-        """The oldest pending key, now in flight; None if nothing is pending."""
-        if not self._pending:
+        """The oldest urgent key, else the oldest pending key, now in flight; None if none."""
+        lane = self._urgent or self._pending
+        if not lane:
             return None
-        key = next(iter(self._pending))
-        at = self._pending.pop(key)
+        key = next(iter(lane))
+        at = lane.pop(key)
         self._in_flight.add(key)
         return key, at
 
     def mark_done(self, key: K) -> None:
         """The push of `key` finished; a request that arrived meanwhile is queued (at the end)."""
         self._in_flight.discard(key)
-        at = self._again.pop(key, None)
-        if at is not None:
-            self._pending[key] = at
+        again = self._again.pop(key, None)
+        if again is not None:
+            (self._urgent if again[1] else self._pending)[key] = again[0]
 
     def discard(self, key: K) -> None:
         """Forget `key` (its stream closed); an in-flight push still ends with mark_done."""
+        self._urgent.pop(key, None)
         self._pending.pop(key, None)
         self._again.pop(key, None)
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return len(self._urgent) + len(self._pending)
 
     @property
     def in_flight(self) -> int:
@@ -99,9 +110,9 @@ class Pusher(Generic[K]):
         self.max_in_flight = 0
         self.delays: list[float] = []
 
-    def request(self, key: K) -> None:
+    def request(self, key: K, urgent: bool = False) -> None:
         """Ask for a push of `key` (from the event loop's thread; never blocks)."""
-        self.queue.enqueue(key, self._clock())
+        self.queue.enqueue(key, self._clock(), urgent)
         self._fill()
 
     def discard(self, key: K) -> None:

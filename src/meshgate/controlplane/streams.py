@@ -48,6 +48,9 @@ _CLOSED = object()
 # control holds the send) must not keep the others waiting; it still gets its push, later.
 PUSH_SLOT_TIMEOUT = 5.0
 
+# A change that touches at most this many node groups is pushed before bulk changes.
+SMALL_CHANGE_GROUPS = 8
+
 
 class StreamError(Exception):
     """Ends one stream with a gRPC status; other streams are unaffected."""
@@ -137,10 +140,11 @@ class AdsStream(abc.ABC):
         except Exception as exc:  # a client that sends garbage ends only its own stream
             self.queue.put_nowait(StreamError("INVALID_ARGUMENT", f"bad request: {exc}"))
 
-    def _wake(self) -> None:
-        """The group's snapshot changed: ask for a push slot."""
+    def _wake(self, groups_changed: int) -> None:
+        """The group's snapshot changed: ask for a push slot, ahead of bulk changes if this
+        change is small (one agent's, and the gateways')."""
         if not self._closed:
-            self.pusher.request(self)
+            self.pusher.request(self, urgent=groups_changed <= SMALL_CHANGE_GROUPS)
 
     async def push(self) -> None:
         """Run by the Pusher in a slot: have this stream's task push the current snapshot, and

@@ -116,3 +116,33 @@ def test_pusher_limit_must_be_positive() -> None:
 
     with pytest.raises(ValueError):
         Pusher(push, limit=0)
+
+
+def test_urgent_keys_go_first_and_a_bulk_key_can_be_promoted() -> None:
+    q: PushQueue[str] = PushQueue()
+    for key in ("bulk1", "bulk2", "bulk3"):
+        q.enqueue(key, 1.0)
+    assert q.enqueue("small", 2.0, urgent=True)
+    assert not q.enqueue("bulk3", 3.0, urgent=True)  # promoted, keeps its first time
+    assert [q.dequeue() for _ in range(2)] == [("small", 2.0), ("bulk3", 1.0)]
+    assert q.dequeue() == ("bulk1", 1.0)
+    q.enqueue("bulk1", 4.0, urgent=True)  # mid-push, urgent: re-queued urgent
+    q.enqueue("bulk1", 5.0)
+    q.mark_done("bulk1")
+    assert q.dequeue() == ("bulk1", 4.0)
+    assert q.dequeue() == ("bulk2", 1.0)
+
+
+async def test_a_small_change_overtakes_a_bulk_wave() -> None:
+    order: list[str] = []
+
+    async def push(key: str) -> None:
+        await asyncio.sleep(0.001)
+        order.append(key)
+
+    pusher: Pusher[str] = Pusher(push, limit=2)
+    for i in range(50):
+        pusher.request(f"wave{i}")
+    pusher.request("one-agent", urgent=True)
+    await asyncio.wait_for(pusher.idle(), 10)
+    assert order.index("one-agent") <= 2  # behind at most the two already in flight
