@@ -87,20 +87,35 @@ class Fleet:
         self.version = 0
         self._agent_policy = AgentPolicy
         self._rule = EgressRule
+        self._identities: dict[str, tuple[int, Any]] = {}
+        self._policies: dict[str, Any] = {}
 
     def identity(self, who: str) -> Any:
+        """The current certificate of a node group: the same object until it is renewed, as
+        meshgate's issuer keeps it."""
         from meshgate.xds.mtls import NodeIdentity
 
         serial = self.serials.get(who, 0)
-        pem = f"-----BEGIN CERTIFICATE-----\n{who} serial {serial}\n".encode() * 8
-        return NodeIdentity(f"spiffe://agents.local/{who}", pem, b"k" * 240, b"t" * 600)
+        cached = self._identities.get(who)
+        if cached is None or cached[0] != serial:
+            pem = f"-----BEGIN CERTIFICATE-----\n{who} serial {serial}\n".encode() * 8
+            ident = NodeIdentity(f"spiffe://agents.local/{who}", pem, b"k" * 240, b"t" * 600)
+            cached = self._identities[who] = (serial, ident)
+        return cached[1]
 
     def build(self) -> dict[str, Any]:
+        """A whole build, as meshgate's control plane makes it; agent policies are reused
+        while their rules are unchanged, as policy compilation reuses unchanged documents'."""
         from meshgate.policy.model import PolicyModel
         from meshgate.xds.build import Identities, build_snapshots
 
-        agents = tuple(self._agent_policy(n, n, self.rules[n]) for n in self.names)
-        model = PolicyModel(self.mesh, self.dests, agents, f"v{self.version}")
+        agents = []
+        for n in self.names:
+            pol = self._policies.get(n)
+            if pol is None or pol.rules is not self.rules[n]:
+                pol = self._policies[n] = self._agent_policy(n, n, self.rules[n])
+            agents.append(pol)
+        model = PolicyModel(self.mesh, self.dests, tuple(agents), f"v{self.version}")
         ids = Identities(self.identity("gateway"), {n: self.identity(n) for n in self.names})
         return build_snapshots(model, identities=ids)
 

@@ -8,7 +8,6 @@ pushed for it. The policy version is kept beside the content, for status, never 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -88,9 +87,13 @@ class Snapshot:
         cls, policy_version: str, resources: Iterable[Resource], recurring: bool = False
     ) -> Snapshot:
         """`recurring`: the same resource objects will come again (per-agent sidecars), so the
-        grouping, hashing and checks are memoised; one-off sets (the gateway) are not kept."""
-        index = _index if recurring else _index.__wrapped__
-        frozen, versions = index(tuple(resources))
+        snapshot itself is memoised on them: an unchanged agent's snapshot is the same object
+        under every policy version (its `policy_version` is the one it was first built for),
+        and rebuilding 10,000 agents allocates nothing that outlives the build.
+        One-off sets (the gateway) are not kept."""
+        if recurring:
+            return _recurring(tuple(resources), policy_version)
+        frozen, versions = _index(tuple(resources))
         return cls(policy_version, frozen, versions)
 
     def of_type(self, type_url: str) -> Mapping[str, Resource]:
@@ -130,12 +133,29 @@ class Snapshot:
         return body
 
 
-@functools.lru_cache(maxsize=100_000)
+_RECURRING: dict[tuple[Resource, ...], Snapshot] = {}
+_MAX_RECURRING = 100_000
+
+
+def _recurring(resources: tuple[Resource, ...], policy_version: str) -> Snapshot:
+    snap = _RECURRING.get(resources)
+    if snap is None:
+        frozen, versions = _index(resources)
+        snap = _RECURRING[resources] = Snapshot(policy_version, frozen, versions)
+        if len(_RECURRING) > _MAX_RECURRING:
+            del _RECURRING[next(iter(_RECURRING))]  # the oldest: a bound on memory
+    return snap
+
+
+def clear_cache() -> None:
+    """Forget memoised sidecar snapshots (cold-start measurements and tests)."""
+    _RECURRING.clear()
+
+
 def _index(
     resources: tuple[Resource, ...],
 ) -> tuple[Mapping[str, Mapping[str, Resource]], Mapping[str, str]]:
-    """Group, order, hash and check a resource set once; memoised because the same (memoised)
-    resources recur in every agent's snapshot on every policy version."""
+    """Group, order, hash and check a resource set."""
     by_type: dict[str, dict[str, Resource]] = {t: {} for t in types.TYPE_ORDER}
     for res in resources:
         bucket = by_type.setdefault(res.type_url, {})
