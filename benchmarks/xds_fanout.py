@@ -451,9 +451,10 @@ class Bench:
             time.sleep(0.05)
 
     def change(self, command: str) -> dict[str, Any]:
-        before = self.ask("sent")
+        before, gc_before = self.ask("sent"), self.ask("gc")
         change = self.ask(command)
         ack_s = self.wait(change)
+        gc_after = self.ask("gc")
         time.sleep(0.2)  # anything beyond the expected would have been sent by now
         after = self.ask("sent")
         sent = {t: after.get(t, 0) - before.get(t, 0) for t in after}
@@ -463,6 +464,9 @@ class Bench:
             "groups_changed": change["groups"],
             "expected": sum(change["expected"].values()),
             "sent": {t: n for t, n in sent.items() if n},
+            # full collections from the change until all ACKed, and their total pause
+            "full_gcs": gc_after["collections"] - gc_before["collections"],
+            "gc_s": gc_after["total_s"] - gc_before["total_s"],
         }
 
     def close(self) -> None:
@@ -547,7 +551,8 @@ def report(r: dict[str, Any]) -> None:
             f"{sum(sent.values()):>6,} {sent} expected {rows[-1]['expected']:,} "
             f"({'exact' if exact else 'MISMATCH'} in {len(rows)} runs); all ACK median "
             f"{statistics.median(acks) * ms:.1f} ms, max {max(acks) * ms:.1f} ms; "
-            f"build {statistics.median(x['build_s'] for x in rows) * ms:.0f} ms"
+            f"build {statistics.median(x['build_s'] for x in rows) * ms:.0f} ms; full GCs "
+            f"{sum(x['full_gcs'] for x in rows)} ({sum(x['gc_s'] for x in rows) * ms:.0f} ms)"
         )
     if "wave" in r:
         w = r["wave"]
