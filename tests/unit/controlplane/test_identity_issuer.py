@@ -145,7 +145,12 @@ def test_one_pass_renews_a_bounded_number_most_overdue_first(tmp_path: Path) -> 
     # 40 minutes on, 41 of each certificate's 61 (1 h plus 60 s backdating) have passed: 67 %,
     # so about two thirds of the groups are due and nothing is yet past 90 %
     later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=40)
-    with patch("meshgate.controlplane.identity.now_utc", return_value=later):
+    # one clock for deciding and issuing: a renewed certificate starts `later`, so it is not due
+    # again (with issuing on the real clock it could be, and take another group's budget)
+    with (
+        patch("meshgate.controlplane.identity.now_utc", return_value=later),
+        patch("meshgate.identity.certs.now_utc", return_value=later),
+    ):
         due = [s for s in _spiffes(30) if renewal_time(issuer.issued(s)) <= later]  # type: ignore[arg-type]
         assert len(due) > 8
         renewed: list[str] = []
@@ -166,7 +171,12 @@ def test_missing_or_nearly_expired_certificates_ignore_the_budget(tmp_path: Path
     issuer.identities(_agents(5))
     serials = {s: issuer.issued(s).serial for s in _spiffes(5)}  # type: ignore[union-attr]
     later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=55)  # past 90 % of 61 minutes
-    with patch("meshgate.controlplane.identity.now_utc", return_value=later):
+    # one clock for deciding and issuing: a renewed certificate starts `later`, so it is not due
+    # again (with issuing on the real clock it could be, and take another group's budget)
+    with (
+        patch("meshgate.controlplane.identity.now_utc", return_value=later),
+        patch("meshgate.identity.certs.now_utc", return_value=later),
+    ):
         issuer.identities(_agents(7))
     assert all(issuer.issued(s).serial != serials[s] for s in _spiffes(5))  # type: ignore[union-attr]
     assert all(issuer.issued(s) is not None for s in _spiffes(7))
