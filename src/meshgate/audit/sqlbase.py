@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -58,6 +59,7 @@ FIELDS = (
 RECORD_COLUMNS = "id, ts_us, " + ", ".join(FIELDS)
 GATEWAY = 1 + FIELDS.index("gateway")  # its position in `record_values`
 IN_CHUNK = 500  # request_ids per IN (...) lookup
+ROW_WIDTH = 2 + len(FIELDS)  # values per inserted row
 BATCH_PAGE = 200  # batch rows read at a time by verify
 
 RecordKey = tuple[int, str, str]
@@ -128,6 +130,16 @@ MIGRATIONS = (
 )
 CHAIN_COLUMNS = "anchor_seq, anchor_hash, anchor_last_id, head_seq, head_hash, head_last_id"
 BATCH_COLUMNS = "seq, first_id, last_id, count, prev_hash, hash, digests, min_ts_us, max_ts_us"
+
+
+@functools.lru_cache(maxsize=8)
+def insert_sql(rows: int) -> str:
+    """`rows` records in one INSERT (a duplicate key is skipped; append checks none was)."""
+    marks = "(" + ",".join("?" * ROW_WIDTH) + ")"
+    return (
+        f"INSERT INTO audit_records ({RECORD_COLUMNS}) VALUES {','.join([marks] * rows)} "
+        "ON CONFLICT (ts_us, request_id, gateway) DO NOTHING"
+    )
 
 
 def row_record(row: Sequence[Any]) -> tuple[int, AuditRecord]:
@@ -223,6 +235,11 @@ class SqlAuditStore:
         raise NotImplementedError
         yield
 
+    def _insert(self, cur: Any, rows: list[tuple[Any, ...]]) -> int:
+        """Insert record rows (id first, then `record_values`); how many were inserted."""
+        cur.executemany(self._sql(insert_sql(1)), rows)
+        return int(cur.rowcount)
+
     def _cursor(self) -> Any:
         return self._conn.cursor()
 
@@ -290,22 +307,16 @@ class SqlAuditStore:
                 return 0
             new = len(values)
             batch = make_batch(state, (), values)
-            marks = ",".join("?" * (2 + len(FIELDS)))
+            rows = [(batch.first_id + i, *v) for i, v in enumerate(values)]
             try:
-                cur.executemany(
-                    self._sql(
-                        f"INSERT INTO audit_records ({RECORD_COLUMNS}) VALUES ({marks}) "
-                        "ON CONFLICT (ts_us, request_id, gateway) DO NOTHING"
-                    ),
-                    [(batch.first_id + i, *v) for i, v in enumerate(values)],
-                )
+                inserted = self._insert(cur, rows)
             except self.integrity_error as exc:
                 raise AuditStoreError(
                     f"audit store: record ids from {batch.first_id} are taken though the chain "
                     f"ends at {state.head_last_id}; run `meshgate audit verify` ({exc})"
                 ) from None
-            if cur.rowcount != new:  # impossible under the chain lock; never fork it
-                raise RuntimeError(f"audit append inserted {cur.rowcount} of {new} records")
+            if inserted != new:  # impossible under the chain lock; never fork it
+                raise RuntimeError(f"audit append inserted {inserted} of {new} records")
             self._exec(
                 cur,
                 f"INSERT INTO audit_batches ({BATCH_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",

@@ -13,8 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from meshgate.audit.sqlbase import SqlAuditStore
+from meshgate.audit.sqlbase import ROW_WIDTH, SqlAuditStore, insert_sql
 from meshgate.errors import ConfigError
+
+ROWS_PER_INSERT = 500  # x 19 values: within SQLite's default 32,766 bound parameters
 
 
 class SqliteAuditStore(SqlAuditStore):
@@ -42,9 +44,26 @@ class SqliteAuditStore(SqlAuditStore):
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"cannot open the audit store {path}: {exc}") from None
         super().__init__(conn)
+        self._rows_per_insert = max(
+            1,
+            min(ROWS_PER_INSERT, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // ROW_WIDTH),
+        )
         self.path = path
         with self._write() as cur:
             self._create_schema(cur)
+
+    def _insert(self, cur: Any, rows: list[tuple[Any, ...]]) -> int:
+        """Multi-row INSERTs, not executemany: the sqlite3 module releases and retakes the GIL
+        around every row's step, and while another thread is busy (the xDS event loop decoding
+        the next stream) each retake waits out the interpreter's switch interval; measured 2,000
+        rows taking 50x longer. One statement per 500 rows steps once, and does all its B-tree
+        work without the GIL."""
+        inserted, per = 0, self._rows_per_insert
+        for start in range(0, len(rows), per):
+            chunk = rows[start : start + per]
+            cur.execute(insert_sql(len(chunk)), [value for row in chunk for value in row])
+            inserted += cur.rowcount
+        return inserted
 
     def _columns(self, cur: Any) -> set[str]:
         return {str(row[1]) for row in cur.execute("PRAGMA table_info(audit_records)")}
