@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import functools
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -132,16 +131,6 @@ CHAIN_COLUMNS = "anchor_seq, anchor_hash, anchor_last_id, head_seq, head_hash, h
 BATCH_COLUMNS = "seq, first_id, last_id, count, prev_hash, hash, digests, min_ts_us, max_ts_us"
 
 
-@functools.lru_cache(maxsize=8)
-def insert_sql(rows: int) -> str:
-    """`rows` records in one INSERT (a duplicate key is skipped; append checks none was)."""
-    marks = "(" + ",".join("?" * ROW_WIDTH) + ")"
-    return (
-        f"INSERT INTO audit_records ({RECORD_COLUMNS}) VALUES {','.join([marks] * rows)} "
-        "ON CONFLICT (ts_us, request_id, gateway) DO NOTHING"
-    )
-
-
 def row_record(row: Sequence[Any]) -> tuple[int, AuditRecord]:
     """(id, record) from a row selected as RECORD_COLUMNS."""
     values = dict(zip(FIELDS, row[2:], strict=True))
@@ -237,8 +226,7 @@ class SqlAuditStore:
 
     def _insert(self, cur: Any, rows: list[tuple[Any, ...]]) -> int:
         """Insert record rows (id first, then `record_values`); how many were inserted."""
-        cur.executemany(self._sql(insert_sql(1)), rows)
-        return int(cur.rowcount)
+        raise NotImplementedError
 
     def _cursor(self) -> Any:
         return self._conn.cursor()

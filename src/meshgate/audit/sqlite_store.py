@@ -8,15 +8,26 @@ cannot fork the chain.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from meshgate.audit.sqlbase import ROW_WIDTH, SqlAuditStore, insert_sql
+from meshgate.audit.sqlbase import RECORD_COLUMNS, ROW_WIDTH, SqlAuditStore
 from meshgate.errors import ConfigError
 
 ROWS_PER_INSERT = 500  # x 19 values: within SQLite's default 32,766 bound parameters
+
+
+@functools.lru_cache(maxsize=8)
+def insert_sql(rows: int) -> str:
+    """`rows` records in one INSERT (a duplicate key is skipped; append checks none was)."""
+    marks = "(" + ",".join("?" * ROW_WIDTH) + ")"
+    return (
+        f"INSERT INTO audit_records ({RECORD_COLUMNS}) VALUES {','.join([marks] * rows)} "
+        "ON CONFLICT (ts_us, request_id, gateway) DO NOTHING"
+    )
 
 
 class SqliteAuditStore(SqlAuditStore):
