@@ -172,7 +172,7 @@ async def gateway(
         f"gateway/{name}",
         "meshgate-gateway",
         "127.0.0.1",
-        cp.options.xds_port,
+        int(cp.xds_address.rpartition(":")[2]),  # the port it bound (0 asks the OS)
         str(admin.path),
         delta=delta,
         metadata=(("authorization", f"Bearer {token}"),) if token else (),
@@ -215,7 +215,7 @@ async def sidecar(
         f"agent/{agent}/test",
         "meshgate-agent",
         "127.0.0.1",
-        cp.options.xds_port,
+        int(cp.xds_address.rpartition(":")[2]),  # the port it bound (0 asks the OS)
         str(admin.path),
         proxy=ProxyBinding(agent, "127.0.0.1", proxy_port),
     )

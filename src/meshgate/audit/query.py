@@ -10,26 +10,13 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
-import re
 
 from meshgate.audit.record import DECISIONS, Decision
 from meshgate.audit.store import AuditQuery
+from meshgate.durations import is_duration, parse_duration
 from meshgate.errors import ConfigError
 
 MAX_LIMIT = 10_000
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
-
-
-def parse_duration(text: str, option: str) -> dt.timedelta:
-    """`90s`, `15m`, `1h`, `30d`, `2w`."""
-    match = _DURATION.match(text)
-    if not match:
-        raise ConfigError(f"{option}: {text!r} is not a duration like 30s, 15m, 1h, 7d or 2w")
-    try:
-        return dt.timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
-    except OverflowError:
-        raise ConfigError(f"{option}: {text!r} is too long a duration") from None
 
 
 def parse_instant(text: str, option: str, now: dt.datetime | None = None) -> dt.datetime:
@@ -37,7 +24,7 @@ def parse_instant(text: str, option: str, now: dt.datetime | None = None) -> dt.
     now = now or dt.datetime.now(dt.UTC)
     if text.strip().lower() == "now":
         return now
-    if _DURATION.match(text):
+    if is_duration(text, bare=False):  # a bare number could be an ISO basic date (20261124)
         try:
             return now - parse_duration(text, option)
         except OverflowError:

@@ -6,6 +6,7 @@ becomes `<field> <value>: <message>`. Kept apart from the models so they read as
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import re
 from collections.abc import Callable
@@ -13,8 +14,10 @@ from typing import Any
 
 from pydantic_core import PydanticCustomError
 
+from meshgate import durations
+
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
-PERIOD_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+PERIOD_UNITS = "smhd"
 MAX_REQUESTS = 1_000_000_000
 MAX_PERIOD_SECONDS = 366 * 86400
 
@@ -24,8 +27,14 @@ _DNS_RE = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
 _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _SECRET_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?$")
 _TOOL_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
-_PERIOD_RE = re.compile(r"^([0-9]+)([A-Za-z]*)$")
 SECRET_PLACEHOLDER = "{secret}"
+_PERIOD_PROBLEMS = {
+    durations.Problem.SYNTAX: "must be <count><unit>, like 1m, 10s, 1h or 1d",
+    durations.Problem.UNIT: "unit must be one of s, m, h, d",
+    durations.Problem.NOT_POSITIVE: "count must be at least 1",
+    durations.Problem.NOT_WHOLE: "must be a whole number of seconds",
+    durations.Problem.TOO_LONG: "must be at most 366 days",
+}
 
 
 def fail(message: str) -> PydanticCustomError:
@@ -202,17 +211,18 @@ def period(v: str) -> str:
 
 
 def period_seconds(v: str) -> int:
-    m = _PERIOD_RE.match(v)
-    if not m:
-        raise fail("must be <count><unit>, like 1m, 10s, 1h or 1d")
-    count, unit = m.group(1), m.group(2)
-    if unit not in PERIOD_UNITS:
-        raise fail("unit must be one of s, m, h, d")
-    if len(count) > 9 or int(count) * PERIOD_UNITS[unit] > MAX_PERIOD_SECONDS:
-        raise fail("must be at most 366 days")
-    if int(count) < 1:
-        raise fail("count must be at least 1")
-    return int(count) * PERIOD_UNITS[unit]
+    try:
+        return durations.parse_seconds(
+            v,
+            "per",
+            units=PERIOD_UNITS,
+            bare=False,
+            fractions=False,
+            positive=True,
+            maximum=dt.timedelta(seconds=MAX_PERIOD_SECONDS),
+        )
+    except durations.DurationError as exc:
+        raise fail(_PERIOD_PROBLEMS[exc.problem]) from None
 
 
 def non_empty(v: str) -> str:

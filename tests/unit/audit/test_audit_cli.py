@@ -19,10 +19,10 @@ from audit_fixtures import make_records
 from typer.testing import CliRunner
 
 from meshgate.audit.chain import to_micros
-from meshgate.audit.cli import audit_app, follow
 from meshgate.audit.http import add_audit_routes
 from meshgate.audit.record import AuditRecord
 from meshgate.audit.sqlite_store import SqliteAuditStore
+from meshgate.cli.audit import audit_app, follow
 from meshgate.controlplane.admin import token_middleware
 from meshgate.identity.admin_token import generate_token
 

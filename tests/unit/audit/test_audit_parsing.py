@@ -14,10 +14,10 @@ from meshgate.audit.query import (
     build_query,
     decode_cursor,
     encode_cursor,
-    parse_duration,
     parse_instant,
 )
 from meshgate.audit.retention import plan_retention
+from meshgate.durations import parse_duration
 from meshgate.errors import ConfigError
 
 NOW = dt.datetime(2026, 11, 25, 12, 0, tzinfo=dt.UTC)

@@ -19,8 +19,8 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from meshgate.audit.cli import audit_app
 from meshgate.cli import app as cli_app
+from meshgate.cli.audit import audit_app
 from meshgate.controlplane.admin import PUBLIC_PATHS
 from meshgate.controlplane.server import ControlPlane, ServeOptions
 from meshgate.controlplane.sources import DirectorySource

@@ -1,0 +1,48 @@
+"""The `meshgate` command. The I/O edge: every expected failure becomes one line, exit 1.
+
+One module per command group; shared options in `options`, output formats in `output`, the
+process edge (failures, logging, signals) in `common`, admin API calls in `admin`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from meshgate.cli.audit import audit_app
+from meshgate.cli.gateway import gateway
+from meshgate.cli.identity import ca_app, identity_app, token_app
+from meshgate.cli.inject import inject_app
+from meshgate.cli.output import err_console
+from meshgate.cli.policy import lint, plan, validate
+from meshgate.cli.serve import serve, up
+from meshgate.cli.sidecar import sidecar_app
+from meshgate.cli.status import status
+from meshgate.errors import MeshgateError
+
+app = typer.Typer(
+    help="meshgate: egress and identity control plane for AI agents, on real Envoy.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+for command in (serve, gateway, up, status, validate, plan, lint):
+    app.command()(command)
+app.add_typer(audit_app, name="audit")
+app.add_typer(sidecar_app, name="sidecar")
+app.add_typer(identity_app, name="identity")
+app.add_typer(ca_app, name="ca")
+app.add_typer(token_app, name="token")
+app.add_typer(inject_app, name="inject")
+
+
+def main() -> None:
+    try:
+        app()
+    except MeshgateError as exc:
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(1)
+
+
+__all__ = ["app", "main"]

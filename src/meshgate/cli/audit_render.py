@@ -1,0 +1,90 @@
+"""How `meshgate audit` shows records, summaries and verify reports in each output format."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from meshgate.audit.chain import VerifyReport
+from meshgate.audit.record import AuditRecord
+from meshgate.audit.store import SummaryRow
+from meshgate.cli.output import Format, print_csv, print_json_line, print_table
+
+RECORD_FIELDS = list(AuditRecord.__dataclass_fields__)
+
+
+def print_records(records: Sequence[AuditRecord], format: Format) -> None:
+    if format is Format.JSON:
+        for record in records:
+            print_json_line(record.to_json(), compact=True)
+    elif format is Format.CSV:
+        print_csv(RECORD_FIELDS, (_csv_row(r.to_json()) for r in records))
+    else:
+        print_table(
+            ("time (UTC)", "agent", "destination", "request", "status", "decision", "reason"),
+            (
+                (
+                    r.timestamp.strftime("%Y-%m-%d %H:%M:%S"),
+                    r.agent,
+                    r.destination,
+                    f"{r.method} {r.host}{r.path}{_mcp(r)}",
+                    str(r.status),
+                    r.decision,
+                    r.reason,
+                )
+                for r in records
+            ),
+        )
+
+
+def print_summary(rows: Sequence[SummaryRow], format: Format) -> None:
+    if format is Format.JSON:
+        print_json_line([r.__dict__ for r in rows])
+    elif format is Format.CSV:
+        print_csv(
+            ("agent", "destination", "decision", "count"),
+            ((r.agent, r.destination, r.decision, r.count) for r in rows),
+        )
+    else:
+        print_table(
+            ("agent", "destination", "decision", "requests"),
+            ((r.agent, r.destination, r.decision, f"{r.count:,}") for r in rows),
+            footer=("total", "", "", f"{sum(r.count for r in rows):,}"),
+        )
+
+
+def _csv_row(fields: dict[str, object]) -> list[object]:
+    return [fields[name] for name in RECORD_FIELDS]
+
+
+def _mcp(r: AuditRecord) -> str:
+    """` [tools/call read_file]` for an MCP request, else nothing."""
+    if not r.mcp_method:
+        return ""
+    return f" [{r.mcp_method}{' ' + r.mcp_tool if r.mcp_tool else ''}]"
+
+
+def line(record: AuditRecord) -> str:
+    """One record per line, for tail: greppable."""
+    r = record
+    return (
+        f"{r.timestamp.isoformat(timespec='milliseconds')} {r.agent} -> {r.destination} "
+        f"{r.method} {r.host}{r.path}{_mcp(r)} {r.status} {r.decision}"
+        + (f" ({r.reason})" if r.reason else "")
+    )
+
+
+def report_text(report: VerifyReport) -> str:
+    if report.ok:
+        anchored = f", retained from batch {report.anchor_seq + 1}" if report.anchor_seq else ""
+        return (
+            f"audit log intact: {report.records} records in {report.batches} batches"
+            f"{anchored} (head {report.head_seq}: {report.head_hash})"
+        )
+    lines = [
+        f"audit log TAMPERED: {len(report.problems)} problem(s) in {report.records} "
+        f"records, {report.batches} batches"
+    ]
+    lines += [f"  {p.kind}: {p.message}" for p in report.problems]
+    if report.truncated:
+        lines.append("  ... more problems not listed")
+    return "\n".join(lines)

@@ -1,0 +1,180 @@
+"""`meshgate gateway`: a real Envoy egress gateway, optionally registered in Consul."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from meshgate.cli.common import fail, run_until_signal, setup_logging, wait_either, warn_insecure
+from meshgate.cli.options import (
+    DEFAULT_STATE,
+    DEFAULT_XDS,
+    ControlPlaneOpt,
+    HealthPortOpt,
+    InsecureNodeOpt,
+    StateOpt,
+    TokenFileOpt,
+    XdsCaOpt,
+)
+from meshgate.cli.output import console
+
+
+def gateway(
+    control_plane: ControlPlaneOpt = DEFAULT_XDS,
+    name: Annotated[str, typer.Option(help="Gateway name; node id is gateway/NAME.")] = "local",
+    health_port: HealthPortOpt = None,
+    state_dir: StateOpt = DEFAULT_STATE,
+    delta: Annotated[bool, typer.Option(help="Use incremental (delta) xDS.")] = False,
+    concurrency: Annotated[int, typer.Option(help="Envoy worker threads.")] = 1,
+    token_file: TokenFileOpt = None,
+    xds_ca: XdsCaOpt = None,
+    insecure: InsecureNodeOpt = False,
+    register_consul: Annotated[
+        str | None,
+        typer.Option(help="Register with this Consul agent (http(s)://HOST:PORT) while running."),
+    ] = None,
+    consul_token_file: Annotated[
+        Path | None, typer.Option(help="File holding the Consul ACL token for registration.")
+    ] = None,
+    consul_ca_file: Annotated[
+        Path | None, typer.Option(help="CA bundle for an https:// Consul address.")
+    ] = None,
+    consul_service: Annotated[str, typer.Option(help="Consul service name.")] = "meshgate-egress",
+    advertise: Annotated[
+        str, typer.Option(help="HOST:PORT applications reach the gateway listener on.")
+    ] = "127.0.0.1:15001",
+) -> None:
+    """Run a real Envoy egress gateway bootstrapped to the control plane (foreground).
+
+    It also ships the gateway's audit spool (STATE_DIR/gateway-NAME/) to the control plane."""
+    setup_logging(False)
+    if insecure:
+        warn_insecure("this gateway takes its configuration, credentials included, over "
+                      "plaintext, unauthenticated xDS")  # fmt: skip
+    registration = (
+        _consul_registration(
+            register_consul,
+            name,
+            health_port,
+            advertise,
+            consul_service,
+            consul_token_file,
+            consul_ca_file,
+        )
+        if register_consul
+        else None
+    )
+
+    async def main(stop: asyncio.Event) -> None:
+        envoy = await start_gateway(
+            control_plane,
+            name,
+            state_dir,
+            delta,
+            concurrency,
+            token_file=token_file,
+            xds_ca=xds_ca,
+            health_port=health_port,
+            insecure=insecure,
+        )
+        registrar = None
+        console.print(
+            f"gateway [bold]gateway/{name}[/bold] running; Envoy admin on {envoy.admin.socket}",
+            highlight=False,
+        )
+        try:
+            if registration is not None:
+                from meshgate.sidecar.consul_registration import ConsulRegistrar
+
+                registrar = ConsulRegistrar(registration)
+                registrar.start()
+            await wait_either(stop, envoy.wait())
+        finally:
+            if registrar is not None:  # leave the catalogue before Envoy goes away
+                await registrar.stop()
+            await envoy.stop()
+
+    run_until_signal(main)
+
+
+def _consul_registration(
+    address: str,
+    name: str,
+    health_port: int | None,
+    advertise: str,
+    service: str,
+    token_file: Path | None,
+    ca_file: Path | None,
+) -> Any:
+    """Check the --register-consul options (one-line errors) into a Registration."""
+    from pydantic_core import PydanticCustomError
+
+    from meshgate.policy import syntax
+    from meshgate.sidecar.bootstrap import HEALTH_PATH
+    from meshgate.sidecar.consul_registration import Registration
+
+    try:
+        address = syntax.consul_address(address)
+    except PydanticCustomError as exc:
+        raise fail(f"--register-consul {address!r}: {exc.message()}") from None
+    try:
+        host, port = syntax.parse_address(advertise)
+        syntax.consul_name(service)
+    except PydanticCustomError as exc:
+        raise fail(f"--advertise {advertise!r} / --consul-service: {exc.message()}") from None
+    token = None
+    if token_file is not None:
+        try:
+            token = token_file.read_text(encoding="utf-8").strip() or None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise fail(f"--consul-token-file {token_file}: cannot read: {exc}") from None
+    if ca_file is not None and not address.startswith("https://"):
+        raise fail("--consul-ca-file needs an https:// --register-consul address")
+    if health_port is None:
+        raise fail("--register-consul needs --health-port (Consul's HTTP check)")
+    return Registration(
+        consul=address,
+        service_id=f"{service}-{name}",
+        service=service,
+        address=host,
+        port=port,
+        check_url=f"http://127.0.0.1:{health_port}{HEALTH_PATH}",
+        token=token,
+        ca_file=str(ca_file) if ca_file else None,
+        meta=(("meshgate_node", f"gateway/{name}"),),
+    )
+
+
+async def start_gateway(
+    control_plane: str,
+    name: str,
+    state_dir: Path,
+    delta: bool,
+    concurrency: int,
+    wait_ready: bool = False,
+    token_file: Path | None = None,
+    xds_ca: Path | None = None,
+    health_port: int | None = None,
+    insecure: bool = False,
+) -> Any:
+    """The gateway Envoy plus the shipper of its audit spool to the control plane."""
+    from meshgate.sidecar.launcher import prepare_gateway
+
+    gw = prepare_gateway(
+        name,
+        control_plane,
+        state_dir,
+        token_file,
+        delta=delta,
+        concurrency=concurrency,
+        xds_ca=xds_ca,
+        health_port=health_port,
+        insecure=insecure,
+    )
+    await gw.start()
+    if wait_ready:
+        await gw.wait_ready()
+    return gw

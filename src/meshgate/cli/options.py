@@ -1,0 +1,145 @@
+"""Option types more than one command takes, declared once so their names, defaults and help
+cannot drift apart. Options only one command takes stay with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from meshgate.cli.output import Format, format_option
+
+DEFAULT_STATE = Path(".meshgate")
+DEFAULT_ADMIN = "http://127.0.0.1:18001"
+DEFAULT_XDS = "127.0.0.1:18000"
+
+StateOpt = Annotated[Path, typer.Option(help="Directory for local state (CA, audit, bootstraps).")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v")]
+
+# --- talking to a running control plane's admin API (docs/admin-auth.md); the token itself
+# never goes on a command line
+AdminOpt = Annotated[str, typer.Option("--admin", help="Control plane admin URL.")]
+AdminTokenFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="File holding the control plane's admin token (default: $MESHGATE_ADMIN_TOKEN, "
+        "else STATE_DIR/admin/token)."
+    ),
+]
+AuditControlPlaneOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--control-plane",
+        help="Ask this control plane's admin API (e.g. http://127.0.0.1:18001) instead of "
+        "opening the store.",
+    ),
+]
+AuditAdminTokenFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--admin-token-file",
+        help="With --control-plane: file holding its admin token (default: "
+        "$MESHGATE_ADMIN_TOKEN, else <state-dir>/admin/token).",
+    ),
+]
+
+# --- running the control plane (serve, up)
+PoliciesOpt = Annotated[
+    str, typer.Option("--policies", "-p", help="Policy directory, or git+URL@ref for a git repo.")
+]
+XdsPortOpt = Annotated[int, typer.Option(help="Port for the xDS gRPC server.")]
+AdminPortOpt = Annotated[int, typer.Option(help="Port for the admin HTTP server.")]
+InsecureServeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--insecure",
+        help="LAB ONLY: plaintext xDS without join tokens and no sidecar -> gateway mTLS. "
+        "Anyone who reaches the xDS port reads every credential.",
+    ),
+]
+ServeAdminTokenOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Admin API token file to require (default: created as STATE_DIR/admin/token)."
+    ),
+]
+AuditStoreOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Audit store: a path, sqlite:///path or postgresql://... "
+        "(default: $MESHGATE_AUDIT_STORE, else STATE_DIR/audit.db)."
+    ),
+]
+# Vault PKI as the upstream CA. Credentials only from the environment: VAULT_TOKEN, or AppRole
+# with VAULT_SECRET_ID (never on the command line, where `ps` would show them).
+CaOpt = Annotated[
+    str, typer.Option("--ca", help="Who signs the intermediate CA: builtin or vault.")
+]
+VaultAddressOpt = Annotated[
+    str | None, typer.Option(envvar="VAULT_ADDR", help="Vault address (with --ca vault).")
+]
+VaultMountOpt = Annotated[str, typer.Option(help="Mount of Vault's PKI engine.")]
+VaultNamespaceOpt = Annotated[str | None, typer.Option(envvar="VAULT_NAMESPACE")]
+VaultRoleIdOpt = Annotated[
+    str | None,
+    typer.Option(envvar="VAULT_ROLE_ID", help="AppRole role id (secret id: env VAULT_SECRET_ID)."),
+]
+VaultTtlOpt = Annotated[
+    str, typer.Option(help="Lifetime asked of Vault for the intermediate (renewed at 2/3).")
+]
+
+# --- nodes (gateway, sidecar run) dialling the xDS port
+ControlPlaneOpt = Annotated[str, typer.Option(help="xDS address HOST:PORT.")]
+TokenFileOpt = Annotated[
+    Path | None,
+    typer.Option(help="Join token file (default: minted from --state-dir when readable)."),
+]
+XdsCaOpt = Annotated[
+    Path | None,
+    typer.Option(help="CA bundle that verifies a TLS xDS port (default: the local one, if any)."),
+]
+HealthPortOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Envoy answers GET /healthz/ready on 127.0.0.1:PORT (for outside probes; nothing "
+        "else). Envoy's admin is a unix socket in the state dir, never a port."
+    ),
+]
+InsecureNodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--insecure",
+        help="LAB ONLY: talk plaintext, unauthenticated xDS to a `serve --insecure` plane.",
+    ),
+]
+
+# --- the audit store
+StoreOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        help="Audit store: a path, sqlite:///path or postgresql://...[?schema=s] "
+        "(default: $MESHGATE_AUDIT_STORE, else <state-dir>/audit.db).",
+    ),
+]
+UntilOpt = Annotated[
+    str | None, typer.Option(help="Before this time: a duration back (1h, 7d) or ISO 8601.")
+]
+
+# --- output formats: choices from output.Format, one line per bad value
+TextOrJsonOpt = Annotated[Format, format_option(Format.TEXT, Format.JSON, help="text or json")]
+TableOrJsonOpt = Annotated[Format, format_option(Format.TABLE, Format.JSON, help="table or json")]
+RecordsFormatOpt = Annotated[
+    Format,
+    format_option(Format.TABLE, Format.JSON, Format.CSV, help="table, json (JSON lines) or csv"),
+]
+LinesFormatOpt = Annotated[
+    Format, format_option(Format.TEXT, Format.JSON, help="text or json (JSON lines)")
+]
+TokenFormatOpt = Annotated[
+    Format,
+    format_option(
+        Format.TOKEN, Format.K8S_SECRET, help="token, or k8s-secret (a Secret manifest)."
+    ),
+]
