@@ -31,6 +31,7 @@ from envoy.service.accesslog.v3 import als_pb2
 
 from meshgate.audit.ingest import IngestError, entry_from_spool
 from meshgate.errors import ConfigError
+from meshgate.retry import Backoff, Outage
 
 if TYPE_CHECKING:
     from meshgate.sidecar.envoy_admin import EnvoyAdmin
@@ -130,28 +131,29 @@ class SpoolShipper:
         self._channel: grpc.aio.Channel | None = None
 
     async def run(self) -> None:
-        """Ship until cancelled; retry with backoff while the control plane is unreachable."""
-        backoff = self.poll_interval
-        failing = False
+        """Ship until cancelled; retry with backoff (`meshgate.retry`, from `poll_interval` up
+        to 5 s) while the control plane is unreachable, warning once per outage."""
+        backoff = Backoff(self.poll_interval, max(self.poll_interval, 5.0))
+        outage = Outage(log)
+
+        async def refused(exc: BaseException, delay: float) -> None:
+            assert isinstance(exc, grpc.aio.AioRpcError)
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED and self.refresh_metadata:
+                with contextlib.suppress(Exception):
+                    self.metadata = await asyncio.to_thread(self.refresh_metadata)
+            outage.failed(
+                "audit: control plane %s refused or unreachable (%s: %s); spooling",
+                self.target,
+                exc.code().name,
+                exc.details(),
+            )
+
         try:
             while True:
                 try:
-                    sent = await self.ship_once()
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() == grpc.StatusCode.UNAUTHENTICATED and self.refresh_metadata:
-                        with contextlib.suppress(Exception):
-                            self.metadata = await asyncio.to_thread(self.refresh_metadata)
-                    if not failing:
-                        log.warning(
-                            "audit: control plane %s refused or unreachable (%s: %s); spooling",
-                            self.target,
-                            exc.code().name,
-                            exc.details(),
-                        )
-                    failing = True
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
-                    continue
+                    sent = await backoff.until_success(
+                        self.ship_once, refused, retry_on=(grpc.aio.AioRpcError,)
+                    )
                 except OSError as exc:
                     log.error("audit: spool %s: %s", self.spool, exc)
                     await asyncio.sleep(5.0)
@@ -161,9 +163,7 @@ class SpoolShipper:
                     await self.close()
                     await asyncio.sleep(5.0)
                     continue
-                if failing:
-                    log.info("audit: shipping to %s again", self.target)
-                failing, backoff = False, self.poll_interval
+                outage.recovered("audit: shipping to %s again", self.target)
                 if sent is None:  # nothing new
                     await asyncio.sleep(self.poll_interval)
         finally:

@@ -4,9 +4,10 @@ One task per watched service (name, tag, passingOnly) runs blocking queries on
 `/v1/health/service/<name>` (`index` + `wait`), through py-consul's asyncio client so a watch
 that policy no longer needs is cancelled at once. An answer with different instances calls
 `on_change`; the control plane then rebuilds the gateway snapshot, where only that
-destination's ClusterLoadAssignment changes. Errors back off exponentially with jitter and keep
-the last known instances, so an unreachable Consul never takes traffic away. The ACL token is
-read through the mesh's secret provider before each query and is never logged or reported.
+destination's ClusterLoadAssignment changes. Errors back off (`meshgate.retry`) and keep the
+last known instances, so an unreachable Consul never takes traffic away. The ACL token is read
+through the mesh's secret provider before each query and is never logged or reported. Consul
+itself is reached through `meshgate.adapters.consul` (the same client gateway registration uses).
 """
 
 from __future__ import annotations
@@ -14,20 +15,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import ipaddress
 import logging
-import random
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from meshgate.adapters.consul import ConsulClient, HealthEntry, PyConsulClient, describe_error
 from meshgate.controlplane.secrets import SecretProvider
 from meshgate.errors import ConfigError
 from meshgate.policy.model import ConsulConfig, ConsulService, PolicyModel
-from meshgate.policy.syntax import split_consul_address
+from meshgate.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +100,6 @@ def instances_of(entries: Any) -> tuple[tuple[Instance, ...], int]:
     return tuple(sorted(found)), skipped
 
 
-def _scrub(text: str, token: str | None) -> str:
-    """An error message fit for logs and status: one line, short, never the token."""
-    if token:
-        text = text.replace(token, "<token>")
-    text = " ".join(text.split())
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 @dataclass(frozen=True)
 class _ClientKey:
     config: ConsulConfig
@@ -116,19 +109,26 @@ class _ClientKey:
 class ConsulCatalog:
     """Watches the services of the current policy; instances are read by the snapshot builder.
 
-    `configure` runs on the event loop; `endpoints` may be called from worker threads."""
+    `configure` runs on the event loop; `endpoints` may be called from worker threads.
+    `client_factory`: how a Consul client is made for the Mesh's settings (tests pass
+    `InMemoryConsul`); by default py-consul's."""
 
     def __init__(
-        self, on_change: Callable[[], None], settings: WatchSettings | None = None
+        self,
+        on_change: Callable[[], None],
+        settings: WatchSettings | None = None,
+        client_factory: Callable[[ConsulConfig], ConsulClient] | None = None,
     ) -> None:
         self.on_change = on_change
         self.settings = settings or WatchSettings()
+        self._backoff = Backoff(self.settings.backoff_base, self.settings.backoff_max)
+        self._client_factory = client_factory or self._py_consul
         self._lock = threading.Lock()
         self._status: dict[ConsulService, ServiceStatus] = {}
         self._tasks: dict[ConsulService, asyncio.Task[None]] = {}
         self._destinations: dict[ConsulService, list[str]] = {}
         self._key: _ClientKey | None = None
-        self._client: Any = None
+        self._client: ConsulClient | None = None
         self._client_error: str | None = None
         self._provider: SecretProvider | None = None
 
@@ -151,7 +151,7 @@ class ConsulCatalog:
             self._client_error = None
             if key is not None:
                 try:
-                    self._client = _make_client(key.config, self.settings)
+                    self._client = self._client_factory(key.config)
                 except ConfigError as exc:  # py-consul missing: say so in status, keep serving
                     self._client_error = str(exc)
         self._provider = provider
@@ -201,7 +201,7 @@ class ConsulCatalog:
         client, self._client = self._client, None
         if client is not None:
             with contextlib.suppress(Exception):
-                await client.http.close()
+                await client.close()
 
     # -- readers ---------------------------------------------------------------------------------
 
@@ -226,35 +226,38 @@ class ConsulCatalog:
 
     async def _watch(self, service: ConsulService) -> None:
         index: str | None = None
-        failures = 0
         while True:
-            token: str | None = None
             started = time.monotonic()
-            try:
-                token = await self._token()
-                new_index, entries = await self._client.health.service(
-                    service.service,
-                    index=index,
-                    wait=f"{round(self.settings.wait_seconds * 1000)}ms" if index else None,
-                    passing=service.passing_only,
-                    tag=service.tag,
-                    token=token,
-                )
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                failures += 1
-                self._failed(service, exc, token)
-                await asyncio.sleep(self._backoff(failures))
-                continue
-            failures = 0
+            query = functools.partial(self._query, service, index)
+            new_index, entries = await self._backoff.until_success(query, _ignore)
             instances, skipped = instances_of(entries)
-            index = self._next_index(index, str(new_index))
+            index = self._next_index(index, new_index)
             changed = self._succeeded(service, instances, skipped, index)
             if changed:
                 self.on_change()
             elif time.monotonic() - started < self.settings.min_interval:
                 await asyncio.sleep(self.settings.min_interval)  # Consul said "no change" at once
+
+    async def _query(
+        self, service: ConsulService, index: str | None
+    ) -> tuple[str, list[HealthEntry]]:
+        """One (blocking) query; a failure is recorded in status, then raised to be retried."""
+        token: str | None = None
+        try:
+            if self._client is None:
+                raise ConfigError("consul: no client")  # configure() starts watches only with one
+            token = await self._token()
+            return await self._client.health_service(
+                service.service,
+                index=index,
+                wait=self.settings.wait_seconds,
+                passing=service.passing_only,
+                tag=service.tag,
+                token=token,
+            )
+        except Exception as exc:
+            self._failed(service, exc, token)
+            raise
 
     async def _token(self) -> str | None:
         config = self._key.config if self._key else None
@@ -305,7 +308,7 @@ class ConsulCatalog:
         return changed
 
     def _failed(self, service: ConsulService, exc: BaseException, token: str | None) -> None:
-        message = _scrub(f"{type(exc).__name__}: {exc}", token)
+        message = describe_error(exc, token)
         with self._lock:
             status = self._status.get(service)
             if status is None:
@@ -319,36 +322,16 @@ class ConsulCatalog:
                 message,
             )
 
-    def _backoff(self, failures: int) -> float:
-        s = self.settings
-        ceiling = min(s.backoff_max, s.backoff_base * 2 ** min(failures - 1, 30))
-        return random.uniform(ceiling / 2, ceiling)  # jitter: watches don't retry in lockstep
+    def _py_consul(self, config: ConsulConfig) -> ConsulClient:
+        wait = self.settings.wait_seconds
+        # a blocking query may take `wait` plus Consul's jitter (wait/16) to answer
+        timeout = wait + wait / 16 + 10
+        return PyConsulClient(config, timeout=timeout, needed_by="consul destinations need")
+
+
+def _ignore(exc: BaseException, delay: float) -> None:
+    """Failures are recorded (and logged once per outage) by `_query` itself."""
 
 
 def _sort_key(s: ConsulService) -> tuple[str, str, bool]:
     return (s.service, s.tag or "", s.passing_only)
-
-
-def _make_client(config: ConsulConfig, settings: WatchSettings) -> Any:
-    """py-consul's asyncio client for `config`; its token stays unset (we pass ours per call,
-    so CONSUL_HTTP_TOKEN from the environment is never used by accident)."""
-    try:
-        import consul.aio
-    except ImportError:
-        raise ConfigError("consul destinations need: pip install 'meshgate[consul]'") from None
-    scheme, host, port = split_consul_address(config.address)
-    verify: bool | str = config.ca_file or True
-    wait = settings.wait_seconds
-    with warnings.catch_warnings():  # py-consul passes aiohttp arguments it has deprecated
-        warnings.simplefilter("ignore", DeprecationWarning)
-        client = consul.aio.Consul(
-            host=host,
-            port=port,
-            scheme=scheme,
-            verify=verify,
-            dc=config.datacenter,
-            # a blocking query may take `wait` plus Consul's jitter (wait/16) to answer
-            connections_timeout=wait + wait / 16 + 10,
-        )
-    client.token = None
-    return client

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from meshgate.adapters.git import GitCli, GitRepository
 from meshgate.errors import MeshgateError, PolicyError
-from meshgate.policy.gitsource import GitPolicySource
-from meshgate.policy.loader import read_policy_files
+from meshgate.policy.gitsource import decode_policy_files, parse_git_source, policy_paths
+from meshgate.policy.loader import LoadedPolicy, load_policy_texts_with_locations, read_policy_files
+from meshgate.policy.model import PolicyModel
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +69,57 @@ class DirectorySource:
             await asyncio.sleep(self.interval)
 
 
+class GitPolicySource:
+    """Policy files at a ref (and subdirectory) of a git repository, read by commit SHA."""
+
+    def __init__(self, repo: GitRepository, ref: str = "HEAD", subdir: str = "") -> None:
+        self.repo = repo
+        self.url = repo.url
+        self.ref = ref
+        self.subdir = subdir.strip("/")
+
+    @classmethod
+    def from_source(cls, source: str, cache_dir: Path) -> GitPolicySource:
+        """`git+https://host/org/repo.git@main#sub` and the like, mirrored under `cache_dir`."""
+        spec = parse_git_source(source)
+        return cls(GitCli(spec.url, cache_dir), spec.ref, spec.subdir)
+
+    def fetch(self) -> str:
+        """Update from the remote; the full commit SHA `ref` points to."""
+        self.repo.fetch()
+        return self.repo.resolve(self.ref)
+
+    def read_files(self, sha: str) -> dict[str, str]:
+        """Policy files in commit `sha`, keyed by their path in the repository."""
+        paths = policy_paths(self.repo.list_files(sha, self.subdir), self.subdir)
+        blobs = {path: self.repo.read_file(sha, path) for path in paths}
+        where = f"{self.subdir}/ in " if self.subdir else ""
+        return decode_policy_files(blobs, f"{where}{self.url}@{sha[:12]}")
+
+    def load_with_locations(self, sha: str) -> LoadedPolicy:
+        files = self.read_files(sha)
+        return load_policy_texts_with_locations(files, version=sha, root=self.subdir or self.url)
+
+    def load(self, sha: str) -> PolicyModel:
+        """The policy at commit `sha`; its version is the full SHA."""
+        return self.load_with_locations(sha).model
+
+
 class GitSource:
     """Polls a git ref; only committed content is served and the commit is the version."""
 
-    def __init__(self, spec: str, cache_dir: Path, interval: float = 5.0) -> None:
+    def __init__(
+        self,
+        spec: str,
+        cache_dir: Path,
+        interval: float = 5.0,
+        repo: GitRepository | None = None,
+    ) -> None:
+        """`repo`: the repository to read (tests pass `InMemoryGit`); by default a git CLI
+        mirror of the URL in `spec` under `cache_dir`."""
         self.git = GitPolicySource.from_source(spec, cache_dir)
+        if repo is not None:
+            self.git = GitPolicySource(repo, self.git.ref, self.git.subdir)
         self.interval = interval
         self.description = spec
         self.cache_dir = cache_dir

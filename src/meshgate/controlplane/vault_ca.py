@@ -6,7 +6,8 @@ the trust bundle is Vault's root (`GET /v1/<mount>/ca/pem`). Leaves are still si
 issuance stays fast and goes on while Vault is down. The intermediate is re-signed at 2/3 of its
 lifetime and on `meshgate ca rotate`; old leaves keep verifying because every intermediate
 chains to the same root. A failed renewal keeps the current (still valid) intermediate and
-retries with backoff.
+retries with backoff (`meshgate.retry`). Vault is reached through `meshgate.adapters.vault`
+(`VaultPKI`; hvac in `vault_hvac`).
 
 Configured by the operator (`meshgate serve --ca vault ...`), never by policy: whoever chooses
 the CA chooses which identities exist, and policy may come from a git repository agents' owners
@@ -28,6 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
+from meshgate.adapters.vault import VaultPKI, VaultUnavailable
 from meshgate.errors import ConfigError
 from meshgate.identity.ca import (
     CertificateAuthority,
@@ -42,6 +44,7 @@ from meshgate.identity.ca import (
     validate_trust_domain,
     write_files,
 )
+from meshgate.retry import Backoff, Outage
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +86,10 @@ def _self_signed(cert: x509.Certificate) -> bool:
 
 
 def _reason(exc: BaseException) -> str:
-    """One short line: requests' connection errors repeat the URL and a nested repr."""
-    name = type(exc).__name__
-    if name in ("ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout"):
-        return f"{name}: Vault did not answer"
-    text = " ".join(str(exc).split()).split(", on ")[0][:160]  # hvac appends the method and URL
-    return f"{name}: {text}" if text else name
+    """One short line (VaultUnavailable's text already is)."""
+    if isinstance(exc, VaultUnavailable):
+        return str(exc)
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
 
 
 def _pem_certs(text: str, what: str) -> list[x509.Certificate]:
@@ -109,35 +110,22 @@ class VaultUpstreamCA:
         *,
         retry_min: float = 5.0,
         retry_max: float = 300.0,
+        pki: VaultPKI | None = None,
     ) -> None:
-        try:
-            from meshgate.controlplane.vault import VAULT_FAILURES, VaultSession
-        except ImportError:
-            raise ConfigError("--ca vault needs: pip install 'meshgate[vault]'") from None
-        env = os.environ if environ is None else environ
+        """`retry_min`/`retry_max`: the renewal backoff; `pki`: the PKI mount (tests pass
+        `InMemoryVaultPKI`), by default hvac's, logged in with credentials from `environ`."""
         if settings.intermediate_ttl_seconds <= 0:
             raise ConfigError("vault CA: the intermediate TTL must be positive")
         self.settings = settings
         self.description = settings.description
-        self._session = VaultSession(
-            settings.address,
-            namespace=settings.namespace,
-            token=env.get(settings.token_env, ""),
-            role_id=settings.role_id,
-            secret_id=env.get(settings.secret_id_env, ""),
-            timeout=10,  # renewal runs under the issuer's lock: a hung Vault must not stall it
-        )
-        if not self._session.has_credentials:
-            raise ConfigError(
-                f"--ca vault needs a token (env {settings.token_env}) "
-                f"or AppRole (--vault-role-id, secret id in env {settings.secret_id_env})"
-            )
-        self._failures: tuple[type[BaseException], ...] = (*VAULT_FAILURES, IdentityError)
+        env = os.environ if environ is None else environ
+        self._pki = pki if pki is not None else _hvac_pki(settings, env)
+        self._failures: tuple[type[BaseException], ...] = (VaultUnavailable, IdentityError)
         self._dir = Path(state_dir) / CA_DIR
-        self._retry_min = retry_min
-        self._retry_max = retry_max
-        self._backoff = retry_min
+        self._backoff = Backoff(retry_min, max(retry_min, retry_max))
+        self._failed_renewals = 0
         self._retry_at = 0.0
+        self._outage = Outage(log)
 
     # -- AuthoritySource --------------------------------------------------------------------
 
@@ -202,11 +190,7 @@ class VaultUpstreamCA:
     # -- Vault ------------------------------------------------------------------------------
 
     def _read_roots(self) -> list[x509.Certificate]:
-        mount = self.settings.mount
-        text: str = self._session.call(
-            lambda c: c.secrets.pki.read_ca_certificate(mount_point=mount)
-        )
-        return _pem_certs(text, f"{self.description}/ca/pem")
+        return _pem_certs(self._pki.ca_pem(), f"{self.description}/ca/pem")
 
     def _sign(
         self, trust_domain: str, previous: CertificateAuthority | None
@@ -237,14 +221,8 @@ class VaultUpstreamCA:
             "ou": trust_domain,
         }
         csr_pem = csr.public_bytes(serialization.Encoding.PEM).decode()
-        mount = self.settings.mount
-        resp: dict[str, Any] = self._session.call(
-            lambda c: c.secrets.pki.sign_intermediate(
-                csr_pem, common_name, extra_params=dict(params), mount_point=mount
-            )
-        )
-        data = resp.get("data") if isinstance(resp, dict) else None
-        if not isinstance(data, dict) or not isinstance(data.get("certificate"), str):
+        data = self._pki.sign_intermediate(csr_pem, common_name, params)
+        if not isinstance(data.get("certificate"), str):
             raise IdentityError(f"{self.description}: sign-intermediate returned no certificate")
         signed = _pem_certs(data["certificate"], f"{self.description}/root/sign-intermediate")
         above = [
@@ -266,8 +244,9 @@ class VaultUpstreamCA:
         old_roots = [] if previous is None else [r for r in previous.roots if r not in roots]
         ca = CertificateAuthority(trust_domain, roots, chain, key, previous_roots=old_roots)
         self._store(ca)
-        self._backoff = self._retry_min
+        self._failed_renewals = 0
         self._retry_at = 0.0
+        self._outage.recovered("vault CA: %s signs again", self.description)
         log.info(
             "vault CA: intermediate %x signed by %s, valid until %s",
             ca.intermediate.serial_number,
@@ -277,16 +256,18 @@ class VaultUpstreamCA:
         return ca
 
     def _failed(self, current: CertificateAuthority, exc: BaseException) -> None:
-        self._retry_at = time.monotonic() + self._backoff
-        log.warning(
+        """Back off; one warning per outage (later failures at debug level)."""
+        self._failed_renewals += 1
+        delay = self._backoff.delay(self._failed_renewals)
+        self._retry_at = time.monotonic() + delay
+        self._outage.failed(
             "vault CA: renewing the intermediate at %s failed (%s); keeping the current one "
             "(valid until %s), retrying in %.0fs",
             self.description,
             _reason(exc),
             current.intermediate.not_valid_after_utc.isoformat(),
-            self._backoff,
+            delay,
         )
-        self._backoff = min(self._backoff * 2, self._retry_max)
 
     # -- files ------------------------------------------------------------------------------
 
@@ -341,3 +322,24 @@ class VaultUpstreamCA:
         if chain[0].not_valid_after_utc <= now_utc() + dt.timedelta(seconds=1):
             return None
         return CertificateAuthority(trust_domain, roots, chain, key, previous_roots=previous)
+
+
+def _hvac_pki(settings: VaultCASettings, env: Mapping[str, str]) -> VaultPKI:
+    try:
+        from meshgate.adapters.vault_hvac import HvacVaultPKI, VaultSession
+    except ImportError:
+        raise ConfigError("--ca vault needs: pip install 'meshgate[vault]'") from None
+    session = VaultSession(
+        settings.address,
+        namespace=settings.namespace,
+        token=env.get(settings.token_env, ""),
+        role_id=settings.role_id,
+        secret_id=env.get(settings.secret_id_env, ""),
+        timeout=10,  # renewal runs under the issuer's lock: a hung Vault must not stall it
+    )
+    if not session.has_credentials:
+        raise ConfigError(
+            f"--ca vault needs a token (env {settings.token_env}) "
+            f"or AppRole (--vault-role-id, secret id in env {settings.secret_id_env})"
+        )
+    return HvacVaultPKI(session, settings.mount)

@@ -1,6 +1,7 @@
-"""Policy from a git repository, read only from commits (never a work tree), via the git CLI.
+"""Policy from a git repository: the pure part (source strings, which files are policy).
 
-A policy version is then a commit SHA: what runs is exactly what was reviewed and merged.
+Policy is read only from commits, never a work tree, so a policy version is a commit SHA: what
+runs is exactly what was reviewed and merged. Git itself is run by `meshgate.adapters.git`.
 Sources look like `git+file:///srv/policy@main`, `git+https://host/org/repo.git@v1.2`,
 `git+ssh://git@host/org/repo.git@main` or `git@host:org/repo.git@main`; `#sub/dir` selects a
 subdirectory. The ref defaults to `HEAD` (the remote's default branch).
@@ -8,18 +9,13 @@ subdirectory. The ref defaults to `HEAD` (the remote's default branch).
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
-import subprocess
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 from meshgate.errors import PolicyError
-from meshgate.policy.loader import POLICY_SUFFIXES, LoadedPolicy, load_policy_texts_with_locations
-from meshgate.policy.model import PolicyModel
+from meshgate.policy.loader import POLICY_SUFFIXES
 
-GIT_TIMEOUT = 120.0
 _SCP = re.compile(r"^[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:")
 _REF = re.compile(r"^[A-Za-z0-9._/-]+$")
 
@@ -85,93 +81,32 @@ def parse_git_url(source: str) -> tuple[str, str]:
     return spec.url, spec.ref
 
 
-class GitPolicySource:
-    """A mirror clone in `cache_dir`, refreshed by `fetch()`, read by commit SHA."""
+def policy_paths(paths: Iterable[str], subdir: str = "") -> list[str]:
+    """The policy files among a commit's regular files (paths from the repository root):
+    `*.yaml`/`*.yml` under `subdir`, none inside a hidden directory below it."""
+    prefix = f"{subdir}/" if subdir else ""
+    selected = []
+    for path in paths:
+        if not path.startswith(prefix) or not path.endswith(POLICY_SUFFIXES):
+            continue
+        if any(part.startswith(".") for part in path[len(prefix) :].split("/")):
+            continue
+        selected.append(path)
+    return sorted(selected)
 
-    def __init__(self, url: str, cache_dir: Path, ref: str = "HEAD", subdir: str = "") -> None:
-        self.url = url
-        self.ref = ref
-        self.subdir = subdir.strip("/")
-        key = hashlib.sha256(url.encode()).hexdigest()[:16]
-        self.repo = cache_dir / f"{key}.git"
 
-    @classmethod
-    def from_source(cls, source: str, cache_dir: Path) -> GitPolicySource:
-        spec = parse_git_source(source)
-        return cls(spec.url, cache_dir, spec.ref, spec.subdir)
-
-    def _git(self, *args: str, input_bytes: bytes | None = None, repo: bool = True) -> bytes:
-        cmd = ["git", *(["--git-dir", str(self.repo)] if repo else []), *args]
-        env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C", "GIT_ASKPASS": "true"}
+def decode_policy_files(blobs: Mapping[str, bytes], where: str) -> dict[str, str]:
+    """Policy file contents as text; PolicyError naming every file that is not UTF-8, or when
+    there is none at all (`where`: the repository, ref and subdirectory, for that message)."""
+    files: dict[str, str] = {}
+    problems: list[str] = []
+    for path in sorted(blobs):
         try:
-            done = subprocess.run(
-                cmd,
-                input=input_bytes,
-                capture_output=True,
-                env=env,
-                timeout=GIT_TIMEOUT,
-                check=False,
-            )
-        except FileNotFoundError:
-            raise PolicyError(["git is not installed (needed for git policy sources)"]) from None
-        except subprocess.TimeoutExpired:
-            raise PolicyError([f"{self.url}: git {args[0]} timed out"]) from None
-        if done.returncode != 0:
-            err = " ".join(done.stderr.decode("utf-8", "replace").split())[:300]
-            raise PolicyError([f"{self.url}: git {args[0]} failed: {err or 'no output'}"])
-        return done.stdout
-
-    def fetch(self) -> str:
-        """Clone or update the mirror; return the full commit SHA that `ref` points to."""
-        if (self.repo / "HEAD").exists():
-            self._git("fetch", "--prune", "--quiet", "origin")
-        else:
-            self.repo.parent.mkdir(parents=True, exist_ok=True)
-            self._git("clone", "--mirror", "--quiet", "--", self.url, str(self.repo), repo=False)
-        try:
-            out = self._git("rev-parse", "--verify", "--quiet", f"{self.ref}^{{commit}}")
-        except PolicyError:
-            raise PolicyError([f"{self.url}: unknown ref {self.ref!r}"]) from None
-        return out.decode().strip()
-
-    def read_files(self, sha: str) -> dict[str, str]:
-        """Policy files in commit `sha`, keyed by their path in the repository."""
-        if not re.fullmatch(r"[0-9a-f]{4,64}", sha):
-            raise PolicyError([f"{self.url}: invalid commit {sha!r}"])
-        args = ["ls-tree", "-r", "-z", "--full-tree", sha]
-        listing = self._git(*args, *(["--", self.subdir] if self.subdir else []))
-        blobs: list[tuple[str, str]] = []
-        for entry in listing.split(b"\0"):
-            if not entry:
-                continue
-            meta, _, raw_path = entry.partition(b"\t")
-            mode, kind, obj = meta.decode().split()
-            path = raw_path.decode("utf-8", "replace")
-            rel = path[len(self.subdir) + 1 :] if self.subdir else path
-            if kind != "blob" or mode == "120000" or not path.endswith(POLICY_SUFFIXES):
-                continue
-            if any(part.startswith(".") for part in rel.split("/")):
-                continue
-            blobs.append((path, obj))
-        files: dict[str, str] = {}
-        problems: list[str] = []
-        for path, obj in sorted(blobs):
-            data = self._git("cat-file", "blob", obj)
-            try:
-                files[path] = data.decode("utf-8")
-            except UnicodeDecodeError:
-                problems.append(f"{path}: not valid UTF-8 text")
-        if problems:
-            raise PolicyError(problems)
-        if not files:
-            where = f"{self.subdir}/ in " if self.subdir else ""
-            raise PolicyError([f"{where}{self.url}@{sha[:12]}: no *.yaml or *.yml policy files"])
-        return files
-
-    def load_with_locations(self, sha: str) -> LoadedPolicy:
-        files = self.read_files(sha)
-        return load_policy_texts_with_locations(files, version=sha, root=self.subdir or self.url)
-
-    def load(self, sha: str) -> PolicyModel:
-        """The policy at commit `sha`; its version is the full SHA."""
-        return self.load_with_locations(sha).model
+            files[path] = blobs[path].decode("utf-8")
+        except UnicodeDecodeError:
+            problems.append(f"{path}: not valid UTF-8 text")
+    if problems:
+        raise PolicyError(problems)
+    if not files:
+        raise PolicyError([f"{where}: no *.yaml or *.yml policy files"])
+    return files

@@ -3,8 +3,9 @@
 Registered with the local Consul agent (`PUT /v1/agent/service/register`) with an HTTP check
 on Envoy's admin `/ready`, so Consul reports it healthy only once Envoy has its configuration;
 deregistered (`PUT /v1/agent/service/deregister/<id>`) on a clean stop, before Envoy exits.
-A Consul that is down at start is retried with backoff; the gateway runs meanwhile. The token
-comes from a file and is never logged.
+A Consul that is down at start is retried with backoff (`meshgate.retry`; one warning per
+outage); the gateway runs meanwhile. The token comes from a file and is never logged. Consul is
+reached through `meshgate.adapters.consul`, the client the catalogue watch uses too.
 """
 
 from __future__ import annotations
@@ -12,13 +13,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
-import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-from meshgate.errors import ConfigError
-from meshgate.policy.syntax import split_consul_address
+from meshgate.adapters.consul import (
+    ConsulClient,
+    PyConsulClient,
+    ServiceRegistration,
+    describe_error,
+)
+from meshgate.policy.model import ConsulConfig
+from meshgate.retry import Backoff, Outage
 
 log = logging.getLogger(__name__)
 
@@ -38,34 +43,49 @@ class Registration:
     check_interval: str = "10s"
     deregister_after: str = "1m"  # a gateway that died uncleanly leaves the catalogue too
 
+    @property
+    def consul_config(self) -> ConsulConfig:
+        return ConsulConfig(self.consul, ca_file=self.ca_file)
 
-def _client(reg: Registration) -> Any:
-    try:
-        import consul.aio
-    except ImportError:
-        raise ConfigError("--register-consul needs: pip install 'meshgate[consul]'") from None
-    scheme, host, port = split_consul_address(reg.consul)
-    with warnings.catch_warnings():  # py-consul passes aiohttp arguments it has deprecated
-        warnings.simplefilter("ignore", DeprecationWarning)
-        client = consul.aio.Consul(
-            host=host, port=port, scheme=scheme, verify=reg.ca_file or True, connections_timeout=10
+    @property
+    def service_registration(self) -> ServiceRegistration:
+        return ServiceRegistration(
+            name=self.service,
+            service_id=self.service_id,
+            address=self.address,
+            port=self.port,
+            check_url=self.check_url,
+            tags=self.tags,
+            meta=self.meta,
+            check_interval=self.check_interval,
+            deregister_after=self.deregister_after,
         )
-    client.token = None  # ours only, never CONSUL_HTTP_TOKEN by accident
-    return client
+
+
+def _py_consul(config: ConsulConfig) -> ConsulClient:
+    return PyConsulClient(config, timeout=10, needed_by="--register-consul needs")
 
 
 class ConsulRegistrar:
     """Registers once (retrying until it works), deregisters on `stop`."""
 
-    def __init__(self, reg: Registration, backoff_max: float = 30.0) -> None:
+    def __init__(
+        self,
+        reg: Registration,
+        backoff_max: float = 30.0,
+        client_factory: Callable[[ConsulConfig], ConsulClient] = _py_consul,
+        backoff_base: float = 0.5,
+    ) -> None:
         self.reg = reg
-        self.backoff_max = backoff_max
+        self.backoff = Backoff(backoff_base, backoff_max)
         self.registered = False
-        self._client: Any = None
+        self._client_factory = client_factory
+        self._client: ConsulClient | None = None
         self._task: asyncio.Task[None] | None = None
+        self._outage = Outage(log)
 
     def start(self) -> None:
-        self._client = _client(self.reg)
+        self._client = self._client_factory(self.reg.consul_config)
         self._task = asyncio.create_task(self._register_until_done(), name="consul-register")
 
     async def wait_registered(self) -> None:
@@ -73,42 +93,28 @@ class ConsulRegistrar:
             await asyncio.shield(self._task)
 
     async def _register_until_done(self) -> None:
-        from consul import Check
-
-        reg = self.reg
-        check = Check.http(
-            reg.check_url, reg.check_interval, timeout="2s", deregister=reg.deregister_after
+        client, reg = self._client, self.reg
+        assert client is not None
+        await self.backoff.until_success(
+            lambda: client.register(reg.service_registration, token=reg.token), self._failed
         )
-        delay = 0.5
-        while True:
-            try:
-                await self._client.agent.service.register(
-                    reg.service,
-                    service_id=reg.service_id,
-                    address=reg.address,
-                    port=reg.port,
-                    tags=list(reg.tags),
-                    meta=dict(reg.meta),
-                    check=check,
-                    token=reg.token,
-                )
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                message = _scrub(f"{type(exc).__name__}: {exc}", reg.token)
-                log.warning("consul: registering %s failed (%s); retrying", reg.service_id, message)
-                await asyncio.sleep(random.uniform(delay / 2, delay))
-                delay = min(delay * 2, self.backoff_max)
-                continue
-            self.registered = True
-            log.info(
-                "consul: registered %s as %s at %s:%d",
-                reg.service_id,
-                reg.service,
-                reg.address,
-                reg.port,
-            )
-            return
+        self.registered = True
+        log.info(
+            "consul: registered %s as %s at %s:%d",
+            reg.service_id,
+            reg.service,
+            reg.address,
+            reg.port,
+        )
+
+    def _failed(self, exc: BaseException, delay: float) -> None:
+        message = describe_error(exc, self.reg.token)
+        self._outage.failed(
+            "consul: registering %s failed (%s); retrying in %.1fs",
+            self.reg.service_id,
+            message,
+            delay,
+        )
 
     async def stop(self) -> None:
         """Stop retrying; deregister if registered (a clean stop leaves no stale instance)."""
@@ -120,21 +126,13 @@ class ConsulRegistrar:
             return
         try:
             if self.registered:
-                await self._client.agent.service.deregister(
-                    self.reg.service_id, token=self.reg.token
-                )
+                await self._client.deregister(self.reg.service_id, token=self.reg.token)
                 self.registered = False
                 log.info("consul: deregistered %s", self.reg.service_id)
         except Exception as exc:
-            message = _scrub(f"{type(exc).__name__}: {exc}", self.reg.token)
+            message = describe_error(exc, self.reg.token)
             log.warning("consul: deregistering %s failed (%s)", self.reg.service_id, message)
         finally:
             with contextlib.suppress(Exception):
-                await self._client.http.close()
+                await self._client.close()
             self._client = None
-
-
-def _scrub(text: str, token: str | None) -> str:
-    if token:
-        text = text.replace(token, "<token>")
-    return " ".join(text.split())[:300]

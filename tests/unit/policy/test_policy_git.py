@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 from policy_texts import DESTS, MESH
 
+from meshgate.adapters.git import GitCli, InMemoryGit
+from meshgate.controlplane.sources import Candidate, GitPolicySource, GitSource
 from meshgate.errors import PolicyError
-from meshgate.policy.gitsource import GitPolicySource, GitSpec, parse_git_source, parse_git_url
+from meshgate.policy.gitsource import GitSpec, parse_git_source, parse_git_url
 
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "t",
@@ -118,7 +120,7 @@ def test_uncommitted_work_tree_edits_are_ignored(repo: Path, tmp_path: Path) -> 
     sha = commit(repo, {"mesh.yaml": MESH, "dest.yaml": DESTS}, "valid")
     (repo / "dest.yaml").write_text("kind: [")  # modified, not committed
     (repo / "extra.yaml").write_text("kind: [")  # untracked
-    source = GitPolicySource(f"file://{repo}", tmp_path / "cache")
+    source = GitPolicySource(GitCli(f"file://{repo}", tmp_path / "cache"))
     assert source.fetch() == sha
     assert set(source.read_files(sha)) == {"dest.yaml", "mesh.yaml"}
     assert source.load(sha).version == sha
@@ -144,14 +146,14 @@ def test_subdirectory_and_hidden_paths(repo: Path, tmp_path: Path) -> None:
 
 def test_unknown_ref(repo: Path, tmp_path: Path) -> None:
     commit(repo, {"mesh.yaml": MESH}, "c")
-    source = GitPolicySource(f"file://{repo}", tmp_path / "cache", ref="nope")
+    source = GitPolicySource(GitCli(f"file://{repo}", tmp_path / "cache"), ref="nope")
     with pytest.raises(PolicyError) as e:
         source.fetch()
     assert e.value.problems == [f"file://{repo}: unknown ref 'nope'"]
 
 
 def test_missing_repository(tmp_path: Path) -> None:
-    source = GitPolicySource(f"file://{tmp_path}/missing", tmp_path / "cache")
+    source = GitPolicySource(GitCli(f"file://{tmp_path}/missing", tmp_path / "cache"))
     with pytest.raises(PolicyError) as e:
         source.fetch()
     [problem] = e.value.problems
@@ -160,7 +162,7 @@ def test_missing_repository(tmp_path: Path) -> None:
 
 def test_commit_without_policy_files(repo: Path, tmp_path: Path) -> None:
     sha = commit(repo, {"README.md": "hi"}, "c")
-    source = GitPolicySource(f"file://{repo}", tmp_path / "cache")
+    source = GitPolicySource(GitCli(f"file://{repo}", tmp_path / "cache"))
     source.fetch()
     with pytest.raises(PolicyError) as e:
         source.load(sha)
@@ -169,10 +171,54 @@ def test_commit_without_policy_files(repo: Path, tmp_path: Path) -> None:
 
 def test_unknown_commit(repo: Path, tmp_path: Path) -> None:
     commit(repo, {"mesh.yaml": MESH}, "c")
-    source = GitPolicySource(f"file://{repo}", tmp_path / "cache")
+    source = GitPolicySource(GitCli(f"file://{repo}", tmp_path / "cache"))
     source.fetch()
     with pytest.raises(PolicyError) as e:
         source.read_files("0" * 40)
     assert e.value.problems[0].startswith(f"file://{repo}: git ls-tree failed: ")
     with pytest.raises(PolicyError):
         source.read_files("HEAD; rm -rf /")
+
+
+def test_policy_source_on_the_in_memory_twin() -> None:
+    """The same policy reading (suffixes, hidden dirs, UTF-8, versions) over `InMemoryGit`."""
+    twin = InMemoryGit("memory://policies")
+    source = GitPolicySource(twin, ref="main", subdir="policies")
+    sha = twin.commit(
+        {
+            "policies/mesh.yaml": MESH,
+            "policies/dest.yml": DESTS,
+            "policies/.github/ci.yaml": "kind: [",
+            "policies/README.md": "hi",
+            "other.yaml": "kind: [",
+        }
+    )
+    assert source.fetch() == sha
+    assert list(source.read_files(sha)) == ["policies/dest.yml", "policies/mesh.yaml"]
+    assert source.load(sha).version == sha
+    bad = twin.commit({"policies/mesh.yaml": b"\xff\xfe"})
+    assert source.fetch() == bad
+    with pytest.raises(PolicyError) as e:
+        source.read_files(bad)
+    assert e.value.problems == ["policies/mesh.yaml: not valid UTF-8 text"]
+    empty = twin.commit({"policies/mesh.yaml": None, "policies/dest.yml": None})
+    source.fetch()
+    with pytest.raises(PolicyError) as e:
+        source.read_files(empty)
+    assert e.value.problems == [
+        f"policies/ in memory://policies@{empty[:12]}: no *.yaml or *.yml policy files"
+    ]
+
+
+async def test_git_source_polls_the_twin(tmp_path: Path) -> None:
+    twin = InMemoryGit("memory://policies")
+    first = twin.commit({"mesh.yaml": MESH, "dest.yaml": DESTS})
+    source = GitSource("git+https://example.invalid/p.git@main", tmp_path, 0.01, repo=twin)
+    changes = source.changes()
+    candidate = await anext(changes)
+    assert isinstance(candidate, Candidate) and candidate.version == first
+    second = twin.commit({"dest.yaml": DESTS.replace("443", "8443", 1)})
+    candidate = await anext(changes)
+    assert isinstance(candidate, Candidate) and candidate.version == second
+    assert candidate.origin == f"git:{second[:12]}"
+    await changes.aclose()  # type: ignore[attr-defined]
