@@ -201,4 +201,3 @@ def test_a_resend_is_skipped_but_no_node_can_pre_empt_another(store: SqlAuditSto
     assert store.append([forged]) == 1
     page = store.query(AuditQuery(limit=10))
     assert sorted(r.gateway for r in page.records) == ["agent/coder/1", "gateway/egress"]
-
