@@ -63,23 +63,30 @@ class AdsHarness:
     cache: SnapshotCache
     registry: NodeRegistry
     address: str
+    service: AdsService
 
 
 @asynccontextmanager
-async def ads_server(authenticate: Authenticator | None = None) -> AsyncIterator[AdsHarness]:
+async def ads_server(
+    authenticate: Authenticator | None = None, max_concurrent_pushes: int = 100
+) -> AsyncIterator[AdsHarness]:
     cache = SnapshotCache()
     registry = NodeRegistry()
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    service = (
-        AdsService(cache, registry, authenticate) if authenticate else AdsService(cache, registry)
+    service = AdsService(
+        cache, registry, max_concurrent_pushes=max_concurrent_pushes, **_auth(authenticate)
     )
     server.add_generic_rpc_handlers((service.handler(),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        yield AdsHarness(cache, registry, f"127.0.0.1:{port}")
+        yield AdsHarness(cache, registry, f"127.0.0.1:{port}", service)
     finally:
         await server.stop(grace=0)
+
+
+def _auth(authenticate: Authenticator | None) -> dict[str, Authenticator]:
+    return {"authenticate": authenticate} if authenticate else {}
 
 
 class AdsClient:

@@ -20,6 +20,7 @@ import datetime as dt
 import json
 import re
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -87,6 +88,7 @@ class FakeVaultPki:
     tokens: set[str] = field(default_factory=lambda: {"root-token"})
     approle: dict[str, str] = field(default_factory=lambda: {"role-1": "secret-1"})
     down: bool = False  # every request answers 503 "Vault is sealed"
+    delay: float = 0.0  # seconds every request waits before it is answered (a slow Vault)
     requests: list[tuple[str, str, str | None, bytes]] = field(default_factory=list)
     signed: list[x509.Certificate] = field(default_factory=list)
     url: str = ""
@@ -175,6 +177,7 @@ def fake_vault_pki(state: FakeVaultPki | None = None) -> Iterator[FakeVaultPki]:
             self.wfile.write(data)
 
         def _record(self) -> bytes:
+            time.sleep(vault.delay)
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
             vault.requests.append((self.command, self.path, self.headers.get("X-Vault-Token"), raw))

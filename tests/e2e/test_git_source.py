@@ -50,7 +50,7 @@ async def test_committed_change_reaches_envoy_and_commit_is_the_version(tmp_path
             assert cp.policy.model is not None and cp.policy.model.version == first
             [node] = cp.registry.connections()
             await until(
-                lambda: all((s.version_acked or "").startswith(first) for s in node.types.values()),
+                lambda: all(node.policy_acked(t) == first for t in node.types),
                 what="ACK of first commit",
             )
             assert (await via_gateway(listen, "alpha.internal")).status_code == 200

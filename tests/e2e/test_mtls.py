@@ -25,9 +25,16 @@ async def test_identity_comes_from_the_certificate_and_renews(tmp_path: Path) ->
             {"alpha": up_a.port, "beta": up_b.port},
             agents={"researcher": ["alpha"], "coder": ["beta"]},
         )
-        # 75 s certificates (backdated 60 s for clock skew) renew about 8 s after issue
+        # 75 s certificates (backdated 60 s for clock skew) renew about 8 s after issue: at
+        # half-life, not at a point spread over 50-75 % of it (the default)
         async with (
-            control_plane(policy, tmp_path / "state", mtls=True, cert_ttl_seconds=75) as cp,
+            control_plane(
+                policy,
+                tmp_path / "state",
+                mtls=True,
+                cert_ttl_seconds=75,
+                cert_renew_window=(0.5, 0.5),
+            ) as cp,
             gateway(cp, tmp_path),
         ):
             async with (

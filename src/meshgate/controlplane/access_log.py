@@ -1,5 +1,11 @@
 """Envoy's gRPC AccessLogService on the xDS port: access-log entries in, audit records stored.
 
+The handler runs on the xDS event loop but does no audit work there: it hands each message's
+raw bytes to `AuditIngest`, a thread with its own event loop that decodes them, checks them,
+builds the records and commits them through `AuditWriter` (the store's own thread). The handler
+only awaits room in the hand-over queue and, at the end, the commit. So ingest at any rate
+costs the xDS loop a queue hop per message (up to 200 entries), never the decoding or a write.
+
 `StreamAccessLogs` is client-streaming: the response is sent only when the client half-closes,
 and only after every record of the stream is committed to the store. The gateway's spool shipper
 relies on that: one stream per batch, and it advances its checkpoint only on the response. A
@@ -15,13 +21,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, TypeVar
 
 import grpc
 from envoy.service.accesslog.v3 import als_pb2
+from google.protobuf.message import DecodeError
 
 from meshgate.audit.ingest import IngestError, record_from_entry
 from meshgate.audit.record import AuditRecord
@@ -65,7 +73,12 @@ class AuditWriter:
         self._executor.shutdown(wait=False)
 
 
-class AccessLogService:
+QUEUE_MESSAGES = 32  # per stream: raw messages handed over but not yet decoded
+
+
+class AuditIngest:
+    """The audit side of the xDS port: its own thread and event loop, its own store thread."""
+
     def __init__(
         self,
         writer: AuditWriter,
@@ -79,6 +92,35 @@ class AccessLogService:
         self.flush_interval = flush_interval
         self.batch_size = batch_size
         self.on_commit = on_commit  # (records received, records new) per commit, for metrics
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    async def start(self) -> None:
+        """Open the store (its errors stop the start), then start the ingest thread."""
+        try:
+            await self.writer.open()
+        except BaseException:
+            await self.writer.close()
+            raise
+        loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=loop.run_forever, name="audit-ingest", daemon=True)
+        self._thread.start()
+        self._loop = loop
+
+    async def stop(self) -> None:
+        loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
+        if loop is not None and thread is not None:
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_cancel_all(), loop))
+            loop.call_soon_threadsafe(loop.stop)
+            await asyncio.to_thread(thread.join)
+            loop.close()
+        await self.writer.close()
+
+    def _submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        if self._loop is None:
+            coro.close()
+            raise StreamError("UNAVAILABLE", "the audit ingest is not running")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         return grpc.method_handlers_generic_handler(
@@ -86,27 +128,78 @@ class AccessLogService:
             {
                 "StreamAccessLogs": grpc.stream_unary_rpc_method_handler(
                     self.stream_access_logs,
-                    request_deserializer=als_pb2.StreamAccessLogsMessage.FromString,
+                    request_deserializer=None,  # raw bytes: decoding happens on the ingest thread
                     response_serializer=als_pb2.StreamAccessLogsResponse.SerializeToString,
                 )
             },
         )
 
+    async def _hand_over(
+        self, inbox: asyncio.Queue[bytes | None], raw: bytes | None, done: asyncio.Future[None]
+    ) -> bool:
+        """Queue `raw` on the ingest loop, waiting for room; False if the stream ended first."""
+        put = asyncio.wrap_future(self._submit(inbox.put(raw)))
+        await asyncio.wait((put, done), return_when=asyncio.FIRST_COMPLETED)
+        if put.done():
+            return True
+        put.cancel()
+        return False
+
     async def stream_access_logs(
-        self, requests: AsyncIterator[als_pb2.StreamAccessLogsMessage], context: Any
+        self, requests: AsyncIterator[bytes], context: Any
     ) -> als_pb2.StreamAccessLogsResponse:
+        """On the xDS loop: move raw messages to the ingest loop, answer once committed."""
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         stream = _Stream(self, metadata, context.peer())
         try:
-            await stream.run(requests)
+            inbox = await asyncio.wrap_future(self._submit(_new_queue()))
+            done = asyncio.wrap_future(self._submit(stream.run(_drain(inbox))))
+            handed_over = False
+            try:
+                async for raw in requests:
+                    if not await self._hand_over(inbox, raw, done):
+                        break  # refused or failed: stop reading
+                else:  # the client half-closed: commit everything, then answer
+                    handed_over = await self._hand_over(inbox, None, done)
+            finally:
+                if not handed_over and self._loop is not None:  # no OK answer will be sent
+                    self._loop.call_soon_threadsafe(_end_abruptly, inbox)
+            await done
         except StreamError as exc:
             log.info("access-log stream from %s refused: %s", stream.node_id or "?", exc.message)
             await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)
         return als_pb2.StreamAccessLogsResponse()
 
 
+async def _new_queue() -> asyncio.Queue[bytes | None]:
+    return asyncio.Queue(QUEUE_MESSAGES)  # created on the ingest loop, which owns it
+
+
+def _end_abruptly(inbox: asyncio.Queue[bytes | None]) -> None:
+    """The stream ends without an OK answer (the client left, or it was refused): what is
+    still queued may be dropped, the client keeps its spool and sends it again."""
+    while inbox.full():
+        inbox.get_nowait()
+    inbox.put_nowait(None)
+
+
+async def _drain(inbox: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
+    while (raw := await inbox.get()) is not None:
+        yield raw
+
+
+async def _cancel_all() -> None:
+    current = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not current]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class _Stream:
-    def __init__(self, service: AccessLogService, metadata: dict[str, str], peer: str) -> None:
+    """One access-log stream, entirely on the ingest loop."""
+
+    def __init__(self, service: AuditIngest, metadata: dict[str, str], peer: str) -> None:
         self.service = service
         self.metadata = metadata
         self.peer = peer
@@ -117,12 +210,13 @@ class _Stream:
         self.failure: StreamError | None = None
         self.ended = asyncio.Event()  # the client half-closed: the flusher stops between commits
 
-    async def run(self, requests: AsyncIterator[als_pb2.StreamAccessLogsMessage]) -> None:
+    async def run(self, requests: AsyncIterator[bytes]) -> None:
         flusher: asyncio.Task[None] | None = None
         try:
-            async for message in requests:
+            async for raw in requests:
                 if self.failure is not None:
                     raise self.failure
+                message = _decode(raw)
                 if self.role is None:
                     self._connect(message)
                     flusher = asyncio.create_task(self._flush_periodically())
@@ -196,3 +290,10 @@ class _Stream:
                 raise StreamError("UNAVAILABLE", f"audit store failed: {exc}") from None
             if self.service.on_commit is not None:
                 self.service.on_commit(len(batch), new)
+
+
+def _decode(raw: bytes) -> als_pb2.StreamAccessLogsMessage:
+    try:
+        return als_pb2.StreamAccessLogsMessage.FromString(raw)
+    except DecodeError:
+        raise StreamError("INVALID_ARGUMENT", "undecodable access-log message") from None

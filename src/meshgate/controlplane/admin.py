@@ -1,29 +1,32 @@
 """Admin HTTP: status as JSON, health and readiness, the served policy, Prometheus metrics.
 
+`AdminServer` depends only on `AdminView`, a read-only view of the control plane plus the
+identity operations, so it can be started and tested without the rest. Handlers never block:
+what they read is in memory, and what waits (a CA rotation through Vault, audit queries) runs
+in a worker thread.
+
 Every route needs the operator token (`Authorization: Bearer`, docs/admin-auth.md) except
 `PUBLIC_PATHS`: probes, the tool-JWT public keys, and label-free counters.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import prometheus_client
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from meshgate.audit.http import add_audit_routes
-from meshgate.errors import MeshgateError
-from meshgate.identity.certs import describe
+from meshgate.audit.store import AuditLogStore
+from meshgate.controlplane.policy_state import PolicyState
+from meshgate.errors import ConfigError, MeshgateError
+from meshgate.identity.certs import IssuedCert, describe
 from meshgate.policy.plan import describe_rule
 from meshgate.policy.serialize import model_to_json
-
-if TYPE_CHECKING:
-    from meshgate.controlplane.server import ControlPlane
 
 log = logging.getLogger(__name__)
 
@@ -74,18 +77,45 @@ def token_middleware(token: str) -> Middleware:
     return require_token
 
 
-def status_json(cp: ControlPlane) -> dict[str, Any]:
-    return {
-        "control_plane": {"xds": cp.xds_address, "admin": cp.admin_address, "ready": cp.ready},
-        "policy": {**cp.policy.to_json(), "missing_secrets": cp.missing_secrets()},
-        "ca": cp.issuer.authority() if cp.issuer is not None else None,
-        "nodes": [c.to_json() for c in cp.registry.connections()],
-        "recent_nacks": [n.to_json() for n in cp.registry.nacks()],
-        "consul": cp.consul.status_json(),  # watched services (issue 13)
-    }
+class IdentityOps(Protocol):
+    """What the admin API may do with workload identity (mTLS on). Reads answer at once."""
+
+    def authority(self) -> dict[str, Any] | None: ...
+
+    def issued(self, spiffe: str) -> IssuedCert | None: ...
+
+    def jwks(self) -> dict[str, Any]: ...
+
+    async def rotate(self) -> int:
+        """Roll the signing intermediate (off the event loop); the new serial."""
+        ...
 
 
-def make_app(cp: ControlPlane, admin_token: str) -> web.Application:
+class AdminView(Protocol):
+    """The read-only view of the control plane the admin API serves."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def policy(self) -> PolicyState: ...
+
+    @property
+    def identity(self) -> IdentityOps | None:
+        """None when mTLS is off."""
+        ...
+
+    def status_json(self) -> dict[str, Any]: ...
+
+    def metrics_text(self) -> bytes:
+        """The Prometheus exposition."""
+        ...
+
+    @property
+    def audit_log(self) -> AuditLogStore | None: ...
+
+
+def make_app(cp: AdminView, admin_token: str) -> web.Application:
     """The admin API; all but `PUBLIC_PATHS` answer only to `Authorization: Bearer admin_token`."""
 
     async def healthz(_: web.Request) -> web.Response:
@@ -100,7 +130,7 @@ def make_app(cp: ControlPlane, admin_token: str) -> web.Application:
         return web.json_response({"ready": False, "reason": reason}, status=503)
 
     async def status(_: web.Request) -> web.Response:
-        return web.json_response(status_json(cp))
+        return web.json_response(cp.status_json())
 
     async def policy(_: web.Request) -> web.Response:
         if cp.policy.model is None:
@@ -108,21 +138,18 @@ def make_app(cp: ControlPlane, admin_token: str) -> web.Application:
         return web.json_response(model_to_json(cp.policy.model))
 
     async def metrics(_: web.Request) -> web.Response:
-        body = prometheus_client.generate_latest(cp.metrics_registry)
         return web.Response(
-            body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST}
+            body=cp.metrics_text(), headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST}
         )
 
     async def jwks(_: web.Request) -> web.Response:
         """Public keys that verify tool JWTs (`identity: jwt`); a tool may cache them briefly."""
-        if cp.issuer is None:
+        if cp.identity is None:
             return web.json_response(
                 {"error": "tool identity needs mTLS (serve without --insecure)"},
                 status=404,
             )
-        return web.json_response(
-            cp.issuer.tool_signer.jwks(), headers={"Cache-Control": "max-age=300"}
-        )
+        return web.json_response(cp.identity.jwks(), headers={"Cache-Control": "max-age=300"})
 
     async def identity(request: web.Request) -> web.Response:
         agent = request.match_info["agent"]
@@ -131,23 +158,24 @@ def make_app(cp: ControlPlane, admin_token: str) -> web.Application:
             return web.json_response({"error": "no policy loaded"}, status=404)
         policy = model.agent(agent)
         spiffe = model.spiffe_id(agent)
-        cert = cp.issuer.issued(spiffe) if cp.issuer is not None else None
+        ops = cp.identity
+        cert = ops.issued(spiffe) if ops is not None else None
         return web.json_response(
             {
                 "agent": agent,
                 "spiffe_id": spiffe,
                 "certificate": describe(cert.cert_chain_pem) if cert else None,
-                "mtls": cp.issuer is not None,
-                "ca": cp.issuer.authority() if cp.issuer is not None else None,
+                "mtls": ops is not None,
+                "ca": ops.authority() if ops is not None else None,
                 "rules": [describe_rule(r) for r in policy.rules] if policy else [],
             }
         )
 
     async def rotate_ca(_: web.Request) -> web.Response:
-        if cp.issuer is None:
+        if cp.identity is None:
             return web.json_response({"error": "mTLS is off (serve --insecure)"}, status=409)
         try:
-            serial = await asyncio.to_thread(cp.issuer.rotate)
+            serial = await cp.identity.rotate()
         except MeshgateError as exc:
             return web.json_response({"error": str(exc)}, status=409)
         return web.json_response({"rotated": True, "intermediate_serial": f"{serial:x}"})
@@ -163,3 +191,36 @@ def make_app(cp: ControlPlane, admin_token: str) -> web.Application:
     app.router.add_get("/metrics", metrics)
     add_audit_routes(app, lambda: cp.audit_log)
     return app
+
+
+class AdminServer:
+    """The admin HTTP listener (aiohttp) on `host:port` (0 asks the OS for one)."""
+
+    def __init__(self, view: AdminView, token: str, host: str, port: int) -> None:
+        self.host = host
+        self.port = port  # the bound one after start()
+        self.app = make_app(view, token)
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        runner = web.AppRunner(self.app, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self.host, self.port).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise ConfigError(
+                f"cannot listen for admin HTTP on {self.address}: {exc.strerror}"
+            ) from None
+        self._runner = runner
+        if runner.addresses:
+            self.port = int(runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()

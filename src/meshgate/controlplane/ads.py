@@ -1,10 +1,12 @@
 """The AggregatedDiscoveryService over grpc.aio, with raw-bytes responses.
 
 Responses are pre-serialised by the snapshot, so the handler's serializer passes bytes through.
+One `Pusher` per service bounds how many streams push a snapshot change at once.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,6 +15,7 @@ import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
 from meshgate.controlplane.cache import SnapshotCache
+from meshgate.controlplane.push_queue import Pusher
 from meshgate.controlplane.registry import NodeRegistry
 from meshgate.controlplane.streams import (
     AdsStream,
@@ -38,6 +41,11 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
+# Streams pushing a snapshot change at once. Each push hands at most one response per type to
+# gRPC, so this bounds the responses being serialised and buffered, not who gets them.
+MAX_CONCURRENT_PUSHES = 100
+
+
 def _passthrough(data: bytes) -> bytes:
     return data
 
@@ -48,10 +56,13 @@ class AdsService:
         cache: SnapshotCache,
         registry: NodeRegistry,
         authenticate: Authenticator = allow_all,
+        max_concurrent_pushes: int = MAX_CONCURRENT_PUSHES,
     ) -> None:
         self.cache = cache
         self.registry = registry
         self.authenticate = authenticate
+        self.pusher: Pusher[AdsStream] = Pusher(_push, max_concurrent_pushes)
+        self.sent: collections.Counter[str] = collections.Counter()  # responses, by type URL
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
         return grpc.method_handlers_generic_handler(
@@ -81,10 +92,21 @@ class AdsService:
     ) -> None:
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         stream = kind(
-            self.cache, self.registry, context.write, context.peer(), metadata, self.authenticate
+            self.cache,
+            self.registry,
+            context.write,
+            context.peer(),
+            metadata,
+            self.authenticate,
+            self.pusher,
+            self.sent,
         )
         try:
             await stream.run(requests)
         except StreamError as exc:
             log.info("stream %s closed: %s", stream.stream_id, exc.message)
             await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)
+
+
+async def _push(stream: AdsStream) -> None:
+    await stream.push()

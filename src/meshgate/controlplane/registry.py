@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from meshgate.xds import types
 from meshgate.xds.nodes import NodeRole
 from meshgate.xds.protocol import TypeState
+from meshgate.xds.snapshot import Snapshot
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,22 @@ class NodeConnection:
     connected_at: float = field(default_factory=time.time)
     types: dict[str, TypeState] = field(default_factory=dict)
     last_nack: Nack | None = None
+    # the group's snapshot and the serving policy, so status can say which policy a node's
+    # ACKed content belongs to
+    current: Callable[[], tuple[Snapshot | None, str | None]] = field(
+        default=lambda: (None, None), repr=False
+    )
+
+    def policy_acked(self, type_url: str) -> str | None:
+        """The serving policy's version if this node ACKed that policy's content for the type.
+
+        Versions are content hashes, so a node whose content a policy change left alone was
+        sent nothing and is on the new policy all the same."""
+        st = self.types.get(type_url)
+        snap, policy = self.current()
+        if st is None or snap is None or st.version_acked != snap.version(type_url):
+            return None
+        return policy
 
     def to_json(self) -> dict[str, Any]:
         per_type = {}
@@ -50,6 +68,7 @@ class NodeConnection:
             per_type[types.SHORT_NAMES.get(type_url, type_url)] = {
                 "sent": st.version_sent,
                 "acked": st.version_acked,
+                "policy": self.policy_acked(type_url),
                 "pending_ack": st.in_flight,
                 "rejected": st.rejected_version,
                 "subscribed": "*" if st.names is None or st.wildcard else sorted(st.names),

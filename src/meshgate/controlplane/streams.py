@@ -1,13 +1,18 @@
 """One ADS stream: the I/O shell around the pure rules in `meshgate.xds.protocol`.
 
-Requests and snapshot wake-ups go through one queue, so a stream's state is only ever touched by
-its own task; no locks. A response is assembled from bytes the snapshot serialised once.
+Requests and snapshot pushes go through one queue, so a stream's state is only ever touched by
+its own task; no locks. A snapshot change does not wake the stream directly: the cache asks the
+shared `Pusher` (controlplane/push_queue.py), which bounds how many streams push at once and
+waits for each push to be handed to gRPC. A response is assembled from bytes the snapshot
+serialised once.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import collections
+import functools
 import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,12 +21,14 @@ from typing import Any, Protocol
 from envoy.service.discovery.v3 import discovery_pb2
 
 from meshgate.controlplane.cache import SnapshotCache
+from meshgate.controlplane.push_queue import Pusher
 from meshgate.controlplane.registry import NodeConnection, NodeRegistry
 from meshgate.xds import types
 from meshgate.xds.nodes import NodeRole, parse_node_id
 from meshgate.xds.protocol import (
     Kind,
     TypeState,
+    acknowledge,
     apply_delta_subscription,
     classify,
     plan_delta,
@@ -34,8 +41,15 @@ from meshgate.xds.wire import length_delimited, string_field
 log = logging.getLogger(__name__)
 
 _stream_ids = itertools.count(1)
-_WAKE = object()
+_PUSH = object()
 _CLOSED = object()
+
+# How long a push may hold one of the Pusher's slots. A stream whose client does not read (flow
+# control holds the send) must not keep the others waiting; it still gets its push, later.
+PUSH_SLOT_TIMEOUT = 5.0
+
+# A change that touches at most this many node groups is pushed before bulk changes.
+SMALL_CHANGE_GROUPS = 8
 
 
 class StreamError(Exception):
@@ -72,17 +86,22 @@ class AdsStream(abc.ABC):
         peer: str,
         metadata: dict[str, str],
         authenticate: Authenticator,
+        pusher: Pusher[AdsStream],
+        sent: collections.Counter[str] | None = None,
     ) -> None:
         self.cache = cache
         self.registry = registry
-        self.send = send
+        self._send = send
         self.peer = peer
         self.metadata = metadata
         self.authenticate = authenticate
+        self.pusher = pusher
+        self.sent: collections.Counter[str] = collections.Counter() if sent is None else sent
         self.stream_id = next(_stream_ids)
         self.conn: NodeConnection | None = None
         self.queue: asyncio.Queue[object] = asyncio.Queue()
-        self._wake_pending = False
+        self._pushed: asyncio.Future[None] | None = None
+        self._closed = False
         self._nonces = itertools.count(1)
         self._cancel_watch: Callable[[], None] | None = None
 
@@ -95,15 +114,20 @@ class AdsStream(abc.ABC):
                     return
                 if isinstance(item, BaseException):
                     raise item
-                if item is _WAKE:
-                    self._wake_pending = False
-                    await self.on_snapshot()
+                if item is _PUSH:
+                    try:
+                        await self.on_snapshot()
+                    finally:
+                        self._push_done()
                 else:
                     await self._on_request(item)
         finally:
+            self._closed = True
             reader.cancel()
             if self._cancel_watch is not None:
                 self._cancel_watch()
+            self.pusher.discard(self)
+            self._push_done()
             self.registry.remove(self.stream_id)
 
     async def _pump(self, requests: AsyncIterator[Any]) -> None:
@@ -116,10 +140,34 @@ class AdsStream(abc.ABC):
         except Exception as exc:  # a client that sends garbage ends only its own stream
             self.queue.put_nowait(StreamError("INVALID_ARGUMENT", f"bad request: {exc}"))
 
-    def _wake(self) -> None:
-        if not self._wake_pending:
-            self._wake_pending = True
-            self.queue.put_nowait(_WAKE)
+    def _wake(self, groups_changed: int) -> None:
+        """The group's snapshot changed: ask for a push slot, ahead of bulk changes if this
+        change is small (one agent's, and the gateways')."""
+        if not self._closed:
+            self.pusher.request(self, urgent=groups_changed <= SMALL_CHANGE_GROUPS)
+
+    async def push(self) -> None:
+        """Run by the Pusher in a slot: have this stream's task push the current snapshot, and
+        return once it has handed its responses to gRPC (or closed, or took too long)."""
+        if self._closed:
+            return
+        if self._pushed is None:  # the Pusher never runs two pushes of one stream at once
+            self._pushed = asyncio.get_running_loop().create_future()
+            self.queue.put_nowait(_PUSH)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._pushed), PUSH_SLOT_TIMEOUT)
+        except TimeoutError:
+            log.warning("stream %s is slow to take a push; freeing its slot", self.stream_id)
+
+    def _push_done(self) -> None:
+        if self._pushed is not None:
+            if not self._pushed.done():
+                self._pushed.set_result(None)
+            self._pushed = None
+
+    async def send(self, type_url: str, body: bytes) -> None:
+        self.sent[type_url] += 1
+        await self._send(body)
 
     async def _on_request(self, request: Any) -> None:
         if self.conn is None:
@@ -144,8 +192,16 @@ class AdsStream(abc.ABC):
             if request.node.HasField("user_agent_build_version")
             else request.node.user_agent_name
         )
+        group = role.group
         self.conn = NodeConnection(
-            self.stream_id, node_id, role, self.protocol, self.peer, identity, envoy_version
+            self.stream_id,
+            node_id,
+            role,
+            self.protocol,
+            self.peer,
+            identity,
+            envoy_version,
+            current=functools.partial(self.cache.serving, group),
         )
         self.registry.add(self.conn)
         self._cancel_watch = self.cache.watch(role.group, self._wake)
@@ -209,7 +265,7 @@ class SotwStream(AdsStream):
         if kind is Kind.NACK:
             self.record_nack(st, request.error_detail.message)
         else:
-            st.version_acked = request.version_info
+            acknowledge(st, request.version_info)
         if names != st.names:
             st.names = names
             await self._respond(st)
@@ -242,7 +298,7 @@ class SotwStream(AdsStream):
         st.nonce_sent = nonce
         st.version_sent = snap.version(st.type_url)
         st.in_flight = True
-        await self.send(body + string_field(5, nonce))
+        await self.send(st.type_url, body + string_field(5, nonce))
 
 
 class DeltaStream(AdsStream):
@@ -268,7 +324,7 @@ class DeltaStream(AdsStream):
         kind = classify(st, request.response_nonce, request.HasField("error_detail"))
         if kind is Kind.ACK:
             st.in_flight = False
-            st.version_acked = st.version_sent
+            acknowledge(st, st.version_sent)
         elif kind is Kind.NACK:
             st.in_flight = False
             self.record_nack(st, request.error_detail.message)
@@ -304,4 +360,4 @@ class DeltaStream(AdsStream):
         st.nonce_sent = nonce
         st.version_sent = snap.version(st.type_url)
         st.in_flight = True
-        await self.send(b"".join(parts))
+        await self.send(st.type_url, b"".join(parts))

@@ -90,5 +90,5 @@ def clear_translation_caches() -> None:
     allowlist.rule_routes.cache_clear()
     gateway._destination_vhost.cache_clear()
     gateway._vhost_bytes.cache_clear()
-    snapshot._index.cache_clear()
+    snapshot.clear_cache()
     _sidecar.cache_clear()

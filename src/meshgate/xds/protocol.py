@@ -45,6 +45,13 @@ def classify(state: TypeState, response_nonce: str, has_error: bool) -> Kind:
     return Kind.NACK if has_error else Kind.ACK
 
 
+def acknowledge(state: TypeState, version: str | None) -> None:
+    """Record an ACK. Accepting a version ends any earlier rejection: versions are content
+    hashes, so if the rejected content comes back later it is a new change and is sent."""
+    state.version_acked = version
+    state.rejected_version = None
+
+
 def sotw_names(type_url: str, requested: list[str]) -> frozenset[str] | None:
     """A SotW subscription: None (wildcard) for CDS/LDS with no names or '*'."""
     if type_url in types.WILDCARD_TYPES and (not requested or "*" in requested):

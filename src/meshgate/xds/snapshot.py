@@ -1,12 +1,13 @@
 """Immutable, checked snapshots: every resource a node group should have, serialised once.
 
-Versions are content hashes of the deterministic encoding, prefixed with the policy version, so
-replicas serving the same policy agree and an unchanged resource keeps its version.
+Versions come from content only: a resource's is the sha256 of its deterministic encoding, a
+type's the hash of its resources' names and versions. So replicas agree, and a policy change
+that leaves a node group's content of a type alone leaves that type's version alone: nothing is
+pushed for it. The policy version is kept beside the content, for status, never inside a version.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -74,9 +75,9 @@ class Resource:
 class Snapshot:
     """Everything one node group is served. Built whole, checked, never mutated."""
 
-    policy_version: str
+    policy_version: str  # what it was built from; informational, never part of a version
     resources: Mapping[str, Mapping[str, Resource]]
-    type_versions: Mapping[str, str]
+    type_versions: Mapping[str, str]  # content digest per type (every type in TYPE_ORDER)
     _sotw_cache: dict[tuple[str, frozenset[str] | None], bytes] = field(
         default_factory=dict, compare=False, repr=False
     )
@@ -86,17 +87,35 @@ class Snapshot:
         cls, policy_version: str, resources: Iterable[Resource], recurring: bool = False
     ) -> Snapshot:
         """`recurring`: the same resource objects will come again (per-agent sidecars), so the
-        grouping, hashing and checks are memoised; one-off sets (the gateway) are not kept."""
-        index = _index if recurring else _index.__wrapped__
-        frozen, digests = index(tuple(resources))
-        versions = {t: f"{policy_version}-{digest}" for t, digest in digests.items()}
-        return cls(policy_version, frozen, MappingProxyType(versions))
+        snapshot itself is memoised on them: an unchanged agent's snapshot is the same object
+        under every policy version (its `policy_version` is the one it was first built for),
+        and rebuilding 10,000 agents allocates nothing that outlives the build.
+        One-off sets (the gateway) are not kept."""
+        if recurring:
+            return _recurring(tuple(resources), policy_version)
+        frozen, versions = _index(tuple(resources))
+        return cls(policy_version, frozen, versions)
 
     def of_type(self, type_url: str) -> Mapping[str, Resource]:
         return self.resources.get(type_url, MappingProxyType({}))
 
     def version(self, type_url: str) -> str:
-        return self.type_versions.get(type_url, self.policy_version)
+        return self.type_versions.get(type_url, _EMPTY_DIGEST)
+
+    def changed_types(self, previous: Snapshot | None) -> list[str]:
+        """Types (in push order) whose content differs from `previous`'s."""
+        return [
+            t
+            for t in types.TYPE_ORDER
+            if previous is None or previous.version(t) != self.version(t)
+        ]
+
+    def keep_bodies(self, previous: Snapshot) -> None:
+        """Adopt `previous`'s cached SotW bodies for the types whose content is unchanged, so
+        a change to one type (the gateway's routes) does not re-serialise the others."""
+        for key, body in previous._sotw_cache.items():
+            if previous.version(key[0]) == self.version(key[0]):
+                self._sotw_cache.setdefault(key, body)
 
     def sotw_body(self, type_url: str, names: frozenset[str] | None) -> bytes:
         """DiscoveryResponse bytes without a nonce, cached per (type, subscription)."""
@@ -114,12 +133,29 @@ class Snapshot:
         return body
 
 
-@functools.lru_cache(maxsize=100_000)
+_RECURRING: dict[tuple[Resource, ...], Snapshot] = {}
+_MAX_RECURRING = 100_000
+
+
+def _recurring(resources: tuple[Resource, ...], policy_version: str) -> Snapshot:
+    snap = _RECURRING.get(resources)
+    if snap is None:
+        frozen, versions = _index(resources)
+        snap = _RECURRING[resources] = Snapshot(policy_version, frozen, versions)
+        if len(_RECURRING) > _MAX_RECURRING:
+            del _RECURRING[next(iter(_RECURRING))]  # the oldest: a bound on memory
+    return snap
+
+
+def clear_cache() -> None:
+    """Forget memoised sidecar snapshots (cold-start measurements and tests)."""
+    _RECURRING.clear()
+
+
 def _index(
     resources: tuple[Resource, ...],
-) -> tuple[Mapping[str, Mapping[str, Resource]], dict[str, str]]:
-    """Group, order, hash and check a resource set once; memoised because the same (memoised)
-    resources recur in every agent's snapshot on every policy version."""
+) -> tuple[Mapping[str, Mapping[str, Resource]], Mapping[str, str]]:
+    """Group, order, hash and check a resource set."""
     by_type: dict[str, dict[str, Resource]] = {t: {} for t in types.TYPE_ORDER}
     for res in resources:
         bucket = by_type.setdefault(res.type_url, {})
@@ -129,7 +165,7 @@ def _index(
     frozen = MappingProxyType(
         {t: MappingProxyType(dict(sorted(bucket.items()))) for t, bucket in by_type.items()}
     )
-    digests = {t: _content_digest(bucket) for t, bucket in frozen.items()}
+    digests = MappingProxyType({t: _content_digest(bucket) for t, bucket in frozen.items()})
     _check_consistent(frozen)
     return frozen, digests
 
@@ -153,10 +189,14 @@ def _check_consistent(resources: Mapping[str, Mapping[str, Resource]]) -> None:
 
 
 def _content_digest(bucket: Mapping[str, Resource]) -> str:
+    """A type's version: its resources' names and content versions, in name order."""
     digest = hashlib.sha256()
     for name, res in bucket.items():
         digest.update(name.encode() + b"\0" + res.version.encode() + b"\n")
-    return digest.hexdigest()[:12]
+    return digest.hexdigest()[:16]
+
+
+_EMPTY_DIGEST = _content_digest({})
 
 
 def _needs(message: Message) -> tuple[str, ...]:

@@ -24,7 +24,7 @@ from meshgate.audit.ingest import entry_from_spool
 from meshgate.audit.record import AuditRecord
 from meshgate.audit.spool import METHOD, SpoolShipper, read_checkpoint
 from meshgate.audit.store import AuditPage, AuditQuery
-from meshgate.controlplane.access_log import AccessLogService, AuditWriter
+from meshgate.controlplane.access_log import AuditIngest, AuditWriter
 from meshgate.controlplane.auth import TokenAuthenticator
 from meshgate.controlplane.streams import Authenticator, allow_all
 from meshgate.identity.tokens import TokenAuthority
@@ -87,17 +87,17 @@ def append(spool: Path, lines: range | list[int], agent: str = "researcher") -> 
 async def als_server(
     store: MemoryStore, authenticate: Authenticator = allow_all, port: int = 0
 ) -> AsyncIterator[str]:
-    writer = AuditWriter(lambda: store)
-    await writer.open()
+    ingest = AuditIngest(AuditWriter(lambda: store), authenticate)
+    await ingest.start()
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((AccessLogService(writer, authenticate).handler(),))
+    server.add_generic_rpc_handlers((ingest.handler(),))
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     try:
         yield f"127.0.0.1:{bound}"
     finally:
         await server.stop(grace=0)
-        await writer.close()
+        await ingest.stop()
 
 
 async def ship_all(shipper: SpoolShipper) -> None:
@@ -313,8 +313,8 @@ async def test_a_stream_ending_mid_commit_answers_only_after_every_record_is_sto
     store = MemoryStore()
     release = threading.Event()
     writer = AuditWriter(lambda: store)
-    await writer.open()
-    service = AccessLogService(writer, allow_all, flush_interval=0.1)
+    service = AuditIngest(writer, allow_all, flush_interval=0.1)
+    await service.start()
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((service.handler(),))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -347,4 +347,4 @@ async def test_a_stream_ending_mid_commit_answers_only_after_every_record_is_sto
         release.set()
         await busy
         await server.stop(grace=0)
-        await writer.close()
+        await service.stop()

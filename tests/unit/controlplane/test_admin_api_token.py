@@ -158,9 +158,8 @@ async def test_probes_jwks_and_metrics_stay_public(cp: ControlPlane) -> None:
 async def test_every_route_is_public_by_name_or_protected(cp: ControlPlane) -> None:
     """A new route is protected unless added to PUBLIC_PATHS on purpose; unknown paths too."""
     assert set(PUBLIC) == PUBLIC_PATHS
-    runner_ = cp._runner
-    assert runner_ is not None
-    routes = {r.resource.canonical for r in runner_.app.router.routes() if r.resource}
+    assert cp.admin_server is not None
+    routes = {r.resource.canonical for r in cp.admin_server.app.router.routes() if r.resource}
     protected = {p.replace("researcher", "{agent}") for _, p in PROTECTED}
     assert routes == PUBLIC_PATHS | protected
     async with httpx.AsyncClient() as client:

@@ -41,6 +41,11 @@ def cluster_names(resp: discovery_pb2.DiscoveryResponse) -> list[str]:
     return out
 
 
+def cds_version(m) -> str:  # type: ignore[no-untyped-def]
+    """The gateway's CDS version for a model: a content hash, never the policy version."""
+    return build_snapshots(m)["gateway"].version(types.CLUSTER)
+
+
 def with_extra_destination(version: str):  # type: ignore[no-untyped-def]
     m = model(version)
     extra = Destination("gamma", "gamma.internal", 80, tls="none", address=("127.0.0.1", 9003))
@@ -54,14 +59,15 @@ async def test_sotw_first_response_ack_and_push_on_change() -> None:
         c.send(req(types.CLUSTER))
         r1 = await c.recv()
         assert r1.type_url == types.CLUSTER
-        assert r1.version_info.startswith("v1-")
+        assert r1.version_info == cds_version(model("v1"))
+        assert "v1" not in r1.version_info
         assert r1.nonce
         assert cluster_names(r1) == ["dest-alpha", "dest-beta"]
         c.send(req(types.CLUSTER, r1.nonce, r1.version_info))
         await c.expect_silence()
         h.cache.set_snapshots(build_snapshots(with_extra_destination("v2")))
         r2 = await c.recv()
-        assert r2.version_info.startswith("v2-")
+        assert r2.version_info == cds_version(with_extra_destination("v2"))
         assert r2.nonce != r1.nonce
         assert cluster_names(r2) == ["dest-alpha", "dest-beta", "dest-gamma"]
         [conn] = h.registry.connections()
@@ -76,11 +82,28 @@ async def test_sotw_no_push_while_unacked_then_latest_only() -> None:
         c.send(req(types.CLUSTER))
         r1 = await c.recv()
         h.cache.set_snapshots(build_snapshots(with_extra_destination("v2")))
-        h.cache.set_snapshots(build_snapshots(model("v3")))
+        m3 = dataclasses.replace(model("v3"), destinations=model().destinations[:1])
+        h.cache.set_snapshots(build_snapshots(m3))
         await c.expect_silence()  # r1 is un-ACKed: hold
         c.send(req(types.CLUSTER, r1.nonce, r1.version_info))
         r3 = await c.recv()
-        assert r3.version_info.startswith("v3-")
+        assert r3.version_info == cds_version(m3)
+        assert cluster_names(r3) == ["dest-alpha"]
+        await c.close()
+
+
+async def test_sotw_policy_change_with_same_content_sends_nothing() -> None:
+    async with ads_server() as h:
+        h.cache.set_snapshots(build_snapshots(model("v1")))
+        c = AdsClient(h.address)
+        c.send(req(types.CLUSTER))
+        r1 = await c.recv()
+        c.send(req(types.CLUSTER, r1.nonce, r1.version_info))
+        await c.expect_silence()
+        h.cache.set_snapshots(build_snapshots(model("v2")))  # new policy version, same clusters
+        await c.expect_silence()
+        [conn] = h.registry.connections()
+        assert conn.to_json()["types"]["cds"]["policy"] == "v2"  # on v2 all the same
         await c.close()
 
 
@@ -102,7 +125,7 @@ async def test_sotw_nack_recorded_not_resent_next_version_pushed() -> None:
         await c.expect_silence()
         h.cache.set_snapshots(build_snapshots(with_extra_destination("v2")))
         r2 = await c.recv()
-        assert r2.version_info.startswith("v2-")
+        assert r2.version_info == cds_version(with_extra_destination("v2"))
         assert [n.message for n in h.registry.nacks()] == ["cluster dest-alpha: bad thing"]
         await c.close()
 
@@ -154,7 +177,8 @@ async def test_push_order_clusters_before_listeners_and_routes() -> None:
         for t, (nonce, version, names) in acks.items():
             c.send(req(t, nonce, version, names=names))
         await c.expect_silence()
-        h.cache.set_snapshots(build_snapshots(model("v2", listen_port=15002)))
+        extra = with_extra_destination("v2").destinations  # new cluster and route
+        h.cache.set_snapshots(build_snapshots(model("v2", extra, listen_port=15002)))  # listener
         got = [(await c.recv()).type_url for _ in range(3)]
         assert got == [types.CLUSTER, types.LISTENER, types.ROUTE]
         await c.close()
@@ -167,7 +191,7 @@ async def test_node_waits_for_first_snapshot() -> None:
         await c.expect_silence()
         h.cache.set_snapshots(build_snapshots(model("v1")))
         r = await c.recv()
-        assert r.version_info.startswith("v1-")
+        assert r.version_info == cds_version(model("v1"))
         await c.close()
 
 
@@ -277,7 +301,7 @@ async def test_unknown_type_url_is_invalid_argument_and_others_keep_working() ->
         assert "unsupported type_url" in (err.value.details() or "")
         good.send(req(types.CLUSTER, r1.nonce, r1.version_info))
         h.cache.set_snapshots(build_snapshots(with_extra_destination("v2")))
-        assert (await good.recv()).version_info.startswith("v2-")
+        assert (await good.recv()).version_info == cds_version(with_extra_destination("v2"))
         await good.close()
         await bad.close()
 
@@ -321,5 +345,5 @@ async def test_garbage_bytes_end_only_that_stream() -> None:
         await channel.close()
         good = AdsClient(h.address)
         good.send(req(types.CLUSTER))
-        assert (await good.recv()).version_info.startswith("v1-")
+        assert (await good.recv()).version_info == cds_version(model("v1"))
         await good.close()

@@ -52,8 +52,8 @@ async def test_max_delay_bounds_a_never_ending_burst() -> None:
 def test_cache_wakes_only_changed_groups_and_cancel_works() -> None:
     cache = SnapshotCache()
     woke: list[str] = []
-    cancel = cache.watch("gateway", lambda: woke.append("gw"))
-    cache.watch("agent/x", lambda: woke.append("x"))
+    cancel = cache.watch("gateway", lambda n: woke.append("gw"))
+    cache.watch("agent/x", lambda n: woke.append("x"))
     snaps = build_snapshots(model("v1"))
     assert cache.set_snapshots(snaps) == ["agent/researcher", "gateway"]
     assert woke == ["gw"]

@@ -79,3 +79,16 @@ def test_delta_explicit_wildcard_for_named_type_and_empty_first_for_routes() -> 
     assert not st.wildcard  # RDS is never implicitly wildcard
     apply_delta_subscription(st, ["*"], [], first=False)
     assert st.wildcard
+
+
+def test_rejected_content_is_sent_again_only_after_another_version_was_accepted() -> None:
+    from meshgate.xds.protocol import acknowledge
+
+    st = TypeState(types.CLUSTER, nonce_sent="n1", version_sent="bad")
+    st.rejected_version = "bad"  # NACKed
+    assert not should_push(st, "bad")  # a reload with the same content: never re-sent
+    assert should_push(st, "good")
+    st.version_sent = "good"
+    acknowledge(st, "good")
+    assert (st.version_acked, st.rejected_version) == ("good", None)
+    assert should_push(st, "bad")  # the content came back as a change: sent (once)

@@ -1,0 +1,54 @@
+"""Prometheus metrics of the control plane, in one registry served at `/metrics`.
+
+Only label-free counters and gauges: the endpoint is public (docs/admin-auth.md), so nothing
+here may name an agent, a destination or policy content.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import prometheus_client
+
+
+class Metrics:
+    """What the services report; each calls the one method that concerns it."""
+
+    def __init__(self, streams: Callable[[], int], nacks: Callable[[], int]) -> None:
+        self.registry = prometheus_client.CollectorRegistry()
+        self._applied = prometheus_client.Counter(
+            "meshgate_policy_applied", "Policy versions applied", registry=self.registry
+        )
+        self._rejected = prometheus_client.Counter(
+            "meshgate_policy_rejected", "Policy changes refused", registry=self.registry
+        )
+        self._audit = prometheus_client.Counter(
+            "meshgate_audit_records",
+            "Audit records received over the access-log service",
+            registry=self.registry,
+        )
+        self._audit_new = prometheus_client.Counter(
+            "meshgate_audit_records_stored",
+            "Audit records stored (received minus resent duplicates)",
+            registry=self.registry,
+        )
+        prometheus_client.Gauge(
+            "meshgate_xds_streams", "Connected xDS streams", registry=self.registry
+        ).set_function(streams)
+        prometheus_client.Gauge(
+            "meshgate_xds_nacks", "NACKs in recent history", registry=self.registry
+        ).set_function(nacks)
+
+    def policy_applied(self) -> None:
+        self._applied.inc()
+
+    def policy_rejected(self) -> None:
+        self._rejected.inc()
+
+    def audit_committed(self, received: int, new: int) -> None:
+        """Thread-safe: the audit ingest thread calls it after each commit."""
+        self._audit.inc(received)
+        self._audit_new.inc(new)
+
+    def exposition(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)
