@@ -604,10 +604,10 @@ async def ceiling(name: str, store: str, stage_store: str, args: argparse.Namesp
             f"({cpu / took:.0%} of one core; one full core would take "
             f"{total / cpu:,.0f} records/s)"
         )
+        busiest = ", ".join(f"{c / total * 1e6:.1f}" for c in others[:3])
         print(
-            f"  by thread: event loop (gRPC, decoding) {main / total * 1e6:.1f} us/record; "
-            f"busiest other (the audit-store writer) {others[0] / total * 1e6:.1f}; "
-            f"the rest {sum(others[1:]) / total * 1e6:.1f}"
+            f"  by thread: main (the xDS event loop) {main / total * 1e6:.1f} us/record; the "
+            f"busiest others (the audit ingest and audit-store threads) {busiest}"
         )
         parse, decode, append = stages(plans[0], stage_store)
         print(
