@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from pathlib import Path
 
 import grpc
@@ -152,6 +153,11 @@ async def test_every_outcome_is_one_record_with_who_what_and_which_policy(tmp_pa
                 ).json()
                 metrics = (await direct.get(f"http://{cp.admin_address}/metrics")).text
             assert "meshgate_audit_records_stored_total 6.0" in metrics
+            # the push queue is visible, and what the nodes were sent is counted per type
+            assert "meshgate_xds_push_pending 0.0" in metrics
+            counted = r'meshgate_xds_responses_total\{type="(\w+)"\} (\S+)'
+            by_type = dict(re.findall(counted, metrics))
+            assert float(by_type["cds"]) >= 2 and float(by_type["lds"]) >= 2  # gateway and sidecar
             assert {r["request_id"] for r in listed["records"]} == {
                 ids["unknown"],
                 ids["forbidden"],

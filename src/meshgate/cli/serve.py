@@ -198,7 +198,7 @@ def up(
         envoy = None
         try:
             envoy = await start_gateway(
-                f"127.0.0.1:{xds_port}",
+                f"127.0.0.1:{cp.xds_address.rpartition(':')[2]}",  # the bound port (0 allowed)
                 "local",
                 state_dir,
                 False,

@@ -67,7 +67,10 @@ def status(
             for node in data["nodes"]
         ),
     )
-    console.print("columns: version ACKed per type ('*' awaiting ACK of a newer one)")
+    console.print(
+        "columns per type: the policy version the node holds, else the content hash it ACKed "
+        "('*' awaiting ACK of a newer one)"
+    )
     for nack in nacks:
         console.print(
             f"[red]NACK[/red] {nack['node']} {nack['type']} {nack['version']} at {nack['at']}: "
@@ -105,6 +108,7 @@ def _print_consul(services: list[dict[str, Any]]) -> None:
 def _acked(entry: dict[str, Any] | None) -> str:
     if not entry:
         return "-"
-    acked = str(entry.get("acked") or "-")
-    short = acked.split("-")[0][:12] if acked != "-" else acked
+    # the serving policy when the node holds its content; else the content hash it ACKed
+    acked = str(entry.get("policy") or entry.get("acked") or "-")
+    short = acked[:12]
     return f"{short}*" if entry.get("pending_ack") else short

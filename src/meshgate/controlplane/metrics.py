@@ -6,9 +6,13 @@ here may name an agent, a destination or policy content.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
 import prometheus_client
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from meshgate.xds import types
 
 
 class Metrics:
@@ -39,6 +43,18 @@ class Metrics:
             "meshgate_xds_nacks", "NACKs in recent history", registry=self.registry
         ).set_function(nacks)
 
+    def xds_pushes(
+        self, pending: Callable[[], int], in_flight: Callable[[], int], sent: Mapping[str, int]
+    ) -> None:
+        """The push queue's depth and the responses sent per type (the ADS service's counts)."""
+        prometheus_client.Gauge(
+            "meshgate_xds_push_pending", "Streams waiting for a push slot", registry=self.registry
+        ).set_function(pending)
+        prometheus_client.Gauge(
+            "meshgate_xds_push_in_flight", "Streams being pushed now", registry=self.registry
+        ).set_function(in_flight)
+        self.registry.register(_SentByType(sent))
+
     def policy_applied(self) -> None:
         self._applied.inc()
 
@@ -52,3 +68,18 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)
+
+
+class _SentByType(Collector):
+    """`meshgate_xds_responses_total{type}`, read from the ADS service's own counter."""
+
+    def __init__(self, sent: Mapping[str, int]) -> None:
+        self._sent = sent
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "meshgate_xds_responses", "xDS responses sent, by resource type", labels=["type"]
+        )
+        for type_url, count in sorted(self._sent.items()):
+            family.add_metric([types.SHORT_NAMES.get(type_url, type_url)], count)
+        yield family

@@ -194,6 +194,8 @@ class ControlPlane:
             options.debounce_max,
         )
         self.ads = AdsService(self.cache, self.registry, authenticate)
+        queue = self.ads.pusher.queue
+        self.metrics.xds_pushes(lambda: queue.pending, lambda: queue.in_flight, self.ads.sent)
 
         # audit ingest beside xDS: same port and token, its own thread and loop
         self.audit_url = store_target(options.audit_store or None, state_dir)
