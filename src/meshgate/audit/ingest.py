@@ -113,52 +113,79 @@ def agent_name(header: str) -> str:
     return m["name"] if m else header
 
 
-def _clip(text: str) -> str:
-    return text[:MAX_FIELD]
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_TIMEDELTA = dt.timedelta
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799  # years 1..9999
+_DECISION, _REASON, _DESTINATION, _METHOD, _MCP_METHOD, _MCP_TOOL = (
+    TAG_PREFIX + key
+    for key in ("decision", "reason", "destination", "method", "mcp_method", "mcp_tool")
+)
 
 
 def record_from_entry(entry: als.HTTPAccessLogEntry, node_id: str) -> AuditRecord:
+    """The record of one entry. Runs once per request on the control plane's ingest path, so
+    each sub-message is read once and optional ones only when present (a upb field access
+    costs about as much as a Python call); `test_ingest` pins it to the plain mapping."""
     common, request, response = entry.common_properties, entry.request, entry.response
     tags = common.custom_tags
-    flags = {f.name for f, v in common.response_flags.ListFields() if v is True}
+    route_decision = route_reason = destination = method_tag = mcp_method = mcp_tool = ""
+    if n_tags := len(tags):
+        get = tags.get
+        route_decision, route_reason = get(_DECISION, ""), get(_REASON, "")
+        destination = get(_DESTINATION, "")
+        if n_tags > bool(route_decision) + bool(route_reason) + bool(destination):
+            method_tag, mcp_method, mcp_tool = (
+                get(_METHOD, ""),
+                get(_MCP_METHOD, ""),
+                get(_MCP_TOOL, ""),
+            )
+    flags = (
+        {f.name for f, v in common.response_flags.ListFields() if v is True}
+        if common.HasField("response_flags")
+        else set()
+    )
     status = response.response_code.value
     decision, reason = decide(
-        tags.get(TAG_PREFIX + "decision", ""),
-        tags.get(TAG_PREFIX + "reason", ""),
-        status,
-        flags,
-        response.response_code_details,
+        route_decision, route_reason, status, flags, response.response_code_details
     )
-    meshgate_md = common.metadata.filter_metadata.get(METADATA_KEY)
-    agent_header = ""
-    if meshgate_md is not None and "agent" in meshgate_md.fields:
-        agent_header = meshgate_md.fields["agent"].string_value
-    peer = common.tls_properties.peer_certificate_properties.subject_alt_name
-    spiffe_id = next((san.uri for san in peer if san.uri), "")
-    if common.HasField("duration"):
-        duration = common.duration
-    else:
-        duration = common.time_to_last_downstream_tx_byte
-    request_id = request.request_id or _synthetic_id(entry, node_id)
-    return AuditRecord(
-        timestamp=common.start_time.ToDatetime(dt.UTC),
-        request_id=_clip(request_id),
-        agent=_clip(agent_name(agent_header)),
-        spiffe_id=_clip(spiffe_id),
-        destination=_clip(tags.get(TAG_PREFIX + "destination", "")),
-        host=_clip(request.authority),
-        method=_clip(_method_name(request.request_method) or tags.get(TAG_PREFIX + "method", "")),
-        path=request.path.split("?", 1)[0][:MAX_PATH],  # query strings can carry secrets
-        status=status,
-        decision=decision,
-        reason=_clip(reason),
-        bytes_sent=response.response_body_bytes,
-        bytes_received=request.request_body_bytes,
-        duration_ms=duration.ToNanoseconds() / 1e6,
-        policy_version=_clip(response.response_headers.get(POLICY_HEADER, "")),
-        gateway=node_id,
-        mcp_method=_clip(tags.get(TAG_PREFIX + "mcp_method", "")),
-        mcp_tool=_clip(tags.get(TAG_PREFIX + "mcp_tool", "")),
+    agent = ""
+    if common.HasField("metadata"):
+        meshgate_md = common.metadata.filter_metadata.get(METADATA_KEY)
+        if meshgate_md is not None and "agent" in meshgate_md.fields:
+            agent = agent_name(meshgate_md.fields["agent"].string_value)
+    spiffe_id = ""
+    if common.HasField("tls_properties"):
+        for san in common.tls_properties.peer_certificate_properties.subject_alt_name:
+            if san.uri:
+                spiffe_id = san.uri
+                break
+    duration = (
+        common.duration if common.HasField("duration") else common.time_to_last_downstream_tx_byte
+    )
+    start = common.start_time
+    seconds, nanos = start.seconds, start.nanos
+    if not (_MIN_SECONDS <= seconds <= _MAX_SECONDS and 0 <= nanos < 1_000_000_000):
+        raise ValueError(f"timestamp {seconds}.{nanos:09d} out of range")  # as ToDatetime
+    headers = response.response_headers
+    return AuditRecord.trusted(
+        EPOCH + _TIMEDELTA(0, seconds, nanos // 1000),  # exact, as Timestamp.ToDatetime
+        (request.request_id or _synthetic_id(entry, node_id))[:MAX_FIELD],
+        agent[:MAX_FIELD],
+        spiffe_id[:MAX_FIELD],
+        destination[:MAX_FIELD],
+        request.authority[:MAX_FIELD],
+        (_METHOD_NAMES.get(request.request_method, "") or method_tag)[:MAX_FIELD],
+        request.path.split("?", 1)[0][:MAX_PATH],  # query strings can carry secrets
+        status,
+        decision,
+        reason[:MAX_FIELD],
+        response.response_body_bytes,
+        request.request_body_bytes,
+        (duration.seconds * 1_000_000_000 + duration.nanos) / 1e6,  # as Duration.ToNanoseconds
+        (headers.get(POLICY_HEADER, "") if len(headers) else "")[:MAX_FIELD],
+        node_id,
+        mcp_method[:MAX_FIELD],
+        mcp_tool[:MAX_FIELD],
     )
 
 
@@ -166,10 +193,6 @@ _METHODS: dict[str, int] = {
     name: number for name, number in base_pb2.RequestMethod.items() if name != "METHOD_UNSPECIFIED"
 }
 _METHOD_NAMES = {number: name for name, number in _METHODS.items()}
-
-
-def _method_name(number: int) -> str:
-    return _METHOD_NAMES.get(number, "")
 
 
 def _synthetic_id(entry: als.HTTPAccessLogEntry, node_id: str) -> str:

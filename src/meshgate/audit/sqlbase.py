@@ -56,15 +56,12 @@ FIELDS = (
     "mcp_tool",
 )
 RECORD_COLUMNS = "id, ts_us, " + ", ".join(FIELDS)
+GATEWAY = 1 + FIELDS.index("gateway")  # its position in `record_values`
 IN_CHUNK = 500  # request_ids per IN (...) lookup
+ROW_WIDTH = 2 + len(FIELDS)  # values per inserted row
 BATCH_PAGE = 200  # batch rows read at a time by verify
 
 RecordKey = tuple[int, str, str]
-
-
-def record_key(record: AuditRecord) -> RecordKey:
-    """What makes a record the same record: a resend repeats all three."""
-    return (to_micros(record.timestamp), record.request_id, record.gateway)
 
 
 SCHEMA = (
@@ -227,6 +224,10 @@ class SqlAuditStore:
         raise NotImplementedError
         yield
 
+    def _insert(self, cur: Any, rows: list[tuple[Any, ...]]) -> int:
+        """Insert record rows (id first, then `record_values`); how many were inserted."""
+        raise NotImplementedError
+
     def _cursor(self) -> Any:
         return self._conn.cursor()
 
@@ -272,35 +273,38 @@ class SqlAuditStore:
     # -- AuditStore ----------------------------------------------------------------------------
 
     def append(self, records: Sequence[AuditRecord]) -> int:
-        """One transaction: lock the chain row, skip known request_ids, insert, link the batch."""
-        unique = list({record_key(r): r for r in reversed(records)}.values())[::-1]
-        if not unique:
+        """One transaction: lock the chain row, skip known request_ids, insert, link the batch.
+
+        Each record's values are computed once: they give its key, its row and its digest."""
+        values = [record_values(r) for r in records]
+        # what makes a record the same record: a resend repeats its time, id and node
+        keys: list[RecordKey] = [(v[0], v[1], v[GATEWAY]) for v in values]
+        if len(set(keys)) != len(keys):  # a record repeated within the batch: keep one copy
+            pick = {k: i for i, k in reversed(list(enumerate(keys)))}  # as before: the first
+            # copy, placed where the last one was
+            chosen = list(pick.values())[::-1]
+            values, keys = [values[i] for i in chosen], [keys[i] for i in chosen]
+        if not values:
             return 0
         with self._lock, self._write() as cur:
             state = self._chain(cur, lock=True)
-            keys = [record_key(r) for r in unique]
             known = self._existing(cur, keys)
-            new = [r for r, key in zip(unique, keys, strict=True) if key not in known]
-            if not new:
+            if known:
+                values = [v for v, key in zip(values, keys, strict=True) if key not in known]
+            if not values:
                 return 0
-            values = [record_values(r) for r in new]  # column order = RECORD_COLUMNS[1:]
-            batch = make_batch(state, new, values)
-            marks = ",".join("?" * (2 + len(FIELDS)))
+            new = len(values)
+            batch = make_batch(state, (), values)
+            rows = [(batch.first_id + i, *v) for i, v in enumerate(values)]
             try:
-                cur.executemany(
-                    self._sql(
-                        f"INSERT INTO audit_records ({RECORD_COLUMNS}) VALUES ({marks}) "
-                        "ON CONFLICT (ts_us, request_id, gateway) DO NOTHING"
-                    ),
-                    [(batch.first_id + i, *v) for i, v in enumerate(values)],
-                )
+                inserted = self._insert(cur, rows)
             except self.integrity_error as exc:
                 raise AuditStoreError(
                     f"audit store: record ids from {batch.first_id} are taken though the chain "
                     f"ends at {state.head_last_id}; run `meshgate audit verify` ({exc})"
                 ) from None
-            if cur.rowcount != len(new):  # impossible under the chain lock; never fork it
-                raise RuntimeError(f"audit append inserted {cur.rowcount} of {len(new)} records")
+            if inserted != new:  # impossible under the chain lock; never fork it
+                raise RuntimeError(f"audit append inserted {inserted} of {new} records")
             self._exec(
                 cur,
                 f"INSERT INTO audit_batches ({BATCH_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
@@ -321,7 +325,7 @@ class SqlAuditStore:
                 "UPDATE audit_chain SET head_seq = ?, head_hash = ?, head_last_id = ? WHERE id = 1",
                 (batch.seq, batch.hash, batch.last_id),
             )
-            return len(new)
+            return new
 
     def query(self, query: AuditQuery) -> AuditPage:
         sql, params = select_page(query)

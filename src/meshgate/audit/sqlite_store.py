@@ -8,13 +8,26 @@ cannot fork the chain.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from meshgate.audit.sqlbase import SqlAuditStore
+from meshgate.audit.sqlbase import RECORD_COLUMNS, ROW_WIDTH, SqlAuditStore
 from meshgate.errors import ConfigError
+
+ROWS_PER_INSERT = 500  # x 19 values: within SQLite's default 32,766 bound parameters
+
+
+@functools.lru_cache(maxsize=8)
+def insert_sql(rows: int) -> str:
+    """`rows` records in one INSERT (a duplicate key is skipped; append checks none was)."""
+    marks = "(" + ",".join("?" * ROW_WIDTH) + ")"
+    return (
+        f"INSERT INTO audit_records ({RECORD_COLUMNS}) VALUES {','.join([marks] * rows)} "
+        "ON CONFLICT (ts_us, request_id, gateway) DO NOTHING"
+    )
 
 
 class SqliteAuditStore(SqlAuditStore):
@@ -42,9 +55,27 @@ class SqliteAuditStore(SqlAuditStore):
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"cannot open the audit store {path}: {exc}") from None
         super().__init__(conn)
+        self._rows_per_insert = max(
+            1,
+            min(ROWS_PER_INSERT, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // ROW_WIDTH),
+        )
         self.path = path
         with self._write() as cur:
             self._create_schema(cur)
+
+    def _insert(self, cur: Any, rows: list[tuple[Any, ...]]) -> int:
+        """Multi-row INSERTs, not executemany: the sqlite3 module releases and retakes the GIL
+        around every row's step, and while another thread runs Python (the one decoding the
+        next stream) a retake can wait out the interpreter's switch interval.
+        Measured, 20,000 records next to a busy thread: executemany 1.4-2 s, but 15-48 s in 3
+        of 8 runs; 500 rows per statement 1.3-1.6 s in every run (alone: the same), the B-tree
+        work of each statement done without the GIL."""
+        inserted, per = 0, self._rows_per_insert
+        for start in range(0, len(rows), per):
+            chunk = rows[start : start + per]
+            cur.execute(insert_sql(len(chunk)), [value for row in chunk for value in row])
+            inserted += cur.rowcount
+        return inserted
 
     def _columns(self, cur: Any) -> set[str]:
         return {str(row[1]) for row in cur.execute("PRAGMA table_info(audit_records)")}

@@ -39,6 +39,19 @@ def test_append_returns_new_count_and_skips_duplicates(store: SqlAuditStore) -> 
     assert (report.records, report.batches) == (17, 3)  # empty and all-duplicate batches: none
 
 
+def test_a_batch_larger_than_one_insert_is_stored_whole_in_order(store: SqlAuditStore) -> None:
+    # SQLite inserts 500 rows per statement, PostgreSQL copies: 1,234 spans several statements
+    records = make_records(1234)
+    assert store.append([records[0], *records, records[-1]]) == 1234  # (duplicates skipped)
+    assert store.append(make_records(1300)) == 66
+    rows = store.tail(0, limit=5000)
+    assert [record_id for record_id, _ in rows] == list(range(1, 1301))  # ids in append order
+    assert [r for _, r in rows] == make_records(1300)
+    report = store.verify()
+    assert report.ok, report.problems
+    assert (report.records, report.batches) == (1300, 2)
+
+
 def test_records_round_trip_exactly(store: SqlAuditStore) -> None:
     records = make_records(30)
     store.append(records)

@@ -7,17 +7,22 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given
+from envoy.config.core.v3 import base_pb2
+from envoy.data.accesslog.v3 import accesslog_pb2 as als
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshgate.audit.ingest import (
+    FLAG_FIELDS,
     MAX_PATH,
     IngestError,
+    _synthetic_id,
     agent_name,
     decide,
     entry_from_spool,
     record_from_entry,
 )
+from meshgate.audit.record import AuditRecord
 from meshgate.xds.access_log import SPOOL_FORMAT, RouteDecision, route_decision
 
 
@@ -245,3 +250,119 @@ def test_route_names_say_what_each_route_decided() -> None:
     assert route_decision("something/else/entirely") is None
     # a route name that is not meshgate's decides nothing: as if no route had matched
     assert record(route="someone-elses-route") == record(route=None)
+
+
+# -- the fast decoder against the plain mapping -----------------------------------------------
+
+
+def plain_record(entry: als.HTTPAccessLogEntry, node_id: str) -> AuditRecord:
+    """`record_from_entry` written the obvious way (what it was before it was made fast):
+    the oracle the optimised one must match on every entry, forged ones included."""
+    common, request, response = entry.common_properties, entry.request, entry.response
+    tags = common.custom_tags
+    flags = {f.name for f, v in common.response_flags.ListFields() if v is True}
+    status = response.response_code.value
+    decision, reason = decide(
+        tags.get("meshgate.decision", ""),
+        tags.get("meshgate.reason", ""),
+        status,
+        flags,
+        response.response_code_details,
+    )
+    md = common.metadata.filter_metadata.get("meshgate")
+    agent = md.fields["agent"].string_value if md is not None and "agent" in md.fields else ""
+    peer = common.tls_properties.peer_certificate_properties.subject_alt_name
+    duration = (
+        common.duration if common.HasField("duration") else common.time_to_last_downstream_tx_byte
+    )
+    method = base_pb2.RequestMethod.Name(request.request_method)
+    method = "" if method == "METHOD_UNSPECIFIED" else method
+
+    def clip(text: str) -> str:
+        return text[:2048]
+
+    return AuditRecord(
+        timestamp=common.start_time.ToDatetime(dt.UTC),
+        request_id=clip(request.request_id or _synthetic_id(entry, node_id)),
+        agent=clip(agent_name(agent)),
+        spiffe_id=clip(next((san.uri for san in peer if san.uri), "")),
+        destination=clip(tags.get("meshgate.destination", "")),
+        host=clip(request.authority),
+        method=clip(method or tags.get("meshgate.method", "")),
+        path=request.path.split("?", 1)[0][:MAX_PATH],
+        status=status,
+        decision=decision,
+        reason=clip(reason),
+        bytes_sent=response.response_body_bytes,
+        bytes_received=request.request_body_bytes,
+        duration_ms=duration.ToNanoseconds() / 1e6,
+        policy_version=clip(response.response_headers.get("x-meshgate-policy", "")),
+        gateway=node_id,
+        mcp_method=clip(tags.get("meshgate.mcp_method", "")),
+        mcp_tool=clip(tags.get("meshgate.mcp_tool", "")),
+    )
+
+
+TAG_KEYS = ("decision", "reason", "destination", "method", "mcp_method", "mcp_tool", "other")
+short_text = st.text(max_size=5) | st.sampled_from(["", "allowed", "denied", "x" * 3000])
+
+
+@st.composite
+def entries(draw: st.DrawFn) -> als.HTTPAccessLogEntry:
+    """Entries as the shipper makes them and as a forged stream could: any tags (empty values
+    too), flags, metadata, SANs, headers, methods, and timestamps at and past the edges."""
+    entry = als.HTTPAccessLogEntry()
+    common = entry.common_properties
+    for key in draw(st.lists(st.sampled_from(TAG_KEYS), max_size=7, unique=True)):
+        common.custom_tags[f"meshgate.{key}"] = draw(short_text)
+    for flag in draw(st.lists(st.sampled_from(sorted(FLAG_FIELDS.values())), max_size=3)):
+        setattr(common.response_flags, flag, True)
+    if draw(st.booleans()):
+        common.response_flags.SetInParent()  # present, every flag false
+    if draw(st.booleans()):
+        fields = {"agent": draw(st.sampled_from(["a", "spiffe://td/agent/b", "", "y" * 3000]))}
+        common.metadata.filter_metadata[draw(st.sampled_from(["meshgate", "other"]))].update(
+            fields if draw(st.booleans()) else {"not-agent": "x"}
+        )
+    for uri in draw(st.lists(st.sampled_from(["", "spiffe://td/agent/c", "z" * 3000]), max_size=3)):
+        san = common.tls_properties.peer_certificate_properties.subject_alt_name.add()
+        if uri:
+            san.uri = uri
+        else:
+            san.dns = "host.example"
+    common.start_time.seconds = draw(
+        st.sampled_from([0, 1_795_619_752, -62_135_596_800, 253_402_300_799])
+        | st.integers(-(2**40), 2**40)
+    )
+    common.start_time.nanos = draw(st.sampled_from([0, 999_999_999, 601_567_123, -1, 10**9]))
+    if draw(st.booleans()):
+        common.duration.FromNanoseconds(draw(st.integers(-(10**12), 10**12)))
+    else:
+        common.time_to_last_downstream_tx_byte.FromMicroseconds(draw(st.integers(0, 10**9)))
+    request, response = entry.request, entry.response
+    request.request_id = draw(short_text)
+    request.authority = draw(short_text)
+    request.path = draw(st.sampled_from(["", "/a?q=secret", "/" + "p" * 70_000, "?only"]))
+    request.request_method = draw(st.sampled_from(list(base_pb2.RequestMethod.values())))
+    request.request_body_bytes = draw(st.integers(0, 2**40))
+    response.response_code.value = draw(st.sampled_from([0, 200, 403, 429, 503]))
+    response.response_body_bytes = draw(st.integers(0, 2**40))
+    response.response_code_details = draw(
+        st.sampled_from(["", "via_upstream", "mcp_parse_error", "request_payload_too_large"])
+    )
+    for name in draw(st.lists(st.sampled_from(["x-meshgate-policy", "other"]), unique=True)):
+        response.response_headers[name] = draw(short_text)
+    return entry
+
+
+def outcome(decode: Any, entry: als.HTTPAccessLogEntry) -> Any:
+    try:
+        return decode(entry, "gateway/g1")
+    except (ValueError, OverflowError):  # what the access-log service refuses a stream for
+        return "refused"
+
+
+@settings(max_examples=400, deadline=None)
+@given(entries())
+def test_the_fast_decoder_equals_the_plain_mapping(entry: als.HTTPAccessLogEntry) -> None:
+    assert outcome(record_from_entry, entry) == outcome(plain_record, entry)
