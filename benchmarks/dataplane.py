@@ -544,6 +544,12 @@ async def bench(duration: float, connections: int, rounds: int) -> dict[str, Any
                 connections,
                 rounds,
             )
+            # meshgate / A within each round (runs seconds apart): the spread says how much
+            # of the median ratio is the machine's noise
+            mg_runs, a_runs = throughput["meshgate"], throughput["bare-2hop (A)"]
+            res["throughput_ratio_rounds"] = [
+                m.requests_per_s / a.requests_per_s for m, a in zip(mg_runs, a_runs, strict=True)
+            ]
             res["rate_limit_stats"] = limiter
             return res
         finally:
@@ -649,6 +655,8 @@ def print_report(res: dict[str, Any]) -> None:
         f"throughput meshgate / bare-2hop (A): {res['throughput_ratio_vs_A']:.1%} "
         f"(target >= {res['throughput_target']:.0%}): {verdict}"
     )
+    rounds = res.get("throughput_ratio_rounds", [])
+    print("  per round: " + ", ".join(f"{r:.1%}" for r in rounds))
     verdict = "PASS" if res["added_p99_pass"] else "MISS"
     print(
         f"added p99 per hop at c=1 ((meshgate - A) / 2 hops): "
