@@ -206,11 +206,11 @@ def main() -> None:
             from meshgate.audit.postgres_store import PostgresAuditStore
 
             schema = f"bench_{os.getpid()}"
-            store = PostgresAuditStore(args.postgres, schema=schema)
+            pg_store = PostgresAuditStore(args.postgres, schema=schema)
             try:
-                bench("postgres", store, args)
+                bench("postgres", pg_store, args)
             finally:
-                store.close()
+                pg_store.close()
                 with psycopg.connect(args.postgres, autocommit=True) as conn:
                     conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         else:
