@@ -293,7 +293,7 @@ def write_policy(directory: Path, gateway_port: int, upstream_port: int) -> None
             elif dest == 0:
                 dest = 1
             if a == 0 and r == 0:
-                # enforced (a token bucket on the route) but never trips during the run
+                # enforced (the rule's own bucket, checked by expect_rule_bucket), never trips
                 limit = f"{{requests: {RULE_LIMIT}, per: 1m}}"
                 paths = f'["{PATH}", "/v1/docs/*"]'
                 methods = "[GET, HEAD]"
