@@ -2,8 +2,9 @@
 
 What: append ``--records`` synthetic records (50 agents, 100 destinations, 30 days, arriving in
 time order with jitter, ~10% denied) in batches of ``--batch`` through the store's real
-``append`` (dedup lookup, executemany, chain link, commit per batch), then time the queries the
-CLI and admin API run, each ``--queries`` times with random parameters:
+``append`` (dedup lookup; insert: SQLite in multi-row INSERTs of up to 500 rows, PostgreSQL in
+one COPY; batch row and chain link; commit per batch), then time the queries the CLI and admin
+API run, each ``--queries`` times with random parameters:
 
 * agent+time  -- one agent over a random 1-hour window, newest first, limit 100;
 * decision    -- ``decision=denied`` newest first, limit 100 (the "what got refused" view);
@@ -205,11 +206,11 @@ def main() -> None:
             from meshgate.audit.postgres_store import PostgresAuditStore
 
             schema = f"bench_{os.getpid()}"
-            store = PostgresAuditStore(args.postgres, schema=schema)
+            pg_store = PostgresAuditStore(args.postgres, schema=schema)
             try:
-                bench("postgres", store, args)
+                bench("postgres", pg_store, args)
             finally:
-                store.close()
+                pg_store.close()
                 with psycopg.connect(args.postgres, autocommit=True) as conn:
                     conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         else:

@@ -13,7 +13,10 @@ hot path. Targets: meshgate >= 90% of the throughput of A, and added p99 latency
 hop at low load (one connection, which on this machine runs at or above 1,000 requests/s).
 
 The upstream is a third Envoy answering with a static direct_response, so it is not the
-bottleneck. Every Envoy runs with --concurrency 1. The control plane does nothing on the hot path.
+bottleneck. Every Envoy runs with --concurrency 1 and, like every Envoy meshgate starts, has its
+admin on a 0600 unix socket in its own working directory (stats are read through EnvoyAdmin).
+The control plane (CONTROL_PLANE: plaintext xDS, no join tokens, no sidecar -> gateway mTLS, as
+`serve --insecure`) does nothing on the hot path. wrk must be on PATH (`apt-get install wrk`).
 
     .venv/bin/python benchmarks/dataplane.py
     .venv/bin/python benchmarks/dataplane.py --duration 10 --connections 64 --json
@@ -32,7 +35,7 @@ import socket
 import statistics
 import sys
 import tempfile
-import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +45,13 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from meshgate.controlplane.server import ControlPlane, ServeOptions  # noqa: E402
 from meshgate.controlplane.sources import DirectorySource  # noqa: E402
-from meshgate.sidecar.bootstrap import BootstrapSpec, ProxyBinding, bootstrap_json  # noqa: E402
+from meshgate.sidecar.bootstrap import (  # noqa: E402
+    ADMIN_SOCKET_MODE,
+    BootstrapSpec,
+    ProxyBinding,
+    write_bootstrap,
+)
+from meshgate.sidecar.envoy_admin import AdminSocket, EnvoyAdmin  # noqa: E402
 from meshgate.sidecar.envoy_process import EnvoyProcess  # noqa: E402
 from meshgate.xds.access_log import SPOOL_FORMAT  # noqa: E402
 
@@ -59,6 +68,8 @@ BODY = "ok\n"
 CREDENTIAL_HEADER = "authorization"
 CREDENTIAL_VALUE = "Bearer bench-secret-000"
 AGENT_HEADER = "x-meshgate-agent"
+RULE_LIMIT = 100_000_000  # the measured rule's bucket per minute: enforced, never trips
+RATE_LIMIT_STATS = f"meshgate_rl.{TARGET}.http_local_rate_limit."
 TARGET_THROUGHPUT_RATIO = 0.90
 TARGET_ADDED_P99_MS = 1.0
 
@@ -75,11 +86,27 @@ STDOUT_LOG = {
     },
 }
 
+# As before issue 17's secure CLI defaults, and as `meshgate serve --insecure`: plaintext xDS
+# without join tokens (control traffic only, nothing on the hot path) and plaintext sidecar ->
+# gateway (the default's mTLS would add a TLS handshake and encryption that the bare baselines
+# do not do). Ports 0: the OS picks; the audit store is SQLite in the state dir (no node ships
+# to it: the spools stay on disk, as A's does).
+CONTROL_PLANE = ServeOptions(
+    xds_host="127.0.0.1",
+    xds_port=0,
+    admin_host="127.0.0.1",
+    admin_port=0,
+    gateway_bind="127.0.0.1",
+    require_tokens=False,
+    mtls=False,
+    xds_tls=False,
+)
+
 AUDIT_LOG = {
     "name": "envoy.access_loggers.file",
     "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-        "path": "bare-audit-spool.jsonl",  # Envoy's working directory: the benchmark's tmp dir
+        "path": "bare-audit-spool.jsonl",  # relative: in Envoy's working directory, work/<name>
         "log_format": {"json_format": SPOOL_FORMAT},
     },
 }
@@ -129,15 +156,16 @@ def _listener(name: str, port: int, hcm: dict[str, Any]) -> dict[str, Any]:
 
 
 def _bootstrap(
-    admin: int, listener: dict[str, Any], clusters: list[dict[str, Any]]
+    admin: str, listener: dict[str, Any], clusters: list[dict[str, Any]]
 ) -> dict[str, Any]:
+    """`admin`: a unix socket path, 0600, like every Envoy meshgate starts (no TCP admin)."""
     return {
-        "admin": {"address": _address(admin)},
+        "admin": {"address": {"pipe": {"path": admin, "mode": ADMIN_SOCKET_MODE}}},
         "static_resources": {"listeners": [listener], "clusters": clusters},
     }
 
 
-def upstream_config(admin: int, port: int) -> dict[str, Any]:
+def upstream_config(admin: str, port: int) -> dict[str, Any]:
     """The upstream: a 200 with a tiny body straight from Envoy, no access log."""
     hcm = {
         "stat_prefix": "upstream",
@@ -160,7 +188,7 @@ def upstream_config(admin: int, port: int) -> dict[str, Any]:
     return _bootstrap(admin, _listener("upstream", port, hcm), [])
 
 
-def static_sidecar_config(admin: int, port: int, gateway_port: int) -> dict[str, Any]:
+def static_sidecar_config(admin: str, port: int, gateway_port: int) -> dict[str, Any]:
     """Baseline A, hop 1: what meshgate's sidecar does, written by hand."""
     hcm = {
         "stat_prefix": "agent",
@@ -188,7 +216,7 @@ def static_sidecar_config(admin: int, port: int, gateway_port: int) -> dict[str,
 
 
 def static_gateway_config(
-    admin: int, port: int, upstream_port: int, agent_hop: bool
+    admin: str, port: int, upstream_port: int, agent_hop: bool
 ) -> dict[str, Any]:
     """Baseline A hop 2 (agent_hop) or baseline B: route by host, no per-agent policy."""
     vhost: dict[str, Any] = {
@@ -265,8 +293,8 @@ def write_policy(directory: Path, gateway_port: int, upstream_port: int) -> None
             elif dest == 0:
                 dest = 1
             if a == 0 and r == 0:
-                # enforced (a token bucket on the route) but never trips during the run
-                limit = "{requests: 100000000, per: 1m}"
+                # enforced (the rule's own bucket, checked by expect_rule_bucket), never trips
+                limit = f"{{requests: {RULE_LIMIT}, per: 1m}}"
                 paths = f'["{PATH}", "/v1/docs/*"]'
                 methods = "[GET, HEAD]"
             else:
@@ -355,36 +383,51 @@ async def run_wrk(path: str, port: int, connections: int, duration: float) -> Wr
 # processes and checks
 
 
-def _get(port: int, path: str) -> tuple[int, str]:
+def _get(port: int, path: str) -> tuple[int, str, dict[str, str]]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     try:
         conn.request("GET", path, headers={"Host": HOST})
         resp = conn.getresponse()
-        return resp.status, resp.read().decode(errors="replace")
+        headers = {k.lower(): v for k, v in resp.getheaders()}
+        return resp.status, resp.read().decode(errors="replace"), headers
     finally:
         conn.close()
 
 
-async def expect(name: str, port: int, path: str, status: int, body: str | None = None) -> None:
-    """Poll briefly (xDS may still be settling), then insist on the status (and body)."""
-    got: tuple[int, str] = (0, "")
+async def expect(
+    name: str, port: int, path: str, status: int, body: str | None = None
+) -> dict[str, str]:
+    """Poll briefly (xDS may still be settling), then insist on the status (and body); returns
+    the response's headers."""
+    got: tuple[int, str, dict[str, str]] = (0, "", {})
     for _ in range(100):
         try:
             got = await asyncio.to_thread(_get, port, path)
         except OSError as exc:
-            got = (0, str(exc))
+            got = (0, str(exc), {})
         if got[0] == status and (body is None or got[1] == body):
-            return
+            return got[2]
         await asyncio.sleep(0.1)
     raise RuntimeError(f"{name}: GET {path} expected {status}, got {got[0]} {got[1][:200]!r}")
 
 
-async def start_static(workdir: Path, name: str, config: dict[str, Any]) -> EnvoyProcess:
+async def expect_rule_bucket(port: int) -> None:
+    """The measured rule's own bucket (not the host's default) answers meshgate's requests: its
+    size is in `x-ratelimit-limit`."""
+    headers = await expect("meshgate", port, PATH, 200, BODY)
+    if headers.get("x-ratelimit-limit") != str(RULE_LIMIT):
+        raise RuntimeError(f"meshgate: not the rule's bucket of {RULE_LIMIT}: {headers}")
+
+
+async def start_static(
+    workdir: Path, name: str, config: Callable[[str], dict[str, Any]]
+) -> EnvoyProcess:
+    """`config(admin socket path)`: the bootstrap. Envoy runs in `workdir/name` (its spool)."""
+    cwd = workdir / name
+    admin = AdminSocket.in_dir(cwd)
     path = workdir / f"{name}.json"
-    path.write_text(json.dumps(config, indent=2))
-    envoy = EnvoyProcess(
-        path, config["admin"]["address"]["socket_address"]["port_value"], workdir / f"{name}.log"
-    )
+    path.write_text(json.dumps(config(str(admin.path)), indent=2))
+    envoy = EnvoyProcess(path, admin, workdir / f"{name}.log", cwd=cwd)
     await envoy.start()
     await envoy.wait_ready(30)
     return envoy
@@ -398,11 +441,14 @@ async def start_xds(
     xds_port: int,
     proxy: ProxyBinding | None = None,
 ) -> EnvoyProcess:
-    admin = free_port()
+    """A gateway or sidecar as the launcher starts one, over plaintext xDS without a token."""
+    cwd = workdir / name
+    admin = AdminSocket.in_dir(cwd)
     boot = workdir / f"{name}.json"
-    spec = BootstrapSpec(node, cluster, "127.0.0.1", xds_port, admin, proxy=proxy)
-    boot.write_text(bootstrap_json(spec))
-    envoy = EnvoyProcess(boot, admin, workdir / f"{name}.log")
+    write_bootstrap(
+        boot, BootstrapSpec(node, cluster, "127.0.0.1", xds_port, str(admin.path), proxy=proxy)
+    )
+    envoy = EnvoyProcess(boot, admin, workdir / f"{name}.log", cwd=cwd)
     await envoy.start()
     await envoy.wait_ready(30)
     return envoy
@@ -416,13 +462,15 @@ async def bench(duration: float, connections: int, rounds: int) -> dict[str, Any
         try:
             up_port = free_port()
             envoys.append(
-                await start_static(work, "upstream", upstream_config(free_port(), up_port))
+                await start_static(work, "upstream", lambda admin: upstream_config(admin, up_port))
             )
             # baseline B: one bare hop
             b_port = free_port()
             envoys.append(
                 await start_static(
-                    work, "bare-one-hop", static_gateway_config(free_port(), b_port, up_port, False)
+                    work,
+                    "bare-one-hop",
+                    lambda admin: static_gateway_config(admin, b_port, up_port, False),
                 )
             )
             # baseline A: two bare hops
@@ -431,25 +479,20 @@ async def bench(duration: float, connections: int, rounds: int) -> dict[str, Any
                 await start_static(
                     work,
                     "bare-gateway",
-                    static_gateway_config(free_port(), a_gw_port, up_port, True),
+                    lambda admin: static_gateway_config(admin, a_gw_port, up_port, True),
                 )
             )
             envoys.append(
                 await start_static(
-                    work, "bare-sidecar", static_sidecar_config(free_port(), a_sc_port, a_gw_port)
+                    work,
+                    "bare-sidecar",
+                    lambda admin: static_sidecar_config(admin, a_sc_port, a_gw_port),
                 )
             )
             # meshgate: control plane in-process, gateway and sidecar over xDS
             mg_gw_port, mg_sc_port = free_port(), free_port()
             write_policy(work / "policy", mg_gw_port, up_port)
-            opts = ServeOptions(
-                "127.0.0.1",
-                free_port(),
-                "127.0.0.1",
-                free_port(),
-                "127.0.0.1",
-            )
-            cp = ControlPlane(DirectorySource(work / "policy"), work / "state", opts)
+            cp = ControlPlane(DirectorySource(work / "policy"), work / "state", CONTROL_PLANE)
             await cp.start()
             for _ in range(600):
                 if cp.ready:
@@ -457,8 +500,9 @@ async def bench(duration: float, connections: int, rounds: int) -> dict[str, Any
                 await asyncio.sleep(0.05)
             else:
                 raise RuntimeError("control plane did not apply the benchmark policy in 30 s")
+            xds_port = int(cp.xds_address.rpartition(":")[2])  # the port it bound
             mg_gateway = await start_xds(
-                work, "meshgate-gateway", "gateway/bench", "meshgate-gateway", opts.xds_port
+                work, "meshgate-gateway", "gateway/bench", "meshgate-gateway", xds_port
             )
             envoys.append(mg_gateway)
             envoys.append(
@@ -467,7 +511,7 @@ async def bench(duration: float, connections: int, rounds: int) -> dict[str, Any
                     "meshgate-sidecar",
                     f"agent/{AGENT}/bench",
                     "meshgate-agent",
-                    opts.xds_port,
+                    xds_port,
                     ProxyBinding(AGENT, "127.0.0.1", mg_sc_port),
                 )
             )
@@ -476,6 +520,7 @@ async def bench(duration: float, connections: int, rounds: int) -> dict[str, Any
             # nothing is measured unless every path really reaches the upstream
             for name, port in paths.items():
                 await expect(name, port, PATH, 200, BODY)
+            await expect_rule_bucket(mg_sc_port)
             await expect("meshgate", mg_sc_port, FORBIDDEN_PATH, 403)
 
             for name, port in paths.items():  # warm up connections and caches
@@ -490,7 +535,8 @@ async def bench(duration: float, connections: int, rounds: int) -> dict[str, Any
                     latency[name].append(await run_wrk(name, port, 1, duration))
             # the policy was still enforced after the load, and the bucket really ran
             await expect("meshgate", mg_sc_port, FORBIDDEN_PATH, 403)
-            limiter = await asyncio.to_thread(rate_limit_stats, mg_gateway.admin_port)
+            await expect_rule_bucket(mg_sc_port)
+            limiter = await asyncio.to_thread(rate_limit_stats, mg_gateway.admin)
             res = summarize(
                 [median(v) for v in throughput.values()],
                 [median(v) for v in latency.values()],
@@ -498,6 +544,12 @@ async def bench(duration: float, connections: int, rounds: int) -> dict[str, Any
                 connections,
                 rounds,
             )
+            # meshgate / A within each round (runs seconds apart): the spread says how much
+            # of the median ratio is the machine's noise
+            mg_runs, a_runs = throughput["meshgate"], throughput["bare-2hop (A)"]
+            res["throughput_ratio_rounds"] = [
+                m.requests_per_s / a.requests_per_s for m, a in zip(mg_runs, a_runs, strict=True)
+            ]
             res["rate_limit_stats"] = limiter
             return res
         finally:
@@ -525,17 +577,16 @@ def median(runs: list[WrkResult]) -> WrkResult:
     )
 
 
-def rate_limit_stats(admin_port: int) -> dict[str, int]:
-    """The measured rule's token-bucket counters on the meshgate gateway."""
-    prefix = f"meshgate_rl.{AGENT}.{TARGET}.0.http_local_rate_limit."
-    url = f"http://127.0.0.1:{admin_port}/stats?filter={re.escape(prefix)}"
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        text = resp.read().decode()
+def rate_limit_stats(admin: EnvoyAdmin) -> dict[str, int]:
+    """The target's token-bucket counters on the meshgate gateway (one set per virtual host;
+    only the measured agent's rule on it is ever requested)."""
+    response = admin.get(f"/stats?filter=^{re.escape(RATE_LIMIT_STATS)}", timeout=5)
+    response.raise_for_status()
     stats: dict[str, int] = {}
-    for line in text.splitlines():
+    for line in response.text.splitlines():
         name, _, value = line.partition(": ")
-        if name.startswith(prefix) and value.strip().isdigit():
-            stats[name[len(prefix) :]] = int(value)
+        if name.startswith(RATE_LIMIT_STATS) and value.strip().isdigit():
+            stats[name[len(RATE_LIMIT_STATS) :]] = int(value)
     return stats
 
 
@@ -604,6 +655,8 @@ def print_report(res: dict[str, Any]) -> None:
         f"throughput meshgate / bare-2hop (A): {res['throughput_ratio_vs_A']:.1%} "
         f"(target >= {res['throughput_target']:.0%}): {verdict}"
     )
+    rounds = res.get("throughput_ratio_rounds", [])
+    print("  per round: " + ", ".join(f"{r:.1%}" for r in rounds))
     verdict = "PASS" if res["added_p99_pass"] else "MISS"
     print(
         f"added p99 per hop at c=1 ((meshgate - A) / 2 hops): "
@@ -612,9 +665,10 @@ def print_report(res: dict[str, Any]) -> None:
     )
     rl = res.get("rate_limit_stats", {})
     print(
-        f"meshgate rate limit on the measured rule: enabled={rl.get('enabled', 0)} "
+        f"meshgate rate limit on {TARGET}'s host: enabled={rl.get('enabled', 0)} "
         f"enforced={rl.get('enforced', 0)} ok={rl.get('ok', 0)} "
-        f"rate_limited={rl.get('rate_limited', 0)} (enabled = requests checked against the bucket)"
+        f"rate_limited={rl.get('rate_limited', 0)} (enabled = requests checked against a bucket; "
+        f"x-ratelimit-limit before and after the run: the rule's own {RULE_LIMIT:,}/min)"
     )
     if res["errors"]:
         print(f"WARNING: {res['errors']} non-2xx responses or socket errors: results are suspect")
