@@ -76,9 +76,9 @@ class Resource:
 class TypeContent:
     """One type's resources for a node group, its version, and its SotW bodies.
 
-    Shared by every snapshot with the same resource objects of that type (interned in
-    `_CONTENTS`), so a body is serialised once however many groups are served it: after a
-    change to the gateway's port, all 10,000 sidecars' CDS is one body."""
+    Shared by every snapshot with the same content of that type (interned in `_CONTENTS` by
+    version), so a body is serialised once however many groups are served it: after a change
+    to the gateway's port, all 10,000 sidecars' CDS is one body."""
 
     type_url: str
     resources: Mapping[str, Resource]  # in name order
