@@ -177,9 +177,9 @@ class Server:
                 groups += 1
             for subscribed in by_group.get(group, ()):
                 expected.update(new.version(t) for t in changed if t in subscribed)
-        t_set = time.time()
+        t_set, cpu_set = time.time(), time.process_time()
         self.cache.set_snapshots(snapshots)
-        return {"t_set": t_set, "groups": groups, "expected": dict(expected)}
+        return {"t_set": t_set, "cpu_set": cpu_set, "groups": groups, "expected": dict(expected)}
 
     def streams_by_group(self) -> dict[str, list[set[str]]]:
         out: dict[str, list[set[str]]] = {}
@@ -194,6 +194,8 @@ class Server:
 
     async def command(self, words: list[str]) -> Any:
         cmd = words[0]
+        if cmd == "cpu":
+            return {"cpu": time.process_time()}
         if cmd == "streams":
             return {"streams": len(self.registry), "cold_build_s": self.cold_build_s}
         if cmd == "mem":
@@ -254,7 +256,7 @@ class Server:
         return {"wave": first, "probes": out}
 
 
-async def run_server(agents: int, max_pushes: int) -> None:
+async def run_server(agents: int, max_pushes: int, gc_mode: str) -> None:
     import logging
 
     import grpc
@@ -268,6 +270,10 @@ async def run_server(agents: int, max_pushes: int) -> None:
     server.add_generic_rpc_handlers((server_state.ads.handler(),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
+    if gc_mode == "tuned":  # as `meshgate serve` does once started
+        from meshgate.controlplane.collector import tune_collector
+
+        tune_collector()
     print(f"port {port}", flush=True)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=2**24)
@@ -371,11 +377,14 @@ async def run_clients(address: str, first: int, count: int) -> None:
 
 
 class Bench:
-    def __init__(self, agents: int, client_procs: int, max_pushes: int) -> None:
+    def __init__(self, agents: int, client_procs: int, max_pushes: int, gc_mode: str) -> None:
         py, me = sys.executable, str(Path(__file__).resolve())
         self.agents = agents
         self.server = subprocess.Popen(
-            [py, me, "--role", "server", "--agents", str(agents), "--max-pushes", str(max_pushes)],
+            [
+                *(py, me, "--role", "server", "--agents", str(agents)),
+                *("--max-pushes", str(max_pushes), "--gc", gc_mode),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -452,14 +461,21 @@ class Bench:
 
     def change(self, command: str) -> dict[str, Any]:
         before, gc_before = self.ask("sent"), self.ask("gc")
+        clients_before = self.client_cpu()
         change = self.ask(command)
         ack_s = self.wait(change)
+        # CPU seconds from the change being set until all ACKed (the build, in a thread, ended
+        # before), for the server, and for the client processes from just before the change
+        server_cpu = self.ask("cpu")["cpu"] - change["cpu_set"]
+        clients_cpu = self.client_cpu() - clients_before
         gc_after = self.ask("gc")
         time.sleep(0.2)  # anything beyond the expected would have been sent by now
         after = self.ask("sent")
         sent = {t: after.get(t, 0) - before.get(t, 0) for t in after}
         return {
             "ack_s": ack_s,
+            "server_cpu_s": server_cpu,
+            "clients_cpu_s": clients_cpu,
             "build_s": change["build_s"],
             "groups_changed": change["groups"],
             "expected": sum(change["expected"].values()),
@@ -468,6 +484,15 @@ class Bench:
             "full_gcs": gc_after["collections"] - gc_before["collections"],
             "gc_s": gc_after["total_s"] - gc_before["total_s"],
         }
+
+    def client_cpu(self) -> float:
+        """User + system CPU seconds of the client processes so far."""
+        total = 0
+        for c in self.clients:
+            with open(f"/proc/{c.pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+        return total / os.sysconf("SC_CLK_TCK")
 
     def close(self) -> None:
         for p in (*self.clients, self.server):
@@ -479,7 +504,7 @@ class Bench:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    bench = Bench(args.agents, args.client_procs, args.max_pushes)
+    bench = Bench(args.agents, args.client_procs, args.max_pushes, args.gc)
     try:
         streams = bench.ask("streams")
         out: dict[str, Any] = {
@@ -551,7 +576,9 @@ def report(r: dict[str, Any]) -> None:
             f"{sum(sent.values()):>6,} {sent} expected {rows[-1]['expected']:,} "
             f"({'exact' if exact else 'MISMATCH'} in {len(rows)} runs); all ACK median "
             f"{statistics.median(acks) * ms:.1f} ms, max {max(acks) * ms:.1f} ms; "
-            f"build {statistics.median(x['build_s'] for x in rows) * ms:.0f} ms; full GCs "
+            f"build {statistics.median(x['build_s'] for x in rows) * ms:.0f} ms; CPU until all "
+            f"ACK: server {statistics.median(x['server_cpu_s'] for x in rows) * ms:.0f} ms, "
+            f"clients {statistics.median(x['clients_cpu_s'] for x in rows) * ms:.0f} ms; full GCs "
             f"{sum(x['full_gcs'] for x in rows)} ({sum(x['gc_s'] for x in rows) * ms:.0f} ms)"
         )
     if "wave" in r:
@@ -596,6 +623,12 @@ def main() -> None:
     ap.add_argument("--agents", type=int, default=10_000)
     ap.add_argument("--client-procs", type=int, default=4)
     ap.add_argument("--max-pushes", type=int, default=100, help="the push queue's bound")
+    ap.add_argument(
+        "--gc",
+        choices=["tuned", "default"],
+        default="tuned",
+        help="the server's collector: as meshgate serve sets it, or CPython's defaults",
+    )
     ap.add_argument("--repeat", type=int, default=5, help="one-agent changes of each kind")
     ap.add_argument("--wave", type=int, default=1000, help="groups renewed at once")
     ap.add_argument("--probes", type=int, default=20, help="one-agent changes during the wave")
@@ -608,7 +641,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.role == "server":
-        asyncio.run(run_server(args.agents, args.max_pushes))
+        asyncio.run(run_server(args.agents, args.max_pushes, args.gc))
         return
     if args.role == "clients":
         asyncio.run(run_clients(args.address, args.first, args.count))

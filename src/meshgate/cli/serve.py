@@ -64,6 +64,7 @@ def _vault_ca(
 
 
 async def _start_control_plane(policies: str, state_dir: Path, opts: ServeOptions) -> ControlPlane:
+    from meshgate.controlplane.collector import tune_collector
     from meshgate.controlplane.server import ControlPlane
     from meshgate.controlplane.sources import make_source
     from meshgate.sidecar.agent_user import private_dir
@@ -71,6 +72,7 @@ async def _start_control_plane(policies: str, state_dir: Path, opts: ServeOption
     private_dir(state_dir)
     cp = ControlPlane(make_source(policies, state_dir), state_dir, opts)
     await cp.start()
+    tune_collector()  # once started: see controlplane/collector.py
     return cp
 
 

@@ -44,15 +44,13 @@ class SnapshotCache:
             if old is not None and (
                 old.type_versions is new.type_versions or old.type_versions == new.type_versions
             ):
-                # Same content: keep the old object (and its cached bodies). The new one dies
+                # Same content: keep the old object. The new one dies
                 # young, so a policy change that touches one agent leaves the heap of 10,000
                 # groups' snapshots as it was, and the collector with nothing new to scan.
                 current[group] = old
             else:
                 current[group] = new
                 changed.append(group)
-                if old is not None:
-                    new.keep_bodies(old)
         changed.sort()
         self._snapshots = current
         for snap in snapshots.values():

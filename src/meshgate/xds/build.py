@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 from meshgate.policy.model import PolicyModel
 from meshgate.xds.gateway import Endpoints, gateway_resources
-from meshgate.xds.mtls import NodeIdentity
+from meshgate.xds.mtls import NodeIdentity, identity_secrets
 from meshgate.xds.nodes import GATEWAY_GROUP
 from meshgate.xds.options import TranslateOptions
-from meshgate.xds.sidecar import sidecar_resources
+from meshgate.xds.sidecar import GATEWAY_CLUSTER, agent_routes, gateway_cluster, route_name
 from meshgate.xds.snapshot import Resource, Snapshot
 from meshgate.xds.tool_identity import ToolTokens
 
@@ -78,9 +78,30 @@ def _sidecar(
     identity: NodeIdentity | None,
     trust_domain: str,
 ) -> tuple[Resource, ...]:
-    """Memoised: a sidecar's resources change only with its agent, certificate and gateway."""
-    messages = sidecar_resources(agent, gateway_port, options, identity, trust_domain)
+    """Memoised: a sidecar's resources change only with its agent, certificate and gateway.
+
+    Each part is memoised on what it depends on, so a change to one part (the gateway's port,
+    which every sidecar's cluster names) re-encodes that part once for the fleet, not once per
+    agent, and every agent's snapshot holds the same cluster object. Same messages as
+    `sidecar_resources`."""
+    secrets = _secrets(identity, trust_domain) if identity is not None else ()
+    return (*secrets, _gateway_cluster(gateway_port, options, identity is not None), _routes(agent))
+
+
+@functools.lru_cache(maxsize=100_000)
+def _secrets(identity: NodeIdentity, trust_domain: str) -> tuple[Resource, ...]:
+    messages = identity_secrets(identity, f"spiffe://{trust_domain}/gateway/")
     return tuple(Resource.build(resource_name(m), m) for m in messages)
+
+
+@functools.lru_cache(maxsize=64)
+def _gateway_cluster(gateway_port: int, options: TranslateOptions, tls: bool) -> Resource:
+    return Resource.build(GATEWAY_CLUSTER, gateway_cluster(gateway_port, options, tls))
+
+
+@functools.lru_cache(maxsize=100_000)
+def _routes(agent: str) -> Resource:
+    return Resource.build(route_name(agent), agent_routes(agent))
 
 
 def clear_translation_caches() -> None:
@@ -91,4 +112,5 @@ def clear_translation_caches() -> None:
     gateway._destination_vhost.cache_clear()
     gateway._vhost_bytes.cache_clear()
     snapshot.clear_cache()
-    _sidecar.cache_clear()
+    for memo in (_sidecar, _secrets, _gateway_cluster, _routes):
+        memo.cache_clear()

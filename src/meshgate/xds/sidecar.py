@@ -53,6 +53,15 @@ def sidecar_resources(
     trust_domain: str | None = None,
 ) -> list[Message]:
     """With `identity`, the hop to the gateway is mTLS with the agent's own certificate."""
+    cluster = gateway_cluster(gateway_port, options, tls=identity is not None)
+    routes = agent_routes(agent)
+    if identity is None:
+        return [cluster, routes]
+    return [*identity_secrets(identity, f"spiffe://{trust_domain}/gateway/"), cluster, routes]
+
+
+def gateway_cluster(gateway_port: int, options: TranslateOptions, tls: bool) -> cluster_pb2.Cluster:
+    """The cluster to the gateway: the same for every agent (so built and encoded once)."""
     host, port = options.gateway_address or ("127.0.0.1", gateway_port)
     cluster = cluster_pb2.Cluster(
         name=GATEWAY_CLUSTER,
@@ -60,7 +69,15 @@ def sidecar_resources(
         connect_timeout=duration_pb2.Duration(seconds=5),
     )
     cluster.load_assignment.CopyFrom(single_endpoint(GATEWAY_CLUSTER, host, port))
-    routes = route_pb2.RouteConfiguration(
+    if tls:
+        cluster.transport_socket.name = "envoy.transport_sockets.tls"
+        cluster.transport_socket.typed_config.CopyFrom(pack(sidecar_tls()))
+    return cluster
+
+
+def agent_routes(agent: str) -> route_pb2.RouteConfiguration:
+    """Everything to the gateway, with the agent's identity header stamped."""
+    return route_pb2.RouteConfiguration(
         name=route_name(agent),
         virtual_hosts=[
             rc.VirtualHost(
@@ -89,15 +106,6 @@ def sidecar_resources(
             )
         ],
     )
-    if identity is None:
-        return [cluster, routes]
-    cluster.transport_socket.name = "envoy.transport_sockets.tls"
-    cluster.transport_socket.typed_config.CopyFrom(pack(sidecar_tls()))
-    return [
-        *identity_secrets(identity, f"spiffe://{trust_domain}/gateway/"),
-        cluster,
-        routes,
-    ]
 
 
 def proxy_listener(

@@ -9,6 +9,7 @@ pushed for it. The policy version is kept beside the content, for status, never 
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -71,6 +72,32 @@ class Resource:
         return cls(name, type_url, any_bytes, version, delta_bytes, needs)
 
 
+@dataclass(frozen=True, eq=False)
+class TypeContent:
+    """One type's resources for a node group, its version, and its SotW bodies.
+
+    Shared by every snapshot with the same content of that type (interned in `_CONTENTS` by
+    version), so a body is serialised once however many groups are served it: after a change
+    to the gateway's port, all 10,000 sidecars' CDS is one body."""
+
+    type_url: str
+    resources: Mapping[str, Resource]  # in name order
+    version: str
+    _bodies: dict[frozenset[str] | None, bytes] = field(default_factory=dict, repr=False)
+
+    def sotw_body(self, names: frozenset[str] | None) -> bytes:
+        """DiscoveryResponse bytes without a nonce, cached per subscription."""
+        body = self._bodies.get(names)
+        if body is None:
+            parts = [string_field(1, self.version)]
+            for name, res in self.resources.items():
+                if names is None or name in names:
+                    parts.append(length_delimited(2, res.any_bytes))
+            parts.append(string_field(4, self.type_url))
+            body = self._bodies.setdefault(names, b"".join(parts))
+        return body
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Everything one node group is served. Built whole, checked, never mutated."""
@@ -78,9 +105,7 @@ class Snapshot:
     policy_version: str  # what it was built from; informational, never part of a version
     resources: Mapping[str, Mapping[str, Resource]]
     type_versions: Mapping[str, str]  # content digest per type (every type in TYPE_ORDER)
-    _sotw_cache: dict[tuple[str, frozenset[str] | None], bytes] = field(
-        default_factory=dict, compare=False, repr=False
-    )
+    contents: Mapping[str, TypeContent] = field(compare=False, repr=False)
 
     @classmethod
     def build(
@@ -93,8 +118,7 @@ class Snapshot:
         One-off sets (the gateway) are not kept."""
         if recurring:
             return _recurring(tuple(resources), policy_version)
-        frozen, versions = _index(tuple(resources))
-        return cls(policy_version, frozen, versions)
+        return _index(policy_version, tuple(resources))
 
     def of_type(self, type_url: str) -> Mapping[str, Resource]:
         return self.resources.get(type_url, MappingProxyType({}))
@@ -110,51 +134,36 @@ class Snapshot:
             if previous is None or previous.version(t) != self.version(t)
         ]
 
-    def keep_bodies(self, previous: Snapshot) -> None:
-        """Adopt `previous`'s cached SotW bodies for the types whose content is unchanged, so
-        a change to one type (the gateway's routes) does not re-serialise the others."""
-        for key, body in previous._sotw_cache.items():
-            if previous.version(key[0]) == self.version(key[0]):
-                self._sotw_cache.setdefault(key, body)
-
     def sotw_body(self, type_url: str, names: frozenset[str] | None) -> bytes:
-        """DiscoveryResponse bytes without a nonce, cached per (type, subscription)."""
-        key = (type_url, names)
-        body = self._sotw_cache.get(key)
-        if body is None:
-            selected = self.of_type(type_url)
-            parts = [string_field(1, self.version(type_url))]
-            for name, res in selected.items():
-                if names is None or name in names:
-                    parts.append(length_delimited(2, res.any_bytes))
-            parts.append(string_field(4, type_url))
-            body = b"".join(parts)
-            self._sotw_cache[key] = body
-        return body
+        """DiscoveryResponse bytes without a nonce, cached per (type content, subscription)."""
+        content = self.contents.get(type_url)
+        if content is None:  # a type this group has nothing of
+            content = _content(type_url, ())
+        return content.sotw_body(names)
 
 
-_RECURRING: dict[tuple[Resource, ...], Snapshot] = {}
-_MAX_RECURRING = 100_000
+# Both memos hold their values weakly: an entry lives as long as some served snapshot uses it,
+# so superseded snapshots (and their bodies) are freed instead of piling up for the collector.
+_RECURRING: weakref.WeakValueDictionary[tuple[Resource, ...], Snapshot] = (
+    weakref.WeakValueDictionary()
+)
+_CONTENTS: weakref.WeakValueDictionary[tuple[str, str], TypeContent] = weakref.WeakValueDictionary()
 
 
 def _recurring(resources: tuple[Resource, ...], policy_version: str) -> Snapshot:
     snap = _RECURRING.get(resources)
     if snap is None:
-        frozen, versions = _index(resources)
-        snap = _RECURRING[resources] = Snapshot(policy_version, frozen, versions)
-        if len(_RECURRING) > _MAX_RECURRING:
-            del _RECURRING[next(iter(_RECURRING))]  # the oldest: a bound on memory
+        snap = _RECURRING[resources] = _index(policy_version, resources)
     return snap
 
 
 def clear_cache() -> None:
     """Forget memoised sidecar snapshots (cold-start measurements and tests)."""
     _RECURRING.clear()
+    _CONTENTS.clear()
 
 
-def _index(
-    resources: tuple[Resource, ...],
-) -> tuple[Mapping[str, Mapping[str, Resource]], Mapping[str, str]]:
+def _index(policy_version: str, resources: tuple[Resource, ...]) -> Snapshot:
     """Group, order, hash and check a resource set."""
     by_type: dict[str, dict[str, Resource]] = {t: {} for t in types.TYPE_ORDER}
     for res in resources:
@@ -162,12 +171,26 @@ def _index(
         if res.name in bucket:
             raise ConsistencyError(f"duplicate {types.SHORT_NAMES.get(res.type_url)} {res.name!r}")
         bucket[res.name] = res
-    frozen = MappingProxyType(
-        {t: MappingProxyType(dict(sorted(bucket.items()))) for t, bucket in by_type.items()}
-    )
-    digests = MappingProxyType({t: _content_digest(bucket) for t, bucket in frozen.items()})
+    contents = {
+        t: _content(t, tuple(res for _, res in sorted(bucket.items())))
+        for t, bucket in by_type.items()
+    }
+    frozen = MappingProxyType({t: c.resources for t, c in contents.items()})
     _check_consistent(frozen)
-    return frozen, digests
+    versions = MappingProxyType({t: c.version for t, c in contents.items()})
+    return Snapshot(policy_version, frozen, versions, MappingProxyType(contents))
+
+
+def _content(type_url: str, ordered: tuple[Resource, ...]) -> TypeContent:
+    """The interned content of one type (resources in name order), found by its version: a
+    digest of the names and content versions, so equal versions are equal content (the
+    protocol relies on that already). Keys of strings only: nothing more for the collector."""
+    bucket = MappingProxyType({res.name: res for res in ordered})
+    key = (type_url, _content_digest(bucket))
+    content = _CONTENTS.get(key)
+    if content is None:
+        content = _CONTENTS.setdefault(key, TypeContent(type_url, bucket, key[1]))
+    return content
 
 
 def _check_consistent(resources: Mapping[str, Mapping[str, Resource]]) -> None:

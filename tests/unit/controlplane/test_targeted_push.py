@@ -6,15 +6,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import gc
+import weakref
 
 from builders import AdsClient, ads_server, model
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from meshgate.policy.model import AgentPolicy, EgressRule, PolicyModel
 from meshgate.xds import types
-from meshgate.xds.build import Identities, build_snapshots
+from meshgate.xds.build import Identities, build_snapshots, clear_translation_caches
 from meshgate.xds.mtls import NodeIdentity
+from meshgate.xds.sidecar import GATEWAY_CLUSTER
 from meshgate.xds.snapshot import Snapshot
 
 AGENTS = ("a", "b", "c")
@@ -102,6 +106,49 @@ def test_sidecar_content_depends_on_neither_policy_version_nor_other_agents() ->
     no_op = build_snapshots(mesh_model("v3"), identities=identities({}))  # only the version
     assert no_op["gateway"].changed_types(before["gateway"]) == [types.ROUTE]  # its stamp
     assert all(v not in s for s in no_op["gateway"].type_versions.values() for v in ("v1", "v3"))
+
+
+def test_mesh_wide_change_encodes_the_shared_cluster_once() -> None:
+    """The gateway's port is in every sidecar's cluster: one encoding and one SotW body serve
+    every agent, and their routes and secrets are the objects built before."""
+    ids = identities({})
+    before = build_snapshots(mesh_model("v1"), identities=ids)
+    wide = mesh_model("v2")
+    wide = dataclasses.replace(wide, mesh=dataclasses.replace(wide.mesh, gateway_listen_port=15077))
+    after = build_snapshots(wide, identities=ids)
+    groups = [f"agent/{a}" for a in AGENTS]
+    assert len({id(after[g].of_type(types.CLUSTER)[GATEWAY_CLUSTER]) for g in groups}) == 1
+    assert len({id(after[g].sotw_body(types.CLUSTER, None)) for g in groups}) == 1
+    for g in groups:
+        assert after[g].changed_types(before[g]) == [types.CLUSTER]
+        for t in (types.ROUTE, types.SECRET):
+            assert after[g].of_type(t) and all(
+                res is before[g].of_type(t)[name] for name, res in after[g].of_type(t).items()
+            )
+    body = discovery_pb2.DiscoveryResponse.FromString(
+        after[groups[0]].sotw_body(types.CLUSTER, None)
+    )
+    cluster = cluster_pb2.Cluster()
+    body.resources[0].Unpack(cluster)
+    endpoint = cluster.load_assignment.endpoints[0].lb_endpoints[0].endpoint
+    assert endpoint.address.socket_address.port_value == 15077
+    assert body.version_info == after[groups[0]].version(types.CLUSTER)
+    clear_translation_caches()  # the same content as translating each agent afresh
+    fresh = build_snapshots(wide, identities=ids)
+    assert {g: s.type_versions for g, s in fresh.items()} == {
+        g: s.type_versions for g, s in after.items()
+    }
+
+
+def test_superseded_sidecar_snapshots_are_not_kept() -> None:
+    """The memo hands out the served snapshot again, and forgets one nobody serves."""
+    ids = identities({})
+    first = build_snapshots(mesh_model("v1"), identities=ids)["agent/a"]
+    assert build_snapshots(mesh_model("v2"), identities=ids)["agent/a"] is first
+    gone = weakref.ref(first)
+    del first
+    gc.collect()
+    assert gone() is None
 
 
 async def test_one_agent_change_reaches_only_gateways_and_only_changed_types() -> None:
