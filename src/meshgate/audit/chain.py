@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from meshgate.audit.record import AuditRecord
+from meshgate.audit.record import VALUES_KEY, AuditRecord
 
 GENESIS = "0" * 64
 DIGEST_SIZE = 32
@@ -75,7 +75,11 @@ def from_micros(micros: int) -> dt.datetime:
 
 def record_values(r: AuditRecord) -> tuple[Any, ...]:
     """The record's fields in their fixed order, timestamp as UTC microseconds: what the
-    canonical encoding covers and what a store row holds after its id."""
+    canonical encoding covers and what a store row holds after its id (kept by
+    `AuditRecord.trusted`, which the ingest path builds records with)."""
+    kept: tuple[Any, ...] | None = r.__dict__.get(VALUES_KEY)
+    if kept is not None:
+        return kept
     return (
         to_micros(r.timestamp), r.request_id, r.agent, r.spiffe_id, r.destination, r.host,
         r.method, r.path, r.status, r.decision, r.reason, r.bytes_sent, r.bytes_received,
