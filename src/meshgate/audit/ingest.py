@@ -13,6 +13,7 @@ Where the audit fields come from in an entry:
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import re
@@ -112,6 +113,8 @@ def agent_name(header: str) -> str:
     return m["name"] if m else header
 
 
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_TIMEDELTA = dt.timedelta
 _MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799  # years 1..9999
 _DECISION, _REASON, _DESTINATION, _METHOD, _MCP_METHOD, _MCP_TOOL = (
     TAG_PREFIX + key
@@ -164,8 +167,9 @@ def record_from_entry(entry: als.HTTPAccessLogEntry, node_id: str) -> AuditRecor
     if not (_MIN_SECONDS <= seconds <= _MAX_SECONDS and 0 <= nanos < 1_000_000_000):
         raise ValueError(f"timestamp {seconds}.{nanos:09d} out of range")  # as ToDatetime
     headers = response.response_headers
-    return AuditRecord.trusted((  # in `chain.record_values` order: what the store needs
-        seconds * 1_000_000 + nanos // 1000,  # UTC microseconds, exact as Timestamp.ToDatetime
+    micros = nanos // 1000
+    values = (  # in `chain.record_values` order: what the store needs
+        seconds * 1_000_000 + micros,
         (request.request_id or _synthetic_id(entry, node_id))[:MAX_FIELD],
         agent[:MAX_FIELD],
         spiffe_id[:MAX_FIELD],
@@ -183,7 +187,9 @@ def record_from_entry(entry: als.HTTPAccessLogEntry, node_id: str) -> AuditRecor
         node_id,
         mcp_method[:MAX_FIELD],
         mcp_tool[:MAX_FIELD],
-    ))  # fmt: skip
+    )
+    # exact, as Timestamp.ToDatetime
+    return AuditRecord.trusted(EPOCH + _TIMEDELTA(0, seconds, micros), values)
 
 
 _METHODS: dict[str, int] = {

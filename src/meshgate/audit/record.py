@@ -35,17 +35,18 @@ class AuditRecord:
     mcp_tool: str = ""  # params.name of a tools/call
 
     @classmethod
-    def trusted(cls, values: tuple[Any, ...]) -> AuditRecord:
-        """A record from its values in `chain.record_values` order (the timestamp as UTC
-        microseconds), without the dataclass `__init__` (a frozen instance goes through
-        `object.__setattr__` per field). For `audit.ingest`, whose values are already typed.
+    def trusted(cls, timestamp: dt.datetime, values: tuple[Any, ...]) -> AuditRecord:
+        """A record from its values in `chain.record_values` order (`timestamp` as UTC
+        microseconds first) and its `timestamp`, without the dataclass `__init__` (a frozen
+        instance goes through `object.__setattr__` per field). For `audit.ingest`, whose values
+        are already typed.
 
         The tuple is kept (`VALUES_KEY`, outside the fields: equality, `replace` and `asdict`
         ignore it) so the store's append, which needs exactly it, does not rebuild it."""
         record = _new(cls)
         state = record.__dict__
         state.update(zip(_FIELD_NAMES, values, strict=True))
-        state["timestamp"] = _EPOCH + _TIMEDELTA(0, 0, values[0])
+        state["timestamp"] = timestamp
         state[VALUES_KEY] = values
         return record
 
@@ -62,7 +63,5 @@ class AuditRecord:
 
 
 _new = object.__new__
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-_TIMEDELTA = dt.timedelta
 VALUES_KEY = "_values"  # where `trusted` keeps the values it was built from
 _FIELD_NAMES = tuple(f.name for f in fields(AuditRecord))
