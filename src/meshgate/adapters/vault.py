@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from meshgate.identity.ca import CA_KEY_USAGE
+
 
 class VaultUnavailable(Exception):
     """Vault did not give an answer (down, sealed, token refused); the text is one short line."""
@@ -100,7 +102,7 @@ class InMemoryVaultPKI:
             .not_valid_before(now - dt.timedelta(seconds=30))
             .not_valid_after(now + dt.timedelta(days=3650))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(_ca_usage(), critical=True)
+            .add_extension(CA_KEY_USAGE, critical=True)
             .add_extension(
                 x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
             )
@@ -156,7 +158,7 @@ class InMemoryVaultPKI:
                     x509.BasicConstraints(ca=True, path_length=None if path_len < 0 else path_len),
                     critical=True,
                 )
-                .add_extension(_ca_usage(), critical=True)
+                .add_extension(CA_KEY_USAGE, critical=True)
                 .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), False)
                 .add_extension(
                     x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(root_ski),
@@ -175,17 +177,3 @@ class InMemoryVaultPKI:
             "serial_number": format(cert.serial_number, "x"),
             "expiration": int(cert.not_valid_after_utc.timestamp()),
         }
-
-
-def _ca_usage() -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=False,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=True,
-        crl_sign=True,
-        encipher_only=False,
-        decipher_only=False,
-    )

@@ -44,6 +44,34 @@ class PolicySource(Protocol):
     def changes(self) -> AsyncIterator[Candidate | SourceFailure]: ...
 
 
+class InMemorySource:
+    """The in-memory twin: policy files handed over in code (tests, embedding, a future API).
+
+    `submit` queues a change; `fail` queues a source failure. Like the real sources it yields
+    only what changed: the same files twice are one candidate."""
+
+    def __init__(self, description: str = "memory") -> None:
+        self.description = description
+        self._queue: asyncio.Queue[Candidate | SourceFailure] = asyncio.Queue()
+
+    def submit(self, files: dict[str, str], version: str | None = None) -> None:
+        self._queue.put_nowait(Candidate(dict(files), version, self.description, Path(".")))
+
+    def fail(self, *problems: str) -> None:
+        self._queue.put_nowait(SourceFailure(list(problems)))
+
+    async def changes(self) -> AsyncIterator[Candidate | SourceFailure]:
+        last: tuple[str, str | None] | None = None
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, Candidate):
+                key = (_digest(item.files), item.version)
+                if key == last:
+                    continue
+                last = key
+            yield item
+
+
 class DirectorySource:
     """Polls a directory; cheap (a few file reads) and works on every filesystem."""
 

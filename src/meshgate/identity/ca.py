@@ -121,6 +121,20 @@ def _ca_name(common_name: str, trust_domain: str) -> x509.Name:
     )
 
 
+# a CA certificate signs certificates and CRLs, nothing else (strict verifiers check it)
+CA_KEY_USAGE = x509.KeyUsage(
+    digital_signature=False,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=True,
+    crl_sign=True,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+
 def _ca_builder(
     subject: x509.Name,
     key: ec.EllipticCurvePrivateKey,
@@ -129,17 +143,6 @@ def _ca_builder(
 ) -> x509.CertificateBuilder:
     """What a CA certificate needs for strict (webpki-style) verifiers: critical BC and KU, SKI."""
     now = now_utc()
-    usage = x509.KeyUsage(
-        digital_signature=False,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=True,
-        crl_sign=True,
-        encipher_only=False,
-        decipher_only=False,
-    )
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -148,7 +151,7 @@ def _ca_builder(
         .not_valid_before(now - CLOCK_SKEW)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=path_len), critical=True)
-        .add_extension(usage, critical=True)
+        .add_extension(CA_KEY_USAGE, critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     )
 
