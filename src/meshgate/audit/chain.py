@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from meshgate.audit.record import AuditRecord
+from meshgate.audit.record import VALUES_KEY, AuditRecord
 
 GENESIS = "0" * 64
 DIGEST_SIZE = 32
@@ -75,7 +75,11 @@ def from_micros(micros: int) -> dt.datetime:
 
 def record_values(r: AuditRecord) -> tuple[Any, ...]:
     """The record's fields in their fixed order, timestamp as UTC microseconds: what the
-    canonical encoding covers and what a store row holds after its id."""
+    canonical encoding covers and what a store row holds after its id (kept by
+    `AuditRecord.trusted`, which the ingest path builds records with)."""
+    kept: tuple[Any, ...] | None = r.__dict__.get(VALUES_KEY)
+    if kept is not None:
+        return kept
     return (
         to_micros(r.timestamp), r.request_id, r.agent, r.spiffe_id, r.destination, r.host,
         r.method, r.path, r.status, r.decision, r.reason, r.bytes_sent, r.bytes_received,
@@ -94,6 +98,13 @@ def encode_values(values: tuple[Any, ...]) -> bytes:
     if not any(values[BASE_FIELDS:]):
         values = values[:BASE_FIELDS]
     return _ENCODE(values).encode()  # a tuple encodes as the same array
+
+
+def _digest_values(values: tuple[Any, ...]) -> bytes:
+    """sha256(encode_values(values)), once per appended record: one call fewer."""
+    if not any(values[BASE_FIELDS:]):
+        values = values[:BASE_FIELDS]
+    return hashlib.sha256(_ENCODE(values).encode()).digest()
 
 
 def canonical(record: AuditRecord) -> bytes:
@@ -148,7 +159,7 @@ def make_batch(
 
     `values` may pass in `record_values` of each record, already computed for the insert."""
     values = values or [record_values(r) for r in records]
-    digests = b"".join(hashlib.sha256(encode_values(v)).digest() for v in values)
+    digests = b"".join([_digest_values(v) for v in values])
     seq, first_id = state.head_seq + 1, state.head_last_id + 1
     stamps = [v[0] for v in values]
     return Batch(

@@ -35,12 +35,19 @@ class AuditRecord:
     mcp_tool: str = ""  # params.name of a tools/call
 
     @classmethod
-    def trusted(cls, *values: Any) -> AuditRecord:
-        """A record from all its field values in field order, without the dataclass `__init__`
-        (about a fifth of decoding an entry on the ingest path: a frozen instance goes through
-        `object.__setattr__` per field). For `audit.ingest`, whose values are already typed."""
+    def trusted(cls, timestamp: dt.datetime, values: tuple[Any, ...]) -> AuditRecord:
+        """A record from its values in `chain.record_values` order (`timestamp` as UTC
+        microseconds first) and its `timestamp`, without the dataclass `__init__` (a frozen
+        instance goes through `object.__setattr__` per field). For `audit.ingest`, whose values
+        are already typed.
+
+        The tuple is kept (`VALUES_KEY`, outside the fields: equality, `replace` and `asdict`
+        ignore it) so the store's append, which needs exactly it, does not rebuild it."""
         record = _new(cls)
-        record.__dict__.update(zip(_FIELD_NAMES, values, strict=True))
+        state = record.__dict__
+        state.update(zip(_FIELD_NAMES, values, strict=True))
+        state["timestamp"] = timestamp
+        state[VALUES_KEY] = values
         return record
 
     def to_json(self) -> dict[str, Any]:
@@ -56,4 +63,5 @@ class AuditRecord:
 
 
 _new = object.__new__
+VALUES_KEY = "_values"  # where `trusted` keeps the values it was built from
 _FIELD_NAMES = tuple(f.name for f in fields(AuditRecord))

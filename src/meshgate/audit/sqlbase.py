@@ -224,8 +224,9 @@ class SqlAuditStore:
         raise NotImplementedError
         yield
 
-    def _insert(self, cur: Any, rows: list[tuple[Any, ...]]) -> int:
-        """Insert record rows (id first, then `record_values`); how many were inserted."""
+    def _insert(self, cur: Any, first_id: int, values: list[tuple[Any, ...]]) -> int:
+        """Insert records with ids from `first_id` (each row: its id, then its
+        `record_values`); how many were inserted."""
         raise NotImplementedError
 
     def _cursor(self) -> Any:
@@ -295,9 +296,8 @@ class SqlAuditStore:
                 return 0
             new = len(values)
             batch = make_batch(state, (), values)
-            rows = [(batch.first_id + i, *v) for i, v in enumerate(values)]
             try:
-                inserted = self._insert(cur, rows)
+                inserted = self._insert(cur, batch.first_id, values)
             except self.integrity_error as exc:
                 raise AuditStoreError(
                     f"audit store: record ids from {batch.first_id} are taken though the chain "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from envoy.data.accesslog.v3 import accesslog_pb2 as als
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meshgate.audit.chain import canonical, record_values
 from meshgate.audit.ingest import (
     FLAG_FIELDS,
     MAX_PATH,
@@ -22,7 +24,7 @@ from meshgate.audit.ingest import (
     entry_from_spool,
     record_from_entry,
 )
-from meshgate.audit.record import AuditRecord
+from meshgate.audit.record import VALUES_KEY, AuditRecord
 from meshgate.xds.access_log import SPOOL_FORMAT, RouteDecision, route_decision
 
 
@@ -365,4 +367,20 @@ def outcome(decode: Any, entry: als.HTTPAccessLogEntry) -> Any:
 @settings(max_examples=400, deadline=None)
 @given(entries())
 def test_the_fast_decoder_equals_the_plain_mapping(entry: als.HTTPAccessLogEntry) -> None:
-    assert outcome(record_from_entry, entry) == outcome(plain_record, entry)
+    fast, plain = outcome(record_from_entry, entry), outcome(plain_record, entry)
+    assert fast == plain
+    if isinstance(fast, AuditRecord):  # the values it keeps for the store are its own
+        assert VALUES_KEY in fast.__dict__ and VALUES_KEY not in plain.__dict__
+        assert record_values(fast) == record_values(plain)
+        assert [type(v) for v in record_values(fast)] == [type(v) for v in record_values(plain)]
+        assert canonical(fast) == canonical(plain)
+
+
+def test_a_replaced_record_does_not_keep_the_values_it_was_built_from() -> None:
+    """The access-log service rewrites a sidecar's records with `replace`: the store must see
+    the new fields, not the values the decoder kept."""
+    record = record_from_entry(entry_from_spool(line()), "agent/researcher/s1")
+    changed = replace(record, agent="researcher", spiffe_id="")
+    assert VALUES_KEY not in changed.__dict__
+    assert record_values(changed)[2:4] == ("researcher", "")
+    assert record_values(changed) == record_values(AuditRecord(**changed.__dict__))
