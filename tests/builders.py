@@ -207,3 +207,18 @@ def write_test_pki(
         )
     )
     return paths
+
+
+# The smallest policy documents: a Mesh, and a Destination (% (name, name)) on a dead address
+MESH_YAML = """\
+apiVersion: meshgate.dev/v1
+kind: Mesh
+metadata: {name: default}
+spec: {trustDomain: agents.test, egressGateway: {listenPort: 15001}}
+"""
+DEST_YAML = """\
+apiVersion: meshgate.dev/v1
+kind: Destination
+metadata: {name: %s}
+spec: {host: %s.internal, port: 80, tls: none, address: "127.0.0.1:9"}
+"""

@@ -32,6 +32,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from meshgate.identity.ca import CA_KEY_USAGE
+
 
 def _pem(cert: x509.Certificate) -> str:
     return cert.public_bytes(serialization.Encoding.PEM).decode()
@@ -50,7 +52,7 @@ def make_root(name: str = "Vault Root CA") -> tuple[x509.Certificate, rsa.RSAPri
         .not_valid_before(now - dt.timedelta(seconds=30))
         .not_valid_after(now + dt.timedelta(days=3650))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(_ca_usage(), critical=True)
+        .add_extension(CA_KEY_USAGE, critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False
@@ -58,20 +60,6 @@ def make_root(name: str = "Vault Root CA") -> tuple[x509.Certificate, rsa.RSAPri
         .sign(key, hashes.SHA256())
     )
     return cert, key
-
-
-def _ca_usage() -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=False,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=True,
-        crl_sign=True,
-        encipher_only=False,
-        decipher_only=False,
-    )
 
 
 def _seconds(ttl: str) -> int:
@@ -128,7 +116,7 @@ class FakeVaultPki:
                 x509.BasicConstraints(ca=True, path_length=None if path_len < 0 else path_len),
                 critical=True,
             )
-            .add_extension(_ca_usage(), critical=True)
+            .add_extension(CA_KEY_USAGE, critical=True)
             .add_extension(
                 x509.SubjectKeyIdentifier.from_public_key(csr.public_key()),  # type: ignore[arg-type]
                 critical=False,

@@ -4,21 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+from builders import DEST_YAML as DEST
+from builders import MESH_YAML as MESH
+
 from meshgate.controlplane.pipeline import CompiledPolicy, PolicyPipeline
 from meshgate.controlplane.sources import InMemorySource
-
-MESH = """\
-apiVersion: meshgate.dev/v1
-kind: Mesh
-metadata: {name: default}
-spec: {trustDomain: agents.test, egressGateway: {listenPort: 15001}}
-"""
-DEST = """\
-apiVersion: meshgate.dev/v1
-kind: Destination
-metadata: {name: %s}
-spec: {host: %s.internal, port: 80, tls: none, address: "127.0.0.1:9"}
-"""
 
 
 class Served:

@@ -10,6 +10,8 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from builders import DEST_YAML as DEST
+from builders import MESH_YAML as MESH
 from builders import model
 
 from meshgate.audit.store import AuditLogStore
@@ -25,19 +27,6 @@ from meshgate.controlplane.xds_server import XdsServer
 from meshgate.errors import ConfigError, MeshgateError
 from meshgate.xds.options import TranslateOptions
 from meshgate.xds.snapshot import Snapshot
-
-MESH = """\
-apiVersion: meshgate.dev/v1
-kind: Mesh
-metadata: {name: default}
-spec: {trustDomain: agents.test, egressGateway: {listenPort: 15001}}
-"""
-DEST = """\
-apiVersion: meshgate.dev/v1
-kind: Destination
-metadata: {name: %s}
-spec: {host: %s.internal, port: 80, tls: none, address: "127.0.0.1:9"}
-"""
 
 
 def _candidate(*destinations: str, broken: bool = False) -> Candidate:
