@@ -1,0 +1,166 @@
+"""Strict JSON: read a body exactly as every conforming server would, or refuse it.
+
+A gateway rule is only as good as the agreement between what the gateway reads and what the
+server reads. JSON parsers disagree on duplicate keys (first or last wins; Go matches keys
+case-insensitively), on lone surrogates, on huge integers (exact in Python, rounded in
+JavaScript), NaN/Infinity literals, a byte-order mark and bytes that are not UTF-8. Each of
+those is refused here, so what is accepted reads the same in Python's `json`, pydantic's
+`from_json` (the official `mcp` SDK uses both) and JavaScript's `JSON.parse`.
+
+The work is `json.loads` (C) plus hooks; the full walk of the value runs only when a cheap scan
+of the text says nesting or a surrogate escape may be present.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import Any
+
+MAX_BODY_BYTES = 1 << 20  # what the gateway buffers for an MCP host
+MAX_DEPTH = 64
+MAX_SAFE_INTEGER = 2**53 - 1  # beyond it JavaScript (and JCS) round: readers would disagree
+_MAX_INT_TEXT = 17  # "-9007199254740991" is 17 characters; anything longer is too large
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_WHITESPACE = " \t\n\r"
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a body is refused: a short stable `code` (audit, metrics) and a sentence for people."""
+
+    code: str
+    message: str
+
+
+class Refused(Exception):
+    """Raised inside json hooks; carries the refusal out of the C scanner."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.refusal = Refusal(code, message)
+
+
+def fold(key: str) -> str:
+    """The form under which two keys count as the same: NFKC then Unicode case folding, a
+    superset of what case-insensitive decoders (Go's encoding/json) treat as equal."""
+    if key.isascii():
+        return key.lower()
+    return unicodedata.normalize("NFKC", key).casefold()
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise Refused("duplicate_key", f"key {json.dumps(k)} appears twice in an object")
+            seen.add(k)
+    if len(obj) > 1:
+        folded: dict[str, str] = {}
+        for k in obj:
+            f = fold(k)
+            if f in folded:
+                raise Refused(
+                    "duplicate_key",
+                    f"keys {json.dumps(folded[f])} and {json.dumps(k)} differ only in case "
+                    f"(some servers read them as one key)",
+                )
+            folded[f] = k
+    return obj
+
+
+def _constant(name: str) -> Any:
+    raise Refused("not_json", f"{name} is not JSON (servers disagree on how to read it)")
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise Refused("number_out_of_range", f"number {text[:40]} is out of range")
+    return value
+
+
+def _int(text: str) -> int:
+    if len(text) > _MAX_INT_TEXT or abs(value := int(text)) > MAX_SAFE_INTEGER:
+        raise Refused(
+            "number_out_of_range",
+            f"integer {text[:40]} is beyond ±(2^53-1) (JSON readers round it differently)",
+        )
+    return value
+
+
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_object, parse_constant=_constant, parse_float=_float, parse_int=_int
+)
+
+
+def read_json(
+    body: bytes, max_bytes: int = MAX_BODY_BYTES, max_depth: int = MAX_DEPTH
+) -> Any | Refusal:
+    """The one JSON value in `body`, or why it is refused (never an exception)."""
+    if len(body) > max_bytes:
+        return Refusal("too_large", f"body is larger than {max_bytes} bytes")
+    if body.startswith(b"\xef\xbb\xbf"):
+        return Refusal("not_utf8", "body starts with a byte-order mark")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Refusal("not_utf8", f"body is not valid UTF-8 (at byte {e.start})")
+    try:
+        value, end = _DECODER.raw_decode(text, _skip(text, 0))
+    except Refused as e:
+        return e.refusal
+    except RecursionError:
+        return Refusal("too_deep", f"nested deeper than {max_depth} levels")
+    except json.JSONDecodeError as e:
+        return Refusal("not_json", f"not JSON: {e.msg} at line {e.lineno} column {e.colno}")
+    except ValueError as e:  # int() limits and the like
+        return Refusal("not_json", f"not JSON: {e}")
+    if _skip(text, end) != len(text):
+        return Refusal("trailing_data", "data after the JSON value")
+    nested = text.count("{") + text.count("[") > max_depth
+    surrogates = _SURROGATE_ESCAPE.search(text) is not None
+    if nested or surrogates:
+        problem = _walk(value, max_depth, surrogates)
+        if problem is not None:
+            return problem
+    return value
+
+
+def _skip(text: str, i: int) -> int:
+    n = len(text)
+    while i < n and text[i] in _WHITESPACE:
+        i += 1
+    return i
+
+
+def _walk(value: Any, max_depth: int, surrogates: bool) -> Refusal | None:
+    """Depth, and lone surrogates (a pair was already joined by json; a lone one stays)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            if depth > max_depth:
+                return Refusal("too_deep", f"nested deeper than {max_depth} levels")
+            for k, v in node.items():
+                if surrogates and _SURROGATE.search(k):
+                    return _lone_surrogate()
+                stack.append((v, depth + 1))
+        elif isinstance(node, list):
+            if depth > max_depth:
+                return Refusal("too_deep", f"nested deeper than {max_depth} levels")
+            stack.extend((v, depth + 1) for v in node)
+        elif surrogates and isinstance(node, str) and _SURROGATE.search(node):
+            return _lone_surrogate()
+    return None
+
+
+def _lone_surrogate() -> Refusal:
+    return Refusal("lone_surrogate", "a string holds a lone UTF-16 surrogate (\\ud800-\\udfff)")
