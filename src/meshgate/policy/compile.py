@@ -512,9 +512,7 @@ class _Compiler:
                     )
                 seen.add(name)
             required = declared if entry.required is None else entry.required
-            out.append(
-                ToolRule(entry.name, arguments, tuple(required), entry.additionalArguments)
-            )
+            out.append(ToolRule(entry.name, arguments, tuple(required), entry.additionalArguments))
         return tuple(out)
 
     def _argument_rule(
@@ -550,9 +548,7 @@ class _Compiler:
         for i, value in enumerate(a.enum or []):
             text = self._canonical(src, (*path, "enum", i), f"{where}.enum[{i}]", value)
             if text is not None and text in enum:
-                self.error(
-                    src.value_pos((*path, "enum", i)), f"{where}.enum[{i}] is listed twice"
-                )
+                self.error(src.value_pos((*path, "enum", i)), f"{where}.enum[{i}] is listed twice")
             elif text is not None:
                 enum.append(text)
         return ArgumentRule(
