@@ -53,9 +53,12 @@ def _write(value: Any, out: list[str]) -> None:
     elif isinstance(value, str):
         out.append(_string(value))
     elif isinstance(value, int):
-        if abs(value) > MAX_EXACT:
+        if abs(value) <= MAX_EXACT:
+            out.append(str(value))
+        elif abs(value) < 2**1024 and int(float(value)) == value:
+            out.append(number(float(value)))
+        else:
             raise NotCanonical(f"integer {value} is not exact as an IEEE double")
-        out.append(str(value))
     elif isinstance(value, float):
         out.append(number(value))
     elif isinstance(value, dict):
