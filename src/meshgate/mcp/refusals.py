@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from meshgate.mcp.decision import Decision, ToolPolicy
+from meshgate.mcp.decision import Decision, RequestFacts, ToolPolicy
 from meshgate.mcp.jsonrpc import RequestId, parse_message
 from meshgate.mcp.strictjson import MAX_BODY_BYTES, Refusal
 
@@ -64,12 +64,13 @@ def refusal_tool_result(ident: RequestId | None, decision: Decision) -> bytes | 
 
 
 def filter_tools_list(
-    policy: ToolPolicy, body: bytes, max_bytes: int = MAX_BODY_BYTES
+    policy: ToolPolicy, request: RequestFacts, body: bytes, max_bytes: int = MAX_BODY_BYTES
 ) -> bytes | Refusal:
     """A `tools/list` response (one JSON-RPC message, e.g. one SSE event's data) with only the
-    tools `policy` may call. An error response passes unchanged; an answer the strict parser
-    refuses, or whose `tools` is not a list, is refused (the caller answers with an error
-    rather than show tools it cannot vouch for)."""
+    tools `policy` may call under the rules that match `request` (the tools/list request). An
+    error response passes unchanged; an answer the strict parser refuses, or whose `tools` is
+    not a list, is refused (the caller answers with an error rather than show tools it cannot
+    vouch for)."""
     message = parse_message(body, max_bytes)
     if isinstance(message, Refusal):
         return message
@@ -82,10 +83,13 @@ def filter_tools_list(
     tools = result.get("tools")
     if not isinstance(tools, list):
         return Refusal("not_tools_list", 'the result has no "tools" list')
+    applicable = policy.applicable(request)
     kept = [
         t
         for t in tools
-        if isinstance(t, dict) and isinstance(t.get("name"), str) and policy.may_call(t["name"])
+        if isinstance(t, dict)
+        and isinstance(t.get("name"), str)
+        and policy.may_call(t["name"], applicable)
     ]
     if len(kept) == len(tools):
         return body

@@ -87,7 +87,7 @@ def test_rfc_section_3_2_3_sorting_is_by_utf16_code_units() -> None:
 
 
 def test_strings_escape_only_what_jcs_escapes() -> None:
-    value = "\x00\x08\t\n\x0c\r\x1f\x7f\"\\/\u2028\u00e9\U0001f600"
+    value = '\x00\x08\t\n\x0c\r\x1f\x7f"\\/\u2028\u00e9\U0001f600'
     assert canonical(value) == (
         '"\\u0000\\b\\t\\n\\f\\r\\u001f\x7f\\"\\\\/\u2028\u00e9\U0001f600"'
     ).encode("utf-8")
@@ -131,7 +131,9 @@ def test_numbers_round_trip_and_are_shortest(x: float) -> None:
 
 _json = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | _finite | st.text(max_size=5),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
     max_leaves=15,
 )
 

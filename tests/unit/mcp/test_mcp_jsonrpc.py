@@ -89,7 +89,11 @@ def test_other_shapes() -> None:
         ({"jsonrpc": "2.0", "ID": 1, "method": "ping"}, "invalid_jsonrpc", '"id"'),
         ({"jsonrpc": "2.0", "id": 1, "Method": "ping"}, "invalid_jsonrpc", '"method"'),
         ({"jsonrpc": "2.0", "id": 1, "method": "tools/call"}, "invalid_jsonrpc", "params"),
-        ({"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "t"}}, "invalid_jsonrpc", "id"),
+        (
+            {"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "t"}},
+            "invalid_jsonrpc",
+            "id",
+        ),
         ({**CALL, "params": {"arguments": {}}}, "invalid_jsonrpc", "name"),
         ({**CALL, "params": {"name": 3}}, "invalid_jsonrpc", "name"),
         ({**CALL, "params": {"name": "t", "arguments": None}}, "invalid_jsonrpc", "arguments"),
@@ -104,10 +108,22 @@ def test_other_shapes() -> None:
         ({"jsonrpc": "2.0", "id": 1}, "invalid_jsonrpc", "result"),
         ({"jsonrpc": "2.0", "id": 1, "result": {}, "error": {}}, "invalid_jsonrpc", "exactly one"),
         ({"jsonrpc": "2.0", "id": 1, "result": 5}, "invalid_jsonrpc", "result"),
-        ({"jsonrpc": "2.0", "id": 1, "error": {"code": "x", "message": ""}}, "invalid_jsonrpc", "code"),
+        (
+            {"jsonrpc": "2.0", "id": 1, "error": {"code": "x", "message": ""}},
+            "invalid_jsonrpc",
+            "code",
+        ),
         ({"jsonrpc": "2.0", "id": 1, "error": {"code": 1}}, "invalid_jsonrpc", "message"),
-        (b'{"jsonrpc":"2.0","id":1,"method":"ping","method":"tools/call"}', "duplicate_key", "twice"),
-        (b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","Name":"b"}}', "duplicate_key", "case"),
+        (
+            b'{"jsonrpc":"2.0","id":1,"method":"ping","method":"tools/call"}',
+            "duplicate_key",
+            "twice",
+        ),
+        (
+            b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","Name":"b"}}',
+            "duplicate_key",
+            "case",
+        ),
         (b'{"jsonrpc":"2.0","id":1,"method":"ping"}{}', "trailing_data", "after"),
         (b'\xef\xbb\xbf{"jsonrpc":"2.0","id":1,"method":"ping"}', "not_utf8", "byte-order"),
     ],
@@ -124,7 +140,9 @@ _ids = st.one_of(
 )
 _json = st.recursive(
     st.none() | st.booleans() | st.integers(-100, 100) | st.text(max_size=3),
-    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=3), inner, max_size=2),
+    lambda inner: (
+        st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=3), inner, max_size=2)
+    ),
     max_leaves=5,
 )
 _params = st.one_of(

@@ -57,7 +57,7 @@ def refused(body: bytes, code: str) -> None:
         (b'{"a":"\xff"}', "not_utf8"),
         (b'{"a":"\xc0\xaf"}', "not_utf8"),  # overlong
         (b'\xef\xbb\xbf{"a":1}', "not_utf8"),  # BOM
-        (b'\xff\xfe{\x00}\x00', "not_utf8"),  # UTF-16
+        (b"\xff\xfe{\x00}\x00", "not_utf8"),  # UTF-16
         (b'{"a":1} {"b":2}', "trailing_data"),
         (b'{"a":1}x', "trailing_data"),
         (b'{"a":1}\x00', "trailing_data"),
@@ -126,8 +126,10 @@ def _json_text(value: Any) -> Any:
 
 _values = st.recursive(
     _scalars,
-    lambda inner: st.lists(inner, max_size=3)
-    | st.builds(lambda pairs: ["obj", pairs], st.lists(st.tuples(_keys, inner), max_size=4)),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.builds(lambda pairs: ["obj", pairs], st.lists(st.tuples(_keys, inner), max_size=4))
+    ),
     max_leaves=12,
 )
 _spaces = st.sampled_from(["", "", "", " ", "\r\n\t", "\x0c", "\x0b", "\xa0", "\u2028", "\ufeff"])
