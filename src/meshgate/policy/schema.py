@@ -112,7 +112,7 @@ TOOL_OBJECT_TAG = "tool-object"
 
 
 def _tool_entry_kind(v: Any) -> str:
-    return TOOL_NAME_TAG if isinstance(v, str) else TOOL_OBJECT_TAG
+    return TOOL_OBJECT_TAG if isinstance(v, dict) else TOOL_NAME_TAG
 
 
 ToolEntry = Annotated[

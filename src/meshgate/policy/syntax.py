@@ -368,7 +368,7 @@ def compile_argument_pattern(v: str) -> re.Pattern[str]:
     character or class only (so no nested or alternating repeats); at most
     MAX_VARYING_REPEATS such quantifiers and MAX_OPTIONAL_REPEATS optional ones per pattern,
     and values longer than PATTERN_INPUT_LIMIT fail. The worst case left is quadratic in a
-    1024-character value (about a millisecond)."""
+    1024-character value (a few milliseconds)."""
     if len(v) > MAX_PATTERN:
         raise fail(f"must be at most {MAX_PATTERN} characters")
     try:
