@@ -93,7 +93,7 @@ def test_argument_rules_make_rules_differ_for_duplicate_detection() -> None:
     other = R + "      tools:\n        - {name: t, arguments: {a: {maxLength: 4}}}\n"
     assert len(rules(one + other)) == 2
     assert problems(base(agents=agent("coder", one + one))) == [
-        "p/agents.yaml:10:7: duplicate rule for agent \"coder\": same as the rule at p/agents.yaml:7:7"
+        'p/agents.yaml:10:7: duplicate rule for agent "coder": same as the rule at p/agents.yaml:7:7'
     ]
 
 
@@ -134,7 +134,7 @@ CASES = [
     ),
     pytest.param(
         "      tools:\n        - {name: t, arguments: {a: {minimum: yes}}}\n",
-        ["p/agents.yaml:9:46: tools[0].arguments.a.minimum \"yes\": must be a number"],
+        ['p/agents.yaml:9:46: tools[0].arguments.a.minimum "yes": must be a number'],
         id="minimum-type",
     ),
     pytest.param(
