@@ -14,6 +14,7 @@ from meshgate.policy.loader import load_policy_texts
 from meshgate.policy.model import ArgumentRule, EgressRule, ToolRule
 from meshgate.policy.serialize import model_from_json, model_to_json
 from meshgate.policy.syntax import PATTERN_INPUT_LIMIT, compile_argument_pattern
+from meshgate.xds.gateway import egress_routes
 
 R = "    - destination: search-api\n"
 
@@ -302,3 +303,24 @@ def test_worst_allowed_pattern_on_the_longest_value_is_fast() -> None:
         assert not regex.fullmatch(value)
         spent = time.process_time() - start
         assert spent < 0.1, f"{pattern}: {spent * 1000:.1f} ms"
+
+
+def test_gateway_routes_match_every_entry_name() -> None:
+    """Envoy's routes match tool names: an entry with argument rules is a name there too, so a
+    rule with only such entries never becomes "any tool" (the pacer then checks arguments)."""
+    text = (
+        R
+        + "      tools:\n        - list_issues\n        - {name: create_issue, arguments: {repo: {prefix: acme/}}}\n"
+    )
+    only_objects = R + "      tools: [{name: comment}]\n      methods: [POST]\n"
+    model = load_policy_texts(base(agents=agent("coder", text + only_objects)))
+    table = egress_routes(model, {})
+    routes = next(v for v in table.virtual_hosts if v.name == "search-api").routes
+    regexes = [
+        m.value.string_match.safe_regex.regex
+        for r in routes
+        for m in r.match.dynamic_metadata
+        if m.value.string_match.WhichOneof("match_pattern") == "safe_regex"
+    ]
+    assert regexes == ["^(list_issues|create_issue)$", "^(comment)$"]
+    assert any(r.name.startswith("deny-tool/") for r in routes)
