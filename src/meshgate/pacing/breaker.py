@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from meshgate.pacing.store import StoreUnavailable
 from meshgate.retry import Outage
@@ -102,15 +102,25 @@ class StoreGuard:
         if self.in_flight >= self.max_in_flight:
             raise StoreUnavailable(f"{self.name}: {self.max_in_flight} calls already in flight")
         probe = self.breaker.admit()
+        # The call runs in a task of its own, so the caller leaves at the timeout even when
+        # the client library's clean-up after cancellation waits (redis-py closes the pool's
+        # connection under a lock, for up to a TCP retransmission); the slot stays taken
+        # until that clean-up ends, so such tasks are bounded too.
+        task = asyncio.ensure_future(op())
         self.in_flight += 1
+        task.add_done_callback(self._ended)
         try:
-            async with asyncio.timeout(self.timeout_s):
-                result = await op()
-        except TimeoutError:
+            done, _ = await asyncio.wait((task,), timeout=self.timeout_s)
+        except BaseException:  # the caller was cancelled: says nothing about the store
+            task.cancel()
+            self.breaker.abandoned(probe)
+            raise
+        if not done:
+            task.cancel()
             self._failed(probe, f"no answer within {self.timeout_s * 1000:g} ms")
-            raise StoreUnavailable(
-                f"{self.name}: no answer within {self.timeout_s * 1000:g} ms"
-            ) from None
+            raise StoreUnavailable(f"{self.name}: no answer within {self.timeout_s * 1000:g} ms")
+        try:
+            result = task.result()
         except StoreUnavailable as e:
             self._failed(probe, str(e))
             raise
@@ -120,11 +130,14 @@ class StoreGuard:
         except BaseException:
             self.breaker.abandoned(probe)
             raise
-        finally:
-            self.in_flight -= 1
         self.breaker.succeeded()
         self.outage.recovered("%s answers again", self.name)
         return result
+
+    def _ended(self, task: asyncio.Future[Any]) -> None:
+        self.in_flight -= 1
+        if not task.cancelled():
+            task.exception()  # retrieved: a timed-out call's late error is not news
 
     def _failed(self, probe: bool, why: str) -> None:
         self.breaker.failed(probe)

@@ -135,7 +135,7 @@ class MemoryStore:
                 raise StoreUnavailable(f"memory store: {self.max_buckets} rate buckets in use")
             bucket = _Bucket(float(requests), now, requests, per_seconds)
             self._buckets[key] = bucket
-            heapq.heappush(self._bucket_due, (now + per_seconds, key))
+            heapq.heappush(self._bucket_due, (now + per_seconds / requests, key))
         else:
             elapsed = max(0.0, now - bucket.at)
             refill = elapsed * requests / per_seconds

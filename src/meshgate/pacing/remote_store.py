@@ -31,6 +31,15 @@ from meshgate.pacing.store import (
 
 T = TypeVar("T")
 
+# For the channel a RemoteStore uses: gRPC's default reconnect backoff grows to 120 s, so a
+# channel would stay failed (and every limit in its failure mode) long after the control plane
+# is back; with these it tries again within a second or two.
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+]
+
 
 class _Unavailable(Exception):
     """Any failed call but a refused request: counts against the breaker."""

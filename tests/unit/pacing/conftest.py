@@ -64,10 +64,10 @@ class Backend:
             await self.server.stop(None)
 
 
-async def serve(store: LimitStore, **options: Any) -> tuple[grpc.aio.Server, str]:
+async def serve(store: LimitStore, port: int = 0, **options: Any) -> tuple[grpc.aio.Server, str]:
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((store_service_handler(store, **options),))
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     return server, f"127.0.0.1:{port}"
 
