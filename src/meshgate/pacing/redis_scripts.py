@@ -9,7 +9,9 @@ prefix P (ARGV[1]):
                            expires with its ttl (refused), or `margin` after it (held, settled:
                            held ones are charged by the sweep long before that);
 - P exp                    sorted set: held reservation ids by expiry time;
-- P idx                    sorted set: window keys by window end (for listing, trimmed).
+- P idx                    sorted set: window keys by window end (for listing; trimmed by
+                           reserve and budgets).
+Both sets expire with the last key they index, so an idle prefix leaves nothing behind.
 Scripts build keys from the prefix (not KEYS[]), so they need a standalone Redis (or a cluster
 whose keys all hash to one slot: give the prefix a hash tag, e.g. "{meshgate}:").
 
@@ -25,6 +27,14 @@ _PRELUDE = """
 local P = ARGV[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+
+-- a set that indexes other keys lives as long as the longest-lived key it indexes
+local function outlive(key, at)
+  local left = redis.call('PTTL', key)
+  if left < 0 or now + left / 1000 < at then
+    redis.call('PEXPIREAT', key, math.ceil(at * 1000))
+  end
+end
 
 local function sweep()
   local ids = redis.call('ZRANGEBYSCORE', P .. 'exp', '-inf', now, 'LIMIT', 0, 64)
@@ -80,11 +90,12 @@ RESERVE = (
     _PRELUDE
     + """
 sweep()
+local margin = tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', P .. 'idx', '-inf', now - margin)
 local rk = P .. 'r:' .. ARGV[2]
 local prev = redis.call('HGET', rk, 'answer')
 if prev then return prev end
 local ttl = tonumber(ARGV[3])
-local margin = tonumber(ARGV[4])
 local charges = cjson.decode(ARGV[5])
 local refused = false
 local used = {}
@@ -107,6 +118,7 @@ for i, c in ipairs(charges) do
     redis.call('HSETNX', wk, 'spent', '0')
     redis.call('EXPIREAT', wk, math.ceil(c[5] + margin))
     redis.call('ZADD', P .. 'idx', c[5], wk)
+    outlive(P .. 'idx', c[5] + margin)
     held[#held + 1] = {wk, c[3], c[1]}
   end
   states[i] = {c[1], c[4], c[5], c[2], spent, reserved}
@@ -119,6 +131,7 @@ else
   redis.call('HSET', rk, 'state', 'held', 'answer', answer, 'charges', cjson.encode(held))
   redis.call('PEXPIRE', rk, math.ceil((ttl + margin) * 1000))
   redis.call('ZADD', P .. 'exp', string.format('%.6f', now + ttl), ARGV[2])
+  outlive(P .. 'exp', now + ttl + margin)
 end
 return answer
 """
