@@ -106,16 +106,21 @@ class StoreGuard:
         # the client library's clean-up after cancellation waits (redis-py closes the pool's
         # connection under a lock, for up to a TCP retransmission); the slot stays taken
         # until that clean-up ends, so such tasks are bounded too.
-        task = asyncio.ensure_future(op())
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(_run(op))
         self.in_flight += 1
-        task.add_done_callback(self._ended)
+        waiter = loop.create_future()  # done when the call ends or its time is up
+        task.add_done_callback(lambda t: self._ended(t, waiter))
+        timer = loop.call_later(self.timeout_s, _wake, waiter)
         try:
-            done, _ = await asyncio.wait((task,), timeout=self.timeout_s)
+            await waiter
         except BaseException:  # the caller was cancelled: says nothing about the store
             task.cancel()
             self.breaker.abandoned(probe)
             raise
-        if not done:
+        finally:
+            timer.cancel()
+        if not task.done():
             task.cancel()
             self._failed(probe, f"no answer within {self.timeout_s * 1000:g} ms")
             raise StoreUnavailable(f"{self.name}: no answer within {self.timeout_s * 1000:g} ms")
@@ -134,11 +139,21 @@ class StoreGuard:
         self.outage.recovered("%s answers again", self.name)
         return result
 
-    def _ended(self, task: asyncio.Future[Any]) -> None:
+    def _ended(self, task: asyncio.Task[Any], waiter: asyncio.Future[None]) -> None:
         self.in_flight -= 1
         if not task.cancelled():
             task.exception()  # retrieved: a timed-out call's late error is not news
+        _wake(waiter)
 
     def _failed(self, probe: bool, why: str) -> None:
         self.breaker.failed(probe)
         self.outage.failed("%s failing (limits apply their failure mode): %s", self.name, why)
+
+
+async def _run(op: Callable[[], Awaitable[T]]) -> T:
+    return await op()
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
