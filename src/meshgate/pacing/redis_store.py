@@ -5,6 +5,9 @@ forgot it), so it is atomic and takes its time from Redis: replicas never disagr
 or a bucket's refill. Every call goes through a `StoreGuard` (timeout, circuit breaker, cap on
 calls in flight), and redis-py's own retries are off: a retry on the hot path would only add
 the latency the timeout exists to bound. The pool holds at most `max_in_flight` connections.
+
+Every key has a TTL, so the Redis must not evict keys early: run it with
+`maxmemory-policy noeviction` (an evicted budget window would forget its spend).
 """
 
 from __future__ import annotations

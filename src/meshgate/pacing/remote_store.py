@@ -3,7 +3,9 @@
 Calls go over a channel the caller owns (the gateway's channel to the control plane's xDS port,
 with its mTLS credentials and join token), each within a `StoreGuard` (deadline, circuit
 breaker, cap on calls in flight). Calls never wait for the channel to become ready: with the
-control plane unreachable they fail at once, and the limit's failure mode applies.
+control plane unreachable they fail at once, and the limit's failure mode applies. So the
+first call does not spend its 50 ms on a TLS handshake, wait for `channel.channel_ready()` at
+start-up, and give the channel `CHANNEL_OPTIONS` (short reconnect backoff).
 """
 
 from __future__ import annotations
