@@ -217,3 +217,38 @@ async def test_bad_input_is_refused_before_any_change(backend: Backend) -> None:
     with pytest.raises(ValueError):
         await store.hit("k", 0, 60)
     assert await store.budgets(a) == []
+
+
+async def test_a_dead_gateways_reservation_is_charged_by_the_store(backend: Backend) -> None:
+    """A gateway that dies mid-request never settles; whoever uses the store next sees the
+    reservation charged in full once its ttl has passed."""
+    dying, other = await backend.client(), await backend.client()
+    a = f"agent/{rid()}/a"
+    assert (await dying.reserve(rid(), [charge(a, 10, 6)], 0.3)).admitted
+    await dying.close()
+    await asyncio.sleep(0.6)
+    assert ((s := await state(other, a)).spent, s.reserved) == (6, 0)
+    assert not (await other.reserve(rid(), [charge(a, 10, 5)], 60)).admitted
+
+
+async def test_a_shared_bucket_admits_capacity_plus_refill_from_two_gateways(
+    backend: Backend,
+) -> None:
+    """50 per second shared by two gateways hitting it as fast as they can for ~1.5 s: the
+    burst plus what refilled meanwhile, within a token or two."""
+    stores = [await backend.client(max_in_flight=64) for _ in range(2)]
+    key = f"rule/{rid()}"
+    allowed = 0
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+
+    async def hammer(store: LimitStore) -> None:
+        nonlocal allowed
+        while loop.time() - start < 1.5:
+            if (await store.hit(key, 50, 1)).allowed:
+                allowed += 1
+
+    await asyncio.gather(*(hammer(stores[i % 2]) for i in range(8)))
+    elapsed = loop.time() - start
+    assert allowed <= 50 + 50 * elapsed + 2
+    assert allowed >= 50 + 50 * 1.5 - 5  # the hammering outlasted 1.5 s of refill
