@@ -1,0 +1,290 @@
+"""Read an LLM request body before admission: refuse it, or say what it may cost. Pure: no I/O.
+
+The agent is hostile, so the body is read strictly (one JSON object, no duplicate keys, UTF-8,
+nothing after it): a body the pacer reads one way must not reach a provider that reads it
+another way. Rewrites (an injected token ceiling, OpenAI's streamed usage) are spliced into the
+original text rather than re-serialising it, so every byte the agent sent is forwarded as sent.
+
+The reservation must be an upper bound, or concurrent requests can overshoot a budget:
+- output: the token ceiling the provider is held to (ours injected when the agent gave none;
+  OpenAI's `n` choices each get it; rejected predicted-output tokens are billed as output, so
+  the prediction's size is added);
+- input: there is no tokenizer here, but the providers' tokenizers are byte-level BPE, where
+  every token stands for at least one byte of its text, so the UTF-8 size of the whole body
+  (text plus JSON syntax, which outweighs the few tokens of chat framing per message) is at
+  least the text's token count. Media and tool definitions are priced by the provider apart
+  from their bytes, so each media part and a tool list add a fixed allowance (below).
+  Not bounded: documents fetched by reference (a PDF URL or file id, priced per page) and
+  server-side tools (web search results become input); such calls are settled at the real
+  usage, which may pass the reservation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any
+
+from meshgate.pacing import pricing, spec
+
+DEFAULT_MAX_TOKENS = 4096
+"""Injected when the agent set no output ceiling and the route has none: without a ceiling a
+request's cost has no bound to reserve (OpenAI would allow up to the model's context)."""
+
+MEDIA_ALLOWANCE_TOKENS = 8192
+"""Added per image, audio, file or document part. An image costs at most ~1,500 tokens on
+gpt-4o, ~3,800 on gpt-4.1-nano's patch scheme, ~6,600 at Claude's largest resolution."""
+
+TOOLS_ALLOWANCE_TOKENS = 1024
+"""Added when an Anthropic request lists tools: the tool-use system prompt the API adds
+(313 to 530 tokens depending on the model and tool_choice)."""
+
+_MEDIA_TYPES = frozenset(
+    # OpenAI chat, OpenAI responses, Anthropic messages
+    {"image_url", "input_audio", "file", "input_image", "input_file", "image", "document"}
+)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str  # spec.MODEL_NOT_ALLOWED | spec.MAX_TOKENS_EXCEEDED | spec.BODY_UNREADABLE
+    message: str  # for the agent: names the model or the ceiling
+
+
+@dataclass(frozen=True)
+class LlmRequest:
+    """An admitted request: what to forward and the most it can use."""
+
+    model: str
+    stream: bool
+    body: bytes  # to forward: the agent's bytes, with our insertions when `rewritten`
+    rewritten: bool
+    max_input_tokens: int
+    max_output_tokens: int
+    price: spec.Price | None  # None: no usable price matches the model
+
+    def most(self) -> dict[spec.Unit, int]:
+        """The reservation, per unit; `cost_micro_usd` absent when unpriced (see
+        `pricing.unpriced_refusal`)."""
+        return pricing.amounts(self.max_input_tokens, self.max_output_tokens, self.price)
+
+
+def read_request(llm: spec.LlmSpec, body: bytes) -> LlmRequest | Refusal:
+    try:
+        text = body.decode("utf-8")
+        doc = _Document.parse(text)
+    except (ValueError, RecursionError) as e:
+        return Refusal(spec.BODY_UNREADABLE, f"the request body is not a single JSON object: {e}")
+    try:
+        return _read(llm, body, doc)
+    except _Refused as r:
+        return r.refusal
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.refusal = Refusal(reason, message)
+
+
+def _read(llm: spec.LlmSpec, body: bytes, doc: _Document) -> LlmRequest:
+    model = doc.get("model")
+    if not isinstance(model, str) or not model:
+        raise _Refused(spec.BODY_UNREADABLE, "the request body names no model (a string)")
+    if llm.models and not any(fnmatchcase(model, glob) for glob in llm.models):
+        raise _Refused(
+            spec.MODEL_NOT_ALLOWED,
+            f"model {model!r} is not allowed here (allowed: {', '.join(llm.models)})",
+        )
+    stream = doc.get("stream")
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _Refused(spec.BODY_UNREADABLE, "stream must be true or false")
+
+    fields = ("max_completion_tokens", "max_tokens") if llm.api == "openai" else ("max_tokens",)
+    given = {name: _positive_or_none(doc, name) for name in fields}
+    present = {name: value for name, value in given.items() if value is not None}
+    if present:
+        name, ceiling = max(present.items(), key=lambda item: item[1])
+        if llm.max_tokens is not None and ceiling > llm.max_tokens:
+            raise _Refused(
+                spec.MAX_TOKENS_EXCEEDED,
+                f"{name} {ceiling} is above this route's ceiling of {llm.max_tokens} tokens",
+            )
+    else:
+        ceiling = llm.max_tokens if llm.max_tokens is not None else DEFAULT_MAX_TOKENS
+        doc.set(fields[0], ceiling)
+
+    max_output = ceiling
+    if llm.api == "openai":
+        if "prediction" in doc.members:
+            max_output += len(doc.value_text("prediction").encode("utf-8"))
+        max_output *= _positive_or_none(doc, "n") or 1
+        if stream:
+            _ask_for_usage(doc)
+
+    max_input = len(body) + MEDIA_ALLOWANCE_TOKENS * sum(
+        1 for node in _dicts(doc.values()) if node.get("type") in _MEDIA_TYPES
+    )
+    if llm.api == "anthropic" and doc.get("tools"):
+        max_input += TOOLS_ALLOWANCE_TOKENS
+
+    out = doc.render()
+    return LlmRequest(
+        model=model,
+        stream=stream,
+        body=body if out is None else out.encode("utf-8"),
+        rewritten=out is not None,
+        max_input_tokens=max_input,
+        max_output_tokens=max_output,
+        price=pricing.price_for(llm.prices, model),
+    )
+
+
+def _ask_for_usage(doc: _Document) -> None:
+    """OpenAI streams carry usage only when asked (a last chunk with empty choices)."""
+    options = doc.get("stream_options")
+    if options is None:
+        doc.set("stream_options", {"include_usage": True})
+    elif not isinstance(options, dict):
+        raise _Refused(spec.BODY_UNREADABLE, "stream_options must be an object")
+    elif options.get("include_usage") is not True:
+        doc.set("stream_options", {**options, "include_usage": True})
+
+
+def _positive_or_none(doc: _Document, name: str) -> int | None:
+    value = doc.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _Refused(spec.BODY_UNREADABLE, f"{name} must be a positive integer")
+    return value
+
+
+def _dicts(roots: Iterator[Any]) -> Iterator[dict[str, Any]]:
+    """Every object in the documents, without recursion (the body's depth is the agent's)."""
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            yield node
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _skip(text: str, i: int) -> int:
+    """Past the JSON whitespace at `i`."""
+    match = _WS.match(text, i)
+    assert match is not None  # the pattern matches the empty string
+    return match.end()
+
+
+@dataclass
+class _Member:
+    value: Any
+    value_start: int  # in the text, characters
+    value_end: int
+
+
+@dataclass
+class _Document:
+    """A top-level JSON object that remembers where each member's value is in its text, so
+    members can be set by splicing."""
+
+    text: str
+    close: int  # index of the final "}"
+    members: dict[str, _Member]
+    edits: dict[str, str] = field(default_factory=dict)  # key -> new value's JSON text
+
+    @classmethod
+    def parse(cls, text: str) -> _Document:
+        members: dict[str, _Member] = {}
+        i = _skip(text, 0)
+        if text[i : i + 1] != "{":
+            raise ValueError("the top level is not an object")
+        i = _skip(text, i + 1)
+        while text[i : i + 1] != "}" or members:
+            if text[i : i + 1] != '"':
+                raise ValueError(f"expected a member name at character {i}")
+            key, i = _DECODER.raw_decode(text, i)
+            if key in members:
+                raise ValueError(f"duplicate key {key!r}")
+            i = _skip(text, i)
+            if text[i : i + 1] != ":":
+                raise ValueError(f"expected ':' at character {i}")
+            start = _skip(text, i + 1)
+            value, end = _DECODER.raw_decode(text, start)
+            members[key] = _Member(value, start, end)
+            i = _skip(text, end)
+            if text[i : i + 1] == ",":
+                i = _skip(text, i + 1)
+                continue
+            if text[i : i + 1] != "}":
+                raise ValueError(f"expected ',' or '}}' at character {i}")
+            break
+        close = i
+        if _WS.match(text, close + 1).end() != len(text):  # type: ignore[union-attr]
+            raise ValueError("data after the object")
+        return cls(text, close, members)
+
+    def get(self, key: str) -> Any:
+        member = self.members.get(key)
+        return None if member is None else member.value
+
+    def values(self) -> Iterator[Any]:
+        return (m.value for m in self.members.values())
+
+    def value_text(self, key: str) -> str:
+        member = self.members[key]
+        return self.text[member.value_start : member.value_end]
+
+    def set(self, key: str, value: Any) -> None:
+        try:
+            self.edits[key] = json.dumps(value, separators=(",", ":"), allow_nan=False)
+        except ValueError as e:
+            raise _Refused(spec.BODY_UNREADABLE, f"{key}: {e}") from None
+
+    def render(self) -> str | None:
+        """The text with the edits spliced in; None when there are none."""
+        if not self.edits:
+            return None
+        spans = sorted(
+            (
+                (m.value_start, m.value_end, self.edits[k])
+                for k, m in self.members.items()
+                if k in self.edits
+            ),
+            reverse=True,
+        )
+        added = "".join(
+            f",{json.dumps(k)}:{v}" if self.members or i else f"{json.dumps(k)}:{v}"
+            for i, (k, v) in enumerate(
+                (k, v) for k, v in self.edits.items() if k not in self.members
+            )
+        )
+        text = self.text[: self.close] + added + self.text[self.close :]
+        for start, end, new in spans:
+            text = text[:start] + new + text[end:]
+        return text
