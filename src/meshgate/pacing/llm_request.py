@@ -245,7 +245,7 @@ class _Document:
                 raise ValueError(f"expected ',' or '}}' at character {i}")
             break
         close = i
-        if _WS.match(text, close + 1).end() != len(text):  # type: ignore[union-attr]
+        if _skip(text, close + 1) != len(text):
             raise ValueError("data after the object")
         return cls(text, close, members)
 
