@@ -2,7 +2,8 @@
 
 Prices are USD per million tokens, so a price is also micro-USD per token: a cost in the
 `cost_micro_usd` unit is `input * price.input + output * price.output`, rounded up (a budget
-is never under-charged by rounding). Decimal arithmetic: no float drift across many calls.
+is never under-charged by rounding). Exact arithmetic on the decimal strings: no float drift
+and no rounding inside the products.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from decimal import Decimal, InvalidOperation
+from fractions import Fraction
 from fnmatch import fnmatchcase
 
 from meshgate.pacing import spec
@@ -29,7 +31,7 @@ def price_for(prices: Sequence[spec.Price], model: str) -> spec.Price | None:
 
 
 def cost_micro_usd(price: spec.Price, input_tokens: int, output_tokens: int) -> int:
-    """ceil(input * input price + output * output price), in micro-USD."""
+    """ceil(input * input price + output * output price), in micro-USD, computed exactly."""
     rate_in, rate_out = _rate(price.input), _rate(price.output)
     if rate_in is None or rate_out is None:
         raise ValueError(f"bad price for {price.model!r}: {price.input!r}/{price.output!r}")
@@ -74,11 +76,20 @@ def unpriced_refusal(
     )
 
 
-def _rate(text: str) -> Decimal | None:
+MAX_PRICE = 1_000_000  # USD per million tokens; anything above is a typo, not a price
+MIN_EXPONENT = -30  # finer than 1e-30 USD per million tokens is a typo too
+
+
+def _rate(text: str) -> Fraction | None:
+    """A price as an exact number; None unless a plain decimal in [0, MAX_PRICE] (bounded so
+    that a price like "1e-999999" cannot make every cost computation a huge-integer one)."""
     try:
         value = Decimal(text)
     except (InvalidOperation, TypeError, ValueError):
         return None
-    if not value.is_finite() or value < 0:
+    if not value.is_finite() or not 0 <= value <= MAX_PRICE:
         return None
-    return value
+    exponent = value.normalize().as_tuple().exponent
+    if not isinstance(exponent, int) or exponent < MIN_EXPONENT:
+        return None
+    return Fraction(value)
