@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from decimal import Decimal, InvalidOperation
-from fractions import Fraction
 from fnmatch import fnmatchcase
+from fractions import Fraction
 
 from meshgate.pacing import spec
 

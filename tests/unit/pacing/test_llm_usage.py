@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import gzip
+import itertools
 import json
 import zlib
 
@@ -27,7 +28,7 @@ def read(
 ) -> UsageReport:
     reader = UsageReader(api, content_type, encoding)
     points = sorted({0, len(body), *(c % (len(body) + 1) for c in cuts or [])})
-    for start, end in zip(points, points[1:], strict=False):
+    for start, end in itertools.pairwise(points):
         reader.feed(body[start:end])
     return reader.finish()
 
