@@ -127,9 +127,8 @@ def _read(llm: spec.LlmSpec, body: bytes, doc: _Document) -> LlmRequest:
         if stream:
             _ask_for_usage(doc)
 
-    max_input = len(body) + MEDIA_ALLOWANCE_TOKENS * sum(
-        1 for node in _dicts(doc.values()) if node.get("type") in _MEDIA_TYPES
-    )
+    media = sum(1 for node in _dicts(doc.values()) if _is_media(node.get("type")))
+    max_input = len(body) + MEDIA_ALLOWANCE_TOKENS * media
     if llm.api == "anthropic" and doc.get("tools"):
         max_input += TOOLS_ALLOWANCE_TOKENS
 
@@ -154,6 +153,10 @@ def _ask_for_usage(doc: _Document) -> None:
         raise _Refused(spec.BODY_UNREADABLE, "stream_options must be an object")
     elif options.get("include_usage") is not True:
         doc.set("stream_options", {**options, "include_usage": True})
+
+
+def _is_media(kind: Any) -> bool:
+    return isinstance(kind, str) and kind in _MEDIA_TYPES  # the agent's "type" may be a list
 
 
 def _positive_or_none(doc: _Document, name: str) -> int | None:

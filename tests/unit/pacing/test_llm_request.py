@@ -175,6 +175,11 @@ def test_anthropic_ignores_openai_fields() -> None:
     assert "stream_options" not in sent(request)
 
 
+def test_odd_type_values_are_not_media() -> None:
+    raw = body(messages=[{"type": []}, {"type": {"a": 1}}, {"type": None}], max_tokens=5)
+    assert admitted(OPENAI, raw).max_input_tokens == len(raw)
+
+
 def test_media_parts_and_anthropic_tools_add_allowances() -> None:
     image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
     content = [{"type": "text", "text": "What is this?"}, image, image]
