@@ -309,3 +309,64 @@ def test_rewrites_only_add_what_they_say(
         expected["stream_options"] = {"include_usage": True}
     assert out == expected
     assert request.max_input_tokens >= len(raw)
+
+
+SPECIAL = st.sampled_from(
+    ["model", "stream", "max_tokens", "max_completion_tokens", "n", "stream_options", "x"]
+)
+WRITABLE = {"max_tokens", "max_completion_tokens", "stream_options"}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    fields=st.dictionaries(SPECIAL, JSON_VALUES | st.floats(), max_size=6),
+    api=st.sampled_from(["openai", "anthropic"]),
+)
+def test_any_object_is_admitted_or_refused_never_an_error(
+    fields: dict[str, Any], api: spec.LlmApi
+) -> None:
+    raw = json.dumps(fields).encode()
+    result = read_request(spec.LlmSpec(api, max_tokens=100), raw)
+    if isinstance(result, Refusal):
+        assert result.reason in (spec.BODY_UNREADABLE, spec.MAX_TOKENS_EXCEEDED)
+        return
+    out = sent(result)
+    assert out["model"] == fields["model"] == result.model
+    assert set(out) <= set(fields) | WRITABLE
+    assert {k: v for k, v in out.items() if k not in WRITABLE} == {
+        k: v for k, v in fields.items() if k not in WRITABLE
+    }
+    names = ["max_tokens"] if api == "anthropic" else ["max_tokens", "max_completion_tokens"]
+    ceilings = [out[n] for n in names if out.get(n) is not None]
+    assert ceilings and max(ceilings) <= 100 and result.max_output_tokens >= max(ceilings)
+
+
+def _strict(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    if len({k for k, _ in pairs}) != len(pairs):
+        raise ValueError("duplicate")
+    return dict(pairs)
+
+
+JSONISH = st.lists(
+    st.sampled_from(
+        ["{", "}", "[", "]", ",", ":", " ", '"model"', '"gpt"', "1", "null", '"a"', "e5", "-"]
+    ),
+    max_size=25,
+).map("".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=JSONISH)
+def test_the_reader_reads_exactly_what_strict_json_reads(text: str) -> None:
+    """A body the pacer reads one way must not reach a provider that reads it another way."""
+    try:
+        expected: Any = json.loads(text, object_pairs_hook=_strict)
+    except ValueError:
+        expected = None
+    result = read_request(spec.LlmSpec("openai"), text.encode())
+    unreadable = isinstance(result, Refusal) and result.message.startswith(
+        "the request body is not a single JSON object"
+    )
+    assert unreadable == (not isinstance(expected, dict))
+    if isinstance(result, LlmRequest):
+        assert isinstance(expected, dict) and expected["model"] == result.model
