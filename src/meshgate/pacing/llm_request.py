@@ -14,9 +14,13 @@ The reservation must be an upper bound, or concurrent requests can overshoot a b
   (text plus JSON syntax, which outweighs the few tokens of chat framing per message) is at
   least the text's token count. Media and tool definitions are priced by the provider apart
   from their bytes, so each media part and a tool list add a fixed allowance (below).
-  Not bounded: documents fetched by reference (a PDF URL or file id, priced per page) and
-  server-side tools (web search results become input); such calls are settled at the real
-  usage, which may pass the reservation.
+  Not bounded: documents fetched by reference (a PDF URL or file id, priced per page),
+  server-side tools (web search results become input) and OpenAI's stored conversation state
+  (`previous_response_id`, `conversation`); such calls are settled at the real usage, which
+  may pass the reservation.
+
+Metered calls (`endpoint_for`): OpenAI chat completions, responses and embeddings; Anthropic
+messages and token counting (free). Anything else on an LLM destination is the pacer's call.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class LlmRequest:
     """An admitted request: what to forward and the most it can use."""
 
     model: str
+    endpoint: Endpoint
     stream: bool
     body: bytes  # to forward: the agent's bytes, with our insertions when `rewritten`
     rewritten: bool
@@ -72,14 +77,60 @@ class LlmRequest:
         return pricing.amounts(self.max_input_tokens, self.max_output_tokens, self.price)
 
 
-def read_request(llm: spec.LlmSpec, body: bytes) -> LlmRequest | Refusal:
+@dataclass(frozen=True)
+class Endpoint:
+    """An LLM API call the pacer can meter, and how its body bounds what it produces."""
+
+    name: str
+    ceilings: tuple[str, ...]  # output ceiling fields; the first is injected; none: no output
+    choices: str | None = None  # a field multiplying the output (OpenAI chat's `n`)
+    usage_option: bool = False  # streams carry usage only when `stream_options` asks
+    billed: bool = True  # Anthropic's token counting is free: nothing to reserve
+
+
+CHAT = Endpoint("chat", ("max_completion_tokens", "max_tokens"), "n", usage_option=True)
+RESPONSES = Endpoint("responses", ("max_output_tokens",))
+EMBEDDINGS = Endpoint("embeddings", ())
+MESSAGES = Endpoint("messages", ("max_tokens",))
+COUNT_TOKENS = Endpoint("count_tokens", (), billed=False)
+
+_ENDPOINTS: dict[spec.LlmApi, tuple[tuple[str, Endpoint], ...]] = {
+    # a path before any path it ends with ("/messages/count_tokens" before "/messages")
+    "openai": (
+        ("/chat/completions", CHAT),
+        ("/responses", RESPONSES),
+        ("/embeddings", EMBEDDINGS),
+    ),
+    "anthropic": (("/messages/count_tokens", COUNT_TOKENS), ("/messages", MESSAGES)),
+}
+
+
+def endpoint_for(api: spec.LlmApi, path: str) -> Endpoint | None:
+    """The metered call a request path names (query ignored), or None: another API (files,
+    batches, models...) that the pacer cannot meter by tokens."""
+    route = path.partition("?")[0].rstrip("/")
+    for suffix, endpoint in _ENDPOINTS[api]:
+        if route.endswith(suffix):
+            return endpoint
+    return None
+
+
+def read_request(llm: spec.LlmSpec, body: bytes, path: str | None = None) -> LlmRequest | Refusal:
+    """Refuse the request or say what to forward and reserve. `path`: the request's :path
+    (None: the API's generation call, chat completions or messages)."""
+    if path is None:
+        endpoint: Endpoint | None = CHAT if llm.api == "openai" else MESSAGES
+    else:
+        endpoint = endpoint_for(llm.api, path)
+    if endpoint is None:
+        return Refusal(spec.BODY_UNREADABLE, f"{path} is not an {llm.api} call meshgate can meter")
     try:
         text = body.decode("utf-8")
         doc = _Document.parse(text)
     except (ValueError, RecursionError) as e:
         return Refusal(spec.BODY_UNREADABLE, f"the request body is not a single JSON object: {e}")
     try:
-        return _read(llm, body, doc)
+        return _read(llm, endpoint, body, doc)
     except _Refused as r:
         return r.refusal
 
@@ -90,7 +141,7 @@ class _Refused(Exception):
         self.refusal = Refusal(reason, message)
 
 
-def _read(llm: spec.LlmSpec, body: bytes, doc: _Document) -> LlmRequest:
+def _read(llm: spec.LlmSpec, endpoint: Endpoint, body: bytes, doc: _Document) -> LlmRequest:
     model = doc.get("model")
     if not isinstance(model, str) or not model:
         raise _Refused(spec.BODY_UNREADABLE, "the request body names no model (a string)")
@@ -105,36 +156,27 @@ def _read(llm: spec.LlmSpec, body: bytes, doc: _Document) -> LlmRequest:
     if not isinstance(stream, bool):
         raise _Refused(spec.BODY_UNREADABLE, "stream must be true or false")
 
-    fields = ("max_completion_tokens", "max_tokens") if llm.api == "openai" else ("max_tokens",)
-    given = {name: _positive_or_none(doc, name) for name in fields}
-    present = {name: value for name, value in given.items() if value is not None}
-    if present:
-        name, ceiling = max(present.items(), key=lambda item: item[1])
-        if llm.max_tokens is not None and ceiling > llm.max_tokens:
-            raise _Refused(
-                spec.MAX_TOKENS_EXCEEDED,
-                f"{name} {ceiling} is above this route's ceiling of {llm.max_tokens} tokens",
-            )
-    else:
-        ceiling = llm.max_tokens if llm.max_tokens is not None else DEFAULT_MAX_TOKENS
-        doc.set(fields[0], ceiling)
-
-    max_output = ceiling
-    if llm.api == "openai":
-        if "prediction" in doc.members:
+    max_output = 0
+    if endpoint.ceilings:
+        max_output = _ceiling(llm, endpoint, doc)
+        if "prediction" in doc.members and endpoint is CHAT:
             max_output += len(doc.value_text("prediction").encode("utf-8"))
-        max_output *= _positive_or_none(doc, "n") or 1
-        if stream:
-            _ask_for_usage(doc)
+        if endpoint.choices is not None:
+            max_output *= _positive_or_none(doc, endpoint.choices) or 1
+    if stream and endpoint.usage_option:
+        _ask_for_usage(doc)
 
     media = sum(1 for node in _dicts(doc.values()) if _is_media(node.get("type")))
     max_input = len(body) + MEDIA_ALLOWANCE_TOKENS * media
     if llm.api == "anthropic" and doc.get("tools"):
         max_input += TOOLS_ALLOWANCE_TOKENS
+    if not endpoint.billed:
+        max_input = max_output = 0
 
     out = doc.render()
     return LlmRequest(
         model=model,
+        endpoint=endpoint,
         stream=stream,
         body=body if out is None else out.encode("utf-8"),
         rewritten=out is not None,
@@ -142,6 +184,24 @@ def _read(llm: spec.LlmSpec, body: bytes, doc: _Document) -> LlmRequest:
         max_output_tokens=max_output,
         price=pricing.price_for(llm.prices, model),
     )
+
+
+def _ceiling(llm: spec.LlmSpec, endpoint: Endpoint, doc: _Document) -> int:
+    """The most tokens the provider may produce per choice: the agent's ceiling (the larger
+    when it gives both of OpenAI's), checked against the route's, or one injected."""
+    given = {name: _positive_or_none(doc, name) for name in endpoint.ceilings}
+    present = {name: value for name, value in given.items() if value is not None}
+    if not present:
+        ceiling = llm.max_tokens if llm.max_tokens is not None else DEFAULT_MAX_TOKENS
+        doc.set(endpoint.ceilings[0], ceiling)
+        return ceiling
+    name, ceiling = max(present.items(), key=lambda item: item[1])
+    if llm.max_tokens is not None and ceiling > llm.max_tokens:
+        raise _Refused(
+            spec.MAX_TOKENS_EXCEEDED,
+            f"{name} {ceiling} is above this route's ceiling of {llm.max_tokens} tokens",
+        )
+    return ceiling
 
 
 def _ask_for_usage(doc: _Document) -> None:

@@ -2,8 +2,9 @@
 
 The pacer settles a reservation with this usage; when none is found (`usage` None) it charges
 the reservation in full, so the reader only reports usage the provider stated for the whole
-call: OpenAI's usage object (for streams, the last chunk that `stream_options.include_usage`
-asks for) and Anthropic's final `message_delta` (its output count is cumulative; a stream cut
+call: OpenAI's usage object (chat streams: the last chunk, which `stream_options.include_usage`
+asks for; responses streams: the final `response.completed`, `.incomplete` or `.failed`
+event) and Anthropic's final `message_delta` (its output count is cumulative; a stream cut
 before it has no final count). Memory is bounded whatever the provider or a middlebox sends:
 JSON is buffered up to `MAX_JSON_BYTES`, server-sent events are read line by line with lines
 and events up to `MAX_EVENT_BYTES`, and a compressed body decodes at most `MAX_DECODED_BYTES`.
@@ -190,13 +191,26 @@ class UsageReader:
             self._anthropic_final(usage)
 
     def _openai(self, body: dict[str, Any]) -> None:
-        """A chat completion, or one chunk of a streamed one (usage null but in the last)."""
+        """A chat completion, a chunk of one (usage null but in the last), an embeddings
+        list, a response, or a responses stream event carrying its response."""
+        kind = body.get("type")
+        response = body.get("response")
+        if isinstance(kind, str) and kind.startswith("response.") and isinstance(response, dict):
+            body = response  # response.created/in_progress (usage null), completed, failed...
         self._set_model(body.get("model"))
         usage = body.get("usage")
-        if isinstance(usage, dict):
+        if not isinstance(usage, dict):
+            return
+        if "prompt_tokens" in usage:  # chat completions, embeddings
             prompt, completion = _count(usage, "prompt_tokens"), _count(usage, "completion_tokens")
-            if prompt is not None and completion is not None:
-                self._usage = Usage(prompt, completion)
+            if completion is None and "completion_tokens" not in usage:
+                completion = (
+                    0 if prompt is not None and usage.get("total_tokens") == prompt else None
+                )
+        else:  # responses
+            prompt, completion = _count(usage, "input_tokens"), _count(usage, "output_tokens")
+        if prompt is not None and completion is not None:
+            self._usage = Usage(prompt, completion)
 
     def _anthropic_event(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
