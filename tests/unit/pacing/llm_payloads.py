@@ -140,3 +140,89 @@ def anthropic_sse(events: list[dict[str, Any]] = ANTHROPIC_EVENTS, eol: str = "\
     return "".join(
         f"event: {e['type']}{eol}data: {json.dumps(e)}{eol}{eol}" for e in events
     ).encode()
+
+
+def _response(status: str, usage: dict[str, Any] | None, text: str = "") -> dict[str, Any]:
+    output = (
+        [
+            {
+                "type": "message",
+                "id": "msg_67ccd2bf17f0819081ff3bb2cf6508e60bb6a6b452d3795b",
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
+        ]
+        if text
+        else []
+    )
+    return {
+        "id": "resp_67ccd2bed1ec8190b14f964abc0542670bb6a6b452d3795b",
+        "object": "response",
+        "created_at": 1741476542,
+        "status": status,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": None,
+        "max_output_tokens": 512,
+        "model": "gpt-4.1-2025-04-14",
+        "output": output,
+        "parallel_tool_calls": True,
+        "previous_response_id": None,
+        "reasoning": {"effort": None, "summary": None},
+        "store": True,
+        "temperature": 1.0,
+        "text": {"format": {"type": "text"}},
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": 1.0,
+        "truncation": "disabled",
+        "usage": usage,
+        "user": None,
+        "metadata": {},
+    }
+
+
+RESPONSES_USAGE = {
+    "input_tokens": 36,
+    "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+    "output_tokens": 87,
+    "output_tokens_details": {"reasoning_tokens": 0},
+    "total_tokens": 123,
+}
+OPENAI_RESPONSE = _response("completed", RESPONSES_USAGE, "In a peaceful grove...")
+_ITEM = "msg_67ccd2bf17f0819081ff3bb2cf6508e60bb6a6b452d3795b"
+RESPONSES_EVENTS: list[dict[str, Any]] = [
+    {"type": "response.created", "sequence_number": 0, "response": _response("in_progress", None)},
+    {
+        "type": "response.in_progress",
+        "sequence_number": 1,
+        "response": _response("in_progress", None),
+    },
+    {
+        "type": "response.output_text.delta",
+        "sequence_number": 2,
+        "item_id": _ITEM,
+        "output_index": 0,
+        "content_index": 0,
+        "delta": "In a peaceful grove...",
+        "logprobs": [],
+    },
+    {
+        "type": "response.completed",
+        "sequence_number": 3,
+        "response": OPENAI_RESPONSE,
+    },
+]
+
+
+def responses_sse(events: list[dict[str, Any]] = RESPONSES_EVENTS) -> bytes:
+    return "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events).encode()
+
+
+OPENAI_EMBEDDINGS: dict[str, Any] = {
+    "object": "list",
+    "data": [{"object": "embedding", "index": 0, "embedding": [0.0023064255, -0.009327292]}],
+    "model": "text-embedding-3-small",
+    "usage": {"prompt_tokens": 8, "total_tokens": 8},
+}

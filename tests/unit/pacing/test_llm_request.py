@@ -9,13 +9,20 @@ from hypothesis import strategies as st
 
 from meshgate.pacing import spec
 from meshgate.pacing.llm_request import (
+    CHAT,
+    COUNT_TOKENS,
     DEFAULT_MAX_TOKENS,
+    EMBEDDINGS,
     MEDIA_ALLOWANCE_TOKENS,
+    RESPONSES,
     TOOLS_ALLOWANCE_TOKENS,
+    Endpoint,
     LlmRequest,
     Refusal,
+    endpoint_for,
     read_request,
 )
+from meshgate.pacing.llm_request import MESSAGES as MESSAGES_CALL
 
 PRICES = (spec.Price("gpt-4o-mini*", "0.15", "0.60"), spec.Price("claude-*", "3", "15"))
 OPENAI = spec.LlmSpec("openai", ("gpt-4o-mini*", "gpt-4.1"), 1024, PRICES)
@@ -370,3 +377,68 @@ def test_the_reader_reads_exactly_what_strict_json_reads(text: str) -> None:
     assert unreadable == (not isinstance(expected, dict))
     if isinstance(result, LlmRequest):
         assert isinstance(expected, dict) and expected["model"] == result.model
+
+
+@pytest.mark.parametrize(
+    ("api", "path", "expected"),
+    [
+        ("openai", "/v1/chat/completions", CHAT),
+        ("openai", "/v1/chat/completions/?x=1", CHAT),
+        ("openai", "/v1/responses", RESPONSES),
+        ("openai", "/v1/embeddings", EMBEDDINGS),
+        ("openai", "/v1/completions", None),  # legacy completions: not metered
+        ("openai", "/v1/files", None),
+        ("openai", "/v1/batches", None),
+        ("openai", "/v1/responses/resp_1/cancel", None),
+        ("openai", "/v1/messages", None),
+        ("anthropic", "/v1/messages", MESSAGES_CALL),
+        ("anthropic", "/v1/messages/count_tokens", COUNT_TOKENS),
+        ("anthropic", "/v1/messages/batches", None),
+        ("anthropic", "/v1/chat/completions", None),
+    ],
+)
+def test_endpoints(api: spec.LlmApi, path: str, expected: Endpoint | None) -> None:
+    assert endpoint_for(api, path) is expected
+
+
+def test_an_unmetered_path_is_refused_by_read_request() -> None:
+    assert admitted(OPENAI, body()).endpoint is CHAT  # no path: the generation call
+    result = read_request(OPENAI, body(), "/v1/batches")
+    assert isinstance(result, Refusal) and result.reason == spec.BODY_UNREADABLE
+    assert "/v1/batches" in result.message
+
+
+def test_openai_responses_ceiling_is_max_output_tokens() -> None:
+    raw = json.dumps({"model": "gpt-4.1", "input": "Say hello.", "stream": True}).encode()
+    request = read_request(OPENAI, raw, "/v1/responses")
+    assert isinstance(request, LlmRequest) and request.endpoint is RESPONSES
+    out = sent(request)
+    assert out["max_output_tokens"] == 1024 == request.max_output_tokens
+    assert "stream_options" not in out and "max_completion_tokens" not in out  # usage is sent
+    over = json.dumps({"model": "gpt-4.1", "input": "x", "max_output_tokens": 5000}).encode()
+    refusal = read_request(OPENAI, over, "/v1/responses")
+    assert isinstance(refusal, Refusal) and refusal.reason == spec.MAX_TOKENS_EXCEEDED
+    assert "max_output_tokens 5000" in refusal.message
+
+
+def test_openai_embeddings_have_no_output_and_no_injection() -> None:
+    raw = json.dumps({"model": "gpt-4.1", "input": ["a", "b"], "n": 4}).encode()
+    request = read_request(OPENAI, raw, "/v1/embeddings")
+    assert isinstance(request, LlmRequest) and request.body is raw
+    assert (request.max_input_tokens, request.max_output_tokens) == (len(raw), 0)
+
+
+def test_anthropic_token_counting_reserves_nothing_but_the_request() -> None:
+    raw = json.dumps({"model": "claude-x", "messages": MESSAGES}).encode()
+    request = read_request(ANTHROPIC, raw, "/v1/messages/count_tokens")
+    assert isinstance(request, LlmRequest) and request.body is raw
+    assert request.most() == {
+        "requests": 1,
+        "input_tokens": 0,
+        "output_tokens": 0,
+        "tokens": 0,
+        "cost_micro_usd": 0,
+    }
+    assert read_request(ANTHROPIC, body(model="gpt-4o"), "/v1/messages/count_tokens") == Refusal(
+        spec.MODEL_NOT_ALLOWED, "model 'gpt-4o' is not allowed here (allowed: claude-*)"
+    )

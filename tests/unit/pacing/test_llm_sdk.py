@@ -21,11 +21,17 @@ from llm_payloads import (
     ANTHROPIC_MESSAGE,
     OPENAI_CHUNKS,
     OPENAI_COMPLETION,
+    OPENAI_EMBEDDINGS,
+    OPENAI_RESPONSE,
+    RESPONSES_EVENTS,
     anthropic_sse,
     openai_sse,
+    responses_sse,
 )
+from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.chat import completion_create_params as openai_params
+from openai.types.responses import Response, ResponseStreamEvent, response_create_params
 
 from meshgate.pacing import spec
 from meshgate.pacing.llm_request import LlmRequest, read_request
@@ -43,6 +49,11 @@ def test_the_payloads_are_what_the_sdks_parse() -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
     message = Message.model_validate(ANTHROPIC_MESSAGE)
     assert message.usage.cache_read_input_tokens == 1000
+    assert Response.model_validate(OPENAI_RESPONSE).usage is not None
+    for event in RESPONSES_EVENTS:
+        parsed = pydantic.TypeAdapter(ResponseStreamEvent).validate_python(event)
+        assert parsed.type == event["type"]
+    assert CreateEmbeddingResponse.model_validate(OPENAI_EMBEDDINGS).usage.prompt_tokens == 8
     events = pydantic.TypeAdapter(RawMessageStreamEvent)
     for event in ANTHROPIC_EVENTS:
         if event["type"] != "ping":  # keep-alives: the SDK skips them before its models
@@ -55,13 +66,15 @@ class Provider:
     libraries change between major versions, their wire format does not."""
 
     def __init__(self, llm: spec.LlmSpec, body: bytes, media: str) -> None:
+        self.paths: list[str] = []
         self.seen: list[LlmRequest] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers["content-length"]))
-                result = read_request(llm, raw)
+                outer.paths.append(self.path)
+                result = read_request(llm, raw, self.path)
                 if isinstance(result, LlmRequest):
                     outer.seen.append(result)
                     self.send_response(200)
@@ -164,3 +177,28 @@ def test_anthropic_sdk_json() -> None:
     u = message.usage
     cached = (u.cache_creation_input_tokens or 0) + (u.cache_read_input_tokens or 0)
     assert usage_of("anthropic", media, body) == Usage(u.input_tokens + cached, u.output_tokens)
+
+
+def test_openai_sdk_responses_stream() -> None:
+    body, media = responses_sse(), "text/event-stream"
+    with Provider(OPENAI, body, media) as mock:
+        client = openai.OpenAI(api_key="k", base_url=mock.url + "/v1", max_retries=0)
+        events = list(client.responses.create(model="gpt-4o-mini", input="Hi", stream=True))
+    assert mock.paths == ["/v1/responses"]
+    request = mock.seen[0]
+    params = pydantic.TypeAdapter(response_create_params.ResponseCreateParamsStreaming)
+    assert params.validate_python(json.loads(request.body))["max_output_tokens"] == 512
+    final = events[-1]
+    assert final.type == "response.completed" and final.response.usage is not None
+    u = final.response.usage
+    assert usage_of("openai", media, body) == Usage(u.input_tokens, u.output_tokens)
+
+
+def test_openai_sdk_embeddings() -> None:
+    body, media = json.dumps(OPENAI_EMBEDDINGS).encode(), "application/json"
+    with Provider(OPENAI, body, media) as mock:
+        client = openai.OpenAI(api_key="k", base_url=mock.url + "/v1", max_retries=0)
+        result = client.embeddings.create(model="gpt-4o-mini-embed", input=["a", "b"])
+    assert mock.paths == ["/v1/embeddings"]
+    assert not mock.seen[0].rewritten and mock.seen[0].max_output_tokens == 0
+    assert usage_of("openai", media, body) == Usage(result.usage.prompt_tokens, 0)

@@ -14,8 +14,12 @@ from llm_payloads import (
     ANTHROPIC_MESSAGE,
     OPENAI_CHUNKS,
     OPENAI_COMPLETION,
+    OPENAI_EMBEDDINGS,
+    OPENAI_RESPONSE,
+    RESPONSES_EVENTS,
     anthropic_sse,
     openai_sse,
+    responses_sse,
 )
 
 from meshgate.pacing import llm_usage
@@ -195,3 +199,27 @@ def test_arbitrary_bytes_never_raise(data: bytes, cuts: list[int]) -> None:
         for content_type in ("text/event-stream", "application/json"):
             report = read(api, content_type, data, cuts)  # type: ignore[arg-type]
             assert report.usage is None or report.usage.input_tokens >= 0
+
+
+def test_openai_responses_json_and_stream() -> None:
+    body = json.dumps(OPENAI_RESPONSE).encode()
+    expected = UsageReport(Usage(36, 87), "gpt-4.1-2025-04-14")
+    assert read("openai", "application/json", body) == expected
+    assert read("openai", "text/event-stream", responses_sse(), [3, 700, 701]) == expected
+    cut = responses_sse(RESPONSES_EVENTS[:-1])  # ends before response.completed
+    assert read("openai", "text/event-stream", cut) == UsageReport(None, "gpt-4.1-2025-04-14")
+
+
+def test_a_failed_or_incomplete_response_still_states_its_usage() -> None:
+    failed = {**OPENAI_RESPONSE, "status": "incomplete"}
+    event = {"type": "response.incomplete", "sequence_number": 3, "response": failed}
+    body = responses_sse([*RESPONSES_EVENTS[:-1], event])
+    assert read("openai", "text/event-stream", body).usage == Usage(36, 87)
+
+
+def test_openai_embeddings_have_no_output() -> None:
+    body = json.dumps(OPENAI_EMBEDDINGS).encode()
+    report = read("openai", "application/json", body)
+    assert report == UsageReport(Usage(8, 0), "text-embedding-3-small")
+    odd = {**OPENAI_EMBEDDINGS, "usage": {"prompt_tokens": 8, "total_tokens": 20}}
+    assert read("openai", "application/json", json.dumps(odd).encode()).usage is None
