@@ -13,6 +13,7 @@ from meshgate.pacing.llm_request import (
     COUNT_TOKENS,
     DEFAULT_MAX_TOKENS,
     EMBEDDINGS,
+    MAX_MEMBERS,
     MEDIA_ALLOWANCE_TOKENS,
     RESPONSES,
     TOOLS_ALLOWANCE_TOKENS,
@@ -442,3 +443,18 @@ def test_anthropic_token_counting_reserves_nothing_but_the_request() -> None:
     assert read_request(ANTHROPIC, body(model="gpt-4o"), "/v1/messages/count_tokens") == Refusal(
         spec.MODEL_NOT_ALLOWED, "model 'gpt-4o' is not allowed here (allowed: claude-*)"
     )
+
+
+def test_bodies_with_more_top_level_members_than_any_api_are_refused() -> None:
+    fields = {f"extra_{i}": i for i in range(MAX_MEMBERS - 1)}
+    assert admitted(OPENAI, body(**{k: v for k, v in list(fields.items())[:-1]})).model
+    refusal = refused(OPENAI, body(**fields))
+    assert refusal.reason == spec.BODY_UNREADABLE and str(MAX_MEMBERS) in refusal.message
+
+
+def test_media_inside_a_string_is_not_counted() -> None:
+    text = json.dumps({"type": "image_url", "image_url": {"url": "https://x"}})
+    raw = body(messages=[{"role": "user", "content": text}], max_tokens=5)
+    assert admitted(OPENAI, raw).max_input_tokens == len(raw)
+    escaped = b'{"model":"gpt-4o-mini","max_tokens":5,"m":[{"\\u0074ype":"\\u0069mage_url"}]}'
+    assert admitted(OPENAI, escaped).max_input_tokens == len(escaped) + MEDIA_ALLOWANCE_TOKENS
