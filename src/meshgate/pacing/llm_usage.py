@@ -25,7 +25,7 @@ MAX_EVENT_BYTES = 1024 * 1024
 MAX_DECODED_BYTES = 256 * 1024 * 1024
 _DECODE_STEP = 64 * 1024  # decompressed bytes produced per step, so a bomb never sits in memory
 
-_EOL = re.compile(rb"\r\n|\r|\n")
+_USAGE = re.compile(rb'"usage"\s*:\s*\{')  # an event stating usage (most state none)
 _ANTHROPIC_INPUT = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
 
@@ -113,17 +113,19 @@ class UsageReader:
         start = 0
         if self._after_cr and data[:1] == b"\n":
             start = 1  # the "\n" of a "\r\n" split between chunks
-        self._after_cr = False
-        for eol in _EOL.finditer(data, start):
-            if self._line or self._line_too_long:
-                self._append_line(data[start : eol.start()])
-                line = bytes(self._line)
-            else:
-                line = data[start : eol.start()]
+        end = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1  # past the last line end
+        self._after_cr = end == len(data) and data.endswith(b"\r")
+        if end <= start:
+            self._append_line(data[start:])
+            return
+        # bytes.splitlines ends lines at "\r\n", "\r" and "\n": exactly SSE's line ends
+        lines = data[start:end].splitlines()
+        if self._line or self._line_too_long:
+            self._append_line(lines[0])
+            lines[0] = bytes(self._line)
+        for line in lines:
             self._end_line(line)
-            start = eol.end()
-            self._after_cr = eol.group() == b"\r" and start == len(data)
-        self._append_line(data[start:])
+        self._append_line(data[end:])
 
     def _append_line(self, part: bytes) -> None:
         if self._line_too_long:
@@ -159,8 +161,8 @@ class UsageReader:
         if not data or size > MAX_EVENT_BYTES:
             return
         payload = b"\n".join(data)
-        if payload == b"[DONE]":
-            return
+        if payload == b"[DONE]" or (self._model is not None and not _USAGE.search(payload)):
+            return  # content deltas: most of a stream, not worth decoding once the model is known
         try:
             event = json.loads(payload)
         except (ValueError, RecursionError):

@@ -223,3 +223,17 @@ def test_openai_embeddings_have_no_output() -> None:
     assert report == UsageReport(Usage(8, 0), "text-embedding-3-small")
     odd = {**OPENAI_EMBEDDINGS, "usage": {"prompt_tokens": 8, "total_tokens": 20}}
     assert read("openai", "application/json", json.dumps(odd).encode()).usage is None
+
+
+@pytest.mark.parametrize(
+    "sep", [b"\x0b", b"\x0c", b"\x1c", b"\x1d", b"\x1e", b"\x85", "\u2028".encode()]
+)
+def test_only_cr_and_lf_end_lines(sep: bytes) -> None:
+    """Other line separators (str.splitlines splits at these) must not make a comment a
+    data line."""
+    fake = b'data: {"model":"x","usage":{"prompt_tokens":1,"completion_tokens":1}}'
+    body = b":" + sep + fake + b"\n\n" + openai_sse()
+    for cuts in ([], [1], [2, 3]):
+        assert read("openai", "text/event-stream", body, cuts).usage == Usage(9, 12)
+    fake_last = openai_sse() + b":" + sep + fake + b"\n\n"
+    assert read("openai", "text/event-stream", fake_last).usage == Usage(9, 12)
