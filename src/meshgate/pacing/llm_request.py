@@ -9,11 +9,13 @@ The reservation must be an upper bound, or concurrent requests can overshoot a b
 - output: the token ceiling the provider is held to (ours injected when the agent gave none;
   OpenAI's `n` choices each get it; rejected predicted-output tokens are billed as output, so
   the prediction's size is added);
-- input: there is no tokenizer here, but the providers' tokenizers are byte-level BPE, where
-  every token stands for at least one byte of its text, so the UTF-8 size of the whole body
-  (text plus JSON syntax, which outweighs the few tokens of chat framing per message) is at
-  least the text's token count. Media and tool definitions are priced by the provider apart
-  from their bytes, so each media part and a tool list add a fixed allowance (below).
+- input: there is no tokenizer here, but OpenAI's tokenizers are byte-level BPE, where every
+  token stands for at least one byte of its text, so the UTF-8 size of the whole body (text
+  plus JSON syntax, which outweighs the few tokens of chat framing per message) is at least
+  the prompt's token count (tests check it against o200k/cl100k when a tokenizer is
+  installed). Anthropic's tokenizer is not published; the same bound is assumed. Media and
+  tool definitions are priced by the provider apart from their bytes, so each media part and
+  an Anthropic tool list add a fixed allowance (below).
   Not bounded: documents fetched by reference (a PDF URL or file id, priced per page),
   server-side tools (web search results become input) and OpenAI's stored conversation state
   (`previous_response_id`, `conversation`); such calls are settled at the real usage, which
