@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
@@ -79,8 +79,24 @@ class LlmRequest:
 
     def most(self) -> dict[spec.Unit, int]:
         """The reservation, per unit; `cost_micro_usd` absent when unpriced (see
-        `pricing.unpriced_refusal`)."""
+        `cost_refusal`)."""
+        if not self.endpoint.billed:
+            return {**pricing.amounts(0, 0, None), "cost_micro_usd": 0}
         return pricing.amounts(self.max_input_tokens, self.max_output_tokens, self.price)
+
+    def spent(self, input_tokens: int, output_tokens: int) -> dict[spec.Unit, int]:
+        """The settlement for the usage the provider reported, priced like the reservation
+        (by the model the agent asked for, which the route's rules were checked against)."""
+        if not self.endpoint.billed:
+            return self.most()
+        return pricing.amounts(input_tokens, output_tokens, self.price)
+
+    def cost_refusal(self, budgets: Iterable[spec.BudgetSpec]) -> Refusal | None:
+        """Fail closed: a cost budget cannot hold a call it cannot price."""
+        if not self.endpoint.billed or self.price is not None:
+            return None
+        message = pricing.unpriced_refusal(self.model, budgets)
+        return None if message is None else Refusal(spec.MODEL_NOT_ALLOWED, message)
 
 
 @dataclass(frozen=True)

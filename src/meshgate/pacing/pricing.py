@@ -60,15 +60,11 @@ def needs_price(budgets: Iterable[spec.BudgetSpec]) -> bool:
     return any(b.unit == "cost_micro_usd" for b in budgets)
 
 
-def unpriced_refusal(
-    llm: spec.LlmSpec, model: str, budgets: Iterable[spec.BudgetSpec]
-) -> str | None:
-    """Why a call must be refused because its cost cannot be counted, or None.
-
-    A cost budget cannot hold a call it cannot price, so the pacer fails closed: the model is
-    refused (`spec.MODEL_NOT_ALLOWED`) with this message. Without a cost budget, an unpriced
-    model is fine."""
-    if not needs_price(budgets) or price_for(llm.prices, model) is not None:
+def unpriced_refusal(model: str, budgets: Iterable[spec.BudgetSpec]) -> str | None:
+    """Why a call to `model`, which has no usable price, must be refused; None when no cost
+    budget applies. A cost budget cannot hold a call it cannot price, so the pacer fails
+    closed: the model is refused (`spec.MODEL_NOT_ALLOWED`) with this message."""
+    if not needs_price(budgets):
         return None
     return (
         f"model {model!r} has no price on this destination and a cost budget applies, "

@@ -458,3 +458,31 @@ def test_media_inside_a_string_is_not_counted() -> None:
     assert admitted(OPENAI, raw).max_input_tokens == len(raw)
     escaped = b'{"model":"gpt-4o-mini","max_tokens":5,"m":[{"\\u0074ype":"\\u0069mage_url"}]}'
     assert admitted(OPENAI, escaped).max_input_tokens == len(escaped) + MEDIA_ALLOWANCE_TOKENS
+
+
+COST = spec.BudgetSpec("agent/a/daily", "cost_micro_usd", 25_000_000, "day")
+TOKENS = spec.BudgetSpec("agent/a/tokens", "tokens", 10_000, "day")
+
+
+def test_cost_refusal_fails_closed_only_for_an_unpriced_billed_call_under_a_cost_budget() -> None:
+    unpriced = admitted(OPENAI, body(model="gpt-4.1"))
+    refusal = unpriced.cost_refusal([TOKENS, COST])
+    assert refusal is not None and refusal.reason == spec.MODEL_NOT_ALLOWED
+    assert "'gpt-4.1'" in refusal.message
+    assert unpriced.cost_refusal([TOKENS]) is None
+    assert admitted(OPENAI, body()).cost_refusal([COST]) is None  # gpt-4o-mini is priced
+    free = read_request(spec.LlmSpec("anthropic"), body(model="x"), "/v1/messages/count_tokens")
+    assert isinstance(free, LlmRequest) and free.cost_refusal([COST]) is None
+    assert free.most()["cost_micro_usd"] == 0 == free.spent(50, 0)["cost_micro_usd"]
+
+
+def test_settlement_is_priced_like_the_reservation() -> None:
+    request = admitted(OPENAI, body())
+    assert request.spent(1000, 100) == {
+        "requests": 1,
+        "input_tokens": 1000,
+        "output_tokens": 100,
+        "tokens": 1100,
+        "cost_micro_usd": 150 + 60,
+    }
+    assert request.spent(10**6, 0)["cost_micro_usd"] == 150_000  # above the reservation: kept
