@@ -32,7 +32,7 @@ BUDGET_COLUMNS = (
     Column("reserved", Show.FIT, "right"),
     Column("limit", justify="right"),
     Column("left", justify="right"),
-    Column("resets", Show.FIT),
+    Column("resets"),
     Column("resets at (UTC)", Show.WIDE),
     Column("on store failure", Show.WIDE),
 )

@@ -21,6 +21,7 @@ from enum import Enum, StrEnum
 from typing import Any, Literal
 
 import typer
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -88,6 +89,7 @@ def print_csv(fields: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
 
 PIPE_WIDTH = 80  # a table's width when stdout is not a terminal and $COLUMNS is unset
 MIN_WIDTH = 20
+KEY_MIN = 24  # cells a key column keeps (if it needs them) before optional columns get any
 NATURAL = 1_000_000  # "unlimited" width, for measuring a table's unwrapped size
 
 
@@ -144,17 +146,19 @@ def print_table(
     width = output_width()
     if wide:
         chosen = [i for i, c in enumerate(cols) if c.show is not Show.NARROW]
-    else:
-        chosen = [i for i, c in enumerate(cols) if c.show in (Show.KEY, Show.NARROW)]
-        for i, c in enumerate(cols):
-            if c.show is Show.FIT:
-                trial = sorted([*chosen, i])
-                if _natural_width(_table(cols, trial, body, foot)) <= width:
-                    chosen = trial
-    table = _table(cols, chosen, body, foot)
-    if wide:
-        width = max(width, _natural_width(table))
-    fitted_console(width).print(table)
+        table = _table(cols, chosen, body, foot)
+        fitted_console(max(width, _natural_width(table))).print(table)
+        return
+    chosen = [i for i, c in enumerate(cols) if c.show in (Show.KEY, Show.NARROW)]
+    natural = [_column_width(i, c, body, foot) for i, c in enumerate(cols)]
+    # a key column keeps at least KEY_MIN cells (or all it needs); the rest appear whole in
+    # what is left (3 cells a column for its padding and rule, 1 for the table's edge)
+    used = 1 + sum(min(natural[i], KEY_MIN) + 3 for i in chosen)
+    for i, c in enumerate(cols):
+        if c.show is Show.FIT and used + natural[i] + 3 <= width:
+            chosen.append(i)
+            used += natural[i] + 3
+    fitted_console(width).print(_table(cols, sorted(chosen), body, foot))
 
 
 def _text(cell: str | Text) -> Text:
@@ -173,6 +177,12 @@ def _table(
         table.add_section()
         table.add_row(*(foot[i] for i in chosen))
     return table
+
+
+def _column_width(i: int, column: Column, body: list[list[Text]], foot: list[Text] | None) -> int:
+    """Cells the widest line of column `i` (header included) takes unwrapped."""
+    cells = [column.header, *(row[i].plain for row in body), *([foot[i].plain] if foot else [])]
+    return max(cell_len(line) for cell in cells for line in cell.split("\n"))
 
 
 def _natural_width(table: Table) -> int:

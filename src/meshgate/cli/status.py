@@ -25,7 +25,7 @@ XDS_TYPES = ("cds", "eds", "lds", "rds", "sds")
 NODE_COLUMNS = (
     Column("node"),
     Column("identity", Show.FIT),
-    Column("proto", Show.FIT),
+    Column("proto", Show.WIDE),
     Column("envoy", Show.WIDE),
     Column("ACKed", Show.NARROW),
     *(Column(t, Show.WIDE) for t in XDS_TYPES),
