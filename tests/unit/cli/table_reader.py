@@ -8,10 +8,26 @@ from __future__ import annotations
 from rich.cells import cell_len
 
 
+def tables(out: str) -> list[str]:
+    """Each table in `out`, from its top rule to its bottom one."""
+    found: list[list[str]] = []
+    for line in out.splitlines():
+        if line.startswith("┏"):
+            found.append([])
+        if found and (len(found[-1]) == 0 or not found[-1][-1].startswith("└")):
+            found[-1].append(line)
+    return ["\n".join(lines) for lines in found]
+
+
 def headers(out: str) -> list[str]:
-    """The header row's column names (a header folded onto two lines is joined with a space)."""
-    lines = [line for line in out.splitlines() if line.startswith("┃")]
-    assert lines, out
+    """The column names of the (only or first) table in `out` (a header folded onto two lines
+    is joined with a space)."""
+    return _headers(tables(out)[0])
+
+
+def _headers(table: str) -> list[str]:
+    lines = [line for line in table.splitlines() if line.startswith("┃")]
+    assert lines, table
     columns: list[list[str]] = []
     for line in lines:
         for i, cell in enumerate(line.strip("┃").split("┃")):
@@ -23,10 +39,12 @@ def headers(out: str) -> list[str]:
 
 
 def column_text(out: str, header: str) -> str:
-    """Everything in one column's body, top to bottom, without whitespace: folded or wrapped
-    values join back into the whole value, a cut one ("…") does not."""
-    index = headers(out).index(header)
-    body = [line for line in out.splitlines() if line.startswith("│")]
+    """The body of the column named `header` (in whichever table has one), top to bottom,
+    without whitespace: folded or wrapped values join back into the whole value, a cut one
+    ("…") does not."""
+    table = next(t for t in tables(out) if header in _headers(t))
+    index = _headers(table).index(header)
+    body = [line for line in table.splitlines() if line.startswith("│")]
     return "".join("".join(line.strip("│").split("│")[index].split()) for line in body)
 
 

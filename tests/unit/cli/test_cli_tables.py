@@ -249,6 +249,47 @@ def test_status_wide_has_identity_envoy_and_a_column_per_type(answers: dict[str,
     assert "ACKed" not in headers(out)
 
 
+CONSUL = [
+    {
+        "service": "inference-gateway-eu-west-1-primary-cluster",
+        "tag": "[canary]",
+        "destinations": ["openai-compatible-eu", "openai-compatible-us"],
+        "instances": 3,
+        "index": "123456",
+        "last_success_at": "2026-12-01T09:00:00Z",
+        "last_error": None,
+        "last_error_at": None,
+    }
+]
+
+
+@pytest.mark.parametrize(("width", "env"), WIDTHS, ids=WIDTH_IDS)
+def test_status_consul_ca_and_a_refused_change_fit_too(
+    answers: dict[str, Any], width: int, env: dict[str, str | None]
+) -> None:
+    refused = {"origin": "watch", "at": "2026-12-01T09:05:00Z", "problems": ["[bold]x[/bold]"]}
+    answers["/status"] = {
+        **STATUS,
+        "policy": {
+            **STATUS["policy"],
+            "missing_secrets": ["OPENAI_KEY"],
+            "last_rejection": refused,
+        },
+        "ca": {"source": "vault", "intermediate_serial": "7f", "intermediate_not_after": "2027"},
+        "consul": CONSUL,
+    }
+    out = invoke(["status"], env)
+    assert_fits(out, width)
+    assert column_text(out, "consul service") == CONSUL[0]["service"]
+    assert column_text(out, "destinations") == "openai-compatible-eu,openai-compatible-us"
+    assert column_text(out, "instances") == "3"
+    assert "  [bold]x[/bold]" in out  # shown as written, not read as markup
+    assert "missing secrets (their destinations answer 503): OPENAI_KEY" in out
+    assert ("tag" in headers(out)) is (width == 200)  # the consul table comes first
+    wide = invoke(["status", "--wide"], env)
+    assert "[canary]" in wide and "123456" in wide
+
+
 def test_status_json_is_the_whole_answer(answers: dict[str, Any]) -> None:
     assert json.loads(invoke(["status", "-o", "json"], {"COLUMNS": "40"})) == STATUS
 
