@@ -24,8 +24,16 @@ class NotCanonical(ValueError):
     """A value with no JCS form: NaN, infinity, an inexact integer, a lone surrogate..."""
 
 
-def canonical(value: Any) -> bytes:
-    """The JCS bytes (UTF-8) of a JSON value as `json.loads` returns it."""
+def canonical(value: Any, simple: bool = False) -> bytes:
+    """The JCS bytes (UTF-8) of a JSON value as `json.loads` returns it.
+
+    `simple`: the caller knows the value holds no float, no integer beyond ±2^53 and no key
+    outside the Basic Multilingual Plane (the strict reader tells, `Read.simple`). Then
+    `json.dumps` with sorted keys already writes JCS (code-point order is UTF-16 order in the
+    BMP; integers and escapes are the same), in C instead of Python."""
+    if simple:
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+        return text.encode("utf-8")
     out: list[str] = []
     _write(value, out)
     try:
@@ -38,9 +46,9 @@ def canonical_text(value: Any) -> str:
     return canonical(value).decode("utf-8")
 
 
-def digest(value: Any) -> str:
+def digest(value: Any, simple: bool = False) -> str:
     """`sha256:<hex>` of the canonical form."""
-    return "sha256:" + hashlib.sha256(canonical(value)).hexdigest()
+    return "sha256:" + hashlib.sha256(canonical(value, simple)).hexdigest()
 
 
 def _write(value: Any, out: list[str]) -> None:

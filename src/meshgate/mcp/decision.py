@@ -133,7 +133,7 @@ class ToolPolicy:
         if method != TOOLS_CALL or tool is None:
             return Decision(True, "allowed", "", method, "", "", "")
         try:
-            arguments_digest = digest(message.arguments)
+            arguments_digest = digest(message.arguments, message.simple)
         except NotCanonical:  # the strict parser refuses such bodies; never trust a bypass
             arguments_digest = ""
         applicable = self.applicable(request)

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from meshgate.mcp.strictjson import MAX_BODY_BYTES, MAX_DEPTH, Refusal, fold, read_json
+from meshgate.mcp.strictjson import MAX_BODY_BYTES, MAX_DEPTH, Refusal, fold, read
 
 TOOLS_CALL = "tools/call"
 TOOLS_LIST = "tools/list"
@@ -37,6 +37,7 @@ class Message:
     method: str | None = None  # None for a response
     id: RequestId | None = None  # None for a notification
     params: dict[str, Any] | None = None  # None when absent
+    simple: bool = False  # canonical.canonical's fast path applies (strictjson.Read.simple)
 
     @property
     def tool(self) -> str | None:
@@ -73,15 +74,15 @@ def parse_message(
     start = body.lstrip(b" \t\r\n")[:1]
     if start == b"[":
         return Refusal("batch", "JSON-RPC batches are not allowed (one message per request)")
-    value = read_json(body, max_bytes, max_depth)
-    if isinstance(value, Refusal):
-        return value
-    if not isinstance(value, dict):
+    got = read(body, max_bytes, max_depth)
+    if isinstance(got, Refusal):
+        return got
+    if not isinstance(got.value, dict):
         return Refusal("not_jsonrpc", "body is not a JSON object")
-    return _envelope(value)
+    return _envelope(got.value, got.simple)
 
 
-def _envelope(raw: dict[str, Any]) -> Message | Refusal:
+def _envelope(raw: dict[str, Any], simple: bool) -> Message | Refusal:
     for key in raw:
         known = _ENVELOPE_FOLDS.get(fold(key))
         if known is None:
@@ -95,15 +96,17 @@ def _envelope(raw: dict[str, Any]) -> Message | Refusal:
     if has_id and not _valid_id(ident):
         return _invalid('"id" must be a string or an integer')
     if "method" in raw:
-        return _request(raw, ident if has_id else None, has_id)
-    return _response(raw, ident if has_id else None)
+        return _request(raw, ident if has_id else None, has_id, simple)
+    return _response(raw, ident if has_id else None, simple)
 
 
 def _valid_id(ident: Any) -> bool:
     return isinstance(ident, str) or (isinstance(ident, int) and not isinstance(ident, bool))
 
 
-def _request(raw: dict[str, Any], ident: RequestId | None, has_id: bool) -> Message | Refusal:
+def _request(
+    raw: dict[str, Any], ident: RequestId | None, has_id: bool, simple: bool
+) -> Message | Refusal:
     if not raw.keys() <= _REQUEST_KEYS:
         return _invalid('a request has no "result" or "error"')
     method = raw["method"]
@@ -117,7 +120,7 @@ def _request(raw: dict[str, Any], ident: RequestId | None, has_id: bool) -> Mess
         problem = _call_params(params, has_id)
         if problem is not None:
             return problem
-    return Message(kind, raw, method, ident, params)
+    return Message(kind, raw, method, ident, params, simple)
 
 
 def _call_params(params: dict[str, Any] | None, has_id: bool) -> Refusal | None:
@@ -137,7 +140,7 @@ def _call_params(params: dict[str, Any] | None, has_id: bool) -> Refusal | None:
     return None
 
 
-def _response(raw: dict[str, Any], ident: RequestId | None) -> Message | Refusal:
+def _response(raw: dict[str, Any], ident: RequestId | None, simple: bool) -> Message | Refusal:
     if ident is None:
         return _invalid('a message needs "method" (request, notification) or "id" (response)')
     if "params" in raw:
@@ -155,7 +158,7 @@ def _response(raw: dict[str, Any], ident: RequestId | None) -> Message | Refusal
             return _invalid('"error.code" must be an integer')
         if not isinstance(error.get("message"), str):
             return _invalid('"error.message" must be a string')
-    return Message("response", raw, None, ident, None)
+    return Message("response", raw, None, ident, None, simple)
 
 
 def _invalid(message: str) -> Refusal:

@@ -56,24 +56,27 @@ def fold(key: str) -> str:
 
 def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        for k, _ in pairs:
-            if k in seen:
-                raise Refused("duplicate_key", f"key {json.dumps(k)} appears twice in an object")
-            seen.add(k)
-    if len(obj) > 1:
-        folded: dict[str, str] = {}
-        for k in obj:
-            f = fold(k)
-            if f in folded:
-                raise Refused(
-                    "duplicate_key",
-                    f"keys {json.dumps(folded[f])} and {json.dumps(k)} differ only in case "
-                    f"(some servers read them as one key)",
-                )
-            folded[f] = k
+    n = len(pairs)
+    if len(obj) == n and (n < 2 or _distinct_ascii_folds(obj)):
+        return obj
+    seen: dict[str, str] = {}
+    for k, _ in pairs:
+        f = fold(k)
+        if k in obj and seen.get(f) == k:
+            raise Refused("duplicate_key", f"key {json.dumps(k)} appears twice in an object")
+        if f in seen:
+            raise Refused(
+                "duplicate_key",
+                f"keys {json.dumps(seen[f])} and {json.dumps(k)} differ only in case "
+                f"(some servers read them as one key)",
+            )
+        seen[f] = k
     return obj
+
+
+def _distinct_ascii_folds(obj: dict[str, Any]) -> bool:
+    """The common case, in C: ASCII keys, distinct in lower case."""
+    return "".join(obj).isascii() and len({k.lower() for k in obj}) == len(obj)
 
 
 def _constant(name: str) -> Any:
@@ -96,15 +99,41 @@ def _int(text: str) -> int:
     return value
 
 
-_DECODER = json.JSONDecoder(
+# Two decoders: the number hooks cost a Python call per number, and only numbers with 16 or
+# more digits (2^53 has 16) or an exponent can be out of range, which a regex finds in C.
+_DECODER = json.JSONDecoder(object_pairs_hook=_object, parse_constant=_constant)
+_NUMBER_DECODER = json.JSONDecoder(
     object_pairs_hook=_object, parse_constant=_constant, parse_float=_float, parse_int=_int
 )
+_RISKY_NUMBER = re.compile(r"[0-9]{16}|[0-9][eE]")
+_MAYBE_FLOAT = re.compile(r"[0-9][.eE]")
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_INNERMOST = re.compile(r"\{\}|\[\]")
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """A value and what the reader learnt on the way. `simple`: no number that may be a float
+    and no key outside the Basic Multilingual Plane, so `json.dumps(sort_keys=True)` is
+    already its RFC 8785 form (canonical.py uses that C fast path)."""
+
+    value: Any
+    simple: bool
 
 
 def read_json(
     body: bytes, max_bytes: int = MAX_BODY_BYTES, max_depth: int = MAX_DEPTH
 ) -> Any | Refusal:
     """The one JSON value in `body`, or why it is refused (never an exception)."""
+    got = read(body, max_bytes, max_depth)
+    return got if isinstance(got, Refusal) else got.value
+
+
+def read(
+    body: bytes, max_bytes: int = MAX_BODY_BYTES, max_depth: int = MAX_DEPTH
+) -> Read | Refusal:
+    """`read_json`, with what the reader learnt about the value."""
     if len(body) > max_bytes:
         return Refusal("too_large", f"body is larger than {max_bytes} bytes")
     if body.startswith(b"\xef\xbb\xbf"):
@@ -113,8 +142,9 @@ def read_json(
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
         return Refusal("not_utf8", f"body is not valid UTF-8 (at byte {e.start})")
+    decoder = _NUMBER_DECODER if _RISKY_NUMBER.search(text) else _DECODER
     try:
-        value, end = _DECODER.raw_decode(text, _skip(text, 0))
+        value, end = decoder.raw_decode(text, _skip(text, 0))
     except Refused as e:
         return e.refusal
     except RecursionError:
@@ -125,13 +155,25 @@ def read_json(
         return Refusal("not_json", f"not JSON: {e}")
     if _skip(text, end) != len(text):
         return Refusal("trailing_data", "data after the JSON value")
-    nested = text.count("{") + text.count("[") > max_depth
+    if text.count("{") + text.count("[") > max_depth and _too_deep(text, max_depth):
+        return Refusal("too_deep", f"nested deeper than {max_depth} levels")
     surrogates = _SURROGATE_ESCAPE.search(text) is not None
-    if nested or surrogates:
-        problem = _walk(value, max_depth, surrogates)
-        if problem is not None:
-            return problem
-    return value
+    if surrogates and _has_lone_surrogate(value):
+        return _lone_surrogate()
+    # an escaped pair (\ud83d\ude00) decodes outside the BMP even in ASCII text
+    bmp = not surrogates and (text.isascii() or max(text) <= "\uffff")
+    return Read(value, bmp and _MAYBE_FLOAT.search(text) is None)
+
+
+def _too_deep(text: str, max_depth: int) -> bool:
+    """Nesting, found in C: strip strings and all but brackets, then peel innermost pairs;
+    what is left after `max_depth` peels was nested deeper. (The text is valid JSON here.)"""
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    for _ in range(max_depth):
+        brackets = _INNERMOST.sub("", brackets)
+        if not brackets:
+            return False
+    return bool(brackets)
 
 
 def _skip(text: str, i: int) -> int:
@@ -141,25 +183,20 @@ def _skip(text: str, i: int) -> int:
     return i
 
 
-def _walk(value: Any, max_depth: int, surrogates: bool) -> Refusal | None:
-    """Depth, and lone surrogates (a pair was already joined by json; a lone one stays)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
+def _has_lone_surrogate(value: Any) -> bool:
+    """A pair was already joined by json; a lone one stays in keys or strings."""
+    stack = [value]
     while stack:
-        node, depth = stack.pop()
+        node = stack.pop()
         if isinstance(node, dict):
-            if depth > max_depth:
-                return Refusal("too_deep", f"nested deeper than {max_depth} levels")
-            for k, v in node.items():
-                if surrogates and _SURROGATE.search(k):
-                    return _lone_surrogate()
-                stack.append((v, depth + 1))
+            if any(_SURROGATE.search(k) for k in node):
+                return True
+            stack.extend(node.values())
         elif isinstance(node, list):
-            if depth > max_depth:
-                return Refusal("too_deep", f"nested deeper than {max_depth} levels")
-            stack.extend((v, depth + 1) for v in node)
-        elif surrogates and isinstance(node, str) and _SURROGATE.search(node):
-            return _lone_surrogate()
-    return None
+            stack.extend(node)
+        elif isinstance(node, str) and _SURROGATE.search(node):
+            return True
+    return False
 
 
 def _lone_surrogate() -> Refusal:

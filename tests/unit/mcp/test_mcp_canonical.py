@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshgate.mcp.canonical import NotCanonical, canonical, canonical_text, digest, number
+from meshgate.mcp.strictjson import Read, Refusal, read
 
 # RFC 8785 appendix B: IEEE 754 bit patterns and their ECMAScript serialisation
 RFC_NUMBERS = [
@@ -157,3 +158,43 @@ def _shuffle(value: Any, rnd: random.Random) -> Any:
     if isinstance(value, list):
         return [_shuffle(v, rnd) for v in value]
     return value
+
+
+_bmp_text = st.text(
+    alphabet=st.characters(max_codepoint=0xFFFF, exclude_categories=["Cs"]), max_size=5
+)
+_simple_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | _bmp_text,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_bmp_text, inner, max_size=4),
+    max_leaves=15,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_simple_json)
+def test_fast_path_writes_the_same_bytes_when_its_conditions_hold(value: Any) -> None:
+    assert canonical(value, simple=True) == canonical(value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json | _simple_json, st.sampled_from([None, 0, 1]))
+def test_the_reader_says_simple_only_when_the_fast_path_is_exact(value: Any, indent: Any) -> None:
+    body = json.dumps(value, indent=indent, ensure_ascii=indent == 1).encode()
+    got = read(body)
+    assert not isinstance(got, Refusal) or got.code == "number_out_of_range"
+    if isinstance(got, Read) and got.simple:
+        assert canonical(got.value, simple=True) == canonical(got.value)
+
+
+def test_reader_flags() -> None:
+    for body, simple in [
+        (b'{"a":[1,"x.y",{"b":null}]}', True),
+        (b'{"a":"v1.2"}', False),  # conservative: a digit before a dot, even in a string
+        (b'{"a":1.5}', False),
+        (b'{"a":1e3}', False),
+        ('{"\U0001f600":1}'.encode(), False),
+        (b'{"\\ud83d\\ude00":1}', False),
+        (b'{"\\u00c1":1,"z":2}', True),
+    ]:
+        got = read(body)
+        assert isinstance(got, Read) and got.simple is simple, body
