@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 import unicodedata
 from dataclasses import dataclass
 from typing import Any
@@ -76,7 +77,7 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _distinct_ascii_folds(obj: dict[str, Any]) -> bool:
     """The common case, in C: ASCII keys, distinct in lower case."""
-    return "".join(obj).isascii() and len({k.lower() for k in obj}) == len(obj)
+    return "".join(obj).isascii() and len(set(map(str.lower, obj))) == len(obj)
 
 
 def _constant(name: str) -> Any:
@@ -87,6 +88,7 @@ def _float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
         raise Refused("number_out_of_range", f"number {text[:40]} is out of range")
+    _seen.float = True
     return value
 
 
@@ -99,24 +101,23 @@ def _int(text: str) -> int:
     return value
 
 
-# Two decoders: the number hooks cost a Python call per number, and only numbers with 16 or
-# more digits (2^53 has 16) or an exponent can be out of range, which a regex finds in C.
-_DECODER = json.JSONDecoder(object_pairs_hook=_object, parse_constant=_constant)
+# Two decoders: the integer hook costs a Python call per integer, and only an integer of 16 or
+# more digits (2^53 has 16) can be out of range, which a byte translation finds in C. The float
+# hook runs for floats only; it also notes (per thread) that the value holds one.
+_DECODER = json.JSONDecoder(object_pairs_hook=_object, parse_constant=_constant, parse_float=_float)
 _NUMBER_DECODER = json.JSONDecoder(
     object_pairs_hook=_object, parse_constant=_constant, parse_float=_float, parse_int=_int
 )
-_RISKY_NUMBER = re.compile(r"[0-9]{16}|[0-9][eE]")
-_MAYBE_FLOAT = re.compile(r"[0-9][.eE]")
-_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
-_INNERMOST = re.compile(r"\{\}|\[\]")
+_DIGITS = bytes.maketrans(b"0123456789", b"0000000000")
+_LONG_DIGIT_RUN = b"0" * 16
+_seen = threading.local()
 
 
 @dataclass(frozen=True, slots=True)
 class Read:
-    """A value and what the reader learnt on the way. `simple`: no number that may be a float
-    and no key outside the Basic Multilingual Plane, so `json.dumps(sort_keys=True)` is
-    already its RFC 8785 form (canonical.py uses that C fast path)."""
+    """A value and what the reader learnt on the way. `simple`: no float and no key outside the
+    Basic Multilingual Plane (and, as always here, integers within ±(2^53-1)), so
+    `json.dumps(sort_keys=True)` is already its RFC 8785 form (canonical.py's C fast path)."""
 
     value: Any
     simple: bool
@@ -142,7 +143,8 @@ def read(
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
         return Refusal("not_utf8", f"body is not valid UTF-8 (at byte {e.start})")
-    decoder = _NUMBER_DECODER if _RISKY_NUMBER.search(text) else _DECODER
+    decoder = _NUMBER_DECODER if _LONG_DIGIT_RUN in body.translate(_DIGITS) else _DECODER
+    _seen.float = False
     try:
         value, end = decoder.raw_decode(text, _skip(text, 0))
     except Refused as e:
@@ -155,25 +157,14 @@ def read(
         return Refusal("not_json", f"not JSON: {e}")
     if _skip(text, end) != len(text):
         return Refusal("trailing_data", "data after the JSON value")
-    if text.count("{") + text.count("[") > max_depth and _too_deep(text, max_depth):
+    if text.count("{") + text.count("[") > max_depth and _too_deep(value, max_depth):
         return Refusal("too_deep", f"nested deeper than {max_depth} levels")
     surrogates = _SURROGATE_ESCAPE.search(text) is not None
     if surrogates and _has_lone_surrogate(value):
         return _lone_surrogate()
     # an escaped pair (\ud83d\ude00) decodes outside the BMP even in ASCII text
     bmp = not surrogates and (text.isascii() or max(text) <= "\uffff")
-    return Read(value, bmp and _MAYBE_FLOAT.search(text) is None)
-
-
-def _too_deep(text: str, max_depth: int) -> bool:
-    """Nesting, found in C: strip strings and all but brackets, then peel innermost pairs;
-    what is left after `max_depth` peels was nested deeper. (The text is valid JSON here.)"""
-    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
-    for _ in range(max_depth):
-        brackets = _INNERMOST.sub("", brackets)
-        if not brackets:
-            return False
-    return bool(brackets)
+    return Read(value, bmp and not _seen.float)
 
 
 def _skip(text: str, i: int) -> int:
@@ -183,18 +174,36 @@ def _skip(text: str, i: int) -> int:
     return i
 
 
+def _too_deep(value: Any, max_depth: int) -> bool:
+    """Level by level, so a node costs a type check and the list work is in C."""
+    level = [value]
+    for _ in range(max_depth):
+        below: list[Any] = []
+        for node in level:
+            kind = type(node)
+            if kind is dict:
+                below.extend(node.values())
+            elif kind is list:
+                below.extend(node)
+        if not below:
+            return False
+        level = below
+    return any(type(node) is dict or type(node) is list for node in level)
+
+
 def _has_lone_surrogate(value: Any) -> bool:
-    """A pair was already joined by json; a lone one stays in keys or strings."""
+    """A pair was already joined by json; a lone one stays, in a key or a string."""
     stack = [value]
     while stack:
         node = stack.pop()
-        if isinstance(node, dict):
+        kind = type(node)
+        if kind is dict:
             if any(_SURROGATE.search(k) for k in node):
                 return True
             stack.extend(node.values())
-        elif isinstance(node, list):
+        elif kind is list:
             stack.extend(node)
-        elif isinstance(node, str) and _SURROGATE.search(node):
+        elif kind is str and _SURROGATE.search(node):
             return True
     return False
 
