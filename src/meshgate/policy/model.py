@@ -108,12 +108,13 @@ class EgressRule:
     paths: tuple[str, ...] = ()  # exact "/a" or prefix "/a/*"; empty: any path
     headers: tuple[HeaderMatch, ...] = ()
     tools: tuple[str, ...] = ()  # MCP tool names, of every entry; empty: any tool
-    tool_rules: tuple[ToolRule, ...] = ()  # the entries with argument rules, by name in `tools`
     rate_limit: RateLimit | None = None
     concurrency: Concurrency | None = None  # this agent on this rule
     models: tuple[str, ...] = ()  # model globs on an llm destination; empty: any model
     max_tokens: int | None = None
     budgets: tuple[Budget, ...] = ()  # counters of this agent and rule
+    # the `tools` entries with argument rules (last, so positional construction is unchanged)
+    tool_rules: tuple[ToolRule, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -186,6 +186,8 @@ def test_only_rules_whose_method_path_and_headers_match_count(policy: ToolPolicy
     assert isinstance(shown, bytes)
     assert [t["name"] for t in json.loads(shown)["result"]["tools"]] == ["t"]
     assert filter_tools_list(p, RequestFacts("POST", "/admin/"), tools) is tools
+    # the pacer's JSON form keeps every condition
+    assert decision.decode(decision.encode(p)).grants == p.grants
 
 
 def test_unknown_tool(policy: ToolPolicy) -> None:
