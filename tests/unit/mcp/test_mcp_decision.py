@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mcp.types import CallToolResult, JSONRPCError, JSONRPCResponse
 
 from meshgate.mcp import decision
@@ -380,3 +382,47 @@ def test_compiled_tool_checks_only_what_the_rule_says() -> None:
     v = closed.check({"a": 1})
     assert v is not None and v.must == "is not allowed by this rule" and "none" in v.hint
     assert closed.check({}) is None
+
+
+_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53) + 1, 2**53 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8)
+    | st.sampled_from(["acme/web", "sandbox/x", "bot: hi", "low", "high", "acme/§secret"]),
+    lambda inner: (
+        st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=3), inner, max_size=2)
+    ),
+    max_leaves=6,
+)
+_arg_names = st.sampled_from(
+    ["repo", "title", "labels", "priority", "draft", "issue", "body", "Repo", "x"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(["create_issue", "comment", "list_issues", "other"]),
+    st.dictionaries(_arg_names, _values, max_size=5),
+)
+def test_any_arguments_get_a_decision_that_echoes_no_value(
+    policy: ToolPolicy, tool: str, arguments: dict[str, Any]
+) -> None:
+    body = json.dumps(
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tools/call",
+            "params": {"name": tool, "arguments": arguments},
+        }
+    ).encode()
+    m = parse_message(body)
+    if isinstance(m, Refusal):
+        return
+    d = policy.decide(m, POST)
+    assert d.tool == tool and d.arguments_digest == digest(m.arguments)
+    assert d.allowed == (d.code == "allowed") and d.allowed == (d.reason == "")
+    assert "§" not in d.reason  # values sent never appear (rules and names hold no §)
+    if not d.allowed:
+        assert refusal_error(m.id, d) is not None
