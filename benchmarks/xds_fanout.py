@@ -215,9 +215,23 @@ class Server:
             import cProfile
             import pstats
 
+            spy = os.environ.get("FANOUT_PYSPY")  # py-spy output file: sample, native frames
             if words[1] == "start":
-                self.profiler = cProfile.Profile()
-                self.profiler.enable()
+                if spy:
+                    self.spy = subprocess.Popen(
+                        ["py-spy", "record", "--native", "-r", "100"]
+                        + ["--threads", "-f", "raw", "-o", spy, "-p", str(os.getpid())],
+                        stdout=sys.stderr,
+                    )
+                    time.sleep(1.0)  # let it attach
+                else:
+                    self.profiler = cProfile.Profile()
+                    self.profiler.enable()
+            elif spy:
+                import signal
+
+                self.spy.send_signal(signal.SIGINT)
+                self.spy.wait(60)
             else:
                 self.profiler.disable()
                 pstats.Stats(self.profiler, stream=sys.stderr).sort_stats("tottime").print_stats(30)

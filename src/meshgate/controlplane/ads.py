@@ -18,6 +18,7 @@ from meshgate.controlplane.cache import SnapshotCache
 from meshgate.controlplane.push_queue import Pusher
 from meshgate.controlplane.registry import NodeRegistry
 from meshgate.controlplane.streams import (
+    PUSH_SLOT_TIMEOUT,
     AdsStream,
     Authenticator,
     DeltaStream,
@@ -61,7 +62,9 @@ class AdsService:
         self.cache = cache
         self.registry = registry
         self.authenticate = authenticate
-        self.pusher: Pusher[AdsStream] = Pusher(_push, max_concurrent_pushes)
+        self.pusher: Pusher[AdsStream] = Pusher(
+            AdsStream.push, max_concurrent_pushes, slot_timeout=PUSH_SLOT_TIMEOUT
+        )
         self.sent: collections.Counter[str] = collections.Counter()  # responses, by type URL
 
     def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
@@ -106,7 +109,3 @@ class AdsService:
         except StreamError as exc:
             log.info("stream %s closed: %s", stream.stream_id, exc.message)
             await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)
-
-
-async def _push(stream: AdsStream) -> None:
-    await stream.push()
