@@ -218,9 +218,9 @@ class Server:
             spy = os.environ.get("FANOUT_PYSPY")  # py-spy output file: sample, native frames
             if words[1] == "start":
                 if spy:
+                    argv = ["py-spy", "record", "--native", "-r", "100", "--threads", "-f", "raw"]
                     self.spy = subprocess.Popen(
-                        ["py-spy", "record", "--native", "-r", "100"]
-                        + ["--threads", "-f", "raw", "-o", spy, "-p", str(os.getpid())],
+                        [*argv, "-o", spy, "-p", str(os.getpid())],
                         stdout=sys.stderr,
                     )
                     time.sleep(1.0)  # let it attach

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-
-import pytest
-
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
+
+import pytest
 
 from meshgate.controlplane.push_queue import Pusher, PushQueue
 
