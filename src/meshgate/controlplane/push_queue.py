@@ -17,6 +17,7 @@ part of the control plane's CPU, and objects for the collector.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Callable, Hashable
@@ -37,8 +38,10 @@ class PushQueue(Generic[K]):
     a key requested both ways counts as urgent."""
 
     def __init__(self) -> None:
-        self._urgent: dict[K, float] = {}  # insertion order is FIFO order
-        self._pending: dict[K, float] = {}
+        # insertion order is FIFO order; OrderedDict pops its first key in O(1), where a dict
+        # scans past every key popped before it (10,000 pending keys: 50 million steps)
+        self._urgent: collections.OrderedDict[K, float] = collections.OrderedDict()
+        self._pending: collections.OrderedDict[K, float] = collections.OrderedDict()
         self._in_flight: set[K] = set()
         self._again: dict[K, tuple[float, bool]] = {}  # requested while in flight
 
@@ -62,8 +65,7 @@ class PushQueue(Generic[K]):
         lane = self._urgent or self._pending
         if not lane:
             return None
-        key = next(iter(lane))
-        at = lane.pop(key)
+        key, at = lane.popitem(last=False)
         self._in_flight.add(key)
         return key, at
 

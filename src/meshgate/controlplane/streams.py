@@ -309,49 +309,44 @@ class SotwStream(AdsStream):
     def on_request(self, request: discovery_pb2.DiscoveryRequest) -> None:
         st = self.state(request.type_url)
         kind = classify(st, request.response_nonce, request.HasField("error_detail"))
-        names = sotw_names(request.type_url, list(request.resource_names))
         if kind is Kind.STALE:
             return
+        names = sotw_names(request.type_url, list(request.resource_names))
         if kind is Kind.NEW:
             st.names = names
             st.in_flight = False
             st.nonce_sent = None
             if request.version_info:
                 st.version_acked = request.version_info
-            self._respond(st)
+            self._respond(st, self.snapshot())
             return
         st.in_flight = False
         if kind is Kind.NACK:
             self.record_nack(st, request.error_detail.message)
         else:
             acknowledge(st, request.version_info)
+        snap = self.snapshot()
         if names != st.names:
             st.names = names
-            self._respond(st)
-        else:
-            self._push_if_new(st)
+            self._respond(st, snap)
+        elif snap is not None and should_push(st, snap.version(st.type_url)):
+            self._respond(st, snap)
 
     def on_snapshot(self) -> None:
         assert self.conn is not None
         subscribed = self.conn.types
+        snap = self.snapshot()  # once per push, not per type
+        if snap is None:
+            return
         for type_url in types.TYPE_ORDER:
             st = subscribed.get(type_url)
             if st is None:
                 continue
-            if st.nonce_sent is None:  # subscribed before its group had a snapshot
-                self._respond(st)
-            else:
-                self._push_if_new(st)
+            # never sent (subscribed before its group had a snapshot), or a new version
+            if st.nonce_sent is None or should_push(st, snap.version(type_url)):
+                self._respond(st, snap)
 
-    def _push_if_new(self, st: TypeState) -> None:
-        if st.in_flight or st.nonce_sent is None:  # should_push would say no: skip the lookup
-            return
-        snap = self.snapshot()
-        if snap is not None and should_push(st, snap.version(st.type_url)):
-            self._respond(st)
-
-    def _respond(self, st: TypeState) -> None:
-        snap = self.snapshot()
+    def _respond(self, st: TypeState, snap: Snapshot | None) -> None:
         if snap is None:  # nothing for this group yet: the first snapshot will wake us
             st.nonce_sent = None
             return
@@ -394,10 +389,16 @@ class DeltaStream(AdsStream):
 
     def on_snapshot(self) -> None:
         assert self.conn is not None
+        snap = self.snapshot()
+        if snap is None:
+            return
         for type_url in types.TYPE_ORDER:
             st = self.conn.types.get(type_url)
-            if st is not None and not st.in_flight:
-                self._respond(st, force=st.nonce_sent is None)
+            if st is None or st.in_flight:
+                continue
+            if st.nonce_sent is not None and st.version_sent == snap.version(type_url):
+                continue  # planned against this very content already: nothing to diff
+            self._respond(st, force=st.nonce_sent is None)
 
     def _respond(self, st: TypeState, force: bool) -> None:
         snap = self.snapshot()
