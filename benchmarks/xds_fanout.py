@@ -34,6 +34,7 @@ import dataclasses
 import gc
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -215,13 +216,13 @@ class Server:
             import cProfile
             import pstats
 
-            spy = os.environ.get("FANOUT_PYSPY")  # py-spy output file: sample, native frames
+            # a profiler to attach instead (-p PID is added), stopped by SIGINT: e.g.
+            # FANOUT_ATTACH="py-spy record --native --threads -f raw -o spy.txt"
+            spy = os.environ.get("FANOUT_ATTACH")
             if words[1] == "start":
                 if spy:
-                    argv = ["py-spy", "record", "--native", "-r", "100", "--threads", "-f", "raw"]
                     self.spy = subprocess.Popen(
-                        [*argv, "-o", spy, "-p", str(os.getpid())],
-                        stdout=sys.stderr,
+                        [*shlex.split(spy), "-p", str(os.getpid())], stdout=sys.stderr
                     )
                     time.sleep(1.0)  # let it attach
                 else:
