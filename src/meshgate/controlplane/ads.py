@@ -106,7 +106,7 @@ class AdsService:
             self.sent,
         )
         try:
-            await stream.run(requests)
+            await stream.run(context.read)  # not `requests`: see AdsStream._read
         except StreamError as exc:
             log.info("stream %s closed: %s", stream.stream_id, exc.message)
             await context.abort(getattr(grpc.StatusCode, exc.code), exc.message)

@@ -19,10 +19,11 @@ import collections
 import functools
 import itertools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from envoy.service.discovery.v3 import discovery_pb2
+from grpc.aio import EOF  # type: ignore[attr-defined]  # (missing from grpc-stubs)
 
 from meshgate.controlplane.cache import SnapshotCache
 from meshgate.controlplane.push_queue import Pusher
@@ -146,9 +147,14 @@ class AdsStream(abc.ABC):
         self._nonces = itertools.count(1)
         self._cancel_watch: Callable[[], None] | None = None
 
-    async def run(self, requests: AsyncIterator[Any]) -> None:
-        """The writer: hand queued responses to gRPC, in order, until the stream ends."""
-        reader = asyncio.create_task(self._read(requests))
+    def __repr__(self) -> str:  # in the Pusher's log lines
+        node = self.conn.node_id if self.conn is not None else "?"
+        return f"stream {self.stream_id} ({node})"
+
+    async def run(self, read: Callable[[], Awaitable[Any]]) -> None:
+        """The writer: hand queued responses to gRPC, in order, until the stream ends.
+        `read` is the call's `read()`: the next request, or `grpc.aio.EOF`."""
+        reader = asyncio.create_task(self._read(read))
         outbox = self.outbox
         items = outbox.items
         write = self._write
@@ -179,11 +185,12 @@ class AdsStream(abc.ABC):
                 self.pusher.done(self)
             self.registry.remove(self.stream_id)
 
-    async def _read(self, requests: AsyncIterator[Any]) -> None:
+    async def _read(self, read: Callable[[], Awaitable[Any]]) -> None:
         """The reader: apply each request as it comes; an error ends the stream (via the
-        writer, after the responses queued before it)."""
+        writer, after the responses queued before it). It calls `read()` itself rather than
+        iterating the call's request iterator: one async generator step less per ACK."""
         try:
-            async for request in requests:
+            while (request := await read()) is not EOF:
                 try:
                     if self.conn is None:
                         await self._connect(request)
