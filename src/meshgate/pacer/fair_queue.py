@@ -93,11 +93,12 @@ class Limiter:
         return q.in_flight if q else 0
 
     def waiting_by_key(self) -> dict[str, int]:
-        return {k: q.waiting for k, q in self._queues.items() if q.waiting}
+        # copied first: the metrics thread reads this while the loop mutates it
+        return {k: q.waiting for k, q in list(self._queues.items()) if q.waiting}
 
     def capacity_waiting(self) -> int:
         """Requests waiting for gateway capacity (keys with capacity=True): the scaling signal."""
-        return sum(q.waiting for q in self._queues.values() if q.capacity)
+        return sum(q.waiting for q in list(self._queues.values()) if q.capacity)
 
     def keys(self) -> int:
         return len(self._queues)

@@ -1,0 +1,634 @@
+"""The pacer behind a real Envoy 1.40: its ratelimit and ext_proc filters call the pacer over a
+unix socket, in front of a local mock upstream (plain, slow, streaming SSE, hanging, reset).
+
+The static filter configuration here is the one the policy translation generates (see
+`filters` and `route`): what is tested is the pair Envoy + pacer, end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+from builders import free_port
+
+from meshgate.pacer.ext_proc import PacerSettings
+from meshgate.pacer.service import Pacer
+from meshgate.pacing import spec
+from meshgate.sidecar.envoy_process import find_envoy
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit" / "pacer"))
+from pacer_twins import TwinLlm, TwinStore
+
+pytestmark = pytest.mark.e2e
+
+UPSTREAM = "upstream"
+EXT = "type.googleapis.com/envoy.extensions."
+LOG_FORMAT = {
+    "code": "%RESPONSE_CODE%",
+    "details": "%RESPONSE_CODE_DETAILS%",
+    "flags": "%RESPONSE_FLAGS%",
+    "pacer": "%DYNAMIC_METADATA(meshgate.pacer)%",
+    "path": "%REQ(:PATH)%",
+}
+
+
+# --- the mock upstream ------------------------------------------------------------------
+
+
+async def _ok(request: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+async def _slow(request: web.Request) -> web.StreamResponse:
+    """Headers at once, then the body after `ms`: a response in flight for that long."""
+    resp = web.StreamResponse()
+    resp.content_type = "text/plain"
+    await resp.prepare(request)
+    await resp.write(b"start\n")
+    await asyncio.sleep(int(request.query.get("ms", "500")) / 1000)
+    await resp.write(b"end\n")
+    await resp.write_eof()
+    return resp
+
+
+async def _hang(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse()
+    resp.content_type = "text/event-stream"
+    await resp.prepare(request)
+    for _ in range(600):
+        await resp.write(b'data: {"choices":[]}\n\n')
+        await asyncio.sleep(0.1)
+    return resp
+
+
+async def _reset(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse()
+    resp.content_type = "text/event-stream"
+    await resp.prepare(request)
+    await resp.write(b'data: {"choices":[]}\n\n')
+    await asyncio.sleep(0.3)
+    assert request.transport is not None
+    request.transport.abort()  # the upstream goes away mid-body
+    return resp
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
+    body = await request.json()
+    usage = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+    echo = {"max_tokens_seen": body.get("max_tokens")}
+    if not body.get("stream"):
+        return web.json_response({"model": body["model"], "usage": usage, **echo})
+    resp = web.StreamResponse()
+    resp.content_type = "text/event-stream"
+    await resp.prepare(request)
+    for word in ("he", "llo"):
+        chunk = {"model": body["model"], "choices": [{"delta": {"content": word}}], **echo}
+        await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await asyncio.sleep(0.05)
+    final = {"model": body["model"], "choices": [], "usage": usage}
+    await resp.write(f"data: {json.dumps(final)}\n\ndata: [DONE]\n\n".encode())
+    await resp.write_eof()
+    return resp
+
+
+@contextlib.asynccontextmanager
+async def upstream() -> AsyncIterator[int]:
+    app = web.Application()
+    app.router.add_get("/ok", _ok)
+    app.router.add_get("/limited", _ok)
+    app.router.add_get("/closed", _ok)
+    app.router.add_get("/open", _ok)
+    app.router.add_get("/nospec", _ok)
+    app.router.add_get("/budget", _ok)
+    app.router.add_get("/slow", _slow)
+    app.router.add_get("/queue", _slow)
+    app.router.add_get("/fair", _slow)
+    app.router.add_get("/hang", _hang)
+    app.router.add_get("/reset", _reset)
+    app.router.add_post("/v1/chat/completions", _chat)
+    app.router.add_post("/llm-hang", _hang)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        yield port
+    finally:
+        await runner.cleanup()
+
+
+# --- the Envoy configuration the translation generates ----------------------------------
+
+
+def ratelimit_filter(stage: int, deny: bool) -> dict[str, Any]:
+    return {
+        "name": f"envoy.filters.http.ratelimit.stage{stage}",
+        "typed_config": {
+            "@type": EXT + "filters.http.ratelimit.v3.RateLimit",
+            "domain": spec.RLS_DOMAIN,
+            "stage": stage,
+            "failure_mode_deny": deny,
+            "timeout": "0.25s",
+            "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
+            "status_on_error": {"code": 503},
+            "rate_limit_service": {
+                "grpc_service": {"envoy_grpc": {"cluster_name": spec.PACER_CLUSTER}},
+                "transport_api_version": "V3",
+            },
+        },
+    }
+
+
+def ext_proc_filter() -> dict[str, Any]:
+    return {
+        "name": "meshgate.pacer",
+        "disabled": True,  # on per route, with the route's PaceSpec
+        "typed_config": {
+            "@type": EXT + "filters.http.ext_proc.v3.ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": spec.PACER_CLUSTER}},
+            "failure_mode_allow": False,
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "response_header_mode": "SEND",
+                "request_body_mode": "NONE",
+                "response_body_mode": "NONE",
+                "request_trailer_mode": "SKIP",
+                "response_trailer_mode": "SKIP",
+            },
+            "message_timeout": "1s",
+            "max_message_timeout": "130s",
+            "allow_mode_override": True,
+            "metadata_options": {
+                "receiving_namespaces": {"untyped": [spec.DYNAMIC_METADATA_NAMESPACE]}
+            },
+        },
+    }
+
+
+def filters() -> list[dict[str, Any]]:
+    return [
+        ratelimit_filter(0, False),
+        ratelimit_filter(1, True),
+        ext_proc_filter(),
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": EXT + "filters.http.router.v3.Router"},
+        },
+    ]
+
+
+def route(
+    path: str,
+    pace: spec.PaceSpec | None = None,
+    limit: spec.GlobalLimit | None = None,
+    agent: str | None = None,
+) -> dict[str, Any]:
+    match: dict[str, Any] = {"path": path}
+    if agent is not None:
+        match["headers"] = [{"name": "x-agent", "string_match": {"exact": agent}}]
+    r: dict[str, Any] = {"match": match, "route": {"cluster": UPSTREAM, "timeout": "60s"}}
+    if limit is not None:
+        r["route"]["rate_limits"] = [
+            {
+                "stage": 0 if limit.on_store_failure == "open" else 1,
+                "actions": [
+                    {"generic_key": {"descriptor_key": k, "descriptor_value": v}}
+                    for k, v in spec.descriptor_entries(limit)
+                ],
+            }
+        ]
+    if pace is not None:
+        r["typed_per_filter_config"] = {
+            "meshgate.pacer": {
+                "@type": EXT + "filters.http.ext_proc.v3.ExtProcPerRoute",
+                "overrides": {
+                    "grpc_initial_metadata": [
+                        {"key": spec.PACE_METADATA, "value": spec.encode(pace)}
+                    ]
+                },
+            }
+        }
+    return r
+
+
+def pace(agent: str, **kw: Any) -> spec.PaceSpec:
+    return spec.PaceSpec(agent=agent, destination="dest", **kw)
+
+
+LLM = spec.LlmSpec(
+    "openai", models=("gpt-4o-mini",), max_tokens=100, prices=(spec.Price("*", "0.15", "0.60"),)
+)
+
+
+def routes() -> list[dict[str, Any]]:
+    one_at_a_time = spec.ConcurrencySpec("dest/slow", 1, 5000, fair=True)
+    return [
+        route("/ok"),
+        route("/limited", limit=spec.GlobalLimit("a/limited", 2, 60, "open")),
+        route("/closed", limit=spec.GlobalLimit("a/closed", 100, 60, "closed")),
+        route("/open", limit=spec.GlobalLimit("a/open", 100, 60, "open")),
+        route(
+            "/budget",
+            pace(
+                "a",
+                budgets=(spec.BudgetSpec("agent/a/daily", "requests", 2, "day"),),
+            ),
+        ),
+        route("/slow", pace("a", concurrency=(one_at_a_time,))),
+        route(
+            "/queue",
+            pace("a", concurrency=(spec.ConcurrencySpec("dest/queue", 1, 300),)),
+        ),
+        *[
+            route(
+                "/fair",
+                pace(who, concurrency=(spec.ConcurrencySpec("dest/fair", 1, 30000, True),)),
+                agent=who,
+            )
+            for who in ("a", "b")
+        ],
+        route("/hang", pace("a", concurrency=(spec.ConcurrencySpec("dest/hang", 1, 3000),))),
+        route("/reset", pace("a", concurrency=(spec.ConcurrencySpec("dest/reset", 1, 3000),))),
+        route(
+            "/v1/chat/completions",
+            pace(
+                "a",
+                budgets=(spec.BudgetSpec("agent/a/tokens", "tokens", 1_000_000, "day"),),
+                concurrency=(spec.ConcurrencySpec("dest/llm", 4, 3000, True),),
+                llm=LLM,
+            ),
+        ),
+        route(
+            "/llm-hang",
+            pace(
+                "a",
+                budgets=(spec.BudgetSpec("agent/a/hang", "tokens", 1_000_000, "day"),),
+                concurrency=(spec.ConcurrencySpec("dest/llm-hang", 1, 3000),),
+                llm=LLM,
+            ),
+        ),
+        {  # ext_proc on, but no PaceSpec in its metadata
+            **route("/nospec"),
+            "typed_per_filter_config": {
+                "meshgate.pacer": {
+                    "@type": EXT + "filters.http.ext_proc.v3.ExtProcPerRoute",
+                    "overrides": {"grpc_initial_metadata": [{"key": "x-other", "value": "1"}]},
+                }
+            },
+        },
+    ]
+
+
+def envoy_config(tmp: Path, listen: int, upstream_port: int, pacer_socket: Path) -> dict[str, Any]:
+    hcm = {
+        "@type": EXT + "filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "gw",
+        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes()}]},
+        "http_filters": filters(),
+        "access_log": [
+            {
+                "name": "envoy.access_loggers.file",
+                "typed_config": {
+                    "@type": EXT + "access_loggers.file.v3.FileAccessLog",
+                    "path": str(tmp / "access.log"),
+                    "log_format": {"json_format": LOG_FORMAT},
+                },
+            }
+        ],
+    }
+    return {
+        "admin": {"address": {"pipe": {"path": str(tmp / "admin.sock")}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "gw",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": hcm,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": UPSTREAM,
+                    "connect_timeout": "1s",
+                    "load_assignment": {
+                        "cluster_name": UPSTREAM,
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {
+                                        "endpoint": {
+                                            "address": {
+                                                "socket_address": {
+                                                    "address": "127.0.0.1",
+                                                    "port_value": upstream_port,
+                                                }
+                                            }
+                                        }
+                                    }
+                                ]
+                            }
+                        ],
+                    },
+                },
+                pacer_cluster(pacer_socket),
+            ],
+        },
+    }
+
+
+def pacer_cluster(socket: Path) -> dict[str, Any]:
+    return {
+        "name": spec.PACER_CLUSTER,
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": EXT + "upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": spec.PACER_CLUSTER,
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": str(socket)}}}}]}
+            ],
+        },
+    }
+
+
+# --- fixtures ---------------------------------------------------------------------------
+
+
+class Gateway:
+    def __init__(self, base: str, store: TwinStore, pacer: Pacer, log: Path) -> None:
+        self.base = base
+        self.store = store
+        self.pacer = pacer
+        self.log = log
+
+    def records(self, path: str) -> list[dict[str, Any]]:
+        if not self.log.exists():
+            return []
+        lines = self.log.read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r["path"].startswith(path)]
+
+    async def record(self, path: str, n: int = 1, timeout: float = 10) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while len(found := self.records(path)) < n:
+            assert time.monotonic() < deadline, f"no {n} access-log records for {path}"
+            await asyncio.sleep(0.1)
+        return found
+
+    async def until(self, check: Any, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            assert time.monotonic() < deadline, "condition not met in time"
+            await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def pacer_parts(tmp_path: Path) -> Iterator[tuple[TwinStore, Pacer]]:
+    store = TwinStore()
+    pacer = Pacer(tmp_path / "pacer.sock", lambda: store, TwinLlm(), PacerSettings())
+    pacer.start()
+    try:
+        yield store, pacer
+    finally:
+        pacer.stop()
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path, pacer_parts: tuple[TwinStore, Pacer]) -> AsyncIterator[Gateway]:
+    store, pacer = pacer_parts
+    async with upstream() as up:
+        listen = free_port()
+        cfg = tmp_path / "envoy.json"
+        cfg.write_text(json.dumps(envoy_config(tmp_path, listen, up, pacer.socket)))
+        log = (tmp_path / "envoy.log").open("w")
+        proc = subprocess.Popen(
+            [
+                find_envoy(),
+                "-c",
+                str(cfg),
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+                "--file-flush-interval-msec",
+                "50",
+                "-l",
+                "warning",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        base = f"http://127.0.0.1:{listen}"
+        try:
+            async with httpx.AsyncClient() as client:
+                deadline = time.monotonic() + 30
+                while True:
+                    assert proc.poll() is None, (tmp_path / "envoy.log").read_text()
+                    try:
+                        if (await client.get(base + "/ok")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    assert time.monotonic() < deadline, "envoy did not start"
+                    await asyncio.sleep(0.1)
+            yield Gateway(base, store, pacer, tmp_path / "access.log")
+        finally:
+            proc.terminate()
+            proc.wait(10)
+            log.close()
+
+
+async def get(gw: Gateway, path: str, **kw: Any) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=30) as client:
+        return await client.get(gw.base + path, **kw)
+
+
+# --- tests ------------------------------------------------------------------------------
+
+
+async def test_global_limit_is_429_with_ratelimit_headers_and_retry_after(gateway: Gateway) -> None:
+    first = await get(gateway, "/limited")
+    assert first.status_code == 200
+    assert first.headers["x-ratelimit-limit"].startswith("2, 2;w=60")
+    assert first.headers["x-ratelimit-remaining"] == "1"
+    assert (await get(gateway, "/limited")).status_code == 200
+    refused = await get(gateway, "/limited")
+    assert refused.status_code == 429
+    assert refused.headers["x-envoy-ratelimited"] == "true"
+    assert refused.headers["x-ratelimit-remaining"] == "0"
+    assert 1 <= int(refused.headers["retry-after"]) <= 30  # one token back at 2/60s
+    records = await gateway.record("/limited", 3)
+    assert records[-1]["flags"] == "RL"
+
+
+async def test_store_down_fails_each_limit_its_own_way(gateway: Gateway) -> None:
+    gateway.store.down = True
+    assert (await get(gateway, "/open")).status_code == 200
+    closed = await get(gateway, "/closed")
+    assert closed.status_code == 503
+    (record,) = await gateway.record("/closed")
+    assert record["flags"] == "RLSE"
+    assert record["details"] == "rate_limiter_error"
+
+
+async def test_a_route_without_a_pace_spec_is_refused(gateway: Gateway) -> None:
+    r = await get(gateway, "/nospec")
+    assert r.status_code == 500
+    assert r.json()["error"]["type"] == "pace_spec_invalid"
+    (record,) = await gateway.record("/nospec")
+    assert record["details"] == "pace_spec_invalid"
+
+
+async def test_budget_refusal_names_budget_spent_reserved_limit_and_reset(
+    gateway: Gateway,
+) -> None:
+    assert (await get(gateway, "/budget")).status_code == 200
+    assert (await get(gateway, "/budget")).status_code == 200
+    refused = await get(gateway, "/budget")
+    assert refused.status_code == 429
+    error = refused.json()["error"]
+    assert error["type"] == spec.OVER_BUDGET
+    assert error["budget"] == "agent/a/daily"
+    assert (error["spent"], error["reserved"], error["limit"]) == (2, 0, 2)
+    _, end = spec.window_bounds("day", time.time())
+    assert error["resets_at"].startswith(time.strftime("%Y-%m-%dT00:00:00", time.gmtime(end)))
+    assert abs(int(refused.headers["retry-after"]) - (end - time.time())) < 5
+    records = await gateway.record("/budget", 3)
+    assert records[-1]["details"] == spec.OVER_BUDGET
+    assert records[-1]["pacer"]["budget"] == "agent/a/daily"
+
+
+async def test_a_request_waits_for_a_slot_longer_than_envoys_message_timeout(
+    gateway: Gateway,
+) -> None:
+    started = time.monotonic()
+    first = asyncio.create_task(get(gateway, "/slow?ms=1500"))
+    await gateway.until(lambda: gateway.pacer.limiter.in_flight("dest/slow") == 1)
+    second = await get(gateway, "/slow?ms=10")
+    assert second.status_code == 200  # waited ~1.5 s > message_timeout 1 s: not cut
+    assert time.monotonic() - started >= 1.4
+    assert (await first).status_code == 200
+    records = await gateway.record("/slow", 2)
+    waited = [r["pacer"]["queued_ms"] for r in records]
+    assert max(waited) >= 1000, records
+    await gateway.until(lambda: gateway.pacer.limiter.in_flight("dest/slow") == 0)
+
+
+async def test_queue_timeout_is_503_saying_how_long_it_waited(gateway: Gateway) -> None:
+    first = asyncio.create_task(get(gateway, "/queue?ms=1500"))
+    await gateway.until(lambda: gateway.pacer.limiter.in_flight("dest/queue") == 1)
+    refused = await get(gateway, "/queue?ms=10")
+    assert refused.status_code == 503
+    assert "retry-after" in refused.headers
+    error = refused.json()["error"]
+    assert error["type"] == spec.QUEUE_TIMEOUT
+    assert 250 <= error["waited_ms"] <= 1000 and error["max_wait_ms"] == 300
+    assert "waited 0." in error["message"]
+    assert (await first).status_code == 200
+    records = await gateway.record("/queue", 2)
+    assert spec.QUEUE_TIMEOUT in [r["details"] for r in records]
+
+
+async def test_one_agents_flood_does_not_starve_another(gateway: Gateway) -> None:
+    done: list[str] = []
+
+    async def one(agent: str) -> None:
+        r = await get(gateway, "/fair?ms=200", headers={"x-agent": agent})
+        assert r.status_code == 200
+        done.append(agent)
+
+    flood = [asyncio.create_task(one("a")) for _ in range(8)]
+    await gateway.until(lambda: gateway.pacer.limiter.waiting("dest/fair") >= 7)
+    b = asyncio.create_task(one("b"))
+    await asyncio.gather(*flood, b)
+    assert done.index("b") <= 2, done  # the one in flight, at most one more of a's, then b
+
+
+async def test_streamed_llm_call_settles_with_the_real_usage(gateway: Gateway) -> None:
+    body = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    async with httpx.AsyncClient(timeout=30) as client:
+        r = await client.post(gateway.base + "/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert '"max_tokens_seen": 100' in r.text  # the route's ceiling was injected
+    store = gateway.store
+    await gateway.until(lambda: len(store.settled) == 1)
+    (actual,) = store.settled.values()
+    assert actual == {"agent/a/tokens": 18}
+    assert store.spent["agent/a/tokens"] == 18 and store.reserved["agent/a/tokens"] == 0
+    (record,) = await gateway.record("/v1/chat")
+    assert record["pacer"]["model"] == "gpt-4o-mini"
+    assert (record["pacer"]["tokens_in"], record["pacer"]["tokens_out"]) == (11, 7)
+    assert record["pacer"]["cost_micro_usd"] == 6  # ceil(11 * 0.15 + 7 * 0.60)
+    assert gateway.pacer.limiter.in_flight("dest/llm") == 0
+
+
+async def test_llm_refusals(gateway: Gateway) -> None:
+    async with httpx.AsyncClient(timeout=30) as client:
+        url = gateway.base + "/v1/chat/completions"
+        wrong = await client.post(url, json={"model": "gpt-5", "messages": []})
+        big = await client.post(url, json={"model": "gpt-4o-mini", "max_tokens": 101})
+    assert wrong.status_code == 403 and wrong.json()["error"]["type"] == spec.MODEL_NOT_ALLOWED
+    assert big.status_code == 400 and big.json()["error"]["type"] == spec.MAX_TOKENS_EXCEEDED
+    records = await gateway.record("/v1/chat", 2)
+    assert {r["details"] for r in records} == {spec.MODEL_NOT_ALLOWED, spec.MAX_TOKENS_EXCEEDED}
+    assert gateway.store.reserved == {}
+
+
+async def test_a_slot_is_held_until_the_response_ends(gateway: Gateway) -> None:
+    task = asyncio.create_task(get(gateway, "/slow?ms=800"))
+    await gateway.until(lambda: gateway.pacer.limiter.in_flight("dest/slow") == 1)
+    await asyncio.sleep(0.5)  # headers came back long ago; the body is still streaming
+    assert gateway.pacer.limiter.in_flight("dest/slow") == 1
+    assert (await task).status_code == 200
+    await gateway.until(lambda: gateway.pacer.limiter.in_flight("dest/slow") == 0, timeout=3)
+
+
+async def test_client_disconnect_releases_the_slot_and_charges_in_full(gateway: Gateway) -> None:
+    limiter, store = gateway.pacer.limiter, gateway.store
+    for path, key in (("/hang", "dest/hang"), ("/llm-hang", "dest/llm-hang")):
+        async with httpx.AsyncClient(timeout=30) as client:
+            method = "GET" if path == "/hang" else "POST"
+            body = {"model": "gpt-4o-mini", "max_tokens": 50, "stream": True}
+            req = client.build_request(
+                method, gateway.base + path, json=body if method == "POST" else None
+            )
+            resp = await client.send(req, stream=True)
+            assert resp.status_code == 200
+            async for _ in resp.aiter_bytes():
+                break
+            assert limiter.in_flight(key) == 1
+            await resp.aclose()
+        await gateway.until(lambda key=key: limiter.in_flight(key) == 0, timeout=5)
+    await gateway.until(lambda: len(store.settled) == 1)
+    assert store.settled[next(iter(store.settled))] == {}  # no usage seen: charged in full
+    assert store.reserved["agent/a/hang"] == 0 and store.spent["agent/a/hang"] > 50
+
+
+async def test_upstream_reset_releases_the_slot(gateway: Gateway) -> None:
+    with contextlib.suppress(httpx.HTTPError):
+        await get(gateway, "/reset")
+    await gateway.until(lambda: gateway.pacer.limiter.in_flight("dest/reset") == 0, timeout=5)
+    assert gateway.pacer.limiter.keys() == 0
