@@ -64,6 +64,7 @@ from meshgate.identity.admin_token import load_or_create_token, load_token_file,
 from meshgate.identity.certs import IssuedCert
 from meshgate.identity.tokens import TokenAuthority
 from meshgate.identity.xds_tls import ensure_serving_cert, load_serving_cert, withdraw_bundle
+from meshgate.pacing.store import LimitStore
 from meshgate.xds.options import DEFAULT_CA_BUNDLE, TranslateOptions
 
 if TYPE_CHECKING:
@@ -210,6 +211,8 @@ class ControlPlane:
             authenticate,
             on_commit=self.metrics.audit_committed,
         )
+        # budgets and global limits: the embedded store, shared with gateways over xDS
+        self._limit_store: LimitStore | None = None
         self.xds_server: XdsServer | None = None  # made in start(): TLS credentials first
         self.admin_server: AdminServer | None = None  # made in start(): the token first
         self._started: list[Service] = []
@@ -251,6 +254,10 @@ class ControlPlane:
     def audit_log(self) -> AuditLogStore | None:
         """What /v1/audit queries; None until the store is open (or when it cannot query)."""
         return self._audit_log
+
+    @property
+    def limit_store(self) -> LimitStore | None:
+        return self._limit_store
 
     def metrics_text(self) -> bytes:
         return self.metrics.exposition()
