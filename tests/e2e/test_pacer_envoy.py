@@ -15,17 +15,26 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
 from aiohttp import web
 from builders import free_port
+from google.protobuf import json_format
 
 from meshgate.pacer.ext_proc import PacerSettings
 from meshgate.pacer.service import Pacer
 from meshgate.pacing import spec
 from meshgate.sidecar.envoy_process import find_envoy
+from meshgate.xds.pacing import (
+    PACER_FILTER,
+    global_limit_filters,
+    global_rate_limit,
+    pacer_filter,
+    pacer_route_config,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit" / "pacer"))
 from pacer_twins import TwinLlm, TwinStore
@@ -132,56 +141,28 @@ async def upstream() -> AsyncIterator[int]:
 # --- the Envoy configuration the translation generates ----------------------------------
 
 
-def ratelimit_filter(stage: int, deny: bool) -> dict[str, Any]:
-    return {
-        "name": f"envoy.filters.http.ratelimit.stage{stage}",
-        "typed_config": {
-            "@type": EXT + "filters.http.ratelimit.v3.RateLimit",
-            "domain": spec.RLS_DOMAIN,
-            "stage": stage,
-            "failure_mode_deny": deny,
-            "timeout": "0.25s",
-            "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
-            "status_on_error": {"code": 503},
-            "rate_limit_service": {
-                "grpc_service": {"envoy_grpc": {"cluster_name": spec.PACER_CLUSTER}},
-                "transport_api_version": "V3",
-            },
-        },
-    }
+def _json(message: Any) -> dict[str, Any]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
-def ext_proc_filter() -> dict[str, Any]:
-    return {
-        "name": "meshgate.pacer",
-        "disabled": True,  # on per route, with the route's PaceSpec
-        "typed_config": {
-            "@type": EXT + "filters.http.ext_proc.v3.ExternalProcessor",
-            "grpc_service": {"envoy_grpc": {"cluster_name": spec.PACER_CLUSTER}},
-            "failure_mode_allow": False,
-            "processing_mode": {
-                "request_header_mode": "SEND",
-                "response_header_mode": "SEND",
-                "request_body_mode": "NONE",
-                "response_body_mode": "NONE",
-                "request_trailer_mode": "SKIP",
-                "response_trailer_mode": "SKIP",
-            },
-            "message_timeout": "1s",
-            "max_message_timeout": "130s",
-            "allow_mode_override": True,
-            "metadata_options": {
-                "receiving_namespaces": {"untyped": [spec.DYNAMIC_METADATA_NAMESPACE]}
-            },
-        },
-    }
+LONGEST_WAIT_MS = 30_000
 
 
 def filters() -> list[dict[str, Any]]:
+    """Exactly what the translation generates (xds/pacing.py), then the router."""
+    uses_both = SimpleNamespace(  # global_limit_filters reads only these fields
+        agents=[
+            SimpleNamespace(
+                rules=[
+                    SimpleNamespace(rate_limit=SimpleNamespace(scope="global", on_store_failure=m))
+                    for m in ("open", "closed")
+                ]
+            )
+        ]
+    )
     return [
-        ratelimit_filter(0, False),
-        ratelimit_filter(1, True),
-        ext_proc_filter(),
+        *map(_json, global_limit_filters(uses_both)),  # type: ignore[arg-type]
+        _json(pacer_filter(LONGEST_WAIT_MS)),
         {
             "name": "envoy.filters.http.router",
             "typed_config": {"@type": EXT + "filters.http.router.v3.Router"},
@@ -200,26 +181,9 @@ def route(
         match["headers"] = [{"name": "x-agent", "string_match": {"exact": agent}}]
     r: dict[str, Any] = {"match": match, "route": {"cluster": UPSTREAM, "timeout": "60s"}}
     if limit is not None:
-        r["route"]["rate_limits"] = [
-            {
-                "stage": 0 if limit.on_store_failure == "open" else 1,
-                "actions": [
-                    {"generic_key": {"descriptor_key": k, "descriptor_value": v}}
-                    for k, v in spec.descriptor_entries(limit)
-                ],
-            }
-        ]
+        r["route"]["rate_limits"] = [_json(global_rate_limit(limit))]
     if pace is not None:
-        r["typed_per_filter_config"] = {
-            "meshgate.pacer": {
-                "@type": EXT + "filters.http.ext_proc.v3.ExtProcPerRoute",
-                "overrides": {
-                    "grpc_initial_metadata": [
-                        {"key": spec.PACE_METADATA, "value": spec.encode(pace)}
-                    ]
-                },
-            }
-        }
+        r["typed_per_filter_config"] = {PACER_FILTER: _json(pacer_route_config(pace))}
     return r
 
 
@@ -282,7 +246,7 @@ def routes() -> list[dict[str, Any]]:
         {  # ext_proc on, but no PaceSpec in its metadata
             **route("/nospec"),
             "typed_per_filter_config": {
-                "meshgate.pacer": {
+                PACER_FILTER: {
                     "@type": EXT + "filters.http.ext_proc.v3.ExtProcPerRoute",
                     "overrides": {"grpc_initial_metadata": [{"key": "x-other", "value": "1"}]},
                 }
@@ -488,7 +452,7 @@ async def test_store_down_fails_each_limit_its_own_way(gateway: Gateway) -> None
     gateway.store.down = True
     assert (await get(gateway, "/open")).status_code == 200
     closed = await get(gateway, "/closed")
-    assert closed.status_code == 503
+    assert closed.status_code == 500  # the filter's status_on_error (Envoy's default)
     (record,) = await gateway.record("/closed")
     assert record["flags"] == "RLSE"
     assert record["details"] == "rate_limiter_error"
@@ -525,15 +489,15 @@ async def test_a_request_waits_for_a_slot_longer_than_envoys_message_timeout(
     gateway: Gateway,
 ) -> None:
     started = time.monotonic()
-    first = asyncio.create_task(get(gateway, "/slow?ms=1500"))
+    first = asyncio.create_task(get(gateway, "/slow?ms=2600"))
     await gateway.until(lambda: gateway.pacer.limiter.in_flight("dest/slow") == 1)
     second = await get(gateway, "/slow?ms=10")
-    assert second.status_code == 200  # waited ~1.5 s > message_timeout 1 s: not cut
-    assert time.monotonic() - started >= 1.4
+    assert second.status_code == 200  # waited ~2.6 s > message_timeout 2 s: not cut
+    assert time.monotonic() - started >= 2.5
     assert (await first).status_code == 200
     records = await gateway.record("/slow", 2)
     waited = [r["pacer"]["queued_ms"] for r in records]
-    assert max(waited) >= 1000, records
+    assert max(waited) >= 2100, records
     await gateway.until(lambda: gateway.pacer.limiter.in_flight("dest/slow") == 0)
 
 
