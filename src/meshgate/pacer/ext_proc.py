@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -78,6 +78,7 @@ class _Request:
 
     pace: spec.PaceSpec
     request_id: str = ""
+    path: str = ""
     started: float = field(default_factory=time.monotonic)
     queued_ms: int = 0
     slots: list[Slot] = field(default_factory=list)
@@ -179,11 +180,17 @@ class ExternalProcessor:
     ) -> AsyncIterator[ep.ProcessingResponse]:
         values = _header_map(headers)
         state.request_id = values.get("x-request-id", "")
+        state.path = values.get(":path", "")
         if state.pace.llm is not None:
-            if headers.end_of_stream:
+            if headers.end_of_stream:  # no body: refused, the LLM reader says why
+                read = self._llm.read_request(state.pace.llm, b"", state.path)
+                why = cast(Refusal, read) if is_refusal(read) else None
                 yield self._refuse(
                     state,
-                    refusals.refusal(spec.BODY_UNREADABLE, "an LLM request needs a JSON body"),
+                    refusals.refusal(
+                        why.reason if why else spec.BODY_UNREADABLE,
+                        why.message if why else "an LLM call needs a JSON body",
+                    ),
                 )
                 return
             # the body decides: ask for all of it (the filter must allow_mode_override)
@@ -210,12 +217,18 @@ class ExternalProcessor:
         if llm is None or state.llm is not None:  # not asked for: pass it on untouched
             yield ep.ProcessingResponse(request_body=ep.BodyResponse())
             return
-        read = self._llm.read_request(llm, body.body)
+        async for r in self._read_llm(state, llm, body.body):
+            yield r
+
+    async def _read_llm(
+        self, state: _Request, llm: spec.LlmSpec, body: bytes
+    ) -> AsyncIterator[ep.ProcessingResponse]:
+        read = self._llm.read_request(llm, body, state.path)
         if is_refusal(read):
-            refused: Refusal = read  # type: ignore[assignment]
+            refused = cast(Refusal, read)
             yield self._refuse(state, refusals.refusal(refused.reason, refused.message))
             return
-        request: LlmRequest = read  # type: ignore[assignment]
+        request = cast(LlmRequest, read)
         unpriced = self._llm.unpriced_refusal(llm, request.model, state.pace.budgets)
         if unpriced is not None:
             yield self._refuse(state, refusals.refusal(spec.MODEL_NOT_ALLOWED, unpriced))

@@ -48,7 +48,7 @@ class Refusal(Protocol):
 
 
 class LlmHooks(Protocol):
-    def read_request(self, llm: LlmSpec, body: bytes) -> LlmRequest | Refusal: ...
+    def read_request(self, llm: LlmSpec, body: bytes, path: str) -> LlmRequest | Refusal: ...
     def unpriced_refusal(
         self, llm: LlmSpec, model: str, budgets: Iterable[BudgetSpec]
     ) -> str | None: ...
@@ -60,3 +60,4 @@ class LlmHooks(Protocol):
 
 def is_refusal(result: LlmRequest | Refusal) -> bool:
     return hasattr(result, "reason")
+

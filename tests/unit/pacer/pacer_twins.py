@@ -164,7 +164,7 @@ class TwinLlm:
     """OpenAI chat only: the model from the body, max_tokens checked or injected, the input
     bounded by the body's size."""
 
-    def read_request(self, llm: spec.LlmSpec, body: bytes) -> TwinRequest | TwinRefusal:
+    def read_request(self, llm: spec.LlmSpec, body: bytes, path: str) -> TwinRequest | TwinRefusal:
         try:
             doc = json.loads(body)
             model = doc["model"]
