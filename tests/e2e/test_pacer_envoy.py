@@ -596,3 +596,24 @@ async def test_upstream_reset_releases_the_slot(gateway: Gateway) -> None:
         await get(gateway, "/reset")
     await gateway.until(lambda: gateway.pacer.limiter.in_flight("dest/reset") == 0, timeout=5)
     assert gateway.pacer.limiter.keys() == 0
+
+
+async def test_a_client_giving_up_while_queued_leaves_the_queue(gateway: Gateway) -> None:
+    limiter = gateway.pacer.limiter
+    first = asyncio.create_task(get(gateway, "/slow?ms=1500"))
+    await gateway.until(lambda: limiter.in_flight("dest/slow") == 1)
+    async with httpx.AsyncClient(timeout=0.4) as client:
+        with pytest.raises(httpx.TimeoutException):
+            await client.get(gateway.base + "/slow?ms=10")
+    await gateway.until(lambda: limiter.waiting("dest/slow") == 0, timeout=3)
+    assert limiter.in_flight("dest/slow") == 1  # only the first
+    assert (await first).status_code == 200
+    await gateway.until(lambda: limiter.keys() == 0)
+
+
+async def test_without_its_pacer_a_paced_route_is_refused(gateway: Gateway) -> None:
+    gateway.pacer.stop()
+    assert (await get(gateway, "/ok")).status_code == 200  # unpaced routes still serve
+    assert (await get(gateway, "/budget")).status_code == 500  # ext_proc fails closed
+    assert (await get(gateway, "/closed")).status_code == 500  # so does a closed limit
+    assert (await get(gateway, "/open")).status_code == 200  # an open one fails open
