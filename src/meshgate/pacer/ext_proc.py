@@ -37,10 +37,13 @@ from meshgate.pacer.llm import LlmHooks, LlmRequest, Refusal, UsageReader, is_re
 from meshgate.pacer.metrics import ADMISSION, PacerMetrics
 from meshgate.pacing import spec
 from meshgate.pacing.store import Charge, LimitStore, StoreUnavailable
+from meshgate.retry import Backoff
 
 log = logging.getLogger(__name__)
 
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+SETTLE_ATTEMPTS = 4
+SETTLE_BACKOFF = Backoff(0.2, 2.0)
 Mode = processing_mode_pb2.ProcessingMode
 # an LLM route: the whole request body (model, ceiling), the response body as it streams (usage)
 LLM_MODE = Mode(
@@ -417,12 +420,18 @@ class ExternalProcessor:
         state.reservation = None
 
     async def _settle(self, reservation: str, actual: dict[str, int]) -> None:
-        try:
-            async with asyncio.timeout(self._settings.store_timeout_s * 4):
-                await self._store.settle(reservation, actual)
-        except (StoreUnavailable, TimeoutError) as exc:
-            # the reservation expires and is charged in full: never under-charged
-            log.warning("settle of %s failed (%s): it will be charged in full", reservation, exc)
+        """Settling is idempotent, so a store blip is retried a few times; after that the
+        reservation expires and is charged in full: never under-charged."""
+        for attempt in range(1, SETTLE_ATTEMPTS + 1):
+            try:
+                async with asyncio.timeout(self._settings.store_timeout_s):
+                    await self._store.settle(reservation, actual)
+                return
+            except (StoreUnavailable, TimeoutError) as exc:
+                if attempt == SETTLE_ATTEMPTS:
+                    log.warning("settle of %s failed (%s): charged in full", reservation, exc)
+                    return
+                await asyncio.sleep(SETTLE_BACKOFF.delay(attempt))
 
     async def drain(self) -> None:
         """Wait for settles under way (shutdown)."""

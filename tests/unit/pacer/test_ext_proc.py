@@ -8,14 +8,17 @@ import time
 from collections.abc import Callable
 
 import grpc
+import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import json_format
 from pacer_twins import TwinStore
 
+from meshgate.pacer import ext_proc
 from meshgate.pacer.ext_proc import HOLD_MODE, LLM_MODE
 from meshgate.pacer.service import Pacer
 from meshgate.pacing import spec
+from meshgate.retry import Backoff
 
 
 class Stream:
@@ -339,15 +342,30 @@ async def test_a_cost_budget_refuses_an_unpriced_model(channel: grpc.aio.Channel
     assert "price" in str(error_of(r)["message"])
 
 
-async def test_settle_failure_leaves_the_reservation_to_expire(
-    channel: grpc.aio.Channel, store: TwinStore, pacer: Pacer
+async def test_settle_is_retried_through_a_store_blip(
+    channel: grpc.aio.Channel, store: TwinStore
 ) -> None:
     pace = held(budgets=(spec.BudgetSpec("b", "requests", 5, "day"),))
     s = Stream(channel, pace)
     await s.headers()
     store.down = True
     await s.end()
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.15)
+    assert store.reserved == {"b": 1}  # not settled yet
+    store.down = False
+    await until(lambda: store.spent.get("b") == 1 and store.reserved["b"] == 0)
+
+
+async def test_settle_failing_for_good_leaves_the_reservation_to_expire(
+    channel: grpc.aio.Channel, store: TwinStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ext_proc, "SETTLE_BACKOFF", Backoff(0.01, 0.02))
+    pace = held(budgets=(spec.BudgetSpec("b", "requests", 5, "day"),))
+    s = Stream(channel, pace)
+    await s.headers()
+    store.down = True
+    await s.end()
+    await asyncio.sleep(0.5)
     assert store.reserved == {"b": 1} and len(store.open) == 1  # charged in full at its ttl
     store.down = False
     assert (await Stream(channel, pace).headers()).HasField("request_headers")  # still serving
