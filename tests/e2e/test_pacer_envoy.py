@@ -24,9 +24,11 @@ from aiohttp import web
 from builders import free_port
 from google.protobuf import json_format
 
+from meshgate.demo.llm_provider import LlmProvider
 from meshgate.pacer.ext_proc import PacerSettings
 from meshgate.pacer.service import Pacer
 from meshgate.pacing import spec
+from meshgate.sidecar.bootstrap import pacer_cluster
 from meshgate.sidecar.envoy_process import find_envoy
 from meshgate.xds.pacing import (
     PACER_FILTER,
@@ -42,6 +44,7 @@ from pacer_twins import TwinLlm, TwinStore
 pytestmark = pytest.mark.e2e
 
 UPSTREAM = "upstream"
+LLM_UPSTREAM = "llm"  # the demo provider (meshgate.demo.llm_provider), for the official SDKs
 EXT = "type.googleapis.com/envoy.extensions."
 LOG_FORMAT = {
     "code": "%RESPONSE_CODE%",
@@ -126,7 +129,7 @@ async def upstream() -> AsyncIterator[int]:
     app.router.add_get("/hang", _hang)
     app.router.add_get("/reset", _reset)
     app.router.add_post("/v1/chat/completions", _chat)
-    app.router.add_post("/llm-hang", _hang)
+    app.router.add_post("/hang/chat/completions", _hang)
     runner = web.AppRunner(app)
     await runner.setup()
     port = free_port()
@@ -187,6 +190,14 @@ def route(
     return r
 
 
+def sdk_route(api: str, pace: spec.PaceSpec) -> dict[str, Any]:
+    """/sdk/<api>/v1/... to the demo provider's /v1/..., as a client SDK calls it."""
+    r = route("", pace)
+    r["match"] = {"prefix": f"/sdk/{api}/v1/"}
+    r["route"].update(cluster=LLM_UPSTREAM, prefix_rewrite="/v1/")
+    return r
+
+
 def pace(agent: str, **kw: Any) -> spec.PaceSpec:
     return spec.PaceSpec(agent=agent, destination="dest", **kw)
 
@@ -235,7 +246,7 @@ def routes() -> list[dict[str, Any]]:
             ),
         ),
         route(
-            "/llm-hang",
+            "/hang/chat/completions",
             pace(
                 "a",
                 budgets=(spec.BudgetSpec("agent/a/hang", "tokens", 1_000_000, "day"),),
@@ -243,6 +254,18 @@ def routes() -> list[dict[str, Any]]:
                 llm=LLM,
             ),
         ),
+        *[
+            sdk_route(
+                api,
+                pace(
+                    "a",
+                    budgets=(spec.BudgetSpec(f"agent/a/{api}", "tokens", 1_000_000, "day"),),
+                    concurrency=(spec.ConcurrencySpec(f"dest/{api}", 2, 3000, True),),
+                    llm=spec.LlmSpec(api, (), 64, (spec.Price("*", "1", "2"),)),
+                ),
+            )
+            for api in ("openai", "anthropic")
+        ],
         {  # ext_proc on, but no PaceSpec in its metadata
             **route("/nospec"),
             "typed_per_filter_config": {
@@ -255,7 +278,9 @@ def routes() -> list[dict[str, Any]]:
     ]
 
 
-def envoy_config(tmp: Path, listen: int, upstream_port: int, pacer_socket: Path) -> dict[str, Any]:
+def envoy_config(
+    tmp: Path, listen: int, upstream_port: int, llm_port: int, pacer_socket: Path
+) -> dict[str, Any]:
     hcm = {
         "@type": EXT + "filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "gw",
@@ -292,50 +317,22 @@ def envoy_config(tmp: Path, listen: int, upstream_port: int, pacer_socket: Path)
                 }
             ],
             "clusters": [
-                {
-                    "name": UPSTREAM,
-                    "connect_timeout": "1s",
-                    "load_assignment": {
-                        "cluster_name": UPSTREAM,
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {
-                                        "endpoint": {
-                                            "address": {
-                                                "socket_address": {
-                                                    "address": "127.0.0.1",
-                                                    "port_value": upstream_port,
-                                                }
-                                            }
-                                        }
-                                    }
-                                ]
-                            }
-                        ],
-                    },
-                },
-                pacer_cluster(pacer_socket),
+                tcp_cluster(UPSTREAM, upstream_port),
+                tcp_cluster(LLM_UPSTREAM, llm_port),
+                _json(pacer_cluster(pacer_socket)),  # the gateway bootstrap's
             ],
         },
     }
 
 
-def pacer_cluster(socket: Path) -> dict[str, Any]:
+def tcp_cluster(name: str, port: int) -> dict[str, Any]:
+    address = {"socket_address": {"address": "127.0.0.1", "port_value": port}}
     return {
-        "name": spec.PACER_CLUSTER,
+        "name": name,
         "connect_timeout": "1s",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": EXT + "upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
         "load_assignment": {
-            "cluster_name": spec.PACER_CLUSTER,
-            "endpoints": [
-                {"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": str(socket)}}}}]}
-            ],
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address}}]}],
         },
     }
 
@@ -344,7 +341,10 @@ def pacer_cluster(socket: Path) -> dict[str, Any]:
 
 
 class Gateway:
-    def __init__(self, base: str, store: TwinStore, pacer: Pacer, log: Path) -> None:
+    def __init__(
+        self, base: str, store: TwinStore, pacer: Pacer, log: Path, provider: LlmProvider
+    ) -> None:
+        self.provider = provider
         self.base = base
         self.store = store
         self.pacer = pacer
@@ -384,10 +384,12 @@ def pacer_parts(tmp_path: Path) -> Iterator[tuple[TwinStore, Pacer]]:
 @pytest.fixture
 async def gateway(tmp_path: Path, pacer_parts: tuple[TwinStore, Pacer]) -> AsyncIterator[Gateway]:
     store, pacer = pacer_parts
+    provider = LlmProvider(reply_tokens=5, token_delay=0.02)
+    llm_port = await provider.start()
     async with upstream() as up:
         listen = free_port()
         cfg = tmp_path / "envoy.json"
-        cfg.write_text(json.dumps(envoy_config(tmp_path, listen, up, pacer.socket)))
+        cfg.write_text(json.dumps(envoy_config(tmp_path, listen, up, llm_port, pacer.socket)))
         log = (tmp_path / "envoy.log").open("w")
         proc = subprocess.Popen(
             [
@@ -418,11 +420,12 @@ async def gateway(tmp_path: Path, pacer_parts: tuple[TwinStore, Pacer]) -> Async
                         pass
                     assert time.monotonic() < deadline, "envoy did not start"
                     await asyncio.sleep(0.1)
-            yield Gateway(base, store, pacer, tmp_path / "access.log")
+            yield Gateway(base, store, pacer, tmp_path / "access.log", provider)
         finally:
             proc.terminate()
             proc.wait(10)
             log.close()
+            await provider.stop()
 
 
 async def get(gw: Gateway, path: str, **kw: Any) -> httpx.Response:
@@ -572,7 +575,7 @@ async def test_a_slot_is_held_until_the_response_ends(gateway: Gateway) -> None:
 
 async def test_client_disconnect_releases_the_slot_and_charges_in_full(gateway: Gateway) -> None:
     limiter, store = gateway.pacer.limiter, gateway.store
-    for path, key in (("/hang", "dest/hang"), ("/llm-hang", "dest/llm-hang")):
+    for path, key in (("/hang", "dest/hang"), ("/hang/chat/completions", "dest/llm-hang")):
         async with httpx.AsyncClient(timeout=30) as client:
             method = "GET" if path == "/hang" else "POST"
             body = {"model": "gpt-4o-mini", "max_tokens": 50, "stream": True}
