@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 PACER_SOCKET = "pacer.sock"
 SOCKET_MODE = 0o600
 RLS_TIMEOUT_S = 0.1  # the most one store.hit may add to a request before its failure mode
+# one ext_proc stream per request in flight or queued, over one HTTP/2 connection per Envoy
+# worker: never let the connection's stream limit be what queues requests
+SERVER_OPTIONS = [("grpc.max_concurrent_streams", 1 << 20)]
 
 
 class Pacer:
@@ -89,7 +92,7 @@ class Pacer:
             self._store, self.limiter, self.metrics, self._llm, self._settings
         )
         rls = RateLimitServicer(self._store, self.metrics, RLS_TIMEOUT_S)
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=SERVER_OPTIONS)
         server.add_generic_rpc_handlers((rls.handler(), self._ext_proc.handler()))
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()  # a stale socket from a previous run

@@ -369,3 +369,28 @@ async def test_settle_failing_for_good_leaves_the_reservation_to_expire(
     assert store.reserved == {"b": 1} and len(store.open) == 1  # charged in full at its ttl
     store.down = False
     assert (await Stream(channel, pace).headers()).HasField("request_headers")  # still serving
+
+
+async def test_hundreds_of_queued_streams_are_all_waiting_then_all_served(
+    channel: grpc.aio.Channel, pacer: Pacer
+) -> None:
+    pace = held(concurrency=(cap("busy", 1, 20_000),))
+    first = Stream(channel, pace)
+    await first.headers()
+    waiters = [Stream(channel, pace) for _ in range(300)]
+    for w in waiters:
+        await w.send(ep.ProcessingRequest(request_headers=http_headers({":path": "/"})))
+    await until(lambda: pacer.limiter.waiting("busy") == 300, timeout=20)
+    most = 0
+
+    async def served(w: Stream) -> None:
+        nonlocal most
+        assert (await w.recv()).HasField("override_message_timeout")
+        assert (await w.recv(timeout=20)).HasField("request_headers")
+        most = max(most, pacer.limiter.in_flight("busy"))
+        await w.end()
+
+    await first.end()  # each is admitted as the one before ends
+    await asyncio.gather(*(served(w) for w in waiters))
+    assert most == 1
+    await until(lambda: pacer.limiter.keys() == 0)
