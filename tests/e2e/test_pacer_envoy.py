@@ -18,7 +18,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import anthropic
 import httpx
+import openai
 import pytest
 from aiohttp import web
 from builders import free_port
@@ -39,7 +41,7 @@ from meshgate.xds.pacing import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit" / "pacer"))
-from pacer_twins import TwinLlm, TwinStore
+from pacer_twins import TwinStore
 
 pytestmark = pytest.mark.e2e
 
@@ -98,7 +100,7 @@ async def _reset(request: web.Request) -> web.StreamResponse:
 async def _chat(request: web.Request) -> web.StreamResponse:
     body = await request.json()
     usage = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
-    echo = {"max_tokens_seen": body.get("max_tokens")}
+    echo = {"max_tokens_seen": body.get("max_completion_tokens", body.get("max_tokens"))}
     if not body.get("stream"):
         return web.json_response({"model": body["model"], "usage": usage, **echo})
     resp = web.StreamResponse()
@@ -354,7 +356,7 @@ class Gateway:
         if not self.log.exists():
             return []
         lines = self.log.read_text().splitlines()
-        return [r for r in map(json.loads, lines) if r["path"].startswith(path)]
+        return [r for r in map(json.loads, lines) if path in r["path"]]
 
     async def record(self, path: str, n: int = 1, timeout: float = 10) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
@@ -373,7 +375,7 @@ class Gateway:
 @pytest.fixture
 def pacer_parts(tmp_path: Path) -> Iterator[tuple[TwinStore, Pacer]]:
     store = TwinStore()
-    pacer = Pacer(tmp_path / "pacer.sock", lambda: store, TwinLlm(), PacerSettings())
+    pacer = Pacer(tmp_path / "pacer.sock", lambda: store, PacerSettings())
     pacer.start()
     try:
         yield store, pacer
@@ -620,3 +622,45 @@ async def test_without_its_pacer_a_paced_route_is_refused(gateway: Gateway) -> N
     assert (await get(gateway, "/budget")).status_code == 500  # ext_proc fails closed
     assert (await get(gateway, "/closed")).status_code == 500  # so does a closed limit
     assert (await get(gateway, "/open")).status_code == 200  # an open one fails open
+
+
+async def test_official_openai_sdk_streams_and_is_settled_with_its_usage(gateway: Gateway) -> None:
+    client = openai.AsyncOpenAI(base_url=gateway.base + "/sdk/openai/v1", api_key="k")
+    stream = await client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "hello"}],
+        stream=True,  # no stream_options: the pacer asks for the usage itself
+    )
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text.strip() == "ok ok ok ok ok"
+    (seen,) = gateway.provider.seen
+    assert seen.body["max_completion_tokens"] == 64  # the route's ceiling, injected
+    store = gateway.store
+    await gateway.until(lambda: store.settled != {})
+    (actual,) = store.settled.values()
+    (record,) = await gateway.record("/v1/chat/completions")  # the rewritten path
+    tokens_in, tokens_out = record["pacer"]["tokens_in"], record["pacer"]["tokens_out"]
+    assert tokens_out == 5 and tokens_in > 0
+    assert actual == {"agent/a/openai": tokens_in + tokens_out}
+    assert store.reserved["agent/a/openai"] == 0
+    assert record["pacer"]["cost_micro_usd"] == tokens_in * 1 + tokens_out * 2
+
+
+async def test_official_anthropic_sdk_is_refused_over_its_ceiling_and_settled_below(
+    gateway: Gateway,
+) -> None:
+    client = anthropic.AsyncAnthropic(base_url=gateway.base + "/sdk/anthropic", api_key="k")
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        await client.messages.create(
+            model="claude-x", max_tokens=65, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert refused.value.body["error"]["type"] == spec.MAX_TOKENS_EXCEEDED  # type: ignore[index]
+    async with client.messages.stream(
+        model="claude-x", max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+    ) as stream:
+        text = "".join([t async for t in stream.text_stream])
+    assert text.strip() == "ok ok ok ok ok"
+    await gateway.until(lambda: gateway.store.spent.get("agent/a/anthropic", 0) > 0)
+    assert gateway.store.reserved["agent/a/anthropic"] == 0
+    (_, record) = await gateway.record("/v1/messages", 2)
+    assert record["pacer"]["tokens_out"] == 5

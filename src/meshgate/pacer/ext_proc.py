@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import grpc
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -33,9 +33,10 @@ from google.protobuf import duration_pb2, struct_pb2
 
 from meshgate.pacer import refusals
 from meshgate.pacer.fair_queue import Limiter, Slot
-from meshgate.pacer.llm import LlmHooks, LlmRequest, Refusal, UsageReader, is_refusal
 from meshgate.pacer.metrics import ADMISSION, PacerMetrics
 from meshgate.pacing import spec
+from meshgate.pacing.llm_request import LlmRequest, Refusal, read_request
+from meshgate.pacing.llm_usage import UsageReader
 from meshgate.pacing.store import Charge, LimitStore, StoreUnavailable
 from meshgate.retry import Backoff
 
@@ -100,13 +101,11 @@ class ExternalProcessor:
         store: LimitStore,
         limiter: Limiter,
         metrics: PacerMetrics,
-        llm: LlmHooks,
         settings: PacerSettings | None = None,
     ) -> None:
         self._store = store
         self._limiter = limiter
         self._metrics = metrics
-        self._llm = llm
         self._settings = settings or PacerSettings()
         self._finishing: set[asyncio.Task[None]] = set()
 
@@ -186,8 +185,8 @@ class ExternalProcessor:
         state.path = values.get(":path", "")
         if state.pace.llm is not None:
             if headers.end_of_stream:  # no body: refused, the LLM reader says why
-                read = self._llm.read_request(state.pace.llm, b"", state.path)
-                why = cast(Refusal, read) if is_refusal(read) else None
+                read = read_request(state.pace.llm, b"", state.path)
+                why = read if isinstance(read, Refusal) else None
                 yield self._refuse(
                     state,
                     refusals.refusal(
@@ -226,15 +225,13 @@ class ExternalProcessor:
     async def _read_llm(
         self, state: _Request, llm: spec.LlmSpec, body: bytes
     ) -> AsyncIterator[ep.ProcessingResponse]:
-        read = self._llm.read_request(llm, body, state.path)
-        if is_refusal(read):
-            refused = cast(Refusal, read)
-            yield self._refuse(state, refusals.refusal(refused.reason, refused.message))
+        request = read_request(llm, body, state.path)
+        if isinstance(request, Refusal):
+            yield self._refuse(state, refusals.refusal(request.reason, request.message))
             return
-        request = cast(LlmRequest, read)
-        unpriced = self._llm.unpriced_refusal(llm, request.model, state.pace.budgets)
+        unpriced = request.cost_refusal(state.pace.budgets)
         if unpriced is not None:
-            yield self._refuse(state, refusals.refusal(spec.MODEL_NOT_ALLOWED, unpriced))
+            yield self._refuse(state, refusals.refusal(unpriced.reason, unpriced.message))
             return
         state.llm = request
         async for r in self._admit(state, request.most()):
@@ -351,7 +348,7 @@ class ExternalProcessor:
         llm = state.pace.llm
         if llm is not None and state.llm is not None:
             values = _header_map(headers)
-            state.reader = self._llm.usage_reader(
+            state.reader = UsageReader(
                 llm.api, values.get("content-type", ""), values.get("content-encoding", "")
             )
         if headers.end_of_stream:
@@ -398,7 +395,7 @@ class ExternalProcessor:
         if report.usage is None:
             return None
         tin, tout = report.usage.input_tokens, report.usage.output_tokens
-        amounts = self._llm.amounts(tin, tout, state.llm.price)
+        amounts = state.llm.spent(tin, tout)
         state.actual = dict(amounts)
         return tin, tout, amounts.get("cost_micro_usd")
 

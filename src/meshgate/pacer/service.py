@@ -22,7 +22,6 @@ import grpc
 from meshgate.errors import ConfigError
 from meshgate.pacer.ext_proc import ExternalProcessor, PacerSettings
 from meshgate.pacer.fair_queue import Limiter
-from meshgate.pacer.llm import LlmHooks
 from meshgate.pacer.metrics import PacerMetrics
 from meshgate.pacer.rls import RateLimitServicer
 from meshgate.pacing.store import LimitStore
@@ -45,14 +44,12 @@ class Pacer:
         self,
         socket: Path,
         store_factory: Callable[[], LimitStore],
-        llm: LlmHooks,
         settings: PacerSettings | None = None,
     ) -> None:
         self.socket = socket
         self.limiter = Limiter()
         self.metrics = PacerMetrics(self.limiter)
         self._store_factory = store_factory
-        self._llm = llm
         self._settings = settings
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -88,9 +85,7 @@ class Pacer:
 
     async def _serve(self) -> None:
         self._store = self._store_factory()
-        self._ext_proc = ExternalProcessor(
-            self._store, self.limiter, self.metrics, self._llm, self._settings
-        )
+        self._ext_proc = ExternalProcessor(self._store, self.limiter, self.metrics, self._settings)
         rls = RateLimitServicer(self._store, self.metrics, RLS_TIMEOUT_S)
         server = grpc.aio.server(options=SERVER_OPTIONS)
         server.add_generic_rpc_handlers((rls.handler(), self._ext_proc.handler()))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from pacer_twins import TwinLlm, TwinStore
+from pacer_twins import TwinStore
 
 from meshgate.pacer.ext_proc import PacerSettings
 from meshgate.pacer.service import Pacer
@@ -23,7 +23,6 @@ def pacer(tmp_path: Path, store: TwinStore) -> Iterator[Pacer]:
     p = Pacer(
         tmp_path / "pacer.sock",
         lambda: store,
-        TwinLlm(),
         PacerSettings(store_timeout_s=0.2, reservation_ttl_s=60, timeout_margin_s=2),
     )
     p.start()

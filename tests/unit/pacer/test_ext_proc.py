@@ -44,8 +44,10 @@ class Stream:
         assert isinstance(got, ep.ProcessingResponse), got
         return got
 
-    async def headers(self, end: bool = False, **extra: str) -> ep.ProcessingResponse:
-        values = {":method": "POST", ":path": "/", "x-request-id": "req-1", **extra}
+    async def headers(
+        self, end: bool = False, path: str = "/", **extra: str
+    ) -> ep.ProcessingResponse:
+        values = {":method": "POST", ":path": path, "x-request-id": "req-1", **extra}
         await self.send(ep.ProcessingRequest(request_headers=http_headers(values, end)))
         return await self.recv()
 
@@ -87,6 +89,7 @@ def held(agent: str = "a", **kw: object) -> spec.PaceSpec:
     return spec.PaceSpec(agent, "dest", **kw)  # type: ignore[arg-type]
 
 
+CHAT = "/v1/chat/completions"
 LLM = spec.LlmSpec("openai", ("gpt-4o-mini",), 100, (spec.Price("*", "0.15", "0.60"),))
 
 
@@ -254,7 +257,7 @@ def llm_pace(**kw: object) -> spec.PaceSpec:
 
 
 async def start_llm(s: Stream, body: dict[str, object]) -> ep.ProcessingResponse:
-    r = await s.headers()
+    r = await s.headers(path=CHAT)
     assert r.mode_override == LLM_MODE
     raw = json.dumps(body).encode()
     await s.send(ep.ProcessingRequest(request_body=ep.HttpBody(body=raw, end_of_stream=True)))
@@ -267,7 +270,9 @@ async def test_llm_stream_is_read_for_usage_and_settled(
     s = Stream(channel, llm_pace())
     r = await start_llm(s, {"model": "gpt-4o-mini", "stream": True})
     mutation = r.request_body.response
-    assert json.loads(mutation.body_mutation.body)["max_tokens"] == 100  # injected
+    forwarded = json.loads(mutation.body_mutation.body)
+    assert forwarded["max_completion_tokens"] == 100  # the route's ceiling, injected
+    assert forwarded["stream_options"] == {"include_usage": True}  # the usage, asked for
     (length,) = mutation.header_mutation.set_headers
     assert length.header.raw_value == str(len(mutation.body_mutation.body)).encode()
     assert pacer_metadata(r)["model"] == "gpt-4o-mini"
@@ -327,7 +332,7 @@ async def test_llm_refusals_hold_nothing(
         r = await start_llm(Stream(channel, llm_pace()), body)
         assert r.immediate_response.status.code == code
         assert r.immediate_response.details == reason
-    no_body = await Stream(channel, llm_pace()).headers(end=True)
+    no_body = await Stream(channel, llm_pace()).headers(end=True, path=CHAT)
     assert no_body.immediate_response.details == spec.BODY_UNREADABLE
     assert store.reserved == {} and pacer.limiter.keys() == 0
 
