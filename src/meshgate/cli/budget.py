@@ -16,12 +16,26 @@ from meshgate.cli.options import (
     AdminTokenFileOpt,
     StateOpt,
     TableOrJsonOpt,
+    WideOpt,
 )
-from meshgate.cli.output import Format, console, print_json, print_table
+from meshgate.cli.output import Column, Format, Show, console, print_json, print_table
 from meshgate.pacing.report import show_amount
 
 budget_app = typer.Typer(help="Budgets: spend, reservations and limits.", no_args_is_help=True)
 
+BUDGET_COLUMNS = (
+    Column("budget"),
+    Column("scope", Show.WIDE),
+    Column("agents", Show.WIDE),
+    Column("window", Show.FIT),
+    Column("spent", justify="right"),
+    Column("reserved", Show.FIT, "right"),
+    Column("limit", justify="right"),
+    Column("left", justify="right"),
+    Column("resets"),
+    Column("resets at (UTC)", Show.WIDE),
+    Column("on store failure", Show.WIDE),
+)
 UNIT_NAMES = {
     "requests": "requests",
     "tokens": "tokens",
@@ -38,6 +52,7 @@ def budget_status(
     ] = None,
     admin_url: AdminOpt = DEFAULT_ADMIN,
     format: TableOrJsonOpt = Format.TABLE,
+    wide: WideOpt = False,
     admin_token_file: AdminTokenFileOpt = None,
     state_dir: StateOpt = DEFAULT_STATE,
 ) -> None:
@@ -64,15 +79,19 @@ def budget_status(
         rows.append(
             (
                 b["budget"],
+                str(b.get("scope", "")),
+                ", ".join(b.get("agents", ())),
                 b["window"],
                 show_amount(unit, b["spent"]),
                 show_amount(unit, b["reserved"]),
                 f"{show_amount(unit, b['limit'])} {UNIT_NAMES.get(unit, unit)}",
                 f"{_left(b)}%",
                 f"in {_until(resets - now)}",
+                resets.strftime("%Y-%m-%d %H:%M:%S"),
+                str(b.get("on_store_failure", "")),
             )
         )
-    print_table(("budget", "window", "spent", "reserved", "limit", "left", "resets"), rows)
+    print_table(BUDGET_COLUMNS, rows, wide=wide)
 
 
 def _left(b: dict[str, int]) -> int:

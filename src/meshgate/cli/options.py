@@ -137,6 +137,13 @@ RecordsFormatOpt = Annotated[
 LinesFormatOpt = Annotated[
     Format, format_option(Format.TEXT, Format.JSON, help="text or json (JSON lines)")
 ]
+WideOpt = Annotated[
+    bool,
+    typer.Option(
+        "--wide",
+        help="Every column of the table, unwrapped (lines may be longer than the terminal).",
+    ),
+]
 TokenFormatOpt = Annotated[
     Format,
     format_option(
