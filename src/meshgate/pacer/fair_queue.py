@@ -88,6 +88,12 @@ class Limiter:
         q = self._queues.get(key)
         return q.waiting if q else 0
 
+    def waiting_of(self, key: str, agent: str) -> int:
+        """How many of `agent`'s requests wait on a fair `key`."""
+        q = self._queues.get(key)
+        waiters = q.per_agent.get(agent) if q else None
+        return len(waiters) if waiters else 0
+
     def in_flight(self, key: str) -> int:
         q = self._queues.get(key)
         return q.in_flight if q else 0

@@ -7,19 +7,19 @@ from pathlib import Path
 
 import grpc
 import pytest
-from pacer_twins import TwinStore
+from pacer_twins import FlakyStore
 
 from meshgate.pacer.ext_proc import PacerSettings
 from meshgate.pacer.service import Pacer
 
 
 @pytest.fixture
-def store() -> TwinStore:
-    return TwinStore()
+def store() -> FlakyStore:
+    return FlakyStore()
 
 
 @pytest.fixture
-def pacer(tmp_path: Path, store: TwinStore) -> Iterator[Pacer]:
+def pacer(tmp_path: Path, store: FlakyStore) -> Iterator[Pacer]:
     p = Pacer(
         tmp_path / "pacer.sock",
         lambda: store,

@@ -1,11 +1,11 @@
-"""An in-test twin of the limit store, so the pacer is tested alone."""
+"""The real MemoryStore, which a test can take down or slow down, and read from its own thread."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Mapping, Sequence
 
+from meshgate.pacing.memory_store import MemoryStore
 from meshgate.pacing.store import (
     BudgetState,
     Charge,
@@ -15,80 +15,63 @@ from meshgate.pacing.store import (
 )
 
 
-class TwinStore:
-    """Token buckets and budget counters in a dict; `down` makes every call fail."""
+class FlakyStore:
+    """Delegates to a MemoryStore on the pacer's loop; `down` fails every call, `delay` slows
+    it. `settled`: what each settled reservation was settled with; `open`: reservations held."""
 
     def __init__(self) -> None:
+        self.inner = MemoryStore()
         self.down = False
         self.delay = 0.0
-        self.buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
-        self.spent: dict[str, int] = {}
-        self.reserved: dict[str, int] = {}
-        self.windows: dict[str, tuple[int, int, int]] = {}  # budget -> (start, end, limit)
-        self.open: dict[str, tuple[tuple[Charge, ...], Reservation]] = {}
         self.settled: dict[str, Mapping[str, int]] = {}
+        self.open: set[str] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def _gate(self) -> None:
+        self._loop = asyncio.get_running_loop()
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.down:
-            raise StoreUnavailable("twin store is down")
+            raise StoreUnavailable("the test took the store down")
 
     async def hit(self, key: str, requests: int, per_seconds: int) -> RateDecision:
         await self._gate()
-        now = time.monotonic()
-        rate = requests / per_seconds
-        tokens, at = self.buckets.get(key, (float(requests), now))
-        tokens = min(float(requests), tokens + (now - at) * rate)
-        allowed = tokens >= 1
-        if allowed:
-            tokens -= 1
-        self.buckets[key] = (tokens, now)
-        reset = (requests - tokens) / rate if allowed else (1 - tokens) / rate
-        return RateDecision(allowed, requests, int(tokens), reset)
-
-    def state(self, budget: str) -> BudgetState:
-        start, end, limit = self.windows[budget]
-        return BudgetState(
-            budget, start, end, limit, self.spent.get(budget, 0), self.reserved.get(budget, 0)
-        )
+        return await self.inner.hit(key, requests, per_seconds)
 
     async def reserve(
         self, reservation: str, charges: Sequence[Charge], ttl_s: float
     ) -> Reservation:
         await self._gate()
-        if reservation in self.open:
-            return self.open[reservation][1]
-        for c in charges:
-            self.windows[c.budget] = (c.window_start, c.window_end, c.limit)
-        refused = next(
-            (
-                c.budget
-                for c in charges
-                if self.spent.get(c.budget, 0) + self.reserved.get(c.budget, 0) + c.amount > c.limit
-            ),
-            None,
-        )
-        if refused is None:
-            for c in charges:
-                self.reserved[c.budget] = self.reserved.get(c.budget, 0) + c.amount
-        answer = Reservation(refused is None, refused, tuple(self.state(c.budget) for c in charges))
-        if refused is None:
-            self.open[reservation] = (tuple(charges), answer)
+        answer = await self.inner.reserve(reservation, charges, ttl_s)
+        if answer.admitted:
+            self.open.add(reservation)
         return answer
 
     async def settle(self, reservation: str, actual: Mapping[str, int]) -> None:
         await self._gate()
-        if reservation not in self.open:
-            return
-        charges, _ = self.open.pop(reservation)
-        for c in charges:
-            self.reserved[c.budget] -= c.amount
-            self.spent[c.budget] = self.spent.get(c.budget, 0) + actual.get(c.budget, c.amount)
-        self.settled[reservation] = dict(actual)
+        await self.inner.settle(reservation, actual)
+        if reservation in self.open:
+            self.open.discard(reservation)
+            self.settled[reservation] = dict(actual)
 
     async def budgets(self, prefix: str = "") -> list[BudgetState]:
-        return [self.state(b) for b in self.windows if b.startswith(prefix)]
+        await self._gate()
+        return await self.inner.budgets(prefix)
 
     async def close(self) -> None:
         pass
+
+    def states(self) -> dict[str, BudgetState]:
+        """Read on the store's loop (it sweeps as it reads), from any other thread."""
+        if self._loop is None:
+            return {}
+        future = asyncio.run_coroutine_threadsafe(self.inner.budgets(), self._loop)
+        return {s.budget: s for s in future.result(5)}
+
+    @property
+    def spent(self) -> dict[str, int]:
+        return {b: s.spent for b, s in self.states().items()}
+
+    @property
+    def reserved(self) -> dict[str, int]:
+        return {b: s.reserved for b, s in self.states().items()}

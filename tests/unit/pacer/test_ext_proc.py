@@ -12,7 +12,7 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import json_format
-from pacer_twins import TwinStore
+from pacer_twins import FlakyStore
 
 from meshgate.pacer import ext_proc
 from meshgate.pacer.ext_proc import HOLD_MODE, LLM_MODE
@@ -190,7 +190,7 @@ async def test_envoy_going_away_while_waiting_leaks_nothing(
 
 
 async def test_over_budget_names_the_budget_and_when_it_resets(
-    channel: grpc.aio.Channel, store: TwinStore
+    channel: grpc.aio.Channel, store: FlakyStore
 ) -> None:
     pace = held(budgets=(spec.BudgetSpec("agent/a/b", "requests", 1, "hour"),))
     ok = Stream(channel, pace)
@@ -216,7 +216,7 @@ async def test_over_budget_names_the_budget_and_when_it_resets(
 
 
 async def test_reservation_ids_are_ours_even_when_the_agent_reuses_x_request_id(
-    channel: grpc.aio.Channel, store: TwinStore
+    channel: grpc.aio.Channel, store: FlakyStore
 ) -> None:
     pace = held(budgets=(spec.BudgetSpec("agent/a/b", "requests", 5, "hour"),))
     for _ in range(3):
@@ -228,7 +228,7 @@ async def test_reservation_ids_are_ours_even_when_the_agent_reuses_x_request_id(
 
 
 async def test_store_down_closed_budget_refuses_open_one_admits(
-    channel: grpc.aio.Channel, store: TwinStore
+    channel: grpc.aio.Channel, store: FlakyStore
 ) -> None:
     store.down = True
     closed = held(budgets=(spec.BudgetSpec("c", "requests", 5, "day", "closed"),))
@@ -240,7 +240,7 @@ async def test_store_down_closed_budget_refuses_open_one_admits(
 
 
 async def test_a_tokens_budget_does_not_count_a_plain_request(
-    channel: grpc.aio.Channel, store: TwinStore
+    channel: grpc.aio.Channel, store: FlakyStore
 ) -> None:
     pace = held(budgets=(spec.BudgetSpec("t", "tokens", 5, "day"),))
     assert (await Stream(channel, pace).headers()).HasField("request_headers")
@@ -265,7 +265,7 @@ async def start_llm(s: Stream, body: dict[str, object]) -> ep.ProcessingResponse
 
 
 async def test_llm_stream_is_read_for_usage_and_settled(
-    channel: grpc.aio.Channel, store: TwinStore, pacer: Pacer
+    channel: grpc.aio.Channel, store: FlakyStore, pacer: Pacer
 ) -> None:
     s = Stream(channel, llm_pace())
     r = await start_llm(s, {"model": "gpt-4o-mini", "stream": True})
@@ -305,7 +305,7 @@ def sse(usage: dict[str, int]) -> bytes:
 
 
 async def test_llm_stream_cut_short_is_charged_in_full(
-    channel: grpc.aio.Channel, store: TwinStore, pacer: Pacer
+    channel: grpc.aio.Channel, store: FlakyStore, pacer: Pacer
 ) -> None:
     s = Stream(channel, llm_pace())
     await start_llm(s, {"model": "gpt-4o-mini", "max_tokens": 20})
@@ -323,7 +323,7 @@ async def test_llm_stream_cut_short_is_charged_in_full(
 
 
 async def test_llm_refusals_hold_nothing(
-    channel: grpc.aio.Channel, store: TwinStore, pacer: Pacer
+    channel: grpc.aio.Channel, store: FlakyStore, pacer: Pacer
 ) -> None:
     for body, code, reason in (
         ({"model": "gpt-5"}, 403, spec.MODEL_NOT_ALLOWED),
@@ -348,7 +348,7 @@ async def test_a_cost_budget_refuses_an_unpriced_model(channel: grpc.aio.Channel
 
 
 async def test_settle_is_retried_through_a_store_blip(
-    channel: grpc.aio.Channel, store: TwinStore
+    channel: grpc.aio.Channel, store: FlakyStore
 ) -> None:
     pace = held(budgets=(spec.BudgetSpec("b", "requests", 5, "day"),))
     s = Stream(channel, pace)
@@ -362,7 +362,7 @@ async def test_settle_is_retried_through_a_store_blip(
 
 
 async def test_settle_failing_for_good_leaves_the_reservation_to_expire(
-    channel: grpc.aio.Channel, store: TwinStore, monkeypatch: pytest.MonkeyPatch
+    channel: grpc.aio.Channel, store: FlakyStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(ext_proc, "SETTLE_BACKOFF", Backoff(0.01, 0.02))
     pace = held(budgets=(spec.BudgetSpec("b", "requests", 5, "day"),))

@@ -70,6 +70,7 @@ async def test_fair_b_is_admitted_within_two_releases_behind_a_flood() -> None:
     b = asyncio.create_task(one("b"))
     await settle()
     assert lim.waiting("k") == 101
+    assert (lim.waiting_of("k", "a"), lim.waiting_of("k", "b")) == (100, 1)
     release_gate["a"].set()
     release_gate["b"].set()
     held.release()  # release 1

@@ -8,7 +8,7 @@ import grpc
 import pytest
 from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2
-from pacer_twins import TwinStore
+from pacer_twins import FlakyStore
 
 from meshgate.pacer.rls import _rate_limit
 from meshgate.pacer.service import Pacer
@@ -90,7 +90,7 @@ async def test_another_domain_is_refused(channel: grpc.aio.Channel) -> None:
 
 
 async def test_store_down_open_allows_closed_fails_the_call(
-    channel: grpc.aio.Channel, store: TwinStore
+    channel: grpc.aio.Channel, store: FlakyStore
 ) -> None:
     store.down = True
     assert (await call(channel, limit(failure="open"))).overall_code == Code.OK
@@ -99,7 +99,7 @@ async def test_store_down_open_allows_closed_fails_the_call(
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-async def test_a_slow_store_is_a_down_store(channel: grpc.aio.Channel, store: TwinStore) -> None:
+async def test_a_slow_store_is_a_down_store(channel: grpc.aio.Channel, store: FlakyStore) -> None:
     store.delay = 1.0  # beyond the pacer's 100 ms bound
     assert (await call(channel, limit(failure="open"))).overall_code == Code.OK
     with pytest.raises(grpc.aio.AioRpcError):
