@@ -134,7 +134,6 @@ class ExternalProcessor:
         state = _Request(pace) if pace is not None else None
         try:
             async for message in requests:
-                log.debug("ext_proc <- %s", message.WhichOneof("request"))
                 if state is None:
                     self._metrics.decision(ADMISSION, refusals.PACE_SPEC_INVALID)
                     yield ep.ProcessingResponse(
@@ -149,7 +148,6 @@ class ExternalProcessor:
                 if state.done:
                     return
         finally:
-            log.debug("ext_proc stream ends")
             if state is not None:
                 self._finish(state)
 
@@ -242,7 +240,7 @@ class ExternalProcessor:
         if request.rewritten:
             common.body_mutation.body = request.body
             common.header_mutation.set_headers.append(
-                refusals._header("content-length", str(len(request.body)))
+                refusals.header("content-length", str(len(request.body)))
             )
         yield ep.ProcessingResponse(
             request_body=ep.BodyResponse(response=common), dynamic_metadata=self._audit(state)

@@ -36,9 +36,9 @@ def refusal(
     **fields: Any,
 ) -> ep.ImmediateResponse:
     body = {"error": {"type": reason, "message": message, **fields}}
-    headers = [_header("content-type", "application/json")]
+    headers = [header("content-type", "application/json")]
     if retry_after_s is not None:
-        headers.append(_header("retry-after", str(max(1, math.ceil(retry_after_s)))))
+        headers.append(header("retry-after", str(max(1, math.ceil(retry_after_s)))))
     return ep.ImmediateResponse(
         status=http_status_pb2.HttpStatus(code=_STATUS[reason]),
         headers=ep.HeaderMutation(set_headers=headers),
@@ -75,7 +75,7 @@ def queue_timeout(key: str, waited_s: float, max_wait_s: float) -> ep.ImmediateR
     )
 
 
-def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
+def header(key: str, value: str) -> base_pb2.HeaderValueOption:
     return base_pb2.HeaderValueOption(
         header=base_pb2.HeaderValue(key=key, raw_value=value.encode())
     )
