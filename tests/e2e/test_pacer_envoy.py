@@ -19,13 +19,16 @@ from types import SimpleNamespace
 from typing import Any
 
 import anthropic
+import grpc
 import httpx
 import openai
 import pytest
 from aiohttp import web
 from builders import free_port
 from google.protobuf import json_format
+from harness import control_plane, write_policy
 
+from meshgate.cli.gateway import start_gateway
 from meshgate.demo.llm_provider import LlmProvider
 from meshgate.pacer.ext_proc import PacerSettings
 from meshgate.pacer.service import Pacer
@@ -42,6 +45,7 @@ from meshgate.xds.pacing import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit" / "pacer"))
 from pacer_twins import FlakyStore
+from test_ext_proc import Stream
 
 pytestmark = pytest.mark.e2e
 
@@ -669,3 +673,47 @@ async def test_official_anthropic_sdk_is_refused_over_its_ceiling_and_settled_be
     assert gateway.store.reserved["agent/a/anthropic"] == 0
     (_, record) = await gateway.record("/v1/messages", 2)
     assert record["pacer"]["tokens_out"] == 5
+
+
+async def test_meshgate_gateway_runs_a_pacer_that_counts_in_the_control_planes_store(
+    tmp_path: Path,
+) -> None:
+    """`start_gateway` (what `meshgate gateway` runs): Envoy bootstrapped with the pacer's
+    cluster, and the pacer spending from the control plane's store with the gateway's token."""
+    policies = tmp_path / "policies"
+    write_policy(policies, free_port(), {"alpha": free_port()})
+    state = tmp_path / "state"
+    async with control_plane(policies, state, require_tokens=True) as cp:
+        assert cp.tokens is not None
+        token, _ = cp.tokens.create("gateway/egress", 600)
+        token_file = tmp_path / "token"
+        token_file.write_text(token)
+        gw = await start_gateway(
+            cp.xds_address,
+            "egress",
+            tmp_path / "gw-state",
+            False,
+            1,
+            wait_ready=True,
+            token_file=token_file,
+            insecure=True,  # plaintext xDS in this test; the join token is still required
+        )
+        try:
+            clusters = (await asyncio.to_thread(gw.admin.get, "/clusters")).text
+            assert f"{spec.PACER_CLUSTER}::" in clusters
+            assert gw.pacer.socket.parent == Path(gw.admin.socket).parent
+            pace = spec.PaceSpec(
+                "coder", "alpha", (spec.BudgetSpec("agent/coder/daily", "requests", 1, "day"),)
+            )
+            async with grpc.aio.insecure_channel(f"unix:{gw.pacer.socket}") as channel:
+                first = Stream(channel, pace)
+                assert (await first.headers()).HasField("request_headers")
+                await first.end()
+                refused = await Stream(channel, pace).headers()
+                assert refused.immediate_response.details == spec.OVER_BUDGET
+            assert cp.limit_store is not None
+            (state_row,) = await cp.limit_store.budgets("agent/coder/")
+            assert (state_row.spent, state_row.reserved, state_row.limit) == (1, 0, 1)
+        finally:
+            await gw.stop()
+        assert not gw.pacer.socket.exists()

@@ -15,11 +15,13 @@ from meshgate.cli.options import (
     ControlPlaneOpt,
     HealthPortOpt,
     InsecureNodeOpt,
+    LimitStorePasswordFileOpt,
     StateOpt,
     TokenFileOpt,
     XdsCaOpt,
 )
 from meshgate.cli.output import console
+from meshgate.pacing.open import LIMIT_STORE_ENV
 
 
 def gateway(
@@ -49,13 +51,13 @@ def gateway(
     limit_store: Annotated[
         str | None,
         typer.Option(
+            envvar=LIMIT_STORE_ENV,
             help="Count global limits and budgets in this Redis (redis://HOST:PORT/DB or "
-            "rediss://...), shared by every gateway replica. Default: the control plane's store."
+            "rediss://...), shared by every gateway and control plane (default: "
+            f"${LIMIT_STORE_ENV}, else the control plane's store, over the xDS port).",
         ),
     ] = None,
-    limit_store_password_file: Annotated[
-        Path | None, typer.Option(help="File holding the --limit-store Redis password.")
-    ] = None,
+    limit_store_password_file: LimitStorePasswordFileOpt = None,
     metrics_port: Annotated[
         int | None,
         typer.Option(help="Serve the pacer's Prometheus metrics on 127.0.0.1:PORT/metrics."),
@@ -211,6 +213,7 @@ def _pacer(gw: Any, control_plane: str, limit_store: str | None, password_file: 
     from meshgate.pacer.stores import store_factory
     from meshgate.sidecar.bootstrap import pacer_socket
 
+    limit_store = limit_store or None
     if limit_store is not None and not limit_store.startswith(("redis://", "rediss://")):
         raise fail(f"--limit-store {limit_store!r}: expected redis://HOST:PORT/DB or rediss://...")
     factory = store_factory(

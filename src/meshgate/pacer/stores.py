@@ -32,16 +32,16 @@ def store_factory(
     if limit_store is not None:
 
         def redis() -> LimitStore:
-            from meshgate.pacing.redis_store import RedisStore
+            from meshgate.pacing.open import open_limit_store
 
-            return RedisStore(limit_store, password_file=password_file)
+            return open_limit_store(limit_store, password_file)
 
         return redis
 
     def remote() -> LimitStore:
-        # TODO(issue 19, lead): the control plane must serve pacing.store_service's handler on
-        # its xDS port (authorize: the join token, as the other xDS services do); until then
-        # every call fails, so budgets fail closed and open limits fail open.
+        # the control plane serves its store on the xDS port to gateway tokens only
+        # (controlplane/auth.GatewaysOnly). The token is read once: a rotated --token-file
+        # reaches the pacer when the gateway restarts.
         from meshgate.pacing.remote_store import RemoteStore
 
         channel = _channel(control_plane, ca_file)
