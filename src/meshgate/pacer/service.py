@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import stat
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -84,6 +85,12 @@ class Pacer:
         return int(server.server_address[1])
 
     async def _serve(self) -> None:
+        mode = self.socket.parent.stat().st_mode
+        if mode & 0o077:  # anyone else who could connect could spend or read every budget
+            raise ConfigError(
+                f"pacer: {self.socket.parent} is open to others ({stat.filemode(mode)}); "
+                "its socket must be in a private directory"
+            )
         self._store = self._store_factory()
         self._ext_proc = ExternalProcessor(self._store, self.limiter, self.metrics, self._settings)
         rls = RateLimitServicer(self._store, self.metrics, RLS_TIMEOUT_S)
@@ -91,13 +98,11 @@ class Pacer:
         server.add_generic_rpc_handlers((rls.handler(), self._ext_proc.handler()))
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()  # a stale socket from a previous run
-        old = os.umask(0o177)  # the socket is born 0600: no window where others could connect
-        try:
-            if server.add_insecure_port(f"unix:{self.socket}") == 0:
-                raise ConfigError(f"pacer: cannot listen on {self.socket}")
-            await server.start()
-        finally:
-            os.umask(old)
+        # the directory is private (0700), so nobody else can connect before the chmod; no
+        # umask change here: it is process-wide, and other threads create files and dirs
+        if server.add_insecure_port(f"unix:{self.socket}") == 0:
+            raise ConfigError(f"pacer: cannot listen on {self.socket}")
+        await server.start()
         os.chmod(self.socket, SOCKET_MODE)
         self._server = server
         log.info("pacer listening on %s", self.socket)

@@ -12,6 +12,7 @@ import pytest
 import typer
 
 from meshgate.cli.gateway import PacedGateway, _pacer
+from meshgate.errors import ConfigError
 from meshgate.pacer import stores
 from meshgate.pacer.service import Pacer
 from meshgate.pacing.memory_store import MemoryStore
@@ -83,3 +84,13 @@ async def test_a_gateway_that_fails_to_start_stops_its_pacer(tmp_path: Path) -> 
     with pytest.raises(RuntimeError):
         await PacedGateway(FakeGateway(tmp_path, fail=True), pacer, None).start()
     assert not pacer.socket.exists()
+
+
+def test_the_pacer_refuses_a_directory_others_can_enter(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    pacer = Pacer(shared / "pacer.sock", MemoryStore)
+    with pytest.raises(ConfigError, match="private directory"):
+        pacer.start()
+    assert not (shared / "pacer.sock").exists()
