@@ -104,7 +104,13 @@ async def _reset(request: web.Request) -> web.StreamResponse:
 async def _chat(request: web.Request) -> web.StreamResponse:
     body = await request.json()
     usage = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
-    echo = {"max_tokens_seen": body.get("max_completion_tokens", body.get("max_tokens"))}
+    echo = {
+        "max_tokens_seen": body.get("max_completion_tokens", body.get("max_tokens")),
+        "framing": [
+            request.headers.get("content-length"),
+            request.headers.get("transfer-encoding"),
+        ],
+    }
     if not body.get("stream"):
         return web.json_response({"model": body["model"], "usage": usage, **echo})
     resp = web.StreamResponse()
@@ -561,6 +567,24 @@ async def test_streamed_llm_call_settles_with_the_real_usage(gateway: Gateway) -
     assert (record["pacer"]["tokens_in"], record["pacer"]["tokens_out"]) == (11, 7)
     assert record["pacer"]["cost_micro_usd"] == 6  # ceil(11 * 0.15 + 7 * 0.60)
     assert gateway.pacer.limiter.in_flight("dest/llm") == 0
+
+
+async def test_a_chunked_llm_body_is_forwarded_rewritten_with_its_new_length(
+    gateway: Gateway,
+) -> None:
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]})
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield body[:10].encode()
+        yield body[10:].encode()
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        r = await client.post(gateway.base + "/v1/chat/completions", content=chunks())
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["max_tokens_seen"] == 100
+    length, transfer_encoding = answer["framing"]
+    assert transfer_encoding is None and int(length) > len(body)  # one framing, the new size
 
 
 async def test_llm_refusals(gateway: Gateway) -> None:
