@@ -12,7 +12,8 @@ call. Response side: an LLM response body is read (streamed) for the usage.
 The stream's end is the request's end, however it ends: the last response message, Envoy
 closing the stream (client gone, upstream reset, local reply), or the pacer refusing. Then,
 and only then, the in-flight slots are released and the reservation settled: with the
-usage found, else with nothing, which charges what was reserved.
+usage found; with no tokens when the provider refused the call (a complete 4xx answer); else
+with nothing, which charges what was reserved.
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ class _Request:
     reader: UsageReader | None = None
     actual: dict[spec.Unit, int] | None = None  # the usage found, in every unit
     refused_budget: str | None = None
+    status: int = 0  # the response's
+    complete: bool = False  # the response ended normally (not cut)
     done: bool = False
 
 
@@ -346,11 +349,13 @@ class ExternalProcessor:
         llm = state.pace.llm
         if llm is not None and state.llm is not None:
             values = _header_map(headers)
+            status = values.get(":status", "")
+            state.status = int(status) if status.isdigit() else 0
             state.reader = UsageReader(
                 llm.api, values.get("content-type", ""), values.get("content-encoding", "")
             )
         if headers.end_of_stream:
-            state.done = True
+            state.done = state.complete = True
             return ep.ProcessingResponse(
                 response_headers=ep.HeadersResponse(), dynamic_metadata=self._audit(state)
             )
@@ -360,7 +365,7 @@ class ExternalProcessor:
         if state.reader is not None:
             state.reader.feed(body.body)
         if body.end_of_stream:
-            state.done = True
+            state.done = state.complete = True
             return ep.ProcessingResponse(
                 response_body=ep.BodyResponse(), dynamic_metadata=self._audit(state)
             )
@@ -390,9 +395,15 @@ class ExternalProcessor:
             return None
         report = state.reader.finish()
         state.reader = None
-        if report.usage is None:
+        if report.usage is not None:
+            tin, tout = report.usage.input_tokens, report.usage.output_tokens
+        elif state.complete and 400 <= state.status < 500:
+            # the provider refused the call (bad request, auth, its own rate limit): nothing
+            # was generated. A 5xx may come after work was done (or be Envoy's timeout while
+            # the provider generates), so it is charged in full like a stream cut short.
+            tin, tout = 0, 0
+        else:
             return None
-        tin, tout = report.usage.input_tokens, report.usage.output_tokens
         amounts = state.llm.spent(tin, tout)
         state.actual = dict(amounts)
         return tin, tout, amounts.get("cost_micro_usd")

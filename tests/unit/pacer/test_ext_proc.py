@@ -399,3 +399,33 @@ async def test_hundreds_of_queued_streams_are_all_waiting_then_all_served(
     await asyncio.gather(*(served(w) for w in waiters))
     assert most == 1
     await until(lambda: pacer.limiter.keys() == 0)
+
+
+async def provider_answers(s: Stream, status: str, body: bytes, end: bool = True) -> None:
+    headers = {":status": status, "content-type": "application/json"}
+    await s.send(ep.ProcessingRequest(response_headers=http_headers(headers)))
+    await s.recv()
+    await s.send(ep.ProcessingRequest(response_body=ep.HttpBody(body=body, end_of_stream=end)))
+    await s.recv()
+
+
+async def test_a_provider_refusal_charges_the_request_not_the_tokens(
+    channel: grpc.aio.Channel, store: FlakyStore
+) -> None:
+    s = Stream(channel, llm_pace())
+    await start_llm(s, {"model": "gpt-4o-mini", "max_tokens": 20})
+    await provider_answers(s, "429", b'{"error": {"type": "rate_limit_exceeded"}}')
+    await until(lambda: store.reserved.get("agent/a/tok") == 0)
+    assert store.spent["agent/a/tok"] == 0
+    (actual,) = store.settled.values()
+    assert actual == {"agent/a/tok": 0}
+
+
+async def test_a_provider_error_without_usage_is_charged_in_full(
+    channel: grpc.aio.Channel, store: FlakyStore
+) -> None:
+    s = Stream(channel, llm_pace())
+    await start_llm(s, {"model": "gpt-4o-mini", "max_tokens": 20})
+    (reserved,) = store.reserved.values()
+    await provider_answers(s, "503", b'{"error": "overloaded"}')
+    await until(lambda: store.spent.get("agent/a/tok") == reserved)
