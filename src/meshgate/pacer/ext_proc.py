@@ -60,6 +60,15 @@ LLM_MODE = Mode(
 # response body to read it would end at the response headers, long before the response does.
 # Asking for response trailers keeps it open until the HTTP stream ends (Envoy 1.40 sends no
 # trailers message when the response has none; it closes the stream at the filter's end).
+# nothing to hold nor read: Envoy sends nothing more and closes the stream (one round trip)
+DONE_MODE = Mode(
+    request_header_mode=Mode.SEND,
+    response_header_mode=Mode.SKIP,
+    request_body_mode=Mode.NONE,
+    response_body_mode=Mode.NONE,
+    request_trailer_mode=Mode.SKIP,
+    response_trailer_mode=Mode.SKIP,
+)
 HOLD_MODE = Mode(
     request_header_mode=Mode.SEND,
     response_header_mode=Mode.SEND,
@@ -209,8 +218,8 @@ class ExternalProcessor:
         admitted = ep.ProcessingResponse(
             request_headers=ep.HeadersResponse(), dynamic_metadata=self._audit(state)
         )
-        if state.slots:
-            admitted.mode_override.CopyFrom(HOLD_MODE)
+        # slots are held to the response's end; otherwise nothing is left to do on this request
+        admitted.mode_override.CopyFrom(HOLD_MODE if state.slots else DONE_MODE)
         yield admitted
 
     async def _request_body(

@@ -15,7 +15,7 @@ from google.protobuf import json_format
 from pacer_twins import FlakyStore
 
 from meshgate.pacer import ext_proc
-from meshgate.pacer.ext_proc import HOLD_MODE, LLM_MODE
+from meshgate.pacer.ext_proc import DONE_MODE, HOLD_MODE, LLM_MODE
 from meshgate.pacer.service import Pacer
 from meshgate.pacing import spec
 from meshgate.retry import Backoff
@@ -105,7 +105,7 @@ async def test_nothing_to_pace_is_admitted_without_holding_the_stream(
     channel: grpc.aio.Channel,
 ) -> None:
     r = await Stream(channel, held()).headers()
-    assert r.HasField("request_headers") and not r.HasField("mode_override")
+    assert r.HasField("request_headers") and r.mode_override == DONE_MODE
 
 
 async def test_a_slot_is_held_for_the_stream_and_released_at_its_end(
