@@ -222,6 +222,7 @@ def _pacer(gw: Any, control_plane: str, limit_store: str | None, password_file: 
         control_plane=control_plane,
         ca_file=gw.shipper.ca_file,
         metadata=gw.envoy.xds_metadata,
+        refresh_metadata=gw.shipper.refresh_metadata,
     )
     return Pacer(pacer_socket(gw.admin.socket), factory)
 

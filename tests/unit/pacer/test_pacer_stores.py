@@ -3,6 +3,7 @@ plane's embedded store over gRPC (RemoteStore), including Redis stalling mid-run
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -14,11 +15,13 @@ from pacing_redis import RedisProcess, redis_server  # noqa: F401 (fixture)
 from test_ext_proc import Stream, held, http_headers
 from test_rls import Code, call, limit
 
+from meshgate.pacer import stores
 from meshgate.pacer.ext_proc import PacerSettings
 from meshgate.pacer.service import Pacer
 from meshgate.pacer.stores import store_factory
 from meshgate.pacing import spec
 from meshgate.pacing.memory_store import MemoryStore
+from meshgate.pacing.store import StoreUnavailable
 from meshgate.pacing.store_service import store_service_handler
 
 
@@ -98,3 +101,41 @@ async def test_redis_stalled_fails_each_way_within_bounded_time(
             assert time.monotonic() - started < 2  # bounded by the store and pacer timeouts
         finally:
             redis_server.resume()
+
+
+async def test_the_join_token_is_renewed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stores, "TOKEN_REFRESH_S", 0.0)
+
+    def new_token_only(metadata: dict[str, str], peer: str) -> None:
+        if metadata.get("authorization") != "Bearer new":
+            raise PermissionError("expired")
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (store_service_handler(MemoryStore(), authorize=new_token_only),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    factory = stores.store_factory(
+        None,
+        password_file=None,
+        control_plane=f"127.0.0.1:{port}",
+        ca_file=None,
+        metadata=(("authorization", "Bearer old"),),
+        refresh_metadata=lambda: (("authorization", "Bearer new"),),
+    )
+    store = factory()
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.hit("k", 5, 60)  # the old token; a renewal starts
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                assert (await store.hit("k", 5, 60)).allowed
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+    finally:
+        await store.close()
+        await server.stop(None)
