@@ -23,7 +23,7 @@ class FakeGateway:
 
     def __init__(self, workdir: Path, fail: bool = False) -> None:
         self.admin = SimpleNamespace(socket=workdir / "admin.sock")
-        self.shipper = SimpleNamespace(ca_file=None)
+        self.shipper = SimpleNamespace(ca_file=None, refresh_metadata=None)
         self.envoy = SimpleNamespace(xds_metadata=(("authorization", "Bearer t"),))
         self.fail = fail
         self.events: list[str] = []
