@@ -41,9 +41,13 @@ class Slot:
             self._limiter._release(self.key)
 
 
+MAX_WAITING = 1000  # per key and agent (fair) or per key: a flood is refused, not held
+
+
 class Limiter:
-    def __init__(self) -> None:
+    def __init__(self, max_waiting: int = MAX_WAITING) -> None:
         self._queues: dict[str, _Queue] = {}
+        self.max_waiting = max_waiting
 
     async def acquire(self, spec: ConcurrencySpec, agent: str, timeout: float) -> Slot | None:
         """A slot on `spec.key` within `timeout` seconds, or None. Cancelling the caller
@@ -61,8 +65,10 @@ class Limiter:
             self._forget_if_idle(spec.key, q)
             return None
         who = agent if q.fair else ""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiters = q.per_agent.get(who)
+        if waiters is not None and len(waiters) >= self.max_waiting:
+            return None  # memory stays bounded; with `fair`, only the flooding agent is refused
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if waiters is None:
             waiters = q.per_agent[who] = deque()
             q.turns.append(who)

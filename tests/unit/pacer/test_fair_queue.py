@@ -192,3 +192,23 @@ def test_never_more_than_max_in_flight_and_nothing_leaks(
         assert lim.keys() == 0
 
     asyncio.run(run())
+
+
+async def test_a_flood_beyond_the_waiting_cap_is_refused_at_once_others_still_queue() -> None:
+    lim = Limiter(max_waiting=3)
+    held = await lim.acquire(cap(), "a", 1)
+    assert held is not None
+    flood = [asyncio.create_task(lim.acquire(cap(), "a", 5)) for _ in range(3)]
+    await settle()
+    started = asyncio.get_running_loop().time()
+    assert await lim.acquire(cap(), "a", 5) is None  # the fourth: no wait at all
+    assert asyncio.get_running_loop().time() - started < 1
+    other = asyncio.create_task(lim.acquire(cap(), "b", 5))
+    await settle()
+    assert lim.waiting_of("k", "b") == 1
+    held.release()
+    for waiter in (flood[0], other, *flood[1:]):  # round-robin: b right after a's first
+        slot = await asyncio.wait_for(waiter, 1)
+        assert slot is not None
+        slot.release()
+    assert lim.keys() == 0
