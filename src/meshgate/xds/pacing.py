@@ -21,6 +21,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from meshgate.pacing.spec import (
+    DYNAMIC_METADATA_NAMESPACE,
     PACE_METADATA,
     PACER_CLUSTER,
     RLS_DOMAIN,
@@ -188,6 +189,12 @@ def pacer_filter(max_wait_ms: int) -> hcm_pb2.HttpFilter:
         message_timeout=_ms(PACER_MESSAGE_TIMEOUT_MS),
         max_message_timeout=_ms(max_wait_ms + PACER_WAIT_MARGIN_MS),
         stat_prefix="meshgate_pacer",
+        # without it Envoy drops the pacer's dynamic metadata (model, tokens, cost, budget)
+        metadata_options=ext_proc_pb2.MetadataOptions(
+            receiving_namespaces=ext_proc_pb2.MetadataOptions.MetadataNamespaces(
+                untyped=[DYNAMIC_METADATA_NAMESPACE]
+            )
+        ),
     )
     return hcm_pb2.HttpFilter(name=PACER_FILTER, typed_config=pack(config), disabled=True)
 
