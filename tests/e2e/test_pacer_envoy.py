@@ -467,7 +467,7 @@ async def test_store_down_fails_each_limit_its_own_way(gateway: Gateway) -> None
     gateway.store.down = True
     assert (await get(gateway, "/open")).status_code == 200
     closed = await get(gateway, "/closed")
-    assert closed.status_code == 500  # the filter's status_on_error (Envoy's default)
+    assert closed.status_code == 503  # the filter's status_on_error: unavailable
     (record,) = await gateway.record("/closed")
     assert record["flags"] == "RLSE"
     assert record["details"] == "rate_limiter_error"
