@@ -193,7 +193,10 @@ class ExternalProcessor:
         values = _header_map(headers)
         state.request_id = values.get("x-request-id", "")
         state.path = values.get(":path", "")
-        if state.pace.llm is not None:
+        # a bodiless GET or HEAD (listing models, say) generates nothing: only request budgets
+        # count it; every call that can generate has a body the reader must meter
+        metered = not (headers.end_of_stream and values.get(":method") in ("GET", "HEAD"))
+        if state.pace.llm is not None and metered:
             if headers.end_of_stream:  # no body: refused, the LLM reader says why
                 read = read_request(state.pace.llm, b"", state.path)
                 why = read if isinstance(read, Refusal) else None
