@@ -1,10 +1,12 @@
 """Envoy's gRPC AccessLogService on the xDS port: access-log entries in, audit records stored.
 
 The handler runs on the xDS event loop but does no audit work there: it hands each message's
-raw bytes to `AuditIngest`, a thread with its own event loop that decodes them, checks them,
-builds the records and commits them through `AuditWriter` (the store's own thread). The handler
-only awaits room in the hand-over queue and, at the end, the commit. So ingest at any rate
-costs the xDS loop a queue hop per message (up to 200 entries), never the decoding or a write.
+raw bytes to `AuditIngest`, a thread with its own event loop that authenticates the stream,
+has a worker process decode and check each message (`Decoder`: records as their stored values
+and chain digests; the decoding would otherwise hold this process's GIL half the time) and
+commits them through `AuditWriter` (the store's own thread). The handler only awaits room in
+the hand-over queue and, at the end, the commit. So ingest at any rate costs the xDS loop a
+queue hop per message (up to 200 entries), never the decoding or a write.
 
 `StreamAccessLogs` is client-streaming: the response is sent only when the client half-closes,
 and only after every record of the stream is committed to the store. The gateway's spool shipper
@@ -19,21 +21,24 @@ required the token must name that node. A gateway may log for any agent; a sidec
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import multiprocessing
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 import grpc
 from envoy.service.accesslog.v3 import als_pb2
 from google.protobuf.message import DecodeError
 
-from meshgate.audit.ingest import IngestError, record_from_entry
+from meshgate.audit.chain import from_micros
+from meshgate.audit.messages import Decoded, Refusal, decode_message, ready
 from meshgate.audit.record import AuditRecord
-from meshgate.audit.store import AuditStore
+from meshgate.audit.store import AuditStore, ValuesStore
 from meshgate.controlplane.streams import Authenticator, StreamError, allow_all
 from meshgate.xds.nodes import NodeRole, parse_node_id
 
@@ -61,9 +66,13 @@ class AuditWriter:
         self.store = await self._run(self._opener)
         return self.store
 
-    async def append(self, records: Sequence[AuditRecord]) -> int:
+    async def append(self, values: Sequence[tuple[Any, ...]], digests: Sequence[bytes]) -> int:
+        """Store records given as their `chain.record_values` and digests (as decoded)."""
         store = self.store
         assert store is not None, "AuditWriter.open() first"
+        if isinstance(store, ValuesStore):
+            return await self._run(lambda: store.append_values(values, digests))
+        records = [AuditRecord.trusted(from_micros(v[0]), v) for v in values]
         return await self._run(lambda: store.append(records))
 
     async def close(self) -> None:
@@ -73,7 +82,73 @@ class AuditWriter:
         self._executor.shutdown(wait=False)
 
 
+class Decoder:
+    """Where messages become records: a pool of worker processes (`processes`, default one),
+    so decoding uses another core and the control plane's GIL only for the append; with
+    `processes=0`, on the ingest thread itself. Workers are spawned, not forked: the control
+    plane has gRPC's threads."""
+
+    def __init__(self, processes: int = 1) -> None:
+        self.processes = processes
+        self._pool: ProcessPoolExecutor | None = None
+
+    def start(self) -> None:
+        if self.processes > 0:
+            self._pool = ProcessPoolExecutor(
+                self.processes, mp_context=multiprocessing.get_context("spawn")
+            )
+            for _ in range(self.processes):  # spawn and import now, not on the first message
+                self._pool.submit(ready)
+
+    def stop(self) -> None:
+        """Blocking (joins the workers): call it off the event loop."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, raw: bytes, node_id: str, agent: str | None) -> asyncio.Future[Decoded]:
+        """Decode `raw` (a message of the stream from `node_id`); the result raises
+        StreamError for a refused message. Results come back in any order: await them in
+        the order submitted."""
+        loop = asyncio.get_running_loop()
+        pool = self._pool
+        if pool is None:
+            if self.processes > 0:
+                raise StreamError("UNAVAILABLE", "the audit decoder is not running")
+            done = loop.create_future()
+            done.set_result(_decoded(decode_message(raw, node_id, agent)))
+            return done
+        try:
+            work = pool.submit(decode_message, raw, node_id, agent)
+        except BrokenProcessPool:
+            self._restart(pool)
+            raise StreamError("UNAVAILABLE", "the audit decoder failed; send again") from None
+        return asyncio.ensure_future(self._result(pool, asyncio.wrap_future(work, loop=loop)))
+
+    async def _result(self, pool: ProcessPoolExecutor, work: asyncio.Future[Any]) -> Decoded:
+        try:
+            result = await work
+        except BrokenProcessPool:  # a worker died (killed, out of memory): every caller retries
+            self._restart(pool)
+            raise StreamError("UNAVAILABLE", "the audit decoder failed; send again") from None
+        return _decoded(result)
+
+    def _restart(self, broken: ProcessPoolExecutor) -> None:
+        if self._pool is broken:
+            log.error("the audit decoder process died; starting another")
+            broken.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+            self.start()
+
+
+def _decoded(result: Decoded | Refusal) -> Decoded:
+    if isinstance(result, Refusal):
+        raise StreamError(result.code, result.message)
+    return result
+
+
 QUEUE_MESSAGES = 32  # per stream: raw messages handed over but not yet decoded
+DECODING = 8  # per stream: messages being decoded by the workers at once (in order)
 # Records per commit: a shipper's stream (1 MiB of spool lines, ~2,200 entries) is one commit,
 # not two (a second, small transaction paid the fsync and the chain link for ~200 records).
 BATCH_SIZE = 5000
@@ -89,8 +164,10 @@ class AuditIngest:
         flush_interval: float = 0.5,
         batch_size: int = BATCH_SIZE,
         on_commit: Callable[[int, int], None] | None = None,
+        decoder: Decoder | None = None,
     ) -> None:
         self.writer = writer
+        self.decoder = decoder if decoder is not None else Decoder()
         self.authenticate = authenticate
         self.flush_interval = flush_interval
         self.batch_size = batch_size
@@ -105,6 +182,7 @@ class AuditIngest:
         except BaseException:
             await self.writer.close()
             raise
+        self.decoder.start()
         loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=loop.run_forever, name="audit-ingest", daemon=True)
         self._thread.start()
@@ -117,6 +195,7 @@ class AuditIngest:
             loop.call_soon_threadsafe(loop.stop)
             await asyncio.to_thread(thread.join)
             loop.close()
+        await asyncio.to_thread(self.decoder.stop)
         await self.writer.close()
 
     def _submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
@@ -208,27 +287,32 @@ class _Stream:
         self.peer = peer
         self.node_id = ""
         self.role: NodeRole | None = None
-        self.pending: list[AuditRecord] = []
+        self.agent: str | None = None  # a sidecar's agent: the only one it may log for
+        self.values: list[tuple[Any, ...]] = []  # decoded, not yet committed
+        self.digests: list[bytes] = []
         self.lock = asyncio.Lock()  # one commit at a time per stream, in order
         self.failure: StreamError | None = None
         self.ended = asyncio.Event()  # the client half-closed: the flusher stops between commits
 
     async def run(self, requests: AsyncIterator[bytes]) -> None:
         flusher: asyncio.Task[None] | None = None
+        decoding: collections.deque[asyncio.Future[Decoded]] = collections.deque()
         try:
             async for raw in requests:
                 if self.failure is not None:
                     raise self.failure
-                message = _decode(raw)
-                if self.role is None:
-                    self._connect(message)
+                if self.role is None:  # who is logging, before any entry is decoded
+                    self._connect(_decode(raw))
                     flusher = asyncio.create_task(self._flush_periodically())
-                elif message.identifier.node.id not in ("", self.node_id):
-                    raise StreamError("INVALID_ARGUMENT", "one node per access-log stream")
-                self._take(message)
-                if len(self.pending) >= self.service.batch_size:
-                    await self._commit()
+                decoding.append(self.service.decoder.submit(raw, self.node_id, self.agent))
+                while decoding and (len(decoding) > DECODING or decoding[0].done()):
+                    await self._take(decoding.popleft())
+            while decoding:
+                await self._take(decoding.popleft())
         finally:
+            for pending in decoding:  # the stream failed: nothing after it is stored
+                if not pending.cancel():
+                    pending.exception()  # done already: its refusal is not news
             # never cancel a commit in flight: its batch has left `pending`, and an OK answer
             # would move the client's checkpoint past records that were not stored
             self.ended.set()
@@ -248,26 +332,15 @@ class _Stream:
             raise StreamError("INVALID_ARGUMENT", str(exc)) from None
         self.service.authenticate(node_id, self.metadata, self.peer)
         self.node_id, self.role = node_id, role
+        self.agent = role.name if role.kind == "agent" else None
 
-    def _take(self, message: als_pb2.StreamAccessLogsMessage) -> None:
-        assert self.role is not None
-        if message.HasField("tcp_logs") and message.tcp_logs.log_entry:
-            raise StreamError("INVALID_ARGUMENT", "only HTTP access logs are accepted")
-        for entry in message.http_logs.log_entry:
-            try:
-                record = record_from_entry(entry, self.node_id)
-            except (IngestError, ValueError, OverflowError) as exc:
-                raise StreamError("INVALID_ARGUMENT", f"bad access-log entry: {exc}") from None
-            if self.role.kind == "agent":
-                if record.agent and record.agent != self.role.name:
-                    raise StreamError(
-                        "PERMISSION_DENIED",
-                        f"{self.node_id} may log only for agent {self.role.name},"
-                        f" not {record.agent}",
-                    )
-                # a sidecar vouches for nothing but its own refusals
-                record = replace(record, agent=self.role.name, spiffe_id="")
-            self.pending.append(record)
+    async def _take(self, decoding: asyncio.Future[Decoded]) -> None:
+        """The next message's records, in the order the client sent them."""
+        values, digests = await decoding
+        self.values += values
+        self.digests += digests
+        if len(self.values) >= self.service.batch_size:
+            await self._commit()
 
     async def _flush_periodically(self) -> None:
         while True:
@@ -283,16 +356,17 @@ class _Stream:
 
     async def _commit(self) -> None:
         async with self.lock:
-            batch, self.pending = self.pending, []
-            if not batch:
+            values, digests = self.values, self.digests
+            self.values, self.digests = [], []
+            if not values:
                 return
             try:
-                new = await self.service.writer.append(batch)
+                new = await self.service.writer.append(values, digests)
             except Exception as exc:  # the client keeps its spool and sends again
-                log.exception("storing %d audit records from %s failed", len(batch), self.node_id)
+                log.exception("storing %d audit records from %s failed", len(values), self.node_id)
                 raise StreamError("UNAVAILABLE", f"audit store failed: {exc}") from None
             if self.service.on_commit is not None:
-                self.service.on_commit(len(batch), new)
+                self.service.on_commit(len(values), new)
 
 
 def _decode(raw: bytes) -> als_pb2.StreamAccessLogsMessage:
