@@ -283,6 +283,8 @@ class SqlAuditStore:
         """`append` for records given as their `record_values` (each computed once: it gives
         the key, the row and the digest), with their `values_digest`s if the caller has them
         (the ingest decoder computes them in its own process)."""
+        if digests is not None and len(digests) != len(values):
+            raise ValueError(f"{len(values)} records but {len(digests)} digests")
         # what makes a record the same record: a resend repeats its time, id and node
         keys: list[RecordKey] = [(v[0], v[1], v[GATEWAY]) for v in values]
         if len(set(keys)) != len(keys):  # a record repeated within the batch: keep one copy
