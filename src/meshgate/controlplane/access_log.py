@@ -24,11 +24,12 @@ import asyncio
 import collections
 import contextlib
 import logging
-import multiprocessing
+import marshal
+import os
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
@@ -36,7 +37,8 @@ from envoy.service.accesslog.v3 import als_pb2
 from google.protobuf.message import DecodeError
 
 from meshgate.audit.chain import from_micros
-from meshgate.audit.messages import Decoded, Refusal, decode_message, ready
+from meshgate.audit.decode_worker import HEADER, frame, from_answer
+from meshgate.audit.messages import Decoded, Refusal, decode_message
 from meshgate.audit.record import AuditRecord
 from meshgate.audit.store import AuditStore, ValuesStore
 from meshgate.controlplane.streams import Authenticator, StreamError, allow_all
@@ -82,63 +84,119 @@ class AuditWriter:
         self._executor.shutdown(wait=False)
 
 
+class _Worker:
+    """One decode worker process (`audit/decode_worker.py`) and the answers it owes, in order."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.owed: collections.deque[asyncio.Future[Decoded | Refusal]] = collections.deque()
+        self.alive = True
+        self.reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def start(cls) -> _Worker:
+        # -P: the control plane's working directory is not a place to import modules from
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-P",
+            "-m",
+            "meshgate.audit.decode_worker",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+        )
+        return cls(proc)
+
+    async def decode(self, raw: bytes, node_id: str, agent: str | None) -> asyncio.Future[Any]:
+        """Send a message; the future is its answer."""
+        stdin = self.proc.stdin
+        assert stdin is not None
+        owed = asyncio.get_running_loop().create_future()
+        self.owed.append(owed)
+        stdin.write(frame((raw, node_id, agent)))
+        with contextlib.suppress(ConnectionError):  # the reader sees the end and fails `owed`
+            await stdin.drain()
+        return owed
+
+    async def _read(self) -> None:
+        stdout = self.proc.stdout
+        assert stdout is not None
+        try:
+            while True:
+                (size,) = HEADER.unpack(await stdout.readexactly(HEADER.size))
+                result = from_answer(marshal.loads(await stdout.readexactly(size)))
+                owed = self.owed.popleft()
+                if not owed.done():  # (cancelled: its stream ended)
+                    owed.set_result(result)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            log.error("the audit decode worker (pid %d) exited; starting another", self.proc.pid)
+        finally:
+            self.alive = False
+            while self.owed:
+                owed = self.owed.popleft()
+                if not owed.done():
+                    owed.set_exception(
+                        StreamError("UNAVAILABLE", "the audit decoder failed; send again")
+                    )
+
+    async def stop(self) -> None:
+        self.alive = False
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()  # the worker exits at the end of its input
+        try:
+            await asyncio.wait_for(self.proc.wait(), 5)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+        self.reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.reader
+
+
 class Decoder:
-    """Where messages become records: a pool of worker processes (`processes`, default one),
-    so decoding uses another core and the control plane's GIL only for the append; with
-    `processes=0`, on the ingest thread itself. Workers are spawned, not forked: the control
-    plane has gRPC's threads."""
+    """Where messages become records: worker processes (`processes`, default one), so decoding
+    uses another core and the control plane's GIL only for the append; with `processes=0`, on
+    the ingest thread itself. Runs on the ingest loop. A worker that dies fails the messages it
+    had (their streams get UNAVAILABLE: the clients send again) and is replaced."""
 
     def __init__(self, processes: int = 1) -> None:
         self.processes = processes
-        self._pool: ProcessPoolExecutor | None = None
+        self._workers: list[_Worker | None] = [None] * processes
+        self._next = 0
 
-    def start(self) -> None:
-        if self.processes > 0:
-            self._pool = ProcessPoolExecutor(
-                self.processes, mp_context=multiprocessing.get_context("spawn")
-            )
-            for _ in range(self.processes):  # spawn and import now, not on the first message
-                self._pool.submit(ready)
+    async def start(self) -> None:
+        for i in range(self.processes):
+            self._workers[i] = await _Worker.start()
 
-    def stop(self) -> None:
-        """Blocking (joins the workers): call it off the event loop."""
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+    async def stop(self) -> None:
+        workers, self._workers = self._workers, [None] * self.processes
+        for worker in workers:
+            if worker is not None:
+                await worker.stop()
 
-    def submit(self, raw: bytes, node_id: str, agent: str | None) -> asyncio.Future[Decoded]:
+    async def submit(self, raw: bytes, node_id: str, agent: str | None) -> asyncio.Future[Decoded]:
         """Decode `raw` (a message of the stream from `node_id`); the result raises
-        StreamError for a refused message. Results come back in any order: await them in
-        the order submitted."""
-        loop = asyncio.get_running_loop()
-        pool = self._pool
-        if pool is None:
-            if self.processes > 0:
-                raise StreamError("UNAVAILABLE", "the audit decoder is not running")
-            done = loop.create_future()
-            done.set_result(_decoded(decode_message(raw, node_id, agent)))
+        StreamError for a refused message. Await the results in the order submitted: each
+        stream's records are stored in the order it sent them."""
+        if not self.processes:
+            done: asyncio.Future[Decoded] = asyncio.get_running_loop().create_future()
+            try:
+                done.set_result(_decoded(decode_message(raw, node_id, agent)))
+            except StreamError as exc:
+                done.set_exception(exc)
             return done
-        try:
-            work = pool.submit(decode_message, raw, node_id, agent)
-        except BrokenProcessPool:
-            self._restart(pool)
-            raise StreamError("UNAVAILABLE", "the audit decoder failed; send again") from None
-        return asyncio.ensure_future(self._result(pool, asyncio.wrap_future(work, loop=loop)))
+        i = self._next = (self._next + 1) % self.processes
+        worker = self._workers[i]
+        if worker is None or not worker.alive:
+            if worker is not None:
+                await worker.stop()
+            worker = self._workers[i] = await _Worker.start()
+        owed = await worker.decode(raw, node_id, agent)
+        return asyncio.ensure_future(_answer(owed))
 
-    async def _result(self, pool: ProcessPoolExecutor, work: asyncio.Future[Any]) -> Decoded:
-        try:
-            result = await work
-        except BrokenProcessPool:  # a worker died (killed, out of memory): every caller retries
-            self._restart(pool)
-            raise StreamError("UNAVAILABLE", "the audit decoder failed; send again") from None
-        return _decoded(result)
 
-    def _restart(self, broken: ProcessPoolExecutor) -> None:
-        if self._pool is broken:
-            log.error("the audit decoder process died; starting another")
-            broken.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
-            self.start()
+async def _answer(owed: asyncio.Future[Decoded | Refusal]) -> Decoded:
+    return _decoded(await owed)
 
 
 def _decoded(result: Decoded | Refusal) -> Decoded:
@@ -182,20 +240,24 @@ class AuditIngest:
         except BaseException:
             await self.writer.close()
             raise
-        self.decoder.start()
         loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=loop.run_forever, name="audit-ingest", daemon=True)
         self._thread.start()
         self._loop = loop
+        try:
+            await asyncio.wrap_future(self._submit(self.decoder.start()))
+        except BaseException:
+            await self.stop()
+            raise
 
     async def stop(self) -> None:
         loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
         if loop is not None and thread is not None:
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_cancel_all(), loop))
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.decoder.stop(), loop))
             loop.call_soon_threadsafe(loop.stop)
             await asyncio.to_thread(thread.join)
             loop.close()
-        await asyncio.to_thread(self.decoder.stop)
         await self.writer.close()
 
     def _submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
@@ -304,7 +366,7 @@ class _Stream:
                 if self.role is None:  # who is logging, before any entry is decoded
                     self._connect(_decode(raw))
                     flusher = asyncio.create_task(self._flush_periodically())
-                decoding.append(self.service.decoder.submit(raw, self.node_id, self.agent))
+                decoding.append(await self.service.decoder.submit(raw, self.node_id, self.agent))
                 while decoding and (len(decoding) > DECODING or decoding[0].done()):
                     await self._take(decoding.popleft())
             while decoding:

@@ -150,24 +150,41 @@ async def test_streams_decoded_in_workers_are_stored_in_the_order_sent(tmp_path:
         await ingest.stop()
 
 
-async def test_a_dead_decoder_fails_the_stream_and_the_resend_is_stored(tmp_path: Path) -> None:
+async def until(check: Any, what: str) -> None:
+    for _ in range(400):
+        if check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_a_dead_decoder_is_replaced_and_only_what_it_owed_is_sent_again(
+    tmp_path: Path,
+) -> None:
     store = SqliteAuditStore(tmp_path / "audit.db")
     ingest, server, address = await serve(store)
     stream = [message([spool_entry(i)]) for i in range(3)]
     try:
         async with grpc.aio.insecure_channel(address) as channel:
             call = channel.stream_unary(METHOD, request_serializer=lambda raw: raw)
-            await call(iter(stream[:1]), timeout=30)  # the worker is up
-            pool = ingest.decoder._pool
-            assert pool is not None
-            workers = list(pool._processes.values())  # type: ignore[attr-defined]
-            assert len(workers) == 1
-            os.kill(workers[0].pid, signal.SIGKILL)
-            await asyncio.to_thread(workers[0].join, 10)
+            await call(iter(stream[:1]), timeout=30)
+            # a worker that died between streams is replaced before the next message
+            (idle,) = ingest.decoder._workers
+            assert idle is not None
+            os.kill(idle.proc.pid, signal.SIGKILL)
+            await until(lambda: not idle.alive, "the ingest loop to see the worker go")
+            await call(iter(stream[:2]), timeout=30)
+            # one that dies owing answers fails their stream, which the client sends again
+            (busy,) = ingest.decoder._workers
+            assert busy is not None and busy is not idle
+            os.kill(busy.proc.pid, signal.SIGSTOP)
+            answer = asyncio.ensure_future(call(iter(stream), timeout=30))
+            await until(lambda: len(busy.owed) == 3, "three messages owed")
+            os.kill(busy.proc.pid, signal.SIGKILL)
             with pytest.raises(grpc.aio.AioRpcError) as failed:
-                await call(iter(stream), timeout=30)
+                await answer
             assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
-            await call(iter(stream), timeout=30)  # a new worker: the shipper's resend
+            await call(iter(stream), timeout=30)
         assert [r.request_id for _, r in store.tail(0)] == ["req-00000", "req-00001", "req-00002"]
         assert store.verify().ok
     finally:
