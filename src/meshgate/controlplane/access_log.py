@@ -129,7 +129,12 @@ class _Worker:
                 if not owed.done():  # (cancelled: its stream ended)
                     owed.set_result(result)
         except (asyncio.IncompleteReadError, ConnectionError):
-            log.error("the audit decode worker (pid %d) exited; starting another", self.proc.pid)
+            if self.alive:  # not stopped by us
+                log.error("the audit decode worker (pid %d) exited", self.proc.pid)
+        except Exception:  # a garbled answer, or one nobody asked for: never trust it again
+            log.exception("the audit decode worker (pid %d) misbehaved", self.proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
         finally:
             self.alive = False
             while self.owed:
@@ -163,6 +168,7 @@ class Decoder:
         self.processes = processes
         self._workers: list[_Worker | None] = [None] * processes
         self._next = 0
+        self._replacing = asyncio.Lock()  # one replacement for a dead worker, not one a stream
 
     async def start(self) -> None:
         for i in range(self.processes):
@@ -188,11 +194,19 @@ class Decoder:
         i = self._next = (self._next + 1) % self.processes
         worker = self._workers[i]
         if worker is None or not worker.alive:
-            if worker is not None:
-                await worker.stop()
-            worker = self._workers[i] = await _Worker.start()
+            worker = await self._replace(i)
         owed = await worker.decode(raw, node_id, agent)
         return asyncio.ensure_future(_answer(owed))
+
+    async def _replace(self, i: int) -> _Worker:
+        async with self._replacing:
+            worker = self._workers[i]
+            if worker is None or not worker.alive:
+                if worker is not None:
+                    await worker.stop()
+                worker = self._workers[i] = await _Worker.start()
+                log.info("started audit decode worker %d (pid %d)", i, worker.proc.pid)
+            return worker
 
 
 async def _answer(owed: asyncio.Future[Decoded | Refusal]) -> Decoded:
