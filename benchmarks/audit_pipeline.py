@@ -34,8 +34,8 @@ import argparse
 import asyncio
 import contextlib
 import json
+import marshal
 import os
-import pickle
 import random
 import signal
 import socket
@@ -56,6 +56,7 @@ import grpc  # noqa: E402
 import httpx  # noqa: E402
 from envoy.service.accesslog.v3 import als_pb2  # noqa: E402
 
+from meshgate.audit.decode_worker import HEADER, answer, frame, from_answer  # noqa: E402
 from meshgate.audit.ingest import entry_from_spool  # noqa: E402
 from meshgate.audit.messages import Refusal, decode_message  # noqa: E402
 from meshgate.audit.open import open_store  # noqa: E402
@@ -286,13 +287,15 @@ def thread_cpu(pid: int) -> dict[int, float]:
 def stages(plan: list[list[bytes]], node: str, store_url: str) -> tuple[float, float, float]:
     """CPU microseconds per record of each step, one after the other on this thread (no gRPC,
     no other thread or process): decode the messages as the decode worker does (parse, map,
-    digest), pass the result through pickle both ways as the worker and the control plane do,
+    digest), pass the result through marshal both ways as the worker and the control plane do,
     and append one stream per batch (as the AccessLogService commits them, up to its
     `BATCH_SIZE`). Steadier than wall time on a shared machine."""
     t0 = time.thread_time()
     decoded = [[decode_message(m, node, None) for m in s] for s in plan]
     t1 = time.thread_time()
-    decoded = [[pickle.loads(pickle.dumps(d, pickle.HIGHEST_PROTOCOL)) for d in s] for s in decoded]
+    decoded = [
+        [from_answer(marshal.loads(frame(answer(d))[HEADER.size :])) for d in s] for s in decoded
+    ]
     t2 = time.thread_time()
     batches: list[tuple[list[tuple[object, ...]], list[bytes]]] = []
     for stream in decoded:
@@ -651,7 +654,7 @@ async def ceiling(name: str, store: str, stage_store: str, args: argparse.Namesp
         decode, transfer, append = stages(plans[0], "gateway/bench-0", stage_store)
         print(
             f"  the same steps in one thread, CPU per record: decode (the worker's: parse, "
-            f"map, digest) {decode:.1f} us, pickle both ways {transfer:.1f} us, append "
+            f"map, digest) {decode:.1f} us, marshal both ways {transfer:.1f} us, append "
             f"{append:.1f} us (sum {decode + transfer + append:.1f} us)"
         )
         print(
