@@ -11,6 +11,7 @@ import sys
 import typer
 
 from meshgate.cli.audit import audit_app
+from meshgate.cli.budget import budget_app
 from meshgate.cli.gateway import gateway
 from meshgate.cli.identity import ca_app, identity_app, token_app
 from meshgate.cli.inject import inject_app
@@ -30,6 +31,7 @@ app = typer.Typer(
 for command in (serve, gateway, up, status, validate, plan, lint):
     app.command()(command)
 app.add_typer(audit_app, name="audit")
+app.add_typer(budget_app, name="budget")
 app.add_typer(sidecar_app, name="sidecar")
 app.add_typer(identity_app, name="identity")
 app.add_typer(ca_app, name="ca")

@@ -36,6 +36,7 @@ from meshgate.cli.options import (
     StoreOpt,
     TextOrJsonOpt,
     UntilOpt,
+    WideOpt,
 )
 from meshgate.cli.output import Format, console, err_console, json_line, print_json_line
 from meshgate.durations import parse_duration
@@ -98,6 +99,7 @@ def query(
     limit: Annotated[int, typer.Option(help="At most this many records (1..10000).")] = 100,
     cursor: Annotated[str | None, typer.Option(help="Continue after a previous page.")] = None,
     format: RecordsFormatOpt = Format.TABLE,
+    wide: WideOpt = False,
     store: StoreOpt = None,
     state_dir: StateOpt = DEFAULT_STATE,
     control_plane: AuditControlPlaneOpt = None,
@@ -122,7 +124,7 @@ def query(
     else:
         with _opened(store, state_dir) as opened:
             page = opened.query(q)
-    print_records(page.records, format)
+    print_records(page.records, format, wide=wide)
     if page.next_cursor:
         err_console.print(f"more: --cursor {page.next_cursor}", highlight=False, markup=False)
 

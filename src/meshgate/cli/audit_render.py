@@ -7,32 +7,67 @@ from collections.abc import Sequence
 from meshgate.audit.chain import VerifyReport
 from meshgate.audit.record import AuditRecord
 from meshgate.audit.store import SummaryRow
-from meshgate.cli.output import Format, print_csv, print_json_line, print_table
+from meshgate.cli.output import (
+    Column,
+    Format,
+    Show,
+    print_csv,
+    print_json_line,
+    print_table,
+    short_times,
+)
 
 RECORD_FIELDS = list(AuditRecord.__dataclass_fields__)
 
+# who asked for what and what became of it always; the request line and status when they fit
+RECORD_COLUMNS = (
+    Column("time (UTC)"),
+    Column("agent"),
+    Column("spiffe id", Show.WIDE),
+    Column("destination"),
+    Column("request", Show.FIT),
+    Column("status", Show.FIT, "right"),
+    Column("decision"),
+    Column("reason"),
+    Column("sent", Show.WIDE, "right"),
+    Column("received", Show.WIDE, "right"),
+    Column("ms", Show.WIDE, "right"),
+    Column("policy", Show.WIDE),
+    Column("gateway", Show.WIDE),
+    Column("request id", Show.WIDE),
+)
 
-def print_records(records: Sequence[AuditRecord], format: Format) -> None:
+
+def print_records(records: Sequence[AuditRecord], format: Format, *, wide: bool = False) -> None:
     if format is Format.JSON:
         for record in records:
             print_json_line(record.to_json(), compact=True)
     elif format is Format.CSV:
         print_csv(RECORD_FIELDS, (_csv_row(r.to_json()) for r in records))
     else:
+        times = short_times([r.timestamp for r in records])
         print_table(
-            ("time (UTC)", "agent", "destination", "request", "status", "decision", "reason"),
+            RECORD_COLUMNS,
             (
                 (
-                    r.timestamp.strftime("%Y-%m-%d %H:%M:%S"),
+                    time,
                     r.agent,
+                    r.spiffe_id,
                     r.destination,
                     f"{r.method} {r.host}{r.path}{_mcp(r)}",
                     str(r.status),
                     r.decision,
                     r.reason,
+                    f"{r.bytes_sent:,}",
+                    f"{r.bytes_received:,}",
+                    f"{r.duration_ms:.1f}",
+                    r.policy_version,
+                    r.gateway,
+                    r.request_id,
                 )
-                for r in records
+                for time, r in zip(times, records, strict=True)
             ),
+            wide=wide,
         )
 
 
@@ -46,7 +81,7 @@ def print_summary(rows: Sequence[SummaryRow], format: Format) -> None:
         )
     else:
         print_table(
-            ("agent", "destination", "decision", "requests"),
+            ("agent", "destination", "decision", Column("requests", justify="right")),
             ((r.agent, r.destination, r.decision, f"{r.count:,}") for r in rows),
             footer=("total", "", "", f"{sum(r.count for r in rows):,}"),
         )

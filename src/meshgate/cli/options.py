@@ -71,6 +71,18 @@ AuditStoreOpt = Annotated[
         "(default: $MESHGATE_AUDIT_STORE, else STATE_DIR/audit.db)."
     ),
 ]
+LimitStoreOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Where budgets and global limits are counted: redis://host:6379/0 (or rediss://), "
+        "shared by every control plane and gateway (default: $MESHGATE_LIMIT_STORE, else "
+        "in this process, for one control plane).",
+    ),
+]
+LimitStorePasswordFileOpt = Annotated[
+    Path | None,
+    typer.Option(help="File whose first line is the Redis password (not on the command line)."),
+]
 # Vault PKI as the upstream CA. Credentials only from the environment: VAULT_TOKEN, or AppRole
 # with VAULT_SECRET_ID (never on the command line, where `ps` would show them).
 CaOpt = Annotated[
@@ -136,6 +148,13 @@ RecordsFormatOpt = Annotated[
 ]
 LinesFormatOpt = Annotated[
     Format, format_option(Format.TEXT, Format.JSON, help="text or json (JSON lines)")
+]
+WideOpt = Annotated[
+    bool,
+    typer.Option(
+        "--wide",
+        help="Every column of the table, unwrapped (lines may be longer than the terminal).",
+    ),
 ]
 TokenFormatOpt = Annotated[
     Format,

@@ -23,6 +23,8 @@ from meshgate.cli.options import (
     AuditStoreOpt,
     CaOpt,
     InsecureServeOpt,
+    LimitStoreOpt,
+    LimitStorePasswordFileOpt,
     PoliciesOpt,
     ServeAdminTokenOpt,
     StateOpt,
@@ -99,6 +101,8 @@ def serve(
         typer.Option(help="HOST:PORT sidecars send to (a gateway Service); default loopback."),
     ] = None,
     audit_store: AuditStoreOpt = None,
+    limit_store: LimitStoreOpt = None,
+    limit_store_password_file: LimitStorePasswordFileOpt = None,
     admin_token_file: ServeAdminTokenOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -136,6 +140,8 @@ def serve(
         ),
         gateway_address=gateway_at,
         audit_store=audit_store or "",
+        limit_store=limit_store or "",
+        limit_store_password_file=limit_store_password_file,
         admin_token_file=admin_token_file,
     )
 
@@ -162,6 +168,8 @@ def up(
     vault_role_id: VaultRoleIdOpt = None,
     vault_intermediate_ttl: VaultTtlOpt = "30d",
     audit_store: AuditStoreOpt = None,
+    limit_store: LimitStoreOpt = None,
+    limit_store_password_file: LimitStorePasswordFileOpt = None,
     admin_token_file: ServeAdminTokenOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -192,6 +200,8 @@ def up(
             vault_intermediate_ttl,
         ),
         audit_store=audit_store or "",
+        limit_store=limit_store or "",
+        limit_store_password_file=limit_store_password_file,
         admin_token_file=admin_token_file,
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.markup import escape
 from rich.text import Text
 
 from meshgate.cli import admin
@@ -14,15 +15,36 @@ from meshgate.cli.options import (
     AdminTokenFileOpt,
     StateOpt,
     TableOrJsonOpt,
+    WideOpt,
 )
-from meshgate.cli.output import Format, console, print_json, print_table
+from meshgate.cli.output import Column, Format, Show, fitted_console, print_json, print_table
 
 XDS_TYPES = ("cds", "eds", "lds", "rds", "sds")
+
+# by default the versions in one column grouped by value; --wide: one column per type
+NODE_COLUMNS = (
+    Column("node"),
+    Column("identity", Show.FIT),
+    Column("proto", Show.WIDE),
+    Column("envoy", Show.WIDE),
+    Column("ACKed", Show.NARROW),
+    *(Column(t, Show.WIDE) for t in XDS_TYPES),
+    Column("NACK"),
+)
+CONSUL_COLUMNS = (
+    Column("consul service"),
+    Column("tag", Show.FIT),
+    Column("destinations"),
+    Column("instances", justify="right"),
+    Column("index", Show.WIDE),
+    Column("last success"),
+)
 
 
 def status(
     admin_url: AdminOpt = DEFAULT_ADMIN,
     format: TableOrJsonOpt = Format.TABLE,
+    wide: WideOpt = False,
     admin_token_file: AdminTokenFileOpt = None,
     state_dir: StateOpt = DEFAULT_STATE,
 ) -> None:
@@ -32,54 +54,60 @@ def status(
     if format is Format.JSON:
         print_json(data)
         return
+    out = fitted_console()
     pol = data["policy"]
-    console.print(
-        f"[bold]policy[/bold] {pol['version'] or '-'} from {pol['source']} "
-        f"({pol['agents']} agents, {pol['destinations']} destinations)"
+    out.print(
+        f"[bold]policy[/bold] {escape(str(pol['version'] or '-'))} from "
+        f"{escape(str(pol['source']))} ({pol['agents']} agents, "
+        f"{pol['destinations']} destinations)"
     )
     if pol.get("missing_secrets"):
-        names = ", ".join(pol["missing_secrets"])
-        console.print(f"[yellow]missing secrets[/yellow] (their destinations answer 503): {names}")
+        names = escape(", ".join(pol["missing_secrets"]))
+        out.print(f"[yellow]missing secrets[/yellow] (their destinations answer 503): {names}")
     if data.get("ca"):
         ca = data["ca"]
-        console.print(
-            f"[bold]ca[/bold] {ca['source']}, intermediate {ca['intermediate_serial']} "
-            f"valid until {ca['intermediate_not_after']}",
-            highlight=False,
+        out.print(
+            f"[bold]ca[/bold] {escape(str(ca['source']))}, intermediate "
+            f"{ca['intermediate_serial']} valid until {ca['intermediate_not_after']}"
         )
     if pol.get("last_rejection"):
         rej = pol["last_rejection"]
-        console.print(f"[red]last change refused[/red] ({rej['origin']}, {rej['at']}):")
+        out.print(f"[red]last change refused[/red] ({escape(rej['origin'])}, {rej['at']}):")
         for problem in rej["problems"]:
-            console.print(f"  {problem}", highlight=False, markup=False)
-    _print_consul(data.get("consul") or [])
-    nacks = [node["last_nack"] for node in data["nodes"] if node.get("last_nack")]
+            out.print(Text(f"  {problem}"))
+    _print_consul(data.get("consul") or [], wide)
+    nodes = data["nodes"]
     print_table(
-        ("node", "identity", "proto", *XDS_TYPES, "NACK"),
+        NODE_COLUMNS,
         (
             (
                 node["node"],
                 node["identity"],
                 node["protocol"],
+                str(node.get("envoy") or "-"),
+                _acked_by_version(node["types"]),
                 *(_acked(node["types"].get(t)) for t in XDS_TYPES),
-                "yes" if node.get("last_nack") else "",
+                node["last_nack"]["type"] if node.get("last_nack") else "",
             )
-            for node in data["nodes"]
+            for node in nodes
         ),
+        wide=wide,
     )
-    console.print(
-        "columns per type: the policy version the node holds, else the content hash it ACKed "
+    out.print(
+        "ACKed: the policy version a node holds per type, else the content hash it ACKed "
         "('*' awaiting ACK of a newer one)"
     )
-    for nack in nacks:
-        console.print(
-            f"[red]NACK[/red] {nack['node']} {nack['type']} {nack['version']} at {nack['at']}: "
-            f"{nack['message']}",
-            highlight=False,
+    for nack in (node["last_nack"] for node in nodes if node.get("last_nack")):
+        out.print(
+            Text.assemble(
+                ("NACK", "red"),
+                f" {nack['node']} {nack['type']} {nack['version']} at {nack['at']}: "
+                f"{nack['message']}",
+            )
         )
 
 
-def _print_consul(services: list[dict[str, Any]]) -> None:
+def _print_consul(services: list[dict[str, Any]], wide: bool) -> None:
     """Watched Consul services (issue 13): instances, index, last success and error."""
     if not services:
         return
@@ -95,14 +123,23 @@ def _print_consul(services: list[dict[str, Any]]) -> None:
             s["index"] or "-",
             s["last_success_at"] or "never",
         )
-        rows.append([Text(c) for c in cells])  # plain text: a tag may contain "[...]"
+        rows.append(cells)
         if s["last_error"]:
             errors.append(f"{s['service']}: {s['last_error']} ({s['last_error_at']})")
-    print_table(
-        ("consul service", "tag", "destinations", "instances", "index", "last success"), rows
-    )
+    print_table(CONSUL_COLUMNS, rows, wide=wide)
+    out = fitted_console()
     for line in errors:
-        console.print(Text.assemble(("consul error ", "red"), line), highlight=False)
+        out.print(Text.assemble(("consul error ", "red"), line))
+
+
+def _acked_by_version(types: dict[str, dict[str, Any]]) -> str:
+    """One line per version held, naming its types: `cds,eds,lds,rds,sds: 3f2a9c1b7d4e` when
+    a node is in step, which fits where five version columns cannot."""
+    by_version: dict[str, list[str]] = {}
+    for t in (*XDS_TYPES, *sorted(set(types) - set(XDS_TYPES))):
+        if t in types:
+            by_version.setdefault(_acked(types[t]), []).append(t)
+    return "\n".join(f"{','.join(ts)}: {version}" for version, ts in by_version.items()) or "-"
 
 
 def _acked(entry: dict[str, Any] | None) -> str:

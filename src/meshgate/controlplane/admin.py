@@ -11,9 +11,11 @@ Every route needs the operator token (`Authorization: Bearer`, docs/admin-auth.m
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
+import time
 from typing import Any, Protocol
 
 import prometheus_client
@@ -25,6 +27,8 @@ from meshgate.audit.store import AuditLogStore
 from meshgate.controlplane.policy_state import PolicyState
 from meshgate.errors import ConfigError, MeshgateError
 from meshgate.identity.certs import IssuedCert, describe
+from meshgate.pacing.report import budget_rows
+from meshgate.pacing.store import LimitStore, StoreUnavailable
 from meshgate.policy.plan import describe_rule
 from meshgate.policy.serialize import model_to_json
 
@@ -114,6 +118,14 @@ class AdminView(Protocol):
     @property
     def audit_log(self) -> AuditLogStore | None: ...
 
+    @property
+    def limit_store(self) -> LimitStore | None:
+        """Where budgets are counted (the embedded store, or Redis); None: none configured."""
+        ...
+
+
+STORE_TIMEOUT = 5.0  # seconds an operator waits for budget counters before a clear 503
+
 
 def make_app(cp: AdminView, admin_token: str) -> web.Application:
     """The admin API; all but `PUBLIC_PATHS` answer only to `Authorization: Bearer admin_token`."""
@@ -180,7 +192,30 @@ def make_app(cp: AdminView, admin_token: str) -> web.Application:
             return web.json_response({"error": str(exc)}, status=409)
         return web.json_response({"rotated": True, "intermediate_serial": f"{serial:x}"})
 
+    async def budgets(request: web.Request) -> web.Response:
+        """Every budget that applies (to `?agent=NAME`), with spent and reserved now."""
+        model = cp.policy.model
+        if model is None:
+            return web.json_response({"error": "no policy loaded"}, status=404)
+        agent = request.query.get("agent") or None
+        if agent is not None and model.agent(agent) is None:
+            return web.json_response({"error": f"no AgentPolicy for agent {agent!r}"}, status=404)
+        store = cp.limit_store
+        if store is None:
+            return web.json_response({"error": "this control plane has no limit store"}, status=503)
+        try:
+            states = await asyncio.wait_for(store.budgets(), STORE_TIMEOUT)
+        except (StoreUnavailable, TimeoutError) as exc:
+            why = str(exc) or f"no answer in {STORE_TIMEOUT:g}s"
+            return web.json_response(
+                {"error": f"the limit store is unavailable: {why}"}, status=503
+            )
+        now = time.time()
+        rows = budget_rows(model, states, now, agent)
+        return web.json_response({"now": int(now), "budgets": [r.to_json() for r in rows]})
+
     app = web.Application(middlewares=[token_middleware(admin_token)])
+    app.router.add_get("/v1/budgets", budgets)
     app.router.add_post("/v1/ca/rotate", rotate_ca)
     app.router.add_get("/v1/identity/{agent}", identity)
     app.router.add_get("/.well-known/jwks.json", jwks)

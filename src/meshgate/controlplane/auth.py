@@ -29,3 +29,24 @@ class TokenAuthenticator:
                 f"token is for {claims.subject}, not for node {node_id}",
             )
         return claims.subject
+
+
+class GatewaysOnly:
+    """Who may call the control plane's limit store: gateways (their pacers), never sidecars.
+
+    Agents' sidecars hold join tokens too; a store that answered them would let a node that is
+    not a gateway spend or settle budgets."""
+
+    def __init__(self, authority: TokenAuthority) -> None:
+        self.authority = authority
+
+    def __call__(self, metadata: dict[str, str], peer: str) -> None:
+        scheme, _, token = metadata.get(TOKEN_HEADER, "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise PermissionError("a gateway's join token is required")
+        try:
+            claims = self.authority.verify(token.strip())
+        except TokenError as exc:
+            raise PermissionError(str(exc)) from None
+        if not claims.subject.startswith("gateway/"):
+            raise PermissionError(f"the limit store answers gateways only, not {claims.subject}")

@@ -31,6 +31,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import logging
+import os
 import re
 import ssl
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from meshgate.audit.store import AuditLogStore, AuditStore
 from meshgate.controlplane.access_log import AuditIngest, AuditWriter
 from meshgate.controlplane.admin import AdminServer, IdentityOps
 from meshgate.controlplane.ads import AdsService
-from meshgate.controlplane.auth import TokenAuthenticator
+from meshgate.controlplane.auth import GatewaysOnly, TokenAuthenticator
 from meshgate.controlplane.cache import SnapshotCache
 from meshgate.controlplane.consul import ConsulCatalog
 from meshgate.controlplane.identity import RENEW_WINDOW, IdentityIssuer
@@ -64,6 +65,9 @@ from meshgate.identity.admin_token import load_or_create_token, load_token_file,
 from meshgate.identity.certs import IssuedCert
 from meshgate.identity.tokens import TokenAuthority
 from meshgate.identity.xds_tls import ensure_serving_cert, load_serving_cert, withdraw_bundle
+from meshgate.pacing.open import LIMIT_STORE_ENV, open_limit_store
+from meshgate.pacing.store import LimitStore
+from meshgate.pacing.store_service import store_service_handler
 from meshgate.xds.options import DEFAULT_CA_BUNDLE, TranslateOptions
 
 if TYPE_CHECKING:
@@ -109,6 +113,10 @@ class ServeOptions:
     # audit store: path, sqlite:///path or postgresql://...; empty: $MESHGATE_AUDIT_STORE,
     # else SQLite at <state_dir>/audit.db
     audit_store: str = ""
+    # budgets and global limits: redis://... shared with other control planes and gateways;
+    # empty: $MESHGATE_LIMIT_STORE, else the embedded store (this process, one control plane)
+    limit_store: str = ""
+    limit_store_password_file: Path | None = None
     # the admin API's bearer token; None: created once in <state_dir>/admin/token
     admin_token_file: Path | None = None
 
@@ -210,6 +218,11 @@ class ControlPlane:
             authenticate,
             on_commit=self.metrics.audit_committed,
         )
+        # budgets and global limits, served to gateways on the xDS port (gateways only)
+        self._limit_store: LimitStore = open_limit_store(
+            options.limit_store or os.environ.get(LIMIT_STORE_ENV, ""),
+            options.limit_store_password_file,
+        )
         self.xds_server: XdsServer | None = None  # made in start(): TLS credentials first
         self.admin_server: AdminServer | None = None  # made in start(): the token first
         self._started: list[Service] = []
@@ -251,6 +264,10 @@ class ControlPlane:
     def audit_log(self) -> AuditLogStore | None:
         """What /v1/audit queries; None until the store is open (or when it cannot query)."""
         return self._audit_log
+
+    @property
+    def limit_store(self) -> LimitStore | None:
+        return self._limit_store
 
     def metrics_text(self) -> bytes:
         return self.metrics.exposition()
@@ -299,8 +316,16 @@ class ControlPlane:
         self.xds_server = XdsServer(
             opts.xds_host,
             opts.xds_port,
-            # access logs share the xDS port: every node already reaches it, with the same token
-            (self.ads.handler(), self.audit_ingest.handler()),
+            # access logs and the limit store share the xDS port: every node already reaches it,
+            # with the same token (the store answers gateways only)
+            (
+                self.ads.handler(),
+                self.audit_ingest.handler(),
+                store_service_handler(
+                    self._limit_store,
+                    authorize=GatewaysOnly(self.tokens) if self.tokens is not None else None,
+                ),
+            ),
             credentials,
         )
         self.admin_server = AdminServer(self, self.admin_token, opts.admin_host, opts.admin_port)
@@ -337,6 +362,7 @@ class ControlPlane:
                 await service.stop()
             except Exception:
                 log.exception("stopping %s failed", type(service).__name__)
+        await self._limit_store.close()
 
     def _load_admin_token(self) -> str:
         if self.options.admin_token_file is not None:

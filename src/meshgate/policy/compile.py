@@ -17,14 +17,20 @@ from meshgate.policy import schema, syntax
 from meshgate.policy.documents import CheckedDoc, did_you_mean
 from meshgate.policy.model import (
     AgentPolicy,
+    Budget,
+    BudgetUnit,
+    Concurrency,
     ConsulConfig,
     ConsulService,
     Credentials,
     Destination,
     EgressRule,
+    GroupBudget,
     HeaderMatch,
+    Llm,
     Mesh,
     PolicyModel,
+    Price,
     RateLimit,
     SecretsConfig,
 )
@@ -70,7 +76,7 @@ class _Compiled:
     base: Path
     complete: bool
     dest_names: frozenset[str]
-    tls: tuple[str | None, ...]  # per rule: tls of its destination, None if not compiled
+    tls: tuple[_DestFacts | None, ...]  # per rule: what its checks read of its destination
     rules: tuple[_Rule, ...]
     problems: tuple[Problem, ...]
 
@@ -81,7 +87,7 @@ class _Compiled:
         base: Path,
         complete: bool,
         dest_names: frozenset[str],
-        tls: tuple[str | None, ...],
+        tls: tuple[_DestFacts | None, ...],
     ) -> bool:
         return (
             self.src is src
@@ -94,6 +100,7 @@ class _Compiled:
 
 
 _MemoKey = tuple[int, Path]
+_DestFacts = tuple[str, bool, bool]  # tls, is an llm destination, has prices
 
 
 class RuleMemo:
@@ -220,10 +227,12 @@ class _Compiler:
         port = spec.egressGateway.listenPort if spec.egressGateway else 15001
         consul = self._consul_config(doc.source, spec.consul)
         self.mesh_consul = spec.consul is not None
+        capacity = _concurrency(spec.egressGateway.capacity) if spec.egressGateway else None
         return Mesh(
             name=doc.model.metadata.name,
             trust_domain=spec.trustDomain,
             gateway_listen_port=port,
+            gateway_capacity=capacity,
             secrets=secrets,
             consul=consul,
         )
@@ -281,6 +290,14 @@ class _Compiler:
                     ("spec", "consul"),
                     "consul needs a consul block in the Mesh spec (consul: {address: ...})",
                 )
+            for key in ("llm", "concurrency"):
+                if spec.tls == "passthrough" and getattr(spec, key) is not None:
+                    ok = self._bad(
+                        src,
+                        ("spec", key),
+                        f"{key} cannot be used with tls: passthrough (the gateway sees only "
+                        f"an encrypted tunnel)",
+                    )
             endpoint = (spec.host, spec.port)
             host_pos = src.value_pos(("spec", "host"))
             if endpoint in by_endpoint:
@@ -312,6 +329,8 @@ class _Compiler:
                 identity=spec.identity,
                 labels=tuple(sorted(labels)),
                 consul=consul,
+                llm=_llm(spec.llm),
+                concurrency=_concurrency(spec.concurrency),
             )
             self.sources.destinations[name] = src.start.short
 
@@ -326,7 +345,7 @@ class _Compiler:
         if self.memo is None:
             return self._compile_rules(src, base, docs)
         key = (id(src), base)
-        tls = tuple(_tls(self.destinations.get(r.destination)) for r in docs or [])
+        tls = tuple(_facts(self.destinations.get(r.destination)) for r in docs or [])
         entry = self.memo_used.get(key) or self.memo.get(key)
         if entry is not None and entry.matches(
             src, docs, base, self.complete, self.dest_names, tls
@@ -358,7 +377,8 @@ class _Compiler:
             headers = tuple(HeaderMatch(h.name.lower(), h.value) for h in r.headers or [])
             rate = None
             if r.rateLimit is not None:
-                rate = RateLimit(r.rateLimit.requests, _period_seconds(r.rateLimit.per))
+                rl = r.rateLimit
+                rate = RateLimit(rl.requests, _period_seconds(rl.per), rl.scope, rl.onStoreFailure)
             rule = EgressRule(
                 destination=r.destination,
                 methods=tuple(r.methods or ()),
@@ -366,6 +386,10 @@ class _Compiler:
                 headers=headers,
                 tools=tuple(r.tools or ()),
                 rate_limit=rate,
+                concurrency=_concurrency(r.concurrency),
+                models=tuple(r.models or ()),
+                max_tokens=r.maxTokens,
+                budgets=self.budgets(src, (*path, "budgets"), r.budgets),
             )
             out.append(_Rule(rule, src, path))
         return out
@@ -394,20 +418,97 @@ class _Compiler:
                     )
                 seen.add(item)
         dest = self.destinations.get(r.destination)
-        if dest is None or dest.tls != "passthrough":
+        if dest is None:
             return
-        for key, items in lists.items():
-            if items:
+        if dest.tls == "passthrough":
+            paced: dict[str, object] = {**lists, "models": r.models}
+            paced.update(concurrency=r.concurrency, budgets=r.budgets)
+            for key, given in paced.items():
+                if given:
+                    self.error(
+                        src.key_pos((*path, key)),
+                        f'{key} cannot apply: destination "{r.destination}" uses '
+                        f"tls: passthrough, so the gateway sees only the host",
+                    )
+            if r.maxTokens is not None:
                 self.error(
-                    src.key_pos((*path, key)),
-                    f'{key} cannot apply: destination "{r.destination}" uses '
+                    src.key_pos((*path, "maxTokens")),
+                    f'maxTokens cannot apply: destination "{r.destination}" uses '
                     f"tls: passthrough, so the gateway sees only the host",
                 )
+            return
+        self._check_llm_rule(src, path, r, dest)
+
+    def _check_llm_rule(
+        self, src: YamlDoc, path: Path, r: schema.RuleDoc, dest: Destination
+    ) -> None:
+        """Model rules and token or cost budgets need a body the gateway can read usage from."""
+        needs_llm: dict[str, object] = {"models": r.models, "maxTokens": r.maxTokens}
+        for j, b in enumerate(r.budgets or []):
+            if b.tokens or b.inputTokens or b.outputTokens or b.cost is not None:
+                needs_llm[f"budgets[{j}]"] = b
+        for key, value in needs_llm.items():
+            if value is None:
+                continue
+            at = src.key_pos((*path, *_split_index(key)))
+            if dest.llm is None:
+                what = (
+                    f'budget "{value.name}" counts tokens or cost, which'
+                    if isinstance(value, schema.BudgetDoc)
+                    else key
+                )
+                self.error(
+                    at,
+                    f'{what} needs an LLM destination: "{dest.name}" has no llm block '
+                    f"(llm: {{api: openai}} or {{api: anthropic}})",
+                )
+            elif key.startswith("budgets[") and r.budgets is not None:
+                budget = r.budgets[int(key[8:-1])]
+                if budget.cost is not None and not dest.llm.prices:
+                    self.error(
+                        at,
+                        f'budget "{budget.name}" counts cost, but destination "{dest.name}" '
+                        f"has no llm.prices",
+                    )
+
+    def budgets(
+        self, src: YamlDoc, base: Path, docs: list[schema.BudgetDoc] | None
+    ) -> tuple[Budget, ...]:
+        out: list[Budget] = []
+        seen: dict[str, Pos] = {}
+        for j, b in enumerate(docs or []):
+            path = (*base, j)
+            given = [(key, unit) for key, unit in _MEASURES if getattr(b, key) is not None]
+            if len(given) != 1:
+                keys = ", ".join(key for key, _ in _MEASURES)
+                found = " and ".join(key for key, _ in given) or "none"
+                self.error(
+                    src.key_pos((*path, "name")),
+                    f'budget "{b.name}" needs exactly one of {keys} (found {found})',
+                )
+                continue
+            if b.name in seen:
+                self.error(
+                    src.value_pos((*path, "name")),
+                    f'budget "{b.name}" is defined twice (first at {seen[b.name]})',
+                )
+                continue
+            seen[b.name] = src.value_pos((*path, "name"))
+            key, unit = given[0]
+            raw = getattr(b, key)
+            limit = syntax.micro_usd(raw) if unit == "cost_micro_usd" else int(raw)
+            if limit < 1:
+                self.error(src.value_pos((*path, key)), f"budgets[{j}].{key}: must be above 0")
+                continue
+            out.append(Budget(b.name, unit, limit, b.window, b.onStoreFailure))
+        return tuple(out)
 
     # -- agents ----------------------------------------------------------------------------------
 
     def agents(self) -> list[AgentPolicy]:
         own: dict[str, tuple[str, list[_Rule], YamlDoc]] = {}
+        own_budgets: dict[str, tuple[Budget, ...]] = {}
+        shared: dict[str, list[GroupBudget]] = {}
         declared: set[str] = set()
         first_doc: dict[str, CheckedDoc] = {}
         for d in self.unique("AgentPolicy"):
@@ -427,12 +528,17 @@ class _Compiler:
                 m = d.model
                 rules = self.rules(d.source, ("spec", "egress"), m.spec.egress)
                 own[m.spec.agent] = (m.metadata.name, rules, d.source)
+                own_budgets[m.spec.agent] = self.budgets(
+                    d.source, ("spec", "budgets"), m.spec.budgets
+                )
 
         group_rules: dict[str, list[_Rule]] = {}
         groups = [d for d in self.unique("AgentGroup") if isinstance(d.model, schema.AgentGroupDoc)]
         for d in sorted(groups, key=lambda g: g.name or ""):
             assert isinstance(d.model, schema.AgentGroupDoc)
             rules = self.rules(d.source, ("spec", "egress"), d.model.spec.egress)
+            group = d.model.metadata.name
+            budgets = self.budgets(d.source, ("spec", "budgets"), d.model.spec.budgets)
             seen: set[str] = set()
             for j, agent in enumerate(d.model.spec.agents):
                 pos = d.source.value_pos(("spec", "agents", j))
@@ -449,6 +555,7 @@ class _Compiler:
                         )
                     continue
                 group_rules.setdefault(agent, []).extend(rules)
+                shared.setdefault(agent, []).extend(GroupBudget(group, b) for b in budgets)
 
         default = self.single("DefaultPolicy", required=False)
         default_rules: list[_Rule] = []
@@ -462,7 +569,15 @@ class _Compiler:
             name, rules, src = own[agent]
             merged = rules + group_rules.get(agent, []) + default_rules
             self._reachability(agent, merged)
-            out.append(AgentPolicy(name=name, agent=agent, rules=tuple(r.rule for r in merged)))
+            out.append(
+                AgentPolicy(
+                    name=name,
+                    agent=agent,
+                    rules=tuple(r.rule for r in merged),
+                    budgets=own_budgets.get(agent, ()),
+                    group_budgets=tuple(shared.get(agent, ())),
+                )
+            )
             self.sources.agents[agent] = src.start.short
             for i, r in enumerate(merged):
                 self.sources.rules[(agent, i)] = r.pos.short
@@ -489,12 +604,43 @@ class _Compiler:
                     break
 
 
-def _tls(dest: Destination | None) -> str | None:
-    return dest.tls if dest is not None else None
+def _llm(doc: schema.LlmDoc | None) -> Llm | None:
+    if doc is None:
+        return None
+    prices = tuple(
+        Price(model, str(p.input), str(p.output)) for model, p in (doc.prices or {}).items()
+    )
+    return Llm(doc.api, prices)
+
+
+def _split_index(key: str) -> tuple[str | int, ...]:
+    """`budgets[2]` -> ("budgets", 2): a rule key as a document path."""
+    name, _, index = key.partition("[")
+    return (name, int(index[:-1])) if index else (name,)
+
+
+def _facts(dest: Destination | None) -> _DestFacts | None:
+    if dest is None:
+        return None
+    return (dest.tls, dest.llm is not None, bool(dest.llm and dest.llm.prices))
+
+
+def _concurrency(doc: schema.ConcurrencyDoc | None) -> Concurrency | None:
+    return Concurrency(doc.max, syntax.max_wait_ms(doc.maxWait)) if doc is not None else None
+
+
+_MEASURES: tuple[tuple[str, BudgetUnit], ...] = (
+    ("requests", "requests"),
+    ("tokens", "tokens"),
+    ("inputTokens", "input_tokens"),
+    ("outputTokens", "output_tokens"),
+    ("cost", "cost_micro_usd"),
+)
 
 
 def _allows_everything(r: EgressRule) -> bool:
-    return not (r.methods or r.paths or r.headers or r.tools or r.rate_limit)
+    limited = r.rate_limit or r.concurrency or r.models or r.max_tokens or r.budgets
+    return not (r.methods or r.paths or r.headers or r.tools or limited)
 
 
 def _same(a: EgressRule, b: EgressRule) -> bool:
@@ -504,6 +650,10 @@ def _same(a: EgressRule, b: EgressRule) -> bool:
         and set(a.headers) == set(b.headers)
         and set(a.tools) == set(b.tools)
         and a.rate_limit == b.rate_limit
+        and a.concurrency == b.concurrency
+        and set(a.models) == set(b.models)
+        and a.max_tokens == b.max_tokens
+        and a.budgets == b.budgets
     )
 
 

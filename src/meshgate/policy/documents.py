@@ -43,7 +43,7 @@ _EXPECTED = {
     "model_attributes_type": "a mapping",
 }
 
-_PLURAL_ITEM = {"egress": "egress rule", "headers": "header match"}
+_PLURAL_ITEM = {"egress": "egress rule", "headers": "header match", "budgets": "budget"}
 
 
 def check_document(doc: YamlDoc) -> tuple[CheckedDoc | None, list[Problem]]:
@@ -148,6 +148,10 @@ def _allowed_fields(kind: str, context: str, data: Any) -> list[str]:
         "DefaultPolicy spec": [schema.DefaultPolicySpec],
         "egress rule": [schema.RuleDoc],
         "rateLimit": [schema.RateLimitDoc],
+        "concurrency": [schema.ConcurrencyDoc],
+        "capacity": [schema.ConcurrencyDoc],
+        "budget": [schema.BudgetDoc],
+        "llm": [schema.LlmDoc],
         "header match": [schema.HeaderDoc],
         "credentials": [schema.CredentialsDoc],
         "egressGateway": [schema.GatewayDoc],

@@ -11,12 +11,56 @@ from typing import Literal
 
 TlsMode = Literal["originate", "passthrough", "none"]
 SecretProviderKind = Literal["file", "env", "vault"]
+FailureMode = Literal["open", "closed"]
+BudgetUnit = Literal["requests", "tokens", "input_tokens", "output_tokens", "cost_micro_usd"]
+BudgetWindow = Literal["hour", "day", "month"]
 
 
 @dataclass(frozen=True)
 class RateLimit:
+    """`scope`: one bucket per gateway replica (Envoy's local limiter) or one shared by every
+    replica (the pacer's store); `on_store_failure` applies to global limits only."""
+
     requests: int
     per_seconds: int
+    scope: Literal["replica", "global"] = "replica"
+    on_store_failure: FailureMode = "open"
+
+
+@dataclass(frozen=True)
+class Concurrency:
+    """At most `max` requests in flight per gateway replica; others wait up to `max_wait_ms`."""
+
+    max: int
+    max_wait_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a counter may spend per calendar window (UTC). Cost is in micro-dollars."""
+
+    name: str
+    unit: BudgetUnit
+    limit: int
+    window: BudgetWindow
+    on_store_failure: FailureMode = "closed"
+
+
+@dataclass(frozen=True)
+class Price:
+    """US dollars per million tokens of a model glob, as the exact decimal text."""
+
+    model: str
+    input: str
+    output: str
+
+
+@dataclass(frozen=True)
+class Llm:
+    """An LLM provider's API: the gateway reads model, max tokens and usage from its bodies."""
+
+    api: Literal["openai", "anthropic"]
+    prices: tuple[Price, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -35,6 +79,10 @@ class EgressRule:
     headers: tuple[HeaderMatch, ...] = ()
     tools: tuple[str, ...] = ()  # MCP tool names; empty: any tool
     rate_limit: RateLimit | None = None
+    concurrency: Concurrency | None = None  # this agent on this rule
+    models: tuple[str, ...] = ()  # model globs on an llm destination; empty: any model
+    max_tokens: int | None = None
+    budgets: tuple[Budget, ...] = ()  # counters of this agent and rule
 
 
 @dataclass(frozen=True)
@@ -65,6 +113,16 @@ class Destination:
     identity: Literal["none", "jwt"] = "none"
     labels: tuple[tuple[str, str], ...] = ()
     consul: ConsulService | None = None  # instead of `address`: endpoints from Consul
+    llm: Llm | None = None
+    concurrency: Concurrency | None = None  # all agents together, admitted fairly
+
+
+@dataclass(frozen=True)
+class GroupBudget:
+    """A budget of an AgentGroup: one counter shared by all its agents."""
+
+    group: str
+    budget: Budget
 
 
 @dataclass(frozen=True)
@@ -72,6 +130,8 @@ class AgentPolicy:
     name: str
     agent: str
     rules: tuple[EgressRule, ...]
+    budgets: tuple[Budget, ...] = ()  # the agent's own counters, over all its requests
+    group_budgets: tuple[GroupBudget, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -96,6 +156,7 @@ class Mesh:
     name: str = "default"
     trust_domain: str = "agents.local"
     gateway_listen_port: int = 15001
+    gateway_capacity: Concurrency | None = None  # per replica, all agents, fair between them
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
     consul: ConsulConfig | None = None
 

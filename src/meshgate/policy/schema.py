@@ -34,9 +34,46 @@ class Metadata(_Doc):
     labels: dict[str, str] | None = None
 
 
+FailureMode = Literal["open", "closed"]
+MaxWait = Annotated[str, AfterValidator(syntax.max_wait)]
+Usd = Annotated[str | int | float, AfterValidator(syntax.usd)]
+ModelGlob = Annotated[str, AfterValidator(syntax.model_glob)]
+
+
 class RateLimitDoc(_Doc):
     requests: Annotated[int, AfterValidator(syntax.requests)]
     per: Annotated[str, AfterValidator(syntax.period)]
+    scope: Literal["replica", "global"] = "replica"
+    onStoreFailure: FailureMode = "open"
+
+
+class ConcurrencyDoc(_Doc):
+    max: Annotated[int, AfterValidator(syntax.concurrency)]
+    maxWait: MaxWait = "0s"
+
+
+class BudgetDoc(_Doc):
+    """Exactly one measure (compile checks it): requests, tokens, inputTokens, outputTokens or
+    cost (US dollars)."""
+
+    name: Name
+    window: Literal["hour", "day", "month"]
+    requests: Annotated[int, AfterValidator(syntax.requests)] | None = None
+    tokens: Annotated[int, AfterValidator(syntax.requests)] | None = None
+    inputTokens: Annotated[int, AfterValidator(syntax.requests)] | None = None
+    outputTokens: Annotated[int, AfterValidator(syntax.requests)] | None = None
+    cost: Usd | None = None
+    onStoreFailure: FailureMode = "closed"
+
+
+class PriceDoc(_Doc):
+    input: Usd
+    output: Usd
+
+
+class LlmDoc(_Doc):
+    api: Literal["openai", "anthropic"]
+    prices: dict[ModelGlob, PriceDoc] | None = None
 
 
 class HeaderDoc(_Doc):
@@ -53,10 +90,15 @@ class RuleDoc(_Doc):
     )
     tools: Annotated[list[Tool], AfterValidator(syntax.non_empty_list("tool"))] | None = None
     rateLimit: RateLimitDoc | None = None
+    concurrency: ConcurrencyDoc | None = None
+    models: Annotated[list[ModelGlob], AfterValidator(syntax.non_empty_list("model"))] | None = None
+    maxTokens: Annotated[int, AfterValidator(syntax.token_count)] | None = None
+    budgets: list[BudgetDoc] | None = None
 
 
 class GatewayDoc(_Doc):
     listenPort: Port = 15001
+    capacity: ConcurrencyDoc | None = None  # per replica: waiting here is the autoscaling signal
 
 
 class FileSecretsDoc(_Doc):
@@ -120,15 +162,19 @@ class DestinationSpec(_Doc):
     identity: Literal["none", "jwt"] = "none"
     credentials: CredentialsDoc | None = None
     consul: ConsulServiceDoc | None = None
+    llm: LlmDoc | None = None
+    concurrency: ConcurrencyDoc | None = None  # all agents together, fair between them
 
 
 class AgentPolicySpec(_Doc):
     agent: Name
+    budgets: list[BudgetDoc] | None = None
     egress: list[RuleDoc] | None = None
 
 
 class AgentGroupSpec(_Doc):
     agents: Annotated[list[Name], AfterValidator(syntax.non_empty_list("agent"))]
+    budgets: list[BudgetDoc] | None = None  # one counter shared by the group's agents
     egress: list[RuleDoc] | None = None
 
 

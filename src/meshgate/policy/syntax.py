@@ -10,6 +10,7 @@ import datetime as dt
 import ipaddress
 import re
 from collections.abc import Callable
+from decimal import ROUND_CEILING, Decimal, InvalidOperation
 from typing import Any
 
 from pydantic_core import PydanticCustomError
@@ -240,3 +241,65 @@ def non_empty_list(what: str) -> Callable[[list[Any]], list[Any]]:
         return v
 
     return check
+
+
+MAX_WAIT_SECONDS = 600  # a request held longer than this is better refused and retried
+MAX_CONCURRENCY = 1_000_000
+MAX_TOKENS = 10_000_000
+MAX_USD = Decimal("1000000000")
+_MODEL_RE = re.compile(r"^[A-Za-z0-9_.:/*?@-]{1,200}$")
+
+
+def max_wait(v: str) -> str:
+    max_wait_ms(v)
+    return v
+
+
+def max_wait_ms(v: str) -> int:
+    """`maxWait`: `0s`..`10m`, fractions allowed (`0.5s`), in whole milliseconds."""
+    try:
+        waited = durations.parse_duration(
+            v, "maxWait", units="smh", bare=False, maximum=dt.timedelta(seconds=MAX_WAIT_SECONDS)
+        )
+    except durations.DurationError as exc:
+        if exc.problem == durations.Problem.TOO_LONG:
+            raise fail(f"must be at most {MAX_WAIT_SECONDS // 60}m") from None
+        raise fail("must be <count><unit>, like 0s, 500ms as 0.5s, 10s or 1m") from None
+    return round(waited.total_seconds() * 1000)
+
+
+def concurrency(v: int) -> int:
+    if not 1 <= v <= MAX_CONCURRENCY:
+        raise fail(f"must be between 1 and {MAX_CONCURRENCY}")
+    return v
+
+
+def token_count(v: int) -> int:
+    if not 1 <= v <= MAX_TOKENS:
+        raise fail(f"must be between 1 and {MAX_TOKENS}")
+    return v
+
+
+def model_glob(v: str) -> str:
+    if not _MODEL_RE.match(v):
+        raise fail("must be 1-200 letters, digits or . _ - : / @, with * and ? as wildcards")
+    return v
+
+
+def usd(v: str | int | float) -> str:
+    """An amount of US dollars, kept as the exact decimal text (no float rounding of money)."""
+    if isinstance(v, bool):
+        raise fail("must be an amount like 25 or 0.15")
+    text = repr(v) if isinstance(v, float) else str(v)
+    try:
+        amount = Decimal(text.strip())
+    except InvalidOperation:
+        raise fail("must be an amount like 25 or 0.15") from None
+    if not amount.is_finite() or amount < 0 or amount > MAX_USD:
+        raise fail(f"must be between 0 and {MAX_USD}")
+    return str(amount)
+
+
+def micro_usd(v: str) -> int:
+    """Whole micro-dollars, rounded up: a budget is never larger than written."""
+    return int((Decimal(v) * 1_000_000).to_integral_value(rounding=ROUND_CEILING))

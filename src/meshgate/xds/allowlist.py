@@ -28,25 +28,43 @@ from envoy.type.matcher.v3 import metadata_pb2, regex_pb2, string_pb2, value_pb2
 from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
+from meshgate.pacing.spec import PaceSpec
 from meshgate.policy.model import Destination, EgressRule, PolicyModel
 from meshgate.xds.access_log import BODY_GUARD_POLICY, allow_route_name
 from meshgate.xds.common import json_refusal, pack
+from meshgate.xds.pacing import (
+    PACER_FILTER,
+    global_limit,
+    global_rate_limit,
+    pace_spec,
+    pacer_route_config,
+)
 
 AGENT_HEADER = "x-meshgate-agent"
 RATE_LIMIT_FILTER = "envoy.filters.http.local_ratelimit"
 BODY_GUARD_FILTER = "meshgate.mcp-body-guard"  # RBAC, configured only on body-less tool routes
 
 
-Grant = tuple[str, int, EgressRule]  # (agent, index of the rule in its policy, rule)
+# (agent, index of the rule in its policy, rule, what the pacer enforces on it or None)
+Grant = tuple[str, int, EgressRule, PaceSpec | None]
 
 
 def grants_by_destination(model: PolicyModel) -> dict[str, tuple[Grant, ...]]:
     """Every rule, grouped by the destination it names, in policy order."""
     grouped: dict[str, list[Grant]] = {d.name: [] for d in model.destinations}
+    destinations = {d.name: d for d in model.destinations}
     for agent in model.agents:
         for index, rule in enumerate(agent.rules):
-            grouped.setdefault(rule.destination, []).append((agent.agent, index, rule))
+            dest = destinations.get(rule.destination)
+            pace = None
+            if dest is not None and dest.tls != "passthrough":
+                pace = pace_spec(model.mesh, agent, index, rule, dest)
+            grouped.setdefault(rule.destination, []).append((agent.agent, index, rule, pace))
     return {name: tuple(grants) for name, grants in grouped.items()}
+
+
+def paced(grants: dict[str, tuple[Grant, ...]]) -> bool:
+    return any(g[3] is not None for gs in grants.values() for g in gs)
 
 
 def destination_routes(
@@ -55,10 +73,10 @@ def destination_routes(
     """`trust_domain` set: agents are recognised by the SPIFFE ID the gateway took from their
     verified certificate; otherwise by the name their sidecar stamped."""
     routes: list[rc.Route] = []
-    for agent, index, rule in grants:
+    for agent, index, rule, pace in grants:
         identity = f"spiffe://{trust_domain}/agent/{agent}" if trust_domain else agent
-        routes.extend(rule_routes(agent, dest, index, rule, cluster, identity))
-    if dest.tls != "passthrough" and any(rule.tools for _, _, rule in grants):
+        routes.extend(rule_routes(agent, dest, index, rule, cluster, identity, pace))
+    if dest.tls != "passthrough" and any(g[2].tools for g in grants):
         routes.extend(mcp_refusal_routes(dest))
     tunnel_reason = (
         "no rule of this agent allows a tunnel to this host"
@@ -99,6 +117,7 @@ def rule_routes(
     rule: EgressRule,
     cluster: str,
     identity: str,
+    pace: PaceSpec | None = None,
 ) -> tuple[rc.Route, ...]:
     """Memoised: a policy change rebuilds only the routes of rules that changed.
 
@@ -124,8 +143,13 @@ def rule_routes(
             headers.append(
                 rc.HeaderMatcher(name=h.name, string_match=string_pb2.StringMatcher(exact=h.value))
             )
-    # the rule's one bucket, shared by all its routes, lives in the virtual host
-    limits = [rule_rate_limit(agent, dest, index)] if rule.rate_limit is not None else []
+    # the rule's one bucket, shared by all its routes: in the virtual host (per replica) or in
+    # the pacer's store (global)
+    limits = []
+    if rule.rate_limit is not None and rule.rate_limit.scope == "global":
+        limits.append(global_rate_limit(global_limit(agent, dest, index, rule)))
+    elif rule.rate_limit is not None:
+        limits.append(rule_rate_limit(agent, dest, index))
     if dest.tls == "passthrough":  # the gateway sees only the tunnel's host: one CONNECT route
         match = rc.RouteMatch(connect_matcher=rc.RouteMatch.ConnectMatcher(), headers=headers)
         return (
@@ -150,6 +174,8 @@ def rule_routes(
         matches = [m for base in bases for m in _tool_matches(base, rule.tools)]
     routes = []
     for n, (match, per_filter) in enumerate(matches):
+        if pace is not None:
+            per_filter[PACER_FILTER] = pacer_route_config(pace)
         match.headers.extend(headers)
         routes.append(
             rc.Route(
@@ -384,7 +410,11 @@ def rate_limit_config(
     are never limited. 429s carry `retry-after` (the longest refill period among this host's
     rules: Envoy adds one set of headers per host) and `x-ratelimit-limit/-remaining/-reset`.
     """
-    limited = [(a, i, r.rate_limit) for a, i, r in grants if r.rate_limit is not None]
+    limited = [
+        (a, i, r.rate_limit)
+        for a, i, r, _ in grants
+        if r.rate_limit is not None and r.rate_limit.scope == "replica"
+    ]
     if not limited:
         return None
     always = base_pb2.RuntimeFractionalPercent(

@@ -46,6 +46,7 @@ from meshgate.xds.allowlist import (
     Grant,
     destination_routes,
     grants_by_destination,
+    paced,
     rate_limit_config,
 )
 from meshgate.xds.common import (
@@ -67,6 +68,7 @@ from meshgate.xds.credentials import (
 )
 from meshgate.xds.mtls import NodeIdentity, gateway_tls, identity_from_certificate, identity_secrets
 from meshgate.xds.options import TranslateOptions
+from meshgate.xds.pacing import global_limit_filters, longest_wait_ms, pacer_filter
 from meshgate.xds.snapshot import Encoded
 from meshgate.xds.tool_identity import ToolTokens, tool_identity_resources
 from meshgate.xds.wire import length_delimited, string_field
@@ -107,8 +109,12 @@ def gateway_resources(
         elif dest.consul is not None:  # consul: only this assignment changes with the catalogue
             out.append(instance_endpoints(dest, (endpoints or {}).get(dest.name, ())))
     injecting = [d for d in model.destinations if has_credential(d, secrets)]
-    # MCP parsing first: it re-selects the route the rate limiter and injectors then use
-    filters = [rate_limit_filter(), *([injector_filter(injecting)] if injecting else [])]
+    # MCP parsing first: it re-selects the route the rate limiters, the pacer and injectors use
+    filters = [rate_limit_filter(), *global_limit_filters(model)]
+    if paced(grants_by_destination(model)):
+        filters.append(pacer_filter(longest_wait_ms(model)))
+    if injecting:
+        filters.append(injector_filter(injecting))
     tool_identity, tool_secrets = (
         tool_identity_resources(model, tool_tokens) if identity and tool_tokens else (None, [])
     )

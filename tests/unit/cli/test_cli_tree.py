@@ -36,14 +36,14 @@ def test_every_command_is_there() -> None:
         "serve", "gateway", "up", "status", "validate", "plan", "lint",
         "audit query", "audit tail", "audit summary", "audit verify", "audit retain",
         "sidecar run", "identity show", "ca rotate", "token create", "token revoke",
-        "inject serve", "inject pod",
+        "inject serve", "inject pod", "budget status",
     }  # fmt: skip
 
 
 def test_every_format_option_takes_its_choices_from_output() -> None:
     assert {" ".join(path) for path in WITH_FORMAT} == {
         "status", "plan", "lint", "identity show", "token create",
-        "audit query", "audit tail", "audit summary", "audit verify",
+        "audit query", "audit tail", "audit summary", "audit verify", "budget status",
     }  # fmt: skip
     for path, param in WITH_FORMAT.items():
         info = param.type_descriptor
@@ -64,6 +64,13 @@ def test_a_format_not_offered_is_one_line(path: tuple[str, ...]) -> None:
     assert result.exit_code == 1, (command, result.output)
     assert result.stdout == ""
     assert result.stderr == f"error: --format must be one of {', '.join(offered)}, got 'xml'\n"
+
+
+@pytest.mark.parametrize("path", sorted(WITH_FORMAT), ids=" ".join)
+def test_every_format_option_has_the_short_alias_o(path: tuple[str, ...]) -> None:
+    assert WITH_FORMAT[path].opts == ["--format", "-o"]
+    result = runner.invoke(app, [*path, "-o", "xml"])
+    assert result.exit_code == 1 and "--format must be one of" in result.stderr
 
 
 def test_an_offered_format_parses_to_the_enum() -> None:

@@ -147,6 +147,7 @@ class FakeView:
         self.policy = PolicyState("fake")
         self.identity: IdentityOps | None = None
         self.audit_log: AuditLogStore | None = None
+        self.limit_store = None
 
     def status_json(self) -> dict[str, Any]:
         return {"fake": True}

@@ -1,0 +1,35 @@
+"""Which limit store a process counts in, from one setting (`--limit-store` or the env)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from meshgate.errors import ConfigError
+from meshgate.pacing.store import LimitStore
+
+LIMIT_STORE_ENV = "MESHGATE_LIMIT_STORE"
+
+
+def open_limit_store(url: str, password_file: Path | None = None) -> LimitStore:
+    """`redis://...` / `rediss://...`: Redis, shared by every replica; empty: an in-process
+    store (the control plane's embedded one). Opening connects lazily: nothing blocks here."""
+    if not url:
+        if password_file is not None:
+            raise ConfigError("--limit-store-password-file needs --limit-store redis://...")
+        from meshgate.pacing.memory_store import MemoryStore
+
+        return MemoryStore()
+    from meshgate.pacing.redis_store import RedisStore
+
+    try:
+        return RedisStore(url, password_file=password_file)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"--limit-store: {redact(url, str(exc))}") from None
+
+
+def redact(url: str, text: str) -> str:
+    """`text` without the URL's password (it may quote the URL)."""
+    from urllib.parse import urlsplit
+
+    password = urlsplit(url).password
+    return text.replace(password, "***") if password else text

@@ -1,0 +1,224 @@
+"""What a gateway route asks of the pacer, carried on the route itself. Pure: no I/O.
+
+The pacer holds no policy. Every limit arrives with the request it applies to, so a pacer
+never acts on a stale copy of the policy and needs no connection of its own to the control
+plane for configuration:
+- a global rate limit is one Envoy rate-limit descriptor (`descriptor_entries`), sent by
+  Envoy's `ratelimit` filter to the pacer's RLS endpoint;
+- budgets, concurrency caps and LLM rules are one `PaceSpec`, JSON in the ext_proc gRPC
+  metadata `PACE_METADATA` that the route's per-route ext_proc config adds.
+Routes are per agent (they match the agent identity taken from the verified certificate), so
+the agent named in a spec is the caller; an agent cannot send or alter either.
+"""
+
+from __future__ import annotations
+
+import calendar
+import datetime as dt
+import json
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+Unit = Literal["requests", "tokens", "input_tokens", "output_tokens", "cost_micro_usd"]
+Window = Literal["hour", "day", "month"]
+FailureMode = Literal["open", "closed"]
+LlmApi = Literal["openai", "anthropic"]
+
+UNITS: tuple[Unit, ...] = ("requests", "tokens", "input_tokens", "output_tokens", "cost_micro_usd")
+WINDOWS: tuple[Window, ...] = ("hour", "day", "month")
+
+RLS_DOMAIN = "meshgate"
+PACE_METADATA = "x-meshgate-pace"  # ext_proc gRPC initial metadata holding a PaceSpec's JSON
+PACER_CLUSTER = "meshgate-pacer"  # the gateway bootstrap's static cluster to the pacer's socket
+DYNAMIC_METADATA_NAMESPACE = "meshgate.pacer"  # what the pacer tells the access log
+
+# Envoy response code details of the pacer's refusals; the audit decision is the part before ":"
+OVER_BUDGET = "over_budget"
+QUEUE_TIMEOUT = "queue_timeout"
+MODEL_NOT_ALLOWED = "model_not_allowed"
+MAX_TOKENS_EXCEEDED = "max_tokens_exceeded"
+BODY_UNREADABLE = "llm_body_unreadable"  # an LLM request body the pacer could not parse
+STORE_UNAVAILABLE = "limit_store_unavailable"  # a fail-closed budget with its store down
+
+
+@dataclass(frozen=True)
+class GlobalLimit:
+    """A token bucket shared by every gateway replica: `requests` per `per_seconds`, bursting
+    to `requests`. `key` names the bucket (one per agent and rule)."""
+
+    key: str
+    requests: int
+    per_seconds: int
+    on_store_failure: FailureMode = "open"
+
+
+def descriptor_entries(limit: GlobalLimit) -> list[tuple[str, str]]:
+    return [
+        ("key", limit.key),
+        ("limit", f"{limit.requests}/{limit.per_seconds}"),
+        ("failure", limit.on_store_failure),
+    ]
+
+
+def parse_descriptor(entries: list[tuple[str, str]]) -> GlobalLimit:
+    """The limit a descriptor describes; ValueError for anything else (the pacer refuses it)."""
+    values = dict(entries)
+    if len(values) != len(entries) or set(values) != {"key", "limit", "failure"}:
+        raise ValueError(f"not a meshgate descriptor: {entries!r}")
+    requests, _, per = values["limit"].partition("/")
+    failure = values["failure"]
+    if not (requests.isdigit() and per.isdigit()) or failure not in ("open", "closed"):
+        raise ValueError(f"bad meshgate descriptor: {entries!r}")
+    if int(requests) < 1 or int(per) < 1 or not values["key"]:
+        raise ValueError(f"bad meshgate descriptor: {entries!r}")
+    return GlobalLimit(values["key"], int(requests), int(per), cast(FailureMode, failure))
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    """A cap on what one counter may spend per calendar `window` (UTC). `id` names the counter:
+    `agent/<agent>/<name>`, `group/<group>/<name>` (shared by the group's agents) or
+    `rule/<agent>/<rule index>/<name>`. Tokens and cost are charged only by LLM calls."""
+
+    id: str
+    unit: Unit
+    limit: int
+    window: Window
+    on_store_failure: FailureMode = "closed"
+
+
+@dataclass(frozen=True)
+class ConcurrencySpec:
+    """An in-flight cap, per gateway replica. `fair`: waiters are admitted round-robin between
+    agents; `capacity`: waiting here is waiting for gateway capacity (the autoscaling signal)."""
+
+    key: str
+    max: int
+    max_wait_ms: int
+    fair: bool = False
+    capacity: bool = False
+
+
+@dataclass(frozen=True)
+class Price:
+    """USD per million tokens, as written in policy (decimal strings: no float rounding)."""
+
+    model: str  # a glob ("gpt-4o*", "*")
+    input: str
+    output: str
+
+
+@dataclass(frozen=True)
+class LlmSpec:
+    api: LlmApi
+    models: tuple[str, ...] = ()  # globs the agent may request; empty: any model
+    max_tokens: int | None = None  # injected when absent, refused when larger
+    prices: tuple[Price, ...] = ()  # first matching glob wins
+
+
+@dataclass(frozen=True)
+class PaceSpec:
+    agent: str
+    destination: str
+    budgets: tuple[BudgetSpec, ...] = ()
+    concurrency: tuple[ConcurrencySpec, ...] = ()  # acquired in this order
+    llm: LlmSpec | None = None
+
+
+def encode(spec: PaceSpec) -> str:
+    """Compact, stable JSON (ASCII: it travels as a gRPC metadata value)."""
+    data: dict[str, Any] = {"agent": spec.agent, "destination": spec.destination}
+    if spec.budgets:
+        data["budgets"] = [
+            [b.id, b.unit, b.limit, b.window, b.on_store_failure] for b in spec.budgets
+        ]
+    if spec.concurrency:
+        data["concurrency"] = [
+            [c.key, c.max, c.max_wait_ms, c.fair, c.capacity] for c in spec.concurrency
+        ]
+    if spec.llm is not None:
+        llm = spec.llm
+        data["llm"] = {
+            "api": llm.api,
+            "models": list(llm.models),
+            "maxTokens": llm.max_tokens,
+            "prices": [[p.model, p.input, p.output] for p in llm.prices],
+        }
+    return json.dumps(data, separators=(",", ":"), sort_keys=True, ensure_ascii=True)
+
+
+def decode(text: str) -> PaceSpec:
+    """The spec `encode` wrote; ValueError for anything else (the pacer then refuses)."""
+    try:
+        data = json.loads(text)
+        budgets = tuple(
+            BudgetSpec(_str(i), _choice(u, UNITS), _positive(n), _choice(w, WINDOWS), _mode(f))
+            for i, u, n, w, f in data.get("budgets", [])
+        )
+        concurrency = tuple(
+            ConcurrencySpec(_str(k), _positive(m), _natural(w), _bool(fa), _bool(ca))
+            for k, m, w, fa, ca in data.get("concurrency", [])
+        )
+        llm = None
+        if "llm" in data:
+            raw = data["llm"]
+            max_tokens = raw["maxTokens"]
+            llm = LlmSpec(
+                api=_choice(raw["api"], ("openai", "anthropic")),
+                models=tuple(_str(m) for m in raw["models"]),
+                max_tokens=None if max_tokens is None else _positive(max_tokens),
+                prices=tuple(Price(_str(m), _str(i), _str(o)) for m, i, o in raw["prices"]),
+            )
+        return PaceSpec(_str(data["agent"]), _str(data["destination"]), budgets, concurrency, llm)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"bad pace spec: {e}") from None
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"expected a non-empty string, got {v!r}")
+    return v
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"expected a boolean, got {v!r}")
+    return v
+
+
+def _natural(v: Any) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ValueError(f"expected an integer >= 0, got {v!r}")
+    return v
+
+
+def _positive(v: Any) -> int:
+    if _natural(v) < 1:
+        raise ValueError(f"expected an integer >= 1, got {v!r}")
+    return cast(int, v)
+
+
+def _mode(v: Any) -> FailureMode:
+    return cast(FailureMode, _choice(v, ("open", "closed")))
+
+
+def _choice(v: Any, choices: tuple[str, ...]) -> Any:
+    if v not in choices:
+        raise ValueError(f"expected one of {', '.join(choices)}, got {v!r}")
+    return v
+
+
+def window_bounds(window: Window, now: float) -> tuple[int, int]:
+    """The UTC calendar window holding `now` (epoch seconds): [start, end) in epoch seconds."""
+    t = dt.datetime.fromtimestamp(now, dt.UTC)
+    if window == "hour":
+        start = t.replace(minute=0, second=0, microsecond=0)
+        end = start + dt.timedelta(hours=1)
+    elif window == "day":
+        start = t.replace(hour=0, minute=0, second=0, microsecond=0)
+        end = start + dt.timedelta(days=1)
+    else:
+        start = t.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        days = calendar.monthrange(start.year, start.month)[1]
+        end = start + dt.timedelta(days=days)
+    return int(start.timestamp()), int(end.timestamp())

@@ -1,0 +1,244 @@
+"""Issue 19's translation: global limits as self-describing descriptors, paced routes carrying
+their PaceSpec to the pacer, and the filter order (checked on the generated Envoy config)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from builders import model
+from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, protocol_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2
+from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import (
+    http_connection_manager_pb2 as hcm_pb2,
+)
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from google.protobuf import json_format
+
+from meshgate.pacing import spec
+from meshgate.policy.model import (
+    AgentPolicy,
+    Budget,
+    Concurrency,
+    Destination,
+    EgressRule,
+    GroupBudget,
+    Llm,
+    Mesh,
+    PolicyModel,
+    Price,
+    RateLimit,
+)
+from meshgate.xds.gateway import egress_routes, gateway_resources
+from meshgate.xds.options import TranslateOptions
+from meshgate.xds.pacing import GLOBAL_LIMIT_CLOSED, GLOBAL_LIMIT_OPEN, PACER_FILTER
+
+DOCS = Destination("docs", "docs.internal", 80, tls="none", address=("127.0.0.1", 9001))
+OPENAI = Destination(
+    "openai",
+    "api.openai.com",
+    443,
+    llm=Llm("openai", (Price("gpt-4o*", "2.5", "10"),)),
+    concurrency=Concurrency(8, 30_000),
+)
+DAILY = Budget("daily", "requests", 100, "day")
+TOKENS = Budget("tokens", "tokens", 10_000, "hour")
+
+
+def policy(mesh: Mesh | None = None) -> PolicyModel:
+    coder = AgentPolicy(
+        "coder",
+        "coder",
+        (
+            EgressRule("docs", rate_limit=RateLimit(600, 60, "global", "closed")),
+            EgressRule(
+                "openai",
+                rate_limit=RateLimit(10, 1, "global", "open"),
+                concurrency=Concurrency(2, 500),
+                models=("gpt-4o-mini",),
+                max_tokens=512,
+                budgets=(TOKENS,),
+            ),
+        ),
+        budgets=(DAILY,),
+        group_budgets=(GroupBudget("team", Budget("spend", "cost_micro_usd", 5, "month")),),
+    )
+    plain = AgentPolicy("plain", "plain", (EgressRule("docs", rate_limit=RateLimit(3, 60)),))
+    return dataclasses.replace(
+        model(destinations=(DOCS, OPENAI), agents=(coder, plain)), mesh=mesh or Mesh()
+    )
+
+
+def routes_named(table: object, prefix: str) -> list[rc.Route]:
+    assert hasattr(table, "virtual_hosts")
+    return [r for vh in table.virtual_hosts for r in vh.routes if r.name.startswith(prefix)]
+
+
+def pace_of(route: rc.Route) -> spec.PaceSpec | None:
+    if PACER_FILTER not in route.typed_per_filter_config:
+        return None
+    config = rc.FilterConfig()
+    route.typed_per_filter_config[PACER_FILTER].Unpack(config)
+    assert not config.disabled
+    per_route = ext_proc_pb2.ExtProcPerRoute()
+    config.config.Unpack(per_route)
+    [metadata] = per_route.overrides.grpc_initial_metadata
+    assert metadata.key == spec.PACE_METADATA
+    return spec.decode(metadata.value)
+
+
+def test_global_limits_are_descriptors_that_carry_the_whole_limit() -> None:
+    table = egress_routes(policy(), {})
+    [docs] = routes_named(table, "allow/coder/docs/")
+    [action] = docs.route.rate_limits
+    entries = [
+        (a.generic_key.descriptor_key, a.generic_key.descriptor_value) for a in action.actions
+    ]
+    assert spec.parse_descriptor(entries) == spec.GlobalLimit("coder/docs/0", 600, 60, "closed")
+    [openai] = routes_named(table, "allow/coder/openai/")
+    open_action = openai.route.rate_limits[0]
+    assert open_action.stage != action.stage  # failing open and closed need separate filters
+    # a replica-scoped limit stays in Envoy's local limiter (stage 0, no pacer call)
+    [plain] = routes_named(table, "allow/plain/docs/")
+    assert plain.route.rate_limits[0].stage.value == 0
+    assert plain.route.rate_limits[0].actions[0].generic_key.descriptor_key == "meshgate_rule"
+
+
+def test_paced_routes_hand_the_pacer_everything_it_enforces() -> None:
+    table = egress_routes(policy(Mesh(gateway_capacity=Concurrency(100, 10_000))), {})
+    [openai] = routes_named(table, "allow/coder/openai/")
+    pace = pace_of(openai)
+    assert pace is not None and pace.agent == "coder" and pace.destination == "openai"
+    assert [(b.id, b.unit, b.limit) for b in pace.budgets] == [
+        ("rule/coder/1/tokens", "tokens", 10_000),
+        ("agent/coder/daily", "requests", 100),
+        ("group/team/spend", "cost_micro_usd", 5),
+    ]
+    assert [(c.key, c.max, c.max_wait_ms, c.fair, c.capacity) for c in pace.concurrency] == [
+        ("rule/coder/openai/1", 2, 500, False, False),
+        ("destination/openai", 8, 30_000, True, False),
+        ("gateway", 100, 10_000, True, True),
+    ]
+    assert pace.llm == spec.LlmSpec(
+        "openai", ("gpt-4o-mini",), 512, (spec.Price("gpt-4o*", "2.5", "10"),)
+    )
+    # non-LLM routes: token and cost budgets never apply; request budgets and capacity do
+    [docs] = routes_named(table, "allow/coder/docs/")
+    docs_pace = pace_of(docs)
+    assert docs_pace is not None and docs_pace.llm is None
+    assert [b.id for b in docs_pace.budgets] == ["agent/coder/daily"]
+    assert [c.key for c in docs_pace.concurrency] == ["gateway"]
+    # an agent with nothing to pace (and no capacity cap) never reaches the pacer
+    [plain] = routes_named(egress_routes(policy(), {}), "allow/plain/docs/")
+    assert pace_of(plain) is None
+
+
+def test_filters_run_in_order_and_the_pacer_fails_closed() -> None:
+    resources = gateway_resources(policy(), TranslateOptions())
+    [listener] = [r for r in resources if isinstance(r, listener_pb2.Listener)]
+    hcm = hcm_pb2.HttpConnectionManager()
+    listener.filter_chains[0].filters[0].typed_config.Unpack(hcm)
+    names = [f.name for f in hcm.http_filters]
+    local = names.index("envoy.filters.http.local_ratelimit")
+    assert local < names.index(GLOBAL_LIMIT_OPEN) < names.index(GLOBAL_LIMIT_CLOSED)
+    assert names.index(GLOBAL_LIMIT_CLOSED) < names.index(PACER_FILTER) < len(names) - 1
+    by_name = {f.name: f for f in hcm.http_filters}
+    closed = rate_limit_pb2.RateLimit()
+    by_name[GLOBAL_LIMIT_CLOSED].typed_config.Unpack(closed)
+    opened = rate_limit_pb2.RateLimit()
+    by_name[GLOBAL_LIMIT_OPEN].typed_config.Unpack(opened)
+    assert closed.failure_mode_deny and not opened.failure_mode_deny
+    assert closed.domain == spec.RLS_DOMAIN
+    pacer = ext_proc_pb2.ExternalProcessor()
+    by_name[PACER_FILTER].typed_config.Unpack(pacer)
+    assert by_name[PACER_FILTER].disabled  # on only where a route turns it on
+    assert not pacer.failure_mode_allow
+    assert pacer.grpc_service.envoy_grpc.cluster_name == spec.PACER_CLUSTER
+    # waits up to the longest queue a route allows (30 s + 0.5 s) are not cut by Envoy
+    assert pacer.max_message_timeout.seconds >= 30
+
+
+def test_a_policy_without_pacing_adds_no_filters() -> None:
+    plain = model(destinations=(DOCS,), agents=(AgentPolicy("p", "p", (EgressRule("docs"),)),))
+    [listener] = [
+        r
+        for r in gateway_resources(plain, TranslateOptions())
+        if isinstance(r, listener_pb2.Listener)
+    ]
+    hcm = hcm_pb2.HttpConnectionManager()
+    listener.filter_chains[0].filters[0].typed_config.Unpack(hcm)
+    names = {f.name for f in hcm.http_filters}
+    assert not names & {GLOBAL_LIMIT_OPEN, GLOBAL_LIMIT_CLOSED, PACER_FILTER}
+
+
+def test_envoy_accepts_the_paced_gateway_config(tmp_path: Path) -> None:
+    """Envoy 1.40 itself (`--mode validate`) loads the listener and routes with the pacer's
+    filters, given the bootstrap cluster to the pacer's socket."""
+    resources = gateway_resources(
+        policy(Mesh(gateway_capacity=Concurrency(100, 10_000))), TranslateOptions()
+    )
+    [listener] = [r for r in resources if isinstance(r, listener_pb2.Listener)]
+    hcm = hcm_pb2.HttpConnectionManager()
+    listener.filter_chains[0].filters[0].typed_config.Unpack(hcm)
+    hcm.route_config.CopyFrom(egress_routes(policy(), {}))  # inline instead of RDS
+    listener.filter_chains[0].filters[0].typed_config.Pack(hcm)
+    listener.address.socket_address.port_value = 0
+    clusters = [r for r in resources if isinstance(r, cluster_pb2.Cluster)]
+    pacer = cluster_pb2.Cluster(
+        name=spec.PACER_CLUSTER,
+        type=cluster_pb2.Cluster.STATIC,
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=spec.PACER_CLUSTER,
+            endpoints=[
+                endpoint_components_pb2.LocalityLbEndpoints(
+                    lb_endpoints=[
+                        endpoint_components_pb2.LbEndpoint(
+                            endpoint=endpoint_components_pb2.Endpoint(
+                                address=address_pb2.Address(
+                                    pipe=address_pb2.Pipe(path=str(tmp_path / "pacer.sock"))
+                                )
+                            )
+                        )
+                    ]
+                )
+            ],
+        ),
+    )
+    pacer.typed_extension_protocol_options[
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ].Pack(
+        http_protocol_options_pb2.HttpProtocolOptions(
+            explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+                http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+            )
+        )
+    )
+    for c in clusters:  # no xDS here: EDS clusters become static
+        if c.type == cluster_pb2.Cluster.EDS:
+            c.type = cluster_pb2.Cluster.STATIC
+            c.ClearField("eds_cluster_config")
+            c.load_assignment.cluster_name = c.name
+    config = bootstrap_pb2.Bootstrap(
+        static_resources=bootstrap_pb2.Bootstrap.StaticResources(
+            listeners=[listener], clusters=[*clusters, pacer]
+        )
+    )
+    path = tmp_path / "envoy.json"
+    path.write_text(json_format.MessageToJson(config))
+    done = subprocess.run(
+        ["envoy", "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
