@@ -204,7 +204,11 @@ class Decoder:
             if worker is None or not worker.alive:
                 if worker is not None:
                     await worker.stop()
-                worker = self._workers[i] = await _Worker.start()
+                try:
+                    worker = self._workers[i] = await _Worker.start()
+                except OSError as exc:
+                    log.error("cannot start an audit decode worker: %s", exc)
+                    raise StreamError("UNAVAILABLE", "the audit decoder is not running") from None
                 log.info("started audit decode worker %d (pid %d)", i, worker.proc.pid)
             return worker
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,32 @@ async def test_a_dead_decoder_is_replaced_and_only_what_it_owed_is_sent_again(
             await call(iter(stream), timeout=30)
         assert [r.request_id for _, r in store.tail(0)] == ["req-00000", "req-00001", "req-00002"]
         assert store.verify().ok
+    finally:
+        await server.stop(grace=0)
+        await ingest.stop()
+
+
+async def test_streams_are_unavailable_while_no_decode_worker_can_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SqliteAuditStore(tmp_path / "audit.db")
+    ingest, server, address = await serve(store)
+    stream = [message([spool_entry(1)])]
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = channel.stream_unary(METHOD, request_serializer=lambda raw: raw)
+            (worker,) = ingest.decoder._workers
+            assert worker is not None
+            monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+            os.kill(worker.proc.pid, signal.SIGKILL)
+            await until(lambda: not worker.alive, "the ingest loop to see the worker go")
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await call(iter(stream), timeout=30)
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert failed.value.details() == "the audit decoder is not running"
+            monkeypatch.undo()
+            await call(iter(stream), timeout=30)
+        assert [r.request_id for _, r in store.tail(0)] == ["req-00001"]
     finally:
         await server.stop(grace=0)
         await ingest.stop()
