@@ -13,10 +13,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 
+from meshgate.mcp.canonical import NotCanonical, canonical_text
+from meshgate.mcp.strictjson import fold
 from meshgate.policy import schema, syntax
 from meshgate.policy.documents import CheckedDoc, did_you_mean
 from meshgate.policy.model import (
     AgentPolicy,
+    ArgumentRule,
     Budget,
     BudgetUnit,
     Concurrency,
@@ -33,6 +36,7 @@ from meshgate.policy.model import (
     Price,
     RateLimit,
     SecretsConfig,
+    ToolRule,
 )
 from meshgate.policy.problems import Pos, Problem, describe
 from meshgate.policy.yamlsource import Path, YamlDoc
@@ -384,7 +388,8 @@ class _Compiler:
                 methods=tuple(r.methods or ()),
                 paths=tuple(r.paths or ()),
                 headers=headers,
-                tools=tuple(r.tools or ()),
+                tools=_tool_names(r.tools),
+                tool_rules=self._tool_rules(src, path, r.tools),
                 rate_limit=rate,
                 concurrency=_concurrency(r.concurrency),
                 models=tuple(r.models or ()),
@@ -406,7 +411,7 @@ class _Compiler:
         lists = {
             "methods": r.methods,
             "paths": r.paths,
-            "tools": r.tools,
+            "tools": list(_tool_names(r.tools)) or None,
             "headers": [h.name.lower() for h in r.headers] if r.headers else None,
         }
         for key, items in lists.items():
@@ -470,6 +475,99 @@ class _Compiler:
                         f'budget "{budget.name}" counts cost, but destination "{dest.name}" '
                         f"has no llm.prices",
                     )
+
+    def _tool_rules(
+        self, src: YamlDoc, path: Path, entries: list[str | schema.ToolDoc] | None
+    ) -> tuple[ToolRule, ...]:
+        out: list[ToolRule] = []
+        for j, entry in enumerate(entries or []):
+            if isinstance(entry, str):
+                continue
+            at = (*path, "tools", j)
+            where = f"tools[{j}]"
+            declared = list(entry.arguments or {})
+            folded: dict[str, str] = {}
+            for name in declared:
+                other = folded.setdefault(fold(name), name)
+                if other != name:
+                    self.error(
+                        src.key_pos((*at, "arguments", name)),
+                        f'{where}.arguments: "{other}" and "{name}" differ only in case '
+                        f"(some servers read them as one argument)",
+                    )
+            arguments = tuple(
+                self._argument_rule(src, (*at, "arguments", name), f"{where}.arguments.{name}", a)
+                for name, a in (entry.arguments or {}).items()
+            )
+            seen: set[str] = set()
+            for k, name in enumerate(entry.required or []):
+                pos = src.value_pos((*at, "required", k))
+                if name in seen:
+                    self.error(pos, f'{where}.required[{k}] "{name}" is listed twice')
+                elif name not in declared:
+                    self.error(
+                        pos,
+                        f'{where}.required[{k}]: "{name}" is not under arguments '
+                        f"(add `{name}: {{}}` there to allow any value)",
+                    )
+                seen.add(name)
+            required = declared if entry.required is None else entry.required
+            out.append(ToolRule(entry.name, arguments, tuple(required), entry.additionalArguments))
+        return tuple(out)
+
+    def _argument_rule(
+        self, src: YamlDoc, path: Path, where: str, a: schema.ArgumentDoc
+    ) -> ArgumentRule:
+        given = [k for k in _ARGUMENT_KEYWORDS if k in a.model_fields_set]
+        given = [k for k in given if k == "const" or getattr(a, k) is not None]
+        fixed = [k for k in given if k in ("const", "enum")]
+        for k in given:
+            if fixed and k != fixed[0]:
+                self.error(
+                    src.key_pos((*path, k)),
+                    f"{where}: {k} cannot be combined with {fixed[0]}, "
+                    f"which already fixes the allowed values",
+                )
+        strings = [k for k in given if k in ("pattern", "prefix", "maxLength")]
+        numbers = [k for k in given if k in ("minimum", "maximum")]
+        if strings and numbers:
+            self.error(
+                src.key_pos((*path, numbers[0])),
+                f"{where}: {strings[0]} applies to strings and {numbers[0]} to numbers, "
+                f"so no value can pass both",
+            )
+        if a.minimum is not None and a.maximum is not None and a.minimum > a.maximum:
+            self.error(
+                src.value_pos((*path, "maximum")),
+                f"{where}: maximum {a.maximum} is below minimum {a.minimum}",
+            )
+        const = None
+        if "const" in given:
+            const = self._canonical(src, (*path, "const"), f"{where}.const", a.const)
+        enum: list[str] = []
+        for i, value in enumerate(a.enum or []):
+            text = self._canonical(src, (*path, "enum", i), f"{where}.enum[{i}]", value)
+            if text is not None and text in enum:
+                self.error(src.value_pos((*path, "enum", i)), f"{where}.enum[{i}] is listed twice")
+            elif text is not None:
+                enum.append(text)
+        return ArgumentRule(
+            name=path[-1] if isinstance(path[-1], str) else str(path[-1]),
+            const=const,
+            enum=tuple(enum),
+            pattern=a.pattern,
+            prefix=a.prefix,
+            max_length=a.maxLength,
+            minimum=a.minimum,
+            maximum=a.maximum,
+        )
+
+    def _canonical(self, src: YamlDoc, path: Path, where: str, value: object) -> str | None:
+        try:
+            return canonical_text(value)
+        except NotCanonical as e:
+            self.error(src.value_pos(path), f"{where}: not a JSON value ({e})")
+            return None
 
     def budgets(
         self, src: YamlDoc, base: Path, docs: list[schema.BudgetDoc] | None
@@ -625,6 +723,14 @@ def _facts(dest: Destination | None) -> _DestFacts | None:
     return (dest.tls, dest.llm is not None, bool(dest.llm and dest.llm.prices))
 
 
+_ARGUMENT_KEYWORDS = ("const", "enum", "pattern", "prefix", "maxLength", "minimum", "maximum")
+
+
+def _tool_names(entries: list[str | schema.ToolDoc] | None) -> tuple[str, ...]:
+    """Every entry's name, plain or with argument rules: Envoy's routes match on these."""
+    return tuple(e if isinstance(e, str) else e.name for e in entries or ())
+
+
 def _concurrency(doc: schema.ConcurrencyDoc | None) -> Concurrency | None:
     return Concurrency(doc.max, syntax.max_wait_ms(doc.maxWait)) if doc is not None else None
 
@@ -649,6 +755,7 @@ def _same(a: EgressRule, b: EgressRule) -> bool:
         and set(a.paths) == set(b.paths)
         and set(a.headers) == set(b.headers)
         and set(a.tools) == set(b.tools)
+        and set(a.tool_rules) == set(b.tool_rules)
         and a.rate_limit == b.rate_limit
         and a.concurrency == b.concurrency
         and set(a.models) == set(b.models)

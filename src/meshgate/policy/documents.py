@@ -43,7 +43,13 @@ _EXPECTED = {
     "model_attributes_type": "a mapping",
 }
 
-_PLURAL_ITEM = {"egress": "egress rule", "headers": "header match", "budgets": "budget"}
+_PLURAL_ITEM = {
+    "egress": "egress rule",
+    "headers": "header match",
+    "budgets": "budget",
+    "tools": "tool entry",
+}
+_UNION_TAGS = ("file", "env", "vault", "[key]", schema.TOOL_NAME_TAG, schema.TOOL_OBJECT_TAG)
 
 
 def check_document(doc: YamlDoc) -> tuple[CheckedDoc | None, list[Problem]]:
@@ -98,7 +104,7 @@ def _real_path(data: Any, loc: tuple[int | str, ...]) -> tuple[Path, list[int | 
         elif _has(node, part):
             path.append(part)
             node = node[part]
-        elif part in ("file", "env", "vault", "[key]"):
+        elif part in _UNION_TAGS:
             continue  # a discriminated-union tag or dict-key marker pydantic inserts
         else:
             rest.append(part)
@@ -129,6 +135,8 @@ def _context(kind: str, parent: Path) -> str:
     if not parent:
         return f"{kind} document"
     last = parent[-1]
+    if len(parent) >= 2 and parent[-2] == "arguments":
+        return "argument rule"
     if isinstance(last, int):
         before = parent[-2] if len(parent) >= 2 else ""
         return _PLURAL_ITEM.get(str(before), f"{before} item")
@@ -153,6 +161,8 @@ def _allowed_fields(kind: str, context: str, data: Any) -> list[str]:
         "budget": [schema.BudgetDoc],
         "llm": [schema.LlmDoc],
         "header match": [schema.HeaderDoc],
+        "tool entry": [schema.ToolDoc],
+        "argument rule": [schema.ArgumentDoc],
         "credentials": [schema.CredentialsDoc],
         "egressGateway": [schema.GatewayDoc],
         "secrets": [_secrets_model(data)],

@@ -72,17 +72,49 @@ class HeaderMatch:
 
 
 @dataclass(frozen=True)
+class ArgumentRule:
+    """What one argument of a tool call must be. `const` and `enum` hold RFC 8785 canonical
+    JSON text, so comparing a value is comparing its canonical form. String keywords (pattern,
+    prefix, max_length) refuse a value that is not a string; number keywords one that is not a
+    number."""
+
+    name: str
+    const: str | None = None
+    enum: tuple[str, ...] = ()
+    pattern: str | None = None  # whole-value match, the dialect of syntax.compile_argument_pattern
+    prefix: str | None = None
+    max_length: int | None = None  # in Unicode code points
+    minimum: int | float | None = None
+    maximum: int | float | None = None
+
+
+@dataclass(frozen=True)
+class ToolRule:
+    """A tool entry with argument rules (`tools: [{name: ..., arguments: ...}]`).
+
+    `required`: arguments that must be present; `additional_arguments`: whether arguments not
+    in `arguments` are allowed (unchecked)."""
+
+    name: str
+    arguments: tuple[ArgumentRule, ...] = ()  # in policy order
+    required: tuple[str, ...] = ()
+    additional_arguments: bool = False
+
+
+@dataclass(frozen=True)
 class EgressRule:
     destination: str
     methods: tuple[str, ...] = ()  # empty: any method
     paths: tuple[str, ...] = ()  # exact "/a" or prefix "/a/*"; empty: any path
     headers: tuple[HeaderMatch, ...] = ()
-    tools: tuple[str, ...] = ()  # MCP tool names; empty: any tool
+    tools: tuple[str, ...] = ()  # MCP tool names, of every entry; empty: any tool
     rate_limit: RateLimit | None = None
     concurrency: Concurrency | None = None  # this agent on this rule
     models: tuple[str, ...] = ()  # model globs on an llm destination; empty: any model
     max_tokens: int | None = None
     budgets: tuple[Budget, ...] = ()  # counters of this agent and rule
+    # the `tools` entries with argument rules (last, so positional construction is unchanged)
+    tool_rules: tuple[ToolRule, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from meshgate.policy.model import AgentPolicy, Destination, EgressRule, Mesh, PolicyModel
+from meshgate.policy.model import (
+    AgentPolicy,
+    ArgumentRule,
+    Budget,
+    Concurrency,
+    Destination,
+    EgressRule,
+    Mesh,
+    PolicyModel,
+)
 
 Action = Literal["add", "change", "remove"]
 _SIGN = {"add": "+", "change": "~", "remove": "-"}
@@ -78,7 +87,45 @@ def _header(name: str, value: str | None) -> str:
 def _rate(r: EgressRule) -> str:
     if r.rate_limit is None:
         return "unlimited"
-    return f"{r.rate_limit.requests}/{format_period(r.rate_limit.per_seconds)}"
+    limit = r.rate_limit
+    text = f"{limit.requests}/{format_period(limit.per_seconds)}"
+    if limit.scope == "global":
+        text += f" global (store down: {limit.on_store_failure})"
+    return text
+
+
+def _concurrency(c: Concurrency | None) -> str:
+    return "none" if c is None else f"{c.max} in flight, wait {c.max_wait_ms / 1000:g}s"
+
+
+def _budgets(budgets: tuple[Budget, ...]) -> str:
+    return ", ".join(
+        f"{b.name} {b.limit} {b.unit}/{b.window} (store down: {b.on_store_failure})"
+        for b in budgets
+    )
+
+
+def _tool_rules(r: EgressRule) -> str:
+    """Argument rules, written out in full: a changed pattern must show in a plan."""
+    out = []
+    for t in r.tool_rules:
+        args = "; ".join(f"{a.name} {_argument(a)}" for a in t.arguments)
+        extra = "any others" if t.additional_arguments else "no others"
+        out.append(f"{t.name}({args}; required {','.join(t.required) or 'none'}; {extra})")
+    return " ".join(out)
+
+
+def _argument(a: ArgumentRule) -> str:
+    keys = (
+        ("const", a.const),
+        ("enum", "|".join(a.enum) or None),
+        ("pattern", a.pattern),
+        ("prefix", a.prefix),
+        ("maxLength", a.max_length),
+        ("minimum", a.minimum),
+        ("maximum", a.maximum),
+    )
+    return " ".join(f"{k}={v}" for k, v in keys if v is not None) or "any"
 
 
 def _fields(old: dict[str, str], new: dict[str, str]) -> list[Detail]:
@@ -95,6 +142,7 @@ def _mesh_fields(m: Mesh) -> dict[str, str]:
         "name": m.name,
         "trustDomain": m.trust_domain,
         "egressGateway.listenPort": str(m.gateway_listen_port),
+        "egressGateway.capacity": _concurrency(m.gateway_capacity),
         "secrets.provider": m.secrets.provider,
     }
     if m.secrets.path is not None:
@@ -125,6 +173,11 @@ def _destination_fields(d: Destination) -> dict[str, str]:
         out["credentials.format"] = "(set)"
     if d.labels:
         out["labels"] = ",".join(f"{k}={v}" for k, v in d.labels)
+    if d.llm:
+        out["llm.api"] = d.llm.api
+        out["llm.prices"] = ", ".join(f"{p.model} {p.input}/{p.output}" for p in d.llm.prices)
+    if d.concurrency:
+        out["concurrency"] = _concurrency(d.concurrency)
     if d.consul:
         out["consul.service"] = d.consul.service
         if d.consul.tag is not None:
@@ -158,7 +211,12 @@ def _rule_fields(r: EgressRule) -> dict[str, str]:
         "paths": ",".join(r.paths) or "any",
         "headers": ",".join(_header(h.name, h.value) for h in r.headers) or "any",
         "tools": ",".join(r.tools) or "any",
+        "tool arguments": _tool_rules(r),
         "rateLimit": _rate(r),
+        "concurrency": _concurrency(r.concurrency),
+        "models": ",".join(r.models) or "any",
+        "maxTokens": str(r.max_tokens) if r.max_tokens is not None else "",
+        "budgets": _budgets(r.budgets),
     }
 
 
@@ -166,6 +224,18 @@ def _agent_details(old: AgentPolicy | None, new: AgentPolicy | None) -> list[Det
     details: list[Detail] = []
     if old and new and old.name != new.name:
         details.append(Detail("change", "policy", old.name, new.name))
+    for label, was, now in (
+        ("budgets", old.budgets if old else (), new.budgets if new else ()),
+        (
+            "group budgets",
+            tuple(g.budget for g in old.group_budgets) if old else (),
+            tuple(g.budget for g in new.group_budgets) if new else (),
+        ),
+    ):
+        if was != now:
+            details.append(
+                Detail("change", label, _budgets(was) or "(unset)", _budgets(now) or "(unset)")
+            )
     before = _keyed_rules(old.rules) if old else {}
     after = _keyed_rules(new.rules) if new else {}
     for key in sorted(set(before) | set(after)):

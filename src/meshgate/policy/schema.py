@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from meshgate.policy import syntax
 
@@ -81,6 +81,46 @@ class HeaderDoc(_Doc):
     value: str | None = None
 
 
+ArgumentName = Annotated[str, AfterValidator(syntax.argument_name)]
+JsonNumber = Annotated[Any, AfterValidator(syntax.json_number)]
+
+
+class ArgumentDoc(_Doc):
+    """Constraints on one argument of a tool call: a small, documented subset of JSON Schema.
+    `const` may be null, so whether it was given is read from `model_fields_set`."""
+
+    const: Any = None
+    enum: Annotated[list[Any], AfterValidator(syntax.non_empty_list("value"))] | None = None
+    pattern: Annotated[str, AfterValidator(syntax.argument_pattern)] | None = None
+    prefix: str | None = None
+    maxLength: Annotated[int, AfterValidator(syntax.max_length)] | None = None
+    minimum: JsonNumber | None = None
+    maximum: JsonNumber | None = None
+
+
+class ToolDoc(_Doc):
+    """A tool entry with argument rules; a plain name in `tools` allows any arguments."""
+
+    name: Tool
+    arguments: dict[ArgumentName, ArgumentDoc] | None = None
+    required: list[ArgumentName] | None = None  # default: every argument under `arguments`
+    additionalArguments: bool = False  # arguments not listed are refused unless true
+
+
+TOOL_NAME_TAG = "tool-name"
+TOOL_OBJECT_TAG = "tool-object"
+
+
+def _tool_entry_kind(v: Any) -> str:
+    return TOOL_OBJECT_TAG if isinstance(v, dict) else TOOL_NAME_TAG
+
+
+ToolEntry = Annotated[
+    Annotated[Tool, Tag(TOOL_NAME_TAG)] | Annotated[ToolDoc, Tag(TOOL_OBJECT_TAG)],
+    Discriminator(_tool_entry_kind),
+]
+
+
 class RuleDoc(_Doc):
     destination: Name
     methods: Annotated[list[Method], AfterValidator(syntax.non_empty_list("method"))] | None = None
@@ -88,7 +128,7 @@ class RuleDoc(_Doc):
     headers: Annotated[list[HeaderDoc], AfterValidator(syntax.non_empty_list("header"))] | None = (
         None
     )
-    tools: Annotated[list[Tool], AfterValidator(syntax.non_empty_list("tool"))] | None = None
+    tools: Annotated[list[ToolEntry], AfterValidator(syntax.non_empty_list("tool"))] | None = None
     rateLimit: RateLimitDoc | None = None
     concurrency: ConcurrencyDoc | None = None
     models: Annotated[list[ModelGlob], AfterValidator(syntax.non_empty_list("model"))] | None = None

@@ -7,10 +7,14 @@ becomes `<field> <value>: <message>`. Kept apart from the models so they read as
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import ipaddress
+import math
 import re
 from collections.abc import Callable
 from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from re import _constants as _sre  # type: ignore[attr-defined]
+from re import _parser as _sre_parse  # type: ignore[attr-defined]
 from typing import Any
 
 from pydantic_core import PydanticCustomError
@@ -303,3 +307,126 @@ def usd(v: str | int | float) -> str:
 def micro_usd(v: str) -> int:
     """Whole micro-dollars, rounded up: a budget is never larger than written."""
     return int((Decimal(v) * 1_000_000).to_integral_value(rounding=ROUND_CEILING))
+
+
+# -- MCP tool-argument rules -----------------------------------------------------------------
+
+MAX_ARGUMENT_NAME = 256
+MAX_PATTERN = 512
+PATTERN_INPUT_LIMIT = 1024  # longest string a pattern is run on; a longer value fails it
+MAX_VARYING_REPEATS = 2  # quantifiers with an upper bound above 1 (*, +, {2,}, {1,9}, ...)
+MAX_OPTIONAL_REPEATS = 3  # ? and {0,1}
+_SINGLE = frozenset({_sre.LITERAL, _sre.NOT_LITERAL, _sre.ANY, _sre.IN})
+_ANCHORS = frozenset(
+    {
+        _sre.AT_BEGINNING,
+        _sre.AT_BEGINNING_STRING,
+        _sre.AT_END,
+        _sre.AT_END_STRING,
+        _sre.AT_BOUNDARY,
+        _sre.AT_NON_BOUNDARY,
+    }
+)
+
+
+def argument_name(v: str) -> str:
+    if not v or len(v) > MAX_ARGUMENT_NAME or not v.isprintable():
+        raise fail(f"must be 1-{MAX_ARGUMENT_NAME} printable characters")
+    return v
+
+
+def max_length(v: int) -> int:
+    if v < 0:
+        raise fail("must be 0 or more")
+    return v
+
+
+def json_number(v: Any) -> int | float:
+    """`minimum`/`maximum`: a finite number an IEEE double holds exactly when it is whole."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise fail("must be a number")
+    if isinstance(v, float) and not math.isfinite(v):
+        raise fail("must be a finite number")
+    if isinstance(v, int) and abs(v) > 2**53:
+        raise fail("must be between -2^53 and 2^53 (JSON numbers are doubles)")
+    return v
+
+
+def argument_pattern(v: str) -> str:
+    """A pattern in the documented dialect (compiled here, so a bad one is a policy error)."""
+    compile_argument_pattern(v)
+    return v
+
+
+@functools.lru_cache(maxsize=4096)
+def compile_argument_pattern(v: str) -> re.Pattern[str]:
+    """Python `re` syntax, ASCII classes, matched against the whole value (`fullmatch`).
+
+    Python's `re` backtracks, and there is no timeout to stop it; instead the dialect keeps
+    the worst case small and bounded: no backreferences, lookarounds, inline flags or
+    possessive/atomic groups; a quantifier that may repeat more than once applies to a single
+    character or class only (so no nested or alternating repeats); at most
+    MAX_VARYING_REPEATS such quantifiers and MAX_OPTIONAL_REPEATS optional ones per pattern,
+    and values longer than PATTERN_INPUT_LIMIT fail. The worst case left is quadratic in a
+    1024-character value (a few milliseconds)."""
+    if len(v) > MAX_PATTERN:
+        raise fail(f"must be at most {MAX_PATTERN} characters")
+    try:
+        parsed = _sre_parse.parse(v, re.ASCII)
+        compiled = re.compile(v, re.ASCII)
+    except re.error as e:
+        raise fail(f"is not a valid regular expression: {e}") from None
+    if parsed.state.flags & ~(re.ASCII | re.UNICODE):
+        raise fail("must not set flags like (?i) or (?s): write the classes out")
+    counts = [0, 0]
+    _check_pattern(parsed, counts)
+    if counts[0] > MAX_VARYING_REPEATS:
+        raise fail(
+            f"has {counts[0]} repeating quantifiers (*, +, {{m,n}}); at most "
+            f"{MAX_VARYING_REPEATS} are allowed, to keep matching fast"
+        )
+    if counts[1] > MAX_OPTIONAL_REPEATS:
+        raise fail(f"has more than {MAX_OPTIONAL_REPEATS} optional parts (?)")
+    return compiled
+
+
+def _check_pattern(items: Any, counts: list[int]) -> None:
+    for op, arg in items:
+        if op in _SINGLE:
+            continue
+        if op == _sre.AT and arg in _ANCHORS:
+            continue
+        if op == _sre.BRANCH:
+            for alternative in arg[1]:
+                _check_pattern(alternative, counts)
+        elif op == _sre.SUBPATTERN:
+            _group, add_flags, del_flags, body = arg
+            if add_flags or del_flags:
+                raise fail("must not set flags like (?i:...): write the classes out")
+            _check_pattern(body, counts)
+        elif op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT):
+            low, high, body = arg
+            single = len(body) == 1 and body[0][0] in _SINGLE
+            if low != high and high > 1:
+                if not single:
+                    raise fail(
+                        "a quantifier that repeats (*, +, {m,n}) may only follow a single "
+                        "character or class, like [a-z]+ (nested or grouped repeats can "
+                        "take exponential time)"
+                    )
+                counts[0] += 1
+            elif low != high:
+                counts[1] += 1
+                _check_pattern(body, counts)
+            elif high > 1 and not single:
+                before = list(counts)
+                _check_pattern(body, counts)
+                if counts != before:
+                    raise fail("a fixed repeat {n} of a group must not contain quantifiers")
+            else:
+                _check_pattern(body, counts)
+        else:
+            raise fail(
+                "uses a construct outside the supported subset (backreferences, lookarounds, "
+                "conditionals and possessive or atomic groups are not allowed)"
+            )

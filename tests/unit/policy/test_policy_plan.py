@@ -114,3 +114,35 @@ def test_model_json_round_trip_is_exact(model: PolicyModel) -> None:
 def test_model_from_bad_json_raises_policy_error(bad: object) -> None:
     with pytest.raises(PolicyError):
         model_from_json(bad)
+
+
+def test_pacing_and_argument_rule_changes_show(tmp_path: Path) -> None:
+    """A changed budget, ceiling or argument pattern is a change the plan names."""
+    (tmp_path / "mesh.yaml").write_text(
+        "apiVersion: meshgate.dev/v1\nkind: Mesh\nmetadata: {name: m}\n"
+        "spec: {trustDomain: agents.local}\n---\n"
+        "apiVersion: meshgate.dev/v1\nkind: Destination\nmetadata: {name: llm}\n"
+        "spec: {host: api.openai.com, port: 443, llm: {api: openai}}\n---\n"
+        "apiVersion: meshgate.dev/v1\nkind: Destination\nmetadata: {name: gh}\n"
+        "spec: {host: mcp.github.internal, port: 443}\n"
+    )
+    agent = (
+        "apiVersion: meshgate.dev/v1\nkind: AgentPolicy\nmetadata: {name: coder}\n"
+        "spec:\n  agent: coder\n  budgets: [{name: d, window: day, requests: 10}]\n"
+        "  egress:\n    - destination: llm\n      maxTokens: 100\n"
+        "    - destination: gh\n"
+        '      tools: [{name: create_issue, arguments: {repo: {pattern: "^acme/.*$"}}}]\n'
+    )
+    (tmp_path / "coder.yaml").write_text(agent)
+    before = load_policy_dir(tmp_path)
+    assert model_from_json(model_to_json(before)) == before  # the running plane's copy
+    changed = (
+        agent.replace("requests: 10", "requests: 20")
+        .replace("maxTokens: 100", "maxTokens: 200")
+        .replace("^acme/.*$", "^acme/[a-z]*$")
+    )
+    (tmp_path / "coder.yaml").write_text(changed)
+    text = render_plan_text(diff_policies(before, load_policy_dir(tmp_path)))
+    assert "budgets: d 10 requests/day (store down: closed) -> d 20 requests/day" in text
+    assert "rule llm: maxTokens 100 -> 200" in text
+    assert "pattern=^acme/[a-z]*$" in text and "pattern=^acme/.*$" in text
