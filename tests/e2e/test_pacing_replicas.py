@@ -21,7 +21,7 @@ import httpx
 import openai
 import pytest
 from builders import free_port
-from harness import control_plane, until
+from harness import audit_records, control_plane, until
 from pacing_redis import RedisProcess, redis_server
 
 from meshgate.cli.gateway import start_gateway
@@ -177,7 +177,7 @@ async def test_token_spend_never_passes_the_budget_under_concurrent_streams(
     """40 concurrent streamed completions from the official SDK against 400-token budgets:
     what is spent plus reserved never exceeds it, at any moment, and every admitted stream is
     settled to the usage the provider reported."""
-    async with mesh(tmp_path, redis_server) as (_, port):
+    async with mesh(tmp_path, redis_server) as (cp, port):
         store = RedisStore(redis_server.url, timeout_s=2.0)
         peak = 0
         sampling = True
@@ -247,3 +247,18 @@ async def test_token_spend_never_passes_the_budget_under_concurrent_streams(
         assert peak <= TOKENS * 4  # four agents, one counter each
         for state in states.values():
             assert state.spent <= state.limit
+        # every call is an audit record; LLM calls carry model, tokens and cost
+        llm_records = await until(
+            lambda: (got := audit_records(cp, destination="llm")) and len(got) == 40 and got,
+            timeout=20,
+            what="40 llm audit records",
+        )
+        allowed = [r for r in llm_records if r.decision == "allowed"]
+        assert len(allowed) == len(admitted)
+        assert sorted(r.tokens_in + r.tokens_out for r in allowed) == sorted(admitted)
+        assert all(r.model == "gpt-4o-mini" for r in allowed)
+        # prices: 1 and 2 USD per million tokens = 1 and 2 micro-dollars per token
+        assert all(r.cost_micro_usd == r.tokens_in + 2 * r.tokens_out for r in allowed)
+        over = [r for r in llm_records if r.decision == "over_budget"]
+        assert len(over) == len(refusals)
+        assert all(r.reason.startswith("over_budget: rule/a") for r in over)

@@ -84,28 +84,38 @@ def record_values(r: AuditRecord) -> tuple[Any, ...]:
         to_micros(r.timestamp), r.request_id, r.agent, r.spiffe_id, r.destination, r.host,
         r.method, r.path, r.status, r.decision, r.reason, r.bytes_sent, r.bytes_received,
         float(r.duration_ms), r.policy_version, r.gateway, r.mcp_method, r.mcp_tool,
+        r.model, r.tokens_in, r.tokens_out, r.cost_micro_usd, r.mcp_args_digest,
     )  # fmt: skip
 
 
 BASE_FIELDS = 16  # values before the MCP fields, which were added later
+# Where each group of later fields ends: (mcp_method, mcp_tool), then the pacer's and the tool
+# call's fields. A record encodes up to its last group with a value set, so a record stored
+# before a group existed still encodes, and verifies, exactly as it did.
+GROUP_ENDS = (18, 23)
+
+
+def _trimmed(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    end = BASE_FIELDS
+    start = BASE_FIELDS
+    for group_end in GROUP_ENDS:
+        if any(values[start:group_end]):
+            end = group_end
+        start = group_end
+    return values[:end] if end < len(values) else values
 
 
 def encode_values(values: tuple[Any, ...]) -> bytes:
     """Compact JSON of `record_values`: independent of the store, floats round-trip exactly.
-
-    A record without MCP fields encodes as before they existed (the first 16 values), so records
-    stored by earlier versions still verify; one with either field encodes all of them."""
-    if not any(values[BASE_FIELDS:]):
-        values = values[:BASE_FIELDS]
-    return _ENCODE(values).encode()  # a tuple encodes as the same array
+    Only up to the last group of fields in use (`GROUP_ENDS`): records stored by earlier
+    versions still verify."""
+    return _ENCODE(_trimmed(values)).encode()  # a tuple encodes as the same array
 
 
 def values_digest(values: tuple[Any, ...]) -> bytes:
     """sha256(encode_values(values)), once per appended record: one call fewer. It depends on
     the record alone, so the ingest decoder computes it (in its own process) for the store."""
-    if not any(values[BASE_FIELDS:]):
-        values = values[:BASE_FIELDS]
-    return hashlib.sha256(_ENCODE(values).encode()).digest()
+    return hashlib.sha256(_ENCODE(_trimmed(values)).encode()).digest()
 
 
 def canonical(record: AuditRecord) -> bytes:

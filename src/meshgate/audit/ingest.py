@@ -74,6 +74,22 @@ UPSTREAM_FAILURE_FIELDS = frozenset(
 _SPIFFE_AGENT = re.compile(r"^spiffe://[^/]+/agent/(?P<name>[^/]+)$")
 
 
+# The pacer's refusals, by the response code details it sets (pacing.spec): on an allow route
+# they are the decision (the route allowed the request; its pace did not).
+PACER_DECISIONS: dict[str, Decision] = {
+    "over_budget": "over_budget",
+    "queue_timeout": "queue_timeout",
+    "model_not_allowed": "denied",
+    "max_tokens_exceeded": "denied",
+    "llm_body_unreadable": "denied",
+    "limit_store_unavailable": "denied",
+    "pace_spec_invalid": "denied",
+}
+PACER = "meshgate.pacer"  # xds.access_log.PACER_METADATA
+MAX_TOKENS = 1 << 40  # bound what a logging node can make the store add up
+MAX_COST = 1 << 50
+
+
 class IngestError(ValueError):
     """An entry that cannot become a record (the line or message is malformed)."""
 
@@ -94,12 +110,17 @@ def decide(
     refused = local_refusal(details)
     if refused is not None and (route_decision != "denied" or route_reason in ("", "mcp_unparsed")):
         return "denied", refused
+    paced = PACER_DECISIONS.get(details)
+    if paced is not None and route_decision == "allowed":
+        return paced, details
     if route_decision == "denied":
         return "denied", route_reason or "denied"
     if route_decision == "upstream_error":
         return "upstream_error", route_reason or details
     if "rate_limited" in flags:
         return "rate_limited", "rate_limited"
+    if "rate_limit_service_error" in flags:  # a limit failing closed, its store silent
+        return "rate_limited", "limit_store_unavailable"
     if flags & UPSTREAM_FAILURE_FIELDS or status >= 500:
         return "upstream_error", details or f"status {status}"
     if route_decision == "allowed":
@@ -156,11 +177,23 @@ def entry_values(entry: als.HTTPAccessLogEntry, node_id: str) -> tuple[Any, ...]
     decision, reason = decide(
         route_decision, route_reason, status, flags, response.response_code_details
     )
-    agent = ""
+    agent = model = digest = ""
+    tokens_in = tokens_out = cost = 0
     if common.HasField("metadata"):
-        meshgate_md = common.metadata.filter_metadata.get(METADATA_KEY)
+        filter_md = common.metadata.filter_metadata
+        meshgate_md = filter_md.get(METADATA_KEY)
         if meshgate_md is not None and (value := meshgate_md.fields.get("agent")) is not None:
             agent = agent_name(value.string_value)
+        pacer = filter_md.get(PACER)
+        if pacer is not None:
+            got = pacer.fields
+            model = got["model"].string_value if "model" in got else ""
+            digest = got["mcp_args_digest"].string_value if "mcp_args_digest" in got else ""
+            tokens_in = _count(got, "tokens_in", MAX_TOKENS)
+            tokens_out = _count(got, "tokens_out", MAX_TOKENS)
+            cost = _count(got, "cost_micro_usd", MAX_COST)
+            if decision == "over_budget" and "budget" in got:
+                reason = f"over_budget: {got['budget'].string_value}"
     spiffe_id = ""
     if common.HasField("tls_properties"):
         for san in common.tls_properties.peer_certificate_properties.subject_alt_name:
@@ -195,7 +228,21 @@ def entry_values(entry: als.HTTPAccessLogEntry, node_id: str) -> tuple[Any, ...]
         node_id,
         mcp_method[:MAX_FIELD],
         mcp_tool[:MAX_FIELD],
+        model[:MAX_FIELD],
+        tokens_in,
+        tokens_out,
+        cost,
+        digest[:MAX_FIELD],
     )
+
+
+def _count(fields: Any, key: str, bound: int) -> int:
+    """A non-negative whole number from pacer metadata (a double in a Struct), bounded."""
+    value = fields.get(key)
+    if value is None:
+        return 0
+    number = value.number_value
+    return int(number) if 0 <= number <= bound else 0
 
 
 _METHODS: dict[str, int] = {
@@ -281,6 +328,15 @@ def _entry(data: dict[str, Any]) -> als.HTTPAccessLogEntry:
     for key in ("mcp_method", "mcp_tool"):
         if value := _text(data, key):
             common.custom_tags[TAG_PREFIX + key] = value
+    pacer: dict[str, Any] = {}
+    for key in ("model", "budget", "mcp_args_digest"):
+        if value := _text(data, key):
+            pacer[key] = value
+    for key in ("tokens_in", "tokens_out", "cost_micro_usd"):
+        if text := _text(data, key):
+            pacer[key] = float(text)  # Envoy writes a Struct number; bounded when read
+    if pacer:
+        common.metadata.filter_metadata[PACER].update(pacer)
     request.request_body_bytes = _int(data, "bytes_received")
     response.response_code.value = _int(data, "status")
     response.response_body_bytes = _int(data, "bytes_sent")

@@ -6,8 +6,17 @@ import datetime as dt
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
-Decision = Literal["allowed", "denied", "rate_limited", "upstream_error"]
-DECISIONS: tuple[Decision, ...] = ("allowed", "denied", "rate_limited", "upstream_error")
+Decision = Literal[
+    "allowed", "denied", "rate_limited", "over_budget", "queue_timeout", "upstream_error"
+]
+DECISIONS: tuple[Decision, ...] = (  # later decisions last: fixtures index this
+    "allowed",
+    "denied",
+    "rate_limited",
+    "upstream_error",
+    "over_budget",
+    "queue_timeout",
+)
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,12 @@ class AuditRecord:
     # what the gateway's MCP filter read from a JSON-RPC body ("" for other requests)
     mcp_method: str = ""  # e.g. tools/call, tools/list, initialize
     mcp_tool: str = ""  # params.name of a tools/call
+    # what the gateway's pacer read from an LLM call ("" and 0 for other requests)
+    model: str = ""  # the model the agent asked for
+    tokens_in: int = 0  # as the provider reported them (or reserved, when it reported none)
+    tokens_out: int = 0
+    cost_micro_usd: int = 0  # at the destination's prices; 0 when it has none
+    mcp_args_digest: str = ""  # sha256 of a tool call's RFC 8785 canonical arguments
 
     @classmethod
     def trusted(cls, timestamp: dt.datetime, values: tuple[Any, ...]) -> AuditRecord:

@@ -54,6 +54,11 @@ FIELDS = (
     "gateway",
     "mcp_method",
     "mcp_tool",
+    "model",
+    "tokens_in",
+    "tokens_out",
+    "cost_micro_usd",
+    "mcp_args_digest",
 )
 RECORD_COLUMNS = "id, ts_us, " + ", ".join(FIELDS)
 GATEWAY = 1 + FIELDS.index("gateway")  # its position in `record_values`
@@ -84,7 +89,12 @@ SCHEMA = (
         policy_version TEXT NOT NULL,
         gateway TEXT NOT NULL,
         mcp_method TEXT NOT NULL DEFAULT '',
-        mcp_tool TEXT NOT NULL DEFAULT '')""",
+        mcp_tool TEXT NOT NULL DEFAULT '',
+        model TEXT NOT NULL DEFAULT '',
+        tokens_in BIGINT NOT NULL DEFAULT 0,
+        tokens_out BIGINT NOT NULL DEFAULT 0,
+        cost_micro_usd BIGINT NOT NULL DEFAULT 0,
+        mcp_args_digest TEXT NOT NULL DEFAULT '')""",
     "CREATE INDEX IF NOT EXISTS audit_records_time ON audit_records (ts_us, id)",
     # A resent record (a shipper retrying after a crash) repeats its spool line, start time
     # included, so (time, request id) finds it; ordered by time first, this index grows at its
@@ -123,6 +133,17 @@ SCHEMA = (
 ADDED_COLUMNS = (
     ("mcp_method", "ALTER TABLE audit_records ADD COLUMN mcp_method TEXT NOT NULL DEFAULT ''"),
     ("mcp_tool", "ALTER TABLE audit_records ADD COLUMN mcp_tool TEXT NOT NULL DEFAULT ''"),
+    ("model", "ALTER TABLE audit_records ADD COLUMN model TEXT NOT NULL DEFAULT ''"),
+    ("tokens_in", "ALTER TABLE audit_records ADD COLUMN tokens_in BIGINT NOT NULL DEFAULT 0"),
+    ("tokens_out", "ALTER TABLE audit_records ADD COLUMN tokens_out BIGINT NOT NULL DEFAULT 0"),
+    (
+        "cost_micro_usd",
+        "ALTER TABLE audit_records ADD COLUMN cost_micro_usd BIGINT NOT NULL DEFAULT 0",
+    ),
+    (
+        "mcp_args_digest",
+        "ALTER TABLE audit_records ADD COLUMN mcp_args_digest TEXT NOT NULL DEFAULT ''",
+    ),
 )
 MIGRATIONS = (
     "CREATE INDEX IF NOT EXISTS audit_records_tool ON audit_records (mcp_tool, ts_us, id)",

@@ -34,6 +34,7 @@ REQUEST_ID_HEADER = "x-request-id"
 
 # One spool line per request. Keys are the contract with `meshgate.audit.ingest`. Kept lean:
 # JSON formatting is the gateway's main per-request logging cost.
+PACER_METADATA = "meshgate.pacer"  # pacing.spec.DYNAMIC_METADATA_NAMESPACE
 SPOOL_FORMAT: dict[str, str] = {
     "start": "%START_TIME(%s.%6f)%",
     "request_id": "%REQ(X-REQUEST-ID)%",
@@ -59,6 +60,13 @@ SPOOL_FORMAT: dict[str, str] = {
     # what the MCP filter read from a JSON-RPC body (absent for other requests)
     "mcp_method": "%DYNAMIC_METADATA(envoy.filters.http.mcp:method):256%",
     "mcp_tool": "%DYNAMIC_METADATA(envoy.filters.http.mcp:params:name):256%",
+    # what the gateway's pacer read from an LLM call, and the budget that refused one
+    "model": f"%DYNAMIC_METADATA({PACER_METADATA}:model):256%",
+    "tokens_in": f"%DYNAMIC_METADATA({PACER_METADATA}:tokens_in)%",
+    "tokens_out": f"%DYNAMIC_METADATA({PACER_METADATA}:tokens_out)%",
+    "cost_micro_usd": f"%DYNAMIC_METADATA({PACER_METADATA}:cost_micro_usd)%",
+    "budget": f"%DYNAMIC_METADATA({PACER_METADATA}:budget):256%",
+    "mcp_args_digest": f"%DYNAMIC_METADATA({PACER_METADATA}:mcp_args_digest):80%",
 }
 
 

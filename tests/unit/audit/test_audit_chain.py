@@ -24,8 +24,9 @@ from meshgate.audit.chain import (
 from meshgate.audit.sqlbase import FIELDS
 from meshgate.audit.sqlite_store import SqliteAuditStore
 
-TEXT = [f for f in FIELDS if f not in ("status", "bytes_sent", "bytes_received", "duration_ms")]
-NUMBERS = ["ts_us", "status", "bytes_sent", "bytes_received", "duration_ms"]
+COUNTS = ("status", "bytes_sent", "bytes_received", "tokens_in", "tokens_out", "cost_micro_usd")
+TEXT = [f for f in FIELDS if f not in (*COUNTS, "duration_ms")]
+NUMBERS = ["ts_us", *COUNTS, "duration_ms"]
 
 
 def test_canonical_encoding_is_fixed() -> None:
@@ -102,3 +103,15 @@ def test_any_single_edit_of_any_record_is_detected(
         problems = store.verify().problems
         store.close()
     assert [(p.kind, p.record_id) for p in problems] == [("edited", victim)]
+
+
+def test_later_field_groups_encode_only_when_used() -> None:
+    """Records from before the MCP and the pacer's fields encode as they always did (so stored
+    chains still verify); a record using a later group encodes every group up to it."""
+    plain = canonical(make_record(7))
+    assert plain.count(b",") == 15  # the first 16 values
+    mcp = canonical(make_record(7, mcp_method="tools/call"))
+    assert mcp.endswith(b',"tools/call",""]')
+    llm = canonical(make_record(7, model="gpt-4o-mini", tokens_in=12, cost_micro_usd=3))
+    assert llm.endswith(b',"","","gpt-4o-mini",12,0,3,""]')
+    assert digest(make_record(7, tokens_out=1)) != digest(make_record(7))

@@ -17,6 +17,7 @@ from meshgate.audit.chain import canonical, record_values
 from meshgate.audit.ingest import (
     FLAG_FIELDS,
     MAX_PATH,
+    PACER_DECISIONS,
     IngestError,
     _synthetic_id,
     agent_name,
@@ -48,6 +49,12 @@ def line(**overrides: Any) -> str:
         "duration_us": 1500,
         "mcp_method": None,
         "mcp_tool": None,
+        "model": None,
+        "tokens_in": None,
+        "tokens_out": None,
+        "cost_micro_usd": None,
+        "budget": None,
+        "mcp_args_digest": None,
     }
     assert set(fields) == set(SPOOL_FORMAT)  # the test speaks the format the gateway writes
     fields.update(overrides)
@@ -123,6 +130,16 @@ def test_mtls_identity_names_the_agent_and_the_spiffe_id() -> None:
             ("rate_limited", "rate_limited"),
         ),
         ({"status": 429}, ("allowed", "")),  # the upstream's own 429 is its answer
+        (  # the pacer's refusals are decisions of their own, naming the budget
+            {"status": 429, "details": "over_budget", "budget": "agent/coder/daily"},
+            ("over_budget", "over_budget: agent/coder/daily"),
+        ),
+        ({"status": 503, "details": "queue_timeout"}, ("queue_timeout", "queue_timeout")),
+        ({"status": 403, "details": "model_not_allowed"}, ("denied", "model_not_allowed")),
+        (  # a global limit failing closed while its store is down
+            {"status": 503, "flags": "RLSE", "details": "rate_limiter_error"},
+            ("rate_limited", "limit_store_unavailable"),
+        ),
         ({"status": 404}, ("allowed", "")),
         (
             {"status": 503, "flags": "UF", "details": "upstream_reset_before_response_started{x}"},
@@ -234,6 +251,17 @@ def test_decide_is_total_over_route_decisions() -> None:
             for flags in (set(), {"rate_limited"}, {"upstream_connection_failure"}):
                 decision, _ = decide(route, "", status, flags, "")
                 assert decision in ("allowed", "denied", "rate_limited", "upstream_error")
+    for details, paced in PACER_DECISIONS.items():  # only an allow route's request is paced
+        assert decide("allowed", "", 429, set(), details)[0] == paced
+        assert decide("denied", "egress_denied", 403, set(), details)[0] == "denied"
+
+
+def test_llm_calls_carry_model_tokens_and_cost() -> None:
+    r = record(model="gpt-4o-mini", tokens_in=12, tokens_out=41, cost_micro_usd=94.0)
+    assert (r.model, r.tokens_in, r.tokens_out, r.cost_micro_usd) == ("gpt-4o-mini", 12, 41, 94)
+    # a logging node cannot make the store count absurd amounts
+    assert record(tokens_in=-5, cost_micro_usd=1e300).tokens_in == 0
+    assert record(tokens_in=-5, cost_micro_usd=1e300).cost_micro_usd == 0
 
 
 def test_route_names_say_what_each_route_decided() -> None:
