@@ -75,7 +75,15 @@ def plan(
             "--replay",
             help="Evaluate POLICY's gateway routes on the recorded audit traffic instead: which "
             "requests would be newly refused or allowed. Exit 0: none newly refused; 2: some "
-            "newly refused (or undecided); 1: error.",
+            "newly refused; 1: error.",
+        ),
+    ] = False,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help="With --replay: exit 2 also when a request's answer depends on a header the "
+            "audit records do not hold (a rule's `headers:`).",
         ),
     ] = False,
     since: Annotated[
@@ -91,7 +99,7 @@ def plan(
     from meshgate.policy.serialize import model_from_json
 
     if replay:
-        _replay(directory, since, until, store, state_dir, format)
+        _replay(directory, since, until, store, state_dir, format, strict)
         return
     new = _load_dir(Path(directory)).model
     if against is not None:
@@ -114,7 +122,13 @@ def plan(
 
 
 def _replay(
-    spec: str, since: str, until: str | None, store: str | None, state_dir: Path, format: Format
+    spec: str,
+    since: str,
+    until: str | None,
+    store: str | None,
+    state_dir: Path,
+    format: Format,
+    strict: bool,
 ) -> None:
     """`plan --replay`: the report, and an exit code a CI check can gate on."""
     import sqlite3
@@ -139,7 +153,7 @@ def _replay(
         end = parse_instant(until, "--until") if until else None
         started = time.monotonic()
         grouped = read_groups(store_target(store, state_dir), start, end)
-        report = replay(to_groups(grouped), PolicyRoutes(model), since=start.isoformat())
+        report = replay(to_groups(grouped), PolicyRoutes(model), start.isoformat(), strict)
     except UnsupportedMatch as exc:
         raise fail(f"replay cannot evaluate the generated routes: {exc}") from None
     except (MeshgateError, sqlite3.Error) as exc:

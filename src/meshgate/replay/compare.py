@@ -133,10 +133,13 @@ class ReplayReport:
     not_replayed: dict[str, int] = field(default_factory=dict)
     rows: dict[tuple[str, str, str, str, str, str], ChangeRow] = field(default_factory=dict)
 
+    strict: bool = False  # undecided requests fail the check too
+
     @property
     def exit_code(self) -> int:
-        """0: no recorded request would be refused; 2: some would, or might (undecided)."""
-        return 2 if self.newly_refused or self.undecided else 0
+        """0: no recorded request would be newly refused; 2: some would (with `strict`: or
+        might, their answer depending on a header the records do not hold)."""
+        return 2 if self.newly_refused or (self.strict and self.undecided) else 0
 
     def add(self, group: RecordGroup, verdict: Verdict | None) -> None:
         self.records += group.count
@@ -200,10 +203,13 @@ class ReplayReport:
 
 
 def replay(
-    groups: Iterable[RecordGroup], candidate: PolicyRoutes, since: str | None = None
+    groups: Iterable[RecordGroup],
+    candidate: PolicyRoutes,
+    since: str | None = None,
+    strict: bool = False,
 ) -> ReplayReport:
     """Each group evaluated once: the cost is per distinct request, not per record."""
-    report = ReplayReport(candidate.model.version, since)
+    report = ReplayReport(candidate.model.version, since, strict=strict)
     for group in groups:
         verdict = candidate.evaluate(group.request()) if group.by_gateway else None
         report.add(group, verdict)
