@@ -4,6 +4,8 @@ the replay's evaluation of the same policy's generated routes gives the recorded
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,9 @@ spec:
 """
 
 
+JSON = {"content-type": "application/json"}
+
+
 def rpc(method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"jsonrpc": "2.0", "id": 1, "method": method, "params": params or {}}
 
@@ -75,6 +80,16 @@ async def raw_connect(port: int, authority: str, agent: str = "researcher") -> s
         if line.startswith("x-request-id:"):
             return line.split(":", 1)[1].strip()
     raise AssertionError(f"no request id in {head!r}")
+
+
+async def _chunks(data: bytes) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), 16):
+        yield data[i : i + 16]
+
+
+def chunked(message: dict[str, Any]) -> AsyncIterator[bytes]:
+    """A body sent chunked: no Content-Length in the headers the route is first chosen on."""
+    return _chunks(json.dumps(message).encode())
 
 
 def group_of(r: AuditRecord) -> RecordGroup:
@@ -140,6 +155,12 @@ async def test_replay_of_the_served_policy_gives_every_recorded_decision(tmp_pat
                 await send(**mcp, json=rpc("tools/call", {"name": "delete_repo"})),
                 await send(**mcp, json=rpc("tools/call", {"name": "read_file_x"})),
                 await send(**mcp, content=b"not json", headers={"content-type": "text/plain"}),
+                await send(
+                    **mcp, content=chunked(rpc("tools/call", {"name": "read_file"})), headers=JSON
+                ),
+                await send(**mcp, content=chunked(rpc("tools/call", {"name": "rm"})), headers=JSON),
+                # chunked, no Content-Type: the filter does not parse it, the body guard refuses
+                await send(**mcp, content=chunked(rpc("tools/call", {"name": "rm"}))),
                 await send("mcp.internal", "/mcp", "GET"),  # no body: an SSE stream
                 await send("mcp.internal", "/mcp", "DELETE"),  # refused by method
                 await send("mcp.internal", "/other", "POST", json=rpc("tools/list")),
@@ -191,9 +212,16 @@ async def test_replay_of_the_served_policy_gives_every_recorded_decision(tmp_pat
             reasons = {reason for _, reason in seen}
             assert {"egress_denied", "tool_denied", "unknown_destination"} <= reasons, seen
             assert ("allowed", "") in seen
-            assert sorted(skipped) == ["path_not_canonical", "path_too_long"]
+            assert sorted(skipped) == [
+                "mcp_unparsed: a body on a request routed as body-less",
+                "path_not_canonical",
+                "path_too_long",
+            ]
             assert undecided == 3
-            assert replayed == len(ids) - 2
+            assert replayed == len(ids) - 3
+            calls = [(r.mcp_tool, r.decision, r.reason) for r in records.values() if r.mcp_tool]
+            assert calls.count(("read_file", "allowed", "")) == 2  # one of them chunked
+            assert calls.count(("rm", "denied", "tool_denied")) == 1
 
             # the CLI's path: the store read back, grouped, replayed: nothing changes
             groups = list(to_groups(read_groups(cp.audit_url)))
