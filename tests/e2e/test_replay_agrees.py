@@ -9,9 +9,20 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from builders import free_port
-from harness import MESH, audit_records, control_plane, gateway, until, upstream, via_gateway
+from harness import (
+    MESH,
+    audit_records,
+    control_plane,
+    gateway,
+    sidecar,
+    until,
+    upstream,
+    via_gateway,
+    write_policy,
+)
 
 from meshgate.audit.record import AuditRecord
 from meshgate.policy.loader import load_policy_dir
@@ -252,3 +263,56 @@ async def test_replay_of_the_served_policy_gives_every_recorded_decision(tmp_pat
                 ("researcher", "api", "refused: egress_denied")
             }
             assert {r.change for r in narrowed.rows.values()} == {"newly_refused", "undecided"}
+
+
+async def test_with_mtls_agents_are_replayed_by_their_certificate_identity(
+    tmp_path: Path,
+) -> None:
+    listen = free_port()
+    async with upstream("alpha") as up_a, upstream("beta") as up_b:
+        policy = tmp_path / "policies"
+        write_policy(
+            policy,
+            listen,
+            {"alpha": up_a.port, "beta": up_b.port},
+            agents={"researcher": ["alpha"], "coder": ["beta"]},
+        )
+        async with (
+            control_plane(policy, tmp_path / "state", mtls=True) as cp,
+            gateway(cp, tmp_path, audit=True),
+        ):
+            sent = 0
+            for agent in ("researcher", "coder"):
+                async with (
+                    sidecar(cp, tmp_path, agent) as proxy,
+                    httpx.AsyncClient(proxy=proxy, timeout=10) as client,
+                ):
+                    for url in ("http://alpha.internal/x", "http://beta.internal/y"):
+                        await client.get(url)
+                        sent += 1
+            records = await until(
+                lambda: (got := audit_records(cp)) and len(got) >= sent and got,
+                20,
+                "every request's record",
+            )
+            assert len(records) == sent
+            routes = PolicyRoutes(load_policy_dir(policy))
+            outcomes = set()
+            for rec in records:
+                assert rec.spiffe_id == f"spiffe://agents.test/agent/{rec.agent}"
+                was = recorded_outcome(rec.decision, rec.reason)
+                verdict = routes.evaluate(group_of(rec).request())
+                assert not verdict.undecided
+                now = (
+                    "allowed"
+                    if verdict.decision.decision == "allowed"
+                    else (f"refused: {verdict.decision.reason}")
+                )
+                assert now == was, (rec, verdict)
+                outcomes.add((rec.agent, rec.destination, now))
+            assert outcomes == {
+                ("researcher", "alpha", "allowed"),
+                ("researcher", "beta", "refused: egress_denied"),
+                ("coder", "alpha", "refused: egress_denied"),
+                ("coder", "beta", "allowed"),
+            }
