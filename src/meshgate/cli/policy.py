@@ -160,7 +160,7 @@ def _replay(
         raise fail(str(exc)) from None
     elapsed = time.monotonic() - started
     if format is Format.JSON:
-        print_json({**report_json(report), "seconds": round(elapsed, 3)})
+        print_json({"candidate": spec, **report_json(report), "seconds": round(elapsed, 3)})
     else:
         console.print(report_text(report), highlight=False, markup=False)
         err_console.print(f"replayed in {elapsed:.1f}s", highlight=False)

@@ -273,7 +273,15 @@ def report_text(report: ReplayReport) -> str:
                 else ""
             )
             table.append(
-                [r.change, r.agent, r.destination, r.tool or "-", str(r.requests), r.now, shown]
+                [
+                    r.change,
+                    r.agent or "-",
+                    r.destination,
+                    r.tool or "-",
+                    str(r.requests),
+                    r.now,
+                    shown,
+                ]
             )
         out += _table(
             ["CHANGE", "AGENT", "DESTINATION", "TOOL", "REQUESTS", "NOW", "EXAMPLE"], table
@@ -281,7 +289,8 @@ def report_text(report: ReplayReport) -> str:
         out.append("")
         out.append("Examples:")
         for r in rows:
-            out.append(f"  {r.change} {r.agent} -> {r.destination} ({r.was} -> {r.now}):")
+            who = r.agent or "(no agent header)"
+            out.append(f"  {r.change} {who} -> {r.destination} ({r.was} -> {r.now}):")
             for e in r.examples:
                 tool = f" {e.mcp_method} {e.mcp_tool}".rstrip() if e.mcp_method else ""
                 out.append(
