@@ -1,8 +1,8 @@
 """The gateway's own route table, evaluated in Python for one recorded request. Pure.
 
 The replay does not re-implement policy semantics: it takes the RouteConfiguration that
-`xds.gateway.egress_routes` builds for the candidate policy (the same function whose bytes the
-gateways get) and does what Envoy's router does with it: pick the virtual host by :authority,
+`xds.gateway.egress_routes_encoded` builds for the candidate policy (the bytes gateways get over
+RDS, parsed back) and does what Envoy's router does with it: pick the virtual host by :authority,
 then the first route whose RouteMatch matches, and read the decision from the route's name
 (`xds.access_log.route_decision`, as audit ingest does). Only the matcher features the
 translation emits are implemented; anything else raises `UnsupportedMatch` when the table is
@@ -28,7 +28,7 @@ from envoy.type.matcher.v3 import metadata_pb2, string_pb2, value_pb2
 from meshgate.policy.model import PolicyModel
 from meshgate.xds.access_log import RouteDecision, route_decision
 from meshgate.xds.allowlist import AGENT_HEADER, MCP_FILTER
-from meshgate.xds.gateway import egress_routes
+from meshgate.xds.gateway import egress_routes_encoded
 
 
 class UnsupportedMatch(Exception):
@@ -336,7 +336,9 @@ class PolicyRoutes:
         table = self._tables.get(mtls)
         if table is None:
             domain = self.model.mesh.trust_domain if mtls else None
-            config = egress_routes(self.model, assumed_secrets(self.model), domain)
+            # the very bytes a gateway is sent over RDS, read back
+            encoded = egress_routes_encoded(self.model, assumed_secrets(self.model), domain)
+            config = route_pb2.RouteConfiguration.FromString(encoded.payload)
             table = self._tables[mtls] = RouteTable(config)
         return table
 
