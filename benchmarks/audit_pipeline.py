@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import marshal
 import os
 import random
 import signal
@@ -55,7 +56,9 @@ import grpc  # noqa: E402
 import httpx  # noqa: E402
 from envoy.service.accesslog.v3 import als_pb2  # noqa: E402
 
-from meshgate.audit.ingest import entry_from_spool, record_from_entry  # noqa: E402
+from meshgate.audit.decode_worker import HEADER, answer, frame, from_answer  # noqa: E402
+from meshgate.audit.ingest import entry_from_spool  # noqa: E402
+from meshgate.audit.messages import Refusal, decode_message  # noqa: E402
 from meshgate.audit.open import open_store  # noqa: E402
 from meshgate.audit.spool import ENTRIES_PER_MESSAGE, METHOD  # noqa: E402
 from meshgate.audit.sqlbase import SqlAuditStore  # noqa: E402
@@ -252,6 +255,25 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def children(pid: int) -> list[int]:
+    """The processes `pid` started (the audit decoder's workers, multiprocessing's helper)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def family_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of `pid` and of each process it started, by process id."""
+    out = {}
+    for p in (pid, *children(pid)):
+        with contextlib.suppress(OSError):
+            out[p] = cpu_seconds(p)
+    return out
+
+
 def thread_cpu(pid: int) -> dict[int, float]:
     """CPU seconds per thread of a process, by thread id (the main thread's id is the pid)."""
     out = {}
@@ -262,29 +284,38 @@ def thread_cpu(pid: int) -> dict[int, float]:
     return out
 
 
-def stages(plan: list[list[bytes]], store_url: str) -> tuple[float, float, float]:
-    """CPU microseconds per record of each step the control plane takes, one after the other
-    on this thread (no gRPC, no other thread): parse the messages, decode the entries, append
-    one stream per batch (as the AccessLogService commits them, up to its `BATCH_SIZE`).
-    Steadier than wall time on a shared machine."""
+def stages(plan: list[list[bytes]], node: str, store_url: str) -> tuple[float, float, float]:
+    """CPU microseconds per record of each step, one after the other on this thread (no gRPC,
+    no other thread or process): decode the messages as the decode worker does (parse, map,
+    digest), pass the result through marshal both ways as the worker and the control plane do,
+    and append one stream per batch (as the AccessLogService commits them, up to its
+    `BATCH_SIZE`). Steadier than wall time on a shared machine."""
     t0 = time.thread_time()
-    streams = [[als_pb2.StreamAccessLogsMessage.FromString(m) for m in s] for s in plan]
+    decoded = [[decode_message(m, node, None) for m in s] for s in plan]
     t1 = time.thread_time()
-    batches = [
-        [record_from_entry(e, "gateway/stages") for m in s for e in m.http_logs.log_entry]
-        for s in streams
+    decoded = [
+        [from_answer(marshal.loads(frame(answer(d))[HEADER.size :])) for d in s] for s in decoded
     ]
     t2 = time.thread_time()
+    batches: list[tuple[list[tuple[object, ...]], list[bytes]]] = []
+    for stream in decoded:
+        values: list[tuple[object, ...]] = []
+        digests: list[bytes] = []
+        for d in stream:
+            assert not isinstance(d, Refusal), d
+            values += d[0]
+            digests += d[1]
+        batches.append((values, digests))
     store = open_store(store_url)
     try:
         t3 = time.thread_time()
-        for records in batches:
-            for i in range(0, len(records), BATCH_SIZE):
-                store.append(records[i : i + BATCH_SIZE])
+        for values, digests in batches:
+            for i in range(0, len(values), BATCH_SIZE):
+                store.append_values(values[i : i + BATCH_SIZE], digests[i : i + BATCH_SIZE])
         t4 = time.thread_time()
     finally:
         store.close()
-    n = sum(len(b) for b in batches) / 1e6
+    n = sum(len(v) for v, _ in batches) / 1e6
     return (t1 - t0) / n, (t2 - t1) / n, (t4 - t3) / n
 
 
@@ -573,7 +604,7 @@ async def ceiling(name: str, store: str, stage_store: str, args: argparse.Namesp
             tokens = TokenAuthority(cp.state)
             done: list[float] = []
             threads0 = thread_cpu(cp.proc.pid)
-            cpu0 = cpu_seconds(cp.proc.pid)
+            cpu0 = family_cpu(cp.proc.pid)
             start = time.monotonic()
             await asyncio.gather(
                 *(
@@ -588,8 +619,12 @@ async def ceiling(name: str, store: str, stage_store: str, args: argparse.Namesp
                 )
             )
             took = time.monotonic() - start
-            cpu = cpu_seconds(cp.proc.pid) - cpu0
+            cpu1 = family_cpu(cp.proc.pid)
             threads1 = thread_cpu(cp.proc.pid)
+        # the control plane's processes: its own and the decode workers it started
+        by_process = {p: c - cpu0.get(p, 0.0) for p, c in cpu1.items()}
+        cpu = sum(by_process.values())
+        workers = sorted((c for p, c in by_process.items() if p != cp.proc.pid), reverse=True)
         total = per * args.shippers
         spent = sorted(((threads1[t] - threads0.get(t, 0.0), t) for t in threads1), reverse=True)
         main = next(c for c, t in spent if t == cp.proc.pid)
@@ -603,19 +638,24 @@ async def ceiling(name: str, store: str, stage_store: str, args: argparse.Namesp
             f"({n_streams / took:.1f} streams/s)"
         )
         print(
-            f"control plane CPU: {cpu:.2f} s = {cpu / total * 1e6:.1f} us per record "
-            f"({cpu / took:.0%} of one core; one full core would take "
-            f"{total / cpu:,.0f} records/s)"
+            f"control plane CPU (its process and the processes it started): {cpu:.2f} s = "
+            f"{cpu / total * 1e6:.1f} us per record ({cpu / took:.0%} of one core)"
+        )
+        print(
+            f"  the serve process {by_process[cp.proc.pid] / total * 1e6:.1f} us/record; the "
+            f"processes it started (decode workers first): "
+            f"{', '.join(f'{c / total * 1e6:.1f}' for c in workers) or 'none'}"
         )
         busiest = ", ".join(f"{c / total * 1e6:.1f}" for c in others[:3])
         print(
-            f"  by thread: main (the xDS event loop) {main / total * 1e6:.1f} us/record; the "
-            f"busiest others (the audit ingest and audit-store threads) {busiest}"
+            f"  serve's threads: main (the xDS event loop) {main / total * 1e6:.1f} us/record; "
+            f"the busiest others (the audit ingest and audit-store threads) {busiest}"
         )
-        parse, decode, append = stages(plans[0], stage_store)
+        decode, transfer, append = stages(plans[0], "gateway/bench-0", stage_store)
         print(
-            f"  the same steps in one thread, CPU per record: parse {parse:.1f} us, decode "
-            f"{decode:.1f} us, append {append:.1f} us (sum {parse + decode + append:.1f} us)"
+            f"  the same steps in one thread, CPU per record: decode (the worker's: parse, "
+            f"map, digest) {decode:.1f} us, marshal both ways {transfer:.1f} us, append "
+            f"{append:.1f} us (sum {decode + transfer + append:.1f} us)"
         )
         print(
             f"stored {stored:,} (equal: {stored == total}) in {batches:,} batches; chain "

@@ -34,6 +34,7 @@ import dataclasses
 import gc
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -215,9 +216,23 @@ class Server:
             import cProfile
             import pstats
 
+            # a profiler to attach instead (-p PID is added), stopped by SIGINT: e.g.
+            # FANOUT_ATTACH="py-spy record --native --threads -f raw -o spy.txt"
+            spy = os.environ.get("FANOUT_ATTACH")
             if words[1] == "start":
-                self.profiler = cProfile.Profile()
-                self.profiler.enable()
+                if spy:
+                    self.spy = subprocess.Popen(
+                        [*shlex.split(spy), "-p", str(os.getpid())], stdout=sys.stderr
+                    )
+                    time.sleep(1.0)  # let it attach
+                else:
+                    self.profiler = cProfile.Profile()
+                    self.profiler.enable()
+            elif spy:
+                import signal
+
+                self.spy.send_signal(signal.SIGINT)
+                self.spy.wait(60)
             else:
                 self.profiler.disable()
                 pstats.Stats(self.profiler, stream=sys.stderr).sort_stats("tottime").print_stats(30)

@@ -100,8 +100,9 @@ def encode_values(values: tuple[Any, ...]) -> bytes:
     return _ENCODE(values).encode()  # a tuple encodes as the same array
 
 
-def _digest_values(values: tuple[Any, ...]) -> bytes:
-    """sha256(encode_values(values)), once per appended record: one call fewer."""
+def values_digest(values: tuple[Any, ...]) -> bytes:
+    """sha256(encode_values(values)), once per appended record: one call fewer. It depends on
+    the record alone, so the ingest decoder computes it (in its own process) for the store."""
     if not any(values[BASE_FIELDS:]):
         values = values[:BASE_FIELDS]
     return hashlib.sha256(_ENCODE(values).encode()).digest()
@@ -153,13 +154,19 @@ class ChainState:
 
 
 def make_batch(
-    state: ChainState, records: Sequence[AuditRecord], values: Sequence[tuple[Any, ...]] = ()
+    state: ChainState,
+    records: Sequence[AuditRecord],
+    values: Sequence[tuple[Any, ...]] = (),
+    digests: Sequence[bytes] | None = None,
 ) -> Batch:
     """The next batch after `state` for records that will get ids head_last_id+1 onwards.
 
-    `values` may pass in `record_values` of each record, already computed for the insert."""
+    `values` may pass in `record_values` of each record, already computed for the insert, and
+    `digests` their `values_digest`s, computed where they were decoded."""
     values = values or [record_values(r) for r in records]
-    digests = b"".join([_digest_values(v) for v in values])
+    joined = b"".join(digests if digests is not None else [values_digest(v) for v in values])
+    if len(joined) != DIGEST_SIZE * len(values):
+        raise ValueError(f"{len(values)} records but {len(joined) // DIGEST_SIZE} digests")
     seq, first_id = state.head_seq + 1, state.head_last_id + 1
     stamps = [v[0] for v in values]
     return Batch(
@@ -168,8 +175,8 @@ def make_batch(
         last_id=first_id + len(values) - 1,
         count=len(values),
         prev_hash=state.head_hash,
-        hash=batch_hash(state.head_hash, seq, first_id, digests),
-        digests=digests,
+        hash=batch_hash(state.head_hash, seq, first_id, joined),
+        digests=joined,
         min_ts_us=min(stamps),
         max_ts_us=max(stamps),
     )

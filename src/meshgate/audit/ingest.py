@@ -123,9 +123,17 @@ _DECISION, _REASON, _DESTINATION, _METHOD, _MCP_METHOD, _MCP_TOOL = (
 
 
 def record_from_entry(entry: als.HTTPAccessLogEntry, node_id: str) -> AuditRecord:
-    """The record of one entry. Runs once per request on the control plane's ingest path, so
-    each sub-message is read once and optional ones only when present (a upb field access
-    costs about as much as a Python call); `test_ingest` pins it to the plain mapping."""
+    """The record of one entry; `test_ingest` pins it to the plain mapping."""
+    values = entry_values(entry, node_id)
+    # exact, as Timestamp.ToDatetime
+    return AuditRecord.trusted(EPOCH + _TIMEDELTA(microseconds=values[0]), values)
+
+
+def entry_values(entry: als.HTTPAccessLogEntry, node_id: str) -> tuple[Any, ...]:
+    """The `chain.record_values` of an entry's record, without building the record (the
+    ingest path stores values). Runs once per request, so each sub-message is read once and
+    optional ones only when present (a upb field access costs about as much as a Python
+    call)."""
     common, request, response = entry.common_properties, entry.request, entry.response
     tags = common.custom_tags
     route_decision = route_reason = destination = method_tag = mcp_method = mcp_tool = ""
@@ -168,7 +176,7 @@ def record_from_entry(entry: als.HTTPAccessLogEntry, node_id: str) -> AuditRecor
         raise ValueError(f"timestamp {seconds}.{nanos:09d} out of range")  # as ToDatetime
     headers = response.response_headers
     micros = nanos // 1000
-    values = (  # in `chain.record_values` order: what the store needs
+    return (  # in `chain.record_values` order: what the store needs
         seconds * 1_000_000 + micros,
         (request.request_id or _synthetic_id(entry, node_id))[:MAX_FIELD],
         agent[:MAX_FIELD],
@@ -188,8 +196,6 @@ def record_from_entry(entry: als.HTTPAccessLogEntry, node_id: str) -> AuditRecor
         mcp_method[:MAX_FIELD],
         mcp_tool[:MAX_FIELD],
     )
-    # exact, as Timestamp.ToDatetime
-    return AuditRecord.trusted(EPOCH + _TIMEDELTA(0, seconds, micros), values)
 
 
 _METHODS: dict[str, int] = {

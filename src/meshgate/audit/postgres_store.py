@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -75,7 +75,7 @@ class PostgresAuditStore(SqlAuditStore):
             self._conn = self._connect()
         return self._conn
 
-    def _insert(self, cur: Any, first_id: int, values: list[tuple[Any, ...]]) -> int:
+    def _insert(self, cur: Any, first_id: int, values: Sequence[tuple[Any, ...]]) -> int:
         """COPY: one stream instead of a statement per row (measured: half the CPU and wall
         time). COPY has no ON CONFLICT, and needs none: append skipped every stored key under
         the chain lock, so a conflict is an id taken behind the chain's back, an IntegrityError

@@ -224,7 +224,7 @@ class SqlAuditStore:
         raise NotImplementedError
         yield
 
-    def _insert(self, cur: Any, first_id: int, values: list[tuple[Any, ...]]) -> int:
+    def _insert(self, cur: Any, first_id: int, values: Sequence[tuple[Any, ...]]) -> int:
         """Insert records with ids from `first_id` (each row: its id, then its
         `record_values`); how many were inserted."""
         raise NotImplementedError
@@ -274,10 +274,17 @@ class SqlAuditStore:
     # -- AuditStore ----------------------------------------------------------------------------
 
     def append(self, records: Sequence[AuditRecord]) -> int:
-        """One transaction: lock the chain row, skip known request_ids, insert, link the batch.
+        """One transaction: lock the chain row, skip known request_ids, insert, link the batch."""
+        return self.append_values([record_values(r) for r in records])
 
-        Each record's values are computed once: they give its key, its row and its digest."""
-        values = [record_values(r) for r in records]
+    def append_values(
+        self, values: Sequence[tuple[Any, ...]], digests: Sequence[bytes] | None = None
+    ) -> int:
+        """`append` for records given as their `record_values` (each computed once: it gives
+        the key, the row and the digest), with their `values_digest`s if the caller has them
+        (the ingest decoder computes them in its own process)."""
+        if digests is not None and len(digests) != len(values):
+            raise ValueError(f"{len(values)} records but {len(digests)} digests")
         # what makes a record the same record: a resend repeats its time, id and node
         keys: list[RecordKey] = [(v[0], v[1], v[GATEWAY]) for v in values]
         if len(set(keys)) != len(keys):  # a record repeated within the batch: keep one copy
@@ -285,17 +292,22 @@ class SqlAuditStore:
             # copy, placed where the last one was
             chosen = list(pick.values())[::-1]
             values, keys = [values[i] for i in chosen], [keys[i] for i in chosen]
+            if digests is not None:
+                digests = [digests[i] for i in chosen]
         if not values:
             return 0
         with self._lock, self._write() as cur:
             state = self._chain(cur, lock=True)
             known = self._existing(cur, keys)
             if known:
-                values = [v for v, key in zip(values, keys, strict=True) if key not in known]
+                fresh = [i for i, key in enumerate(keys) if key not in known]
+                values = [values[i] for i in fresh]
+                if digests is not None:
+                    digests = [digests[i] for i in fresh]
             if not values:
                 return 0
             new = len(values)
-            batch = make_batch(state, (), values)
+            batch = make_batch(state, (), values, digests)
             try:
                 inserted = self._insert(cur, batch.first_id, values)
             except self.integrity_error as exc:

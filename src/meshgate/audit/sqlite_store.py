@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,7 @@ class SqliteAuditStore(SqlAuditStore):
         with self._write() as cur:
             self._create_schema(cur)
 
-    def _insert(self, cur: Any, first_id: int, values: list[tuple[Any, ...]]) -> int:
+    def _insert(self, cur: Any, first_id: int, values: Sequence[tuple[Any, ...]]) -> int:
         """Multi-row INSERTs, not executemany: the sqlite3 module releases and retakes the GIL
         around every row's step, and while another thread runs Python (the one decoding the
         next stream) a retake can wait out the interpreter's switch interval.

@@ -15,11 +15,13 @@ from meshgate.cli.options import (
     ControlPlaneOpt,
     HealthPortOpt,
     InsecureNodeOpt,
+    LimitStorePasswordFileOpt,
     StateOpt,
     TokenFileOpt,
     XdsCaOpt,
 )
 from meshgate.cli.output import console
+from meshgate.pacing.open import LIMIT_STORE_ENV
 
 
 def gateway(
@@ -46,6 +48,20 @@ def gateway(
     advertise: Annotated[
         str, typer.Option(help="HOST:PORT applications reach the gateway listener on.")
     ] = "127.0.0.1:15001",
+    limit_store: Annotated[
+        str | None,
+        typer.Option(
+            envvar=LIMIT_STORE_ENV,
+            help="Count global limits and budgets in this Redis (redis://HOST:PORT/DB or "
+            "rediss://...), shared by every gateway and control plane (default: "
+            f"${LIMIT_STORE_ENV}, else the control plane's store, over the xDS port).",
+        ),
+    ] = None,
+    limit_store_password_file: LimitStorePasswordFileOpt = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve the pacer's Prometheus metrics on 127.0.0.1:PORT/metrics."),
+    ] = None,
 ) -> None:
     """Run a real Envoy egress gateway bootstrapped to the control plane (foreground).
 
@@ -79,6 +95,9 @@ def gateway(
             xds_ca=xds_ca,
             health_port=health_port,
             insecure=insecure,
+            limit_store=limit_store,
+            limit_store_password_file=limit_store_password_file,
+            metrics_port=metrics_port,
         )
         registrar = None
         console.print(
@@ -159,8 +178,12 @@ async def start_gateway(
     xds_ca: Path | None = None,
     health_port: int | None = None,
     insecure: bool = False,
+    limit_store: str | None = None,
+    limit_store_password_file: Path | None = None,
+    metrics_port: int | None = None,
 ) -> Any:
-    """The gateway Envoy plus the shipper of its audit spool to the control plane."""
+    """The gateway Envoy, the shipper of its audit spool to the control plane, and the pacer
+    its ratelimit and ext_proc filters call (started first, stopped last)."""
     from meshgate.sidecar.launcher import prepare_gateway
 
     gw = prepare_gateway(
@@ -174,7 +197,66 @@ async def start_gateway(
         health_port=health_port,
         insecure=insecure,
     )
-    await gw.start()
+    paced = PacedGateway(
+        gw,
+        _pacer(gw, control_plane, limit_store, limit_store_password_file),
+        metrics_port,
+    )
+    await paced.start()
     if wait_ready:
-        await gw.wait_ready()
-    return gw
+        await paced.wait_ready()
+    return paced
+
+
+def _pacer(gw: Any, control_plane: str, limit_store: str | None, password_file: Path | None) -> Any:
+    from meshgate.pacer.service import Pacer
+    from meshgate.pacer.stores import store_factory
+    from meshgate.sidecar.bootstrap import pacer_socket
+
+    limit_store = limit_store or None
+    if limit_store is not None and not limit_store.startswith(("redis://", "rediss://")):
+        raise fail(f"--limit-store {limit_store!r}: expected redis://HOST:PORT/DB or rediss://...")
+    factory = store_factory(
+        limit_store,
+        password_file=password_file,
+        control_plane=control_plane,
+        ca_file=gw.shipper.ca_file,
+        metadata=gw.envoy.xds_metadata,
+        refresh_metadata=gw.shipper.refresh_metadata,
+    )
+    return Pacer(pacer_socket(gw.admin.socket), factory)
+
+
+class PacedGateway:
+    """A gateway process (Envoy and audit shipper) with its pacer, on a thread of its own."""
+
+    def __init__(self, gw: Any, pacer: Any, metrics_port: int | None) -> None:
+        self.gw = gw
+        self.pacer = pacer
+        self.metrics_port = metrics_port
+
+    @property
+    def admin(self) -> Any:
+        return self.gw.admin
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.pacer.start)
+        try:
+            if self.metrics_port is not None:
+                self.metrics_port = self.pacer.serve_metrics(self.metrics_port)
+            await self.gw.start()
+        except BaseException:
+            await asyncio.to_thread(self.pacer.stop)
+            raise
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        await self.gw.wait_ready(timeout)
+
+    async def wait(self) -> int:
+        return int(await self.gw.wait())
+
+    async def stop(self) -> None:
+        try:
+            await self.gw.stop()
+        finally:
+            await asyncio.to_thread(self.pacer.stop)

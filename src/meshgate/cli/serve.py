@@ -217,6 +217,9 @@ def up(
                 1,
                 wait_ready=True,
                 insecure=insecure,
+                # with Redis, the local gateway counts there directly, like remote ones
+                limit_store=limit_store,
+                limit_store_password_file=limit_store_password_file,
             )
             model = cp.policy.model
             port = model.mesh.gateway_listen_port if model else "?"

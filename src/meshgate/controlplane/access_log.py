@@ -1,10 +1,12 @@
 """Envoy's gRPC AccessLogService on the xDS port: access-log entries in, audit records stored.
 
 The handler runs on the xDS event loop but does no audit work there: it hands each message's
-raw bytes to `AuditIngest`, a thread with its own event loop that decodes them, checks them,
-builds the records and commits them through `AuditWriter` (the store's own thread). The handler
-only awaits room in the hand-over queue and, at the end, the commit. So ingest at any rate
-costs the xDS loop a queue hop per message (up to 200 entries), never the decoding or a write.
+raw bytes to `AuditIngest`, a thread with its own event loop that authenticates the stream,
+has a worker process decode and check each message (`Decoder`: records as their stored values
+and chain digests; the decoding would otherwise hold this process's GIL half the time) and
+commits them through `AuditWriter` (the store's own thread). The handler only awaits room in
+the hand-over queue and, at the end, the commit. So ingest at any rate costs the xDS loop a
+queue hop per message (up to 200 entries), never the decoding or a write.
 
 `StreamAccessLogs` is client-streaming: the response is sent only when the client half-closes,
 and only after every record of the stream is committed to the store. The gateway's spool shipper
@@ -19,21 +21,26 @@ required the token must name that node. A gateway may log for any agent; a sidec
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import marshal
+import os
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
 from typing import Any, TypeVar
 
 import grpc
 from envoy.service.accesslog.v3 import als_pb2
 from google.protobuf.message import DecodeError
 
-from meshgate.audit.ingest import IngestError, record_from_entry
+from meshgate.audit.chain import from_micros
+from meshgate.audit.decode_worker import HEADER, frame, from_answer
+from meshgate.audit.messages import Decoded, Refusal, decode_message
 from meshgate.audit.record import AuditRecord
-from meshgate.audit.store import AuditStore
+from meshgate.audit.store import AuditStore, ValuesStore
 from meshgate.controlplane.streams import Authenticator, StreamError, allow_all
 from meshgate.xds.nodes import NodeRole, parse_node_id
 
@@ -61,9 +68,13 @@ class AuditWriter:
         self.store = await self._run(self._opener)
         return self.store
 
-    async def append(self, records: Sequence[AuditRecord]) -> int:
+    async def append(self, values: Sequence[tuple[Any, ...]], digests: Sequence[bytes]) -> int:
+        """Store records given as their `chain.record_values` and digests (as decoded)."""
         store = self.store
         assert store is not None, "AuditWriter.open() first"
+        if isinstance(store, ValuesStore):
+            return await self._run(lambda: store.append_values(values, digests))
+        records = [AuditRecord.trusted(from_micros(v[0]), v) for v in values]
         return await self._run(lambda: store.append(records))
 
     async def close(self) -> None:
@@ -73,7 +84,147 @@ class AuditWriter:
         self._executor.shutdown(wait=False)
 
 
+class _Worker:
+    """One decode worker process (`audit/decode_worker.py`) and the answers it owes, in order."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.owed: collections.deque[asyncio.Future[Decoded | Refusal]] = collections.deque()
+        self.alive = True
+        self.reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def start(cls) -> _Worker:
+        # -P: the control plane's working directory is not a place to import modules from
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-P",
+            "-m",
+            "meshgate.audit.decode_worker",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+        )
+        return cls(proc)
+
+    async def decode(self, raw: bytes, node_id: str, agent: str | None) -> asyncio.Future[Any]:
+        """Send a message; the future is its answer."""
+        stdin = self.proc.stdin
+        assert stdin is not None
+        owed = asyncio.get_running_loop().create_future()
+        self.owed.append(owed)
+        stdin.write(frame((raw, node_id, agent)))
+        with contextlib.suppress(ConnectionError):  # the reader sees the end and fails `owed`
+            await stdin.drain()
+        return owed
+
+    async def _read(self) -> None:
+        stdout = self.proc.stdout
+        assert stdout is not None
+        try:
+            while True:
+                (size,) = HEADER.unpack(await stdout.readexactly(HEADER.size))
+                result = from_answer(marshal.loads(await stdout.readexactly(size)))
+                owed = self.owed.popleft()
+                if not owed.done():  # (cancelled: its stream ended)
+                    owed.set_result(result)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            if self.alive:  # not stopped by us
+                log.error("the audit decode worker (pid %d) exited", self.proc.pid)
+        except Exception:  # a garbled answer, or one nobody asked for: never trust it again
+            log.exception("the audit decode worker (pid %d) misbehaved", self.proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+        finally:
+            self.alive = False
+            while self.owed:
+                owed = self.owed.popleft()
+                if not owed.done():
+                    owed.set_exception(
+                        StreamError("UNAVAILABLE", "the audit decoder failed; send again")
+                    )
+
+    async def stop(self) -> None:
+        self.alive = False
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()  # the worker exits at the end of its input
+        try:
+            await asyncio.wait_for(self.proc.wait(), 5)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+        self.reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.reader
+
+
+class Decoder:
+    """Where messages become records: worker processes (`processes`, default one), so decoding
+    uses another core and the control plane's GIL only for the append; with `processes=0`, on
+    the ingest thread itself. Runs on the ingest loop. A worker that dies fails the messages it
+    had (their streams get UNAVAILABLE: the clients send again) and is replaced."""
+
+    def __init__(self, processes: int = 1) -> None:
+        self.processes = processes
+        self._workers: list[_Worker | None] = [None] * processes
+        self._next = 0
+        self._replacing = asyncio.Lock()  # one replacement for a dead worker, not one a stream
+
+    async def start(self) -> None:
+        for i in range(self.processes):
+            self._workers[i] = await _Worker.start()
+
+    async def stop(self) -> None:
+        workers, self._workers = self._workers, [None] * self.processes
+        for worker in workers:
+            if worker is not None:
+                await worker.stop()
+
+    async def submit(self, raw: bytes, node_id: str, agent: str | None) -> asyncio.Future[Decoded]:
+        """Decode `raw` (a message of the stream from `node_id`); the result raises
+        StreamError for a refused message. Await the results in the order submitted: each
+        stream's records are stored in the order it sent them."""
+        if not self.processes:
+            done: asyncio.Future[Decoded] = asyncio.get_running_loop().create_future()
+            try:
+                done.set_result(_decoded(decode_message(raw, node_id, agent)))
+            except StreamError as exc:
+                done.set_exception(exc)
+            return done
+        i = self._next = (self._next + 1) % self.processes
+        worker = self._workers[i]
+        if worker is None or not worker.alive:
+            worker = await self._replace(i)
+        owed = await worker.decode(raw, node_id, agent)
+        return asyncio.ensure_future(_answer(owed))
+
+    async def _replace(self, i: int) -> _Worker:
+        async with self._replacing:
+            worker = self._workers[i]
+            if worker is None or not worker.alive:
+                if worker is not None:
+                    await worker.stop()
+                try:
+                    worker = self._workers[i] = await _Worker.start()
+                except OSError as exc:
+                    log.error("cannot start an audit decode worker: %s", exc)
+                    raise StreamError("UNAVAILABLE", "the audit decoder is not running") from None
+                log.info("started audit decode worker %d (pid %d)", i, worker.proc.pid)
+            return worker
+
+
+async def _answer(owed: asyncio.Future[Decoded | Refusal]) -> Decoded:
+    return _decoded(await owed)
+
+
+def _decoded(result: Decoded | Refusal) -> Decoded:
+    if isinstance(result, Refusal):
+        raise StreamError(result.code, result.message)
+    return result
+
+
 QUEUE_MESSAGES = 32  # per stream: raw messages handed over but not yet decoded
+DECODING = 8  # per stream: messages being decoded by the workers at once (in order)
 # Records per commit: a shipper's stream (1 MiB of spool lines, ~2,200 entries) is one commit,
 # not two (a second, small transaction paid the fsync and the chain link for ~200 records).
 BATCH_SIZE = 5000
@@ -89,8 +240,10 @@ class AuditIngest:
         flush_interval: float = 0.5,
         batch_size: int = BATCH_SIZE,
         on_commit: Callable[[int, int], None] | None = None,
+        decoder: Decoder | None = None,
     ) -> None:
         self.writer = writer
+        self.decoder = decoder if decoder is not None else Decoder()
         self.authenticate = authenticate
         self.flush_interval = flush_interval
         self.batch_size = batch_size
@@ -109,11 +262,17 @@ class AuditIngest:
         self._thread = threading.Thread(target=loop.run_forever, name="audit-ingest", daemon=True)
         self._thread.start()
         self._loop = loop
+        try:
+            await asyncio.wrap_future(self._submit(self.decoder.start()))
+        except BaseException:
+            await self.stop()
+            raise
 
     async def stop(self) -> None:
         loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
         if loop is not None and thread is not None:
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_cancel_all(), loop))
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.decoder.stop(), loop))
             loop.call_soon_threadsafe(loop.stop)
             await asyncio.to_thread(thread.join)
             loop.close()
@@ -208,27 +367,32 @@ class _Stream:
         self.peer = peer
         self.node_id = ""
         self.role: NodeRole | None = None
-        self.pending: list[AuditRecord] = []
+        self.agent: str | None = None  # a sidecar's agent: the only one it may log for
+        self.values: list[tuple[Any, ...]] = []  # decoded, not yet committed
+        self.digests: list[bytes] = []
         self.lock = asyncio.Lock()  # one commit at a time per stream, in order
         self.failure: StreamError | None = None
         self.ended = asyncio.Event()  # the client half-closed: the flusher stops between commits
 
     async def run(self, requests: AsyncIterator[bytes]) -> None:
         flusher: asyncio.Task[None] | None = None
+        decoding: collections.deque[asyncio.Future[Decoded]] = collections.deque()
         try:
             async for raw in requests:
                 if self.failure is not None:
                     raise self.failure
-                message = _decode(raw)
-                if self.role is None:
-                    self._connect(message)
+                if self.role is None:  # who is logging, before any entry is decoded
+                    self._connect(_decode(raw))
                     flusher = asyncio.create_task(self._flush_periodically())
-                elif message.identifier.node.id not in ("", self.node_id):
-                    raise StreamError("INVALID_ARGUMENT", "one node per access-log stream")
-                self._take(message)
-                if len(self.pending) >= self.service.batch_size:
-                    await self._commit()
+                decoding.append(await self.service.decoder.submit(raw, self.node_id, self.agent))
+                while decoding and (len(decoding) > DECODING or decoding[0].done()):
+                    await self._take(decoding.popleft())
+            while decoding:
+                await self._take(decoding.popleft())
         finally:
+            for pending in decoding:  # the stream failed: nothing after it is stored
+                if not pending.cancel():
+                    pending.exception()  # done already: its refusal is not news
             # never cancel a commit in flight: its batch has left `pending`, and an OK answer
             # would move the client's checkpoint past records that were not stored
             self.ended.set()
@@ -248,26 +412,15 @@ class _Stream:
             raise StreamError("INVALID_ARGUMENT", str(exc)) from None
         self.service.authenticate(node_id, self.metadata, self.peer)
         self.node_id, self.role = node_id, role
+        self.agent = role.name if role.kind == "agent" else None
 
-    def _take(self, message: als_pb2.StreamAccessLogsMessage) -> None:
-        assert self.role is not None
-        if message.HasField("tcp_logs") and message.tcp_logs.log_entry:
-            raise StreamError("INVALID_ARGUMENT", "only HTTP access logs are accepted")
-        for entry in message.http_logs.log_entry:
-            try:
-                record = record_from_entry(entry, self.node_id)
-            except (IngestError, ValueError, OverflowError) as exc:
-                raise StreamError("INVALID_ARGUMENT", f"bad access-log entry: {exc}") from None
-            if self.role.kind == "agent":
-                if record.agent and record.agent != self.role.name:
-                    raise StreamError(
-                        "PERMISSION_DENIED",
-                        f"{self.node_id} may log only for agent {self.role.name},"
-                        f" not {record.agent}",
-                    )
-                # a sidecar vouches for nothing but its own refusals
-                record = replace(record, agent=self.role.name, spiffe_id="")
-            self.pending.append(record)
+    async def _take(self, decoding: asyncio.Future[Decoded]) -> None:
+        """The next message's records, in the order the client sent them."""
+        values, digests = await decoding
+        self.values += values
+        self.digests += digests
+        if len(self.values) >= self.service.batch_size:
+            await self._commit()
 
     async def _flush_periodically(self) -> None:
         while True:
@@ -283,16 +436,17 @@ class _Stream:
 
     async def _commit(self) -> None:
         async with self.lock:
-            batch, self.pending = self.pending, []
-            if not batch:
+            values, digests = self.values, self.digests
+            self.values, self.digests = [], []
+            if not values:
                 return
             try:
-                new = await self.service.writer.append(batch)
+                new = await self.service.writer.append(values, digests)
             except Exception as exc:  # the client keeps its spool and sends again
-                log.exception("storing %d audit records from %s failed", len(batch), self.node_id)
+                log.exception("storing %d audit records from %s failed", len(values), self.node_id)
                 raise StreamError("UNAVAILABLE", f"audit store failed: {exc}") from None
             if self.service.on_commit is not None:
-                self.service.on_commit(len(batch), new)
+                self.service.on_commit(len(values), new)
 
 
 def _decode(raw: bytes) -> als_pb2.StreamAccessLogsMessage:

@@ -1,9 +1,13 @@
 """One ADS stream: the I/O shell around the pure rules in `meshgate.xds.protocol`.
 
-Requests and snapshot pushes go through one queue, so a stream's state is only ever touched by
-its own task; no locks. A snapshot change does not wake the stream directly: the cache asks the
-shared `Pusher` (controlplane/push_queue.py), which bounds how many streams push at once and
-waits for each push to be handed to gRPC. A response is assembled from bytes the snapshot
+Two tasks per stream: a reader, which applies each request to the stream's state as it
+arrives, and a writer (the gRPC handler's own task), which hands queued responses to gRPC one at
+a time, as a call allows. Deciding what to send never waits: the rules run synchronously and
+queue the response bytes, so the state is only ever changed between awaits, in the loop's
+thread; no locks. A snapshot change does not wake the stream directly: the cache asks the shared
+`Pusher` (controlplane/push_queue.py), which bounds how many streams push at once; a push queues
+its responses at once, and its slot is freed when the writer has handed them to gRPC. So a push
+costs no task, and an ACK no hop between tasks. A response is assembled from bytes the snapshot
 serialised once.
 """
 
@@ -15,10 +19,11 @@ import collections
 import functools
 import itertools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from envoy.service.discovery.v3 import discovery_pb2
+from grpc.aio import EOF  # type: ignore[attr-defined]  # (missing from grpc-stubs)
 
 from meshgate.controlplane.cache import SnapshotCache
 from meshgate.controlplane.push_queue import Pusher
@@ -41,7 +46,7 @@ from meshgate.xds.wire import length_delimited, string_field
 log = logging.getLogger(__name__)
 
 _stream_ids = itertools.count(1)
-_PUSH = object()
+_PUSHED = object()  # in the outbox after a push's responses: the push is handed over there
 _CLOSED = object()
 
 # How long a push may hold one of the Pusher's slots. A stream whose client does not read (flow
@@ -74,34 +79,44 @@ Request = discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest
 
 
 class Mailbox:
-    """A stream's inbox (requests and pushes, one reader): what `asyncio.Queue` does here,
+    """A stream's outbox (responses and markers, one reader): what `asyncio.Queue` does here,
     with a deque and at most one waiter. Every connected stream keeps one, and 10,000 queues'
-    four deques and an event each were objects every full collection scanned."""
+    four deques and an event each were objects every full collection scanned. The loop is
+    looked up once: `asyncio.get_running_loop()` costs a getpid() system call each time."""
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_loop", "_waiter", "items")
 
     def __init__(self) -> None:
-        self._items: collections.deque[object] = collections.deque()
+        self.items: collections.deque[object] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def put_nowait(self, item: object) -> None:
-        self._items.append(item)
+        self.items.append(item)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def get(self) -> object:
-        while not self._items:
-            self._waiter = asyncio.get_running_loop().create_future()
+    async def wait(self) -> None:
+        """Return once an item is there."""
+        while not self.items:
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            self._waiter = loop.create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-        return self._items.popleft()
+
+    async def get(self) -> object:
+        if not self.items:
+            await self.wait()
+        return self.items.popleft()
 
 
 class AdsStream(abc.ABC):
-    """State and loop common to SotW and delta streams."""
+    """State and loops common to SotW and delta streams."""
 
     protocol = ""
 
@@ -118,7 +133,7 @@ class AdsStream(abc.ABC):
     ) -> None:
         self.cache = cache
         self.registry = registry
-        self._send = send
+        self._write = send
         self.peer = peer
         self.metadata = metadata
         self.authenticate = authenticate
@@ -126,46 +141,70 @@ class AdsStream(abc.ABC):
         self.sent: collections.Counter[str] = collections.Counter() if sent is None else sent
         self.stream_id = next(_stream_ids)
         self.conn: NodeConnection | None = None
-        self.queue = Mailbox()
-        self._pushed: asyncio.Future[None] | None = None
+        self.outbox = Mailbox()
+        self._pushes = 0  # pushes whose responses the writer has not handed over yet
         self._closed = False
         self._nonces = itertools.count(1)
         self._cancel_watch: Callable[[], None] | None = None
 
-    async def run(self, requests: AsyncIterator[Any]) -> None:
-        reader = asyncio.create_task(self._pump(requests))
+    def __repr__(self) -> str:  # in the Pusher's log lines
+        node = self.conn.node_id if self.conn is not None else "?"
+        return f"stream {self.stream_id} ({node})"
+
+    async def run(self, read: Callable[[], Awaitable[Any]]) -> None:
+        """The writer: hand queued responses to gRPC, in order, until the stream ends.
+        `read` is the call's `read()`: the next request, or `grpc.aio.EOF`."""
+        reader = asyncio.create_task(self._read(read))
+        outbox = self.outbox
+        items = outbox.items
+        write = self._write
         try:
             while True:
-                item = await self.queue.get()
-                if item is _CLOSED:
+                if not items:
+                    await outbox.wait()
+                item = items.popleft()
+                if type(item) is bytes:
+                    await write(item)
+                elif item is _PUSHED:
+                    self._pushes -= 1
+                    if not self._pushes:
+                        self.pusher.done(self)
+                elif item is _CLOSED:
                     return
-                if isinstance(item, BaseException):
-                    raise item
-                if item is _PUSH:
-                    try:
-                        await self.on_snapshot()
-                    finally:
-                        self._push_done()
                 else:
-                    await self._on_request(item)
+                    assert isinstance(item, BaseException)
+                    raise item
         finally:
             self._closed = True
             reader.cancel()
             if self._cancel_watch is not None:
                 self._cancel_watch()
             self.pusher.discard(self)
-            self._push_done()
+            if self._pushes:
+                self._pushes = 0
+                self.pusher.done(self)
             self.registry.remove(self.stream_id)
 
-    async def _pump(self, requests: AsyncIterator[Any]) -> None:
+    async def _read(self, read: Callable[[], Awaitable[Any]]) -> None:
+        """The reader: apply each request as it comes; an error ends the stream (via the
+        writer, after the responses queued before it). It calls `read()` itself rather than
+        iterating the call's request iterator: one async generator step less per ACK."""
         try:
-            async for request in requests:
-                self.queue.put_nowait(request)
-            self.queue.put_nowait(_CLOSED)
+            while (request := await read()) is not EOF:
+                try:
+                    if self.conn is None:
+                        await self._connect(request)
+                    self._on_request(request)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self.outbox.put_nowait(exc)
+                    return
+            self.outbox.put_nowait(_CLOSED)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a client that sends garbage ends only its own stream
-            self.queue.put_nowait(StreamError("INVALID_ARGUMENT", f"bad request: {exc}"))
+            self.outbox.put_nowait(StreamError("INVALID_ARGUMENT", f"bad request: {exc}"))
 
     def _wake(self, groups_changed: int) -> None:
         """The group's snapshot changed: ask for a push slot, ahead of bulk changes if this
@@ -173,51 +212,33 @@ class AdsStream(abc.ABC):
         if not self._closed:
             self.pusher.request(self, urgent=groups_changed <= SMALL_CHANGE_GROUPS)
 
-    async def push(self) -> None:
-        """Run by the Pusher in a slot: have this stream's task push the current snapshot, and
-        return once it has handed its responses to gRPC (or closed, or took too long)."""
+    def push(self) -> None:
+        """Run by the Pusher in a slot: queue what the current snapshot calls for; the slot is
+        freed (`Pusher.done`) once the writer has handed it to gRPC, at once if nothing."""
         if self._closed:
+            self.pusher.done(self)
             return
-        loop = asyncio.get_running_loop()
-        if self._pushed is None:  # the Pusher never runs two pushes of one stream at once
-            self._pushed = loop.create_future()
-            self.queue.put_nowait(_PUSH)
-        pushed = self._pushed
-        # What wait_for(shield(pushed), timeout) does, with fewer objects and calls: this runs
-        # once per stream per change. Cancelling this wait leaves `pushed` alone.
-        waiter = loop.create_future()
-
-        def wake(_: object = None) -> None:
-            if not waiter.done():
-                waiter.set_result(None)
-
-        pushed.add_done_callback(wake)
-        timer = loop.call_later(PUSH_SLOT_TIMEOUT, wake)
+        queued = len(self.outbox.items)
         try:
-            await waiter
-        finally:
-            timer.cancel()
-            pushed.remove_done_callback(wake)
-        if not pushed.done():
-            log.warning("stream %s is slow to take a push; freeing its slot", self.stream_id)
+            self.on_snapshot()
+        except Exception as exc:  # ends this stream only
+            self.outbox.put_nowait(exc)
+        if len(self.outbox.items) == queued and not self._pushes:
+            self.pusher.done(self)
+            return
+        self._pushes += 1
+        self.outbox.put_nowait(_PUSHED)
 
-    def _push_done(self) -> None:
-        if self._pushed is not None:
-            if not self._pushed.done():
-                self._pushed.set_result(None)
-            self._pushed = None
-
-    async def send(self, type_url: str, body: bytes) -> None:
+    def send(self, type_url: str, body: bytes) -> None:
+        """Queue a response for the writer."""
         self.sent[type_url] += 1
-        await self._send(body)
+        self.outbox.put_nowait(body)
 
-    async def _on_request(self, request: Any) -> None:
-        if self.conn is None:
-            await self._connect(request)
+    def _on_request(self, request: Any) -> None:
         type_url = request.type_url
         if type_url not in types.TYPE_ORDER:
             raise StreamError("INVALID_ARGUMENT", f"unsupported type_url {type_url!r}")
-        await self.on_request(request)
+        self.on_request(request)
 
     async def _connect(self, request: Any) -> None:
         node_id = request.node.id if request.HasField("node") else ""
@@ -281,10 +302,10 @@ class AdsStream(abc.ABC):
         )
 
     @abc.abstractmethod
-    async def on_request(self, request: Any) -> None: ...
+    def on_request(self, request: Any) -> None: ...
 
     @abc.abstractmethod
-    async def on_snapshot(self) -> None: ...
+    def on_snapshot(self) -> None: ...
 
 
 class SotwStream(AdsStream):
@@ -292,52 +313,47 @@ class SotwStream(AdsStream):
 
     protocol = "sotw"
 
-    async def on_request(self, request: discovery_pb2.DiscoveryRequest) -> None:
+    def on_request(self, request: discovery_pb2.DiscoveryRequest) -> None:
         st = self.state(request.type_url)
         kind = classify(st, request.response_nonce, request.HasField("error_detail"))
-        names = sotw_names(request.type_url, list(request.resource_names))
         if kind is Kind.STALE:
             return
+        names = sotw_names(request.type_url, list(request.resource_names))
         if kind is Kind.NEW:
             st.names = names
             st.in_flight = False
             st.nonce_sent = None
             if request.version_info:
                 st.version_acked = request.version_info
-            await self._respond(st)
+            self._respond(st, self.snapshot())
             return
         st.in_flight = False
         if kind is Kind.NACK:
             self.record_nack(st, request.error_detail.message)
         else:
             acknowledge(st, request.version_info)
+        snap = self.snapshot()
         if names != st.names:
             st.names = names
-            await self._respond(st)
-        else:
-            await self._push_if_new(st)
+            self._respond(st, snap)
+        elif snap is not None and should_push(st, snap.version(st.type_url)):
+            self._respond(st, snap)
 
-    async def on_snapshot(self) -> None:
+    def on_snapshot(self) -> None:
         assert self.conn is not None
         subscribed = self.conn.types
+        snap = self.snapshot()  # once per push, not per type
+        if snap is None:
+            return
         for type_url in types.TYPE_ORDER:
             st = subscribed.get(type_url)
             if st is None:
                 continue
-            if st.nonce_sent is None:  # subscribed before its group had a snapshot
-                await self._respond(st)
-            else:
-                await self._push_if_new(st)
+            # never sent (subscribed before its group had a snapshot), or a new version
+            if st.nonce_sent is None or should_push(st, snap.version(type_url)):
+                self._respond(st, snap)
 
-    async def _push_if_new(self, st: TypeState) -> None:
-        if st.in_flight or st.nonce_sent is None:  # should_push would say no: skip the lookup
-            return
-        snap = self.snapshot()
-        if snap is not None and should_push(st, snap.version(st.type_url)):
-            await self._respond(st)
-
-    async def _respond(self, st: TypeState) -> None:
-        snap = self.snapshot()
+    def _respond(self, st: TypeState, snap: Snapshot | None) -> None:
         if snap is None:  # nothing for this group yet: the first snapshot will wake us
             st.nonce_sent = None
             return
@@ -346,7 +362,7 @@ class SotwStream(AdsStream):
         st.nonce_sent = nonce
         st.version_sent = snap.version(st.type_url)
         st.in_flight = True
-        await self.send(st.type_url, body + string_field(5, nonce))
+        self.send(st.type_url, body + string_field(5, nonce))
 
 
 class DeltaStream(AdsStream):
@@ -354,7 +370,7 @@ class DeltaStream(AdsStream):
 
     protocol = "delta"
 
-    async def on_request(self, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
+    def on_request(self, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
         assert self.conn is not None
         first = request.type_url not in self.conn.types
         st = self.state(request.type_url)
@@ -376,16 +392,22 @@ class DeltaStream(AdsStream):
         elif kind is Kind.NACK:
             st.in_flight = False
             self.record_nack(st, request.error_detail.message)
-        await self._respond(st, force=first or changed_subscription)
+        self._respond(st, force=first or changed_subscription)
 
-    async def on_snapshot(self) -> None:
+    def on_snapshot(self) -> None:
         assert self.conn is not None
+        snap = self.snapshot()
+        if snap is None:
+            return
         for type_url in types.TYPE_ORDER:
             st = self.conn.types.get(type_url)
-            if st is not None and not st.in_flight:
-                await self._respond(st, force=st.nonce_sent is None)
+            if st is None or st.in_flight:
+                continue
+            if st.nonce_sent is not None and st.version_sent == snap.version(type_url):
+                continue  # planned against this very content already: nothing to diff
+            self._respond(st, force=st.nonce_sent is None)
 
-    async def _respond(self, st: TypeState, force: bool) -> None:
+    def _respond(self, st: TypeState, force: bool) -> None:
         snap = self.snapshot()
         if snap is None:
             return
@@ -408,4 +430,4 @@ class DeltaStream(AdsStream):
         st.nonce_sent = nonce
         st.version_sent = snap.version(st.type_url)
         st.in_flight = True
-        await self.send(st.type_url, b"".join(parts))
+        self.send(st.type_url, b"".join(parts))

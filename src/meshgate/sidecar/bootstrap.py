@@ -30,6 +30,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import duration_pb2, json_format, wrappers_pb2
 
+from meshgate.pacing.spec import PACER_CLUSTER
 from meshgate.xds.common import (
     ads,
     http_listener,
@@ -40,6 +41,8 @@ from meshgate.xds.common import (
 from meshgate.xds.sidecar import proxy_listener
 
 XDS_CLUSTER = "meshgate-xds"
+GATEWAY_NODE_CLUSTER = "meshgate-gateway"  # node cluster of gateways (sidecars: meshgate-agent)
+PACER_SOCKET = "pacer.sock"  # beside the admin socket: the same private (0700) directory
 HEALTH_LISTENER = "meshgate-health"
 HEALTH_PATH = "/healthz/ready"
 HEALTH_HOST = "127.0.0.1"
@@ -123,7 +126,36 @@ def build_bootstrap(spec: BootstrapSpec) -> bootstrap_pb2.Bootstrap:
         )
     if spec.health_port is not None:
         boot.static_resources.listeners.append(health_listener(spec.health_port))
+    if spec.node_cluster == GATEWAY_NODE_CLUSTER:
+        boot.static_resources.clusters.append(pacer_cluster(pacer_socket(spec.admin_socket)))
     return boot
+
+
+def pacer_socket(admin_socket: str | Path) -> Path:
+    """Where a gateway's pacer listens: beside its Envoy's admin socket, in a directory only
+    the gateway's user can enter (agents cannot reach the pacer)."""
+    return Path(admin_socket).parent / PACER_SOCKET
+
+
+def pacer_cluster(socket: Path) -> cluster_pb2.Cluster:
+    """The static cluster the gateway's ratelimit and ext_proc filters call (gRPC: HTTP/2)."""
+    http2 = http_protocol_options_pb2.HttpProtocolOptions(
+        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+        )
+    )
+    cluster = cluster_pb2.Cluster(
+        name=PACER_CLUSTER,
+        type=cluster_pb2.Cluster.STATIC,
+        connect_timeout=duration_pb2.Duration(seconds=1),
+        typed_extension_protocol_options={
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": pack(http2)
+        },
+    )
+    endpoint = cluster.load_assignment.endpoints.add().lb_endpoints.add().endpoint
+    cluster.load_assignment.cluster_name = PACER_CLUSTER
+    endpoint.address.pipe.path = str(socket)
+    return cluster
 
 
 def health_listener(port: int, host: str = HEALTH_HOST) -> listener_pb2.Listener:

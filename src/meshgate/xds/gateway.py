@@ -28,6 +28,7 @@ from google.api.expr.v1alpha1 import syntax_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
+from meshgate.pacing.spec import STORE_UNAVAILABLE
 from meshgate.policy.model import Destination, PolicyModel
 from meshgate.xds.access_log import (
     BODY_GUARD_POLICY,
@@ -68,7 +69,12 @@ from meshgate.xds.credentials import (
 )
 from meshgate.xds.mtls import NodeIdentity, gateway_tls, identity_from_certificate, identity_secrets
 from meshgate.xds.options import TranslateOptions
-from meshgate.xds.pacing import global_limit_filters, longest_wait_ms, pacer_filter
+from meshgate.xds.pacing import (
+    RLS_ERROR_DETAILS,
+    global_limit_filters,
+    longest_wait_ms,
+    pacer_filter,
+)
 from meshgate.xds.snapshot import Encoded
 from meshgate.xds.tool_identity import ToolTokens, tool_identity_resources
 from meshgate.xds.wire import length_delimited, string_field
@@ -443,6 +449,16 @@ def refusal_bodies(agent: str = f"%REQ({AGENT_HEADER})%") -> hcm_pb2.LocalReplyC
                 },
             ),
             mapper(status_429, {"error": "rate_limited", "agent": agent, "route": "%ROUTE_NAME%"}),
+            refusal(
+                details(f"response.code_details == '{RLS_ERROR_DETAILS}'"),
+                503,
+                {
+                    "error": STORE_UNAVAILABLE,
+                    "agent": agent,
+                    "reason": "a global rate limit that fails closed could not be checked: its "
+                    "limit store did not answer in time; retry shortly",
+                },
+            ),
             mapper(
                 upstream_failed,
                 {

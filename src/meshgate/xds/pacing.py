@@ -18,9 +18,11 @@ from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.type.v3 import http_status_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from meshgate.pacing.spec import (
+    DYNAMIC_METADATA_NAMESPACE,
     PACE_METADATA,
     PACER_CLUSTER,
     RLS_DOMAIN,
@@ -42,6 +44,7 @@ PACER_FILTER = "meshgate.pacer"
 # rate-limit stages: Envoy's local limiter reads stage 0, so global limits use their own
 STAGE_OPEN = 1
 STAGE_CLOSED = 2
+RLS_ERROR_DETAILS = "rate_limiter_error"  # Envoy's details when a fail-closed limit's call failed
 RLS_TIMEOUT_MS = 250  # the pacer answers within its store timeout; this only bounds a hung pacer
 PACER_MESSAGE_TIMEOUT_MS = 2_000  # per ext_proc message; the pacer extends it while queueing
 PACER_WAIT_MARGIN_MS = 5_000
@@ -154,6 +157,8 @@ def global_limit_filters(model: PolicyModel) -> list[hcm_pb2.HttpFilter]:
             stage=stage,
             timeout=_ms(RLS_TIMEOUT_MS),
             failure_mode_deny=mode == "closed",
+            # the store did not answer a fail-closed limit: unavailable, not "over the limit"
+            status_on_error=http_status_pb2.HttpStatus(code=http_status_pb2.ServiceUnavailable),
             enable_x_ratelimit_headers=ratelimit_pb2.DRAFT_VERSION_03,
             rate_limit_service=rls_pb2.RateLimitServiceConfig(
                 grpc_service=_pacer_service(RLS_TIMEOUT_MS),
@@ -188,6 +193,12 @@ def pacer_filter(max_wait_ms: int) -> hcm_pb2.HttpFilter:
         message_timeout=_ms(PACER_MESSAGE_TIMEOUT_MS),
         max_message_timeout=_ms(max_wait_ms + PACER_WAIT_MARGIN_MS),
         stat_prefix="meshgate_pacer",
+        # without it Envoy drops the pacer's dynamic metadata (model, tokens, cost, budget)
+        metadata_options=ext_proc_pb2.MetadataOptions(
+            receiving_namespaces=ext_proc_pb2.MetadataOptions.MetadataNamespaces(
+                untyped=[DYNAMIC_METADATA_NAMESPACE]
+            )
+        ),
     )
     return hcm_pb2.HttpFilter(name=PACER_FILTER, typed_config=pack(config), disabled=True)
 

@@ -377,7 +377,7 @@ def test_the_fast_decoder_equals_the_plain_mapping(entry: als.HTTPAccessLogEntry
 
 
 def test_a_replaced_record_does_not_keep_the_values_it_was_built_from() -> None:
-    """The access-log service rewrites a sidecar's records with `replace`: the store must see
+    """A record rewritten with `replace` (as a sidecar's records once were): the store must see
     the new fields, not the values the decoder kept."""
     record = record_from_entry(entry_from_spool(line()), "agent/researcher/s1")
     changed = replace(record, agent="researcher", spiffe_id="")

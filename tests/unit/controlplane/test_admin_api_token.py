@@ -34,6 +34,7 @@ PROTECTED = [
     ("GET", "/v1/audit"),
     ("GET", "/v1/audit/summary"),
     ("GET", "/v1/identity/researcher"),
+    ("GET", "/v1/budgets"),
     ("POST", "/v1/ca/rotate"),
 ]
 PUBLIC = ["/healthz", "/readyz", "/.well-known/jwks.json", "/metrics"]

@@ -3,10 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import pytest
 
 from meshgate.controlplane.push_queue import Pusher, PushQueue
+
+K = TypeVar("K")
+
+
+def task_pusher(push: Callable[[K], Awaitable[None]], limit: int, **kw: float) -> Pusher[K]:
+    """A Pusher whose pushes are coroutines, each reporting done when it returns (the ADS
+    streams report from their writer task instead)."""
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def run(key: K) -> None:
+        try:
+            await push(key)
+        finally:
+            pusher.done(key)
+
+    def start(key: K) -> None:
+        task = asyncio.get_running_loop().create_task(run(key))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    pusher: Pusher[K] = Pusher(start, limit, **kw)
+    return pusher
 
 
 def test_queue_is_fifo_and_coalesces_pending_keys() -> None:
@@ -61,7 +85,7 @@ async def test_pusher_bounds_concurrency_and_pushes_everyone() -> None:
         running -= 1
         done.append(key)
 
-    pusher: Pusher[int] = Pusher(push, limit=7)
+    pusher: Pusher[int] = task_pusher(push, limit=7)
     for key in range(100):
         pusher.request(key)
     assert pusher.queue.in_flight == 7 and pusher.queue.pending == 93
@@ -81,7 +105,7 @@ async def test_pusher_change_mid_push_is_pushed_again_after_it() -> None:
         if len(started) == 1:
             await gate.wait()
 
-    pusher: Pusher[str] = Pusher(push, limit=4)
+    pusher: Pusher[str] = task_pusher(push, limit=4)
     pusher.request("a")
     await asyncio.sleep(0)
     assert started == ["a"]
@@ -94,28 +118,64 @@ async def test_pusher_change_mid_push_is_pushed_again_after_it() -> None:
     assert started == ["a", "a"]  # the burst merged into one more push
 
 
-async def test_pusher_survives_a_failing_push(caplog: pytest.LogCaptureFixture) -> None:
+async def test_pusher_survives_a_failing_start(caplog: pytest.LogCaptureFixture) -> None:
     done: list[str] = []
+    pusher: Pusher[str]
 
-    async def push(key: str) -> None:
+    def start(key: str) -> None:
         if key == "bad":
             raise RuntimeError("boom")
         done.append(key)
+        pusher.done(key)
 
-    pusher: Pusher[str] = Pusher(push, limit=1)
+    pusher = Pusher(start, limit=1)
     for key in ("bad", "good"):
         pusher.request(key)
-    await asyncio.wait_for(pusher.idle(), 5)
     assert done == ["good"]
+    assert (pusher.queue.pending, pusher.queue.in_flight, pusher.pushes) == (0, 0, 2)
     assert "push to bad failed" in caplog.text
 
 
-def test_pusher_limit_must_be_positive() -> None:
-    async def push(key: str) -> None:
-        return None
+async def test_pushes_done_at_once_do_not_recurse() -> None:
+    """A push with nothing to send reports done from inside start: 10,000 of them in a row
+    must be a loop, not 10,000 nested calls."""
+    started: list[int] = []
+    pusher: Pusher[int]
 
+    def start(key: int) -> None:
+        started.append(key)
+        pusher.done(key)
+
+    pusher = Pusher(start, limit=1)
+    for key in range(10_000):
+        pusher.request(key)
+    assert started == list(range(10_000))
+    assert (pusher.queue.pending, pusher.queue.in_flight, pusher.pushes) == (0, 0, 10_000)
+
+
+async def test_a_push_too_slow_to_finish_gives_its_slot_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    started: list[str] = []
+    pusher: Pusher[str] = Pusher(started.append, limit=1, slot_timeout=0.2)
+    pusher.request("stuck")  # never reports done in time (its client does not read)
+    pusher.request("next")
+    assert started == ["stuck"]
+    await asyncio.sleep(0.3)
+    assert started == ["stuck", "next"]  # the slot was taken back
+    assert pusher.expired == 1 and "slow to be taken" in caplog.text
+    pusher.done("stuck")  # late: ignored, the slot is next's
+    assert pusher.queue.in_flight == 1
+    pusher.request("stuck")  # a new change for it: started again once a slot is free
+    pusher.done("next")
+    assert started == ["stuck", "next", "stuck"]
+    pusher.done("stuck")
+    assert (pusher.queue.pending, pusher.queue.in_flight, pusher.pushes) == (0, 0, 2)
+
+
+def test_pusher_limit_must_be_positive() -> None:
     with pytest.raises(ValueError):
-        Pusher(push, limit=0)
+        Pusher(lambda key: None, limit=0)
 
 
 def test_urgent_keys_go_first_and_a_bulk_key_can_be_promoted() -> None:
@@ -140,7 +200,7 @@ async def test_a_small_change_overtakes_a_bulk_wave() -> None:
         await asyncio.sleep(0.001)
         order.append(key)
 
-    pusher: Pusher[str] = Pusher(push, limit=2)
+    pusher: Pusher[str] = task_pusher(push, limit=2)
     for i in range(50):
         pusher.request(f"wave{i}")
     pusher.request("one-agent", urgent=True)

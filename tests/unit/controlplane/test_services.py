@@ -306,7 +306,12 @@ async def test_audit_ingest_answers_a_backed_up_stream_only_after_storing_all_of
     from envoy.service.accesslog.v3 import als_pb2
 
     from meshgate.audit.spool import METHOD
-    from meshgate.controlplane.access_log import QUEUE_MESSAGES, AuditIngest, AuditWriter
+    from meshgate.controlplane.access_log import (
+        DECODING,
+        QUEUE_MESSAGES,
+        AuditIngest,
+        AuditWriter,
+    )
 
     store, release = MemoryStore(), threading.Event()
     writer = AuditWriter(lambda: store)  # type: ignore[arg-type,return-value]
@@ -315,7 +320,8 @@ async def test_audit_ingest_answers_a_backed_up_stream_only_after_storing_all_of
     server = XdsServer("127.0.0.1", 0, [ingest.handler()])
     await server.start()
     busy = asyncio.ensure_future(writer._run(lambda: release.wait(10)))
-    total = QUEUE_MESSAGES + 1  # one taken by the blocked commit, the queue full behind it
+    # one taken by the blocked commit, DECODING more being decoded, the queue full behind them
+    total = QUEUE_MESSAGES + DECODING + 1
     messages = []
     for i in range(total):
         message = als_pb2.StreamAccessLogsMessage()

@@ -215,3 +215,26 @@ async def test_mesh_wide_change_is_pushed_a_bounded_number_of_streams_at_a_time(
         assert pusher.queue.in_flight == pusher.queue.pending == 0
         for n in nodes:
             await n.client.close()
+
+
+async def test_a_closed_stream_never_keeps_a_push_slot() -> None:
+    """With one slot, a stream that went away (before or during its push) must not hold it:
+    the streams behind it still get theirs, and the queue ends empty."""
+    agents = tuple(AgentPolicy(f"x{i}", f"x{i}", (EgressRule("alpha"),)) for i in range(4))
+    m1 = model("v1", agents=agents)
+    async with ads_server(max_concurrent_pushes=1) as h:
+        snaps = build_snapshots(m1)
+        h.cache.set_snapshots(snaps)
+        nodes = [Node(h.address, f"agent/x{i}", snaps[f"agent/x{i}"]) for i in range(4)]
+        await asyncio.gather(*(n.start() for n in nodes))
+        await nodes[0].client.close()  # first in line
+        m2 = dataclasses.replace(m1, mesh=dataclasses.replace(m1.mesh, gateway_listen_port=15079))
+        h.cache.set_snapshots(build_snapshots(m2))
+        await nodes[2].client.close()  # while the others wait for the slot
+        got = await received([nodes[1], nodes[3]])
+        assert got == {"agent/x1": [types.CLUSTER], "agent/x3": [types.CLUSTER]}
+        pusher = h.service.pusher
+        await asyncio.wait_for(pusher.idle(), 5)
+        assert pusher.queue.in_flight == pusher.queue.pending == 0
+        for n in (nodes[1], nodes[3]):
+            await n.client.close()

@@ -1,0 +1,64 @@
+"""Prometheus metrics of one pacer (one gateway replica), in their own registry.
+
+Served on the gateway's loopback metrics port only: labels name agents and budgets, which the
+control plane's public `/metrics` must not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import prometheus_client
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from meshgate.pacer.fair_queue import Limiter
+
+# decision labels: kind is rls | admission; decision is what the pacer answered
+RLS = "rls"
+ADMISSION = "admission"
+
+
+class PacerMetrics:
+    def __init__(self, limiter: Limiter) -> None:
+        self.registry = prometheus_client.CollectorRegistry()
+        self._decisions = prometheus_client.Counter(
+            "meshgate_pacer_decisions",
+            "Pacer decisions by kind (rls, admission) and outcome",
+            ["kind", "decision"],
+            registry=self.registry,
+        )
+        self._spent = prometheus_client.Gauge(
+            "meshgate_budget_spent",
+            "Spent in the current window, as last seen by this pacer",
+            ["budget"],
+            registry=self.registry,
+        )
+        prometheus_client.Gauge(
+            "meshgate_gateway_capacity_waiting",
+            "Requests waiting for gateway capacity (the autoscaling signal)",
+            registry=self.registry,
+        ).set_function(limiter.capacity_waiting)
+        self.registry.register(_Waiting(limiter))
+
+    def decision(self, kind: str, decision: str) -> None:
+        self._decisions.labels(kind, decision).inc()
+
+    def spent(self, budget: str, value: int) -> None:
+        self._spent.labels(budget).set(value)
+
+    def exposition(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)
+
+
+class _Waiting(Collector):
+    def __init__(self, limiter: Limiter) -> None:
+        self._limiter = limiter
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "meshgate_queue_waiting", "Requests waiting for an in-flight slot", labels=["key"]
+        )
+        for key, n in sorted(self._limiter.waiting_by_key().items()):
+            family.add_metric([key], n)
+        yield family

@@ -1,0 +1,136 @@
+"""The pacer beside one gateway Envoy: RLS and ext_proc on one grpc.aio server, on a unix
+socket in the gateway's private directory (agents cannot reach it), on a thread and event
+loop of its own so a slow store or a long queue never stalls the gateway process's loop.
+
+Metrics are served on a loopback port (`--metrics-port`) by prometheus-client's own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import stat
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from meshgate.errors import ConfigError
+from meshgate.pacer.ext_proc import ExternalProcessor, PacerSettings
+from meshgate.pacer.fair_queue import Limiter
+from meshgate.pacer.metrics import PacerMetrics
+from meshgate.pacer.rls import RateLimitServicer
+from meshgate.pacing.store import LimitStore
+
+log = logging.getLogger(__name__)
+
+PACER_SOCKET = "pacer.sock"
+SOCKET_MODE = 0o600
+RLS_TIMEOUT_S = 0.1  # the most one store.hit may add to a request before its failure mode
+# one ext_proc stream per request in flight or queued, over one HTTP/2 connection per Envoy
+# worker: never let the connection's stream limit be what queues requests
+SERVER_OPTIONS = [("grpc.max_concurrent_streams", 1 << 20)]
+
+
+class Pacer:
+    """`store_factory` runs on the pacer's loop (async clients bind to the loop they start
+    on); the store is closed there when the pacer stops."""
+
+    def __init__(
+        self,
+        socket: Path,
+        store_factory: Callable[[], LimitStore],
+        settings: PacerSettings | None = None,
+    ) -> None:
+        self.socket = socket
+        self.limiter = Limiter()
+        self.metrics = PacerMetrics(self.limiter)
+        self._store_factory = store_factory
+        self._settings = settings
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: grpc.aio.Server | None = None
+        self._store: LimitStore | None = None
+        self._ext_proc: ExternalProcessor | None = None
+        self._metrics_server: Any = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "pacer not started"
+        return self._loop
+
+    def start(self) -> None:
+        """Serve (blocking until the socket listens); raises if it cannot."""
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._thread = threading.Thread(target=loop.run_forever, name="meshgate-pacer", daemon=True)
+        self._thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self._serve(), loop).result(timeout=30)
+        except BaseException:
+            self.stop()
+            raise
+
+    def serve_metrics(self, port: int, host: str = "127.0.0.1") -> int:
+        """Prometheus text on http://host:port/metrics; the port bound (0: a free one)."""
+        from prometheus_client import start_http_server
+
+        server, _ = start_http_server(port, addr=host, registry=self.metrics.registry)
+        self._metrics_server = server
+        return int(server.server_address[1])
+
+    async def _serve(self) -> None:
+        mode = self.socket.parent.stat().st_mode
+        if mode & 0o077:  # anyone else who could connect could spend or read every budget
+            raise ConfigError(
+                f"pacer: {self.socket.parent} is open to others ({stat.filemode(mode)}); "
+                "its socket must be in a private directory"
+            )
+        self._store = self._store_factory()
+        self._ext_proc = ExternalProcessor(self._store, self.limiter, self.metrics, self._settings)
+        rls = RateLimitServicer(self._store, self.metrics, RLS_TIMEOUT_S)
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        server.add_generic_rpc_handlers((rls.handler(), self._ext_proc.handler()))
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()  # a stale socket from a previous run
+        # the directory is private (0700), so nobody else can connect before the chmod; no
+        # umask change here: it is process-wide, and other threads create files and dirs
+        if server.add_insecure_port(f"unix:{self.socket}") == 0:
+            raise ConfigError(f"pacer: cannot listen on {self.socket}")
+        await server.start()
+        os.chmod(self.socket, SOCKET_MODE)
+        self._server = server
+        log.info("pacer listening on %s", self.socket)
+
+    def stop(self, grace: float = 1.0) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        if loop.is_running():
+            fut: Future[None] = asyncio.run_coroutine_threadsafe(self._shutdown(grace), loop)
+            with contextlib.suppress(Exception):
+                fut.result(timeout=grace + 10)
+            loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        if not loop.is_running():
+            loop.close()
+        self._loop = self._thread = None
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server = None
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+
+    async def _shutdown(self, grace: float) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._ext_proc is not None:
+            await self._ext_proc.drain()
+        if self._store is not None:
+            with contextlib.suppress(Exception):
+                await self._store.close()

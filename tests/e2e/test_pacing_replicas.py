@@ -1,0 +1,236 @@
+"""Issue 19 end to end: two real gateway replicas (what `meshgate gateway` runs: Envoy plus its
+pacer) sharing one real Redis, configured over xDS from policy, in front of the local LLM
+stand-in. Budgets reserved before admission hold exactly under concurrency across replicas,
+global limits are shared, and the official SDKs read the refusals.
+
+Both replicas listen on the Mesh's one port (Envoy's listeners reuse the port, as replicas
+behind one Service would), and clients open a new connection per request, so the kernel spreads
+requests over both; each test checks that both replicas served some.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from builders import free_port
+from harness import control_plane, until
+from pacing_redis import RedisProcess, redis_server
+
+from meshgate.cli.gateway import start_gateway
+from meshgate.controlplane.server import ControlPlane
+from meshgate.demo.llm_provider import LlmProvider
+from meshgate.pacing.redis_store import RedisStore
+from meshgate.pacing.spec import window_bounds
+
+pytestmark = pytest.mark.e2e
+__all__ = ["redis_server"]
+
+POLICY = """\
+apiVersion: meshgate.dev/v1
+kind: Mesh
+metadata: {{name: default}}
+spec:
+  trustDomain: agents.test
+  egressGateway: {{listenPort: {port}}}
+---
+apiVersion: meshgate.dev/v1
+kind: Destination
+metadata: {{name: docs}}
+spec: {{host: docs.internal, port: 80, tls: none, address: "127.0.0.1:{llm}"}}
+---
+apiVersion: meshgate.dev/v1
+kind: Destination
+metadata: {{name: llm}}
+spec:
+  host: llm.internal
+  port: 80
+  tls: none
+  address: "127.0.0.1:{llm}"
+  llm: {{api: openai, prices: {{"gpt-4o-mini": {{input: "1", output: "2"}}}}}}
+---
+apiVersion: meshgate.dev/v1
+kind: AgentGroup
+metadata: {{name: team}}
+spec:
+  agents: [a1, a2, a3, a4]
+  budgets: [{{name: calls, window: day, requests: 50}}]
+  egress:
+    - destination: docs
+      rateLimit: {{requests: 20, per: 1h, scope: global}}
+    - destination: llm
+      maxTokens: 40
+      budgets: [{{name: tokens, window: day, tokens: {tokens}}}]
+"""
+AGENTS = "".join(
+    f"---\napiVersion: meshgate.dev/v1\nkind: AgentPolicy\nmetadata: {{name: {a}}}\n"
+    f"spec: {{agent: {a}}}\n"
+    for a in ("a1", "a2", "a3", "a4")
+)
+TOKENS = 2_000
+
+
+@contextlib.asynccontextmanager
+async def mesh(tmp_path: Path, redis: RedisProcess) -> AsyncIterator[tuple[ControlPlane, int]]:
+    provider = LlmProvider(reply_tokens=30, delay=0.05)
+    llm_port = await provider.start()
+    port = free_port()
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "policy.yaml").write_text(
+        POLICY.format(port=port, llm=llm_port, tokens=TOKENS) + AGENTS
+    )
+    try:
+        async with control_plane(policies, tmp_path / "cp") as cp:
+            gateways = []
+            try:
+                for n in (1, 2):
+                    gateways.append(
+                        await start_gateway(
+                            cp.xds_address,
+                            "egress",
+                            tmp_path / f"gw{n}",
+                            False,
+                            1,
+                            wait_ready=True,
+                            insecure=True,
+                            limit_store=redis.url,
+                        )
+                    )
+                await until(lambda: _listening(port), timeout=30, what="gateway listener")
+                yield cp, port
+                served = [await _served(gw) for gw in gateways]
+                assert all(served), f"both replicas must serve requests: {served}"
+            finally:
+                for gw in gateways:
+                    await gw.stop()
+    finally:
+        await provider.stop()
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def _served(gw: Any) -> int:
+    stats = (await asyncio.to_thread(gw.admin.get, "/stats?filter=downstream_rq_total")).text
+    return sum(int(line.rsplit(" ", 1)[1]) for line in stats.splitlines() if "egress" in line)
+
+
+async def call(port: int, agent: str, host: str, path: str, **kw: Any) -> httpx.Response:
+    """One request on a new connection (so requests spread over the replicas)."""
+    headers = {"host": host, "x-meshgate-agent": agent, **kw.pop("headers", {})}
+    transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_keepalive_connections=0))
+    async with httpx.AsyncClient(transport=transport, timeout=30) as client:
+        return await client.request(
+            kw.pop("method", "GET"), f"http://127.0.0.1:{port}{path}", headers=headers, **kw
+        )
+
+
+async def test_a_group_budget_admits_exactly_its_limit_across_two_replicas(
+    tmp_path: Path, redis_server: RedisProcess
+) -> None:
+    async with mesh(tmp_path, redis_server) as (_, port):
+        agents = [f"a{1 + n % 4}" for n in range(200)]
+        answers = await asyncio.gather(
+            *(call(port, a, "llm.internal", "/v1/models") for a in agents)
+        )
+        codes = [a.status_code for a in answers]
+        assert codes.count(200) == 50, codes
+        refused = [a for a in answers if a.status_code != 200]
+        assert {a.status_code for a in refused} == {429}, {a.text for a in refused if a.status_code != 429}
+        body = refused[0].json()["error"]
+        assert body["type"] == "over_budget"
+        assert "group/team/calls" in body["message"]
+        assert int(refused[0].headers["retry-after"]) > 0
+
+
+async def test_a_global_limit_is_shared_by_the_replicas(
+    tmp_path: Path, redis_server: RedisProcess
+) -> None:
+    async with mesh(tmp_path, redis_server) as (_, port):
+        answers = await asyncio.gather(*(call(port, "a1", "docs.internal", "/") for _ in range(60)))
+        codes = [a.status_code for a in answers]
+        # 20 per hour: a refill within the run is at most one more
+        assert codes.count(200) in (20, 21), codes
+        limited = next(a for a in answers if a.status_code == 429)
+        assert limited.headers["x-ratelimit-limit"].startswith("20")
+        assert "retry-after" in limited.headers
+
+
+async def test_token_spend_never_passes_the_budget_under_concurrent_streams(
+    tmp_path: Path, redis_server: RedisProcess
+) -> None:
+    """40 concurrent streamed completions from the official SDK against a 2,000-token budget:
+    what is spent plus reserved never exceeds it, at any moment, and every admitted stream is
+    settled to the usage the provider reported."""
+    async with mesh(tmp_path, redis_server) as (_, port):
+        store = RedisStore(redis_server.url)
+        peak = 0
+        sampling = True
+
+        async def sample() -> None:
+            nonlocal peak
+            while sampling:
+                for state in await store.budgets("rule/"):
+                    peak = max(peak, state.spent + state.reserved)
+                await asyncio.sleep(0.005)
+
+        sampler = asyncio.create_task(sample())
+
+        async def stream(n: int) -> tuple[str, int]:
+            http = httpx.AsyncClient(
+                transport=httpx.AsyncHTTPTransport(
+                    limits=httpx.Limits(max_keepalive_connections=0)
+                ),
+                headers={"host": "llm.internal", "x-meshgate-agent": f"a{1 + n % 4}"},
+                timeout=30,
+            )
+            client = openai.AsyncOpenAI(
+                base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", http_client=http
+            )
+            try:
+                chunks = await client.chat.completions.create(
+                    model="gpt-4o-mini",
+                    messages=[{"role": "user", "content": f"question {n}"}],
+                    stream=True,
+                )
+                usage = 0
+                async for chunk in chunks:
+                    if chunk.usage is not None:  # the gateway asked for usage on our behalf
+                        usage = chunk.usage.total_tokens
+                return "ok", usage
+            except openai.RateLimitError as exc:
+                return str(exc), 0
+            finally:
+                await client.close()
+
+        try:
+            results = await asyncio.gather(*(stream(n) for n in range(40)))
+        finally:
+            sampling = False
+            await sampler
+        admitted = [usage for outcome, usage in results if outcome == "ok"]
+        assert admitted and len(admitted) < 40, results
+        assert all(u > 0 for u in admitted)  # usage came back in the stream
+        refusals = [outcome for outcome, _ in results if outcome != "ok"]
+        assert all("over_budget" in r for r in refusals), refusals[:3]
+        start, _ = window_bounds("day", time.time())
+        states = {s.budget: s for s in await store.budgets() if s.window_start == start}
+        spent = sum(s.spent for b, s in states.items() if b.endswith("/tokens"))
+        assert spent == sum(admitted)  # settled to what the provider reported
+        assert all(s.reserved == 0 for s in states.values())
+        await store.close()
+        assert peak <= TOKENS * 4  # four agents, one counter each
+        for state in states.values():
+            assert state.spent <= state.limit
