@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -316,3 +317,105 @@ async def test_with_mtls_agents_are_replayed_by_their_certificate_identity(
                 ("coder", "alpha", "refused: egress_denied"),
                 ("coder", "beta", "allowed"),
             }
+
+
+CODER = """\
+---
+apiVersion: meshgate.dev/v1
+kind: AgentPolicy
+metadata: {name: coder}
+spec:
+  agent: coder
+  egress:
+    - destination: mcp
+      paths: ["/mcp*"]
+      tools: [write_file]
+    - destination: api
+      methods: [PUT, DELETE]
+      paths: ["/v1"]
+"""
+
+
+async def test_a_seeded_random_mix_agrees_request_by_request(tmp_path: Path) -> None:
+    """Requests the test did not pick one by one: agents, hosts, methods, paths and bodies
+    drawn with a fixed seed; every record the gateway stored is replayed to its decision."""
+    rng = random.Random(20)
+    listen = free_port()
+    async with upstream("tools") as up:
+        policy = tmp_path / "policies"
+        policy.mkdir()
+        (policy / "mesh.yaml").write_text(MESH.format(port=listen))
+        (policy / "rules.yaml").write_text(POLICY.format(port=up.port) + CODER)
+        async with (
+            control_plane(policy, tmp_path / "state") as cp,
+            gateway(cp, tmp_path, audit=True),
+        ):
+            hosts = ["api.internal", "api.internal:80", "API.INTERNAL", "mcp.internal"]
+            hosts += ["mcp.internal:80", "teams.internal", "nowhere.internal"]
+            paths = ["/v1/a", "/v1/", "/v1", "/status", "/status/", "/mcp", "/mcp/x", "/other"]
+            paths += ["/v1/items/9?x=1", "/MCP"]
+            tools = ["read_file", "search_code", "write_file", "", "read_file "]
+            agents = ["researcher", "coder", "intruder", None]
+            methods = ["GET", "POST", "DELETE", "PUT"]
+            # requests a rule admits, then (half of them) one field changed at random
+            allowed = [
+                ("researcher", "api.internal", "GET", "/v1/a", ""),
+                ("researcher", "api.internal", "POST", "/status", ""),
+                ("researcher", "mcp.internal", "POST", "/mcp", "rpc"),
+                ("researcher", "mcp.internal", "GET", "/mcp", ""),
+                ("coder", "mcp.internal", "POST", "/mcp/x", "rpc"),
+                ("coder", "api.internal", "PUT", "/v1", ""),
+                ("researcher", "teams.internal", "GET", "/x", "team"),
+            ]
+            sent = 0
+            for _ in range(160):
+                fields = list(rng.choice(allowed))
+                if rng.random() < 0.5:
+                    which = rng.randrange(5)
+                    pools: list[list[Any]] = [agents, hosts, methods, paths, ["", "rpc", "text"]]
+                    fields[which] = rng.choice(pools[which])
+                agent, host, method, path, body = fields
+                kw: dict[str, Any] = {}
+                if body == "rpc":
+                    call = rng.choice(["initialize", "tools/list", "tools/call", "tools/call"])
+                    params = {"name": rng.choice(tools)} if call == "tools/call" else {}
+                    kw["json"] = rpc(call, params)
+                elif body == "text":
+                    kw["content"] = b"hello"
+                    kw["headers"] = {"content-type": "text/plain"}
+                elif body == "team":
+                    kw["headers"] = {"x-team": rng.choice(["blue", "blue", "red"])}
+                await via_gateway(listen, host, path, method, agent=agent, **kw)
+                sent += 1
+            records = await until(
+                lambda: (got := audit_records(cp)) and len(got) >= sent and got,
+                30,
+                "every request's record",
+            )
+            assert len(records) == sent
+            routes = PolicyRoutes(load_policy_dir(policy))
+            compared: dict[str, int] = {}
+            for rec in records:
+                was = recorded_outcome(rec.decision, rec.reason)
+                if was is None:
+                    continue
+                verdict = routes.evaluate(group_of(rec).request())
+                possible = {
+                    "allowed" if d.decision == "allowed" else f"refused: {d.reason}"
+                    for d in verdict.decisions
+                }
+                where = f"{rec.agent} {rec.method} {rec.host}{rec.path} {rec.mcp_method}"
+                assert was in possible, (where, rec.mcp_tool, rec.bytes_received, verdict)
+                if not verdict.undecided:
+                    assert possible == {was}, (where, verdict)
+                compared[was] = compared.get(was, 0) + 1
+            # the mix reached every kind of route decision
+            assert set(compared) >= {
+                "allowed",
+                "refused: egress_denied",
+                "refused: tool_denied",
+                "refused: mcp_unparsed",
+                "refused: unknown_destination",
+            }, compared
+            assert compared["allowed"] >= 40, compared
+            assert sum(compared.values()) >= 140, compared
