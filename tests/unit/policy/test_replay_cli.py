@@ -160,6 +160,14 @@ def test_both_stores_stream_the_same_groups(store_url: str, tmp_path: Path) -> N
     assert sum(v[0] for v in everything.values()) == 64
 
 
+def test_batches_cross_keyset_boundaries(store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    whole = read_groups(store_url)
+    monkeypatch.setattr("meshgate.replay.records.BATCH", 5)
+    assert read_groups(store_url) == whole
+    monkeypatch.setattr("meshgate.replay.records.BATCH", 64)  # exactly one full batch, then none
+    assert read_groups(store_url) == whole
+
+
 def test_cli_json_report_and_exit_code(tmp_path: Path) -> None:
     store = SqliteAuditStore(tmp_path / "audit.db")
     store.append(traffic())
