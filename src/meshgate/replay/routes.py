@@ -120,10 +120,15 @@ def _header_check(h: rc.HeaderMatcher, where: str) -> tuple[Check, str | None]:
         where,
     )
     name, invert, missing_empty = h.name.lower(), h.invert_match, h.treat_missing_header_as_empty
-    if name not in _KNOWN_HEADERS:
-        return (lambda request: None), name
     kind = h.WhichOneof("header_match_specifier")
-    if kind == "present_match":
+    if kind not in ("present_match", "string_match"):
+        raise UnsupportedMatch(f"{where}: header matcher {kind!r}")
+    match = None
+    if kind == "string_match":
+        match = _string_matcher(h.string_match, where + ".string_match")
+    if name not in _KNOWN_HEADERS:  # checked all the same: a new matcher kind fails here too
+        return (lambda request: None), name
+    if match is None:
         present = h.present_match
 
         def check_present(request: Request) -> bool:
@@ -135,19 +140,17 @@ def _header_check(h: rc.HeaderMatcher, where: str) -> tuple[Check, str | None]:
             return bool(present != invert)
 
         return check_present, None
-    if kind == "string_match":
-        match = _string_matcher(h.string_match, where + ".string_match")
+    matches = match
 
-        def check_value(request: Request) -> bool:
-            value = _header_value(request, name)
-            if value is None:
-                if not missing_empty:
-                    return False
-                value = ""
-            return bool(match(value) != invert)
+    def check_value(request: Request) -> bool:
+        value = _header_value(request, name)
+        if value is None:
+            if not missing_empty:
+                return False
+            value = ""
+        return bool(matches(value) != invert)
 
-        return check_value, None
-    raise UnsupportedMatch(f"{where}: header matcher {kind!r}")
+    return check_value, None
 
 
 def _metadata_value(request: Request, path: tuple[str, ...]) -> str | None:

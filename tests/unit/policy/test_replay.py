@@ -127,6 +127,14 @@ def test_a_matcher_the_translation_does_not_emit_fails_loudly() -> None:
     )
     with pytest.raises(UnsupportedMatch, match="prefix"):
         RouteTable(config)
+    # a header the records do not hold is checked all the same
+    teams = policy(EgressRule("api", headers=(HeaderMatch("x-team", "a"),)))
+    config = egress_routes(teams, {"key": ""})
+    config.virtual_hosts[0].routes[0].match.headers[1].string_match.CopyFrom(
+        string_pb2.StringMatcher(suffix="a")
+    )
+    with pytest.raises(UnsupportedMatch, match="suffix"):
+        RouteTable(config)
     config = egress_routes(BASE, {"key": ""})
     config.virtual_hosts[0].domains.append("*.internal")
     with pytest.raises(UnsupportedMatch, match="wildcard"):
