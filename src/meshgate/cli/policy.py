@@ -99,6 +99,8 @@ def plan(
     from meshgate.policy.serialize import model_from_json
 
     if replay:
+        if against is not None:
+            raise fail("--against does not apply to --replay: it compares with what was recorded")
         _replay(directory, since, until, store, state_dir, format, strict)
         return
     new = _load_dir(Path(directory)).model

@@ -192,6 +192,12 @@ def test_cli_json_report_and_exit_code(tmp_path: Path) -> None:
     assert "No recorded request changes its decision." in result.stdout
     assert "not replayed: path guard" in result.stdout
 
+    result = runner.invoke(app, ["plan", "--replay", str(current), "--against", str(current)])
+    assert result.exit_code == 1 and "--against does not apply" in result.output
+    result = runner.invoke(app, ["plan", "--replay", str(current), "--store", db, "--since", "x"])
+    assert result.exit_code == 1 and "--since" in result.output
+    result = runner.invoke(app, ["plan", "--replay", str(current), "--store", db + ".missing"])
+    assert result.exit_code == 1 and "no audit log" in result.output
     result = runner.invoke(app, ["plan", "--replay", str(current), "--store", db, "--since", "1m"])
     assert result.exit_code == 0 and "on 0 recorded requests" in result.stdout
 
