@@ -53,6 +53,7 @@ class RecordGroup:
     count: int
     example_id: str = ""
     example_time: str = ""  # ISO 8601 UTC
+    policy_version: str = ""  # the policy that decided what was recorded
 
     def request(self) -> Request:
         return Request(
@@ -103,6 +104,7 @@ class Example:
     requests: int
     request_id: str
     time: str
+    policy_version: str
 
 
 @dataclass
@@ -189,6 +191,7 @@ class ReplayReport:
             group.count,
             group.example_id,
             group.example_time,
+            group.policy_version,
         )
         row.examples.append(example)
         row.examples.sort(key=lambda e: -e.requests)
@@ -295,7 +298,7 @@ def report_text(report: ReplayReport) -> str:
                 tool = f" {e.mcp_method} {e.mcp_tool}".rstrip() if e.mcp_method else ""
                 out.append(
                     f"    {e.requests} x {e.method} {e.host}{e.path}{tool}"
-                    f"  (e.g. {e.request_id} at {e.time})"
+                    f"  (e.g. {e.request_id} at {e.time}, policy {e.policy_version or '?'})"
                 )
     else:
         out.append("No recorded request changes its decision.")

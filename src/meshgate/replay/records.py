@@ -31,9 +31,9 @@ GROUP_COLUMNS = (
     "agent, spiffe_id, host, method, path, mcp_method, mcp_tool,"
     " CASE WHEN bytes_received > 0 THEN 1 ELSE 0 END,"
     " CASE WHEN gateway LIKE 'gateway/%' THEN 1 ELSE 0 END,"
-    " decision, reason, destination"
+    " decision, reason, destination, policy_version"
 )
-KEY_WIDTH = 12
+KEY_WIDTH = 13
 SELECT = f"SELECT {GROUP_COLUMNS}, ts_us, request_id, id FROM audit_records"
 
 
@@ -65,7 +65,21 @@ def group_rows(
 
 def to_groups(groups: dict[tuple[Any, ...], list[Any]]) -> Iterator[RecordGroup]:
     for key, (count, ts_us, request_id) in groups.items():
-        agent, spiffe, host, method, path, mcp_method, mcp_tool, body, gw, dec, reason, dest = key
+        (
+            agent,
+            spiffe,
+            host,
+            method,
+            path,
+            mcp_method,
+            mcp_tool,
+            body,
+            gw,
+            dec,
+            reason,
+            dest,
+            ver,
+        ) = key
         yield RecordGroup(
             str(agent),
             str(spiffe),
@@ -82,6 +96,7 @@ def to_groups(groups: dict[tuple[Any, ...], list[Any]]) -> Iterator[RecordGroup]
             int(count),
             str(request_id),
             from_micros(int(ts_us)).isoformat(),
+            str(ver),
         )
 
 

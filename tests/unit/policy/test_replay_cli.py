@@ -183,6 +183,7 @@ def test_cli_json_report_and_exit_code(tmp_path: Path) -> None:
     rows = {(c["agent"], c["destination"], c["tool"]): c for c in data["changes"]}
     assert rows[("coder", "api", "")]["now"] == "refused: egress_denied"
     assert rows[("coder", "api", "")]["examples"][0]["path"] == "/v1/users"
+    assert rows[("coder", "api", "")]["examples"][0]["policy_version"] == "v1"
     assert rows[("coder", "mcp", "search")]["now"] == "refused: tool_denied"
     assert "rate limits" in data["not_replayed"]
 
