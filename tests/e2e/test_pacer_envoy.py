@@ -653,7 +653,7 @@ async def test_without_its_pacer_a_paced_route_is_refused(gateway: Gateway) -> N
     gateway.pacer.stop()
     assert (await get(gateway, "/ok")).status_code == 200  # unpaced routes still serve
     assert (await get(gateway, "/budget")).status_code == 500  # ext_proc fails closed
-    assert (await get(gateway, "/closed")).status_code == 500  # so does a closed limit
+    assert (await get(gateway, "/closed")).status_code == 503  # so does a closed limit
     assert (await get(gateway, "/open")).status_code == 200  # an open one fails open
 
 

@@ -74,7 +74,7 @@ AGENTS = "".join(
     f"spec: {{agent: {a}}}\n"
     for a in ("a1", "a2", "a3", "a4")
 )
-TOKENS = 2_000
+TOKENS = 400
 
 
 @contextlib.asynccontextmanager
@@ -146,9 +146,10 @@ async def test_a_group_budget_admits_exactly_its_limit_across_two_replicas(
             *(call(port, a, "llm.internal", "/v1/models") for a in agents)
         )
         codes = [a.status_code for a in answers]
-        assert codes.count(200) == 50, codes
+        odd = {a.text for a in answers if a.status_code not in (200, 429)}
+        assert codes.count(200) == 50, (sorted(codes), odd)
         refused = [a for a in answers if a.status_code != 200]
-        assert {a.status_code for a in refused} == {429}, {a.text for a in refused if a.status_code != 429}
+        assert {a.status_code for a in refused} == {429}, {a.text for a in refused}
         body = refused[0].json()["error"]
         assert body["type"] == "over_budget"
         assert "group/team/calls" in body["message"]
@@ -159,7 +160,9 @@ async def test_a_global_limit_is_shared_by_the_replicas(
     tmp_path: Path, redis_server: RedisProcess
 ) -> None:
     async with mesh(tmp_path, redis_server) as (_, port):
-        answers = await asyncio.gather(*(call(port, "a1", "docs.internal", "/") for _ in range(60)))
+        answers = await asyncio.gather(
+            *(call(port, "a1", "docs.internal", "/v1/models") for _ in range(60))
+        )
         codes = [a.status_code for a in answers]
         # 20 per hour: a refill within the run is at most one more
         assert codes.count(200) in (20, 21), codes
@@ -171,11 +174,11 @@ async def test_a_global_limit_is_shared_by_the_replicas(
 async def test_token_spend_never_passes_the_budget_under_concurrent_streams(
     tmp_path: Path, redis_server: RedisProcess
 ) -> None:
-    """40 concurrent streamed completions from the official SDK against a 2,000-token budget:
+    """40 concurrent streamed completions from the official SDK against 400-token budgets:
     what is spent plus reserved never exceeds it, at any moment, and every admitted stream is
     settled to the usage the provider reported."""
     async with mesh(tmp_path, redis_server) as (_, port):
-        store = RedisStore(redis_server.url)
+        store = RedisStore(redis_server.url, timeout_s=2.0)
         peak = 0
         sampling = True
 
@@ -210,8 +213,9 @@ async def test_token_spend_never_passes_the_budget_under_concurrent_streams(
                     if chunk.usage is not None:  # the gateway asked for usage on our behalf
                         usage = chunk.usage.total_tokens
                 return "ok", usage
-            except openai.RateLimitError as exc:
-                return str(exc), 0
+            except openai.RateLimitError as exc:  # what an agent framework shows the model
+                assert isinstance(exc.body, dict) and "is spent" in exc.message
+                return str(exc.body["type"]), 0
             finally:
                 await client.close()
 
@@ -226,7 +230,16 @@ async def test_token_spend_never_passes_the_budget_under_concurrent_streams(
         refusals = [outcome for outcome, _ in results if outcome != "ok"]
         assert all("over_budget" in r for r in refusals), refusals[:3]
         start, _ = window_bounds("day", time.time())
-        states = {s.budget: s for s in await store.budgets() if s.window_start == start}
+
+        async def current() -> dict[str, Any]:
+            return {s.budget: s for s in await store.budgets() if s.window_start == start}
+
+        # the pacer settles when Envoy ends its stream, a moment after the client has read all
+        deadline = time.monotonic() + 10
+        while any(s.reserved for s in (await current()).values()):
+            assert time.monotonic() < deadline, await current()
+            await asyncio.sleep(0.05)
+        states = await current()
         spent = sum(s.spent for b, s in states.items() if b.endswith("/tokens"))
         assert spent == sum(admitted)  # settled to what the provider reported
         assert all(s.reserved == 0 for s in states.values())

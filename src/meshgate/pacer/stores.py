@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 
+from meshgate.pacing.open import STORE_MAX_IN_FLIGHT, STORE_TIMEOUT_S
 from meshgate.pacing.remote_store import RemoteStore
 from meshgate.pacing.store import (
     BudgetState,
@@ -51,7 +52,13 @@ def store_factory(
         # (controlplane/auth.GatewaysOnly); the token is renewed now and then (it expires, a
         # --token-file is rotated)
         channel = _channel(control_plane, ca_file)
-        store = RemoteStore(channel, metadata=metadata)
+        # one more hop than Redis (and Python gRPC on both ends): a longer bound
+        store = RemoteStore(
+            channel,
+            metadata=metadata,
+            timeout_s=2 * STORE_TIMEOUT_S,
+            max_in_flight=STORE_MAX_IN_FLIGHT,
+        )
         return _ChannelStore(store, channel, refresh_metadata)
 
     return remote

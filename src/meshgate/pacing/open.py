@@ -8,6 +8,11 @@ from meshgate.errors import ConfigError
 from meshgate.pacing.store import LimitStore
 
 LIMIT_STORE_ENV = "MESHGATE_LIMIT_STORE"
+# What one store call may add to a request before the limit's failure mode decides, and how
+# many calls may wait at once (beyond that: the failure mode at once, no pile-up). A burst of
+# a few hundred concurrent requests per replica is normal, so the cap is well above it.
+STORE_TIMEOUT_S = 0.2
+STORE_MAX_IN_FLIGHT = 2048
 
 
 def open_limit_store(url: str, password_file: Path | None = None) -> LimitStore:
@@ -22,7 +27,12 @@ def open_limit_store(url: str, password_file: Path | None = None) -> LimitStore:
     from meshgate.pacing.redis_store import RedisStore
 
     try:
-        return RedisStore(url, password_file=password_file)
+        return RedisStore(
+            url,
+            password_file=password_file,
+            timeout_s=STORE_TIMEOUT_S,
+            max_in_flight=STORE_MAX_IN_FLIGHT,
+        )
     except (ValueError, OSError) as exc:
         raise ConfigError(f"--limit-store: {redact(url, str(exc))}") from None
 

@@ -357,8 +357,8 @@ UPSTREAM_FLAGS = ("UF", "UH", "UO", "URX", "UT", "UC", "UPE", "NC", "UMSDR")
 def refusal_bodies(agent: str = f"%REQ({AGENT_HEADER})%") -> hcm_pb2.LocalReplyConfig:
     """Envoy's own refusals (rate limit, unreachable upstream) as the same small JSON.
 
-    Upstream failures are matched by response flag, not status, so meshgate's own direct
-    responses (403, 503 credential_unavailable) keep their bodies; 429 only comes from the limiter.
+    Upstream failures and rate limits are matched by response flag, not status, so meshgate's
+    own direct responses (403, 503 credential_unavailable) and the pacer's keep their bodies.
     """
 
     def mapper(
@@ -366,14 +366,6 @@ def refusal_bodies(agent: str = f"%REQ({AGENT_HEADER})%") -> hcm_pb2.LocalReplyC
     ) -> hcm_pb2.ResponseMapper:
         return hcm_pb2.ResponseMapper(filter=when, body_format_override=json_body(fields))
 
-    status_429 = accesslog_pb2.AccessLogFilter(
-        status_code_filter=accesslog_pb2.StatusCodeFilter(
-            comparison=accesslog_pb2.ComparisonFilter(
-                op=accesslog_pb2.ComparisonFilter.EQ,
-                value=base_pb2.RuntimeUInt32(default_value=429, runtime_key="meshgate.rl_status"),
-            )
-        )
-    )
     upstream_failed = accesslog_pb2.AccessLogFilter(
         response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=list(UPSTREAM_FLAGS))
     )
@@ -448,7 +440,15 @@ def refusal_bodies(agent: str = f"%REQ({AGENT_HEADER})%") -> hcm_pb2.LocalReplyC
                     "reason": "MCP filter: %LOCAL_REPLY_BODY% (%RESPONSE_CODE_DETAILS%)",
                 },
             ),
-            mapper(status_429, {"error": "rate_limited", "agent": agent, "route": "%ROUTE_NAME%"}),
+            # Envoy's limiters (local and global) by their details, not by status: the pacer's
+            # own 429s (budgets) carry their own bodies and must keep them
+            mapper(
+                details(
+                    "response.code_details == 'local_rate_limited'"
+                    " || response.code_details == 'request_rate_limited'"
+                ),
+                {"error": "rate_limited", "agent": agent, "route": "%ROUTE_NAME%"},
+            ),
             refusal(
                 details(f"response.code_details == '{RLS_ERROR_DETAILS}'"),
                 503,

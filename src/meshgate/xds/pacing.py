@@ -45,7 +45,7 @@ PACER_FILTER = "meshgate.pacer"
 STAGE_OPEN = 1
 STAGE_CLOSED = 2
 RLS_ERROR_DETAILS = "rate_limiter_error"  # Envoy's details when a fail-closed limit's call failed
-RLS_TIMEOUT_MS = 250  # the pacer answers within its store timeout; this only bounds a hung pacer
+RLS_TIMEOUT_MS = 500  # the pacer answers within its store timeout; this only bounds a hung pacer
 PACER_MESSAGE_TIMEOUT_MS = 2_000  # per ext_proc message; the pacer extends it while queueing
 PACER_WAIT_MARGIN_MS = 5_000
 
