@@ -1,0 +1,1 @@
+"""Replay before merge: a candidate policy's gateway routes evaluated on recorded audit traffic."""
