@@ -70,7 +70,8 @@ class RecordGroup:
 def recorded_outcome(decision: str, reason: str) -> str | None:
     """ "allowed" or "refused: <reason>" as the route decided; None if the route's answer is not
     what the record tells (a filter refused first, or Envoy found no route)."""
-    if decision in ("allowed", "rate_limited"):  # the limiter runs on an allow route
+    # limiters and the pacer run on an allow route: the route allowed these
+    if decision in ("allowed", "rate_limited", "over_budget", "queue_timeout"):
         return "allowed"
     if decision == "upstream_error":
         if reason == "credential_unavailable":  # the no-credential route
