@@ -1,5 +1,5 @@
-"""Envoy's external processor (envoy.service.ext_proc.v3) for budgets, in-flight caps and LLM
-rules: one gRPC stream per HTTP request, for its whole life.
+"""Envoy's external processor (envoy.service.ext_proc.v3) for budgets, in-flight caps, LLM
+rules and MCP tool rules: one gRPC stream per HTTP request, for its whole life.
 
 Request side: the route's PaceSpec arrives as the stream's gRPC metadata (spec.PACE_METADATA;
 missing or unreadable: refused, fail closed). An LLM route asks for the buffered body first
@@ -8,6 +8,11 @@ any waiting. Admission is then the in-flight caps in spec order (the cap at inde
 most its own maxWait counted from the first wait, so no wait is cut short by Envoy: the pacer
 raises Envoy's message timeout once, before it waits), then the budgets reserved in one store
 call. Response side: an LLM response body is read (streamed) for the usage.
+
+An MCP tool route (PaceSpec.mcp) asks for the buffered body too: it is read strictly and its
+tool call checked with its arguments before admission (pacer/mcp.py), a refusal answered as
+MCP clients expect; the answer to an allowed `tools/list` is buffered and filtered to the
+tools the agent may call. The record gets the method, tool and arguments digest.
 
 The stream's end is the request's end, however it ends: the last response message, Envoy
 closing the stream (client gone, upstream reset, local reply), or the pacer refusing. Then,
@@ -32,7 +37,8 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import duration_pb2, struct_pb2
 
-from meshgate.pacer import refusals
+from meshgate.mcp.decision import RequestFacts, ToolPolicy
+from meshgate.pacer import mcp, refusals
 from meshgate.pacer.fair_queue import Limiter, Slot
 from meshgate.pacer.metrics import ADMISSION, PacerMetrics
 from meshgate.pacing import spec
@@ -65,6 +71,16 @@ DONE_MODE = Mode(
     request_header_mode=Mode.SEND,
     response_header_mode=Mode.SKIP,
     request_body_mode=Mode.NONE,
+    response_body_mode=Mode.NONE,
+    request_trailer_mode=Mode.SKIP,
+    response_trailer_mode=Mode.SKIP,
+)
+# an MCP tool route: the whole request body (strict reading, arguments); the response headers,
+# to filter a tools/list answer (its body is then asked for, buffered)
+MCP_MODE = Mode(
+    request_header_mode=Mode.SEND,
+    response_header_mode=Mode.SEND,
+    request_body_mode=Mode.BUFFERED,
     response_body_mode=Mode.NONE,
     request_trailer_mode=Mode.SKIP,
     response_trailer_mode=Mode.SKIP,
@@ -105,6 +121,12 @@ class _Request:
     status: int = 0  # the response's
     complete: bool = False  # the response ended normally (not cut)
     done: bool = False
+    tools: ToolPolicy | None = None  # an MCP tool route's rules
+    mcp_facts: RequestFacts | None = None  # set while the MCP body is awaited
+    mcp_headers: tuple[tuple[str, str], ...] = ()
+    mcp: mcp.Checked | None = None  # the verdict on the MCP body
+    list_facts: RequestFacts | None = None  # an allowed tools/list: its answer is filtered
+    listing: str | None = None  # that answer's content type, while its body is read
 
 
 class ExternalProcessor:
@@ -144,6 +166,12 @@ class ExternalProcessor:
             log.warning("ext_proc stream refused: %s", exc)
             pace = None
         state = _Request(pace) if pace is not None else None
+        if state is not None and state.pace.mcp is not None:
+            try:
+                state.tools = mcp.policy(state.pace.mcp)
+            except ValueError as exc:
+                log.warning("ext_proc stream refused: %s", exc)
+                state = None
         try:
             async for message in requests:
                 if state is None:
@@ -196,6 +224,22 @@ class ExternalProcessor:
         # a bodiless GET or HEAD (listing models, say) generates nothing: only request budgets
         # count it; every call that can generate has a body the reader must meter
         metered = not (headers.end_of_stream and values.get(":method") in ("GET", "HEAD"))
+        if state.tools is not None:
+            if not headers.end_of_stream:  # the body decides: ask for all of it
+                state.mcp_facts = RequestFacts(
+                    values.get(":method", ""), state.path, _plain_headers(values)
+                )
+                state.mcp_headers = _header_pairs(headers)
+                mode = LLM_MODE if state.pace.llm is not None else MCP_MODE
+                if state.pace.concurrency and state.pace.llm is None:
+                    mode = _with_trailers(mode)
+                yield ep.ProcessingResponse(
+                    request_headers=ep.HeadersResponse(), mode_override=mode
+                )
+                return
+            if state.pace.mcp_refuse:  # the refusal route: never forwarded (it has a body)
+                yield self._refuse(state, mcp.no_body())
+                return
         if state.pace.llm is not None and metered:
             if headers.end_of_stream:  # no body: refused, the LLM reader says why
                 read = read_request(state.pace.llm, b"", state.path)
@@ -228,12 +272,38 @@ class ExternalProcessor:
     async def _request_body(
         self, state: _Request, body: ep.HttpBody
     ) -> AsyncIterator[ep.ProcessingResponse]:
+        if state.mcp_facts is not None:
+            async for r in self._read_mcp(state, body.body):
+                yield r
+            return
         llm = state.pace.llm
         if llm is None or state.llm is not None:  # not asked for: pass it on untouched
             yield ep.ProcessingResponse(request_body=ep.BodyResponse())
             return
         async for r in self._read_llm(state, llm, body.body):
             yield r
+
+    async def _read_mcp(self, state: _Request, body: bytes) -> AsyncIterator[ep.ProcessingResponse]:
+        assert state.tools is not None and state.mcp_facts is not None
+        facts, state.mcp_facts = state.mcp_facts, None
+        checked = mcp.check(state.tools, state.pace.mcp_refuse, facts, state.mcp_headers, body)
+        state.mcp = checked
+        if checked.refusal is not None:
+            yield self._refuse(state, checked.refusal)
+            return
+        if checked.lists_tools:
+            state.list_facts = facts
+        if state.pace.llm is not None:
+            async for r in self._read_llm(state, state.pace.llm, body):
+                yield r
+            return
+        async for r in self._admit(state, {"requests": 1}):
+            yield r
+            if r.HasField("immediate_response"):
+                return
+        yield ep.ProcessingResponse(
+            request_body=ep.BodyResponse(), dynamic_metadata=self._audit(state)
+        )
 
     async def _read_llm(
         self, state: _Request, llm: spec.LlmSpec, body: bytes
@@ -358,6 +428,18 @@ class ExternalProcessor:
     # response side
 
     def _response_headers(self, state: _Request, headers: ep.HttpHeaders) -> ep.ProcessingResponse:
+        if state.list_facts is not None and not headers.end_of_stream:
+            values = _header_map(headers)
+            if values.get(":status") == "200":  # a tools/list answer: read it whole, filter it
+                state.listing = values.get("content-type", "")
+                mode = Mode()
+                mode.CopyFrom(MCP_MODE)
+                mode.response_body_mode = Mode.BUFFERED
+                if state.slots:
+                    mode.response_trailer_mode = Mode.SEND
+                return ep.ProcessingResponse(
+                    response_headers=ep.HeadersResponse(), mode_override=mode
+                )
         llm = state.pace.llm
         if llm is not None and state.llm is not None:
             values = _header_map(headers)
@@ -374,6 +456,23 @@ class ExternalProcessor:
         return ep.ProcessingResponse(response_headers=ep.HeadersResponse())
 
     def _response_body(self, state: _Request, body: ep.HttpBody) -> ep.ProcessingResponse:
+        if state.listing is not None and state.list_facts is not None and state.tools is not None:
+            assert state.mcp is not None and state.mcp.message is not None
+            filtered = mcp.filter_answer(
+                state.tools, state.list_facts, state.mcp.message.id, state.listing, body.body
+            )
+            common = ep.CommonResponse()
+            if filtered != body.body:
+                common.body_mutation.body = filtered
+                common.header_mutation.set_headers.append(
+                    refusals.header("content-length", str(len(filtered)))
+                )
+            state.listing = None
+            if body.end_of_stream:
+                state.done = state.complete = True
+            return ep.ProcessingResponse(
+                response_body=ep.BodyResponse(response=common), dynamic_metadata=self._audit(state)
+            )
         if state.reader is not None:
             state.reader.feed(body.body)
         if body.end_of_stream:
@@ -388,6 +487,8 @@ class ExternalProcessor:
         every answer that knows more (Envoy merges them): the usage read so far is taken once
         the reader is done, at the response's last message."""
         fields: dict[str, Any] = {"queued_ms": state.queued_ms}
+        if state.mcp is not None:
+            fields.update(state.mcp.audit())
         if state.refused_budget:
             fields["budget"] = state.refused_budget
         if state.llm is not None:
@@ -461,6 +562,28 @@ def _header_map(headers: ep.HttpHeaders) -> dict[str, str]:
     out: dict[str, str] = {}
     for h in headers.headers.headers:
         out[h.key.lower()] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+    return out
+
+
+def _header_pairs(headers: ep.HttpHeaders) -> tuple[tuple[str, str], ...]:
+    """Every header line as sent (a repeated header stays repeated)."""
+    return tuple(
+        (h.key.lower(), h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value)
+        for h in headers.headers.headers
+    )
+
+
+def _plain_headers(values: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in values.items() if not k.startswith(":")}
+
+
+def _with_trailers(
+    mode: processing_mode_pb2.ProcessingMode,
+) -> processing_mode_pb2.ProcessingMode:
+    """Keeps the stream to the response's end, so in-flight slots are held that long."""
+    out = Mode()
+    out.CopyFrom(mode)
+    out.response_trailer_mode = Mode.SEND
     return out
 
 

@@ -5,8 +5,8 @@ never acts on a stale copy of the policy and needs no connection of its own to t
 plane for configuration:
 - a global rate limit is one Envoy rate-limit descriptor (`descriptor_entries`), sent by
   Envoy's `ratelimit` filter to the pacer's RLS endpoint;
-- budgets, concurrency caps and LLM rules are one `PaceSpec`, JSON in the ext_proc gRPC
-  metadata `PACE_METADATA` that the route's per-route ext_proc config adds.
+- budgets, concurrency caps, LLM rules and MCP tool rules are one `PaceSpec`, JSON in the
+  ext_proc gRPC metadata `PACE_METADATA` that the route's per-route ext_proc config adds.
 Routes are per agent (they match the agent identity taken from the verified certificate), so
 the agent named in a spec is the caller; an agent cannot send or alter either.
 """
@@ -39,6 +39,11 @@ MODEL_NOT_ALLOWED = "model_not_allowed"
 MAX_TOKENS_EXCEEDED = "max_tokens_exceeded"
 BODY_UNREADABLE = "llm_body_unreadable"  # an LLM request body the pacer could not parse
 STORE_UNAVAILABLE = "limit_store_unavailable"  # a fail-closed budget with its store down
+# MCP refusals (the audit reason comes from xds.access_log.LOCAL_REFUSALS)
+MCP_TOOL_DENIED = "mcp_tool_denied"  # a tools/call no rule allows (tool or arguments)
+MCP_ARGUMENT_REFUSED = "mcp_argument_refused"  # a listed tool, arguments its rules refuse
+MCP_BODY_INVALID = "mcp_body_invalid"  # not one strict JSON-RPC message
+MCP_HEADER_MISMATCH = "mcp_header_mismatch"  # Mcp-Method / Mcp-Name disagree with the body
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,12 @@ class PaceSpec:
     budgets: tuple[BudgetSpec, ...] = ()
     concurrency: tuple[ConcurrencySpec, ...] = ()  # acquired in this order
     llm: LlmSpec | None = None
+    # MCP tool rules: the agent's ToolPolicy for this destination, as `mcp.decision.encode`
+    # wrote it (the pacer decodes and caches it); None: not an MCP tool route
+    mcp: str | None = None
+    # the route is the agent's tool refusal: the pacer answers every call MCP's way, never
+    # forwards it (the route's own answer is a 403 should the pacer not)
+    mcp_refuse: bool = False
 
 
 def encode(spec: PaceSpec) -> str:
@@ -144,6 +155,10 @@ def encode(spec: PaceSpec) -> str:
             "maxTokens": llm.max_tokens,
             "prices": [[p.model, p.input, p.output] for p in llm.prices],
         }
+    if spec.mcp is not None:
+        data["mcp"] = spec.mcp
+    if spec.mcp_refuse:
+        data["mcpRefuse"] = True
     return json.dumps(data, separators=(",", ":"), sort_keys=True, ensure_ascii=True)
 
 
@@ -169,7 +184,19 @@ def decode(text: str) -> PaceSpec:
                 max_tokens=None if max_tokens is None else _positive(max_tokens),
                 prices=tuple(Price(_str(m), _str(i), _str(o)) for m, i, o in raw["prices"]),
             )
-        return PaceSpec(_str(data["agent"]), _str(data["destination"]), budgets, concurrency, llm)
+        mcp = _str(data["mcp"]) if "mcp" in data else None
+        mcp_refuse = _bool(data.get("mcpRefuse", False))
+        if mcp_refuse and mcp is None:
+            raise ValueError("mcpRefuse without mcp")
+        return PaceSpec(
+            _str(data["agent"]),
+            _str(data["destination"]),
+            budgets,
+            concurrency,
+            llm,
+            mcp,
+            mcp_refuse,
+        )
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"bad pace spec: {e}") from None
 

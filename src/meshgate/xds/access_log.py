@@ -106,6 +106,8 @@ def sidecar_spool_access_log() -> accesslog_pb2.AccessLog:
 #   deny/<destination>, deny-connect/<destination>   denied: egress_denied
 #   unknown-destination                      denied: unknown_destination
 #   deny-tool/<destination>                  denied: tool_denied (an MCP tools/call not allowed)
+#   deny-tool/<destination>/<agent>          denied: tool_denied (the same, for an agent with
+#                                            tool rules: its pacer answers MCP's way)
 #   mcp-unparsed/<destination>               denied: mcp_unparsed (a body the MCP filter did
 #                                            not read, on a destination with tool rules)
 #   no-credential/<destination>              upstream_error: credential_unavailable
@@ -125,6 +127,10 @@ def allow_route_name(agent: str, destination: str, rule: int, suffix: str | int)
     return f"allow/{agent}/{destination}/{rule}/{suffix}"
 
 
+def agent_tool_refusal_name(destination: str, agent: str) -> str:
+    return f"deny-tool/{destination}/{agent}"
+
+
 def route_decision(name: str) -> RouteDecision | None:
     """What the route of this name decided; None for a name that is not meshgate's."""
     parts = name.split("/")
@@ -135,6 +141,8 @@ def route_decision(name: str) -> RouteDecision | None:
             return RouteDecision(destination, "denied", "egress_denied")
         case ["deny-tool", destination]:
             return RouteDecision(destination, "denied", "tool_denied")
+        case ["deny-tool", destination, agent]:
+            return RouteDecision(destination, "denied", "tool_denied", agent=agent)
         case ["mcp-unparsed", destination]:
             return RouteDecision(destination, "denied", "mcp_unparsed")
         case ["unknown-destination"]:
@@ -156,6 +164,11 @@ LOCAL_REFUSALS: dict[str, str] = {
     "path_normalization_failed": "path_not_canonical",  # Envoy: an escaped slash or backslash
     f"{RBAC_DENIED}[{BODY_GUARD_POLICY}]": "mcp_unparsed: a body on a request routed as body-less",
     "request_payload_too_large": "body_too_large",  # over the MCP hosts' body limit
+    # the pacer's MCP refusals (pacing.spec), made on an allow route
+    "mcp_tool_denied": "tool_denied",
+    "mcp_argument_refused": "argument_refused",
+    "mcp_body_invalid": "mcp_unparsed: not one strict JSON-RPC message",
+    "mcp_header_mismatch": "mcp_header_mismatch",
 }
 
 

@@ -11,6 +11,11 @@ a tool rule only when the MCP filter described it (a JSON-RPC method other than 
 `tools/call` of a listed tool) or when it has no body at all. A request with a body that the
 filter did not describe is refused (`mcp_unparsed`), and so is a body over MCP_BODY_LIMIT (the
 gateway buffers whole bodies for tool hosts, so the parser always sees all of it).
+
+The routes select by tool name; the gateway's pacer then reads the same body strictly and
+checks the arguments (the rule's PaceSpec carries the agent's tool rules, `PaceSpec.mcp`). A
+call the routes refuse meets the agent's own refusal route (`mcp_agent_refusal_route`), where
+the pacer answers it as MCP expects, so the model reads why.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from meshgate.pacing.spec import PaceSpec
 from meshgate.policy.model import Destination, EgressRule, PolicyModel
-from meshgate.xds.access_log import BODY_GUARD_POLICY, allow_route_name
+from meshgate.xds.access_log import BODY_GUARD_POLICY, agent_tool_refusal_name, allow_route_name
 from meshgate.xds.common import json_refusal, pack
 from meshgate.xds.pacing import (
     PACER_FILTER,
@@ -77,6 +82,13 @@ def destination_routes(
         identity = f"spiffe://{trust_domain}/agent/{agent}" if trust_domain else agent
         routes.extend(rule_routes(agent, dest, index, rule, cluster, identity, pace))
     if dest.tls != "passthrough" and any(g[2].tools for g in grants):
+        policies: dict[str, str] = {}  # agent -> its tool rules (the same on each tool rule)
+        for agent, _, _, pace in grants:
+            if pace is not None and pace.mcp is not None:
+                policies.setdefault(agent, pace.mcp)
+        for agent, text in policies.items():
+            identity = f"spiffe://{trust_domain}/agent/{agent}" if trust_domain else agent
+            routes.append(mcp_agent_refusal_route(dest, agent, identity, text))
         routes.extend(mcp_refusal_routes(dest))
     tunnel_reason = (
         "no rule of this agent allows a tunnel to this host"
@@ -311,10 +323,47 @@ def _tool_matches(
     return [(other_method, {}), (allowed_call, {}), (bodyless, {BODY_GUARD_FILTER: _body_guard()})]
 
 
+def _tool_denied(dest: Destination) -> rc.DirectResponseAction:
+    return json_refusal(
+        403,
+        {
+            "error": "tool_denied",
+            "agent": f"%REQ({AGENT_HEADER})%",
+            "destination": dest.name,
+            "tool": f"%DYNAMIC_METADATA({MCP_FILTER}:params:name):256%",
+            "reason": "no rule of this agent allows this MCP tool",
+        },
+    )
+
+
+@functools.lru_cache(maxsize=100_000)
+def mcp_agent_refusal_route(dest: Destination, agent: str, identity: str, tools: str) -> rc.Route:
+    """`deny-tool/<dest>/<agent>`: a `tools/call` none of the agent's rules routed. The pacer
+    answers it (HTTP 200, a tool result with `isError` naming the tool, the agent's allowed
+    tools and what to do) from the agent's tool rules, `tools` (`mcp.decision.encode`); it
+    never forwards from here. Should the pacer not answer, the route's own answer is a 403."""
+    pace = PaceSpec(agent, dest.name, mcp=tools, mcp_refuse=True)
+    return rc.Route(
+        name=agent_tool_refusal_name(dest.name, agent),
+        match=rc.RouteMatch(
+            prefix="/",
+            dynamic_metadata=[_mcp_method(_TOOLS_CALL)],
+            headers=[
+                rc.HeaderMatcher(
+                    name=AGENT_HEADER, string_match=string_pb2.StringMatcher(exact=identity)
+                )
+            ],
+        ),
+        direct_response=_tool_denied(dest),
+        typed_per_filter_config={PACER_FILTER: pacer_route_config(pace)},
+    )
+
+
 def mcp_refusal_routes(dest: Destination) -> list[rc.Route]:
     """After every rule of a destination with tool rules, before its `deny` route:
 
-    - `deny-tool/<dest>`: a parsed `tools/call` no rule of this agent allows (403 tool_denied);
+    - `deny-tool/<dest>`: a parsed `tools/call` of an agent without tool rules here (403
+      tool_denied; agents with tool rules meet their own `mcp_agent_refusal_route` first);
     - `mcp-unparsed/<dest>`: a request with a body the MCP filter has not described: not
       JSON-RPC, not sent with MCP's Content-Type and Accept, a GET or DELETE with a body, ...
 
@@ -326,16 +375,7 @@ def mcp_refusal_routes(dest: Destination) -> list[rc.Route]:
     deny_tool = rc.Route(
         name=f"deny-tool/{dest.name}",
         match=rc.RouteMatch(prefix="/", dynamic_metadata=[_mcp_method(_TOOLS_CALL)]),
-        direct_response=json_refusal(
-            403,
-            {
-                "error": "tool_denied",
-                "agent": agent,
-                "destination": dest.name,
-                "tool": f"%DYNAMIC_METADATA({MCP_FILTER}:params:name):256%",
-                "reason": "no rule of this agent allows this MCP tool",
-            },
-        ),
+        direct_response=_tool_denied(dest),
     )
     unparsed = [
         rc.Route(

@@ -2,12 +2,14 @@
 
 Global rate limits are Envoy `ratelimit` filters (one that fails open, one that fails closed:
 Envoy's failure mode is per filter) whose descriptors carry the whole limit (pacing.spec), and
-budgets, concurrency caps and LLM rules are one `ext_proc` filter, disabled unless a route
-enables it with its PaceSpec. Both call the pacer beside the gateway, over a unix socket that
-the gateway bootstrap names (spec.PACER_CLUSTER), so no agent can reach it.
+budgets, concurrency caps, LLM rules and MCP tool rules are one `ext_proc` filter, disabled
+unless a route enables it with its PaceSpec. Both call the pacer beside the gateway, over a unix
+socket that the gateway bootstrap names (spec.PACER_CLUSTER), so no agent can reach it.
 """
 
 from __future__ import annotations
+
+import functools
 
 from envoy.config.core.v3 import base_pb2, config_source_pb2, grpc_service_pb2
 from envoy.config.ratelimit.v3 import rls_pb2
@@ -21,6 +23,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
+from meshgate.mcp import decision as mcp_decision
 from meshgate.pacing.spec import (
     DYNAMIC_METADATA_NAMESPACE,
     PACE_METADATA,
@@ -82,7 +85,9 @@ def pace_spec(
 ) -> PaceSpec | None:
     """What the pacer enforces on requests of `policy.agent` under rule `index`; None: nothing
     (the route skips the pacer). Every call to an LLM destination is paced, if only to read its
-    model and usage for the audit log. Token and cost budgets apply to LLM calls only."""
+    model and usage for the audit log. Token and cost budgets apply to LLM calls only. A rule
+    with MCP tools hands the pacer all of the agent's rules for the destination (`mcp`): a call
+    is allowed when any of them allows it, with its arguments."""
     agent = policy.agent
     llm = dest.llm
 
@@ -110,9 +115,17 @@ def pace_spec(
     if llm is not None:
         prices = tuple(Price(p.model, p.input, p.output) for p in llm.prices)
         llm_spec = LlmSpec(llm.api, rule.models, rule.max_tokens, prices)
-    if not budgets and not caps and llm_spec is None:
+    mcp = mcp_policy(policy, dest.name) if rule.tools and dest.tls != "passthrough" else None
+    if not budgets and not caps and llm_spec is None and mcp is None:
         return None
-    return PaceSpec(agent, dest.name, tuple(budgets), tuple(caps), llm_spec)
+    return PaceSpec(agent, dest.name, tuple(budgets), tuple(caps), llm_spec, mcp)
+
+
+@functools.lru_cache(maxsize=10_000)
+def mcp_policy(policy: AgentPolicy, destination: str) -> str:
+    """The agent's tool rules for `destination`, as the pacer reads them (memoised: every
+    route of every tool rule carries the same text)."""
+    return mcp_decision.encode(mcp_decision.tool_policy(policy, destination))
 
 
 def pacer_route_config(spec: PaceSpec) -> any_pb2.Any:

@@ -122,6 +122,7 @@ def test_tool_rules_admit_only_what_the_parser_described_or_a_bodyless_request()
         "allow/researcher/mcp/1/0",  # parsed, not tools/call
         "allow/researcher/mcp/1/1",  # parsed tools/call of a listed tool
         "allow/researcher/mcp/1/2",  # no body at all
+        "deny-tool/mcp/researcher",  # its other tool calls: the pacer answers them MCP's way
         "deny-tool/mcp",
         "mcp-unparsed/mcp",
         "mcp-unparsed/mcp",
@@ -146,9 +147,26 @@ def test_tool_rules_admit_only_what_the_parser_described_or_a_bodyless_request()
 
 
 def test_refusal_routes_and_filter_refusals_are_audited_as_denied() -> None:
-    for name, reason in (("deny-tool/mcp", "tool_denied"), ("mcp-unparsed/mcp", "mcp_unparsed")):
+    for name, reason in (
+        ("deny-tool/mcp", "tool_denied"),
+        ("deny-tool/mcp/researcher", "tool_denied"),
+        ("mcp-unparsed/mcp", "mcp_unparsed"),
+    ):
         decided = route_decision(name)
         assert decided is not None and (decided.decision, decided.reason) == ("denied", reason)
+    agent_refusal = route_decision("deny-tool/mcp/researcher")
+    assert agent_refusal is not None and agent_refusal.agent == "researcher"
+    # the pacer's MCP refusals on an allow route are denials with their own reason; on the
+    # agent's refusal route the route's reason stays
+    assert decide("allowed", "", 200, set(), "mcp_argument_refused") == (
+        "denied",
+        "argument_refused",
+    )
+    assert decide("allowed", "", 200, set(), "mcp_tool_denied") == ("denied", "tool_denied")
+    assert decide("denied", "tool_denied", 400, set(), "mcp_body_invalid") == (
+        "denied",
+        "tool_denied",
+    )
     too_long = "rbac_access_denied_matched_policy[path-too-long]"
     assert local_refusal(too_long) == "path_too_long"
     assert decide("allowed", "", 414, set(), too_long) == ("denied", "path_too_long")
