@@ -38,6 +38,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import duration_pb2, struct_pb2
 
 from meshgate.mcp.decision import RequestFacts, ToolPolicy
+from meshgate.mcp.jsonrpc import TOOLS_LIST
 from meshgate.pacer import mcp, refusals
 from meshgate.pacer.fair_queue import Limiter, Slot
 from meshgate.pacer.metrics import ADMISSION, PacerMetrics
@@ -85,6 +86,16 @@ MCP_MODE = Mode(
     request_trailer_mode=Mode.SKIP,
     response_trailer_mode=Mode.SKIP,
 )
+# the same for a tools/list, whose answer is buffered whole to be filtered
+MCP_LIST_MODE = Mode(
+    request_header_mode=Mode.SEND,
+    response_header_mode=Mode.SEND,
+    request_body_mode=Mode.BUFFERED,
+    response_body_mode=Mode.BUFFERED,
+    request_trailer_mode=Mode.SKIP,
+    response_trailer_mode=Mode.SKIP,
+)
+MCP_FILTER_METADATA = "envoy.filters.http.mcp"  # forwarded to the pacer (xds.pacing)
 HOLD_MODE = Mode(
     request_header_mode=Mode.SEND,
     response_header_mode=Mode.SEND,
@@ -125,6 +136,7 @@ class _Request:
     mcp_facts: RequestFacts | None = None  # set while the MCP body is awaited
     mcp_headers: tuple[tuple[str, str], ...] = ()
     mcp: mcp.Checked | None = None  # the verdict on the MCP body
+    list_mode: bool = False  # Envoy's MCP filter read a tools/list: its answer is asked for
     list_facts: RequestFacts | None = None  # an allowed tools/list: its answer is filtered
     listing: str | None = None  # that answer's content type, while its body is read
 
@@ -196,6 +208,10 @@ class ExternalProcessor:
     ) -> AsyncIterator[ep.ProcessingResponse]:
         kind = message.WhichOneof("request")
         if kind == "request_headers":
+            if state.tools is not None:
+                envoy_read = message.metadata_context.filter_metadata.get(MCP_FILTER_METADATA)
+                method = envoy_read.fields.get("method") if envoy_read is not None else None
+                state.list_mode = method is not None and method.string_value == TOOLS_LIST
             async for r in self._request_headers(state, message.request_headers):
                 yield r
         elif kind == "request_body":
@@ -230,7 +246,8 @@ class ExternalProcessor:
                     values.get(":method", ""), state.path, _plain_headers(values)
                 )
                 state.mcp_headers = _header_pairs(headers)
-                mode = LLM_MODE if state.pace.llm is not None else MCP_MODE
+                mode = MCP_LIST_MODE if state.list_mode else MCP_MODE
+                mode = LLM_MODE if state.pace.llm is not None else mode
                 if state.pace.concurrency and state.pace.llm is None:
                     mode = _with_trailers(mode)
                 yield ep.ProcessingResponse(
@@ -292,6 +309,9 @@ class ExternalProcessor:
             yield self._refuse(state, checked.refusal)
             return
         if checked.lists_tools:
+            if not state.list_mode or state.pace.llm is not None:  # its answer is not read
+                yield self._refuse(state, mcp.unlistable(checked))
+                return
             state.list_facts = facts
         if state.pace.llm is not None:
             async for r in self._read_llm(state, state.pace.llm, body):
@@ -430,16 +450,8 @@ class ExternalProcessor:
     def _response_headers(self, state: _Request, headers: ep.HttpHeaders) -> ep.ProcessingResponse:
         if state.list_facts is not None and not headers.end_of_stream:
             values = _header_map(headers)
-            if values.get(":status") == "200":  # a tools/list answer: read it whole, filter it
+            if values.get(":status") == "200":  # a tools/list answer: filter its (whole) body
                 state.listing = values.get("content-type", "")
-                mode = Mode()
-                mode.CopyFrom(MCP_MODE)
-                mode.response_body_mode = Mode.BUFFERED
-                if state.slots:
-                    mode.response_trailer_mode = Mode.SEND
-                return ep.ProcessingResponse(
-                    response_headers=ep.HeadersResponse(), mode_override=mode
-                )
         llm = state.pace.llm
         if llm is not None and state.llm is not None:
             values = _header_map(headers)

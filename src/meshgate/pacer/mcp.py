@@ -172,6 +172,16 @@ def _not_forwarded(message: Message, tools: ToolPolicy) -> ep.ImmediateResponse:
     return _answer(400, body, spec.MCP_TOOL_DENIED)
 
 
+def unlistable(checked: Checked) -> ep.ImmediateResponse:
+    """A tools/list whose answer the pacer did not ask to read (Envoy's MCP filter read
+    another method): it could not be filtered, so it is not sent."""
+    ident = checked.message.id if checked.message is not None else None
+    body = error_response(
+        ident, -32600, "refused by meshgate: this tools/list cannot be filtered; send it again"
+    )
+    return _answer(400, body, spec.MCP_BODY_INVALID)
+
+
 def no_body() -> ep.ImmediateResponse:
     """A call routed as a tools/call that turned out to have no body to answer."""
     message = "refused by meshgate: an MCP request needs one JSON-RPC message as its body"

@@ -39,11 +39,12 @@ MODEL_NOT_ALLOWED = "model_not_allowed"
 MAX_TOKENS_EXCEEDED = "max_tokens_exceeded"
 BODY_UNREADABLE = "llm_body_unreadable"  # an LLM request body the pacer could not parse
 STORE_UNAVAILABLE = "limit_store_unavailable"  # a fail-closed budget with its store down
-# MCP refusals (the audit reason comes from xds.access_log.LOCAL_REFUSALS)
-MCP_TOOL_DENIED = "mcp_tool_denied"  # a tools/call no rule allows (tool or arguments)
-MCP_ARGUMENT_REFUSED = "mcp_argument_refused"  # a listed tool, arguments its rules refuse
-MCP_BODY_INVALID = "mcp_body_invalid"  # not one strict JSON-RPC message
-MCP_HEADER_MISMATCH = "mcp_header_mismatch"  # Mcp-Method / Mcp-Name disagree with the body
+# MCP refusals (the audit reason comes from xds.access_log.LOCAL_REFUSALS). None starts with
+# "mcp_": the gateway's local replies rewrite those (they are Envoy's MCP filter's)
+MCP_TOOL_DENIED = "tool_denied"  # a tools/call no rule allows
+MCP_ARGUMENT_REFUSED = "argument_refused"  # a listed tool, arguments its rules refuse
+MCP_BODY_INVALID = "jsonrpc_unreadable"  # not one strict JSON-RPC message
+MCP_HEADER_MISMATCH = "jsonrpc_header_mismatch"  # Mcp-Method / Mcp-Name disagree with the body
 
 
 @dataclass(frozen=True)

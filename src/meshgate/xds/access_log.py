@@ -165,10 +165,10 @@ LOCAL_REFUSALS: dict[str, str] = {
     f"{RBAC_DENIED}[{BODY_GUARD_POLICY}]": "mcp_unparsed: a body on a request routed as body-less",
     "request_payload_too_large": "body_too_large",  # over the MCP hosts' body limit
     # the pacer's MCP refusals (pacing.spec), made on an allow route
-    "mcp_tool_denied": "tool_denied",
-    "mcp_argument_refused": "argument_refused",
-    "mcp_body_invalid": "mcp_unparsed: not one strict JSON-RPC message",
-    "mcp_header_mismatch": "mcp_header_mismatch",
+    "tool_denied": "tool_denied",
+    "argument_refused": "argument_refused",
+    "jsonrpc_unreadable": "mcp_unparsed: not one strict JSON-RPC message",
+    "jsonrpc_header_mismatch": "mcp_header_mismatch",
 }
 
 

@@ -43,6 +43,7 @@ from meshgate.xds.pacing import (
     global_rate_limit,
     pace_spec,
     pacer_route_config,
+    pacer_skip_config,
 )
 
 AGENT_HEADER = "x-meshgate-agent"
@@ -90,6 +91,9 @@ def destination_routes(
             identity = f"spiffe://{trust_domain}/agent/{agent}" if trust_domain else agent
             routes.append(mcp_agent_refusal_route(dest, agent, identity, text))
         routes.extend(mcp_refusal_routes(dest))
+        mcp_host = True
+    else:
+        mcp_host = False
     tunnel_reason = (
         "no rule of this agent allows a tunnel to this host"
         if dest.tls == "passthrough"
@@ -118,7 +122,23 @@ def destination_routes(
                 ),
             )
         )
+    if mcp_host:
+        routes = [r if PACER_FILTER in r.typed_per_filter_config else _pacer_off(r) for r in routes]
     return routes
+
+
+def _pacer_off(route: rc.Route) -> rc.Route:
+    """On an MCP tool host, every route says what the pacer does there.
+
+    Envoy creates a filter that is off by default (the pacer) only if the route chosen from
+    the request's headers turns it on; on a tool host that is a route chosen before Envoy's
+    MCP filter has read the body (`mcp-unparsed/...`), and the route chosen after it (a tool
+    route with its PaceSpec) comes too late. So routes here turn the filter on and, unless
+    they carry a PaceSpec, tell it to skip the request (a copy: `rule_routes` is shared)."""
+    out = rc.Route()
+    out.CopyFrom(route)
+    out.typed_per_filter_config[PACER_FILTER].CopyFrom(pacer_skip_config())
+    return out
 
 
 @functools.lru_cache(maxsize=200_000)

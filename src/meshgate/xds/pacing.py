@@ -51,6 +51,7 @@ RLS_ERROR_DETAILS = "rate_limiter_error"  # Envoy's details when a fail-closed l
 RLS_TIMEOUT_MS = 500  # the pacer answers within its store timeout; this only bounds a hung pacer
 PACER_MESSAGE_TIMEOUT_MS = 2_000  # per ext_proc message; the pacer extends it while queueing
 PACER_WAIT_MARGIN_MS = 5_000
+MCP_FILTER_METADATA = "envoy.filters.http.mcp"  # the namespace Envoy's MCP filter writes
 
 
 def global_limit(agent: str, dest: Destination, index: int, rule: EgressRule) -> GlobalLimit:
@@ -138,6 +139,14 @@ def pacer_route_config(spec: PaceSpec) -> any_pb2.Any:
     return pack(rc.FilterConfig(config=pack(per_route)))
 
 
+@functools.lru_cache(maxsize=1)
+def pacer_skip_config() -> any_pb2.Any:
+    """Creates the pacer filter for a request whose final route may need it, and skips it on
+    this route (see allowlist._pacer_off)."""
+    per_route = ext_proc_pb2.ExtProcPerRoute(disabled=True)
+    return pack(rc.FilterConfig(config=pack(per_route)))
+
+
 def _pacer_service(timeout_ms: int) -> grpc_service_pb2.GrpcService:
     return grpc_service_pb2.GrpcService(
         envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=PACER_CLUSTER),
@@ -210,7 +219,13 @@ def pacer_filter(max_wait_ms: int) -> hcm_pb2.HttpFilter:
         metadata_options=ext_proc_pb2.MetadataOptions(
             receiving_namespaces=ext_proc_pb2.MetadataOptions.MetadataNamespaces(
                 untyped=[DYNAMIC_METADATA_NAMESPACE]
-            )
+            ),
+            # what Envoy's MCP filter read, so the pacer knows a tools/list at the request's
+            # headers (its answer's body must be asked for then); the pacer's own strict
+            # reading of the body decides everything else
+            forwarding_namespaces=ext_proc_pb2.MetadataOptions.MetadataNamespaces(
+                untyped=[MCP_FILTER_METADATA]
+            ),
         ),
     )
     return hcm_pb2.HttpFilter(name=PACER_FILTER, typed_config=pack(config), disabled=True)

@@ -158,12 +158,12 @@ def test_refusal_routes_and_filter_refusals_are_audited_as_denied() -> None:
     assert agent_refusal is not None and agent_refusal.agent == "researcher"
     # the pacer's MCP refusals on an allow route are denials with their own reason; on the
     # agent's refusal route the route's reason stays
-    assert decide("allowed", "", 200, set(), "mcp_argument_refused") == (
+    assert decide("allowed", "", 200, set(), "argument_refused") == (
         "denied",
         "argument_refused",
     )
-    assert decide("allowed", "", 200, set(), "mcp_tool_denied") == ("denied", "tool_denied")
-    assert decide("denied", "tool_denied", 400, set(), "mcp_body_invalid") == (
+    assert decide("allowed", "", 200, set(), "tool_denied") == ("denied", "tool_denied")
+    assert decide("denied", "tool_denied", 400, set(), "jsonrpc_unreadable") == (
         "denied",
         "tool_denied",
     )
