@@ -212,7 +212,7 @@ async def test_header_mismatch_and_duplicate_keys_are_refused(tmp_path: Path) ->
         dup = json.dumps(call)[:-1] + ', "id": 8}'
         r = await post(dup)
         assert r.status_code == 400 and r.json()["error"]["code"] == -32600
-        assert "duplicate" in r.json()["error"]["message"]
+        assert "appears twice" in r.json()["error"]["message"]
         assert CALLED == []
         records = await until(
             lambda: [x for x in audit_records(cp) if x.decision == "denied"] or None,

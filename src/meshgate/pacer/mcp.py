@@ -45,6 +45,7 @@ HEADER_MISMATCH = -32020  # the official SDK's code for routing headers that dis
 MCP_METHOD_HEADER = "mcp-method"
 MCP_NAME_HEADER = "mcp-name"
 ROUTING_HEADERS = (MCP_METHOD_HEADER, MCP_NAME_HEADER, "mcp-protocol-version")
+MODERN = "2026-07-28"  # the first revision with routing headers and `resultType`
 NAME_BEARING = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 
 
@@ -111,10 +112,28 @@ def check(
     details = (
         spec.MCP_ARGUMENT_REFUSED if decided.code == "argument_refused" else (spec.MCP_TOOL_DENIED)
     )
-    answer = refusal_tool_result(message.id, decided)
-    if answer is None:  # tools/call always has an id (the parser insists); be safe anyway
-        answer = error_response(None, -32001, f"refused by meshgate: {decided.reason}")
+    answer = _tool_result(message.id, decided, _modern(raw_headers))
     return Checked(_answer(200, answer, details), message, decided)
+
+
+def _modern(raw_headers: Sequence[tuple[str, str]]) -> bool:
+    """A 2026-07-28 (or later) request: its results must say `resultType`."""
+    version = next((v for k, v in raw_headers if k.lower() == "mcp-protocol-version"), "")
+    return version >= MODERN
+
+
+def _tool_result(ident: RequestId | None, decided: Decision, modern: bool) -> bytes:
+    """A refused tools/call's answer: a tool result with `isError` (what `refusal_tool_result`
+    writes), tagged `resultType: complete` for the 2026-07-28 revision, which requires it."""
+    if ident is None:  # tools/call always has an id (the parser insists); be safe anyway
+        return error_response(None, -32001, f"refused by meshgate: {decided.reason}")
+    answer = refusal_tool_result(ident, decided)
+    assert answer is not None
+    if not modern:
+        return answer
+    data = json.loads(answer)
+    data["result"]["resultType"] = "complete"
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def _header_mismatch(message: Message, raw_headers: Sequence[tuple[str, str]]) -> str | None:
