@@ -22,7 +22,9 @@ from meshgate.audit.store import AuditQuery
 from meshgate.controlplane.server import ControlPlane, ServeOptions
 from meshgate.controlplane.sources import DirectorySource, PolicySource
 from meshgate.controlplane.vault_ca import VaultCASettings
-from meshgate.sidecar.bootstrap import BootstrapSpec, ProxyBinding, write_bootstrap
+from meshgate.pacer.service import Pacer
+from meshgate.pacing.memory_store import MemoryStore
+from meshgate.sidecar.bootstrap import BootstrapSpec, ProxyBinding, pacer_socket, write_bootstrap
 from meshgate.sidecar.envoy_admin import AdminSocket
 from meshgate.sidecar.envoy_process import EnvoyProcess
 from meshgate.xds.access_log import SPOOL_FILE
@@ -163,7 +165,9 @@ async def gateway(
     """A gateway Envoy; with tokens required, it gets a valid one unless `token` is given.
 
     Envoy runs in `workdir/gateway-<name>/`, where it writes its audit spool; with `audit`, a
-    shipper sends the spool to the control plane (as `meshgate gateway` does)."""
+    shipper sends the spool to the control plane (as `meshgate gateway` does). A pacer with an
+    in-memory limit store listens where the bootstrap's pacer cluster points, as beside every
+    `meshgate gateway` (MCP tool routes, budgets and caps call it)."""
     if token is None and cp.tokens is not None:
         token, _ = cp.tokens.create(f"gateway/{name}", 600)
     cwd = workdir / f"gateway-{name}"
@@ -180,6 +184,8 @@ async def gateway(
     boot = workdir / f"gateway-{name}.json"
     write_bootstrap(boot, spec)
     envoy = EnvoyProcess(boot, admin, workdir / f"gateway-{name}.log", cwd=cwd)
+    pacer = Pacer(pacer_socket(admin.path), MemoryStore)
+    pacer.start()
     await envoy.start()
     shipping: asyncio.Task[None] | None = None
     shipper = SpoolShipper(
@@ -192,6 +198,7 @@ async def gateway(
         yield envoy
     finally:
         await envoy.stop()
+        await asyncio.to_thread(pacer.stop)
         if shipping is not None:
             shipping.cancel()
             with contextlib.suppress(asyncio.CancelledError):

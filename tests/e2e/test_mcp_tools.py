@@ -1,4 +1,7 @@
-"""MCP tool allowlists: the gateway reads the JSON-RPC body and admits only listed tools."""
+"""MCP tool allowlists: the gateway reads the JSON-RPC body and admits only listed tools.
+
+A refused call is answered as MCP expects (HTTP 200, a tool result with `isError` naming the
+tool), so the caller's model reads why; it never reaches the server."""
 
 from __future__ import annotations
 
@@ -48,7 +51,11 @@ async def test_only_listed_tools_reach_the_mcp_server(tmp_path: Path) -> None:
         async with control_plane(policy, tmp_path / "state") as cp, gateway(cp, tmp_path):
 
             async def call(body: dict[str, Any], host: str = "mcp.internal") -> int:
+                """200: forwarded; 403: refused (the answer is a tool result with isError)."""
                 r = await via_gateway(listen, host, "/mcp", "POST", agent="coder", json=body)
+                if r.status_code == 200 and r.json().get("result", {}).get("isError"):
+                    assert "refused by meshgate" in r.json()["result"]["content"][0]["text"]
+                    return 403
                 return r.status_code
 
             assert await call(rpc("initialize", {"protocolVersion": "2025-06-18"})) == 200
@@ -65,8 +72,11 @@ async def test_only_listed_tools_reach_the_mcp_server(tmp_path: Path) -> None:
                 agent="coder",
                 json=rpc("tools/call", {"name": "delete_repo"}),
             )
-            assert denied.json()["error"] == "tool_denied"
-            assert denied.json()["tool"] == "delete_repo"
+            assert denied.status_code == 200 and denied.json()["id"] == 1
+            assert denied.json()["result"]["isError"] is True
+            text = denied.json()["result"]["content"][0]["text"]
+            assert 'tool "delete_repo" is not allowed for agent coder' in text
+            assert "read_file, search_code" in text  # what it may call instead
             assert [h["body"] for h in up.hits if "write_file" in h["body"]] == []
             assert len(up.hits) == 4
             # the tool parser runs for the host in any case, as Envoy's virtual hosts match it
