@@ -15,8 +15,10 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.http.early_header_mutation.header_mutation.v3 import header_mutation_pb2
+from test_pacing_translation import pace_of
 
 from meshgate.audit.ingest import decide
+from meshgate.mcp import decision
 from meshgate.policy.model import AgentPolicy, Destination, EgressRule, RateLimit
 from meshgate.xds.access_log import SPOOL_FORMAT, local_refusal, route_decision
 from meshgate.xds.allowlist import BODY_GUARD_FILTER, MCP_FILTER, RATE_LIMIT_FILTER, RULE_KEY
@@ -29,6 +31,7 @@ from meshgate.xds.gateway import (
     gateway_resources,
 )
 from meshgate.xds.options import TranslateOptions
+from meshgate.xds.pacing import PACER_FILTER
 
 DOCS = Destination("docs", "docs.internal", 80, tls="none", address=("127.0.0.1", 9001))
 MCP = Destination("mcp", "mcp.internal", 80, tls="none", address=("127.0.0.1", 9002))
@@ -177,3 +180,24 @@ def test_refusal_routes_and_filter_refusals_are_audited_as_denied() -> None:
     assert local_refusal("via_upstream") is None
     assert SPOOL_FORMAT["path"] == "%REQ(:PATH)%"  # whole, and never an agent-sent header
     assert "mcp_method" in SPOOL_FORMAT and "mcp_tool" in SPOOL_FORMAT
+
+
+def test_tool_routes_hand_the_pacer_the_agents_tool_rules() -> None:
+    routes = {r.name: r for r in _vhost("mcp").routes}
+    [agent] = [a for a in MODEL.agents if a.agent == "researcher"]
+    expected = decision.encode(decision.tool_policy(agent, "mcp"))
+    for name in ("allow/researcher/mcp/1/0", "allow/researcher/mcp/1/1"):
+        pace = pace_of(routes[name])
+        assert pace is not None and pace.mcp == expected and not pace.mcp_refuse
+    refusal = pace_of(routes["deny-tool/mcp/researcher"])
+    assert refusal is not None and refusal.mcp == expected and refusal.mcp_refuse
+    assert routes["deny-tool/mcp/researcher"].direct_response.status == 403  # if unanswered
+    # Envoy creates the pacer from the route chosen before the MCP filter re-selects: every
+    # route of a tool host turns it on, and those without a PaceSpec tell it to skip
+    for name in ("mcp-unparsed/mcp", "deny-tool/mcp", "deny/mcp"):
+        assert PACER_FILTER in routes[name].typed_per_filter_config
+        config = rc.FilterConfig()
+        routes[name].typed_per_filter_config[PACER_FILTER].Unpack(config)
+        assert not config.disabled
+    # hosts without tool rules are untouched
+    assert all(PACER_FILTER not in r.typed_per_filter_config for r in _vhost("docs").routes)
