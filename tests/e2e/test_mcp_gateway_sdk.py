@@ -19,7 +19,7 @@ import httpx2
 import pytest
 import uvicorn
 from builders import free_port
-from harness import MESH, audit_records, control_plane, until
+from harness import MESH, audit_records, control_plane, sidecar, until
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server.mcpserver import MCPServer
@@ -222,3 +222,23 @@ async def test_header_mismatch_and_duplicate_keys_are_refused(tmp_path: Path) ->
         reasons = {x.reason for x in records}
         assert "mcp_header_mismatch" in reasons
         assert any(x.startswith("mcp_unparsed") for x in reasons)
+
+
+async def test_sdk_through_the_agents_sidecar(tmp_path: Path) -> None:
+    """The agent as it really runs: its HTTP proxy is its sidecar, which stamps its identity
+    and forwards to the gateway (SSE answers, the 2026-07-28 revision)."""
+    CALLED.clear()
+    async with (
+        mesh(tmp_path, json_response=False) as (cp, _),
+        sidecar(cp, tmp_path, "coder") as proxy,
+    ):
+        http = httpx2.AsyncClient(proxy=proxy, timeout=20)
+        transport = streamable_http_client("http://issues.internal/mcp", http_client=http)
+        async with Client(transport, mode="2026-07-28") as c:  # type: ignore[arg-type]
+            listed = await c.list_tools()
+            assert sorted(t.name for t in listed.tools) == ["create_issue", "list_issues"]
+            ok = await c.call_tool("list_issues", {"repo": "acme/web"})
+            assert not ok.is_error and "no issues" in text_of(ok)
+            bad = await c.call_tool("create_issue", {"repo": "acme/web", "title": "x" * 21})
+            assert bad.is_error and 'argument "title" must be at most 20' in text_of(bad)
+        assert [name for name, _ in CALLED] == ["list_issues"]
