@@ -76,17 +76,17 @@ DONE_MODE = Mode(
     request_trailer_mode=Mode.SKIP,
     response_trailer_mode=Mode.SKIP,
 )
-# an MCP tool route: the whole request body (strict reading, arguments); the response headers,
-# to filter a tools/list answer (its body is then asked for, buffered)
+# an MCP tool route: the whole request body (strict reading, arguments), then nothing more
+# (the stream ends with the body's answer) unless slots are held (`_with_trailers`)
 MCP_MODE = Mode(
     request_header_mode=Mode.SEND,
-    response_header_mode=Mode.SEND,
+    response_header_mode=Mode.SKIP,
     request_body_mode=Mode.BUFFERED,
     response_body_mode=Mode.NONE,
     request_trailer_mode=Mode.SKIP,
     response_trailer_mode=Mode.SKIP,
 )
-# the same for a tools/list, whose answer is buffered whole to be filtered
+# a tools/list: its answer's headers and whole body too, to filter it
 MCP_LIST_MODE = Mode(
     request_header_mode=Mode.SEND,
     response_header_mode=Mode.SEND,
@@ -595,6 +595,7 @@ def _with_trailers(
     """Keeps the stream to the response's end, so in-flight slots are held that long."""
     out = Mode()
     out.CopyFrom(mode)
+    out.response_header_mode = Mode.SEND
     out.response_trailer_mode = Mode.SEND
     return out
 

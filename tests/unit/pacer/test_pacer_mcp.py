@@ -3,6 +3,7 @@ tools/list filtering (JSON and SSE), the audit fields; and the same over the ext
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -16,6 +17,7 @@ from meshgate.mcp.canonical import digest
 from meshgate.mcp.decision import RequestFacts, ToolGrant, ToolPolicy
 from meshgate.pacer import mcp
 from meshgate.pacer.ext_proc import MCP_LIST_MODE, MCP_MODE
+from meshgate.pacer.service import Pacer
 from meshgate.pacing import spec
 from meshgate.policy.model import ArgumentRule, ToolRule
 
@@ -230,3 +232,30 @@ async def test_stream_filters_a_tools_list_answer(channel: grpc.aio.Channel) -> 
     assert (await headers(s, "initialize")).mode_override == MCP_MODE
     await s.send(ep.ProcessingRequest(request_body=ep.HttpBody(body=listing, end_of_stream=True)))
     assert (await s.recv()).immediate_response.status.code == 400
+
+
+async def test_a_capped_tool_route_holds_its_slot_to_the_response_end(
+    channel: grpc.aio.Channel, pacer: Pacer
+) -> None:
+    capped = spec.PaceSpec(
+        "coder",
+        "issues",
+        concurrency=(spec.ConcurrencySpec("issues", 1, 1000),),
+        mcp=decision.encode(POLICY),
+    )
+    s = Stream(channel, capped)
+    r = await headers(s, "tools/call")
+    assert r.mode_override.response_trailer_mode == MCP_MODE.SEND
+    body = ep.HttpBody(body=call("list_issues", {}), end_of_stream=True)
+    await s.send(ep.ProcessingRequest(request_body=body))
+    assert (await s.recv()).HasField("request_body")
+    assert pacer.limiter.in_flight("issues") == 1  # held while the answer streams
+    await s.send(ep.ProcessingRequest(response_headers=http_headers({":status": "200"})))
+    await s.recv()
+    await s.send(ep.ProcessingRequest(response_trailers=ep.HttpTrailers()))
+    await s.recv()
+    await s.end()
+    deadline = asyncio.get_running_loop().time() + 5
+    while pacer.limiter.in_flight("issues") and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+    assert pacer.limiter.in_flight("issues") == 0
