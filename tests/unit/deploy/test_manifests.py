@@ -14,6 +14,7 @@ import binascii
 import copy
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import jsonschema
@@ -24,6 +25,7 @@ from kube import validate
 
 from meshgate.audit.open import store_target
 from meshgate.cli import app
+from meshgate.cli.gateway import _pacer
 from meshgate.pacer.fair_queue import Limiter
 from meshgate.pacer.metrics import PacerMetrics
 from meshgate.sidecar.injector import (
@@ -283,29 +285,35 @@ def test_the_scaler_queries_the_gateways_capacity_signal() -> None:
     assert not re.fullmatch(matchers["pod"], "meshgate-control-plane-7d9f8c6b5d-x2k4p")
 
 
-def test_the_scaler_rejects_what_keda_would() -> None:
-    """The schema check has teeth: each of these is a mistake KEDA's API would refuse."""
-    good = find("ScaledObject", "meshgate-gateway")
-    validate_keda(good)
-    mistakes = []
-    bad = copy.deepcopy(good)
-    bad["spec"]["minReplicas"] = 3  # the HPA's field name, not KEDA's
-    mistakes.append(bad)
-    bad = copy.deepcopy(good)
-    bad["spec"]["triggers"][0]["metadata"]["threshold"] = 5  # metadata values are strings
-    mistakes.append(bad)
-    bad = copy.deepcopy(good)
-    bad["spec"]["fallback"]["behavior"] = "holdReplicas"
-    mistakes.append(bad)
-    bad = copy.deepcopy(good)
-    bad["spec"]["minReplicaCount"] = 20  # the CRD's CEL rule: min <= max
-    mistakes.append(bad)
-    bad = copy.deepcopy(good)
-    bad["metadata"]["labels"]["app.kubernetes.io/name"] = 3  # ObjectMeta
-    mistakes.append(bad)
-    for obj in mistakes:
-        with pytest.raises(AssertionError):
-            validate_keda(obj)
+def _set(path: str, value: Any) -> Any:
+    def mutate(obj: dict[str, Any]) -> None:
+        *parents, last = [k.replace("~1", "/") for k in path.split("/")]
+        for key in parents:
+            obj = obj[int(key)] if isinstance(obj, list) else obj[key]
+        obj[last] = value
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    ("mutate", "why"),
+    [
+        (_set("spec/minReplicas", 3), "'minReplicas' was unexpected"),  # the HPA's name
+        (_set("spec/triggers/0/metadata/threshold", 5), "threshold"),  # values are strings
+        (_set("spec/triggers/0/metricType", None), "metricType"),
+        (_set("spec/fallback/behavior", "holdReplicas"), "holdReplicas"),
+        (_set("spec/advanced/horizontalPodAutoscalerConfig/behavior/scaleDown/x", 1), "'x'"),
+        (_set("spec/minReplicaCount", 20), "20 <= 12"),  # the CRD's CEL rule
+        (_set("metadata/labels/app.kubernetes.io~1name", 3), "labels"),  # as ObjectMeta
+    ],
+)
+def test_the_scaler_schema_check_rejects_what_keda_would(mutate: Any, why: str) -> None:
+    """The check has teeth: each mistake is one KEDA's API server would refuse."""
+    obj = copy.deepcopy(find("ScaledObject", "meshgate-gateway"))
+    validate_keda(obj)
+    mutate(obj)
+    with pytest.raises(AssertionError, match=why):
+        validate_keda(obj)
 
 
 def test_prometheus_can_scrape_the_gateways_metrics_and_only_prometheus() -> None:
@@ -365,14 +373,12 @@ def test_the_limit_store_comes_from_an_optional_secret(tmp_path: Path) -> None:
     assert volume["secret"]["defaultMode"] & 0o007 == 0
     # without the Secret the flag names a file that does not exist; the gateway then uses
     # the control plane's store and never reads it
-    from meshgate.cli.gateway import _pacer
-
-    class Gw:
-        admin = type("A", (), {"socket": tmp_path / "admin.sock"})()
-        shipper = type("S", (), {"ca_file": None, "refresh_metadata": None})()
-        envoy = type("E", (), {"xds_metadata": ()})()
-
-    pacer = _pacer(Gw(), "127.0.0.1:18000", None, tmp_path / "absent")
+    fake = SimpleNamespace(
+        admin=SimpleNamespace(socket=tmp_path / "admin.sock"),
+        shipper=SimpleNamespace(ca_file=None, refresh_metadata=None),
+        envoy=SimpleNamespace(xds_metadata=()),
+    )
+    pacer = _pacer(fake, "127.0.0.1:18000", None, tmp_path / "absent")
     assert pacer._store_factory.__name__ == "remote"
 
 
@@ -388,16 +394,12 @@ def _parse_with_cli(command: list[str]) -> Any:
 
 
 def test_every_command_line_parses_with_the_real_cli() -> None:
-    commands = [container(d)["command"] for d in ALL if d["kind"] == "Deployment"]
-    commands = [c for c in commands if c[0] == "meshgate"]
-    assert len(commands) == 3
-    example = find("Deployment", "coder")
-    injected = inject_object(example, InjectSettings())
-    commands.append(injected["spec"]["template"]["spec"]["initContainers"][0]["command"])
     containers = [container(d) for d in ALL if d["kind"] == "Deployment"]
     containers = [c for c in containers if c["command"][0] == "meshgate"]
-    sidecar = injected["spec"]["template"]["spec"]["initContainers"][0]
-    for c in [*containers, sidecar]:
+    assert len(containers) == 3
+    injected = inject_object(find("Deployment", "coder"), InjectSettings())
+    containers.append(injected["spec"]["template"]["spec"]["initContainers"][0])
+    for c in containers:
         # as the kubelet runs it: $(VAR) expanded from the container's env
         ctx = _parse_with_cli([expand(c, arg) for arg in c["command"]])
         assert ctx.params  # parsed into the command's parameters
