@@ -263,7 +263,7 @@ def _filter_sse(
             out.append(event)
             continue
         payload = "\n".join(data).encode("utf-8")
-        if not _answers(payload, ident):
+        if not _answers(payload):
             out.append(event)
             continue
         got = filter_tools_list(tools, facts, payload)
@@ -273,13 +273,12 @@ def _filter_sse(
     return "\n\n".join(out).encode("utf-8")
 
 
-def _answers(payload: bytes, ident: RequestId | None) -> bool:
-    """Whether an SSE event's data is the response to the request (by id, as JSON has it)."""
+def _answers(payload: bytes) -> bool:
+    """Whether an SSE event's data is a response: on a POST's stream that can only be the
+    answer to its request (the rest are the server's requests and notifications), so every
+    response is filtered, whatever id it says, and unreadable data counts as one (refused)."""
     try:
         data = json.loads(payload)
     except ValueError:
-        return True  # unreadable: treated as the answer, so it is refused, not shown
-    if not isinstance(data, dict) or "method" in data:
-        return False  # a server request or notification on the same stream
-    got = data.get("id")
-    return type(got) is type(ident) and got == ident
+        return True
+    return not (isinstance(data, dict) and "method" in data)

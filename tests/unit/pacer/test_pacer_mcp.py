@@ -259,3 +259,12 @@ async def test_a_capped_tool_route_holds_its_slot_to_the_response_end(
     while pacer.limiter.in_flight("issues") and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.01)
     assert pacer.limiter.in_flight("issues") == 0
+
+
+def test_every_response_on_a_tools_list_stream_is_filtered_whatever_its_id() -> None:
+    other_id = {**TOOLS, "id": "1"}
+    sse = f"data: {json.dumps(other_id)}\n\ndata: not json\n\n".encode()
+    events = mcp.filter_answer(POLICY, FACTS, 1, "text/event-stream", sse).decode().split("\n\n")
+    first = json.loads(events[0].removeprefix("data: "))
+    assert [t["name"] for t in first["result"]["tools"]] == ["create_issue", "list_issues"]
+    assert json.loads(events[1].removeprefix("data: "))["error"]["code"] == -32603
