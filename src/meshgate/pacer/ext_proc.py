@@ -135,7 +135,7 @@ class _Request:
     tools: ToolPolicy | None = None  # an MCP tool route's rules
     mcp_facts: RequestFacts | None = None  # set while the MCP body is awaited
     mcp_headers: tuple[tuple[str, str], ...] = ()
-    mcp: mcp.Checked | None = None  # the verdict on the MCP body
+    checked: mcp.Checked | None = None  # the verdict on the MCP body
     list_mode: bool = False  # Envoy's MCP filter read a tools/list: its answer is asked for
     list_facts: RequestFacts | None = None  # an allowed tools/list: its answer is filtered
     listing: str | None = None  # that answer's content type, while its body is read
@@ -304,7 +304,7 @@ class ExternalProcessor:
         assert state.tools is not None and state.mcp_facts is not None
         facts, state.mcp_facts = state.mcp_facts, None
         checked = mcp.check(state.tools, state.pace.mcp_refuse, facts, state.mcp_headers, body)
-        state.mcp = checked
+        state.checked = checked
         if checked.refusal is not None:
             yield self._refuse(state, checked.refusal)
             return
@@ -469,9 +469,9 @@ class ExternalProcessor:
 
     def _response_body(self, state: _Request, body: ep.HttpBody) -> ep.ProcessingResponse:
         if state.listing is not None and state.list_facts is not None and state.tools is not None:
-            assert state.mcp is not None and state.mcp.message is not None
+            assert state.checked is not None and state.checked.message is not None
             filtered = mcp.filter_answer(
-                state.tools, state.list_facts, state.mcp.message.id, state.listing, body.body
+                state.tools, state.list_facts, state.checked.message.id, state.listing, body.body
             )
             common = ep.CommonResponse()
             if filtered != body.body:
@@ -499,8 +499,8 @@ class ExternalProcessor:
         every answer that knows more (Envoy merges them): the usage read so far is taken once
         the reader is done, at the response's last message."""
         fields: dict[str, Any] = {"queued_ms": state.queued_ms}
-        if state.mcp is not None:
-            fields.update(state.mcp.audit())
+        if state.checked is not None:
+            fields.update(state.checked.audit())
         if state.refused_budget:
             fields["budget"] = state.refused_budget
         if state.llm is not None:
