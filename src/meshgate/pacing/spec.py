@@ -13,9 +13,13 @@ the agent named in a spec is the caller; an agent cannot send or alter either.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import calendar
 import datetime as dt
+import functools
 import json
+import zlib
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -157,7 +161,7 @@ def encode(spec: PaceSpec) -> str:
             "prices": [[p.model, p.input, p.output] for p in llm.prices],
         }
     if spec.mcp is not None:
-        data["mcp"] = spec.mcp
+        data["mcpz"] = _pack(spec.mcp)
     if spec.mcp_refuse:
         data["mcpRefuse"] = True
     return json.dumps(data, separators=(",", ":"), sort_keys=True, ensure_ascii=True)
@@ -185,7 +189,7 @@ def decode(text: str) -> PaceSpec:
                 max_tokens=None if max_tokens is None else _positive(max_tokens),
                 prices=tuple(Price(_str(m), _str(i), _str(o)) for m, i, o in raw["prices"]),
             )
-        mcp = _str(data["mcp"]) if "mcp" in data else None
+        mcp = _unpack(_str(data["mcpz"])) if "mcpz" in data else None
         mcp_refuse = _bool(data.get("mcpRefuse", False))
         if mcp_refuse and mcp is None:
             raise ValueError("mcpRefuse without mcp")
@@ -198,8 +202,26 @@ def decode(text: str) -> PaceSpec:
             mcp,
             mcp_refuse,
         )
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, zlib.error, binascii.Error) as e:
         raise ValueError(f"bad pace spec: {e}") from None
+
+
+# Tool rules travel compressed: gRPC metadata is bounded (a few tens of KiB between Envoy and
+# the pacer), and an agent's rules repeat the same keys for every tool and argument.
+MAX_MCP_TEXT = 1 << 20
+
+
+def _pack(text: str) -> str:
+    return base64.b64encode(zlib.compress(text.encode("utf-8"), 9)).decode("ascii")
+
+
+@functools.lru_cache(maxsize=4096)
+def _unpack(packed: str) -> str:
+    inflate = zlib.decompressobj()
+    data = inflate.decompress(base64.b64decode(packed, validate=True), MAX_MCP_TEXT)
+    if inflate.unconsumed_tail or not inflate.eof:
+        raise ValueError("mcp tool rules too large or truncated")
+    return data.decode("utf-8")
 
 
 def _str(v: Any) -> str:

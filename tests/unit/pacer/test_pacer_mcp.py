@@ -4,10 +4,13 @@ tools/list filtering (JSON and SSE), the audit fields; and the same over the ext
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import zlib
 from typing import Any
 
 import grpc
+import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import struct_pb2
 from test_ext_proc import Stream, http_headers, pacer_metadata
@@ -167,12 +170,24 @@ def test_the_pace_spec_carries_the_tool_policy() -> None:
     for p in (pace(), pace(True)):
         assert spec.decode(spec.encode(p)) == p
     assert spec.decode(spec.encode(spec.PaceSpec("a", "d"))).mcp is None
-    try:
-        spec.decode(json.dumps({"agent": "a", "destination": "d", "mcpRefuse": True}))
-    except ValueError:
-        pass
-    else:
-        raise AssertionError("mcpRefuse without a policy must be refused")
+    # compressed: gRPC metadata is bounded, and rules repeat their keys for every tool
+    many = ToolPolicy(
+        "coder",
+        "issues",
+        (ToolGrant("rule 1 of agent coder", tuple(f"tool_{i}" for i in range(300))),),
+    )
+    text = spec.encode(spec.PaceSpec("coder", "issues", mcp=decision.encode(many)))
+    assert len(text) < len(decision.encode(many)) / 3
+    assert spec.decode(text).mcp == decision.encode(many)
+    bomb = base64.b64encode(zlib.compress(b" " * (spec.MAX_MCP_TEXT + 1))).decode()
+    for bad in (
+        {"mcpRefuse": True},  # a refusal route without the rules to explain it
+        {"mcpz": "not base64!"},
+        {"mcpz": base64.b64encode(b"not zlib").decode()},
+        {"mcpz": bomb},
+    ):
+        with pytest.raises(ValueError):
+            spec.decode(json.dumps({"agent": "a", "destination": "d", **bad}))
 
 
 async def headers(s: Stream, method: str | None = None) -> ep.ProcessingResponse:
