@@ -139,6 +139,7 @@ class _Request:
     list_mode: bool = False  # Envoy's MCP filter read a tools/list: its answer is asked for
     list_facts: RequestFacts | None = None  # an allowed tools/list: its answer is filtered
     listing: str | None = None  # that answer's content type, while its body is read
+    list_encoded: bool = False  # that answer has a content-encoding (it was not asked for)
 
 
 class ExternalProcessor:
@@ -250,9 +251,10 @@ class ExternalProcessor:
                 mode = LLM_MODE if state.pace.llm is not None else mode
                 if state.pace.concurrency and state.pace.llm is None:
                     mode = _with_trailers(mode)
-                yield ep.ProcessingResponse(
-                    request_headers=ep.HeadersResponse(), mode_override=mode
-                )
+                answer = ep.HeadersResponse()
+                if state.list_mode:  # the answer must be readable to be filtered: uncompressed
+                    answer.response.header_mutation.remove_headers.append("accept-encoding")
+                yield ep.ProcessingResponse(request_headers=answer, mode_override=mode)
                 return
             if state.pace.mcp_refuse:  # the refusal route: never forwarded (it has a body)
                 yield self._refuse(state, mcp.no_body())
@@ -452,6 +454,7 @@ class ExternalProcessor:
             values = _header_map(headers)
             if values.get(":status") == "200":  # a tools/list answer: filter its (whole) body
                 state.listing = values.get("content-type", "")
+                state.list_encoded = values.get("content-encoding", "identity") != "identity"
         llm = state.pace.llm
         if llm is not None and state.llm is not None:
             values = _header_map(headers)
@@ -479,6 +482,8 @@ class ExternalProcessor:
                 common.header_mutation.set_headers.append(
                     refusals.header("content-length", str(len(filtered)))
                 )
+                if state.list_encoded:  # unreadable, so replaced by a plain JSON-RPC error
+                    common.header_mutation.remove_headers.append("content-encoding")
             state.listing = None
             if body.end_of_stream:
                 state.done = state.complete = True

@@ -4,6 +4,7 @@ tools/list filtering (JSON and SSE), the audit fields; and the same over the ext
 from __future__ import annotations
 
 import asyncio
+import gzip
 import base64
 import json
 import zlib
@@ -227,7 +228,12 @@ async def test_stream_checks_the_body_and_answers_refusals(channel: grpc.aio.Cha
 
 async def test_stream_filters_a_tools_list_answer(channel: grpc.aio.Channel) -> None:
     s = Stream(channel, pace())
-    assert (await headers(s, "tools/list")).mode_override == MCP_LIST_MODE
+    asked = await headers(s, "tools/list")
+    assert asked.mode_override == MCP_LIST_MODE
+    # the answer must come back readable
+    assert list(asked.request_headers.response.header_mutation.remove_headers) == [
+        "accept-encoding"
+    ]
     listing = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}).encode()
     await s.send(ep.ProcessingRequest(request_body=ep.HttpBody(body=listing, end_of_stream=True)))
     assert (await s.recv()).HasField("request_body")
@@ -283,3 +289,22 @@ def test_every_response_on_a_tools_list_stream_is_filtered_whatever_its_id() -> 
     first = json.loads(events[0].removeprefix("data: "))
     assert [t["name"] for t in first["result"]["tools"]] == ["create_issue", "list_issues"]
     assert json.loads(events[1].removeprefix("data: "))["error"]["code"] == -32603
+
+
+async def test_a_compressed_tools_list_answer_is_replaced_not_shown(
+    channel: grpc.aio.Channel,
+) -> None:
+    s = Stream(channel, pace())
+    await headers(s, "tools/list")
+    listing = json.dumps({"jsonrpc": "2.0", "id": 5, "method": "tools/list"}).encode()
+    await s.send(ep.ProcessingRequest(request_body=ep.HttpBody(body=listing, end_of_stream=True)))
+    await s.recv()
+    status = {":status": "200", "content-type": "application/json", "content-encoding": "gzip"}
+    await s.send(ep.ProcessingRequest(response_headers=http_headers(status)))
+    await s.recv()
+    gz = ep.HttpBody(body=gzip.compress(json.dumps(TOOLS).encode()), end_of_stream=True)
+    await s.send(ep.ProcessingRequest(response_body=gz))
+    common = (await s.recv()).response_body.response
+    assert json.loads(common.body_mutation.body)["error"]["code"] == -32603
+    assert json.loads(common.body_mutation.body)["id"] == 5
+    assert list(common.header_mutation.remove_headers) == ["content-encoding"]
