@@ -4,8 +4,8 @@ tools/list filtering (JSON and SSE), the audit fields; and the same over the ext
 from __future__ import annotations
 
 import asyncio
-import gzip
 import base64
+import gzip
 import json
 import zlib
 from typing import Any
