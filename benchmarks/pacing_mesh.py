@@ -1,11 +1,11 @@
 """The real processes `benchmarks/pacing.py` measures: redis-server, an upstream Envoy, the
-control plane (in this process) and two `meshgate gateway` replicas (each its own process:
-Envoy plus the pacer), configured over xDS from one policy.
+control plane (`meshgate serve --insecure`) and two `meshgate gateway` replicas (each Envoy plus
+the pacer), configured over xDS from one policy; the LLM stand-in runs in this process.
 
-The gateways are separate processes (`python -m meshgate.cli gateway`, the CLI's own code
-path) so that the pacer's CPU time and memory can be read from its process alone, apart from
-the load generator and the control plane. Both replicas listen on the Mesh's one port, as
-replicas behind one Service would; a new connection lands on either.
+Each is a process of its own (the CLI's own code path), so that the pacer's CPU time and memory
+are read from its process alone, and the control plane's audit ingest (every request is an
+audit record) never shares the load generator's event loop. Both replicas listen on the Mesh's
+one port, as replicas behind one Service would; a new connection lands on either.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from dataplane import (  # noqa: E402
-    CONTROL_PLANE,
     ROUTER,
     WrkResult,
     _bootstrap,
@@ -41,8 +40,6 @@ from dataplane import (  # noqa: E402
     start_static,
 )
 
-from meshgate.controlplane.server import ControlPlane  # noqa: E402
-from meshgate.controlplane.sources import DirectorySource  # noqa: E402
 from meshgate.demo.llm_provider import LlmProvider  # noqa: E402
 from meshgate.sidecar.envoy_admin import EnvoyAdmin  # noqa: E402
 from meshgate.sidecar.envoy_process import EnvoyProcess  # noqa: E402
@@ -370,13 +367,30 @@ class Gateway:
         )
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def start_control_plane(
+    work: Path, policies: Path, xds_port: int, redis_url: str
+) -> subprocess.Popen[bytes]:
+    """`meshgate serve --insecure` (plaintext xDS, no join tokens, no mTLS: as dataplane.py's
+    control plane; nothing here is on the hot path) with the same Redis as the gateways."""
+    cmd = [sys.executable, "-m", "meshgate.cli", "serve", "--insecure"]
+    cmd += ["--policies", str(policies), "--state-dir", str(work / "cp")]
+    cmd += ["--xds-port", str(xds_port), "--admin-port", str(free_port())]
+    cmd += ["--limit-store", redis_url]
+    with (work / "cp.log").open("wb") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
 
 
 async def start_gateway(name: str, state: Path, xds: str, redis_url: str) -> Gateway:
@@ -411,7 +425,7 @@ class Mesh:
     redis: Redis
     gateways: list[Gateway]
     provider: LlmProvider
-    cp: ControlPlane
+    cp: subprocess.Popen[bytes]
     redis_cpu_spent: dict[str, float] = field(default_factory=dict)
 
     def redis_cpu_s(self) -> float:
@@ -437,7 +451,7 @@ async def mesh(work: Path) -> AsyncIterator[Mesh]:
     envoys: list[EnvoyProcess] = []
     gateways: list[Gateway] = []
     provider = LlmProvider(reply_tokens=REPLY_TOKENS, token_delay=0.01)
-    cp: ControlPlane | None = None
+    cp: subprocess.Popen[bytes] | None = None
     try:
         fast, slow = free_port(), free_port()
         envoys.append(
@@ -462,16 +476,17 @@ async def mesh(work: Path) -> AsyncIterator[Mesh]:
             )
             + MEMBERS
         )
-        cp = ControlPlane(DirectorySource(policies), work / "cp", CONTROL_PLANE)
-        await cp.start()
+        xds_port = free_port()
+        cp = start_control_plane(work, policies, xds_port, redis.url)
         deadline = time.monotonic() + 30
-        while not cp.ready:
-            if time.monotonic() > deadline:
-                raise RuntimeError("control plane did not apply the benchmark policy in 30 s")
-            await asyncio.sleep(0.05)
+        while not listening(xds_port):
+            if cp.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"control plane: {(work / 'cp.log').read_text()[-2000:]}")
+            await asyncio.sleep(0.1)
+        xds = f"127.0.0.1:{xds_port}"
         state = work / "gw"
         for n in (1, 2):
-            gateways.append(await start_gateway(f"gw{n}", state, cp.xds_address, redis.url))
+            gateways.append(await start_gateway(f"gw{n}", state, xds, redis.url))
         deadline = time.monotonic() + 30
         while not listening(port):
             if time.monotonic() > deadline:
@@ -485,7 +500,7 @@ async def mesh(work: Path) -> AsyncIterator[Mesh]:
             await envoy.stop()
         await provider.stop()
         if cp is not None:
-            await cp.stop()
+            await asyncio.to_thread(stop_process, cp)
         redis.stop()
 
 

@@ -46,7 +46,9 @@ def test_a_request_budget_admits_exactly_its_limit(figures: dict[str, Any]) -> N
 
 def test_token_spend_never_passes_its_budget(figures: dict[str, Any]) -> None:
     t = figures["overshoot"]["tokens"]
-    assert t["admitted"] > 0 and t["refused_429"] > 0 and t["other"] == 0, t
+    assert t["admitted"] > 0 and t["refused_429"] > 0, t
+    # a reservation that found Redis too slow (a loaded machine) is refused: fail closed
+    assert all("limit_store_unavailable" in k for k in t["other_answers"]), t
     assert t["samples"] > 10, t
     assert t["max_spent_plus_reserved"] <= t["budget"], t
     assert t["final_spent"] <= t["budget"], t
@@ -80,10 +82,12 @@ def test_a_flooding_agent_does_not_make_another_fail(figures: dict[str, Any]) ->
 
 def test_redis_down_follows_each_failure_mode_and_recovers(figures: dict[str, Any]) -> None:
     routes = figures["redis-down"]["routes"]
+    assert set(routes) == {"down-budget", "down-open", "down-closed", "cost-none"}, routes
     for agent, r in routes.items():
         assert set(r["up"]["status"]) == {"200"}, (agent, r)
         assert r["recovered_after_s"] is not None and r["all_ok_after_recovery"], (agent, r)
-    assert set(routes["down-open"]["down"]["status"]) == {"200"}, routes
+    for always in ("down-open", "cost-none"):
+        assert set(routes[always]["down"]["status"]) == {"200"}, routes
     for closed in ("down-budget", "down-closed"):
         down = routes[closed]["down"]["status"]
         assert down and "200" not in down and "0" not in down, (closed, down)
