@@ -485,6 +485,10 @@ async def redis_down(m: Mesh, sz: Sizes) -> dict[str, Any]:
             "recovered_after_s": first_ok,
             "all_ok_after_recovery": settled,
         }
+    base = routes["cost-none"]["down"]
+    for r in routes.values():  # against the unlimited route in the same phase (same noise)
+        r["down_p50_vs_unlimited_ms"] = r["down"]["p50_ms"] - base["p50_ms"]
+        r["down_p99_vs_unlimited_ms"] = r["down"]["p99_ms"] - base["p99_ms"]
     in_down = [r for t, r in rss if killed <= t < restarted]
     return {
         "load": f"httpx, {DOWN_RATE} requests/s per route, new connection each",
@@ -654,18 +658,21 @@ def print_report(res: dict[str, Any]) -> None:
         )
     if "redis-down" in res:
         d = res["redis-down"]
-        print(f"\nredis-down ({d['load']}; Redis down {d['down_s']:g} s):")
+        print(
+            f"\nredis-down ({d['load']}; Redis down {d['down_s']:g} s; ms; +: down - up on "
+            "the route; vs none: down p50 - the unlimited route's down p50):"
+        )
         print(
             f"{'route':<13}{'up p50':>8}{'up p99':>8}{'dn p50':>8}{'dn p99':>8}"
-            f"{'+p50':>7}{'+p99':>7}  {'answers while down':<28}{'recovered':>10}"
+            f"{'+p50':>7}{'+p99':>7}{'vs none':>8}  {'answers while down':<22}{'recovered':>10}"
         )
         for agent, r in d["routes"].items():
             rec = r["recovered_after_s"]
             print(
                 f"{agent:<13}{r['up']['p50_ms']:>8.2f}{r['up']['p99_ms']:>8.2f}"
                 f"{r['down']['p50_ms']:>8.2f}{r['down']['p99_ms']:>8.2f}"
-                f"{r['added_p50_ms']:>7.2f}{r['added_p99_ms']:>7.2f}  "
-                f"{json.dumps(r['down']['status']):<28}"
+                f"{r['added_p50_ms']:>7.2f}{r['added_p99_ms']:>7.2f}"
+                f"{r['down_p50_vs_unlimited_ms']:>8.2f}  {json.dumps(r['down']['status']):<22}"
                 f"{f'{rec:.2f} s' if rec is not None else 'never':>10}"
             )
         mem = d["rss_mb"]
