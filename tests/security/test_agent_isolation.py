@@ -235,9 +235,17 @@ def test_serve_insecure_is_explicit_and_loud(tmp_path: Path) -> None:
          "--admin-port", str(free_port())],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    time.sleep(2)
+    assert proc.stderr is not None
+    seen = ""
+    deadline = time.monotonic() + 60  # a loaded machine may take a while to start Python
+    while "every credential" not in seen and time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen += line
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
+    err = seen + err
     assert "WARNING: --insecure" in err and "every credential" in err, err
 
 

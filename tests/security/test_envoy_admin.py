@@ -221,3 +221,31 @@ def test_health_port_says_ready_and_does_nothing_else(bystander: subprocess.Pope
     assert httpx.post(f"{base}/healthz/ready", timeout=5).status_code == 404
     assert httpx.post(f"{base}/healthcheck/fail", timeout=5).status_code == 404
     assert httpx.get(f"{base}/healthz/ready", timeout=5).status_code == 200
+
+
+def test_agent_cannot_reach_the_pacer(mesh: Mesh) -> None:
+    """Issue 19: the pacer (RLS + ext_proc: it admits requests and settles budgets) listens on a
+    unix socket beside the gateway's admin socket, so a hostile agent can neither ask it to
+    admit anything nor settle a budget to zero. (The control plane's limit store, on the xDS
+    port every agent reaches, refuses any token but a gateway's:
+    tests/e2e/test_limit_store_service.py.)"""
+    [gateway] = mesh_envoys(mesh)
+    admin = admin_socket_of(gateway)
+    assert admin is not None
+    pacer = admin.parent / "pacer.sock"
+    assert stat.S_ISSOCK(os.stat(pacer).st_mode), "the gateway runs its pacer"
+    assert stat.S_IMODE(os.stat(pacer).st_mode) == 0o600
+    code = f"""\
+import json, os, socket
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect({str(pacer)!r})
+    got = "connected"
+except OSError as e:
+    got = type(e).__name__
+print(json.dumps({{"uid": os.getuid(), "pacer": got}}))
+"""
+    seen = mesh.agent_python("researcher", code)
+    if seen["uid"] == 0:
+        pytest.skip("the agent runs as root here: no file mode can stop it")
+    assert seen["pacer"] == "PermissionError"

@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from meshgate.audit.query import build_query, parse_instant
-from meshgate.audit.store import AuditLogStore
+from meshgate.audit.store import SUMMARY_DEFAULT, AuditLogStore
 from meshgate.errors import MeshgateError
 
 StoreGetter = Callable[[], AuditLogStore | None]
@@ -55,7 +55,8 @@ def add_audit_routes(app: web.Application, store_getter: StoreGetter) -> None:
             until = parse_instant(until_text, "until", now) if until_text else None
             if until is not None and since >= until:
                 return _error("since must be before until", 400)
-            rows = await asyncio.to_thread(store.summary, since, until)
+            by = tuple(request.query.get("by", ",".join(SUMMARY_DEFAULT)).split(","))
+            rows = await asyncio.to_thread(store.summary, since, until, by)
         except MeshgateError as exc:
             return _error(str(exc), 400)
         return web.json_response(
@@ -63,7 +64,8 @@ def add_audit_routes(app: web.Application, store_getter: StoreGetter) -> None:
                 "since": since.isoformat(),
                 "until": until.isoformat() if until else None,
                 "total": sum(r.count for r in rows),
-                "rows": [r.__dict__ for r in rows],
+                "by": list(by),
+                "rows": [r.to_json(by) for r in rows],
             }
         )
 

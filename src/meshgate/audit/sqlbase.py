@@ -33,8 +33,16 @@ from meshgate.audit.chain import (
 from meshgate.audit.query import decode_cursor, encode_cursor
 from meshgate.audit.record import AuditRecord
 from meshgate.audit.retention import plan_retention
-from meshgate.audit.store import AuditLogStore, AuditPage, AuditQuery, RetainResult, SummaryRow
-from meshgate.errors import MeshgateError
+from meshgate.audit.store import (
+    SUMMARY_DEFAULT,
+    SUMMARY_KEYS,
+    AuditLogStore,
+    AuditPage,
+    AuditQuery,
+    RetainResult,
+    SummaryRow,
+)
+from meshgate.errors import ConfigError, MeshgateError
 
 FIELDS = (
     "request_id",
@@ -150,6 +158,9 @@ MIGRATIONS = (
 )
 CHAIN_COLUMNS = "anchor_seq, anchor_hash, anchor_last_id, head_seq, head_hash, head_last_id"
 BATCH_COLUMNS = "seq, first_id, last_id, count, prev_hash, hash, digests, min_ts_us, max_ts_us"
+
+
+_SUMMARY_COLUMNS = {key: "mcp_tool" if key == "tool" else key for key in SUMMARY_KEYS}
 
 
 def row_record(row: Sequence[Any]) -> tuple[int, AuditRecord]:
@@ -387,16 +398,45 @@ class SqlAuditStore:
         return [row_record(r) for r in rows]
 
     def summary(
-        self, since: dt.datetime | None = None, until: dt.datetime | None = None
+        self,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        by: tuple[str, ...] = SUMMARY_DEFAULT,
     ) -> list[SummaryRow]:
+        unknown = [key for key in by if key not in SUMMARY_KEYS]
+        if unknown or not by or len(set(by)) != len(by):
+            raise ConfigError(
+                f"summary by {','.join(by)}: give one or more of {', '.join(SUMMARY_KEYS)}"
+            )
+        columns = ", ".join(_SUMMARY_COLUMNS[key] for key in by)  # names from a fixed table
         where, params = time_filters(since, until)
-        sql = "SELECT agent, destination, decision, COUNT(*) FROM audit_records"
+        sql = (
+            f"SELECT {columns}, COUNT(*), SUM(tokens_in), SUM(tokens_out), SUM(cost_micro_usd)"
+            " FROM audit_records"
+        )
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " GROUP BY agent, destination, decision ORDER BY agent, destination, decision"
+        sql += f" GROUP BY {columns} ORDER BY {columns}"
         with self._lock, self._snapshot() as cur:
             rows = self._exec(cur, sql, params).fetchall()
-        return [SummaryRow(a, d, dec, int(n)) for a, d, dec, n in rows]
+        out = []
+        for row in rows:
+            keys = dict(zip(by, row, strict=False))
+            n, tokens_in, tokens_out, cost = row[len(by) :]
+            out.append(
+                SummaryRow(
+                    keys.get("agent", ""),
+                    keys.get("destination", ""),
+                    keys.get("decision", ""),
+                    int(n),
+                    tool=keys.get("tool", ""),
+                    model=keys.get("model", ""),
+                    tokens_in=int(tokens_in or 0),
+                    tokens_out=int(tokens_out or 0),
+                    cost_micro_usd=int(cost or 0),
+                )
+            )
+        return out
 
     def verify(self) -> VerifyReport:
         """Walk every batch from the anchor in one read snapshot; see chain.Verifier."""

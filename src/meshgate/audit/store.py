@@ -51,12 +51,37 @@ class ValuesStore(Protocol):
         """`AuditStore.append` for records given as their values."""
 
 
+# What `summary` can group by: a record field each ("tool" is mcp_tool).
+SUMMARY_KEYS = ("agent", "destination", "decision", "tool", "model")
+SUMMARY_DEFAULT = ("agent", "destination", "decision")
+
+
 @dataclass(frozen=True)
 class SummaryRow:
+    """One group: the grouped fields set (the others ""), how many requests, and what the LLM
+    calls among them used and cost."""
+
     agent: str
     destination: str
-    decision: Decision
+    decision: Decision | str
     count: int
+    tool: str = ""
+    model: str = ""
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost_micro_usd: int = 0
+
+    def to_json(self, by: tuple[str, ...] = SUMMARY_DEFAULT) -> dict[str, Any]:
+        """The grouped fields and the count; tokens and cost when the group used any."""
+        out: dict[str, Any] = {key: getattr(self, key) for key in by}
+        out["count"] = self.count
+        if self.tokens_in or self.tokens_out or self.cost_micro_usd:
+            out.update(
+                tokens_in=self.tokens_in,
+                tokens_out=self.tokens_out,
+                cost_micro_usd=self.cost_micro_usd,
+            )
+        return out
 
 
 @dataclass(frozen=True)
@@ -79,9 +104,13 @@ class AuditLogStore(AuditStore, Protocol):
         """Records with id > after_id, oldest first (ids grow in append order)."""
 
     def summary(
-        self, since: dt.datetime | None = None, until: dt.datetime | None = None
+        self,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        by: tuple[str, ...] = SUMMARY_DEFAULT,
     ) -> list[SummaryRow]:
-        """Requests per agent x destination x decision with since <= timestamp < until."""
+        """Requests (and tokens, cost) per group of `by` (SUMMARY_KEYS) with
+        since <= timestamp < until."""
 
     def verify(self) -> VerifyReport:
         """Recompute the whole hash chain and say where it breaks."""

@@ -14,7 +14,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -22,7 +22,7 @@ from meshgate.audit.open import open_store, parse_target, store_target
 from meshgate.audit.query import build_query, parse_instant
 from meshgate.audit.record import AuditRecord
 from meshgate.audit.sqlbase import SqlAuditStore
-from meshgate.audit.store import AuditPage, AuditQuery, SummaryRow
+from meshgate.audit.store import SUMMARY_DEFAULT, SUMMARY_KEYS, AuditPage, AuditQuery, SummaryRow
 from meshgate.cli import admin
 from meshgate.cli.audit_render import line, print_records, print_summary, report_text
 from meshgate.cli.common import fail
@@ -203,8 +203,19 @@ def summary(
     state_dir: StateOpt = DEFAULT_STATE,
     control_plane: AuditControlPlaneOpt = None,
     admin_token_file: AuditAdminTokenFileOpt = None,
+    by: Annotated[
+        str,
+        typer.Option(
+            help=f"Group by these, comma-separated: {', '.join(SUMMARY_KEYS)} "
+            "(tool: MCP tools/call; model: LLM calls)."
+        ),
+    ] = ",".join(SUMMARY_DEFAULT),
 ) -> None:
-    """Requests per agent x destination x decision over a time range."""
+    """Requests per agent x destination x decision (or --by other fields) over a time range,
+    with the tokens and cost of the LLM calls among them."""
+    keys = tuple(k.strip() for k in by.split(",") if k.strip())
+    if not keys or any(k not in SUMMARY_KEYS for k in keys) or len(set(keys)) != len(keys):
+        raise fail(f"--by {by!r}: give one or more of {', '.join(SUMMARY_KEYS)}, comma-separated")
     try:
         start = parse_instant(since, "--since")
         end = parse_instant(until, "--until") if until else None
@@ -213,14 +224,16 @@ def summary(
     if end is not None and start >= end:
         raise fail("--since must be before --until")
     if control_plane:
-        params = {"since": start.isoformat(), **({"until": end.isoformat()} if end else {})}
+        params = {"since": start.isoformat(), "by": ",".join(keys)}
+        if end:
+            params["until"] = end.isoformat()
         client = admin.connect(control_plane, admin_token_file, state_dir)
         body = admin.get_ok(client, "/v1/audit/summary", params)
-        rows = [SummaryRow(**row) for row in body["rows"]]
+        rows = [_summary_row(row) for row in body["rows"]]
     else:
         with _opened(store, state_dir) as opened:
-            rows = opened.summary(start, end)
-    print_summary(rows, format)
+            rows = opened.summary(start, end, keys)
+    print_summary(rows, format, keys)
 
 
 @audit_app.command()
@@ -275,3 +288,8 @@ def retain(
         highlight=False,
         markup=False,
     )
+
+
+def _summary_row(data: dict[str, Any]) -> SummaryRow:
+    """A row as the admin API sends it: the grouped fields only, the rest default."""
+    return SummaryRow(**{"agent": "", "destination": "", "decision": "", **data})

@@ -16,6 +16,7 @@ from meshgate.cli.output import (
     print_table,
     short_times,
 )
+from meshgate.pacing.report import show_amount
 
 RECORD_FIELDS = list(AuditRecord.__dataclass_fields__)
 
@@ -71,20 +72,68 @@ def print_records(records: Sequence[AuditRecord], format: Format, *, wide: bool 
         )
 
 
-def print_summary(rows: Sequence[SummaryRow], format: Format) -> None:
+def print_summary(
+    rows: Sequence[SummaryRow],
+    format: Format,
+    by: Sequence[str] = ("agent", "destination", "decision"),
+) -> None:
+    """Counts per group; tokens and cost columns when any LLM call is among the rows."""
+    usage = any(r.tokens_in or r.tokens_out or r.cost_micro_usd for r in rows)
+    amounts = ("tokens_in", "tokens_out", "cost_micro_usd") if usage else ()
     if format is Format.JSON:
-        print_json_line([r.__dict__ for r in rows])
+        print_json_line([r.to_json(tuple(by)) for r in rows])
     elif format is Format.CSV:
         print_csv(
-            ("agent", "destination", "decision", "count"),
-            ((r.agent, r.destination, r.decision, r.count) for r in rows),
+            (*by, "count", *amounts),
+            (
+                (*(_group(r, k) for k in by), r.count, *(getattr(r, a) for a in amounts))
+                for r in rows
+            ),
         )
     else:
+        right = [
+            Column(name, justify="right") for name in ("requests", *_AMOUNT_NAMES[: len(amounts)])
+        ]
         print_table(
-            ("agent", "destination", "decision", Column("requests", justify="right")),
-            ((r.agent, r.destination, r.decision, f"{r.count:,}") for r in rows),
-            footer=("total", "", "", f"{sum(r.count for r in rows):,}"),
+            (*by, *right),
+            (
+                (
+                    *(_group(r, k) or "-" for k in by),
+                    f"{r.count:,}",
+                    *(
+                        (
+                            f"{r.tokens_in:,}",
+                            f"{r.tokens_out:,}",
+                            show_amount("cost_micro_usd", r.cost_micro_usd),
+                        )
+                        if usage
+                        else ()
+                    ),
+                )
+                for r in rows
+            ),
+            footer=(
+                "total",
+                *([""] * (len(by) - 1)),
+                f"{sum(r.count for r in rows):,}",
+                *(
+                    (
+                        f"{sum(r.tokens_in for r in rows):,}",
+                        f"{sum(r.tokens_out for r in rows):,}",
+                        show_amount("cost_micro_usd", sum(r.cost_micro_usd for r in rows)),
+                    )
+                    if usage
+                    else ()
+                ),
+            ),
         )
+
+
+_AMOUNT_NAMES = ("tokens in", "tokens out", "cost")
+
+
+def _group(row: SummaryRow, key: str) -> str:
+    return str(getattr(row, key))
 
 
 def _csv_row(fields: dict[str, object]) -> list[object]:

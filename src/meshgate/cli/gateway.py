@@ -62,11 +62,25 @@ def gateway(
         int | None,
         typer.Option(help="Serve the pacer's Prometheus metrics on 127.0.0.1:PORT/metrics."),
     ] = None,
+    metrics_address: Annotated[
+        str | None,
+        typer.Option(
+            callback=_check_metrics_address,
+            metavar="IP:PORT",
+            help="Serve the pacer's metrics on this address instead (e.g. the pod IP, for "
+            "Prometheus). They name agents and budgets: let only the scraper reach it.",
+        ),
+    ] = None,
 ) -> None:
     """Run a real Envoy egress gateway bootstrapped to the control plane (foreground).
 
     It also ships the gateway's audit spool (STATE_DIR/gateway-NAME/) to the control plane."""
     setup_logging(False)
+    if metrics_port is not None and metrics_address is not None:
+        raise fail("give --metrics-port (loopback) or --metrics-address, not both")
+    metrics_host = "127.0.0.1"
+    if metrics_address is not None:
+        metrics_host, metrics_port = _metrics_address(metrics_address)
     if insecure:
         warn_insecure("this gateway takes its configuration, credentials included, over "
                       "plaintext, unauthenticated xDS")  # fmt: skip
@@ -98,6 +112,7 @@ def gateway(
             limit_store=limit_store,
             limit_store_password_file=limit_store_password_file,
             metrics_port=metrics_port,
+            metrics_host=metrics_host,
         )
         registrar = None
         console.print(
@@ -117,6 +132,32 @@ def gateway(
             await envoy.stop()
 
     run_until_signal(main)
+
+
+def _check_metrics_address(value: str | None) -> str | None:
+    """At parse time, so a bad address is a usage error before anything starts."""
+    if value is not None:
+        _metrics_address(value)
+    return value
+
+
+def _metrics_address(value: str) -> tuple[str, int]:
+    """IP:PORT or [IPv6]:PORT. An IP, not a name: the metrics must listen on exactly the
+    interface the operator chose, not on whatever a name resolves to."""
+    import ipaddress
+
+    from pydantic_core import PydanticCustomError
+
+    from meshgate.policy import syntax
+
+    try:
+        host, port = syntax.parse_address(value)
+        ipaddress.ip_address(host)
+    except PydanticCustomError as exc:
+        raise typer.BadParameter(f"{value!r}: {exc.message()}") from None
+    except ValueError:
+        raise typer.BadParameter(f"{value!r}: the host must be an IP address") from None
+    return host, port
 
 
 def _consul_registration(
@@ -181,6 +222,7 @@ async def start_gateway(
     limit_store: str | None = None,
     limit_store_password_file: Path | None = None,
     metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
 ) -> Any:
     """The gateway Envoy, the shipper of its audit spool to the control plane, and the pacer
     its ratelimit and ext_proc filters call (started first, stopped last)."""
@@ -201,6 +243,7 @@ async def start_gateway(
         gw,
         _pacer(gw, control_plane, limit_store, limit_store_password_file),
         metrics_port,
+        metrics_host,
     )
     await paced.start()
     if wait_ready:
@@ -230,10 +273,13 @@ def _pacer(gw: Any, control_plane: str, limit_store: str | None, password_file: 
 class PacedGateway:
     """A gateway process (Envoy and audit shipper) with its pacer, on a thread of its own."""
 
-    def __init__(self, gw: Any, pacer: Any, metrics_port: int | None) -> None:
+    def __init__(
+        self, gw: Any, pacer: Any, metrics_port: int | None, metrics_host: str = "127.0.0.1"
+    ) -> None:
         self.gw = gw
         self.pacer = pacer
         self.metrics_port = metrics_port
+        self.metrics_host = metrics_host
 
     @property
     def admin(self) -> Any:
@@ -243,7 +289,7 @@ class PacedGateway:
         await asyncio.to_thread(self.pacer.start)
         try:
             if self.metrics_port is not None:
-                self.metrics_port = self.pacer.serve_metrics(self.metrics_port)
+                self.metrics_port = self.pacer.serve_metrics(self.metrics_port, self.metrics_host)
             await self.gw.start()
         except BaseException:
             await asyncio.to_thread(self.pacer.stop)

@@ -1,7 +1,8 @@
 """Prometheus metrics of one pacer (one gateway replica), in their own registry.
 
-Served on the gateway's loopback metrics port only: labels name agents and budgets, which the
-control plane's public `/metrics` must not.
+Served on the gateway's own metrics listener (`--metrics-port`, loopback, or
+`--metrics-address` for Prometheus, behind a NetworkPolicy): labels name agents and budgets,
+which the control plane's public `/metrics` must not.
 """
 
 from __future__ import annotations

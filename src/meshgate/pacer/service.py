@@ -2,7 +2,9 @@
 socket in the gateway's private directory (agents cannot reach it), on a thread and event
 loop of its own so a slow store or a long queue never stalls the gateway process's loop.
 
-Metrics are served on a loopback port (`--metrics-port`) by prometheus-client's own thread.
+Metrics are served by prometheus-client's own thread on loopback (`--metrics-port`) or on the
+one address the operator gives (`--metrics-address`, e.g. a pod IP), never on every interface
+unless that address says so.
 """
 
 from __future__ import annotations

@@ -17,10 +17,10 @@ STORE_MAX_IN_FLIGHT = 2048
 
 def open_limit_store(url: str, password_file: Path | None = None) -> LimitStore:
     """`redis://...` / `rediss://...`: Redis, shared by every replica; empty: an in-process
-    store (the control plane's embedded one). Opening connects lazily: nothing blocks here."""
+    store (the control plane's embedded one), and `password_file` is not read (a deployment
+    passes both from one optional Secret: without it there is no URL and no file). Opening
+    connects lazily: nothing blocks here."""
     if not url:
-        if password_file is not None:
-            raise ConfigError("--limit-store-password-file needs --limit-store redis://...")
         from meshgate.pacing.memory_store import MemoryStore
 
         return MemoryStore()

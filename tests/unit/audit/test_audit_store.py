@@ -12,6 +12,7 @@ from audit_fixtures import T0, StoreEnv, make_record, make_records
 from meshgate.audit.query import decode_cursor
 from meshgate.audit.sqlbase import SqlAuditStore
 from meshgate.audit.store import AuditQuery
+from meshgate.errors import ConfigError
 
 
 def all_pages(store: SqlAuditStore, query: AuditQuery) -> list[list[str]]:
@@ -119,6 +120,33 @@ def test_summary_counts_agent_destination_decision(store: SqlAuditStore) -> None
     assert {(r.agent, r.destination, r.decision): r.count for r in rows} == want
     assert sum(r.count for r in store.summary()) == 60
     assert store.summary(until=T0) == []
+
+
+def test_summary_by_tool_and_model_adds_up_tokens_and_cost(store: SqlAuditStore) -> None:
+    store.append(
+        [
+            make_record(1, mcp_method="tools/call", mcp_tool="create_issue"),
+            make_record(2, mcp_method="tools/call", mcp_tool="create_issue"),
+            make_record(3, model="gpt-4o-mini", tokens_in=10, tokens_out=5, cost_micro_usd=20),
+            make_record(4, model="gpt-4o-mini", tokens_in=1, tokens_out=2, cost_micro_usd=5),
+            make_record(5, model="claude", tokens_in=7, tokens_out=0, cost_micro_usd=9),
+        ]
+    )
+    by_tool = {r.tool: r.count for r in store.summary(by=("tool",))}
+    assert by_tool == {"create_issue": 2, "": 3}
+    models = {r.model: r for r in store.summary(by=("model",))}
+    mini = models["gpt-4o-mini"]
+    assert (mini.count, mini.tokens_in, mini.tokens_out, mini.cost_micro_usd) == (2, 11, 7, 25)
+    assert mini.to_json(("model",)) == {
+        "model": "gpt-4o-mini",
+        "count": 2,
+        "tokens_in": 11,
+        "tokens_out": 7,
+        "cost_micro_usd": 25,
+    }
+    assert models[""].to_json(("model",)) == {"model": "", "count": 2}
+    with pytest.raises(ConfigError, match="one or more of"):
+        store.summary(by=("path",))
 
 
 def test_tail_follows_ids_in_append_order(store: SqlAuditStore) -> None:

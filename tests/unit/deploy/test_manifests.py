@@ -1,18 +1,23 @@
-"""deploy/: every manifest against the Kubernetes schemas, and the pieces agree with each other.
+"""deploy/: every manifest against the Kubernetes schemas (KEDA's ScaledObject against KEDA's
+own CRD schema), and the pieces agree with each other.
 
 Schema validity is not enough for a deployment to work: selectors must select, Services must
 point at named ports, the webhook must call the injector's Service, every command line must
-parse with the real CLI, and the NetworkPolicy must let agents reach exactly the gateway and
-the control plane.
+parse with the real CLI, the autoscaler must scale the gateway on a metric it really exports,
+and the NetworkPolicy must let agents reach exactly the gateway and the control plane.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import copy
+import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import jsonschema
 import pytest
 import typer
 import yaml
@@ -20,6 +25,9 @@ from kube import validate
 
 from meshgate.audit.open import store_target
 from meshgate.cli import app
+from meshgate.cli.gateway import _pacer
+from meshgate.pacer.fair_queue import Limiter
+from meshgate.pacer.metrics import PacerMetrics
 from meshgate.sidecar.injector import (
     AGENT_LABEL,
     SIDECAR_NAME,
@@ -30,6 +38,9 @@ from meshgate.sidecar.injector import (
 )
 
 DEPLOY = Path(__file__).resolve().parents[3] / "deploy"
+KEDA_SCHEMA = (
+    Path(__file__).resolve().parents[2] / "fixtures/keda-scaledobject-v1alpha1.schema.yaml"
+)
 MANIFESTS = sorted(p for p in DEPLOY.rglob("*.yaml") if p.name != "kustomization.yaml")
 
 
@@ -94,6 +105,61 @@ def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
     return True
 
 
+def strict(schema: Any) -> Any:
+    """The CRD schema as the API server applies it with `kubectl apply` (field validation
+    Strict): an unknown field is an error, except where the schema preserves unknown fields."""
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict(v) for k, v in schema.items()}
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+KEDA = jsonschema.Draft7Validator(strict(yaml.safe_load(KEDA_SCHEMA.read_text())))
+
+
+def validate_keda(obj: dict[str, Any]) -> None:
+    """KEDA's openAPIV3Schema (kubernetes-validate has none for custom resources), its one CEL
+    rule, and the metadata as Kubernetes ObjectMeta (the CRD schema says only `object`)."""
+    assert obj["apiVersion"] == "keda.sh/v1alpha1" and obj["kind"] == "ScaledObject"
+    errors = sorted(KEDA.iter_errors(obj), key=lambda e: list(e.path))
+    if errors:
+        where = "/".join(str(p) for p in errors[0].path)
+        raise AssertionError(f"ScaledObject at {where}: {errors[0].message}")
+    spec = obj["spec"]
+    assert spec.get("minReplicaCount", 0) <= spec.get("maxReplicaCount", 100)
+    validate({"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj["metadata"]})
+
+
+def validate_any(obj: dict[str, Any]) -> None:
+    if obj["apiVersion"].startswith("keda.sh/"):
+        validate_keda(obj)
+    else:
+        validate(obj)
+
+
+def expand(c: dict[str, Any], arg: str) -> str:
+    """`$(VAR)` in a command line as the kubelet expands it, from the container's env (a
+    fieldRef or a Secret stands for a sample value); an undefined variable is an error."""
+    samples = {"status.podIP": "10.244.1.7", "metadata.name": "coder-5f7d8c6b5d-x2k4p"}
+
+    def value(m: re.Match[str]) -> str:
+        (entry,) = [e for e in c.get("env", []) if e["name"] == m.group(1)]
+        if "value" in entry:
+            return str(entry["value"])
+        field = entry["valueFrom"].get("fieldRef", {}).get("fieldPath")
+        return samples[field] if field else "from-a-secret"
+
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", value, arg)
+
+
 def test_the_manifests_are_found() -> None:
     names = {p.relative_to(DEPLOY).as_posix() for p in MANIFESTS}
     assert {"control-plane.yaml", "gateway.yaml", "injector.yaml"} <= names
@@ -105,7 +171,7 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(path: Path) -> 
     docs = load(path)
     assert docs
     for doc in docs:
-        validate(doc)
+        validate_any(doc)
 
 
 @pytest.mark.parametrize("directory", [DEPLOY, DEPLOY / "agents"], ids=["deploy", "agents"])
@@ -122,7 +188,7 @@ def test_kinds_and_api_versions_are_the_current_ones() -> None:
         ("Deployment", "apps/v1"),
         ("Service", "v1"),
         ("PodDisruptionBudget", "policy/v1"),
-        ("HorizontalPodAutoscaler", "autoscaling/v2"),
+        ("ScaledObject", "keda.sh/v1alpha1"),
         ("MutatingWebhookConfiguration", "admissionregistration.k8s.io/v1"),
         ("NetworkPolicy", "networking.k8s.io/v1"),
         ("ServiceAccount", "v1"),
@@ -161,15 +227,159 @@ def test_replica_counts_and_autoscaling() -> None:
     assert find("Deployment", "meshgate-control-plane")["spec"]["replicas"] == 2
     gateway = find("Deployment", "meshgate-gateway")
     assert gateway["spec"]["replicas"] >= 3
-    hpa = find("HorizontalPodAutoscaler", "meshgate-gateway")
-    assert hpa["spec"]["scaleTargetRef"] == {
+    scaled = find("ScaledObject", "meshgate-gateway")
+    spec = scaled["spec"]
+    assert scaled["metadata"]["namespace"] == gateway["metadata"]["namespace"]
+    assert spec["scaleTargetRef"] == {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "name": "meshgate-gateway",
     }
-    assert hpa["spec"]["minReplicas"] == gateway["spec"]["replicas"] < hpa["spec"]["maxReplicas"]
-    # HPA utilization needs CPU requests
-    assert container(gateway)["resources"]["requests"]["cpu"]
+    assert spec["minReplicaCount"] == gateway["spec"]["replicas"] < spec["maxReplicaCount"]
+    assert spec["maxReplicaCount"] == 12
+    # KEDA owns the gateway's HPA: a second one would fight it
+    assert not [d for d in ALL if d["kind"] == "HorizontalPodAutoscaler"]
+    hpa = spec["advanced"]["horizontalPodAutoscalerConfig"]
+    assert hpa["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
+    # a lost signal holds the replicas (never fewer than now), within the bounds
+    fallback = spec["fallback"]
+    assert fallback["behavior"] == "currentReplicasIfHigher" and fallback["failureThreshold"] >= 1
+    assert spec["minReplicaCount"] < fallback["replicas"] <= spec["maxReplicaCount"]
+
+
+def exported_metrics() -> dict[str, str]:
+    """Name -> type of every metric family a gateway's pacer exports (its real registry)."""
+    registry = PacerMetrics(Limiter()).registry
+    return {m.name: m.type for m in registry.collect()}
+
+
+def test_the_scaler_queries_the_gateways_capacity_signal() -> None:
+    spec = find("ScaledObject", "meshgate-gateway")["spec"]
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "prometheus"
+    meta = trigger["metadata"]
+    # KEDA's prometheus scaler requires these (pkg/scalers/prometheus_scaler.go, v2.20.2)
+    assert {"serverAddress", "query", "threshold"} <= set(meta)
+    assert float(meta["threshold"]) > 0
+    assert meta["serverAddress"].startswith(("http://", "https://"))
+    # fallback works only on AverageValue triggers; the HPA then divides the sum by the
+    # threshold, so the query must sum over the pods, not average them
+    assert trigger["metricType"] == "AverageValue"
+    # an absent series is an error that reaches the fallback, not a silent 0
+    assert meta["ignoreNullValues"] == "false"
+    query = meta["query"].strip()
+    assert query.startswith("sum(")
+    names = set(re.findall(r"\bmeshgate_[a-z_]+", query))
+    exported = exported_metrics()
+    assert names == {"meshgate_gateway_capacity_waiting"}
+    (name,) = names
+    assert exported[name] == "gauge"
+    # the series the query selects are the gateway pods' ones
+    selector = re.search(name + r"\{([^}]*)\}", query)
+    assert selector is not None
+    matchers = dict(re.findall(r'(\w+)(?:=~|=)"([^"]*)"', selector.group(1)))
+    gateway = find("Deployment", "meshgate-gateway")
+    assert matchers["namespace"] == gateway["metadata"]["namespace"]
+    pod_name = "meshgate-gateway-7d9f8c6b5d-x2k4p"  # Deployment -> ReplicaSet -> pod names
+    assert re.fullmatch(matchers["pod"], pod_name)
+    assert not re.fullmatch(matchers["pod"], "meshgate-control-plane-7d9f8c6b5d-x2k4p")
+
+
+def _set(path: str, value: Any) -> Any:
+    def mutate(obj: dict[str, Any]) -> None:
+        *parents, last = [k.replace("~1", "/") for k in path.split("/")]
+        for key in parents:
+            obj = obj[int(key)] if isinstance(obj, list) else obj[key]
+        obj[last] = value
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    ("mutate", "why"),
+    [
+        (_set("spec/minReplicas", 3), "'minReplicas' was unexpected"),  # the HPA's name
+        (_set("spec/triggers/0/metadata/threshold", 5), "threshold"),  # values are strings
+        (_set("spec/triggers/0/metricType", None), "metricType"),
+        (_set("spec/fallback/behavior", "holdReplicas"), "holdReplicas"),
+        (_set("spec/advanced/horizontalPodAutoscalerConfig/behavior/scaleDown/x", 1), "'x'"),
+        (_set("spec/minReplicaCount", 20), "20 <= 12"),  # the CRD's CEL rule
+        (_set("metadata/labels/app.kubernetes.io~1name", 3), "labels"),  # as ObjectMeta
+    ],
+)
+def test_the_scaler_schema_check_rejects_what_keda_would(mutate: Any, why: str) -> None:
+    """The check has teeth: each mistake is one KEDA's API server would refuse."""
+    obj = copy.deepcopy(find("ScaledObject", "meshgate-gateway"))
+    validate_keda(obj)
+    mutate(obj)
+    with pytest.raises(AssertionError, match=why):
+        validate_keda(obj)
+
+
+def test_prometheus_can_scrape_the_gateways_metrics_and_only_prometheus() -> None:
+    dep = find("Deployment", "meshgate-gateway")
+    gw = container(dep)
+    ports = {p["name"]: p for p in gw["ports"]}
+    port = ports["metrics"]["containerPort"]
+    address = expand(gw, flag(gw["command"], "--metrics-address"))
+    assert address == f"10.244.1.7:{port}"  # the pod IP, from the downward API
+    env = {e["name"]: e for e in gw["env"]}
+    assert env["MESHGATE_POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert "--metrics-port" not in gw["command"]
+    notes = dep["spec"]["template"]["metadata"]["annotations"]
+    assert notes["prometheus.io/scrape"] == "true"
+    assert notes["prometheus.io/port"] == str(port) and notes["prometheus.io/path"] == "/metrics"
+    # not behind the Service: every pod is scraped on its own
+    svc = find("Service", "meshgate-gateway")
+    assert all(p["targetPort"] != "metrics" for p in svc["spec"]["ports"])
+    # who may connect to the metrics port: the monitoring namespace's Prometheus only
+    rules = find("NetworkPolicy", "meshgate-gateway-ingress")["spec"]["ingress"]
+    metrics_rules = [r for r in rules if {"protocol": "TCP", "port": port} in r["ports"]]
+    (rule,) = metrics_rules
+    assert rule["ports"] == [{"protocol": "TCP", "port": port}]
+    (peer,) = rule["from"]
+    assert set(peer) == {"namespaceSelector", "podSelector"}  # both must match
+    monitoring = {"kubernetes.io/metadata.name": "monitoring"}
+    assert selects(peer["namespaceSelector"], monitoring)
+    assert selects(peer["podSelector"], {"app.kubernetes.io/name": "prometheus"})
+    agents_ns = find("Namespace", "agents")["metadata"]["labels"]
+    agents_ns = {**agents_ns, "kubernetes.io/metadata.name": "agents"}
+    system_ns = {"kubernetes.io/metadata.name": "meshgate-system"}
+    assert not selects(peer["namespaceSelector"], agents_ns)
+    assert not selects(peer["namespaceSelector"], system_ns)
+    # and the agents' own egress policy never allows it either
+    for egress in find("NetworkPolicy", "meshgate-agents")["spec"]["egress"]:
+        assert all(p["port"] != port for p in egress["ports"])
+    # the Prometheus the scaler queries is the one the policy admits
+    meta = find("ScaledObject", "meshgate-gateway")["spec"]["triggers"][0]["metadata"]
+    assert ".monitoring.svc" in meta["serverAddress"]
+
+
+def test_the_limit_store_comes_from_an_optional_secret(tmp_path: Path) -> None:
+    dep = find("Deployment", "meshgate-gateway")
+    pod = dep["spec"]["template"]["spec"]
+    gw = container(dep)
+    env = {e["name"]: e for e in gw["env"]}
+    ref = env["MESHGATE_LIMIT_STORE"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "meshgate-limit-store", "key": "url", "optional": True}
+    assert "--limit-store" not in gw["command"]  # the variable is the option's envvar
+    ctx = _parse_with_cli(["meshgate", "gateway"])
+    (opt,) = [p for p in ctx.command.params if p.name == "limit_store"]
+    assert opt.envvar == "MESHGATE_LIMIT_STORE"
+    path = flag(gw["command"], "--limit-store-password-file")
+    assert mounted_from(pod, gw, path) == ("secret", "meshgate-limit-store", "password")
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "limit-store"]
+    assert volume["secret"]["optional"] is True
+    assert volume["secret"]["defaultMode"] & 0o007 == 0
+    # without the Secret the flag names a file that does not exist; the gateway then uses
+    # the control plane's store and never reads it
+    fake = SimpleNamespace(
+        admin=SimpleNamespace(socket=tmp_path / "admin.sock"),
+        shipper=SimpleNamespace(ca_file=None, refresh_metadata=None),
+        envoy=SimpleNamespace(xds_metadata=()),
+    )
+    pacer = _pacer(fake, "127.0.0.1:18000", None, tmp_path / "absent")
+    assert pacer._store_factory.__name__ == "remote"
 
 
 def _parse_with_cli(command: list[str]) -> Any:
@@ -184,14 +394,14 @@ def _parse_with_cli(command: list[str]) -> Any:
 
 
 def test_every_command_line_parses_with_the_real_cli() -> None:
-    commands = [container(d)["command"] for d in ALL if d["kind"] == "Deployment"]
-    commands = [c for c in commands if c[0] == "meshgate"]
-    assert len(commands) == 3
-    example = find("Deployment", "coder")
-    injected = inject_object(example, InjectSettings())
-    commands.append(injected["spec"]["template"]["spec"]["initContainers"][0]["command"])
-    for command in commands:
-        ctx = _parse_with_cli(command)
+    containers = [container(d) for d in ALL if d["kind"] == "Deployment"]
+    containers = [c for c in containers if c["command"][0] == "meshgate"]
+    assert len(containers) == 3
+    injected = inject_object(find("Deployment", "coder"), InjectSettings())
+    containers.append(injected["spec"]["template"]["spec"]["initContainers"][0])
+    for c in containers:
+        # as the kubelet runs it: $(VAR) expanded from the container's env
+        ctx = _parse_with_cli([expand(c, arg) for arg in c["command"]])
         assert ctx.params  # parsed into the command's parameters
 
 
