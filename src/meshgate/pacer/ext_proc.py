@@ -54,56 +54,43 @@ SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 SETTLE_ATTEMPTS = 4
 SETTLE_BACKOFF = Backoff(0.2, 2.0)
 Mode = processing_mode_pb2.ProcessingMode
+
+
+def _mode(
+    response_headers: bool = False,
+    request_body: int = Mode.NONE,
+    response_body: int = Mode.NONE,
+    response_trailers: bool = False,
+) -> processing_mode_pb2.ProcessingMode:
+    """What Envoy sends the pacer after the request headers (always sent); trailers of the
+    request never."""
+    return Mode(
+        request_header_mode=Mode.SEND,
+        response_header_mode=Mode.SEND if response_headers else Mode.SKIP,
+        request_body_mode=request_body,
+        response_body_mode=response_body,
+        request_trailer_mode=Mode.SKIP,
+        response_trailer_mode=Mode.SEND if response_trailers else Mode.SKIP,
+    )
+
+
 # an LLM route: the whole request body (model, ceiling), the response body as it streams (usage)
-LLM_MODE = Mode(
-    request_header_mode=Mode.SEND,
-    response_header_mode=Mode.SEND,
-    request_body_mode=Mode.BUFFERED,
-    response_body_mode=Mode.STREAMED,
-    request_trailer_mode=Mode.SKIP,
-    response_trailer_mode=Mode.SKIP,
+LLM_MODE = _mode(response_headers=True, request_body=Mode.BUFFERED, response_body=Mode.STREAMED)
+# nothing to hold nor read: Envoy sends nothing more and closes the stream (one round trip)
+DONE_MODE = _mode()
+# an MCP tool route: the whole request body (strict reading, arguments), then nothing more
+# (the stream ends with the body's answer) unless slots are held (`_with_trailers`)
+MCP_MODE = _mode(request_body=Mode.BUFFERED)
+# a tools/list: its answer's headers and whole body too, to filter it
+MCP_LIST_MODE = _mode(
+    response_headers=True, request_body=Mode.BUFFERED, response_body=Mode.BUFFERED
 )
+MCP_FILTER_METADATA = "envoy.filters.http.mcp"  # forwarded to the pacer (xds.pacing)
 # in-flight caps: Envoy ends the stream after the last message it must send, so without a
 # response body to read it would end at the response headers, long before the response does.
 # Asking for response trailers keeps it open until the HTTP stream ends (Envoy 1.40 sends no
 # trailers message when the response has none; it closes the stream at the filter's end).
-# nothing to hold nor read: Envoy sends nothing more and closes the stream (one round trip)
-DONE_MODE = Mode(
-    request_header_mode=Mode.SEND,
-    response_header_mode=Mode.SKIP,
-    request_body_mode=Mode.NONE,
-    response_body_mode=Mode.NONE,
-    request_trailer_mode=Mode.SKIP,
-    response_trailer_mode=Mode.SKIP,
-)
-# an MCP tool route: the whole request body (strict reading, arguments), then nothing more
-# (the stream ends with the body's answer) unless slots are held (`_with_trailers`)
-MCP_MODE = Mode(
-    request_header_mode=Mode.SEND,
-    response_header_mode=Mode.SKIP,
-    request_body_mode=Mode.BUFFERED,
-    response_body_mode=Mode.NONE,
-    request_trailer_mode=Mode.SKIP,
-    response_trailer_mode=Mode.SKIP,
-)
-# a tools/list: its answer's headers and whole body too, to filter it
-MCP_LIST_MODE = Mode(
-    request_header_mode=Mode.SEND,
-    response_header_mode=Mode.SEND,
-    request_body_mode=Mode.BUFFERED,
-    response_body_mode=Mode.BUFFERED,
-    request_trailer_mode=Mode.SKIP,
-    response_trailer_mode=Mode.SKIP,
-)
-MCP_FILTER_METADATA = "envoy.filters.http.mcp"  # forwarded to the pacer (xds.pacing)
-HOLD_MODE = Mode(
-    request_header_mode=Mode.SEND,
-    response_header_mode=Mode.SEND,
-    request_body_mode=Mode.NONE,
-    response_body_mode=Mode.NONE,
-    request_trailer_mode=Mode.SKIP,
-    response_trailer_mode=Mode.SEND,
-)
+HOLD_MODE = _mode(response_headers=True, response_trailers=True)
 
 
 @dataclass(frozen=True)
