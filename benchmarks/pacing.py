@@ -493,6 +493,10 @@ async def redis_down(m: Mesh, sz: Sizes) -> dict[str, Any]:
             "recovered_after_s": first_ok,
             "since_recovery": summary(since_ok)["status"],  # a 503: a slow first call
             "all_ok_last_second": bool(last_second) and all(s.status == 200 for s in last_second),
+            # on a loaded machine a call may still time out on the store (fail closed: 503)
+            "ok_share_last_second": (
+                sum(s.status == 200 for s in last_second) / len(last_second) if last_second else 0
+            ),
         }
     base = routes["cost-none"]["down"]
     for r in routes.values():  # against the unlimited route in the same phase (same noise)

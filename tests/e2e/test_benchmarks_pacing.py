@@ -88,7 +88,9 @@ def test_redis_down_follows_each_failure_mode_and_recovers(figures: dict[str, An
         up = r["up"]["status"]
         # with Redis up, only a store timeout on a loaded machine refuses (fail closed: 503)
         assert set(up) <= {"200", "503"} and up["200"] >= 0.8 * r["up"]["requests"], (agent, r)
-        assert r["recovered_after_s"] is not None and r["all_ok_last_second"], (agent, r)
+        # recovered: 200s again, and (a store call timing out now and then on a loaded machine
+        # fails closed) nearly all of the last second's answers are 200
+        assert r["recovered_after_s"] is not None and r["ok_share_last_second"] >= 0.8, (agent, r)
         # right after the restart a call may still find Redis slow (fail closed), no other
         assert set(r["since_recovery"]) <= {"200", "503"}, (agent, r)
     for always in ("down-open", "cost-none"):
