@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping
 
 from envoy.config.core.v3 import base_pb2
 from envoy.config.rbac.v3 import rbac_pb2
@@ -69,7 +70,7 @@ def grants_by_destination(model: PolicyModel) -> dict[str, tuple[Grant, ...]]:
     return {name: tuple(grants) for name, grants in grouped.items()}
 
 
-def paced(grants: dict[str, tuple[Grant, ...]]) -> bool:
+def paced(grants: Mapping[str, tuple[Grant, ...]]) -> bool:
     return any(g[3] is not None for gs in grants.values() for g in gs)
 
 

@@ -117,7 +117,8 @@ def gateway_resources(
     injecting = [d for d in model.destinations if has_credential(d, secrets)]
     # MCP parsing first: it re-selects the route the rate limiters, the pacer and injectors use
     filters = [rate_limit_filter(), *global_limit_filters(model)]
-    if paced(grants_by_destination(model)):
+    grants = grants_by_destination(model)  # each rule's pace, worked out once per build
+    if paced(grants):
         filters.append(pacer_filter(longest_wait_ms(model)))
     if injecting:
         filters.append(injector_filter(injecting))
@@ -149,7 +150,7 @@ def gateway_resources(
         require_agent_certificates(listener)
         out.extend(identity_secrets(identity, f"spiffe://{model.mesh.trust_domain}/agent/"))
     out.append(listener)
-    out.append(egress_routes_encoded(model, secrets, trust_domain))
+    out.append(egress_routes_encoded(model, secrets, trust_domain, grants))
     for dest in injecting:
         assert dest.credentials is not None
         out.append(credential_secret(dest, secrets[dest.credentials.secret]))
@@ -484,16 +485,20 @@ def egress_routes(
 
 
 def egress_routes_encoded(
-    model: PolicyModel, secrets: Mapping[str, str], trust_domain: str | None = None
+    model: PolicyModel,
+    secrets: Mapping[str, str],
+    trust_domain: str | None = None,
+    grants: Mapping[str, tuple[Grant, ...]] | None = None,
 ) -> Encoded:
     """The same bytes as `egress_routes(...)` serialised, assembled from per-host bytes.
 
     A one-agent change re-serialises only the virtual hosts that agent uses, not the whole
     (possibly megabytes large) route table. The policy version is the one per-table field
     (the response header saying which policy decided), so no route depends on it.
+    `grants`: `grants_by_destination(model)`, when the caller has it already.
     """
     parts = [string_field(1, ROUTE_NAME)]
-    keys = _vhost_keys(model, secrets, trust_domain)
+    keys = _vhost_keys(model, secrets, trust_domain, grants)
     parts.extend(length_delimited(2, _vhost_bytes(*key)) for key in keys)
     parts.append(length_delimited(2, _unknown_vhost_bytes()))
     version = policy_version_header(model.version).SerializeToString(deterministic=True)
@@ -506,9 +511,13 @@ VhostKey = tuple[Destination, tuple[Grant, ...], bool, str | None]
 
 
 def _vhost_keys(
-    model: PolicyModel, secrets: Mapping[str, str], trust_domain: str | None
+    model: PolicyModel,
+    secrets: Mapping[str, str],
+    trust_domain: str | None,
+    grants: Mapping[str, tuple[Grant, ...]] | None = None,
 ) -> list[VhostKey]:
-    grants = grants_by_destination(model)
+    if grants is None:
+        grants = grants_by_destination(model)
     return [
         (d, grants[d.name], has_credential(d, secrets) or not d.credentials, trust_domain)
         for d in model.destinations
