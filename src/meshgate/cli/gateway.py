@@ -15,13 +15,13 @@ from meshgate.cli.options import (
     ControlPlaneOpt,
     HealthPortOpt,
     InsecureNodeOpt,
+    LimitStoreOpt,
     LimitStorePasswordFileOpt,
     StateOpt,
     TokenFileOpt,
     XdsCaOpt,
 )
 from meshgate.cli.output import console
-from meshgate.pacing.open import LIMIT_STORE_ENV
 
 
 def gateway(
@@ -48,15 +48,7 @@ def gateway(
     advertise: Annotated[
         str, typer.Option(help="HOST:PORT applications reach the gateway listener on.")
     ] = "127.0.0.1:15001",
-    limit_store: Annotated[
-        str | None,
-        typer.Option(
-            envvar=LIMIT_STORE_ENV,
-            help="Count global limits and budgets in this Redis (redis://HOST:PORT/DB or "
-            "rediss://...), shared by every gateway and control plane (default: "
-            f"${LIMIT_STORE_ENV}, else the control plane's store, over the xDS port).",
-        ),
-    ] = None,
+    limit_store: LimitStoreOpt = None,
     limit_store_password_file: LimitStorePasswordFileOpt = None,
     metrics_port: Annotated[
         int | None,

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from meshgate.cli.output import Format, format_option
+from meshgate.pacing.open import LIMIT_STORE_ENV
 
 DEFAULT_STATE = Path(".meshgate")
 DEFAULT_ADMIN = "http://127.0.0.1:18001"
@@ -74,9 +75,11 @@ AuditStoreOpt = Annotated[
 LimitStoreOpt = Annotated[
     str | None,
     typer.Option(
+        envvar=LIMIT_STORE_ENV,
         help="Where budgets and global limits are counted: redis://host:6379/0 (or rediss://), "
-        "shared by every control plane and gateway (default: $MESHGATE_LIMIT_STORE, else "
-        "in this process, for one control plane).",
+        f"shared by every control plane and gateway (default: ${LIMIT_STORE_ENV}; without "
+        "it a control plane counts in its own process, a gateway in its control plane's, "
+        "over the xDS port).",
     ),
 ]
 LimitStorePasswordFileOpt = Annotated[

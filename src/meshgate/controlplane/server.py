@@ -31,8 +31,6 @@ import asyncio
 import dataclasses
 import datetime as dt
 import logging
-import os
-import re
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,20 +63,16 @@ from meshgate.identity.admin_token import load_or_create_token, load_token_file,
 from meshgate.identity.certs import IssuedCert
 from meshgate.identity.tokens import TokenAuthority
 from meshgate.identity.xds_tls import ensure_serving_cert, load_serving_cert, withdraw_bundle
-from meshgate.pacing.open import LIMIT_STORE_ENV, open_limit_store
+from meshgate.pacing.open import open_limit_store
 from meshgate.pacing.store import LimitStore
 from meshgate.pacing.store_service import store_service_handler
+from meshgate.urls import redact_url, without_password
 from meshgate.xds.options import DEFAULT_CA_BUNDLE, TranslateOptions
 
 if TYPE_CHECKING:
     from meshgate.controlplane.vault_ca import VaultCASettings, VaultUpstreamCA
 
 log = logging.getLogger(__name__)
-
-
-def redact_url(url: str) -> str:
-    """The URL without its password, for errors and logs (a DSN usually carries one)."""
-    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
 def system_ca_bundle() -> str:
@@ -114,7 +108,8 @@ class ServeOptions:
     # else SQLite at <state_dir>/audit.db
     audit_store: str = ""
     # budgets and global limits: redis://... shared with other control planes and gateways;
-    # empty: $MESHGATE_LIMIT_STORE, else the embedded store (this process, one control plane)
+    # empty: the embedded store (this process, one control plane). `serve --limit-store`
+    # defaults to $MESHGATE_LIMIT_STORE.
     limit_store: str = ""
     limit_store_password_file: Path | None = None
     # the admin API's bearer token; None: created once in <state_dir>/admin/token
@@ -220,7 +215,7 @@ class ControlPlane:
         )
         # budgets and global limits, served to gateways on the xDS port (gateways only)
         self._limit_store: LimitStore = open_limit_store(
-            options.limit_store or os.environ.get(LIMIT_STORE_ENV, ""),
+            options.limit_store,
             options.limit_store_password_file,
         )
         self.xds_server: XdsServer | None = None  # made in start(): TLS credentials first
@@ -298,7 +293,7 @@ class ControlPlane:
             raise
         except Exception as exc:
             where = redact_url(self.audit_url)
-            detail = str(exc).replace(self.audit_url, where)
+            detail = without_password(str(exc), self.audit_url)
             raise ConfigError(f"cannot open the audit store {where}: {detail}") from None
         self._audit_log = store
         return store

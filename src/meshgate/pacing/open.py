@@ -6,6 +6,7 @@ from pathlib import Path
 
 from meshgate.errors import ConfigError
 from meshgate.pacing.store import LimitStore
+from meshgate.urls import without_password
 
 LIMIT_STORE_ENV = "MESHGATE_LIMIT_STORE"
 # What one store call may add to a request before the limit's failure mode decides, and how
@@ -34,12 +35,4 @@ def open_limit_store(url: str, password_file: Path | None = None) -> LimitStore:
             max_in_flight=STORE_MAX_IN_FLIGHT,
         )
     except (ValueError, OSError) as exc:
-        raise ConfigError(f"--limit-store: {redact(url, str(exc))}") from None
-
-
-def redact(url: str, text: str) -> str:
-    """`text` without the URL's password (it may quote the URL)."""
-    from urllib.parse import urlsplit
-
-    password = urlsplit(url).password
-    return text.replace(password, "***") if password else text
+        raise ConfigError(f"--limit-store: {without_password(str(exc), url)}") from None
