@@ -23,6 +23,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
+from meshgate.policy.model import Price as Price  # re-exported: USD per 1M tokens of a glob
+
 Unit = Literal["requests", "tokens", "input_tokens", "output_tokens", "cost_micro_usd"]
 Window = Literal["hour", "day", "month"]
 FailureMode = Literal["open", "closed"]
@@ -107,15 +109,6 @@ class ConcurrencySpec:
     max_wait_ms: int
     fair: bool = False
     capacity: bool = False
-
-
-@dataclass(frozen=True)
-class Price:
-    """USD per million tokens, as written in policy (decimal strings: no float rounding)."""
-
-    model: str  # a glob ("gpt-4o*", "*")
-    input: str
-    output: str
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,6 @@ from meshgate.pacing.spec import (
     GlobalLimit,
     LlmSpec,
     PaceSpec,
-    Price,
     descriptor_entries,
     encode,
 )
@@ -114,8 +113,7 @@ def pace_spec(
         caps.append(ConcurrencySpec("gateway", c.max, c.max_wait_ms, fair=True, capacity=True))
     llm_spec = None
     if llm is not None:
-        prices = tuple(Price(p.model, p.input, p.output) for p in llm.prices)
-        llm_spec = LlmSpec(llm.api, rule.models, rule.max_tokens, prices)
+        llm_spec = LlmSpec(llm.api, rule.models, rule.max_tokens, llm.prices)
     mcp = mcp_policy(policy, dest.name) if rule.tools and dest.tls != "passthrough" else None
     if not budgets and not caps and llm_spec is None and mcp is None:
         return None
