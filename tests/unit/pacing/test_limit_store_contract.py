@@ -11,7 +11,7 @@ import time
 import uuid
 
 import pytest
-from conftest import Backend
+from store_backends import Backend
 
 from meshgate.pacing.spec import window_bounds
 from meshgate.pacing.store import BudgetState, Charge, LimitStore

@@ -14,8 +14,8 @@ from typing import Any
 import grpc
 import pytest
 import redis
-from conftest import serve
 from pacing_redis import RedisProcess
+from store_backends import serve
 
 from meshgate.pacing.breaker import CircuitBreaker
 from meshgate.pacing.memory_store import MemoryStore

@@ -7,9 +7,9 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from conftest import Backend
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from store_backends import Backend
 
 from meshgate.pacing.store import Charge, Reservation
 
