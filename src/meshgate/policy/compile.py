@@ -448,33 +448,25 @@ class _Compiler:
         self, src: YamlDoc, path: Path, r: schema.RuleDoc, dest: Destination
     ) -> None:
         """Model rules and token or cost budgets need a body the gateway can read usage from."""
-        needs_llm: dict[str, object] = {"models": r.models, "maxTokens": r.maxTokens}
+        no_llm = (
+            f'needs an LLM destination: "{dest.name}" has no llm block '
+            f"(llm: {{api: openai}} or {{api: anthropic}})"
+        )
+        for key, value in (("models", r.models), ("maxTokens", r.maxTokens)):
+            if value is not None and dest.llm is None:
+                self.error(src.key_pos((*path, key)), f"{key} {no_llm}")
         for j, b in enumerate(r.budgets or []):
-            if b.tokens or b.inputTokens or b.outputTokens or b.cost is not None:
-                needs_llm[f"budgets[{j}]"] = b
-        for key, value in needs_llm.items():
-            if value is None:
+            if not (b.tokens or b.inputTokens or b.outputTokens or b.cost is not None):
                 continue
-            at = src.key_pos((*path, *_split_index(key)))
+            at = src.key_pos((*path, "budgets", j))
             if dest.llm is None:
-                what = (
-                    f'budget "{value.name}" counts tokens or cost, which'
-                    if isinstance(value, schema.BudgetDoc)
-                    else key
-                )
+                self.error(at, f'budget "{b.name}" counts tokens or cost, which {no_llm}')
+            elif b.cost is not None and not dest.llm.prices:
                 self.error(
                     at,
-                    f'{what} needs an LLM destination: "{dest.name}" has no llm block '
-                    f"(llm: {{api: openai}} or {{api: anthropic}})",
+                    f'budget "{b.name}" counts cost, but destination "{dest.name}" has no '
+                    "llm.prices",
                 )
-            elif key.startswith("budgets[") and r.budgets is not None:
-                budget = r.budgets[int(key[8:-1])]
-                if budget.cost is not None and not dest.llm.prices:
-                    self.error(
-                        at,
-                        f'budget "{budget.name}" counts cost, but destination "{dest.name}" '
-                        f"has no llm.prices",
-                    )
 
     def _tool_rules(
         self, src: YamlDoc, path: Path, entries: list[str | schema.ToolDoc] | None
@@ -709,12 +701,6 @@ def _llm(doc: schema.LlmDoc | None) -> Llm | None:
         Price(model, str(p.input), str(p.output)) for model, p in (doc.prices or {}).items()
     )
     return Llm(doc.api, prices)
-
-
-def _split_index(key: str) -> tuple[str | int, ...]:
-    """`budgets[2]` -> ("budgets", 2): a rule key as a document path."""
-    name, _, index = key.partition("[")
-    return (name, int(index[:-1])) if index else (name,)
 
 
 def _facts(dest: Destination | None) -> _DestFacts | None:
