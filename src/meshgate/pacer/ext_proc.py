@@ -402,6 +402,10 @@ class ExternalProcessor:
                     reservation, charges, self._settings.reservation_ttl_s
                 )
         except (StoreUnavailable, TimeoutError) as exc:
+            # the store may have held the charges before its answer was lost: give them back
+            # (settling an id the store never saw changes nothing), or they would be charged
+            # in full at expiry for a request that was refused or not counted
+            self._spawn_settle(reservation, {b.id: 0 for b in budgets})
             closed = [b.id for b in budgets if b.on_store_failure == "closed"]
             if closed:
                 state.refused_budget = closed[0]
@@ -537,10 +541,13 @@ class ExternalProcessor:
             self._usage(state)
         amounts = state.actual or {}
         actual = {b.id: amounts[b.unit] for b in state.budgets if b.unit in amounts}
-        task = asyncio.get_running_loop().create_task(self._settle(state.reservation, actual))
+        self._spawn_settle(state.reservation, actual)
+        state.reservation = None
+
+    def _spawn_settle(self, reservation: str, actual: dict[str, int]) -> None:
+        task = asyncio.get_running_loop().create_task(self._settle(reservation, actual))
         self._finishing.add(task)  # not cancelled with the stream; kept until done
         task.add_done_callback(self._finishing.discard)
-        state.reservation = None
 
     async def _settle(self, reservation: str, actual: dict[str, int]) -> None:
         """Settling is idempotent, so a store blip is retried a few times; after that the

@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 import pytest
@@ -18,6 +19,7 @@ from meshgate.pacer import ext_proc
 from meshgate.pacer.ext_proc import DONE_MODE, HOLD_MODE, LLM_MODE
 from meshgate.pacer.service import Pacer
 from meshgate.pacing import spec
+from meshgate.pacing.store import StoreUnavailable
 from meshgate.retry import Backoff
 
 
@@ -237,6 +239,27 @@ async def test_store_down_closed_budget_refuses_open_one_admits(
     assert r.immediate_response.details == spec.STORE_UNAVAILABLE
     opened = held(budgets=(spec.BudgetSpec("o", "requests", 5, "day", "open"),))
     assert (await Stream(channel, opened).headers()).HasField("request_headers")
+
+
+async def test_a_reservation_whose_answer_was_lost_is_given_back(
+    channel: grpc.aio.Channel, store: FlakyStore
+) -> None:
+    """The store held the charge, then its answer was lost (a timeout): the request is refused
+    (fail closed) and the charge is released, not kept until expiry for a refused request."""
+    reserve = store.reserve
+
+    async def held_then_lost(*args: Any, **kwargs: Any) -> Any:
+        await reserve(*args, **kwargs)
+        raise StoreUnavailable("the answer was lost")
+
+    store.reserve = held_then_lost  # type: ignore[method-assign]
+    pace = held(budgets=(spec.BudgetSpec("one", "requests", 1, "day", "closed"),))
+    r = await Stream(channel, pace).headers()
+    assert r.immediate_response.details == spec.STORE_UNAVAILABLE
+    store.reserve = reserve  # type: ignore[method-assign]
+    await until(lambda: not store.open)  # given back
+    again = await Stream(channel, pace).headers()
+    assert again.HasField("request_headers"), again  # the budget's one request is still there
 
 
 async def test_a_tokens_budget_does_not_count_a_plain_request(
