@@ -95,7 +95,7 @@ HOLD_MODE = _mode(response_headers=True, response_trailers=True)
 
 @dataclass(frozen=True)
 class PacerSettings:
-    store_timeout_s: float = 0.5  # one reserve call (the store has its own, shorter, timeouts)
+    store_timeout_s: float = 1.2  # one reserve call (the store has its own, shorter, timeouts)
     reservation_ttl_s: float = 900.0  # longer than any request: an unsettled one is charged
     timeout_margin_s: float = 2.0  # added to the longest wait when raising Envoy's timer
 

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 PACER_SOCKET = "pacer.sock"
 SOCKET_MODE = 0o600
-RLS_TIMEOUT_S = 0.45  # a store.hit's bound (the store's own is shorter); under Envoy's 500 ms
+RLS_TIMEOUT_S = 1.1  # a store.hit's bound (the store's own is shorter); under Envoy's 1.5 s
 # one ext_proc stream per request in flight or queued, over one HTTP/2 connection per Envoy
 # worker: never let the connection's stream limit be what queues requests
 SERVER_OPTIONS = [("grpc.max_concurrent_streams", 1 << 20)]

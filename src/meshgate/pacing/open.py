@@ -12,7 +12,8 @@ LIMIT_STORE_ENV = "MESHGATE_LIMIT_STORE"
 # What one store call may add to a request before the limit's failure mode decides, and how
 # many calls may wait at once (beyond that: the failure mode at once, no pile-up). A burst of
 # a few hundred concurrent requests per replica is normal, so the cap is well above it.
-STORE_TIMEOUT_S = 0.2
+# 0.2 s timed out on a 2-core gateway under a burst: event-loop lag, not Redis
+STORE_TIMEOUT_S = 0.5
 STORE_MAX_IN_FLIGHT = 2048
 
 

@@ -100,7 +100,7 @@ async def test_store_down_open_allows_closed_fails_the_call(
 
 
 async def test_a_slow_store_is_a_down_store(channel: grpc.aio.Channel, store: FlakyStore) -> None:
-    store.delay = 1.0  # beyond the pacer's 100 ms bound
+    store.delay = 2.0  # beyond the pacer's bound on one hit (service.RLS_TIMEOUT_S)
     assert (await call(channel, limit(failure="open"))).overall_code == Code.OK
     with pytest.raises(grpc.aio.AioRpcError):
         await call(channel, limit(failure="closed"))
