@@ -247,7 +247,6 @@ async def test_spool_rotation_with_a_real_envoy_loses_nothing(tmp_path: Path) ->
             )  # fmt: skip
             shipping = asyncio.create_task(shipper.run())
             ids: list[str] = []
-            inodes: set[int] = set()
             try:
                 for wave in range(4):
                     for i in range(15):
@@ -259,11 +258,11 @@ async def test_spool_rotation_with_a_real_envoy_loses_nothing(tmp_path: Path) ->
                         what=f"wave {wave} stored",
                     )
                     await until(spool.exists, what="Envoy reopened the spool")
-                    inodes.add(spool.stat().st_ino)
             finally:
                 shipping.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await shipping
             stored = [r.request_id for r in audit_records(cp)]
             assert sorted(stored) == sorted(ids)
-            assert len(inodes) >= 2, "the spool should have been rotated"
+            # Counted, not told by inode: a freed inode is often reused by the reopened spool.
+            assert shipper.rotations >= 1, "the spool should have been rotated"

@@ -128,6 +128,7 @@ class SpoolShipper:
         self.position = read_checkpoint(self.checkpoint_path)
         self.shipped = 0  # entries acknowledged by the control plane since start
         self.skipped = 0  # malformed lines
+        self.rotations = 0  # spool renames since start (inode numbers get reused, so count)
         self._channel: grpc.aio.Channel | None = None
 
     async def run(self) -> None:
@@ -284,6 +285,7 @@ class SpoolShipper:
         if size < self.rotate_bytes or self.envoy_admin is None or self.rotated.exists():
             return
         os.replace(self.spool, self.rotated)
+        self.rotations += 1
         log.info("audit: rotated %s (%d bytes shipped)", self.spool, size)
         await self._reopen_logs()
 
