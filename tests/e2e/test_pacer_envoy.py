@@ -171,7 +171,10 @@ def filters() -> list[dict[str, Any]]:
         agents=[
             SimpleNamespace(
                 rules=[
-                    SimpleNamespace(rate_limit=SimpleNamespace(scope="global", on_store_failure=m))
+                    SimpleNamespace(
+                        rate_limit=SimpleNamespace(scope="global", on_store_failure=m),
+                        enforced=True,
+                    )
                     for m in ("open", "closed")
                 ]
             )

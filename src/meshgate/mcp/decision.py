@@ -183,7 +183,7 @@ def grants_for(agent: AgentPolicy, destination: str) -> tuple[ToolGrant, ...]:
             r.headers,
         )
         for i, r in enumerate(agent.rules, start=1)
-        if r.destination == destination
+        if r.destination == destination and r.enforced
     )
 
 

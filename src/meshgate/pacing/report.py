@@ -56,7 +56,7 @@ def _defined(model: PolicyModel) -> Iterable[tuple[str, str, tuple[str, ...], Bu
         for b in policy.budgets:
             yield f"agent/{agent}/{b.name}", f"agent {agent}", (agent,), b
         for index, rule in enumerate(policy.rules):
-            for b in rule.budgets:
+            for b in rule.budgets if rule.enforced else ():
                 scope = f"rule {index} of {agent} ({rule.destination})"
                 yield f"rule/{agent}/{index}/{b.name}", scope, (agent,), b
         for g in policy.group_budgets:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
 
 from meshgate.mcp.canonical import NotCanonical, canonical_text
@@ -395,6 +395,7 @@ class _Compiler:
                 models=tuple(r.models or ()),
                 max_tokens=r.maxTokens,
                 budgets=self.budgets(src, (*path, "budgets"), r.budgets),
+                mode=r.mode or "enforce",
             )
             out.append(_Rule(rule, src, path))
         return out
@@ -595,38 +596,48 @@ class _Compiler:
 
     # -- agents ----------------------------------------------------------------------------------
 
-    def agents(self) -> list[AgentPolicy]:
+    def agents(self) -> tuple[list[AgentPolicy], list[AgentPolicy]]:
+        """The enforced AgentPolicies, and the shadow ones (`mode: shadow`: candidate versions
+        of an agent's own rules and budgets, beside its enforced AgentPolicy)."""
         own: dict[str, tuple[str, list[_Rule], YamlDoc]] = {}
         own_budgets: dict[str, tuple[Budget, ...]] = {}
+        shadow_own: dict[str, tuple[str, list[_Rule], tuple[Budget, ...], CheckedDoc]] = {}
         shared: dict[str, list[GroupBudget]] = {}
         declared: set[str] = set()
-        first_doc: dict[str, CheckedDoc] = {}
+        first_doc: dict[tuple[str, bool], CheckedDoc] = {}
         for d in self.unique("AgentPolicy"):
             spec = d.source.data.get("spec") if isinstance(d.source.data, dict) else None
             agent = spec.get("agent") if isinstance(spec, dict) else None
+            shadow = isinstance(spec, dict) and spec.get("mode") == "shadow"
             if isinstance(agent, str):
-                declared.add(agent)
-                if agent in first_doc:
-                    where = first_doc[agent].source.value_pos(("spec", "agent"))
+                if not shadow:
+                    declared.add(agent)
+                if (agent, shadow) in first_doc:
+                    where = first_doc[(agent, shadow)].source.value_pos(("spec", "agent"))
+                    what = "a shadow AgentPolicy" if shadow else "an AgentPolicy"
                     self.error(
                         d.source.value_pos(("spec", "agent")),
-                        f'agent "{agent}" already has an AgentPolicy (at {where})',
+                        f'agent "{agent}" already has {what} (at {where})',
                     )
                     continue
-                first_doc[agent] = d
+                first_doc[(agent, shadow)] = d
             if isinstance(d.model, schema.AgentPolicyDoc):
                 m = d.model
                 rules = self.rules(d.source, ("spec", "egress"), m.spec.egress)
+                budgets = self.budgets(d.source, ("spec", "budgets"), m.spec.budgets)
+                if shadow:
+                    shadow_own[m.spec.agent] = (m.metadata.name, rules, budgets, d)
+                    continue
                 own[m.spec.agent] = (m.metadata.name, rules, d.source)
-                own_budgets[m.spec.agent] = self.budgets(
-                    d.source, ("spec", "budgets"), m.spec.budgets
-                )
+                own_budgets[m.spec.agent] = budgets
 
         group_rules: dict[str, list[_Rule]] = {}
         groups = [d for d in self.unique("AgentGroup") if isinstance(d.model, schema.AgentGroupDoc)]
         for d in sorted(groups, key=lambda g: g.name or ""):
             assert isinstance(d.model, schema.AgentGroupDoc)
             rules = self.rules(d.source, ("spec", "egress"), d.model.spec.egress)
+            if d.model.spec.mode == "shadow":
+                rules = [_Rule(replace(r.rule, mode="shadow"), r.doc, r.path) for r in rules]
             group = d.model.metadata.name
             budgets = self.budgets(d.source, ("spec", "budgets"), d.model.spec.budgets)
             seen: set[str] = set()
@@ -671,7 +682,29 @@ class _Compiler:
             self.sources.agents[agent] = src.start.short
             for i, r in enumerate(merged):
                 self.sources.rules[(agent, i)] = r.pos.short
-        return out
+        shadows: list[AgentPolicy] = []
+        for agent in sorted(shadow_own):
+            name, rules, budgets, doc = shadow_own[agent]
+            if agent not in own:
+                if self.complete:
+                    self.error(
+                        doc.source.value_pos(("spec", "agent")),
+                        f'shadow AgentPolicy for agent "{agent}", which has no enforced '
+                        "AgentPolicy to compare with (write one, even with no rules)",
+                    )
+                continue
+            merged = rules + group_rules.get(agent, []) + default_rules
+            self._reachability(agent, merged)
+            shadows.append(
+                AgentPolicy(
+                    name=name,
+                    agent=agent,
+                    rules=tuple(r.rule for r in merged),
+                    budgets=budgets,
+                    group_budgets=tuple(shared.get(agent, ())),
+                )
+            )
+        return out, shadows
 
     def _reachability(self, agent: str, rules: list[_Rule]) -> None:
         for j, later in enumerate(rules):
@@ -764,7 +797,7 @@ def compile_documents(
     c = _Compiler(docs, complete, root, memo)
     mesh = c.mesh()
     c.destination_models()
-    agents = c.agents()
+    agents, shadow_agents = c.agents()
     if memo is not None:
         memo.keep_only(c.memo_used)
     if c.problems or mesh is None or any(d.model is None for d in docs):
@@ -774,5 +807,6 @@ def compile_documents(
         destinations=tuple(c.destinations[n] for n in sorted(c.destinations)),
         agents=tuple(agents),
         version=version,
+        shadow_agents=tuple(shadow_agents),
     )
     return model, c.sources, []

@@ -6,12 +6,14 @@ policy always yields byte-identical Envoy resources on every replica.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
 TlsMode = Literal["originate", "passthrough", "none"]
 SecretProviderKind = Literal["file", "env", "vault"]
 FailureMode = Literal["open", "closed"]
+RuleMode = Literal["enforce", "shadow"]  # shadow: evaluated on real traffic, never enforced
 BudgetUnit = Literal["requests", "tokens", "input_tokens", "output_tokens", "cost_micro_usd"]
 BudgetWindow = Literal["hour", "day", "month"]
 
@@ -115,6 +117,11 @@ class EgressRule:
     budgets: tuple[Budget, ...] = ()  # counters of this agent and rule
     # the `tools` entries with argument rules (last, so positional construction is unchanged)
     tool_rules: tuple[ToolRule, ...] = ()
+    mode: RuleMode = "enforce"
+
+    @property
+    def enforced(self) -> bool:
+        return self.mode == "enforce"
 
 
 @dataclass(frozen=True)
@@ -201,6 +208,9 @@ class PolicyModel:
     destinations: tuple[Destination, ...]
     agents: tuple[AgentPolicy, ...]
     version: str
+    # candidate versions of agents' policies (`mode: shadow` on an AgentPolicy): they replace
+    # the agent's own in `shadow_model`, never in what is enforced
+    shadow_agents: tuple[AgentPolicy, ...] = ()
 
     def destination(self, name: str) -> Destination:
         for d in self.destinations:
@@ -216,3 +226,29 @@ class PolicyModel:
 
     def spiffe_id(self, agent: str) -> str:
         return f"spiffe://{self.mesh.trust_domain}/agent/{agent}"
+
+
+def has_shadow(model: PolicyModel) -> bool:
+    return bool(model.shadow_agents) or any(not r.enforced for a in model.agents for r in a.rules)
+
+
+def shadow_model(model: PolicyModel) -> PolicyModel:
+    """The policy as if every shadow rule and shadow AgentPolicy were enforced: what the
+    would-be decisions of shadow mode are decided by. Rule indices are kept, so a rule's route
+    names and counters mean the same rule in both models."""
+    replaced = {a.agent: a for a in model.shadow_agents}
+    agents = []
+    for a in model.agents:
+        candidate = replaced.get(a.agent, a)
+        rules = tuple(
+            r if r.enforced else dataclasses.replace(r, mode="enforce") for r in candidate.rules
+        )
+        agents.append(dataclasses.replace(candidate, rules=rules))
+    return dataclasses.replace(model, agents=tuple(agents), shadow_agents=())
+
+
+def shadowed_agents(model: PolicyModel) -> frozenset[str]:
+    """Agents whose requests get a would-be decision."""
+    return frozenset(a.agent for a in model.shadow_agents) | frozenset(
+        a.agent for a in model.agents if any(not r.enforced for r in a.rules)
+    )

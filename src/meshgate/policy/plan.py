@@ -72,6 +72,8 @@ def format_period(seconds: int) -> str:
 
 def describe_rule(r: EgressRule) -> str:
     parts = [r.destination, ",".join(r.methods) or "any method", ",".join(r.paths) or "any path"]
+    if not r.enforced:
+        parts.insert(0, "[shadow]")
     if r.headers:
         parts.append("headers " + ",".join(_header(h.name, h.value) for h in r.headers))
     if r.tools:
@@ -199,9 +201,10 @@ def _keyed_rules(rules: tuple[EgressRule, ...]) -> dict[str, EgressRule]:
     seen: dict[str, int] = {}
     out: dict[str, EgressRule] = {}
     for r in rules:
-        seen[r.destination] = seen.get(r.destination, 0) + 1
-        n = seen[r.destination]
-        out[r.destination if n == 1 else f"{r.destination}#{n}"] = r
+        name = r.destination if r.enforced else f"{r.destination} [shadow]"
+        seen[name] = seen.get(name, 0) + 1
+        n = seen[name]
+        out[name if n == 1 else f"{name}#{n}"] = r
     return out
 
 
@@ -217,6 +220,7 @@ def _rule_fields(r: EgressRule) -> dict[str, str]:
         "models": ",".join(r.models) or "any",
         "maxTokens": str(r.max_tokens) if r.max_tokens is not None else "",
         "budgets": _budgets(r.budgets),
+        "mode": r.mode,
     }
 
 
@@ -273,15 +277,19 @@ def diff_policies(old: PolicyModel | None, new: PolicyModel) -> Plan:
             details = _destination_details(a, b)
             changes.append(Change("change", "destination", name, tuple(details)))
 
-    old_a = {a.agent: a for a in old.agents} if old else {}
-    new_a = {a.agent: a for a in new.agents}
-    for agent in sorted(set(old_a) | set(new_a)):
-        pa, pb = old_a.get(agent), new_a.get(agent)
-        if pa == pb:
-            continue
-        action: Action = "add" if pa is None else "remove" if pb is None else "change"
-        details = _agent_details(pa, pb) if action != "remove" else []
-        changes.append(Change(action, "agent", agent, tuple(details)))
+    for suffix, was, now in (
+        ("", old.agents if old else (), new.agents),
+        (" (shadow)", old.shadow_agents if old else (), new.shadow_agents),
+    ):
+        old_a = {a.agent: a for a in was}
+        new_a = {a.agent: a for a in now}
+        for agent in sorted(set(old_a) | set(new_a)):
+            pa, pb = old_a.get(agent), new_a.get(agent)
+            if pa == pb:
+                continue
+            action: Action = "add" if pa is None else "remove" if pb is None else "change"
+            details = _agent_details(pa, pb) if action != "remove" else []
+            changes.append(Change(action, "agent", agent + suffix, tuple(details)))
     return Plan(old.version if old else None, new.version, tuple(changes))
 
 

@@ -134,6 +134,7 @@ class RuleDoc(_Doc):
     models: Annotated[list[ModelGlob], AfterValidator(syntax.non_empty_list("model"))] | None = None
     maxTokens: Annotated[int, AfterValidator(syntax.token_count)] | None = None
     budgets: list[BudgetDoc] | None = None
+    mode: Literal["enforce", "shadow"] | None = None
 
 
 class GatewayDoc(_Doc):
@@ -208,12 +209,15 @@ class DestinationSpec(_Doc):
 
 class AgentPolicySpec(_Doc):
     agent: Name
+    # shadow: a candidate version of the agent's policy, evaluated beside the enforced one
+    mode: Literal["enforce", "shadow"] | None = None
     budgets: list[BudgetDoc] | None = None
     egress: list[RuleDoc] | None = None
 
 
 class AgentGroupSpec(_Doc):
     agents: Annotated[list[Name], AfterValidator(syntax.non_empty_list("agent"))]
+    mode: Literal["enforce", "shadow"] | None = None  # shadow: every rule of the group
     budgets: list[BudgetDoc] | None = None  # one counter shared by the group's agents
     egress: list[RuleDoc] | None = None
 

@@ -58,11 +58,14 @@ Grant = tuple[str, int, EgressRule, PaceSpec | None]
 
 
 def grants_by_destination(model: PolicyModel) -> dict[str, tuple[Grant, ...]]:
-    """Every rule, grouped by the destination it names, in policy order."""
+    """Every enforced rule, grouped by the destination it names, in policy order (shadow rules
+    are never translated: `audit.shadow` evaluates them; indices stay the policy's)."""
     grouped: dict[str, list[Grant]] = {d.name: [] for d in model.destinations}
     destinations = {d.name: d for d in model.destinations}
     for agent in model.agents:
         for index, rule in enumerate(agent.rules):
+            if not rule.enforced:
+                continue
             dest = destinations.get(rule.destination)
             pace = None
             if dest is not None and dest.tls != "passthrough":

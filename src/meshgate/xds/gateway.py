@@ -171,7 +171,7 @@ def require_agent_certificates(listener: listener_pb2.Listener) -> None:
 
 def _tool_rule_authorities(model: PolicyModel) -> tuple[str, ...]:
     """Authorities of destinations with MCP tool rules: only their bodies are parsed."""
-    names = {r.destination for a in model.agents for r in a.rules if r.tools}
+    names = {r.destination for a in model.agents for r in a.rules if r.tools and r.enforced}
     return tuple(
         authority
         for d in model.destinations

@@ -220,7 +220,7 @@ def global_limit_filters(model: PolicyModel) -> list[hcm_pb2.HttpFilter]:
     route without limits returns at once (a filter off by default would not be created for a
     tool route chosen after Envoy's MCP filter read the body)."""
     if not any(
-        r.rate_limit is not None and r.rate_limit.scope == "global"
+        r.rate_limit is not None and r.rate_limit.scope == "global" and r.enforced
         for a in model.agents
         for r in a.rules
     ):
@@ -281,7 +281,12 @@ def pacer_filter(max_wait_ms: int) -> hcm_pb2.HttpFilter:
 
 def longest_wait_ms(model: PolicyModel) -> int:
     waits = [d.concurrency.max_wait_ms for d in model.destinations if d.concurrency]
-    waits += [r.concurrency.max_wait_ms for a in model.agents for r in a.rules if r.concurrency]
+    waits += [
+        r.concurrency.max_wait_ms
+        for a in model.agents
+        for r in a.rules
+        if r.concurrency and r.enforced
+    ]
     if model.mesh.gateway_capacity is not None:
         waits.append(model.mesh.gateway_capacity.max_wait_ms)
     return sum(sorted(waits)[-3:])  # a request waits on at most three caps in turn

@@ -52,7 +52,7 @@ def tool_identity_pairs(model: PolicyModel) -> list[tuple[str, Destination]]:
     pairs: dict[tuple[str, str], Destination] = {}
     for agent in model.agents:
         for rule in agent.rules:
-            dest = jwt_dests.get(rule.destination)
+            dest = jwt_dests.get(rule.destination) if rule.enforced else None
             if dest is not None:
                 pairs[(agent.agent, dest.name)] = dest
     return [(agent, dest) for (agent, _), dest in sorted(pairs.items(), key=lambda kv: kv[0])]
