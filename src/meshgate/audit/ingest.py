@@ -242,6 +242,8 @@ def entry_values(entry: als.HTTPAccessLogEntry, node_id: str) -> tuple[Any, ...]
         tokens_out,
         cost,
         digest[:MAX_FIELD],
+        "",  # shadow_decision, shadow_reason: set after decoding (audit.shadow)
+        "",
     )
 
 

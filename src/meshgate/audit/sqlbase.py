@@ -67,6 +67,8 @@ FIELDS = (
     "tokens_out",
     "cost_micro_usd",
     "mcp_args_digest",
+    "shadow_decision",
+    "shadow_reason",
 )
 RECORD_COLUMNS = "id, ts_us, " + ", ".join(FIELDS)
 GATEWAY = 1 + FIELDS.index("gateway")  # its position in `record_values`
@@ -102,7 +104,9 @@ SCHEMA = (
         tokens_in BIGINT NOT NULL DEFAULT 0,
         tokens_out BIGINT NOT NULL DEFAULT 0,
         cost_micro_usd BIGINT NOT NULL DEFAULT 0,
-        mcp_args_digest TEXT NOT NULL DEFAULT '')""",
+        mcp_args_digest TEXT NOT NULL DEFAULT '',
+        shadow_decision TEXT NOT NULL DEFAULT '',
+        shadow_reason TEXT NOT NULL DEFAULT '')""",
     "CREATE INDEX IF NOT EXISTS audit_records_time ON audit_records (ts_us, id)",
     # A resent record (a shipper retrying after a crash) repeats its spool line, start time
     # included, so (time, request id) finds it; ordered by time first, this index grows at its
@@ -151,6 +155,14 @@ ADDED_COLUMNS = (
     (
         "mcp_args_digest",
         "ALTER TABLE audit_records ADD COLUMN mcp_args_digest TEXT NOT NULL DEFAULT ''",
+    ),
+    (
+        "shadow_decision",
+        "ALTER TABLE audit_records ADD COLUMN shadow_decision TEXT NOT NULL DEFAULT ''",
+    ),
+    (
+        "shadow_reason",
+        "ALTER TABLE audit_records ADD COLUMN shadow_reason TEXT NOT NULL DEFAULT ''",
     ),
 )
 MIGRATIONS = (
@@ -431,6 +443,7 @@ class SqlAuditStore:
                     int(n),
                     tool=keys.get("tool", ""),
                     model=keys.get("model", ""),
+                    shadow_decision=keys.get("shadow_decision", ""),
                     tokens_in=int(tokens_in or 0),
                     tokens_out=int(tokens_out or 0),
                     cost_micro_usd=int(cost or 0),

@@ -52,7 +52,7 @@ class ValuesStore(Protocol):
 
 
 # What `summary` can group by: a record field each ("tool" is mcp_tool).
-SUMMARY_KEYS = ("agent", "destination", "decision", "tool", "model")
+SUMMARY_KEYS = ("agent", "destination", "decision", "tool", "model", "shadow_decision")
 SUMMARY_DEFAULT = ("agent", "destination", "decision")
 
 
@@ -67,6 +67,7 @@ class SummaryRow:
     count: int
     tool: str = ""
     model: str = ""
+    shadow_decision: str = ""
     tokens_in: int = 0
     tokens_out: int = 0
     cost_micro_usd: int = 0

@@ -40,6 +40,7 @@ from meshgate.audit.chain import from_micros
 from meshgate.audit.decode_worker import HEADER, frame, from_answer
 from meshgate.audit.messages import Decoded, Refusal, decode_message
 from meshgate.audit.record import AuditRecord
+from meshgate.audit.shadow import ShadowDecisions
 from meshgate.audit.store import AuditStore, ValuesStore
 from meshgate.controlplane.streams import Authenticator, StreamError, allow_all
 from meshgate.xds.nodes import NodeRole, parse_node_id
@@ -241,8 +242,11 @@ class AuditIngest:
         batch_size: int = BATCH_SIZE,
         on_commit: Callable[[int, int], None] | None = None,
         decoder: Decoder | None = None,
+        shadow: ShadowDecisions | None = None,
     ) -> None:
+        """`shadow`: sets would-be decisions of the policy's shadow rules on records."""
         self.writer = writer
+        self.shadow = shadow
         self.decoder = decoder if decoder is not None else Decoder()
         self.authenticate = authenticate
         self.flush_interval = flush_interval
@@ -417,6 +421,8 @@ class _Stream:
     async def _take(self, decoding: asyncio.Future[Decoded]) -> None:
         """The next message's records, in the order the client sent them."""
         values, digests = await decoding
+        if self.service.shadow is not None:
+            await self.service.shadow.annotate(values, digests)
         self.values += values
         self.digests += digests
         if len(self.values) >= self.service.batch_size:

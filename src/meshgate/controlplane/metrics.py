@@ -36,6 +36,13 @@ class Metrics:
             "Audit records stored (received minus resent duplicates)",
             registry=self.registry,
         )
+        self._shadow = prometheus_client.Counter(
+            "meshgate_shadow_decisions",
+            "Would-be decisions of shadow rules, and how each differs from what was enforced "
+            "(same, newly_refused, newly_allowed, undecided)",
+            ["decision", "change"],
+            registry=self.registry,
+        )
         prometheus_client.Gauge(
             "meshgate_xds_streams", "Connected xDS streams", registry=self.registry
         ).set_function(streams)
@@ -65,6 +72,10 @@ class Metrics:
         """Thread-safe: the audit ingest thread calls it after each commit."""
         self._audit.inc(received)
         self._audit_new.inc(new)
+
+    def shadow_decision(self, decision: str, change: str) -> None:
+        """Thread-safe: the audit ingest thread calls it per shadowed record."""
+        self._shadow.labels(decision, change).inc()
 
     def exposition(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)

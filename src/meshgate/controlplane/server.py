@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from meshgate.audit.open import open_store, store_target
+from meshgate.audit.shadow import ShadowDecisions
 from meshgate.audit.sqlbase import SqlAuditStore
 from meshgate.audit.store import AuditLogStore, AuditStore
 from meshgate.controlplane.access_log import AuditIngest, AuditWriter
@@ -212,6 +213,7 @@ class ControlPlane:
             ),
             authenticate,
             on_commit=self.metrics.audit_committed,
+            shadow=ShadowDecisions(lambda: self.pipeline.state.model, self.metrics.shadow_decision),
         )
         # budgets and global limits, served to gateways on the xDS port (gateways only)
         self._limit_store: LimitStore = open_limit_store(
