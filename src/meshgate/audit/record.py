@@ -48,6 +48,9 @@ class AuditRecord:
     tokens_out: int = 0
     cost_micro_usd: int = 0  # at the destination's prices; 0 when it has none
     mcp_args_digest: str = ""  # sha256 of a tool call's RFC 8785 canonical arguments
+    # a sub-agent's chain of delegation, `supervisor>web-1`, from its verified certificate
+    # ("" for a policy agent; docs/policy.md, "Delegation")
+    delegation_chain: str = ""
 
     @classmethod
     def trusted(cls, timestamp: dt.datetime, values: tuple[Any, ...]) -> AuditRecord:

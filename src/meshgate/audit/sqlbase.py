@@ -67,6 +67,7 @@ FIELDS = (
     "tokens_out",
     "cost_micro_usd",
     "mcp_args_digest",
+    "delegation_chain",
 )
 RECORD_COLUMNS = "id, ts_us, " + ", ".join(FIELDS)
 GATEWAY = 1 + FIELDS.index("gateway")  # its position in `record_values`
@@ -102,7 +103,8 @@ SCHEMA = (
         tokens_in BIGINT NOT NULL DEFAULT 0,
         tokens_out BIGINT NOT NULL DEFAULT 0,
         cost_micro_usd BIGINT NOT NULL DEFAULT 0,
-        mcp_args_digest TEXT NOT NULL DEFAULT '')""",
+        mcp_args_digest TEXT NOT NULL DEFAULT '',
+        delegation_chain TEXT NOT NULL DEFAULT '')""",
     "CREATE INDEX IF NOT EXISTS audit_records_time ON audit_records (ts_us, id)",
     # A resent record (a shipper retrying after a crash) repeats its spool line, start time
     # included, so (time, request id) finds it; ordered by time first, this index grows at its
@@ -151,6 +153,10 @@ ADDED_COLUMNS = (
     (
         "mcp_args_digest",
         "ALTER TABLE audit_records ADD COLUMN mcp_args_digest TEXT NOT NULL DEFAULT ''",
+    ),
+    (
+        "delegation_chain",
+        "ALTER TABLE audit_records ADD COLUMN delegation_chain TEXT NOT NULL DEFAULT ''",
     ),
 )
 MIGRATIONS = (

@@ -47,6 +47,7 @@ from meshgate.controlplane.ads import AdsService
 from meshgate.controlplane.auth import GatewaysOnly, TokenAuthenticator
 from meshgate.controlplane.cache import SnapshotCache
 from meshgate.controlplane.consul import ConsulCatalog
+from meshgate.controlplane.delegation import Delegation
 from meshgate.controlplane.identity import RENEW_WINDOW, IdentityIssuer
 from meshgate.controlplane.metrics import Metrics
 from meshgate.controlplane.pipeline import PolicyPipeline
@@ -114,6 +115,12 @@ class ServeOptions:
     limit_store_password_file: Path | None = None
     # the admin API's bearer token; None: created once in <state_dir>/admin/token
     admin_token_file: Path | None = None
+    # delegation (mTLS only): the endpoint gateways forward `meshgate.internal` to; port 0:
+    # a free one. `delegation_address`: how gateways reach it, when not host:port.
+    delegation: bool = True
+    delegation_host: str = "127.0.0.1"
+    delegation_port: int = 0
+    delegation_address: tuple[str, int] | None = None
 
 
 class IssuerOps:
@@ -184,9 +191,26 @@ class ControlPlane:
         )
         self._identity_ops = IssuerOps(self.issuer) if self.issuer is not None else None
 
+        # sub-agents: a runtime input, and the endpoint supervisors reach through the gateway
+        self.delegation = (
+            Delegation(
+                state_dir,
+                lambda: self.publisher.served_model(),
+                self.tokens,
+                lambda: self.inputs.poke(),
+                options.delegation_host,
+                options.delegation_port,
+                options.delegation_address,
+            )
+            if options.mtls and options.delegation
+            else None
+        )
         # the pipeline: source -> policy -> runtime inputs -> snapshots -> cache -> streams
         self.inputs = RuntimeInputs(
-            self.issuer, lambda: self.publisher, interval=options.secrets_interval
+            self.issuer,
+            lambda: self.publisher,
+            interval=options.secrets_interval,
+            delegation=self.delegation,
         )
         self.publisher = SnapshotPublisher(self.cache, self.translate, self.inputs)
         self.pipeline = PolicyPipeline(
@@ -328,6 +352,7 @@ class ControlPlane:
             self.audit_ingest,
             self.xds_server,
             self.admin_server,
+            *([self.delegation] if self.delegation is not None else []),
             self.inputs,
             self.pipeline,
         ]

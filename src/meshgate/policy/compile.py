@@ -16,6 +16,7 @@ from functools import cached_property, lru_cache
 from meshgate.mcp.canonical import NotCanonical, canonical_text
 from meshgate.mcp.strictjson import fold
 from meshgate.policy import schema, syntax
+from meshgate.policy.delegation import ttl_seconds
 from meshgate.policy.documents import CheckedDoc, did_you_mean
 from meshgate.policy.model import (
     AgentPolicy,
@@ -26,6 +27,7 @@ from meshgate.policy.model import (
     ConsulConfig,
     ConsulService,
     Credentials,
+    Delegation,
     Destination,
     EgressRule,
     GroupBudget,
@@ -598,6 +600,7 @@ class _Compiler:
     def agents(self) -> list[AgentPolicy]:
         own: dict[str, tuple[str, list[_Rule], YamlDoc]] = {}
         own_budgets: dict[str, tuple[Budget, ...]] = {}
+        delegations: dict[str, Delegation] = {}
         shared: dict[str, list[GroupBudget]] = {}
         declared: set[str] = set()
         first_doc: dict[str, CheckedDoc] = {}
@@ -621,6 +624,10 @@ class _Compiler:
                 own_budgets[m.spec.agent] = self.budgets(
                     d.source, ("spec", "budgets"), m.spec.budgets
                 )
+                if m.spec.delegation is not None:
+                    delegations[m.spec.agent] = Delegation(
+                        m.spec.delegation.maxSubAgents, ttl_seconds(m.spec.delegation.maxTtl)
+                    )
 
         group_rules: dict[str, list[_Rule]] = {}
         groups = [d for d in self.unique("AgentGroup") if isinstance(d.model, schema.AgentGroupDoc)]
@@ -666,6 +673,7 @@ class _Compiler:
                     rules=tuple(r.rule for r in merged),
                     budgets=own_budgets.get(agent, ()),
                     group_budgets=tuple(shared.get(agent, ())),
+                    delegation=delegations.get(agent),
                 )
             )
             self.sources.agents[agent] = src.start.short
