@@ -1,0 +1,190 @@
+"""Delegation end to end: a supervisor under `meshgate sidecar run` creates a sub-agent through
+its own sidecar, then runs it under its own `meshgate sidecar run`; real Envoy throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from builders import free_port
+from harness import audit_records, control_plane, gateway, until, upstream, write_policy
+
+from meshgate.delegation.expand import KEY_HEADER
+
+pytestmark = pytest.mark.e2e
+
+AGENTS = """\
+apiVersion: meshgate.dev/v1
+kind: AgentPolicy
+metadata: {name: supervisor}
+spec:
+  agent: supervisor
+  delegation: {maxSubAgents: 2, maxTtl: 10m}
+  egress:
+    - destination: alpha
+    - destination: beta
+      methods: [GET]
+---
+apiVersion: meshgate.dev/v1
+kind: AgentPolicy
+metadata: {name: coder}
+spec:
+  agent: coder
+  egress:
+    - destination: beta
+"""
+
+# The sub-agent: what its narrowed rights allow and refuse, and who it is, whatever it claims.
+SUB_AGENT = """\
+import json, httpx
+out = {}
+spoof = {"x-meshgate-agent": "spiffe://agents.test/agent/supervisor"}
+with httpx.Client(timeout=10) as c:
+    for key, method, url in (
+        ("kept", "GET", "http://alpha.internal/public/page"),
+        ("outside_path", "GET", "http://alpha.internal/private"),
+        ("narrowed_method", "POST", "http://alpha.internal/public/page"),
+        ("rule_not_kept", "GET", "http://beta.internal/x"),
+        ("delegate", "POST", "http://meshgate.internal/v1/sub-agents"),
+    ):
+        r = c.request(method, url, headers=spoof, json={"name": "deeper", "ttl": "1m",
+                                                        "rules": [{"rule": 0}]})
+        out[key] = [r.status_code, r.json(), r.headers.get("x-request-id")]
+print("SUB " + json.dumps(out))
+"""
+
+SUPERVISOR = """\
+import json, os, subprocess, sys, httpx
+cli, xds, workdir = sys.argv[1], sys.argv[2], sys.argv[3]
+out = {}
+api = "http://meshgate.internal/v1/sub-agents"
+with httpx.Client(timeout=20) as c:
+    ask = {"name": "web-1", "ttl": "5m",
+           "rules": [{"rule": 0, "methods": ["GET"], "paths": ["/public/*"]}]}
+    r = c.post(api, json=ask)
+    out["create"] = [r.status_code, r.json()]
+    more = {"name": "greedy", "ttl": "5m", "rules": [{"rule": 1, "methods": ["POST"]}]}
+    r = c.post(api, json=more)
+    out["more_than_parent"] = [r.status_code, r.json()]
+    r = c.post(api, json={"name": "slow", "ttl": "1h", "rules": [{"rule": 0}]})
+    out["too_long"] = [r.status_code, r.json()]
+    # another agent's identity and a guessed gateway key: ignored, the certificate decides
+    forged = {"x-meshgate-agent": "spiffe://agents.test/agent/coder", "KEY_HEADER": "guess"}
+    r = c.post(api, json={"name": "evil", "ttl": "5m", "rules": [{"rule": 0}]}, headers=forged)
+    out["forged"] = [r.status_code, r.json()]
+    r = c.post(api, json={"name": "third", "ttl": "5m", "rules": [{"rule": 0}]})
+    out["over_max"] = [r.status_code, r.json()]
+    r = c.get(api, headers=forged)
+    out["list"] = [r.status_code, r.json()]
+token = out["create"][1]["join_token"]
+with open(os.path.join(workdir, "sub.token"), "w") as f:
+    f.write(token)
+env = {k: v for k, v in os.environ.items() if k.upper() not in ("HTTP_PROXY", "HTTPS_PROXY")}
+sub = subprocess.run(
+    [sys.executable, "-m", "meshgate.cli", "sidecar", "run", "--agent", "supervisor.web-1",
+     "--control-plane", xds, "--state-dir", os.path.join(workdir, "sub-state"),
+     "--token-file", os.path.join(workdir, "sub.token"), "--insecure", "--insecure-same-user",
+     "--", sys.executable, os.path.join(workdir, "sub_agent.py")],
+    env=env, capture_output=True, text=True, timeout=120,
+)
+out["sub_rc"] = sub.returncode
+out["sub_err"] = sub.stderr[-2000:]
+lines = [l for l in sub.stdout.splitlines() if l.startswith("SUB ")]
+out["sub"] = json.loads(lines[-1][4:]) if lines else None
+print("SUPERVISOR " + json.dumps(out))
+""".replace("KEY_HEADER", KEY_HEADER)
+
+
+async def test_supervisor_delegates_a_narrower_sub_agent(tmp_path: Path) -> None:
+    listen = free_port()
+    async with upstream("alpha") as up_a, upstream("beta") as up_b:
+        policy = tmp_path / "policies"
+        write_policy(policy, listen, {"alpha": up_a.port, "beta": up_b.port}, agents={})
+        (policy / "agents.yaml").write_text(AGENTS)
+        async with (
+            control_plane(policy, tmp_path / "state", require_tokens=True, mtls=True) as cp,
+            gateway(cp, tmp_path, audit=True),
+        ):
+            assert cp.tokens is not None and cp.delegation is not None
+            token, _ = cp.tokens.create("agent/supervisor", 600)
+            (tmp_path / "supervisor.token").write_text(token)
+            (tmp_path / "sub_agent.py").write_text(SUB_AGENT)
+            (tmp_path / "supervisor.py").write_text(SUPERVISOR)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "meshgate.cli", "sidecar", "run",
+                "--agent", "supervisor", "--control-plane", cp.xds_address,
+                "--state-dir", str(tmp_path / "sup-state"),
+                "--token-file", str(tmp_path / "supervisor.token"),
+                "--insecure", "--insecure-same-user", "--",
+                sys.executable, str(tmp_path / "supervisor.py"),
+                "meshgate", cp.xds_address, str(tmp_path),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                env={**os.environ},
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(proc.communicate(), 240)
+            assert proc.returncode == 0, err.decode()[-3000:]
+            lines = [x for x in out.decode().splitlines() if x.startswith("SUPERVISOR ")]
+            result = json.loads(lines[-1].removeprefix("SUPERVISOR "))
+
+            created = result["create"]
+            assert created[0] == 201, created
+            assert created[1]["agent"] == "supervisor.web-1"
+            assert created[1]["chain"] == "supervisor>web-1"
+            assert created[1]["spiffe_id"] == "spiffe://agents.test/agent/supervisor/sub/web-1"
+            # more than the parent has: refused, saying what exceeds it
+            status, body = result["more_than_parent"]
+            assert status == 403 and body["error"] == "delegation_refused"
+            assert "method 'POST' is not allowed by the parent's rule" in body["reason"]
+            status, body = result["too_long"]
+            assert status == 403 and "maxTtl" in body["reason"]
+            # forged identity header and key: the sub-agent is the certificate holder's
+            status, body = result["forged"]
+            assert status == 201 and body["agent"] == "supervisor.evil", body
+            status, body = result["over_max"]
+            assert status == 403 and "maxSubAgents is 2" in body["reason"]
+            status, body = result["list"]
+            assert body["agent"] == "supervisor"
+            assert [s["agent"] for s in body["sub_agents"]] == [
+                "supervisor.evil",
+                "supervisor.web-1",
+            ]
+
+            sub = result["sub"]
+            assert sub is not None, result["sub_err"]
+            assert sub["kept"][0] == 200 and sub["kept"][1]["upstream"] == "alpha"
+            for key in ("outside_path", "narrowed_method", "rule_not_kept", "delegate"):
+                assert sub[key][0] == 403, (key, sub[key])
+                assert sub[key][1]["agent"] == "spiffe://agents.test/agent/supervisor/sub/web-1"
+            assert [h["path"] for h in up_a.hits] == ["/public/page"]
+            assert not up_b.hits
+
+            # audit: every request of the sub-agent carries the chain, from its certificate
+            def sub_records() -> list[object]:
+                return audit_records(cp, agent="supervisor.web-1")
+
+            records = await until(lambda: len(sub_records()) >= 5, 15, "sub-agent records")
+            records = audit_records(cp, agent="supervisor.web-1")
+            assert {r.delegation_chain for r in records} == {"supervisor>web-1"}
+            assert {r.spiffe_id for r in records} == {
+                "spiffe://agents.test/agent/supervisor/sub/web-1"
+            }
+            by_path = {(r.method, r.path): r.decision for r in records}
+            assert by_path[("GET", "/public/page")] == "allowed"
+            assert by_path[("GET", "/private")] == "denied"
+            assert by_path[("POST", "/public/page")] == "denied"
+            supervisor = audit_records(cp, agent="supervisor")
+            assert supervisor and {r.delegation_chain for r in supervisor} == {""}
+
+            # the endpoint itself answers only requests that came through a gateway
+            port = cp.delegation.server.port
+            async with httpx.AsyncClient(timeout=10) as client:
+                r = await client.get(
+                    f"http://127.0.0.1:{port}/v1/sub-agents",
+                    headers={"x-meshgate-agent": "spiffe://agents.test/agent/supervisor"},
+                )
+            assert r.status_code == 403 and r.json()["error"] == "not_through_gateway"
