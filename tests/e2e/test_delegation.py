@@ -188,3 +188,20 @@ async def test_supervisor_delegates_a_narrower_sub_agent(tmp_path: Path) -> None
                     headers={"x-meshgate-agent": "spiffe://agents.test/agent/supervisor"},
                 )
             assert r.status_code == 403 and r.json()["error"] == "not_through_gateway"
+
+            # the parent's policy changes the rule its sub-agents kept: they lose it at once
+            def served_subs() -> list[str]:
+                served = cp.publisher.served_model()
+                assert served is not None
+                return [a.agent for a in served.agents if "." in a.agent]
+
+            assert served_subs() == ["supervisor.evil", "supervisor.web-1"]
+            (policy / "agents.yaml").write_text(
+                AGENTS.replace(
+                    "    - destination: alpha\n",
+                    "    - destination: alpha\n      paths: [/public/*]\n",
+                    1,
+                )
+            )
+            await until(lambda: not served_subs(), 10, "sub-agents revoked")
+            assert cp.delegation.registry.all() == []

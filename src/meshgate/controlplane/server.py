@@ -59,6 +59,7 @@ from meshgate.controlplane.services import Service
 from meshgate.controlplane.sources import PolicySource
 from meshgate.controlplane.streams import Authenticator, allow_all
 from meshgate.controlplane.xds_server import XdsServer
+from meshgate.delegation.registry import describe as describe_sub_agent
 from meshgate.errors import ConfigError, MeshgateError
 from meshgate.identity.admin_token import load_or_create_token, load_token_file, token_path
 from meshgate.identity.certs import IssuedCert
@@ -306,6 +307,12 @@ class ControlPlane:
             "nodes": [c.to_json() for c in self.registry.connections()],
             "recent_nacks": [n.to_json() for n in self.registry.nacks()],
             "consul": self.consul.status_json(),  # watched services (issue 13)
+            # sub-agents and who delegated to them (None: delegation off, needs mTLS)
+            "sub_agents": (
+                [describe_sub_agent(s) for s in self.delegation.registry.all()]
+                if self.delegation is not None
+                else None
+            ),
         }
 
     # -- lifecycle ----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ happens under it.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import json
 import logging
 import os
@@ -226,8 +227,8 @@ def describe(sub: SubAgent) -> dict[str, Any]:
         "agent": sub.name,
         "parent": sub.parent,
         "chain": names.chain_text(sub.name),
-        "created_at": sub.created_at,
-        "expires_at": sub.expires_at,
+        "created_at": _iso(sub.created_at),
+        "expires_at": _iso(sub.expires_at),
         "rules": [
             {
                 "rule": g.rule,
@@ -248,3 +249,7 @@ def describe(sub: SubAgent) -> dict[str, Any]:
             else None
         ),
     }
+
+
+def _iso(seconds: int) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).isoformat()

@@ -71,7 +71,10 @@ def parse_spiffe_id(value: str) -> tuple[str, Kind, str]:
         )
     trust_domain, kind = parts[0], parts[1]
     checked: Kind = "agent" if kind == "agent" else "gateway"
-    spiffe_id(trust_domain, checked, name)  # validates both parts
+    if spiffe_id(trust_domain, checked, name) != value:  # validates; one spelling per identity
+        raise IdentityError(
+            f"invalid SPIFFE ID {value!r}: a sub-agent is agent/<parent>/sub/<name>"
+        )
     return trust_domain, checked, name
 
 
