@@ -50,12 +50,28 @@ with httpx.Client(timeout=10) as c:
         ("outside_path", "GET", "http://alpha.internal/private"),
         ("narrowed_method", "POST", "http://alpha.internal/public/page"),
         ("rule_not_kept", "GET", "http://beta.internal/x"),
-        ("delegate", "POST", "http://meshgate.internal/v1/sub-agents"),
     ):
-        r = c.request(method, url, headers=spoof, json={"name": "deeper", "ttl": "1m",
-                                                        "rules": [{"rule": 0}]})
-        out[key] = [r.status_code, r.json(), r.headers.get("x-request-id")]
+        r = c.request(method, url, headers=spoof)
+        out[key] = [r.status_code, r.json()]
+    # it may delegate in turn, within its own (narrowed) rights and limits
+    api = "http://meshgate.internal/v1/sub-agents"
+    for key, ask in (
+        ("deeper_too_wide", {"name": "wide", "ttl": "1m",
+                             "rules": [{"rule": 0, "paths": ["/private"]}]}),
+        ("deeper", {"name": "deeper", "ttl": "1m",
+                    "rules": [{"rule": 0, "paths": ["/public/docs/*"]}]}),
+        ("deeper_again", {"name": "again", "ttl": "1m", "rules": [{"rule": 0}]}),
+    ):
+        r = c.post(api, json=ask, headers=spoof)
+        out[key] = [r.status_code, r.json()]
 print("SUB " + json.dumps(out))
+"""
+
+CODER = """\
+import json, httpx
+r = httpx.post("http://meshgate.internal/v1/sub-agents", timeout=10,
+               json={"name": "mine", "ttl": "1m", "rules": [{"rule": 0}]})
+print(json.dumps([r.status_code, r.json()]))
 """
 
 SUPERVISOR = """\
@@ -65,7 +81,8 @@ out = {}
 api = "http://meshgate.internal/v1/sub-agents"
 with httpx.Client(timeout=20) as c:
     ask = {"name": "web-1", "ttl": "5m",
-           "rules": [{"rule": 0, "methods": ["GET"], "paths": ["/public/*"]}]}
+           "rules": [{"rule": 0, "methods": ["GET"], "paths": ["/public/*"]}],
+           "delegation": {"maxSubAgents": 1, "maxTtl": "1m"}}
     r = c.post(api, json=ask)
     out["create"] = [r.status_code, r.json()]
     more = {"name": "greedy", "ttl": "5m", "rules": [{"rule": 1, "methods": ["POST"]}]}
@@ -157,11 +174,47 @@ async def test_supervisor_delegates_a_narrower_sub_agent(tmp_path: Path) -> None
             sub = result["sub"]
             assert sub is not None, result["sub_err"]
             assert sub["kept"][0] == 200 and sub["kept"][1]["upstream"] == "alpha"
-            for key in ("outside_path", "narrowed_method", "rule_not_kept", "delegate"):
+            for key in ("outside_path", "narrowed_method", "rule_not_kept"):
                 assert sub[key][0] == 403, (key, sub[key])
                 assert sub[key][1]["agent"] == "spiffe://agents.test/agent/supervisor/sub/web-1"
             assert [h["path"] for h in up_a.hits] == ["/public/page"]
             assert not up_b.hits
+            # a sub-sub-agent: checked against the sub-agent's rights, not the supervisor's
+            status, body = sub["deeper_too_wide"]
+            assert status == 403
+            assert "path '/private' is not inside the parent's paths (/public/*)" in body["reason"]
+            status, body = sub["deeper"]
+            assert status == 201, body
+            assert body["agent"] == "supervisor.web-1.deeper"
+            assert body["chain"] == "supervisor>web-1>deeper"
+            assert body["spiffe_id"] == (
+                "spiffe://agents.test/agent/supervisor/sub/web-1/sub/deeper"
+            )
+            status, body = sub["deeper_again"]
+            assert status == 403 and "maxSubAgents is 1" in body["reason"]
+            assert {s["agent"] for s in cp.status_json()["sub_agents"]} == {
+                "supervisor.evil",
+                "supervisor.web-1",
+                "supervisor.web-1.deeper",
+            }
+
+            # an agent without `delegation` has no route to the endpoint at all
+            token, _ = cp.tokens.create("agent/coder", 600)
+            (tmp_path / "coder.token").write_text(token)
+            (tmp_path / "coder.py").write_text(CODER)
+            coder = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "meshgate.cli", "sidecar", "run",
+                "--agent", "coder", "--control-plane", cp.xds_address,
+                "--state-dir", str(tmp_path / "coder-state"),
+                "--token-file", str(tmp_path / "coder.token"),
+                "--insecure", "--insecure-same-user", "--",
+                sys.executable, str(tmp_path / "coder.py"),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(coder.communicate(), 120)
+            assert coder.returncode == 0, err.decode()[-3000:]
+            status, body = json.loads(out.decode().strip().splitlines()[-1])
+            assert status == 403 and body["error"] == "egress_denied", body
 
             # audit: every request of the sub-agent carries the chain, from its certificate
             def sub_records() -> list[object]:
@@ -195,7 +248,11 @@ async def test_supervisor_delegates_a_narrower_sub_agent(tmp_path: Path) -> None
                 assert served is not None
                 return [a.agent for a in served.agents if "." in a.agent]
 
-            assert served_subs() == ["supervisor.evil", "supervisor.web-1"]
+            assert served_subs() == [
+                "supervisor.evil",
+                "supervisor.web-1",
+                "supervisor.web-1.deeper",
+            ]
             (policy / "agents.yaml").write_text(
                 AGENTS.replace(
                     "    - destination: alpha\n",
