@@ -44,7 +44,10 @@ class Delegation:
         """Where gateways reach the endpoint, once it listens."""
         if not self._started:
             return None
-        return Service(self._advertise or (self.server.host, self.server.port))
+        host = self.server.host
+        if host in ("", "0.0.0.0", "::"):  # listening everywhere: gateways on this host
+            host = "127.0.0.1"
+        return Service(self._advertise or (host, self.server.port))
 
     async def start(self) -> None:
         await self.server.start()
