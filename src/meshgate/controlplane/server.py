@@ -301,6 +301,12 @@ class ControlPlane:
                 "xds": self.xds_address,
                 "admin": self.admin_address,
                 "ready": self.ready,
+                # the endpoint gateways forward `meshgate.internal` to (None: delegation off)
+                "delegation": (
+                    f"{self.delegation.server.host}:{self.delegation.server.port}"
+                    if self.delegation is not None
+                    else None
+                ),
             },
             "policy": {**self.policy.to_json(), "missing_secrets": self.missing_secrets()},
             "ca": self.issuer.authority() if self.issuer is not None else None,
