@@ -68,6 +68,7 @@ from meshgate.identity.xds_tls import ensure_serving_cert, load_serving_cert, wi
 from meshgate.pacing.open import open_limit_store
 from meshgate.pacing.store import LimitStore
 from meshgate.pacing.store_service import store_service_handler
+from meshgate.policy.model import PolicyModel
 from meshgate.urls import redact_url, without_password
 from meshgate.xds.options import DEFAULT_CA_BUNDLE, TranslateOptions
 
@@ -294,6 +295,9 @@ class ControlPlane:
 
     def missing_secrets(self) -> list[str]:
         return self.publisher.missing_secrets()
+
+    def served_model(self) -> PolicyModel | None:
+        return self.publisher.served_model()
 
     def status_json(self) -> dict[str, Any]:
         return {

@@ -20,6 +20,7 @@ from meshgate.policy.model import (
     Delegation,
     Destination,
     EgressRule,
+    GroupBudget,
     PolicyModel,
 )
 
@@ -70,7 +71,8 @@ def expand(
     model: PolicyModel, subs: Sequence[SubAgent], service: Service | None = None
 ) -> Expansion:
     """`model` with the sub-agents that still hold (parents first) and the service rules."""
-    agents: dict[str, AgentPolicy] = {a.agent: a for a in model.agents}
+    own = [shared_budgets(a) if a.delegation else a for a in model.agents]
+    agents: dict[str, AgentPolicy] = {a.agent: a for a in own}
     expiry: dict[str, int] = {}
     children: dict[str, int] = {}
     active: list[SubAgent] = []
@@ -87,7 +89,7 @@ def expand(
         children[sub.parent] = children.get(sub.parent, 0) + 1
         active.append(sub)
         added.append(policy)
-    everyone = [*model.agents, *added]
+    everyone = [*own, *added]
     destinations = model.destinations
     if service is not None and not any(d.host == SERVICE_HOST for d in destinations):
         destinations = tuple(sorted((*destinations, service_destination(service)), key=_name))
@@ -131,10 +133,31 @@ def derive(
         name=parent.name,
         agent=sub.name,
         rules=rules,
-        # its own counters with its parent's limits; group budgets are one shared counter
-        budgets=parent.budgets,
+        # the parent's budgets are group budgets (`shared_budgets`): one counter, charged by
+        # the parent and everything below it
+        budgets=(),
         group_budgets=parent.group_budgets,
         delegation=sub.delegation,
+    )
+
+
+def budget_group(agent: str) -> str:
+    """The group an agent's own budgets become once it may delegate (a name no AgentGroup can
+    have), so that its sub-agents' spend counts against them too."""
+    return f"delegation:{agent}"
+
+
+def shared_budgets(agent: AgentPolicy) -> AgentPolicy:
+    """An agent that may delegate: its own budgets as one counter it shares with its sub-agents
+    (`group/delegation:<agent>/<name>` instead of `agent/<agent>/<name>`; same limits, same
+    requests counted). Its rules' budgets and rate limits are not shared (docs/policy.md)."""
+    if not agent.budgets:
+        return agent
+    group = budget_group(agent.agent)
+    return dataclasses.replace(
+        agent,
+        budgets=(),
+        group_budgets=(*agent.group_budgets, *(GroupBudget(group, b) for b in agent.budgets)),
     )
 
 

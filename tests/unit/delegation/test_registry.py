@@ -14,12 +14,15 @@ from meshgate.delegation.registry import DelegationRegistry, Request
 from meshgate.delegation.rights import DelegationError, RuleGrant
 from meshgate.policy.model import (
     AgentPolicy,
+    Budget,
     Delegation,
     Destination,
     EgressRule,
+    Llm,
     Mesh,
     PolicyModel,
 )
+from meshgate.xds.pacing import pace_spec
 
 
 class Clock:
@@ -147,3 +150,36 @@ def test_a_sub_sub_agent_never_outlives_its_parent(tmp_path: Path, clock: Clock)
     served = expand(m, reg.current(m)).model
     deep = reg.create("sup.web-1", ask("deep", 600), served)
     assert deep.expires_at == clock.now + 30
+
+
+def test_sub_agents_spend_from_their_parents_own_budgets(tmp_path: Path, clock: Clock) -> None:
+    """The parent's agent budgets become one counter the parent and its sub-agents share: the
+    pacer's spec of a sub-agent's request names the same budget id as the parent's."""
+    daily = Budget("daily", "cost_micro_usd", 5_000_000, "day")
+    m = model()
+    sup = m.agent("sup")
+    assert sup is not None
+    m = dataclasses.replace(
+        m,
+        agents=tuple(dataclasses.replace(a, budgets=(daily,)) if a is sup else a for a in m.agents),
+        destinations=tuple(dataclasses.replace(d, llm=Llm("openai")) for d in m.destinations),
+    )
+    reg = DelegationRegistry(tmp_path, clock)
+    served = expand(m, (), Service(("127.0.0.1", 9))).model
+    reg.create("sup", ask(), served)
+    served = expand(m, reg.current(m), Service(("127.0.0.1", 9))).model
+    alpha = served.destination("alpha")
+
+    def budget_ids(agent: str) -> set[str]:
+        policy = served.agent(agent)
+        assert policy is not None
+        spec = pace_spec(served.mesh, policy, 0, policy.rules[0], alpha)
+        assert spec is not None
+        return {b.id for b in spec.budgets}
+
+    assert budget_ids("sup") == {"group/delegation:sup/daily"}
+    assert budget_ids("sup.web-1") == {"group/delegation:sup/daily"}
+    # an agent that may not delegate keeps its counter where it was
+    plain = expand(dataclasses.replace(m, agents=tuple(
+        dataclasses.replace(a, delegation=None) for a in m.agents)), ()).model  # fmt: skip
+    assert plain.agent("sup") == dataclasses.replace(m.agent("sup"), delegation=None)  # type: ignore[arg-type]
