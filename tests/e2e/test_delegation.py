@@ -262,3 +262,81 @@ async def test_supervisor_delegates_a_narrower_sub_agent(tmp_path: Path) -> None
             )
             await until(lambda: not served_subs(), 10, "sub-agents revoked")
             assert cp.delegation.registry.all() == []
+
+
+BUDGET_AGENTS = """\
+apiVersion: meshgate.dev/v1
+kind: AgentPolicy
+metadata: {name: supervisor}
+spec:
+  agent: supervisor
+  delegation: {maxSubAgents: 1, maxTtl: 10m}
+  budgets:
+    - {name: calls, requests: 4, window: day}
+  egress:
+    - destination: alpha
+"""
+
+SPENDER = """\
+import json, httpx
+print(json.dumps([httpx.get(f"http://alpha.internal/sub/{i}", timeout=10).status_code
+                  for i in range(2)]))
+"""
+
+BUDGET_SUPERVISOR = """\
+import json, os, subprocess, sys, httpx
+xds, workdir = sys.argv[1], sys.argv[2]
+r = httpx.post("http://meshgate.internal/v1/sub-agents", timeout=20,
+               json={"name": "spender", "ttl": "5m", "rules": [{"rule": 0}]})
+assert r.status_code == 201, r.text
+with open(os.path.join(workdir, "spender.token"), "w") as f:
+    f.write(r.json()["join_token"])
+env = {k: v for k, v in os.environ.items() if k.upper() not in ("HTTP_PROXY", "HTTPS_PROXY")}
+sub = subprocess.run(
+    [sys.executable, "-m", "meshgate.cli", "sidecar", "run", "--agent", "supervisor.spender",
+     "--control-plane", xds, "--state-dir", os.path.join(workdir, "spender-state"),
+     "--token-file", os.path.join(workdir, "spender.token"), "--insecure",
+     "--insecure-same-user", "--", sys.executable, os.path.join(workdir, "spender.py")],
+    env=env, capture_output=True, text=True, timeout=120,
+)
+spent = json.loads(sub.stdout.strip().splitlines()[-1]) if sub.stdout.strip() else sub.stderr
+own = [httpx.get(f"http://alpha.internal/own/{i}", timeout=10) for i in range(2)]
+print("BUDGET " + json.dumps({"sub": spent, "own": [[r.status_code, r.text] for r in own]}))
+"""
+
+
+async def test_sub_agents_spend_from_the_parents_budget(tmp_path: Path) -> None:
+    listen = free_port()
+    async with upstream("alpha") as up_a:
+        policy = tmp_path / "policies"
+        write_policy(policy, listen, {"alpha": up_a.port}, agents={})
+        (policy / "agents.yaml").write_text(BUDGET_AGENTS)
+        async with (
+            control_plane(policy, tmp_path / "state", require_tokens=True, mtls=True) as cp,
+            gateway(cp, tmp_path),
+        ):
+            assert cp.tokens is not None
+            token, _ = cp.tokens.create("agent/supervisor", 600)
+            (tmp_path / "supervisor.token").write_text(token)
+            (tmp_path / "spender.py").write_text(SPENDER)
+            (tmp_path / "supervisor.py").write_text(BUDGET_SUPERVISOR)
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "meshgate.cli", "sidecar", "run",
+                "--agent", "supervisor", "--control-plane", cp.xds_address,
+                "--state-dir", str(tmp_path / "sup-state"),
+                "--token-file", str(tmp_path / "supervisor.token"),
+                "--insecure", "--insecure-same-user", "--",
+                sys.executable, str(tmp_path / "supervisor.py"), cp.xds_address, str(tmp_path),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(proc.communicate(), 240)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    line = [x for x in out.decode().splitlines() if x.startswith("BUDGET ")][-1]
+    result = json.loads(line.removeprefix("BUDGET "))
+    assert result["sub"] == [200, 200], result
+    # four calls a day for the supervisor and everything it delegated (asking for the
+    # sub-agent was one, through the gateway): its own second call is the fifth, refused
+    assert [status for status, _ in result["own"]] == [200, 429], result
+    refusal = json.loads(result["own"][1][1])
+    assert "delegation:supervisor/calls" in json.dumps(refusal), refusal
+    assert [h["path"] for h in up_a.hits] == ["/sub/0", "/sub/1", "/own/0"]
