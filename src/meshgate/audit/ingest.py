@@ -144,6 +144,15 @@ def delegation_chain(spiffe_id: str) -> str:
     return m["name"].replace("/sub/", ">") if m else ""
 
 
+def node_chain(node_id: str) -> str:
+    """The chain of a sub-agent's own sidecar (`agent/supervisor.web-1/<instance>`, a node id
+    its join token was checked against), for what that sidecar refuses itself."""
+    if not node_id.startswith("agent/"):
+        return ""
+    name = node_id.split("/", 2)[1]
+    return name.replace(".", ">") if "." in name else ""
+
+
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _TIMEDELTA = dt.timedelta
 _MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799  # years 1..9999
@@ -243,7 +252,7 @@ def entry_values(entry: als.HTTPAccessLogEntry, node_id: str) -> tuple[Any, ...]
         tokens_out,
         cost,
         digest[:MAX_FIELD],
-        delegation_chain(spiffe_id)[:MAX_FIELD],
+        (delegation_chain(spiffe_id) or node_chain(node_id))[:MAX_FIELD],
     )
 
 

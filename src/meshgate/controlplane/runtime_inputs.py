@@ -45,7 +45,21 @@ class Inputs:
         """The policy as translated: with the sub-agents and the delegation service."""
         if not self.sub_agents and self.service is None:
             return resolved
-        return expand(resolved, self.sub_agents, self.service).model
+        global _last_expanded
+        last = _last_expanded  # one entry: the refresh loop asks every second, mostly unchanged
+        if (
+            last is not None
+            and last[0] is resolved
+            and last[1] == self.sub_agents
+            and last[2] == self.service
+        ):
+            return last[3]
+        model = expand(resolved, self.sub_agents, self.service).model
+        _last_expanded = (resolved, self.sub_agents, self.service, model)
+        return model
+
+
+_last_expanded: tuple[PolicyModel, tuple[SubAgent, ...], Service | None, PolicyModel] | None = None
 
 
 class DelegationSource(Protocol):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from meshgate.audit.ingest import agent_name, delegation_chain
+from meshgate.audit.ingest import agent_name, delegation_chain, node_chain
 from meshgate.delegation import names
 from meshgate.identity.ca import IdentityError
 from meshgate.identity.certs import parse_spiffe_id, spiffe_id
@@ -42,3 +42,9 @@ def test_audit_chain_comes_from_the_verified_spiffe_id() -> None:
     assert agent_name(sid) == "sup.web-1.deep"
     assert delegation_chain("spiffe://agents.test/agent/sup") == ""
     assert delegation_chain("") == ""  # no certificate (plaintext): no chain
+
+
+def test_a_sub_agents_sidecar_records_carry_the_chain_of_its_node() -> None:
+    assert node_chain("agent/sup.web-1/local") == "sup>web-1"
+    assert node_chain("agent/sup/local") == ""
+    assert node_chain("gateway/g1") == ""
