@@ -168,11 +168,15 @@ class DelegationRegistry:
         path = self.directory / FILE
         try:
             data = json.loads(path.read_text())
+            return [_from_json(item) for item in data]
         except FileNotFoundError:
             return []
-        except (OSError, ValueError) as exc:
-            raise DelegationError(f"{path}: unreadable ({exc})") from None
-        return [_from_json(item) for item in data]
+        except (OSError, ValueError, TypeError, KeyError, IndexError) as exc:
+            # fail closed for the sub-agents (they lose their rights), not for the mesh
+            aside = path.with_name(f"{FILE}.unreadable")
+            log.error("%s: unreadable (%s); moved to %s, no sub-agents kept", path, exc, aside)
+            os.replace(path, aside)
+            return []
 
     def _save(self) -> None:
         path = self.directory / FILE

@@ -183,3 +183,13 @@ def test_sub_agents_spend_from_their_parents_own_budgets(tmp_path: Path, clock: 
     plain = expand(dataclasses.replace(m, agents=tuple(
         dataclasses.replace(a, delegation=None) for a in m.agents)), ()).model  # fmt: skip
     assert plain.agent("sup") == dataclasses.replace(m.agent("sup"), delegation=None)  # type: ignore[arg-type]
+
+
+def test_an_unreadable_file_drops_the_sub_agents_not_the_control_plane(
+    tmp_path: Path, clock: Clock
+) -> None:
+    (tmp_path / "delegation").mkdir()
+    (tmp_path / "delegation" / "sub-agents.json").write_text('[{"name": 3}]')
+    reg = DelegationRegistry(tmp_path, clock)
+    assert reg.all() == []
+    assert (tmp_path / "delegation" / "sub-agents.json.unreadable").exists()
