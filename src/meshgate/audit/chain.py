@@ -86,14 +86,16 @@ def record_values(r: AuditRecord) -> tuple[Any, ...]:
         float(r.duration_ms), r.policy_version, r.gateway, r.mcp_method, r.mcp_tool,
         r.model, r.tokens_in, r.tokens_out, r.cost_micro_usd, r.mcp_args_digest,
         r.shadow_decision, r.shadow_reason,
+        r.delegation_chain,
     )  # fmt: skip
 
 
 BASE_FIELDS = 16  # values before the MCP fields, which were added later
 # Where each group of later fields ends: (mcp_method, mcp_tool), then the pacer's and the tool
-# call's fields, then the shadow decision. A record encodes up to its last group with a value
-# set, so a record stored before a group existed still encodes, and verifies, exactly as it did.
-GROUP_ENDS = (18, 23, 25)
+# call's fields, then the shadow decision, then the delegation chain. A record encodes up to its
+# last group with a value set, so a record stored before a group existed still encodes, and
+# verifies, exactly as it did.
+GROUP_ENDS = (18, 23, 25, 26)
 
 
 def _trimmed(values: tuple[Any, ...]) -> tuple[Any, ...]:

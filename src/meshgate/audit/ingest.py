@@ -71,7 +71,8 @@ FLAG_FIELDS: dict[str, str] = {
 UPSTREAM_FAILURE_FIELDS = frozenset(
     FLAG_FIELDS[f] for f in ("UH", "UT", "UR", "UF", "UC", "UO", "URX", "UMSDR", "UPE", "NC", "DF")
 )
-_SPIFFE_AGENT = re.compile(r"^spiffe://[^/]+/agent/(?P<name>[^/]+)$")
+# a policy agent's name, or a sub-agent's path (`parent/sub/child`, delegation/names.py)
+_SPIFFE_AGENT = re.compile(r"^spiffe://[^/]+/agent/(?P<name>[^/]+(/sub/[^/]+)*)$")
 
 
 # The pacer's refusals, by the response code details it sets (pacing.spec): on an allow route
@@ -140,7 +141,25 @@ def decide(
 def agent_name(header: str) -> str:
     """The agent's name from what the gateway routed on: a name, or its SPIFFE ID (mTLS)."""
     m = _SPIFFE_AGENT.match(header)
-    return m["name"] if m else header
+    return m["name"].replace("/sub/", ".") if m else header
+
+
+def delegation_chain(spiffe_id: str) -> str:
+    """`supervisor>web-1` from a sub-agent's verified SPIFFE ID (`.../agent/supervisor/sub/
+    web-1`), which the gateway took from its client certificate: nothing the agent sends."""
+    if "/sub/" not in spiffe_id:
+        return ""
+    m = _SPIFFE_AGENT.match(spiffe_id)
+    return m["name"].replace("/sub/", ">") if m else ""
+
+
+def node_chain(node_id: str) -> str:
+    """The chain of a sub-agent's own sidecar (`agent/supervisor.web-1/<instance>`, a node id
+    its join token was checked against), for what that sidecar refuses itself."""
+    if not node_id.startswith("agent/"):
+        return ""
+    name = node_id.split("/", 2)[1]
+    return name.replace(".", ">") if "." in name else ""
 
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -244,6 +263,7 @@ def entry_values(entry: als.HTTPAccessLogEntry, node_id: str) -> tuple[Any, ...]
         digest[:MAX_FIELD],
         "",  # shadow_decision, shadow_reason: set after decoding (audit.shadow)
         "",
+        (delegation_chain(spiffe_id) or node_chain(node_id))[:MAX_FIELD],
     )
 
 

@@ -51,6 +51,9 @@ class AuditRecord:
     # what the policy's shadow rules would have decided (audit.shadow); "" when none apply
     shadow_decision: str = ""
     shadow_reason: str = ""
+    # a sub-agent's chain of delegation, `supervisor>web-1`, from its verified certificate
+    # ("" for a policy agent; docs/policy.md, "Delegation")
+    delegation_chain: str = ""
 
     @classmethod
     def trusted(cls, timestamp: dt.datetime, values: tuple[Any, ...]) -> AuditRecord:

@@ -215,7 +215,7 @@ class ShadowDecisions:
                 decided = ("undecided", "shadow evaluation failed")
             if decided is None:
                 continue
-            annotated = (*v[:SHADOW], decided[0], decided[1][:256])
+            annotated = (*v[:SHADOW], decided[0], decided[1][:256], *v[SHADOW + 2 :])
             values[i] = annotated
             digests[i] = values_digest(annotated)
             if self._on_decision is not None:

@@ -69,6 +69,7 @@ FIELDS = (
     "mcp_args_digest",
     "shadow_decision",
     "shadow_reason",
+    "delegation_chain",
 )
 RECORD_COLUMNS = "id, ts_us, " + ", ".join(FIELDS)
 GATEWAY = 1 + FIELDS.index("gateway")  # its position in `record_values`
@@ -106,7 +107,8 @@ SCHEMA = (
         cost_micro_usd BIGINT NOT NULL DEFAULT 0,
         mcp_args_digest TEXT NOT NULL DEFAULT '',
         shadow_decision TEXT NOT NULL DEFAULT '',
-        shadow_reason TEXT NOT NULL DEFAULT '')""",
+        shadow_reason TEXT NOT NULL DEFAULT '',
+        delegation_chain TEXT NOT NULL DEFAULT '')""",
     "CREATE INDEX IF NOT EXISTS audit_records_time ON audit_records (ts_us, id)",
     # A resent record (a shipper retrying after a crash) repeats its spool line, start time
     # included, so (time, request id) finds it; ordered by time first, this index grows at its
@@ -163,6 +165,10 @@ ADDED_COLUMNS = (
     (
         "shadow_reason",
         "ALTER TABLE audit_records ADD COLUMN shadow_reason TEXT NOT NULL DEFAULT ''",
+    ),
+    (
+        "delegation_chain",
+        "ALTER TABLE audit_records ADD COLUMN delegation_chain TEXT NOT NULL DEFAULT ''",
     ),
 )
 MIGRATIONS = (

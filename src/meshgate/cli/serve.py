@@ -104,6 +104,14 @@ def serve(
     limit_store: LimitStoreOpt = None,
     limit_store_password_file: LimitStorePasswordFileOpt = None,
     admin_token_file: ServeAdminTokenOpt = None,
+    delegation_port: Annotated[
+        int,
+        typer.Option(help="Port of the delegation endpoint gateways forward to (0: a free one)."),
+    ] = 0,
+    delegation_address: Annotated[
+        str | None,
+        typer.Option(help="HOST:PORT gateways reach the delegation endpoint at; default HOST."),
+    ] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the control plane only (xDS + admin HTTP + audit ingest), serving POLICIES."""
@@ -115,6 +123,10 @@ def serve(
         gateway_at = parse_address(gateway_address) if gateway_address else None
     except MeshgateError as exc:
         raise fail(str(exc).replace("--control-plane", "--gateway-address")) from None
+    try:
+        delegation_at = parse_address(delegation_address) if delegation_address else None
+    except MeshgateError as exc:
+        raise fail(str(exc).replace("--control-plane", "--delegation-address")) from None
     if insecure:
         if xds_cert is not None or xds_key is not None or ca != "builtin":
             raise fail("--insecure turns TLS and mTLS off: it excludes --xds-cert/--xds-key/--ca")
@@ -143,6 +155,9 @@ def serve(
         limit_store=limit_store or "",
         limit_store_password_file=limit_store_password_file,
         admin_token_file=admin_token_file,
+        delegation_host=host,
+        delegation_port=delegation_port,
+        delegation_address=delegation_at,
     )
 
     async def main(stop: asyncio.Event) -> None:

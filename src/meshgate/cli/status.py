@@ -76,6 +76,14 @@ def status(
         for problem in rej["problems"]:
             out.print(Text(f"  {problem}"))
     _print_consul(data.get("consul") or [], wide)
+    for sub in data.get("sub_agents") or []:  # delegation: who runs with whose rights
+        rules = ", ".join(str(r["rule"]) for r in sub["rules"])
+        out.print(
+            Text(
+                f"sub-agent {sub['agent']} (chain {sub['chain']}) keeps rules {rules} of "
+                f"{sub['parent']}, until {sub['expires_at']}"
+            )
+        )
     nodes = data["nodes"]
     print_table(
         NODE_COLUMNS,

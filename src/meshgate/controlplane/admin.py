@@ -29,6 +29,7 @@ from meshgate.errors import ConfigError, MeshgateError
 from meshgate.identity.certs import IssuedCert, describe
 from meshgate.pacing.report import budget_rows
 from meshgate.pacing.store import LimitStore, StoreUnavailable
+from meshgate.policy.model import PolicyModel
 from meshgate.policy.plan import describe_rule
 from meshgate.policy.serialize import model_to_json
 
@@ -110,6 +111,10 @@ class AdminView(Protocol):
         ...
 
     def status_json(self) -> dict[str, Any]: ...
+
+    def served_model(self) -> PolicyModel | None:
+        """The policy as served: with sub-agents (delegation); None before the first build."""
+        ...
 
     def metrics_text(self) -> bytes:
         """The Prometheus exposition."""
@@ -193,8 +198,9 @@ def make_app(cp: AdminView, admin_token: str) -> web.Application:
         return web.json_response({"rotated": True, "intermediate_serial": f"{serial:x}"})
 
     async def budgets(request: web.Request) -> web.Response:
-        """Every budget that applies (to `?agent=NAME`), with spent and reserved now."""
-        model = cp.policy.model
+        """Every budget that applies (to `?agent=NAME`), with spent and reserved now: of the
+        model served, so sub-agents and the budgets they share with their parent show."""
+        model = cp.served_model() or cp.policy.model
         if model is None:
             return web.json_response({"error": "no policy loaded"}, status=404)
         agent = request.query.get("agent") or None

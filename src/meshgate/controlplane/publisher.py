@@ -15,6 +15,7 @@ from typing import Protocol
 
 from meshgate.controlplane.pipeline import CompiledPolicy
 from meshgate.controlplane.runtime_inputs import Inputs, InputsChange
+from meshgate.policy.model import PolicyModel
 from meshgate.xds.build import build_snapshots
 from meshgate.xds.options import TranslateOptions
 from meshgate.xds.snapshot import Snapshot
@@ -40,7 +41,7 @@ class Serving:
     def build(self, translate: TranslateOptions) -> dict[str, Snapshot]:
         i = self.inputs
         return build_snapshots(
-            self.policy.resolved, translate, i.secrets, i.identities, i.endpoints
+            i.model(self.policy.resolved), translate, i.secrets, i.identities, i.endpoints
         )
 
 
@@ -78,6 +79,11 @@ class SnapshotPublisher:
             self.serving = fresh
             self.cache.set_snapshots(snapshots)
             return True
+
+    def served_model(self) -> PolicyModel | None:
+        """The model being served: the policy with its sub-agents (delegation)."""
+        serving = self.serving
+        return serving.inputs.model(serving.policy.resolved) if serving is not None else None
 
     def missing_secrets(self) -> list[str]:
         """Secrets the served policy's credentials name that the provider does not have."""

@@ -11,6 +11,7 @@ still serves; a change there changes only SDS (or, for Consul, EDS) resources.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -20,6 +21,8 @@ from typing import TYPE_CHECKING, Protocol
 from meshgate.controlplane.consul import ConsulCatalog
 from meshgate.controlplane.secrets import read_secrets
 from meshgate.controlplane.services import BackgroundTasks
+from meshgate.delegation.expand import KEY_SECRET, Service, SubAgent, expand
+from meshgate.policy.model import PolicyModel
 from meshgate.xds.build import Identities
 from meshgate.xds.gateway import Endpoints
 
@@ -35,6 +38,38 @@ class Inputs:
     secrets: dict[str, str]
     identities: Identities | None
     endpoints: Endpoints = field(default_factory=dict)  # Consul instances per destination
+    sub_agents: tuple[SubAgent, ...] = ()  # delegation: sub-agents the policy still allows
+    service: Service | None = None  # where gateways reach the delegation endpoint
+
+    def model(self, resolved: PolicyModel) -> PolicyModel:
+        """The policy as translated: with the sub-agents and the delegation service."""
+        if not self.sub_agents and self.service is None:
+            return resolved
+        global _last_expanded
+        last = _last_expanded  # one entry: the refresh loop asks every second, mostly unchanged
+        if (
+            last is not None
+            and last[0] is resolved
+            and last[1] == self.sub_agents
+            and last[2] == self.service
+        ):
+            return last[3]
+        model = expand(resolved, self.sub_agents, self.service).model
+        _last_expanded = (resolved, self.sub_agents, self.service, model)
+        return model
+
+
+_last_expanded: tuple[PolicyModel, tuple[SubAgent, ...], Service | None, PolicyModel] | None = None
+
+
+class DelegationSource(Protocol):
+    """Sub-agents (delegation/registry.py) and the delegation endpoint, for runtime inputs."""
+
+    key: str  # what gateways inject so the endpoint knows a request came through one
+
+    def current(self, model: PolicyModel) -> tuple[SubAgent, ...]: ...
+
+    def service(self) -> Service | None: ...
 
 
 InputsChange = Callable[[Inputs], Inputs]
@@ -52,9 +87,12 @@ class RuntimeInputs:
         issuer: IdentityIssuer | None,
         consumer: Callable[[], InputsConsumer],  # late-bound: the consumer also reads from us
         interval: float = 1.0,
+        delegation: DelegationSource | None = None,
     ) -> None:
         self.issuer = issuer
         self.interval = interval
+        self.delegation = delegation
+        self._poke = asyncio.Event()
         self._consumer = consumer
         self._dirty = asyncio.Event()
         self.consul = ConsulCatalog(self._dirty.set)
@@ -73,8 +111,14 @@ class RuntimeInputs:
 
     async def read(self, policy: CompiledPolicy) -> Inputs:
         """Every input of `policy`, read in a worker thread."""
-        secrets, identities = await asyncio.to_thread(self._secrets_and_identities, policy)
-        return Inputs(secrets, identities, self.consul.endpoints(policy.resolved))
+        secrets, identities, subs, service = await asyncio.to_thread(
+            self._secrets_and_identities, policy
+        )
+        return Inputs(secrets, identities, self.consul.endpoints(policy.resolved), subs, service)
+
+    def poke(self) -> None:
+        """Re-read now (a sub-agent was created or deleted), not at the next interval."""
+        self._poke.set()
 
     async def follow(self, policy: CompiledPolicy) -> None:
         """`policy` now serves: refresh its inputs and watch the Consul services it names."""
@@ -88,21 +132,40 @@ class RuntimeInputs:
 
     def _secrets_and_identities(
         self, policy: CompiledPolicy
-    ) -> tuple[dict[str, str], Identities | None]:
-        identities = self.issuer.identities(policy.resolved) if self.issuer is not None else None
-        return read_secrets(policy.resolved, policy.provider), identities
+    ) -> tuple[dict[str, str], Identities | None, tuple[SubAgent, ...], Service | None]:
+        secrets = read_secrets(policy.resolved, policy.provider)
+        subs: tuple[SubAgent, ...] = ()
+        service = None
+        if self.delegation is not None:
+            subs, service = self.delegation.current(policy.resolved), self.delegation.service()
+            if service is not None:
+                secrets[KEY_SECRET] = self.delegation.key
+        model = Inputs(secrets, None, sub_agents=subs, service=service).model(policy.resolved)
+        identities = self.issuer.identities(model) if self.issuer is not None else None
+        return secrets, identities, subs, service
 
     async def _refresh_periodically(self) -> None:
         """Push rotated secrets and renewed certificates without a restart or a policy change."""
         while True:
-            await asyncio.sleep(self.interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poke.wait(), self.interval)
+            self._poke.clear()
             policy = self._policy
             if policy is None:
                 continue
             try:
-                secrets, identities = await asyncio.to_thread(self._secrets_and_identities, policy)
+                secrets, identities, subs, service = await asyncio.to_thread(
+                    self._secrets_and_identities, policy
+                )
                 changed = await self._consumer().update_inputs(
-                    policy, partial(replace, secrets=secrets, identities=identities)
+                    policy,
+                    partial(
+                        replace,
+                        secrets=secrets,
+                        identities=identities,
+                        sub_agents=subs,
+                        service=service,
+                    ),
                 )
             except Exception:  # never let a provider hiccup stop rotation for good
                 log.exception("refreshing secrets or certificates failed")

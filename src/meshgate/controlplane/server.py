@@ -48,6 +48,7 @@ from meshgate.controlplane.ads import AdsService
 from meshgate.controlplane.auth import GatewaysOnly, TokenAuthenticator
 from meshgate.controlplane.cache import SnapshotCache
 from meshgate.controlplane.consul import ConsulCatalog
+from meshgate.controlplane.delegation import Delegation
 from meshgate.controlplane.identity import RENEW_WINDOW, IdentityIssuer
 from meshgate.controlplane.metrics import Metrics
 from meshgate.controlplane.pipeline import PolicyPipeline
@@ -59,6 +60,7 @@ from meshgate.controlplane.services import Service
 from meshgate.controlplane.sources import PolicySource
 from meshgate.controlplane.streams import Authenticator, allow_all
 from meshgate.controlplane.xds_server import XdsServer
+from meshgate.delegation.registry import describe as describe_sub_agent
 from meshgate.errors import ConfigError, MeshgateError
 from meshgate.identity.admin_token import load_or_create_token, load_token_file, token_path
 from meshgate.identity.certs import IssuedCert
@@ -67,6 +69,7 @@ from meshgate.identity.xds_tls import ensure_serving_cert, load_serving_cert, wi
 from meshgate.pacing.open import open_limit_store
 from meshgate.pacing.store import LimitStore
 from meshgate.pacing.store_service import store_service_handler
+from meshgate.policy.model import PolicyModel
 from meshgate.urls import redact_url, without_password
 from meshgate.xds.options import DEFAULT_CA_BUNDLE, TranslateOptions
 
@@ -115,6 +118,12 @@ class ServeOptions:
     limit_store_password_file: Path | None = None
     # the admin API's bearer token; None: created once in <state_dir>/admin/token
     admin_token_file: Path | None = None
+    # delegation (mTLS only): the endpoint gateways forward `meshgate.internal` to; port 0:
+    # a free one. `delegation_address`: how gateways reach it, when not host:port.
+    delegation: bool = True
+    delegation_host: str = "127.0.0.1"
+    delegation_port: int = 0
+    delegation_address: tuple[str, int] | None = None
 
 
 class IssuerOps:
@@ -185,9 +194,26 @@ class ControlPlane:
         )
         self._identity_ops = IssuerOps(self.issuer) if self.issuer is not None else None
 
+        # sub-agents: a runtime input, and the endpoint supervisors reach through the gateway
+        self.delegation = (
+            Delegation(
+                state_dir,
+                lambda: self.publisher.served_model(),
+                self.tokens,
+                lambda: self.inputs.poke(),
+                options.delegation_host,
+                options.delegation_port,
+                options.delegation_address,
+            )
+            if options.mtls and options.delegation
+            else None
+        )
         # the pipeline: source -> policy -> runtime inputs -> snapshots -> cache -> streams
         self.inputs = RuntimeInputs(
-            self.issuer, lambda: self.publisher, interval=options.secrets_interval
+            self.issuer,
+            lambda: self.publisher,
+            interval=options.secrets_interval,
+            delegation=self.delegation,
         )
         self.publisher = SnapshotPublisher(self.cache, self.translate, self.inputs)
         self.pipeline = PolicyPipeline(
@@ -272,18 +298,33 @@ class ControlPlane:
     def missing_secrets(self) -> list[str]:
         return self.publisher.missing_secrets()
 
+    def served_model(self) -> PolicyModel | None:
+        return self.publisher.served_model()
+
     def status_json(self) -> dict[str, Any]:
         return {
             "control_plane": {
                 "xds": self.xds_address,
                 "admin": self.admin_address,
                 "ready": self.ready,
+                # the endpoint gateways forward `meshgate.internal` to (None: delegation off)
+                "delegation": (
+                    f"{self.delegation.server.host}:{self.delegation.server.port}"
+                    if self.delegation is not None
+                    else None
+                ),
             },
             "policy": {**self.policy.to_json(), "missing_secrets": self.missing_secrets()},
             "ca": self.issuer.authority() if self.issuer is not None else None,
             "nodes": [c.to_json() for c in self.registry.connections()],
             "recent_nacks": [n.to_json() for n in self.registry.nacks()],
             "consul": self.consul.status_json(),  # watched services (issue 13)
+            # sub-agents and who delegated to them (None: delegation off, needs mTLS)
+            "sub_agents": (
+                [describe_sub_agent(s) for s in self.delegation.registry.all()]
+                if self.delegation is not None
+                else None
+            ),
         }
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -330,6 +371,7 @@ class ControlPlane:
             self.audit_ingest,
             self.xds_server,
             self.admin_server,
+            *([self.delegation] if self.delegation is not None else []),
             self.inputs,
             self.pipeline,
         ]

@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID as OID_EKU
 from cryptography.x509.oid import NameOID
 
+from meshgate.delegation import names
 from meshgate.identity.ca import (
     CLOCK_SKEW,
     CertificateAuthority,
@@ -39,24 +40,41 @@ SCHEME = "spiffe://"
 
 
 def spiffe_id(trust_domain: str, kind: Kind, name: str) -> str:
-    """spiffe://<trust domain>/<kind>/<name>, the identity policy refers to as <name>."""
+    """spiffe://<trust domain>/<kind>/<name>, the identity policy refers to as <name>.
+
+    A sub-agent (`parent.child`, delegation/names.py) is `agent/parent/sub/child`: its
+    certificate names the whole chain of agents that delegated to it."""
     validate_trust_domain(trust_domain)
     if kind not in KINDS:
         raise IdentityError(f"invalid identity kind {kind!r}: expected one of {', '.join(KINDS)}")
+    if kind == "agent" and names.parent_of(name) is not None:
+        if not names.is_agent_name(name):
+            raise IdentityError(
+                f"invalid agent name {name!r}: a sub-agent's is DNS labels joined by '.', at "
+                f"most {names.MAX_DEPTH} below the policy agent"
+            )
+        return f"{SCHEME}{trust_domain}/{kind}/{names.spiffe_path(name)}"
     validate_label(f"{kind} name", name)
     return f"{SCHEME}{trust_domain}/{kind}/{name}"
 
 
 def parse_spiffe_id(value: str) -> tuple[str, Kind, str]:
-    """(trust domain, kind, name); only the shape meshgate issues is accepted."""
-    parts = value.removeprefix(SCHEME).split("/") if value.startswith(SCHEME) else []
-    if len(parts) != 3 or parts[1] not in KINDS:
+    """(trust domain, kind, name); only the shape meshgate issues is accepted. A sub-agent's
+    name is `parent.child` (from `agent/parent/sub/child`)."""
+    parts = value.removeprefix(SCHEME).split("/", 2) if value.startswith(SCHEME) else []
+    name = parts[2] if len(parts) == 3 else ""
+    if len(parts) == 3 and parts[1] == "agent" and "/" in name:
+        name = names.agent_from_path(name) or ""
+    if len(parts) != 3 or parts[1] not in KINDS or not name or "/" in name:
         raise IdentityError(
             f"invalid SPIFFE ID {value!r}: expected spiffe://<trust-domain>/agent|gateway/<name>"
         )
-    trust_domain, kind, name = parts
+    trust_domain, kind = parts[0], parts[1]
     checked: Kind = "agent" if kind == "agent" else "gateway"
-    spiffe_id(trust_domain, checked, name)  # validates both parts
+    if spiffe_id(trust_domain, checked, name) != value:  # validates; one spelling per identity
+        raise IdentityError(
+            f"invalid SPIFFE ID {value!r}: a sub-agent is agent/<parent>/sub/<name>"
+        )
     return trust_domain, checked, name
 
 

@@ -16,6 +16,7 @@ from functools import cached_property, lru_cache
 from meshgate.mcp.canonical import NotCanonical, canonical_text
 from meshgate.mcp.strictjson import fold
 from meshgate.policy import schema, syntax
+from meshgate.policy.delegation import ttl_seconds
 from meshgate.policy.documents import CheckedDoc, did_you_mean
 from meshgate.policy.model import (
     AgentPolicy,
@@ -26,6 +27,7 @@ from meshgate.policy.model import (
     ConsulConfig,
     ConsulService,
     Credentials,
+    Delegation,
     Destination,
     EgressRule,
     GroupBudget,
@@ -602,6 +604,7 @@ class _Compiler:
         own: dict[str, tuple[str, list[_Rule], YamlDoc]] = {}
         own_budgets: dict[str, tuple[Budget, ...]] = {}
         shadow_own: dict[str, tuple[str, list[_Rule], tuple[Budget, ...], CheckedDoc]] = {}
+        delegations: dict[str, Delegation] = {}
         shared: dict[str, list[GroupBudget]] = {}
         declared: set[str] = set()
         first_doc: dict[tuple[str, bool], CheckedDoc] = {}
@@ -630,6 +633,10 @@ class _Compiler:
                     continue
                 own[m.spec.agent] = (m.metadata.name, rules, d.source)
                 own_budgets[m.spec.agent] = budgets
+                if m.spec.delegation is not None:
+                    delegations[m.spec.agent] = Delegation(
+                        m.spec.delegation.maxSubAgents, ttl_seconds(m.spec.delegation.maxTtl)
+                    )
 
         group_rules: dict[str, list[_Rule]] = {}
         groups = [d for d in self.unique("AgentGroup") if isinstance(d.model, schema.AgentGroupDoc)]
@@ -677,6 +684,7 @@ class _Compiler:
                     rules=tuple(r.rule for r in merged),
                     budgets=own_budgets.get(agent, ()),
                     group_budgets=tuple(shared.get(agent, ())),
+                    delegation=delegations.get(agent),
                 )
             )
             self.sources.agents[agent] = src.start.short

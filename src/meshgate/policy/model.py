@@ -165,12 +165,22 @@ class GroupBudget:
 
 
 @dataclass(frozen=True)
+class Delegation:
+    """An agent may hold up to `max_sub_agents` sub-agents at once, each for at most
+    `max_ttl_seconds`, with a subset of its rights (delegation/rights.py)."""
+
+    max_sub_agents: int
+    max_ttl_seconds: int
+
+
+@dataclass(frozen=True)
 class AgentPolicy:
     name: str
     agent: str
     rules: tuple[EgressRule, ...]
     budgets: tuple[Budget, ...] = ()  # the agent's own counters, over all its requests
     group_budgets: tuple[GroupBudget, ...] = ()
+    delegation: Delegation | None = None  # None: may not start sub-agents
 
 
 @dataclass(frozen=True)
@@ -225,7 +235,13 @@ class PolicyModel:
         return None
 
     def spiffe_id(self, agent: str) -> str:
-        return f"spiffe://{self.mesh.trust_domain}/agent/{agent}"
+        return agent_spiffe_id(self.mesh.trust_domain, agent)
+
+
+def agent_spiffe_id(trust_domain: str, agent: str) -> str:
+    """The SPIFFE ID of a policy agent or a sub-agent (`a.b` -> `agent/a/sub/b`), unvalidated:
+    the one spelling the gateway's routes and the issued certificates share."""
+    return f"spiffe://{trust_domain}/agent/{agent.replace('.', '/sub/')}"
 
 
 def has_shadow(model: PolicyModel) -> bool:

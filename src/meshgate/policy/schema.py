@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from meshgate.policy import syntax
+from meshgate.policy import delegation, syntax
 
 API_VERSION = "meshgate.dev/v1"
 
@@ -207,12 +207,20 @@ class DestinationSpec(_Doc):
     concurrency: ConcurrencyDoc | None = None  # all agents together, fair between them
 
 
+class DelegationDoc(_Doc):
+    """May this agent start sub-agents (a subset of its rights), how many, for how long."""
+
+    maxSubAgents: Annotated[int, AfterValidator(delegation.sub_agent_count)]
+    maxTtl: Annotated[str, AfterValidator(delegation.max_ttl)]
+
+
 class AgentPolicySpec(_Doc):
     agent: Name
     # shadow: a candidate version of the agent's policy, evaluated beside the enforced one
     mode: Literal["enforce", "shadow"] | None = None
     budgets: list[BudgetDoc] | None = None
     egress: list[RuleDoc] | None = None
+    delegation: DelegationDoc | None = None  # absent: this agent cannot delegate
 
 
 class AgentGroupSpec(_Doc):

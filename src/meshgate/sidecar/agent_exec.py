@@ -28,6 +28,7 @@ SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 IFREQ = "16sh22x"  # struct ifreq: name, then the union's short ifr_flags, padded to 40 bytes
+PR_CAPBSET_READ = 23
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
@@ -93,6 +94,10 @@ def drop_privileges(uid: int, gid: int) -> None:
     # for a non-root launcher: nothing it execs can gain a capability under NO_NEW_PRIVS.
     tolerated = (errno.EINVAL,) if os.geteuid() == 0 else (errno.EINVAL, errno.EPERM)
     for cap in range(last_capability() + 1):
+        # one already gone needs no drop (a nested `sidecar run` under a CMD that is still
+        # uid 0, --insecure-same-user, has an empty set and no CAP_SETPCAP to drop with)
+        if libc.prctl(PR_CAPBSET_READ, cap, 0, 0, 0) == 0:
+            continue
         if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
             err = ctypes.get_errno()
             if err not in tolerated:

@@ -6,10 +6,10 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 from pathlib import Path
 
 from meshgate.audit.spool import SpoolShipper
+from meshgate.delegation.names import is_agent_name
 from meshgate.errors import ConfigError, EnvoyError
 from meshgate.identity.tokens import TokenAuthority
 from meshgate.identity.xds_tls import bundle_path
@@ -270,7 +270,7 @@ async def run_sidecar(
     health_port: int | None = None,
 ) -> int:
     """`user`: who CMD runs as (sidecar/agent_user.py); required with a command."""
-    if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", agent):
+    if not is_agent_name(agent):  # a policy agent, or a sub-agent `parent.child`
         raise ConfigError(f"--agent {agent!r}: use lower-case letters, digits and '-'")
     if strict and not command:
         raise ConfigError("--strict confines a command: sidecar run --strict --agent NAME -- CMD")

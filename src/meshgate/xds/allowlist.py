@@ -35,7 +35,7 @@ from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from meshgate.pacing.spec import PaceSpec
-from meshgate.policy.model import Destination, EgressRule, PolicyModel
+from meshgate.policy.model import Destination, EgressRule, PolicyModel, agent_spiffe_id
 from meshgate.xds.access_log import BODY_GUARD_POLICY, agent_tool_refusal_name, allow_route_name
 from meshgate.xds.common import json_refusal, pack
 from meshgate.xds.pacing import (
@@ -85,7 +85,7 @@ def destination_routes(
     verified certificate; otherwise by the name their sidecar stamped."""
     routes: list[rc.Route] = []
     for agent, index, rule, pace in grants:
-        identity = f"spiffe://{trust_domain}/agent/{agent}" if trust_domain else agent
+        identity = agent_spiffe_id(trust_domain, agent) if trust_domain else agent
         routes.extend(rule_routes(agent, dest, index, rule, cluster, identity, pace))
     if dest.tls != "passthrough" and any(g[2].tools for g in grants):
         policies: dict[str, str] = {}  # agent -> its tool rules (the same on each tool rule)
@@ -93,7 +93,7 @@ def destination_routes(
             if pace is not None and pace.mcp is not None:
                 policies.setdefault(agent, pace.mcp)
         for agent, text in policies.items():
-            identity = f"spiffe://{trust_domain}/agent/{agent}" if trust_domain else agent
+            identity = agent_spiffe_id(trust_domain, agent) if trust_domain else agent
             routes.append(mcp_agent_refusal_route(dest, agent, identity, text))
         routes.extend(mcp_refusal_routes(dest))
         mcp_host = True

@@ -28,6 +28,7 @@ from google.api.expr.v1alpha1 import syntax_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
+from meshgate.delegation.expand import SERVICE_DESTINATION
 from meshgate.policy.model import Destination, PolicyModel
 from meshgate.xds.access_log import (
     BODY_GUARD_POLICY,
@@ -574,8 +575,12 @@ def _destination_vhost(
         name=dest.name,
         domains=[dest.host, f"{dest.host}:{dest.port}"],
         routes=routes,
-        # identity is the gateway's business; upstream tools never see (or trust) the header
-        request_headers_to_remove=[AGENT_HEADER],
+        # identity is the gateway's business; upstream tools never see (or trust) the header,
+        # but for the delegation endpoint, which learns the caller from it (with mTLS only:
+        # then the gateway set it from the verified certificate)
+        request_headers_to_remove=(
+            [] if trust_domain and dest.name == SERVICE_DESTINATION else [AGENT_HEADER]
+        ),
     )
     limits = rate_limit_config(dest, grants)
     if limits is not None:  # one bucket per rule, shared by all the rule's routes

@@ -1,7 +1,8 @@
 """Which snapshot a node gets: node ids name their role, and roles map to node groups.
 
 `gateway/<name>`: an egress gateway; every gateway shares the group `gateway`.
-`agent/<agent>[/<instance>]`: a sidecar; every sidecar of one agent shares `agent/<agent>`.
+`agent/<agent>[/<instance>]`: a sidecar; every sidecar of one agent shares `agent/<agent>`
+(`<agent>` may be a sub-agent, `parent.child`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from dataclasses import dataclass
 
 _NAME = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 _GATEWAY = re.compile(rf"^gateway/(?P<name>{_NAME})$")
-_AGENT = re.compile(rf"^agent/(?P<name>{_NAME})(/(?P<instance>[A-Za-z0-9._-]{{1,128}}))?$")
+# a sub-agent's name is its parents' and its own joined by dots (delegation/names.py)
+_AGENT = re.compile(
+    rf"^agent/(?P<name>{_NAME}(\.{_NAME}){{0,3}})(/(?P<instance>[A-Za-z0-9._-]{{1,128}}))?$"
+)
 
 GATEWAY_GROUP = "gateway"
 

@@ -67,6 +67,7 @@ def annotate(model: Any, records: list[tuple[Any, ...]]) -> list[tuple[str, str]
     digests = [values_digest(v) for v in records]
     asyncio.run(shadow.annotate(records, digests))
     assert digests == [values_digest(v) for v in records]  # re-signed with the new fields
+    assert all(len(v) == 26 for v in records)  # later fields kept in place
     return [(v[23], v[24]) for v in records]
 
 
@@ -113,6 +114,6 @@ def test_records_it_does_not_concern_are_left_alone() -> None:
 
 def test_records_without_a_shadow_decision_encode_as_before_it_existed() -> None:
     v = values("/q")
-    assert v[23:] == ("", "")
+    assert v[23:25] == ("", "")
     assert encode_values(v) == encode_values(v[:23])  # chains stored earlier still verify
-    assert encode_values((*v[:23], "denied", "egress_denied")) != encode_values(v[:23])
+    assert encode_values((*v[:23], "denied", "egress_denied", *v[25:])) != encode_values(v[:23])
