@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from meshgate.identity.agent_trust import AgentTrustCA, HostCertificate, intercepted_hosts
 from meshgate.identity.ca import CertificateAuthority, IdentityError, now_utc
 from meshgate.identity.certs import IssuedCert, issue, spiffe_id
 from meshgate.identity.tool_tokens import ToolToken, ToolTokenSigner, issuer_for
@@ -126,6 +127,8 @@ class IdentityIssuer:
         self._issued: dict[str, _Leaf] = {}
         self._tool_tokens: dict[tuple[str, str], ToolToken] = {}
         self._tool_issuer = ""
+        self._agent_trust: AgentTrustCA | None = None  # loaded on first use (a worker thread)
+        self._host_certs: dict[str, HostCertificate] = {}
 
     def identities(self, model: PolicyModel) -> Identities:
         """Current certificates for every node group of this policy, renewing those due (at
@@ -147,6 +150,7 @@ class IdentityIssuer:
             current[gateway],
             {agent: current[spiffe] for agent, spiffe in agents.items()},
             self._current_tool_tokens(model),
+            self._host_certificates(intercepted_hosts(model)),
         )
 
     def rotate(self) -> int:
@@ -267,6 +271,34 @@ class IdentityIssuer:
             renewal_time(cert, self.renew_window),
             cert.not_before + lifetime * MUST_RENEW_FRACTION,
         )
+
+    def _host_certificates(self, hosts: tuple[str, ...]) -> dict[str, HostCertificate]:
+        """Agent-trust leaves for the intercepted hosts (identity/agent_trust.py), issued with
+        the workload TTL and renewed at a per-host point of the same window; hosts no longer
+        intercepted are dropped, so their leaves expire unrenewed."""
+        if not hosts:
+            with self._lock:
+                self._host_certs = {}
+            return {}
+        with self._lock:
+            ca, held = self._agent_trust, dict(self._host_certs)
+        if ca is None:
+            ca = AgentTrustCA.load_or_create(self.state_dir)
+        now = now_utc()
+        fresh: dict[str, HostCertificate] = {}
+        for host in hosts:
+            cert = held.get(host)
+            if cert is None or now >= self._host_renewal(cert):
+                cert = ca.issue(host, self.ttl)
+            fresh[host] = cert
+        with self._lock:
+            self._agent_trust, self._host_certs = ca, fresh
+        return fresh
+
+    def _host_renewal(self, cert: HostCertificate) -> dt.datetime:
+        lifetime = cert.not_after - cert.not_before
+        serial = int.from_bytes(hashlib.sha256(cert.chain_pem).digest()[:8], "big")
+        return cert.not_before + lifetime * renewal_fraction(cert.host, serial, self.renew_window)
 
     def _current_tool_tokens(self, model: PolicyModel) -> dict[tuple[str, str], str]:
         """A JWT per (agent, `identity: jwt` destination) it may call, re-minted at half-life."""
