@@ -276,13 +276,9 @@ class IdentityIssuer:
         """Agent-trust leaves for the intercepted hosts (identity/agent_trust.py), issued with
         the workload TTL and renewed at a per-host point of the same window; hosts no longer
         intercepted are dropped, so their leaves expire unrenewed."""
-        if not hosts:
-            with self._lock:
-                self._host_certs = {}
-            return {}
         with self._lock:
             ca, held = self._agent_trust, dict(self._host_certs)
-        if ca is None:
+        if ca is None:  # made even with no host yet: launchers give it to their agents at start
             ca = AgentTrustCA.load_or_create(self.state_dir)
         now = now_utc()
         fresh: dict[str, HostCertificate] = {}
