@@ -382,7 +382,8 @@ async def test_agent_trust_is_for_destination_hosts_only_and_opt_out_keeps_conne
             "error": "egress_denied",
             "agent": "spiffe://agents.test/agent/researcher",
             "destination": "pinned",
-            "reason": "tls: originate: send plain HTTP through the proxy, not CONNECT",
+            "reason": "tls: originate: send plain HTTP through the proxy, not CONNECT "
+            "(intercept: false)",
         }
         # a passthrough destination's tunnel carries the upstream's own certificate: the
         # agent-trust CA does not verify it, the upstream's CA does
@@ -436,3 +437,87 @@ async def test_every_refused_connect_says_why_and_is_audited(tmp_path: Path) -> 
         body = json.loads(body_file.read_text())
         assert body["error"] == "egress_denied" and body["destination"] == "openai"
         assert not m.provider.seen
+
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="dropping CMD to another user needs root; CI runs as root"
+)
+
+# The hostile agent (stdlib only: the dropped user cannot run the test venv's interpreter).
+HOSTILE = """\
+import json, os, socket, ssl, sys, urllib.error, urllib.request
+state = sys.argv[1]
+out = {"uid": os.getuid(), "read": {}}
+for t in (os.path.join(state, "agent-trust", "ca-key.pem"), os.path.join(state, "agent-trust"),
+          state):
+    try:
+        os.listdir(t) if os.path.isdir(t) else open(t, "rb").read(16)
+        out["read"][t] = "READ"
+    except OSError as e:
+        out["read"][t] = e.strerror
+bundle = os.environ["SSL_CERT_FILE"]
+out["bundle_has_ca"] = "meshgate agent trust CA" in open(bundle).read()
+for name, path in (("bundle", bundle), ("beside", os.path.join(os.path.dirname(bundle), "x.pem"))):
+    try:
+        open(path, "a").write("tampered")
+        out[name] = "WROTE"
+    except OSError as e:
+        out[name] = e.strerror
+# the default context and urllib honour SSL_CERT_FILE and HTTPS_PROXY: an allowed call works
+req = urllib.request.Request("https://api.openai.com/v1/chat/completions", method="POST",
+    data=json.dumps({"model": "gpt-4o-mini", "messages": [], "max_tokens": 1}).encode(),
+    headers={"content-type": "application/json"})
+out["allowed"] = json.load(urllib.request.urlopen(req, timeout=10))["model"]
+# a host that is no destination: the tunnel is refused, no certificate is ever shown
+try:
+    urllib.request.urlopen("https://evil.example/", timeout=10)
+    out["evil"] = "OPENED"
+except urllib.error.URLError as e:
+    out["evil"] = str(e.reason)
+# the agent-trust CA for another name, through an intercepted tunnel: no certificate either
+proxy = os.environ["HTTPS_PROXY"].removeprefix("http://")
+host, port = proxy.split(":")
+sock = socket.create_connection((host, int(port)), timeout=10)
+sock.sendall(b"CONNECT api.openai.com:443 HTTP/1.1\\r\\nHost: api.openai.com:443\\r\\n\\r\\n")
+head = b""
+while b"\\r\\n\\r\\n" not in head:
+    head += sock.recv(4096)
+try:
+    ssl.create_default_context().wrap_socket(sock, server_hostname="evil.example")
+    out["forged_sni"] = "HANDSHAKE"
+except (ssl.SSLError, OSError) as e:
+    out["forged_sni"] = type(e).__name__
+print(json.dumps(out))
+"""
+
+
+@needs_root
+async def test_a_hostile_agent_cannot_read_the_ca_key_tamper_with_trust_or_borrow_the_ca(
+    tmp_path: Path, agent_dir: Path
+) -> None:
+    if not Path("/usr/bin/python3").exists():
+        pytest.skip("agent scripts need /usr/bin/python3")
+    async with mesh(tmp_path) as m:
+        script = agent_dir / "hostile.py"
+        script.write_text(HOSTILE)
+        script.chmod(0o644)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meshgate.cli", "sidecar", "run", "--agent", "researcher",
+            "--control-plane", m.cp.xds_address, "--state-dir", str(tmp_path / "sc"),
+            "--insecure",  # the harness's control plane serves plaintext xDS
+            "--user", "nobody",
+            "--agent-trust-ca", str(ca_cert_path(m.state)),
+            "--", "/usr/bin/python3", str(script), str(m.state),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+        assert proc.returncode == 0, err.decode()
+        seen = json.loads(out.decode().strip().splitlines()[-1])
+    assert seen["uid"] != 0
+    assert "READ" not in seen["read"].values(), seen["read"]
+    assert seen["bundle_has_ca"] is True
+    assert seen["bundle"] == "Permission denied" and seen["beside"] == "Permission denied"
+    assert seen["allowed"] == "gpt-4o-mini"
+    assert "403" in seen["evil"], seen["evil"]
+    # no filter chain for that name: the handshake is cut (an SSLError or a reset)
+    assert seen["forged_sni"].startswith(("SSL", "Connection")), seen

@@ -29,7 +29,7 @@ from meshgate.sidecar.envoy_process import EnvoyProcess, find_envoy
 from meshgate.sidecar.strict import NETNS_PROXY_PORT, Jail
 from meshgate.sidecar.trust_bundle import TrustFiles, trust_environment, write_trust_files
 from meshgate.xds.access_log import SPOOL_FILE
-from meshgate.xds.sidecar import PROXY_LISTENER
+from meshgate.xds.sidecar import INTERCEPT_LISTENER, PROXY_LISTENER
 
 LOCAL_TOKEN_TTL = 7 * 24 * 3600
 log = logging.getLogger(__name__)
@@ -268,15 +268,12 @@ def agent_trust_environment(
     state_dir: Path, agent_trust_ca: Path | None, directory: Path
 ) -> dict[str, str]:
     """Write the agent's trust bundle into `directory` and return the variables naming it; {}
-    without an agent-trust CA (https:// to intercepted destinations then fails verification,
-    and says so: the agent never trusts a CA it was not given)."""
+    without an agent-trust CA (then the agent's trust is left as it was)."""
     pem = agent_trust_pem(state_dir, agent_trust_ca)
     if pem is None:
-        log.warning(
-            "no agent-trust CA (%s): https:// to tls: originate destinations will not verify; "
-            "pass --agent-trust-ca or use a control plane with mTLS",
-            ca_cert_path(state_dir),
-        )
+        # a control plane without mTLS: no interception, so CONNECTs reach the gateway, whose
+        # refusal says what to do
+        log.debug("no agent-trust CA at %s: the agent's trust is left alone", state_dir)
         return {}
     files: TrustFiles = write_trust_files(directory, pem)
     return trust_environment(files.bundle, files.ca)
@@ -287,6 +284,15 @@ def readable_trust_dir() -> Path:
     path = Path(tempfile.mkdtemp(prefix="meshgate-trust-"))
     path.chmod(0o755)
     return path
+
+
+def intercepting(admin: EnvoyAdmin) -> bool:
+    """Whether this sidecar opens CONNECTs itself (its control plane sent the intercept
+    listener: mTLS and at least one intercepted destination)."""
+    data = json.loads(admin.get("/listeners?format=json").text)
+    return any(
+        listener.get("name") == INTERCEPT_LISTENER for listener in data.get("listener_statuses", [])
+    )
 
 
 def proxy_port_of(admin: EnvoyAdmin) -> int:
@@ -393,11 +399,17 @@ async def run_sidecar(
         if jail is None:
             assert trust_at is not None
             # the control plane made its agent-trust CA with the configuration Envoy now has
-            env.update(
-                await asyncio.to_thread(
-                    agent_trust_environment, state_dir, agent_trust_ca, trust_at
-                )
+            trust = await asyncio.to_thread(
+                agent_trust_environment, state_dir, agent_trust_ca, trust_at
             )
+            if not trust and await asyncio.to_thread(intercepting, envoy.admin):
+                log.warning(
+                    "this sidecar opens https:// to tls: originate destinations with the "
+                    "mesh's agent-trust CA, but none was found in %s: pass --agent-trust-ca "
+                    "(the control plane's <state>/agent-trust/ca.pem), or CMD's TLS will fail",
+                    state_dir,
+                )
+            env.update(trust)
             proxy = f"http://127.0.0.1:{await asyncio.to_thread(proxy_port_of, envoy.admin)}"
             jail = await Jail.create(
                 command, {**env, **proxy_environment(proxy)}, netns=False, uid=user.uid,

@@ -45,6 +45,7 @@ from meshgate.xds.allowlist import (
     MCP_FILTER,
     RATE_LIMIT_FILTER,
     Grant,
+    connect_refusal_reason,
     destination_routes,
     grants_by_destination,
     paced,
@@ -583,8 +584,7 @@ def _destination_vhost(
                         "error": "egress_denied",
                         "agent": f"%REQ({AGENT_HEADER})%",
                         "destination": dest.name,
-                        "reason": f"tls: {dest.tls}: send plain HTTP through the proxy, not "
-                        "CONNECT",
+                        "reason": connect_refusal_reason(dest),
                     },
                 ),
             ),

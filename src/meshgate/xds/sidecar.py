@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
@@ -158,6 +158,9 @@ def proxy_listener(
         http_filters=[router_filter()],
         upgrade_configs=[connect_upgrade()],
         access_log=[stdout_access_log(), sidecar_spool_access_log()],
+        # Python's http.client (urllib, and what builds on it) opens its tunnels with
+        # `CONNECT host:443 HTTP/1.0`: without this Envoy answers 426 and nothing says why
+        http_protocol_options=protocol_pb2.Http1ProtocolOptions(accept_http_10=True),
     )
     listener = http_listener(PROXY_LISTENER, host, port, hcm)
     listener.enable_reuse_port.CopyFrom(wrappers_pb2.BoolValue(value=False))
