@@ -343,6 +343,13 @@ async def run_sidecar(
     env = agent_environment(dict(os.environ), user) if user is not None else {}
     own_trust_dir = trust_dir is None and bool(command)
     trust_at = readable_trust_dir() if own_trust_dir else trust_dir
+    shared_trust: dict[str, str] = {}
+    if not command and trust_dir is not None and agent_trust_ca is not None:
+        # Kubernetes: the pod's other containers start once this sidecar is ready, so their
+        # bundle is written before Envoy can be (a CA given outright needs no control plane)
+        shared_trust = await asyncio.to_thread(
+            agent_trust_environment, state_dir, agent_trust_ca, trust_dir
+        )
     jail = None
     if strict and user is not None:
         assert trust_at is not None
@@ -385,7 +392,7 @@ async def run_sidecar(
             raise EnvoyError(f"{exc}{_port_hint(binding)}") from None
         if not command or user is None:
             proxy = f"http://127.0.0.1:{await asyncio.to_thread(proxy_port_of, envoy.admin)}"
-            trust = (
+            trust = shared_trust or (
                 await asyncio.to_thread(
                     agent_trust_environment, state_dir, agent_trust_ca, trust_dir
                 )
