@@ -38,6 +38,9 @@ from meshgate.xds.tool_identity import tool_identity_pairs
 
 GATEWAY_IDENTITY_NAME = "egress"
 TOOL_TOKEN_TTL = dt.timedelta(minutes=10)
+# Agent-trust leaves (identity/agent_trust.py) are the same for every sidecar, so each renewal
+# is an SDS push to the whole fleet: a day keeps that to about one wave every 12-18 hours.
+HOST_CERT_TTL = dt.timedelta(hours=24)
 RENEW_WINDOW = (0.5, 0.75)  # renewal point, as fractions of a certificate's lifetime
 MUST_RENEW_FRACTION = 0.9  # from here a certificate renews even over the pass budget
 RENEWALS_PER_PASS = 100
@@ -109,6 +112,7 @@ class IdentityIssuer:
         *,
         renew_window: tuple[float, float] = RENEW_WINDOW,
         renewals_per_pass: int = RENEWALS_PER_PASS,
+        host_cert_ttl: dt.timedelta = HOST_CERT_TTL,
     ) -> None:
         low, high = renew_window
         if not 0 < low <= high < MUST_RENEW_FRACTION:
@@ -116,6 +120,7 @@ class IdentityIssuer:
         self.state_dir = state_dir
         self.ttl = ttl
         self.tool_token_ttl = tool_token_ttl
+        self.host_cert_ttl = host_cert_ttl
         self.renew_window = renew_window
         self.renewals_per_pass = renewals_per_pass
         self.tool_signer = ToolTokenSigner(state_dir)
@@ -273,9 +278,9 @@ class IdentityIssuer:
         )
 
     def _host_certificates(self, hosts: tuple[str, ...]) -> dict[str, HostCertificate]:
-        """Agent-trust leaves for the intercepted hosts (identity/agent_trust.py), issued with
-        the workload TTL and renewed at a per-host point of the same window; hosts no longer
-        intercepted are dropped, so their leaves expire unrenewed."""
+        """Agent-trust leaves for the intercepted hosts (identity/agent_trust.py), renewed at a
+        per-host point of the workload window; hosts no longer intercepted are dropped, so
+        their leaves expire unrenewed."""
         with self._lock:
             ca, held = self._agent_trust, dict(self._host_certs)
         if ca is None:  # made even with no host yet: launchers give it to their agents at start
@@ -285,7 +290,7 @@ class IdentityIssuer:
         for host in hosts:
             cert = held.get(host)
             if cert is None or now >= self._host_renewal(cert):
-                cert = ca.issue(host, self.ttl)
+                cert = ca.issue(host, self.host_cert_ttl)
             fresh[host] = cert
         with self._lock:
             self._agent_trust, self._host_certs = ca, fresh

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -34,6 +34,7 @@ from meshgate.identity.ca import (
     CA_KEY_USAGE,
     CLOCK_SKEW,
     IdentityError,
+    SigningKey,
     authority_key_id,
     cert_pem,
     key_pem,
@@ -81,17 +82,19 @@ class HostCertificate:
 
 
 class AgentTrustCA:
-    def __init__(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+    def __init__(self, cert: x509.Certificate, key: SigningKey) -> None:
         self.cert = cert
         self.key = key
 
     @classmethod
     def load_or_create(cls, state_dir: Path) -> AgentTrustCA:
         """Created once per state directory (key 0600); replicas racing use the first one's.
-        Blocking (key generation, files): call from a worker thread."""
+        An operator's CA (EC or RSA key) placed there is used as it is: replicas that do not
+        share a state directory (Kubernetes) must share this CA. Blocking (key generation,
+        files): call from a worker thread."""
         directory = state_dir / AGENT_TRUST_DIR
-        key = load_or_create_key(
-            directory / CA_KEY, new_key, _accept_ec, "an EC private key", IdentityError
+        key: SigningKey = load_or_create_key(
+            directory / CA_KEY, _generate, _accept, "an EC or RSA private key", IdentityError
         )
         path = directory / CA_CERT
         if not path.exists():
@@ -139,11 +142,15 @@ def _san(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
-def _accept_ec(key: PrivateKeyTypes) -> ec.EllipticCurvePrivateKey | None:
-    return key if isinstance(key, ec.EllipticCurvePrivateKey) else None
+def _generate() -> SigningKey:
+    return new_key()
 
 
-def _self_signed(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+def _accept(key: PrivateKeyTypes) -> SigningKey | None:
+    return key if isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) else None
+
+
+def _self_signed(key: SigningKey) -> x509.Certificate:
     now = now_utc()
     return (
         x509.CertificateBuilder()

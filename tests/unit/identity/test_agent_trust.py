@@ -90,3 +90,28 @@ def test_only_originate_destinations_that_did_not_opt_out_are_intercepted() -> N
         )
     )
     assert intercepted_hosts(m) == ("a.example",)
+
+
+def test_an_operators_ca_in_the_directory_is_used_as_it_is(tmp_path: Path) -> None:
+    """Replicas without a shared state directory (Kubernetes) mount the same CA there."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from meshgate.identity.agent_trust import _self_signed
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    directory = tmp_path / AGENT_TRUST_DIR
+    directory.mkdir(mode=0o700)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    (directory / CA_KEY).write_bytes(pem)
+    cert = _self_signed(key)
+    ca_cert_path(tmp_path).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    ca = AgentTrustCA.load_or_create(tmp_path)
+    assert ca.cert == cert
+    verifier(ca, "api.openai.com").verify(
+        leaf_of(ca.issue("api.openai.com", dt.timedelta(hours=1)).chain_pem), []
+    )

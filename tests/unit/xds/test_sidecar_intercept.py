@@ -143,9 +143,14 @@ def test_without_mtls_nothing_is_intercepted() -> None:
 def test_leaves_renew_in_their_window_and_go_with_their_destination(tmp_path: Path) -> None:
     m = policy()
     steady = IdentityIssuer(tmp_path / "a")
-    assert steady.identities(m).intercept == steady.identities(m).intercept
+    leaves = steady.identities(m).intercept
+    assert steady.identities(m).intercept == leaves
+    lifetime = leaves["api.openai.com"].not_after - leaves["api.openai.com"].not_before
+    assert lifetime == dt.timedelta(hours=24, minutes=1)  # a day, backdated a minute
     # 61 s leaves are backdated 60 s: their renewal point (half) comes ~0.5 s after issue
-    quick = IdentityIssuer(tmp_path / "b", dt.timedelta(seconds=61), renew_window=(0.5, 0.5))
+    quick = IdentityIssuer(
+        tmp_path / "b", renew_window=(0.5, 0.5), host_cert_ttl=dt.timedelta(seconds=61)
+    )
     first = quick.identities(m).intercept["api.openai.com"]
     time.sleep(1.0)
     second = quick.identities(m).intercept["api.openai.com"]
