@@ -521,3 +521,41 @@ async def test_a_hostile_agent_cannot_read_the_ca_key_tamper_with_trust_or_borro
     assert "403" in seen["evil"], seen["evil"]
     # no filter chain for that name: the handshake is cut (an SSLError or a reset)
     assert seen["forged_sni"].startswith(("SSL", "Connection")), seen
+
+
+async def test_without_a_gateway_the_sidecar_says_so_for_connect_and_https(
+    tmp_path: Path,
+) -> None:
+    """The one refusal a sidecar makes itself: JSON, and a record in its own spool."""
+    ca, _, _ = write_test_pki(tmp_path / "pki", HOSTS, "upstream")
+    policy = tmp_path / "policies"
+    (policy / "secrets").mkdir(parents=True)
+    (policy / "mesh.yaml").write_text(
+        MESH.format(port=free_port()) + "  secrets: {provider: file, path: ./secrets}\n"
+    )
+    (policy / "rules.yaml").write_text(POLICY.format(llm=free_port(), echo=free_port(), ca=ca))
+    async with (
+        control_plane(policy, tmp_path / "state", mtls=True) as cp,
+        sidecar(cp, tmp_path, "coder", audit=True) as proxy,
+    ):
+        status, headers, body = await raw_connect(proxy, "vault.test:443")
+        assert status == "HTTP/1.1 503 Service Unavailable"
+        assert headers["content-type"] == "application/json"
+        refusal = json.loads(body)
+        assert refusal["error"] == "gateway_unreachable" and refusal["agent"] == "coder"
+        # inside an opened tunnel the same answer, over TLS the agent verified
+        done = await asyncio.create_subprocess_exec(
+            "curl", "-sS", "-x", proxy, "--cacert", str(ca_cert_path(tmp_path / "state")),
+            "https://api.openai.com/v1/models",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await done.communicate()
+        assert out and json.loads(out)["error"] == "gateway_unreachable", err.decode()
+        records = await until(
+            lambda: (rs := audit_records(cp)) and len(rs) >= 2 and rs, 15, "the sidecar's records"
+        )
+        assert {(r.method, r.host, r.status) for r in records} == {
+            ("CONNECT", "vault.test:443", 503),
+            ("GET", "api.openai.com", 503),
+        }
+        assert all(r.gateway == "agent/coder/test" for r in records)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
@@ -40,12 +41,13 @@ from google.protobuf import duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from meshgate.identity.agent_trust import HostCertificate
-from meshgate.xds.access_log import sidecar_spool_access_log
+from meshgate.xds.access_log import GATEWAY_UNREACHABLE_FLAGS, sidecar_spool_access_log
 from meshgate.xds.allowlist import AGENT_HEADER
 from meshgate.xds.common import (
     ads,
     connect_upgrade,
     http_listener,
+    json_body,
     pack,
     router_filter,
     single_endpoint,
@@ -161,6 +163,7 @@ def proxy_listener(
         # Python's http.client (urllib, and what builds on it) opens its tunnels with
         # `CONNECT host:443 HTTP/1.0`: without this Envoy answers 426 and nothing says why
         http_protocol_options=protocol_pb2.Http1ProtocolOptions(accept_http_10=True),
+        local_reply_config=gateway_unreachable_body(agent),
     )
     listener = http_listener(PROXY_LISTENER, host, port, hcm)
     listener.enable_reuse_port.CopyFrom(wrappers_pb2.BoolValue(value=False))
@@ -268,6 +271,7 @@ def intercept_listener(agent: str, hosts: Sequence[str]) -> listener_pb2.Listene
             rds=hcm_pb2.Rds(config_source=ads(), route_config_name=route_name(agent)),
             http_filters=[router_filter()],
             access_log=[stdout_access_log(), sidecar_spool_access_log()],
+            local_reply_config=gateway_unreachable_body(agent),
         )
         chain = listener_components_pb2.FilterChain(
             name=host,
@@ -291,4 +295,20 @@ def intercept_listener(agent: str, hosts: Sequence[str]) -> listener_pb2.Listene
             )
         ],
         filter_chains=chains,
+    )
+
+
+def gateway_unreachable_body(agent: str) -> hcm_pb2.LocalReplyConfig:
+    """The one answer a sidecar gives itself (the gateway could not be reached, a CONNECT
+    included) as JSON saying so, like the gateway's refusals; audited from its own spool."""
+    unreachable = accesslog_pb2.AccessLogFilter(
+        response_flag_filter=accesslog_pb2.ResponseFlagFilter(flags=list(GATEWAY_UNREACHABLE_FLAGS))
+    )
+    fields = {
+        "error": "gateway_unreachable",
+        "agent": agent,
+        "reason": "the sidecar could not reach the egress gateway (%RESPONSE_CODE_DETAILS%)",
+    }
+    return hcm_pb2.LocalReplyConfig(
+        mappers=[hcm_pb2.ResponseMapper(filter=unreachable, body_format_override=json_body(fields))]
     )
