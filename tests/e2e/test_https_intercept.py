@@ -559,3 +559,29 @@ async def test_without_a_gateway_the_sidecar_says_so_for_connect_and_https(
             ("GET", "api.openai.com", 503),
         }
         assert all(r.gateway == "agent/coder/test" for r in records)
+
+
+async def test_a_stream_longer_than_envoys_default_route_timeout_arrives_whole(
+    tmp_path: Path,
+) -> None:
+    """Envoy caps a whole response at 15 s unless a route says otherwise: an LLM stream runs
+    longer. 4 words 4.5 s apart, through the opened tunnel and the gateway."""
+    import httpx
+    import openai
+
+    async with mesh(tmp_path) as m, sidecar(m.cp, tmp_path, "researcher") as proxy:
+        m.provider.token_delay = 4.5
+        trust = ssl.create_default_context(cafile=str(ca_cert_path(m.state)))
+        async with httpx.AsyncClient(proxy=proxy, verify=trust, timeout=60) as http:
+            client = openai.AsyncOpenAI(api_key="k", http_client=http, max_retries=0)
+            stream = await client.chat.completions.create(
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": "slowly"}],
+                max_tokens=4,
+                stream=True,
+            )
+            started = asyncio.get_running_loop().time()
+            words = [c.choices[0].delta.content async for c in stream if c.choices]
+            took = asyncio.get_running_loop().time() - started
+    assert "".join(w or "" for w in words) == "ok ok ok ok"
+    assert took > 15

@@ -223,7 +223,11 @@ def rule_routes(
             rc.Route(
                 name=allow_route_name(agent, dest.name, index, n),
                 match=match,
-                route=rc.RouteAction(cluster=cluster, rate_limits=limits),
+                # no cap on a whole response (Envoy's default is 15 s): LLM streams run for
+                # minutes; a stalled one still ends at the stream idle timeout (5 min)
+                route=rc.RouteAction(
+                    cluster=cluster, rate_limits=limits, timeout=duration_pb2.Duration(seconds=0)
+                ),
                 typed_per_filter_config=per_filter,
             )
         )

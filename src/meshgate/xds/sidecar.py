@@ -133,7 +133,11 @@ def agent_routes(agent: str, intercepted: Intercepted = ()) -> route_pb2.RouteCo
                     ),
                     rc.Route(
                         match=rc.RouteMatch(prefix="/"),
-                        route=rc.RouteAction(cluster=GATEWAY_CLUSTER),
+                        # the gateway's routes bound a request, not this hop: Envoy's default
+                        # 15 s cap would cut every longer LLM stream
+                        route=rc.RouteAction(
+                            cluster=GATEWAY_CLUSTER, timeout=duration_pb2.Duration(seconds=0)
+                        ),
                     ),
                 ],
                 request_headers_to_add=[
