@@ -585,3 +585,23 @@ async def test_a_stream_longer_than_envoys_default_route_timeout_arrives_whole(
             took = asyncio.get_running_loop().time() - started
     assert "".join(w or "" for w in words) == "ok ok ok ok"
     assert took > 15
+
+
+async def test_a_sidecar_without_cmd_says_what_to_trust(tmp_path: Path) -> None:
+    async with mesh(tmp_path) as m:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meshgate.cli", "sidecar", "run", "--agent", "researcher",
+            "--control-plane", m.cp.xds_address, "--state-dir", str(tmp_path / "sc"),
+            "--insecure", "--agent-trust-ca", str(ca_cert_path(m.state)),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+            while "ready" not in line:
+                line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        finally:
+            proc.send_signal(2)
+            await asyncio.wait_for(proc.wait(), 30)
+    assert "HTTP_PROXY=http://127.0.0.1:" in line
+    assert f"trust {ca_cert_path(m.state)} besides the system CAs" in line

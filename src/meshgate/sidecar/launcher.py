@@ -400,6 +400,12 @@ async def run_sidecar(
                 else {}
             )
             hint = f" SSL_CERT_FILE={trust['SSL_CERT_FILE']}" if trust else ""
+            if not trust and await asyncio.to_thread(intercepting, envoy.admin):
+                ca = agent_trust_ca or ca_cert_path(state_dir)
+                hint = (
+                    f"; https:// to tls: originate destinations is opened here: trust {ca} "
+                    "besides the system CAs (--trust-dir DIR writes such a bundle)"
+                )
             print(f"sidecar for agent {agent} ready; HTTP_PROXY={proxy}{hint}", flush=True)
             await _first(stop.wait(), envoy.wait())
             return 0
