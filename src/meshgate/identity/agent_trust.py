@@ -97,9 +97,8 @@ class AgentTrustCA:
             directory / CA_KEY, _generate, _accept, "an EC or RSA private key", IdentityError
         )
         path = directory / CA_CERT
-        if not path.exists():
+        if not path.exists():  # 0600 like everything in the state dir: launchers run as its owner
             create_exclusive(path, cert_pem(_self_signed(key)))
-            path.chmod(0o644)  # public: launchers read it (the directory itself stays 0700)
         cert = read_certs(path)[0]
         if cert.public_key() != key.public_key():
             raise IdentityError(f"{path}: does not belong to the key in {directory / CA_KEY}")
