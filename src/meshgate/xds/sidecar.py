@@ -22,6 +22,7 @@ Every other CONNECT is forwarded as CONNECT, and the gateway answers it (a tunne
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from envoy.config.accesslog.v3 import accesslog_pb2
@@ -260,6 +261,14 @@ def intercept_listener(agent: str, hosts: Sequence[str]) -> listener_pb2.Listene
     certificate gets no chain: the handshake fails), each serving that host's leaf with
     ALPN h2 and http/1.1, then the agent's own routes, as on the proxy listener. No CONNECT
     inside: a tunnel in a tunnel is refused (404 from Envoy's codec, nothing forwarded)."""
+    hcm = hcm_pb2.HttpConnectionManager(
+        stat_prefix="agent_intercept",
+        rds=hcm_pb2.Rds(config_source=ads(), route_config_name=route_name(agent)),
+        http_filters=[router_filter()],
+        access_log=_access_logs(),
+        local_reply_config=gateway_unreachable_body(agent),
+    )
+    packed = pack(hcm)  # the same for every host: built and encoded once
     chains = []
     for host in hosts:
         tls = tls_pb2.DownstreamTlsContext(
@@ -270,19 +279,12 @@ def intercept_listener(agent: str, hosts: Sequence[str]) -> listener_pb2.Listene
                 ],
             )
         )
-        hcm = hcm_pb2.HttpConnectionManager(
-            stat_prefix="agent_intercept",
-            rds=hcm_pb2.Rds(config_source=ads(), route_config_name=route_name(agent)),
-            http_filters=[router_filter()],
-            access_log=[stdout_access_log(), sidecar_spool_access_log()],
-            local_reply_config=gateway_unreachable_body(agent),
-        )
         chain = listener_components_pb2.FilterChain(
             name=host,
             filter_chain_match=listener_components_pb2.FilterChainMatch(server_names=[host]),
             filters=[
                 listener_components_pb2.Filter(
-                    name="envoy.filters.network.http_connection_manager", typed_config=pack(hcm)
+                    name="envoy.filters.network.http_connection_manager", typed_config=packed
                 )
             ],
         )
@@ -300,6 +302,12 @@ def intercept_listener(agent: str, hosts: Sequence[str]) -> listener_pb2.Listene
         ],
         filter_chains=chains,
     )
+
+
+@functools.cache
+def _access_logs() -> tuple[accesslog_pb2.AccessLog, ...]:
+    """Built once (the spool format is a large Struct); a repeated field copies what it gets."""
+    return (stdout_access_log(), sidecar_spool_access_log())
 
 
 def gateway_unreachable_body(agent: str) -> hcm_pb2.LocalReplyConfig:
