@@ -358,6 +358,12 @@ class Gateway:
             found[(m.group(2), m.group(1))] = float(m.group(3))
         return found
 
+    def limit_store_calls(self) -> float:
+        """meshgate_pacer_limit_store_calls_total: store calls made for global limits."""
+        text = httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).text
+        m = re.search(r"^meshgate_pacer_limit_store_calls_total (\S+)$", text, re.MULTILINE)
+        return float(m.group(1)) if m else 0.0
+
     def served(self) -> int:
         stats = self.admin.get("/stats?filter=downstream_rq_total", timeout=5).text
         return sum(
@@ -442,6 +448,9 @@ class Mesh:
 
     def pacer_cpu_s(self) -> float:
         return sum(gw.cpu_s() for gw in self.gateways)
+
+    def limit_store_calls(self) -> float:
+        return sum(gw.limit_store_calls() for gw in self.gateways)
 
 
 @contextlib.asynccontextmanager

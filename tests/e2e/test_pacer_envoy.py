@@ -1,5 +1,6 @@
-"""The pacer behind a real Envoy 1.40: its ratelimit and ext_proc filters call the pacer over a
-unix socket, in front of a local mock upstream (plain, slow, streaming SSE, hanging, reset).
+"""The pacer behind a real Envoy 1.40: its global-limits (Lua) and ext_proc filters call the
+pacer over unix sockets, in front of a local mock upstream (plain, slow, streaming SSE,
+hanging, reset).
 
 The static filter configuration here is the one the policy translation generates (see
 `filters` and `route`): what is tested is the pair Envoy + pacer, end to end.
@@ -33,12 +34,13 @@ from meshgate.demo.llm_provider import LlmProvider
 from meshgate.pacer.ext_proc import PacerSettings
 from meshgate.pacer.service import Pacer
 from meshgate.pacing import spec
-from meshgate.sidecar.bootstrap import pacer_cluster
+from meshgate.sidecar.bootstrap import limits_cluster, pacer_cluster
 from meshgate.sidecar.envoy_process import find_envoy
 from meshgate.xds.pacing import (
+    GLOBAL_LIMITS_FILTER,
     PACER_FILTER,
     global_limit_filters,
-    global_rate_limit,
+    global_limits_route_config,
     pacer_filter,
     pacer_route_config,
 )
@@ -195,10 +197,13 @@ def route(
     if agent is not None:
         match["headers"] = [{"name": "x-agent", "string_match": {"exact": agent}}]
     r: dict[str, Any] = {"match": match, "route": {"cluster": UPSTREAM, "timeout": "60s"}}
+    per_filter: dict[str, Any] = {}
     if limit is not None:
-        r["route"]["rate_limits"] = [_json(global_rate_limit(limit))]
+        per_filter[GLOBAL_LIMITS_FILTER] = _json(global_limits_route_config("a", [limit]))
     if pace is not None:
-        r["typed_per_filter_config"] = {PACER_FILTER: _json(pacer_route_config(pace))}
+        per_filter[PACER_FILTER] = _json(pacer_route_config(pace))
+    if per_filter:
+        r["typed_per_filter_config"] = per_filter
     return r
 
 
@@ -332,6 +337,7 @@ def envoy_config(
                 tcp_cluster(UPSTREAM, upstream_port),
                 tcp_cluster(LLM_UPSTREAM, llm_port),
                 _json(pacer_cluster(pacer_socket)),  # the gateway bootstrap's
+                _json(limits_cluster(pacer_socket.with_name(spec.LIMITS_SOCKET))),
             ],
         },
     }
@@ -456,21 +462,44 @@ async def test_global_limit_is_429_with_ratelimit_headers_and_retry_after(gatewa
     assert (await get(gateway, "/limited")).status_code == 200
     refused = await get(gateway, "/limited")
     assert refused.status_code == 429
-    assert refused.headers["x-envoy-ratelimited"] == "true"
     assert refused.headers["x-ratelimit-remaining"] == "0"
     assert 1 <= int(refused.headers["retry-after"]) <= 30  # one token back at 2/60s
+    assert refused.json()["error"] == "rate_limited" and refused.json()["limit"] == "a/limited"
     records = await gateway.record("/limited", 3)
-    assert records[-1]["flags"] == "RL"
+    assert (records[-1]["code"], records[-1]["details"]) == (429, "lua_response")
 
 
 async def test_store_down_fails_each_limit_its_own_way(gateway: Gateway) -> None:
     gateway.store.down = True
     assert (await get(gateway, "/open")).status_code == 200
     closed = await get(gateway, "/closed")
-    assert closed.status_code == 503  # the filter's status_on_error: unavailable
+    assert closed.status_code == 503
+    assert closed.json()["error"] == spec.STORE_UNAVAILABLE
     (record,) = await gateway.record("/closed")
-    assert record["flags"] == "RLSE"
-    assert record["details"] == "rate_limiter_error"
+    assert (record["code"], record["details"]) == (503, "lua_response")
+
+
+async def test_a_silent_pacer_fails_each_limit_its_own_way(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No answer at all (a hung pacer): the filter gives up after its own timeout and applies
+    the failure modes itself."""
+    leases = gateway.pacer.leases
+    assert leases is not None
+
+    async def hang(limit: spec.GlobalLimit) -> None:
+        await asyncio.sleep(30)
+
+    monkeypatch.setattr(leases, "try_now", lambda limit: None)
+    monkeypatch.setattr(leases, "hit", hang)
+    started = time.monotonic()
+    assert (await get(gateway, "/open")).status_code == 200
+    closed = await get(gateway, "/closed")
+    assert time.monotonic() - started < 6  # two calls, each bounded by the filter's 1.5 s
+    assert closed.status_code == 503
+    assert closed.json()["error"] == spec.STORE_UNAVAILABLE and closed.json()["agent"] == "a"
+    (record,) = await gateway.record("/closed")
+    assert (record["code"], record["details"]) == (503, "lua_response")
 
 
 async def test_a_route_without_a_pace_spec_is_refused(gateway: Gateway) -> None:

@@ -85,6 +85,13 @@ PACER_DECISIONS: dict[str, Decision] = {
     "limit_store_unavailable": "denied",
     "pace_spec_invalid": "denied",
 }
+# The gateway's global-limits filter (xds.pacing.LIMITS_LUA: the only Lua filter there) by the
+# status the pacer, or the filter itself when the pacer is silent, answered with
+LIMITS_DETAILS = "lua_response"
+LIMITS_DECISIONS: dict[int, tuple[Decision, str]] = {
+    429: ("rate_limited", "rate_limited"),
+    503: ("rate_limited", "limit_store_unavailable"),
+}
 PACER = "meshgate.pacer"  # xds.access_log.PACER_METADATA
 MAX_TOKENS = 1 << 40  # bound what a logging node can make the store add up
 MAX_COST = 1 << 50
@@ -100,7 +107,7 @@ def decide(
     """The audit decision and reason from what the route said and what Envoy then did.
 
     Route metadata is authoritative for refusals (403 denials, 503 credential_unavailable).
-    On an allowing route: the local rate limiter's 429 is `rate_limited`; a 5xx or an upstream
+    On an allowing route: a rate limiter's 429 is `rate_limited`; a 5xx or an upstream
     failure flag is `upstream_error` (reason: Envoy's response code details); any other status
     the upstream answered (2xx-4xx) is `allowed`. No route at all (Envoy refused the request
     before routing, e.g. a malformed request) counts as denied. A refusal by one of the
@@ -113,6 +120,8 @@ def decide(
     paced = PACER_DECISIONS.get(details)
     if paced is not None and route_decision == "allowed":
         return paced, details
+    if details == LIMITS_DETAILS and route_decision == "allowed":  # the global-limits filter
+        return LIMITS_DECISIONS.get(status, ("denied", "limit_spec_invalid"))
     if route_decision == "denied":
         return "denied", route_reason or "denied"
     if route_decision == "upstream_error":

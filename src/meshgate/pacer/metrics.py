@@ -15,8 +15,8 @@ from prometheus_client.registry import Collector
 
 from meshgate.pacer.fair_queue import Limiter
 
-# decision labels: kind is rls | admission; decision is what the pacer answered
-RLS = "rls"
+# decision labels: kind is global_limit | admission; decision is what the pacer answered
+GLOBAL_LIMIT = "global_limit"
 ADMISSION = "admission"
 
 
@@ -25,8 +25,13 @@ class PacerMetrics:
         self.registry = prometheus_client.CollectorRegistry()
         self._decisions = prometheus_client.Counter(
             "meshgate_pacer_decisions",
-            "Pacer decisions by kind (rls, admission) and outcome",
+            "Pacer decisions by kind (global_limit, admission) and outcome",
             ["kind", "decision"],
+            registry=self.registry,
+        )
+        self._limit_store_calls = prometheus_client.Counter(
+            "meshgate_pacer_limit_store_calls",
+            "Calls to the limit store for global limits (each leases one or more tokens)",
             registry=self.registry,
         )
         self._spent = prometheus_client.Gauge(
@@ -44,6 +49,9 @@ class PacerMetrics:
 
     def decision(self, kind: str, decision: str) -> None:
         self._decisions.labels(kind, decision).inc()
+
+    def limit_store_call(self) -> None:
+        self._limit_store_calls.inc()
 
     def spent(self, budget: str, value: int) -> None:
         self._spent.labels(budget).set(value)

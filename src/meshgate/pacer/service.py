@@ -1,6 +1,7 @@
-"""The pacer beside one gateway Envoy: RLS and ext_proc on one grpc.aio server, on a unix
-socket in the gateway's private directory (agents cannot reach it), on a thread and event
-loop of its own so a slow store or a long queue never stalls the gateway process's loop.
+"""The pacer beside one gateway Envoy: ext_proc on a grpc.aio server and global limits on a
+small HTTP/1.1 server (`limits_http`), each on a unix socket in the gateway's private
+directory (agents cannot reach them), on a thread and event loop of their own so a slow store
+or a long queue never stalls the gateway process's loop.
 
 Metrics are served by prometheus-client's own thread on loopback (`--metrics-port`) or on the
 one address the operator gives (`--metrics-address`, e.g. a pod IP), never on every interface
@@ -25,18 +26,24 @@ import grpc
 from meshgate.errors import ConfigError
 from meshgate.pacer.ext_proc import ExternalProcessor, PacerSettings
 from meshgate.pacer.fair_queue import Limiter
+from meshgate.pacer.leases import LeasedLimits
+from meshgate.pacer.limits_http import LimitsEndpoint, LimitsProtocol
 from meshgate.pacer.metrics import PacerMetrics
-from meshgate.pacer.rls import RateLimitServicer
+from meshgate.pacing.spec import LIMITS_SOCKET
 from meshgate.pacing.store import LimitStore
 
 log = logging.getLogger(__name__)
 
-PACER_SOCKET = "pacer.sock"
 SOCKET_MODE = 0o600
-RLS_TIMEOUT_S = 1.1  # a store.hit's bound (the store's own is shorter); under Envoy's 1.5 s
+LIMITS_TIMEOUT_S = 1.1  # a store.hit's bound (the store's own is shorter); under Envoy's 1.5 s
 # one ext_proc stream per request in flight or queued, over one HTTP/2 connection per Envoy
 # worker: never let the connection's stream limit be what queues requests
 SERVER_OPTIONS = [("grpc.max_concurrent_streams", 1 << 20)]
+
+
+def limits_socket(pacer_socket: Path) -> Path:
+    """Where the pacer answers global limits: beside its ext_proc socket (same private dir)."""
+    return pacer_socket.with_name(LIMITS_SOCKET)
 
 
 class Pacer:
@@ -49,7 +56,9 @@ class Pacer:
         store_factory: Callable[[], LimitStore],
         settings: PacerSettings | None = None,
     ) -> None:
+        """`socket`: ext_proc's; global limits listen beside it (`limits_socket`)."""
         self.socket = socket
+        self.limits_socket = limits_socket(socket)
         self.limiter = Limiter()
         self.metrics = PacerMetrics(self.limiter)
         self._store_factory = store_factory
@@ -57,6 +66,8 @@ class Pacer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: grpc.aio.Server | None = None
+        self._limits_server: asyncio.AbstractServer | None = None
+        self.leases: LeasedLimits | None = None
         self._store: LimitStore | None = None
         self._ext_proc: ExternalProcessor | None = None
         self._metrics_server: Any = None
@@ -95,11 +106,15 @@ class Pacer:
             )
         self._store = self._store_factory()
         self._ext_proc = ExternalProcessor(self._store, self.limiter, self.metrics, self._settings)
-        rls = RateLimitServicer(self._store, self.metrics, RLS_TIMEOUT_S)
+        self.leases = LeasedLimits(
+            self._store, LIMITS_TIMEOUT_S, on_take=self.metrics.limit_store_call
+        )
+        endpoint = LimitsEndpoint(self.leases, self.metrics)
         server = grpc.aio.server(options=SERVER_OPTIONS)
-        server.add_generic_rpc_handlers((rls.handler(), self._ext_proc.handler()))
-        with contextlib.suppress(FileNotFoundError):
-            self.socket.unlink()  # a stale socket from a previous run
+        server.add_generic_rpc_handlers((self._ext_proc.handler(),))
+        for path in (self.socket, self.limits_socket):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # a stale socket from a previous run
         # the directory is private (0700), so nobody else can connect before the chmod; no
         # umask change here: it is process-wide, and other threads create files and dirs
         if server.add_insecure_port(f"unix:{self.socket}") == 0:
@@ -107,7 +122,12 @@ class Pacer:
         await server.start()
         os.chmod(self.socket, SOCKET_MODE)
         self._server = server
-        log.info("pacer listening on %s", self.socket)
+        loop = asyncio.get_running_loop()
+        self._limits_server = await loop.create_unix_server(
+            lambda: LimitsProtocol(endpoint), str(self.limits_socket)
+        )
+        os.chmod(self.limits_socket, SOCKET_MODE)
+        log.info("pacer listening on %s and %s", self.socket, self.limits_socket)
 
     def stop(self, grace: float = 1.0) -> None:
         loop, thread = self._loop, self._thread
@@ -125,10 +145,13 @@ class Pacer:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server = None
-        with contextlib.suppress(FileNotFoundError):
-            self.socket.unlink()
+        for path in (self.socket, self.limits_socket):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     async def _shutdown(self, grace: float) -> None:
+        if self._limits_server is not None:
+            self._limits_server.close()
         if self._server is not None:
             await self._server.stop(grace)
         if self._ext_proc is not None:

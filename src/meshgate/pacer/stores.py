@@ -101,9 +101,9 @@ class _ChannelStore:
         except Exception as exc:  # keep the old token; the next refresh tries again
             log.warning("pacer: cannot renew the join token: %s", exc)
 
-    async def hit(self, key: str, requests: int, per_seconds: int) -> RateDecision:
+    async def hit(self, key: str, requests: int, per_seconds: int, want: int = 1) -> RateDecision:
         self._maybe_refresh()
-        return await self._store.hit(key, requests, per_seconds)
+        return await self._store.hit(key, requests, per_seconds, want)
 
     async def reserve(
         self, reservation: str, charges: Sequence[Charge], ttl_s: float

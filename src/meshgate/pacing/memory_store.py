@@ -75,9 +75,11 @@ def validate_reserve(reservation: str, charges: Sequence[Charge], ttl_s: float) 
             raise ValueError(f"bad charge: {c!r}")
 
 
-def validate_hit(key: str, requests: int, per_seconds: int) -> None:
+def validate_hit(key: str, requests: int, per_seconds: int, want: int = 1) -> None:
     if not key or requests < 1 or per_seconds < 1:
         raise ValueError(f"bad rate limit: {key!r} {requests}/{per_seconds}s")
+    if want < 1:
+        raise ValueError(f"a hit takes at least one token, not {want}")
 
 
 def validate_actual(actual: Mapping[str, int]) -> None:
@@ -126,8 +128,8 @@ class MemoryStore:
         """(buckets, windows, reservations) held now: for tests and metrics."""
         return len(self._buckets), len(self._windows), len(self._held)
 
-    async def hit(self, key: str, requests: int, per_seconds: int) -> RateDecision:
-        validate_hit(key, requests, per_seconds)
+    async def hit(self, key: str, requests: int, per_seconds: int, want: int = 1) -> RateDecision:
+        validate_hit(key, requests, per_seconds, want)
         now = self._sweep()
         bucket = self._buckets.get(key)
         if bucket is None:
@@ -142,13 +144,13 @@ class MemoryStore:
             bucket.tokens = min(float(requests), bucket.tokens + refill)
             bucket.at, bucket.requests, bucket.per_seconds = now, requests, per_seconds
         rate = requests / per_seconds
-        allowed = bucket.tokens >= 1 - EPSILON
-        if allowed:
-            bucket.tokens = max(0.0, bucket.tokens - 1)
+        granted = min(want, int(bucket.tokens + EPSILON))
+        if granted:
+            bucket.tokens = max(0.0, bucket.tokens - granted)
             reset = (requests - bucket.tokens) / rate
         else:
             reset = (1 - bucket.tokens) / rate
-        return RateDecision(allowed, requests, int(bucket.tokens + EPSILON), reset)
+        return RateDecision(granted > 0, requests, int(bucket.tokens + EPSILON), reset, granted)
 
     async def reserve(
         self, reservation: str, charges: Sequence[Charge], ttl_s: float

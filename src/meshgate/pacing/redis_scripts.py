@@ -55,7 +55,7 @@ local function sweep()
 end
 """
 
-# ARGV: P, key, requests, per_seconds -> {allowed 0|1, remaining, reset_s as a string}
+# ARGV: P, key, requests, per_seconds, want -> {granted, remaining, reset_s as a string}
 HIT = """
 local P = ARGV[1]
 local t = redis.call('TIME')
@@ -69,18 +69,17 @@ local tokens = cap
 if v[1] then
   tokens = math.min(cap, tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * rate)
 end
-local allowed = 0
+local granted = math.min(tonumber(ARGV[5]), math.floor(tokens + 1e-9))
 local reset
-if tokens >= 1 - 1e-9 then
-  tokens = math.max(0, tokens - 1)
-  allowed = 1
+if granted >= 1 then
+  tokens = math.max(0, tokens - granted)
   reset = (cap - tokens) / rate
 else
   reset = (1 - tokens) / rate
 end
 redis.call('HSET', k, 't', string.format('%.17g', tokens), 'ts', string.format('%.17g', now))
 redis.call('PEXPIRE', k, math.ceil((cap - tokens) / rate * 1000) + 1000)
-return {allowed, math.floor(tokens + 1e-9), string.format('%.6f', reset)}
+return {granted, math.floor(tokens + 1e-9), string.format('%.6f', reset)}
 """
 
 # ARGV: P, id, ttl_s, margin_s, charges JSON [[budget, limit, amount, start, end], ...]

@@ -101,12 +101,13 @@ class RedisStore:
         self._settle = self.redis.register_script(redis_scripts.SETTLE)
         self._budgets = self.redis.register_script(redis_scripts.BUDGETS)
 
-    async def hit(self, key: str, requests: int, per_seconds: int) -> RateDecision:
-        validate_hit(key, requests, per_seconds)
-        args: list[str | int] = [self.prefix, key, requests, per_seconds]
+    async def hit(self, key: str, requests: int, per_seconds: int, want: int = 1) -> RateDecision:
+        validate_hit(key, requests, per_seconds, want)
+        args: list[str | int] = [self.prefix, key, requests, per_seconds, want]
         reply = await self.guard.call(lambda: self._hit(args=args))
-        allowed, remaining, reset = reply
-        return RateDecision(bool(allowed), requests, int(remaining), float(reset))
+        granted, remaining, reset = reply
+        granted = int(granted)
+        return RateDecision(granted > 0, requests, int(remaining), float(reset), granted)
 
     async def reserve(
         self, reservation: str, charges: Sequence[Charge], ttl_s: float

@@ -91,9 +91,9 @@ class RemoteStore:
 
         return await self.guard.call(call)
 
-    async def hit(self, key: str, requests: int, per_seconds: int) -> RateDecision:
-        validate_hit(key, requests, per_seconds)
-        data = await self._call(wire.HIT, wire.hit_request(key, requests, per_seconds))
+    async def hit(self, key: str, requests: int, per_seconds: int, want: int = 1) -> RateDecision:
+        validate_hit(key, requests, per_seconds, want)
+        data = await self._call(wire.HIT, wire.hit_request(key, requests, per_seconds, want))
         return _parsed(wire.parse_decision, data)
 
     async def reserve(

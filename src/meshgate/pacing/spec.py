@@ -3,8 +3,8 @@
 The pacer holds no policy. Every limit arrives with the request it applies to, so a pacer
 never acts on a stale copy of the policy and needs no connection of its own to the control
 plane for configuration:
-- a global rate limit is one Envoy rate-limit descriptor (`descriptor_entries`), sent by
-  Envoy's `ratelimit` filter to the pacer's RLS endpoint;
+- global rate limits are a query string (`limits_query`) in the route's config of the
+  gateway's limits filter, which sends it to the pacer (`pacer.limits_http`);
 - budgets, concurrency caps, LLM rules and MCP tool rules are one `PaceSpec`, JSON in the
   ext_proc gRPC metadata `PACE_METADATA` that the route's per-route ext_proc config adds.
 Routes are per agent (they match the agent identity taken from the verified certificate), so
@@ -22,6 +22,7 @@ import json
 import zlib
 from dataclasses import dataclass
 from typing import Any, Literal, cast
+from urllib.parse import parse_qsl, urlencode
 
 from meshgate.policy.model import Price as Price  # re-exported: USD per 1M tokens of a glob
 
@@ -33,9 +34,13 @@ LlmApi = Literal["openai", "anthropic"]
 UNITS: tuple[Unit, ...] = ("requests", "tokens", "input_tokens", "output_tokens", "cost_micro_usd")
 WINDOWS: tuple[Window, ...] = ("hour", "day", "month")
 
-RLS_DOMAIN = "meshgate"
 PACE_METADATA = "x-meshgate-pace"  # ext_proc gRPC initial metadata holding a PaceSpec's JSON
 PACER_CLUSTER = "meshgate-pacer"  # the gateway bootstrap's static cluster to the pacer's socket
+# ... and to its global-limits socket (HTTP/1.1: `pacer.limits_http`)
+LIMITS_CLUSTER = "meshgate-pacer-limits"
+LIMITS_SOCKET = "limits.sock"  # beside the pacer's ext_proc socket, in the same private dir
+LIMITS_PATH = "/v1/limits"
+LIMITS_VERDICT_HEADER = "x-meshgate-limit"  # the pacer's answer: ok | over | unavailable | invalid
 DYNAMIC_METADATA_NAMESPACE = "meshgate.pacer"  # what the pacer tells the access log
 
 # Envoy response code details of the pacer's refusals; the audit decision is the part before ":"
@@ -64,26 +69,42 @@ class GlobalLimit:
     on_store_failure: FailureMode = "open"
 
 
-def descriptor_entries(limit: GlobalLimit) -> list[tuple[str, str]]:
-    return [
-        ("key", limit.key),
-        ("limit", f"{limit.requests}/{limit.per_seconds}"),
-        ("failure", limit.on_store_failure),
-    ]
+def limits_query(limits: list[GlobalLimit]) -> str:
+    """The query string the gateway's limits filter sends the pacer: per limit, in order,
+    `key`, `limit` (requests/seconds) and `failure` (open|closed)."""
+    return urlencode(
+        [
+            pair
+            for lim in limits
+            for pair in (
+                ("key", lim.key),
+                ("limit", f"{lim.requests}/{lim.per_seconds}"),
+                ("failure", lim.on_store_failure),
+            )
+        ]
+    )
 
 
-def parse_descriptor(entries: list[tuple[str, str]]) -> GlobalLimit:
-    """The limit a descriptor describes; ValueError for anything else (the pacer refuses it)."""
-    values = dict(entries)
-    if len(values) != len(entries) or set(values) != {"key", "limit", "failure"}:
-        raise ValueError(f"not a meshgate descriptor: {entries!r}")
-    requests, _, per = values["limit"].partition("/")
-    failure = values["failure"]
-    if not (requests.isdigit() and per.isdigit()) or failure not in ("open", "closed"):
-        raise ValueError(f"bad meshgate descriptor: {entries!r}")
-    if int(requests) < 1 or int(per) < 1 or not values["key"]:
-        raise ValueError(f"bad meshgate descriptor: {entries!r}")
-    return GlobalLimit(values["key"], int(requests), int(per), cast(FailureMode, failure))
+MAX_LIMITS_PER_REQUEST = 8
+
+
+def parse_limits_query(query: str) -> list[GlobalLimit]:
+    """The limits a query describes; ValueError for anything else (the pacer refuses it)."""
+    pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True, max_num_fields=24)
+    if not pairs or len(pairs) % 3 or len(pairs) > 3 * MAX_LIMITS_PER_REQUEST:
+        raise ValueError(f"not a meshgate limits query: {query!r:.200}")
+    out = []
+    for i in range(0, len(pairs), 3):
+        (k1, key), (k2, limit), (k3, failure) = pairs[i : i + 3]
+        requests, _, per = limit.partition("/")
+        if (k1, k2, k3) != ("key", "limit", "failure") or not key:
+            raise ValueError(f"not a meshgate limits query: {query!r:.200}")
+        if not (requests.isdigit() and per.isdigit()) or failure not in ("open", "closed"):
+            raise ValueError(f"bad meshgate limit: {query!r:.200}")
+        if int(requests) < 1 or int(per) < 1:
+            raise ValueError(f"bad meshgate limit: {query!r:.200}")
+        out.append(GlobalLimit(key, int(requests), int(per), cast(FailureMode, failure)))
+    return out
 
 
 @dataclass(frozen=True)

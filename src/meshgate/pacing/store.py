@@ -27,6 +27,7 @@ class RateDecision:
     limit: int
     remaining: int
     reset_s: float  # until the bucket is full again (x-ratelimit-reset); retry-after when refused
+    granted: int = 1  # tokens taken (1 <= granted <= want when allowed, else 0)
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,10 @@ class Reservation:
 
 
 class LimitStore(Protocol):
-    async def hit(self, key: str, requests: int, per_seconds: int) -> RateDecision:
-        """Take one token from the bucket `key` (capacity `requests`, refilled at
-        `requests / per_seconds` per second), if there is one."""
+    async def hit(self, key: str, requests: int, per_seconds: int, want: int = 1) -> RateDecision:
+        """Take up to `want` whole tokens from the bucket `key` (capacity `requests`, refilled
+        at `requests / per_seconds` per second): as many as there are, if there is at least
+        one (a pacer takes several at once and spends them locally: `pacer.leases`)."""
         ...
 
     async def reserve(

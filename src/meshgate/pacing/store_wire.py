@@ -54,22 +54,26 @@ def _list(v: Any) -> list[Any]:
     return v
 
 
-def hit_request(key: str, requests: int, per_seconds: int) -> bytes:
-    return dump({"k": key, "n": requests, "p": per_seconds})
+def hit_request(key: str, requests: int, per_seconds: int, want: int = 1) -> bytes:
+    return dump({"k": key, "n": requests, "p": per_seconds, "w": want})
 
 
-def parse_hit_request(data: Mapping[str, Any]) -> tuple[str, int, int]:
-    return _str(data["k"]), _int(data["n"]), _int(data["p"])
+def parse_hit_request(data: Mapping[str, Any]) -> tuple[str, int, int, int]:
+    # "w" absent: a pacer from before leases, which takes one token per request
+    return _str(data["k"]), _int(data["n"]), _int(data["p"]), _int(data.get("w", 1))
 
 
 def decision(d: RateDecision) -> bytes:
-    return dump({"a": d.allowed, "l": d.limit, "r": d.remaining, "s": d.reset_s})
+    return dump({"a": d.allowed, "l": d.limit, "r": d.remaining, "s": d.reset_s, "g": d.granted})
 
 
 def parse_decision(data: Mapping[str, Any]) -> RateDecision:
     if not isinstance(data["a"], bool):
         raise ValueError("bad decision")
-    return RateDecision(data["a"], _int(data["l"]), _int(data["r"]), _num(data["s"]))
+    granted = _int(data.get("g", int(data["a"])))
+    if data["a"] != (granted > 0):
+        raise ValueError("bad decision: allowed and granted disagree")
+    return RateDecision(data["a"], _int(data["l"]), _int(data["r"]), _num(data["s"]), granted)
 
 
 def reserve_request(reservation: str, charges: Sequence[Charge], ttl_s: float) -> bytes:

@@ -31,7 +31,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import duration_pb2, json_format, wrappers_pb2
 
-from meshgate.pacing.spec import PACER_CLUSTER
+from meshgate.pacing.spec import LIMITS_CLUSTER, LIMITS_SOCKET, PACER_CLUSTER
 from meshgate.xds.common import (
     ads,
     http_listener,
@@ -133,7 +133,9 @@ def build_bootstrap(spec: BootstrapSpec) -> bootstrap_pb2.Bootstrap:
     if spec.health_port is not None:
         boot.static_resources.listeners.append(health_listener(spec.health_port))
     if spec.node_cluster == GATEWAY_NODE_CLUSTER:
-        boot.static_resources.clusters.append(pacer_cluster(pacer_socket(spec.admin_socket)))
+        pacer = pacer_socket(spec.admin_socket)
+        boot.static_resources.clusters.append(pacer_cluster(pacer))
+        boot.static_resources.clusters.append(limits_cluster(pacer.with_name(LIMITS_SOCKET)))
     return boot
 
 
@@ -144,7 +146,7 @@ def pacer_socket(admin_socket: str | Path) -> Path:
 
 
 def pacer_cluster(socket: Path) -> cluster_pb2.Cluster:
-    """The static cluster the gateway's ratelimit and ext_proc filters call (gRPC: HTTP/2)."""
+    """The static cluster the gateway's ext_proc filter calls (gRPC: HTTP/2)."""
     http2 = http_protocol_options_pb2.HttpProtocolOptions(
         explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
             http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
@@ -160,6 +162,19 @@ def pacer_cluster(socket: Path) -> cluster_pb2.Cluster:
     )
     endpoint = cluster.load_assignment.endpoints.add().lb_endpoints.add().endpoint
     cluster.load_assignment.cluster_name = PACER_CLUSTER
+    endpoint.address.pipe.path = str(socket)
+    return cluster
+
+
+def limits_cluster(socket: Path) -> cluster_pb2.Cluster:
+    """The static cluster the gateway's limits filter asks (HTTP/1.1, keep-alive)."""
+    cluster = cluster_pb2.Cluster(
+        name=LIMITS_CLUSTER,
+        type=cluster_pb2.Cluster.STATIC,
+        connect_timeout=duration_pb2.Duration(seconds=1),
+    )
+    endpoint = cluster.load_assignment.endpoints.add().lb_endpoints.add().endpoint
+    cluster.load_assignment.cluster_name = LIMITS_CLUSTER
     endpoint.address.pipe.path = str(socket)
     return cluster
 

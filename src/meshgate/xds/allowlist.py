@@ -39,9 +39,10 @@ from meshgate.policy.model import Destination, EgressRule, PolicyModel
 from meshgate.xds.access_log import BODY_GUARD_POLICY, agent_tool_refusal_name, allow_route_name
 from meshgate.xds.common import json_refusal, pack
 from meshgate.xds.pacing import (
+    GLOBAL_LIMITS_FILTER,
     PACER_FILTER,
     global_limit,
-    global_rate_limit,
+    global_limits_route_config,
     pace_spec,
     pacer_route_config,
     pacer_skip_config,
@@ -188,8 +189,11 @@ def rule_routes(
     # the rule's one bucket, shared by all its routes: in the virtual host (per replica) or in
     # the pacer's store (global)
     limits = []
+    limited: dict[str, any_pb2.Any] = {}
     if rule.rate_limit is not None and rule.rate_limit.scope == "global":
-        limits.append(global_rate_limit(global_limit(agent, dest, index, rule)))
+        limited[GLOBAL_LIMITS_FILTER] = global_limits_route_config(
+            agent, [global_limit(agent, dest, index, rule)]
+        )
     elif rule.rate_limit is not None:
         limits.append(rule_rate_limit(agent, dest, index))
     if dest.tls == "passthrough":  # the gateway sees only the tunnel's host: one CONNECT route
@@ -208,6 +212,7 @@ def rule_routes(
                     ],
                     rate_limits=limits,
                 ),
+                typed_per_filter_config=limited,
             ),
         )
     bases = [_path_match(p) for p in rule.paths] or [rc.RouteMatch(prefix="/")]
@@ -216,6 +221,7 @@ def rule_routes(
         matches = [m for base in bases for m in _tool_matches(base, rule.tools)]
     routes = []
     for n, (match, per_filter) in enumerate(matches):
+        per_filter.update(limited)
         if pace is not None:
             per_filter[PACER_FILTER] = pacer_route_config(pace)
         match.headers.extend(headers)

@@ -28,7 +28,6 @@ from google.api.expr.v1alpha1 import syntax_pb2
 from google.protobuf import duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
-from meshgate.pacing.spec import STORE_UNAVAILABLE
 from meshgate.policy.model import Destination, PolicyModel
 from meshgate.xds.access_log import (
     BODY_GUARD_POLICY,
@@ -71,7 +70,6 @@ from meshgate.xds.credentials import (
 from meshgate.xds.mtls import NodeIdentity, gateway_tls, identity_from_certificate, identity_secrets
 from meshgate.xds.options import TranslateOptions
 from meshgate.xds.pacing import (
-    RLS_ERROR_DETAILS,
     global_limit_filters,
     longest_wait_ms,
     pacer_filter,
@@ -442,24 +440,11 @@ def refusal_bodies(agent: str = f"%REQ({AGENT_HEADER})%") -> hcm_pb2.LocalReplyC
                     "reason": "MCP filter: %LOCAL_REPLY_BODY% (%RESPONSE_CODE_DETAILS%)",
                 },
             ),
-            # Envoy's limiters (local and global) by their details, not by status: the pacer's
-            # own 429s (budgets) carry their own bodies and must keep them
+            # Envoy's local limiter by its details, not by status: the pacer's own 429s
+            # (budgets, global limits) carry their own bodies and must keep them
             mapper(
-                details(
-                    "response.code_details == 'local_rate_limited'"
-                    " || response.code_details == 'request_rate_limited'"
-                ),
+                details("response.code_details == 'local_rate_limited'"),
                 {"error": "rate_limited", "agent": agent, "route": "%ROUTE_NAME%"},
-            ),
-            refusal(
-                details(f"response.code_details == '{RLS_ERROR_DETAILS}'"),
-                503,
-                {
-                    "error": STORE_UNAVAILABLE,
-                    "agent": agent,
-                    "reason": "a global rate limit that fails closed could not be checked: its "
-                    "limit store did not answer in time; retry shortly",
-                },
             ),
             mapper(
                 upstream_failed,

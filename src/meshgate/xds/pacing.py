@@ -1,53 +1,113 @@
 """Policy model -> what the gateway asks of its pacer: global limits and paced routes. Pure.
 
-Global rate limits are Envoy `ratelimit` filters (one that fails open, one that fails closed:
-Envoy's failure mode is per filter) whose descriptors carry the whole limit (pacing.spec), and
-budgets, concurrency caps, LLM rules and MCP tool rules are one `ext_proc` filter, disabled
-unless a route enables it with its PaceSpec. Both call the pacer beside the gateway, over a unix
-socket that the gateway bootstrap names (spec.PACER_CLUSTER), so no agent can reach it.
+Global rate limits are one small Lua filter: each limited route hands it the limit itself
+(`spec.limits_query`, in the route's filter context), and it asks the pacer's HTTP endpoint
+(`pacer.limits_http`), which decides from tokens leased from the shared store. Envoy's gRPC
+rate-limit protocol would do the same at ~10x the pacer's CPU per request (docs/pacing.md).
+Budgets, concurrency caps, LLM rules and MCP tool rules are one `ext_proc` filter, disabled
+unless a route enables it with its PaceSpec. Both call the pacer beside the gateway, over unix
+sockets that the gateway bootstrap names (spec.PACER_CLUSTER, spec.LIMITS_CLUSTER), so no
+agent can reach it.
 """
 
 from __future__ import annotations
 
 import functools
 
-from envoy.config.core.v3 import base_pb2, config_source_pb2, grpc_service_pb2
-from envoy.config.ratelimit.v3 import rls_pb2
+from envoy.config.core.v3 import base_pb2, grpc_service_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
-from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
-from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2
+from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
-from envoy.type.v3 import http_status_pb2
-from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2
 
 from meshgate.mcp import decision as mcp_decision
 from meshgate.pacing.spec import (
     DYNAMIC_METADATA_NAMESPACE,
+    LIMITS_CLUSTER,
+    LIMITS_PATH,
+    LIMITS_VERDICT_HEADER,
     PACE_METADATA,
     PACER_CLUSTER,
-    RLS_DOMAIN,
+    STORE_UNAVAILABLE,
     BudgetSpec,
     ConcurrencySpec,
     GlobalLimit,
     LlmSpec,
     PaceSpec,
-    descriptor_entries,
     encode,
+    limits_query,
 )
 from meshgate.policy.model import AgentPolicy, Budget, Destination, EgressRule, Mesh, PolicyModel
 from meshgate.xds.common import pack
 
-GLOBAL_LIMIT_OPEN = "meshgate.global-limit-open"
-GLOBAL_LIMIT_CLOSED = "meshgate.global-limit-closed"
+GLOBAL_LIMITS_FILTER = "meshgate.global-limits"
+LIMITS_SCRIPT = "meshgate-limits"
 PACER_FILTER = "meshgate.pacer"
-# rate-limit stages: Envoy's local limiter reads stage 0, so global limits use their own
-STAGE_OPEN = 1
-STAGE_CLOSED = 2
-RLS_ERROR_DETAILS = "rate_limiter_error"  # Envoy's details when a fail-closed limit's call failed
-RLS_TIMEOUT_MS = 1500  # the pacer answers within its store timeout; this only bounds a hung pacer
+LIMITS_DETAILS = "lua_response"  # Envoy's response code details of the limits filter's refusals
+LIMITS_TIMEOUT_MS = 1500  # the pacer answers within its store timeout; this only bounds a hung one
+LIMITS_METADATA = "meshgate.limits"  # the x-ratelimit-* of an admitted request, for its response
+NO_LIMITS_LUA = "function envoy_on_request(h) end\nfunction envoy_on_response(h) end\n"
+# The pacer's answer decides (`pacer.limits_http`); without one (the pacer unreachable or
+# silent) a route whose limits all fail open goes on, else it is refused with 503.
+LIMITS_LUA = f"""
+local COPY = {{"retry-after", "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset",
+  "content-type"}}
+
+local function unavailable(h, agent)
+  h:respond({{[":status"] = "503", ["retry-after"] = "1", ["content-type"] = "application/json"}},
+    '{{"error":"{STORE_UNAVAILABLE}","agent":"' .. agent .. '","reason":"a global rate limit '
+    .. 'that fails closed could not be checked: the pacer did not answer; retry shortly"}}')
+end
+
+local function check(h, q, closed, agent)
+  local call = {{[":method"] = "GET", [":authority"] = "meshgate-pacer",
+    [":path"] = "{LIMITS_PATH}?" .. q}}
+  local headers, body = h:httpCall("{LIMITS_CLUSTER}", call, nil, {LIMITS_TIMEOUT_MS})
+  local verdict = headers["{LIMITS_VERDICT_HEADER}"]
+  if verdict == "ok" then
+    local limit = headers["x-ratelimit-limit"]
+    if limit ~= nil then
+      local md = h:streamInfo():dynamicMetadata()
+      md:set("{LIMITS_METADATA}", "x-ratelimit-limit", limit)
+      md:set("{LIMITS_METADATA}", "x-ratelimit-remaining", headers["x-ratelimit-remaining"])
+      md:set("{LIMITS_METADATA}", "x-ratelimit-reset", headers["x-ratelimit-reset"])
+    end
+    return
+  end
+  if verdict == nil then
+    if closed then unavailable(h, agent) end
+    return
+  end
+  local out = {{[":status"] = headers[":status"]}}
+  for _, k in ipairs(COPY) do
+    if headers[k] ~= nil then out[k] = headers[k] end
+  end
+  h:respond(out, body)
+end
+
+function envoy_on_request(h)
+  -- the route's context, read before the call (handles do not outlive a yield)
+  local ctx = h:filterContext()
+  local q = ctx:get("limits")
+  if q == nil then return end
+  local closed = ctx:get("closed") == "1"
+  local agent = ctx:get("agent") or ""
+  local ok, err = pcall(check, h, q, closed, agent)
+  if not ok then  -- a script error must not let a fail-closed limit pass
+    h:logErr("meshgate global limits: " .. tostring(err))
+    if closed then unavailable(h, agent) end
+  end
+end
+
+function envoy_on_response(h)
+  local md = h:streamInfo():dynamicMetadata():get("{LIMITS_METADATA}")
+  if md == nil then return end
+  for k, v in pairs(md) do h:headers():replace(k, v) end
+end
+"""
 PACER_MESSAGE_TIMEOUT_MS = 2_000  # per ext_proc message; the pacer extends it while queueing
 PACER_WAIT_MARGIN_MS = 5_000
 MCP_FILTER_METADATA = "envoy.filters.http.mcp"  # the namespace Envoy's MCP filter writes
@@ -61,19 +121,18 @@ def global_limit(agent: str, dest: Destination, index: int, rule: EgressRule) ->
     )
 
 
-def global_rate_limit(limit: GlobalLimit) -> rc.RateLimit:
-    """The route action whose descriptor is the whole limit: the pacer needs no policy."""
-    return rc.RateLimit(
-        stage=wrappers_pb2.UInt32Value(
-            value=STAGE_OPEN if limit.on_store_failure == "open" else STAGE_CLOSED
-        ),
-        actions=[
-            rc.RateLimit.Action(
-                generic_key=rc.RateLimit.Action.GenericKey(descriptor_key=k, descriptor_value=v)
-            )
-            for k, v in descriptor_entries(limit)
-        ],
+def global_limits_route_config(agent: str, limits: list[GlobalLimit]) -> any_pb2.Any:
+    """What one route asks of the limits filter: its limits, and whether one fails closed
+    (then the filter refuses when the pacer cannot be reached at all)."""
+    context = struct_pb2.Struct()
+    context.update(
+        {
+            "limits": limits_query(limits),
+            "closed": "1" if any(lim.on_store_failure == "closed" for lim in limits) else "0",
+            "agent": agent,
+        }
     )
+    return pack(lua_pb2.LuaPerRoute(name=LIMITS_SCRIPT, filter_context=context))
 
 
 def _budget(budget_id: str, b: Budget) -> BudgetSpec:
@@ -157,37 +216,28 @@ def _ms(ms: int) -> duration_pb2.Duration:
 
 
 def global_limit_filters(model: PolicyModel) -> list[hcm_pb2.HttpFilter]:
-    """The ratelimit filters the policy's global limits need (none without any): limits that
-    fail open first, so a request refused by a closed one has not spent an open one's token."""
-    modes = {
-        r.rate_limit.on_store_failure
+    """The limits filter, when the policy has any global limit. On for every request: a
+    route without limits returns at once (a filter off by default would not be created for a
+    tool route chosen after Envoy's MCP filter read the body)."""
+    if not any(
+        r.rate_limit is not None and r.rate_limit.scope == "global"
         for a in model.agents
         for r in a.rules
-        if r.rate_limit is not None and r.rate_limit.scope == "global"
-    }
-    out = []
-    for mode, name, stage in (
-        ("open", GLOBAL_LIMIT_OPEN, STAGE_OPEN),
-        ("closed", GLOBAL_LIMIT_CLOSED, STAGE_CLOSED),
     ):
-        if mode not in modes:
-            continue
-        config = rate_limit_pb2.RateLimit(
-            domain=RLS_DOMAIN,
-            stage=stage,
-            timeout=_ms(RLS_TIMEOUT_MS),
-            failure_mode_deny=mode == "closed",
-            # the store did not answer a fail-closed limit: unavailable, not "over the limit"
-            status_on_error=http_status_pb2.HttpStatus(code=http_status_pb2.ServiceUnavailable),
-            enable_x_ratelimit_headers=ratelimit_pb2.DRAFT_VERSION_03,
-            rate_limit_service=rls_pb2.RateLimitServiceConfig(
-                grpc_service=_pacer_service(RLS_TIMEOUT_MS),
-                transport_api_version=config_source_pb2.V3,
-            ),
-            stat_prefix=name,
+        return []
+    return [hcm_pb2.HttpFilter(name=GLOBAL_LIMITS_FILTER, typed_config=_limits_filter_config())]
+
+
+@functools.lru_cache(maxsize=1)
+def _limits_filter_config() -> any_pb2.Any:
+    script = base_pb2.DataSource(inline_string=LIMITS_LUA)
+    return pack(
+        lua_pb2.Lua(
+            source_codes={LIMITS_SCRIPT: script},
+            default_source_code=base_pb2.DataSource(inline_string=NO_LIMITS_LUA),
+            stat_prefix="meshgate_limits",
         )
-        out.append(hcm_pb2.HttpFilter(name=name, typed_config=pack(config)))
-    return out
+    )
 
 
 def pacer_filter(max_wait_ms: int) -> hcm_pb2.HttpFilter:

@@ -34,9 +34,9 @@ class FlakyStore:
         if self.down:
             raise StoreUnavailable("the test took the store down")
 
-    async def hit(self, key: str, requests: int, per_seconds: int) -> RateDecision:
+    async def hit(self, key: str, requests: int, per_seconds: int, want: int = 1) -> RateDecision:
         await self._gate()
-        return await self.inner.hit(key, requests, per_seconds)
+        return await self.inner.hit(key, requests, per_seconds, want)
 
     async def reserve(
         self, reservation: str, charges: Sequence[Charge], ttl_s: float

@@ -11,9 +11,9 @@ from pathlib import Path
 import grpc
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+from limits_client import ask, client, limit
 from pacing_redis import RedisProcess, redis_server  # noqa: F401 (fixture)
 from test_ext_proc import Stream, held, http_headers
-from test_rls import Code, call, limit
 
 from meshgate.pacer import stores
 from meshgate.pacer.ext_proc import PacerSettings
@@ -55,9 +55,10 @@ def redis_pacer(tmp_path: Path, redis_server: RedisProcess) -> Iterator[Pacer]: 
 
 
 async def budget_then_refusal(pacer: Pacer) -> None:
+    async with client(pacer) as http:
+        assert (await ask(http, limit("k", 1))).status_code == 200
+        assert (await ask(http, limit("k", 1))).status_code == 429
     async with grpc.aio.insecure_channel(f"unix:{pacer.socket}") as channel:
-        assert (await call(channel, limit("k", 1))).overall_code == Code.OK
-        assert (await call(channel, limit("k", 1))).overall_code == Code.OVER_LIMIT
         pace = held(budgets=(spec.BudgetSpec("agent/a/b", "requests", 1, "day"),))
         first = Stream(channel, pace)
         assert (await first.headers()).HasField("request_headers")
@@ -87,12 +88,16 @@ async def test_redis_stalled_fails_each_way_within_bounded_time(
     redis_pacer: Pacer,
     redis_server: RedisProcess,  # noqa: F811
 ) -> None:
-    async with grpc.aio.insecure_channel(f"unix:{redis_pacer.socket}") as channel:
-        assert (await call(channel, limit("warm", 5))).overall_code == Code.OK
+    async with (
+        client(redis_pacer) as http,
+        grpc.aio.insecure_channel(f"unix:{redis_pacer.socket}") as channel,
+    ):
+        assert (await ask(http, limit("warm", 5))).status_code == 200
         redis_server.pause()
         try:
             started = time.monotonic()
-            assert (await call(channel, limit("o", 5, failure="open"))).overall_code == Code.OK
+            assert (await ask(http, limit("o", 5, failure="open"))).status_code == 200
+            assert (await ask(http, limit("c", 5, failure="closed"))).status_code == 503
             closed = held(budgets=(spec.BudgetSpec("c", "requests", 5, "day", "closed"),))
             s = Stream(channel, closed)
             await s.send(ep.ProcessingRequest(request_headers=http_headers({":path": "/"})))

@@ -237,7 +237,7 @@ async def test_redis_killed_fails_fast_and_recovers_after_restart(
 class SlowStore:
     """A backing store that never answers in time."""
 
-    async def hit(self, key: str, requests: int, per_seconds: int) -> RateDecision:
+    async def hit(self, key: str, requests: int, per_seconds: int, want: int = 1) -> RateDecision:
         await asyncio.sleep(30)
         raise AssertionError
 

@@ -1,4 +1,4 @@
-"""Issue 19's translation: global limits as self-describing descriptors, paced routes carrying
+"""Issue 19's translation: global limits carried whole by their routes, paced routes carrying
 their PaceSpec to the pacer, and the filter order (checked on the generated Envoy config)."""
 
 from __future__ import annotations
@@ -12,16 +12,13 @@ from pathlib import Path
 from builders import model
 from envoy.config.bootstrap.v3 import bootstrap_pb2
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, protocol_pb2
-from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2
-from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2
+from envoy.extensions.filters.http.lua.v3 import lua_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
-from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from google.protobuf import json_format
 
 from meshgate.pacing import spec
@@ -38,9 +35,10 @@ from meshgate.policy.model import (
     Price,
     RateLimit,
 )
+from meshgate.sidecar.bootstrap import limits_cluster, pacer_cluster
 from meshgate.xds.gateway import egress_routes, gateway_resources
 from meshgate.xds.options import TranslateOptions
-from meshgate.xds.pacing import GLOBAL_LIMIT_CLOSED, GLOBAL_LIMIT_OPEN, PACER_FILTER
+from meshgate.xds.pacing import GLOBAL_LIMITS_FILTER, LIMITS_SCRIPT, PACER_FILTER
 
 DOCS = Destination("docs", "docs.internal", 80, tls="none", address=("127.0.0.1", 9001))
 OPENAI = Destination(
@@ -96,21 +94,33 @@ def pace_of(route: rc.Route) -> spec.PaceSpec | None:
     return spec.decode(metadata.value)
 
 
-def test_global_limits_are_descriptors_that_carry_the_whole_limit() -> None:
+def limits_context(route: rc.Route) -> dict[str, str]:
+    per_route = lua_pb2.LuaPerRoute()
+    route.typed_per_filter_config[GLOBAL_LIMITS_FILTER].Unpack(per_route)
+    assert per_route.name == LIMITS_SCRIPT
+    return {k: v.string_value for k, v in per_route.filter_context.fields.items()}
+
+
+def test_global_limits_are_route_contexts_that_carry_the_whole_limit() -> None:
     table = egress_routes(policy(), {})
     [docs] = routes_named(table, "allow/coder/docs/")
-    [action] = docs.route.rate_limits
-    entries = [
-        (a.generic_key.descriptor_key, a.generic_key.descriptor_value) for a in action.actions
+    assert not docs.route.rate_limits
+    context = limits_context(docs)
+    assert spec.parse_limits_query(context["limits"]) == [
+        spec.GlobalLimit("coder/docs/0", 600, 60, "closed")
     ]
-    assert spec.parse_descriptor(entries) == spec.GlobalLimit("coder/docs/0", 600, 60, "closed")
+    assert (context["closed"], context["agent"]) == ("1", "coder")
     [openai] = routes_named(table, "allow/coder/openai/")
-    open_action = openai.route.rate_limits[0]
-    assert open_action.stage != action.stage  # failing open and closed need separate filters
-    # a replica-scoped limit stays in Envoy's local limiter (stage 0, no pacer call)
+    assert limits_context(openai)["closed"] == "0"  # fails open without the pacer
+    # a replica-scoped limit stays in Envoy's local limiter (no pacer call)
     [plain] = routes_named(table, "allow/plain/docs/")
-    assert plain.route.rate_limits[0].stage.value == 0
+    assert GLOBAL_LIMITS_FILTER not in plain.typed_per_filter_config
     assert plain.route.rate_limits[0].actions[0].generic_key.descriptor_key == "meshgate_rule"
+
+
+def test_limits_queries_round_trip() -> None:
+    limits = [spec.GlobalLimit("a/d/0", 5, 60, "open"), spec.GlobalLimit("a&b=c/d/1", 1, 1)]
+    assert spec.parse_limits_query(spec.limits_query(limits)) == limits
 
 
 def test_paced_routes_hand_the_pacer_everything_it_enforces() -> None:
@@ -149,15 +159,12 @@ def test_filters_run_in_order_and_the_pacer_fails_closed() -> None:
     listener.filter_chains[0].filters[0].typed_config.Unpack(hcm)
     names = [f.name for f in hcm.http_filters]
     local = names.index("envoy.filters.http.local_ratelimit")
-    assert local < names.index(GLOBAL_LIMIT_OPEN) < names.index(GLOBAL_LIMIT_CLOSED)
-    assert names.index(GLOBAL_LIMIT_CLOSED) < names.index(PACER_FILTER) < len(names) - 1
+    assert local < names.index(GLOBAL_LIMITS_FILTER) < names.index(PACER_FILTER) < len(names) - 1
     by_name = {f.name: f for f in hcm.http_filters}
-    closed = rate_limit_pb2.RateLimit()
-    by_name[GLOBAL_LIMIT_CLOSED].typed_config.Unpack(closed)
-    opened = rate_limit_pb2.RateLimit()
-    by_name[GLOBAL_LIMIT_OPEN].typed_config.Unpack(opened)
-    assert closed.failure_mode_deny and not opened.failure_mode_deny
-    assert closed.domain == spec.RLS_DOMAIN
+    lua = lua_pb2.Lua()
+    by_name[GLOBAL_LIMITS_FILTER].typed_config.Unpack(lua)
+    assert spec.LIMITS_CLUSTER in lua.source_codes[LIMITS_SCRIPT].inline_string
+    assert not by_name[GLOBAL_LIMITS_FILTER].disabled  # tool routes are chosen after the body
     pacer = ext_proc_pb2.ExternalProcessor()
     by_name[PACER_FILTER].typed_config.Unpack(pacer)
     assert by_name[PACER_FILTER].disabled  # on only where a route turns it on
@@ -177,7 +184,7 @@ def test_a_policy_without_pacing_adds_no_filters() -> None:
     hcm = hcm_pb2.HttpConnectionManager()
     listener.filter_chains[0].filters[0].typed_config.Unpack(hcm)
     names = {f.name for f in hcm.http_filters}
-    assert not names & {GLOBAL_LIMIT_OPEN, GLOBAL_LIMIT_CLOSED, PACER_FILTER}
+    assert not names & {GLOBAL_LIMITS_FILTER, PACER_FILTER}
 
 
 def test_envoy_accepts_the_paced_gateway_config(tmp_path: Path) -> None:
@@ -193,35 +200,6 @@ def test_envoy_accepts_the_paced_gateway_config(tmp_path: Path) -> None:
     listener.filter_chains[0].filters[0].typed_config.Pack(hcm)
     listener.address.socket_address.port_value = 0
     clusters = [r for r in resources if isinstance(r, cluster_pb2.Cluster)]
-    pacer = cluster_pb2.Cluster(
-        name=spec.PACER_CLUSTER,
-        type=cluster_pb2.Cluster.STATIC,
-        load_assignment=endpoint_pb2.ClusterLoadAssignment(
-            cluster_name=spec.PACER_CLUSTER,
-            endpoints=[
-                endpoint_components_pb2.LocalityLbEndpoints(
-                    lb_endpoints=[
-                        endpoint_components_pb2.LbEndpoint(
-                            endpoint=endpoint_components_pb2.Endpoint(
-                                address=address_pb2.Address(
-                                    pipe=address_pb2.Pipe(path=str(tmp_path / "pacer.sock"))
-                                )
-                            )
-                        )
-                    ]
-                )
-            ],
-        ),
-    )
-    pacer.typed_extension_protocol_options[
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
-    ].Pack(
-        http_protocol_options_pb2.HttpProtocolOptions(
-            explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
-                http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
-            )
-        )
-    )
     for c in clusters:  # no xDS here: EDS clusters become static
         if c.type == cluster_pb2.Cluster.EDS:
             c.type = cluster_pb2.Cluster.STATIC
@@ -229,7 +207,12 @@ def test_envoy_accepts_the_paced_gateway_config(tmp_path: Path) -> None:
             c.load_assignment.cluster_name = c.name
     config = bootstrap_pb2.Bootstrap(
         static_resources=bootstrap_pb2.Bootstrap.StaticResources(
-            listeners=[listener], clusters=[*clusters, pacer]
+            listeners=[listener],
+            clusters=[
+                *clusters,
+                pacer_cluster(tmp_path / "pacer.sock"),
+                limits_cluster(tmp_path / spec.LIMITS_SOCKET),
+            ],
         )
     )
     path = tmp_path / "envoy.json"
