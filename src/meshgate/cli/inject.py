@@ -29,6 +29,13 @@ InjectXdsCaOpt = Annotated[
     str,
     typer.Option(help="ConfigMap (key ca.crt) in the pod's namespace verifying the xDS port."),
 ]
+InjectAgentTrustOpt = Annotated[
+    str,
+    typer.Option(
+        help="ConfigMap (key ca.crt: the control plane's agent-trust CA) apps trust for "
+        "https:// to intercepted destinations; '' for none.",
+    ),
+]
 InjectXdsTlsOpt = Annotated[
     bool, typer.Option(help="Sidecars verify a TLS xDS port; --no-xds-tls: plaintext (lab only).")
 ]
@@ -41,6 +48,7 @@ def _inject_settings(
     health_port: int,
     xds_ca_configmap: str,
     xds_tls: bool,
+    agent_trust_configmap: str = "meshgate-agent-trust",
 ) -> Any:
     from meshgate.sidecar.injector import InjectSettings
 
@@ -51,6 +59,7 @@ def _inject_settings(
             sidecar_port,
             health_port,
             xds_ca_configmap=xds_ca_configmap if xds_tls else None,
+            agent_trust_configmap=agent_trust_configmap or None,
         )
     except MeshgateError as exc:
         raise fail(str(exc)) from None
@@ -68,13 +77,20 @@ def inject_serve(
     health_port: InjectHealthOpt = 15021,
     xds_ca_configmap: InjectXdsCaOpt = "meshgate-xds-ca",
     xds_tls: InjectXdsTlsOpt = True,
+    agent_trust_configmap: InjectAgentTrustOpt = "meshgate-agent-trust",
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the mutating admission webhook that injects sidecars into labelled agent pods."""
     from meshgate.sidecar.webhook import serve_webhook
 
     settings = _inject_settings(
-        image, control_plane, sidecar_port, health_port, xds_ca_configmap, xds_tls
+        image,
+        control_plane,
+        sidecar_port,
+        health_port,
+        xds_ca_configmap,
+        xds_tls,
+        agent_trust_configmap,
     )
     setup_logging(verbose)
 
@@ -95,12 +111,19 @@ def inject_pod(
     health_port: InjectHealthOpt = 15021,
     xds_ca_configmap: InjectXdsCaOpt = "meshgate-xds-ca",
     xds_tls: InjectXdsTlsOpt = True,
+    agent_trust_configmap: InjectAgentTrustOpt = "meshgate-agent-trust",
 ) -> None:
     """Print FILE with labelled Pods (and pod templates) injected as the webhook would."""
     from meshgate.sidecar.injector import inject_manifests
 
     settings = _inject_settings(
-        image, control_plane, sidecar_port, health_port, xds_ca_configmap, xds_tls
+        image,
+        control_plane,
+        sidecar_port,
+        health_port,
+        xds_ca_configmap,
+        xds_tls,
+        agent_trust_configmap,
     )
     try:
         text = sys.stdin.read() if str(file) == "-" else file.read_text()

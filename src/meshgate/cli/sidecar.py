@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -59,6 +60,20 @@ def sidecar_run(
         int, typer.Option(help="Loopback port of this sidecar's proxy (default: a free one).")
     ] = 0,
     insecure: InsecureNodeOpt = False,
+    agent_trust_ca: Annotated[
+        Path | None,
+        typer.Option(
+            help="CA of the sidecar's HTTPS interception, added to CMD's trust "
+            "(default: the local control plane's, in the state dir).",
+        ),
+    ] = None,
+    trust_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write CMD's CA bundle (system CAs + the agent-trust CA) here "
+            "(default: a temporary directory; Kubernetes: a volume the pod shares).",
+        ),
+    ] = None,
 ) -> None:
     """Run AGENT's sidecar Envoy; with `-- CMD ARGS`, run CMD behind it and exit with its status.
 
@@ -104,6 +119,8 @@ def sidecar_run(
                 user=agent_user,
                 proxy_port=proxy_port,
                 insecure=insecure,
+                agent_trust_ca=agent_trust_ca,
+                trust_dir=trust_dir,
             )
         )
 

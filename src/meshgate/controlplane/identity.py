@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from meshgate.identity.agent_trust import AgentTrustCA, HostCertificate, intercepted_hosts
 from meshgate.identity.ca import CertificateAuthority, IdentityError, now_utc
 from meshgate.identity.certs import IssuedCert, issue, spiffe_id
 from meshgate.identity.tool_tokens import ToolToken, ToolTokenSigner, issuer_for
@@ -37,6 +38,9 @@ from meshgate.xds.tool_identity import tool_identity_pairs
 
 GATEWAY_IDENTITY_NAME = "egress"
 TOOL_TOKEN_TTL = dt.timedelta(minutes=10)
+# Agent-trust leaves (identity/agent_trust.py) are the same for every sidecar, so each renewal
+# is an SDS push to the whole fleet: a day keeps that to about one wave every 12-18 hours.
+HOST_CERT_TTL = dt.timedelta(hours=24)
 RENEW_WINDOW = (0.5, 0.75)  # renewal point, as fractions of a certificate's lifetime
 MUST_RENEW_FRACTION = 0.9  # from here a certificate renews even over the pass budget
 RENEWALS_PER_PASS = 100
@@ -108,6 +112,7 @@ class IdentityIssuer:
         *,
         renew_window: tuple[float, float] = RENEW_WINDOW,
         renewals_per_pass: int = RENEWALS_PER_PASS,
+        host_cert_ttl: dt.timedelta = HOST_CERT_TTL,
     ) -> None:
         low, high = renew_window
         if not 0 < low <= high < MUST_RENEW_FRACTION:
@@ -115,6 +120,7 @@ class IdentityIssuer:
         self.state_dir = state_dir
         self.ttl = ttl
         self.tool_token_ttl = tool_token_ttl
+        self.host_cert_ttl = host_cert_ttl
         self.renew_window = renew_window
         self.renewals_per_pass = renewals_per_pass
         self.tool_signer = ToolTokenSigner(state_dir)
@@ -126,6 +132,8 @@ class IdentityIssuer:
         self._issued: dict[str, _Leaf] = {}
         self._tool_tokens: dict[tuple[str, str], ToolToken] = {}
         self._tool_issuer = ""
+        self._agent_trust: AgentTrustCA | None = None  # loaded on first use (a worker thread)
+        self._host_certs: dict[str, HostCertificate] = {}
 
     def identities(self, model: PolicyModel) -> Identities:
         """Current certificates for every node group of this policy, renewing those due (at
@@ -147,6 +155,7 @@ class IdentityIssuer:
             current[gateway],
             {agent: current[spiffe] for agent, spiffe in agents.items()},
             self._current_tool_tokens(model),
+            self._host_certificates(intercepted_hosts(model)),
         )
 
     def rotate(self) -> int:
@@ -267,6 +276,30 @@ class IdentityIssuer:
             renewal_time(cert, self.renew_window),
             cert.not_before + lifetime * MUST_RENEW_FRACTION,
         )
+
+    def _host_certificates(self, hosts: tuple[str, ...]) -> dict[str, HostCertificate]:
+        """Agent-trust leaves for the intercepted hosts (identity/agent_trust.py), renewed at a
+        per-host point of the workload window; hosts no longer intercepted are dropped, so
+        their leaves expire unrenewed."""
+        with self._lock:
+            ca, held = self._agent_trust, dict(self._host_certs)
+        if ca is None:  # made even with no host yet: launchers give it to their agents at start
+            ca = AgentTrustCA.load_or_create(self.state_dir)
+        now = now_utc()
+        fresh: dict[str, HostCertificate] = {}
+        for host in hosts:
+            cert = held.get(host)
+            if cert is None or now >= self._host_renewal(cert):
+                cert = ca.issue(host, self.host_cert_ttl)
+            fresh[host] = cert
+        with self._lock:
+            self._agent_trust, self._host_certs = ca, fresh
+        return fresh
+
+    def _host_renewal(self, cert: HostCertificate) -> dt.datetime:
+        lifetime = cert.not_after - cert.not_before
+        serial = int.from_bytes(hashlib.sha256(cert.chain_pem).digest()[:8], "big")
+        return cert.not_before + lifetime * renewal_fraction(cert.host, serial, self.renew_window)
 
     def _current_tool_tokens(self, model: PolicyModel) -> dict[tuple[str, str], str]:
         """A JWT per (agent, `identity: jwt` destination) it may call, re-minted at half-life."""

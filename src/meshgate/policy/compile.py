@@ -267,6 +267,13 @@ class _Compiler:
                     f"caFile is only valid with tls: "
                     f"originate (this destination uses tls: {spec.tls})",
                 )
+            if spec.intercept is not None and spec.tls != "originate":
+                ok = self._bad(
+                    src,
+                    ("spec", "intercept"),
+                    f"intercept is only valid with tls: originate (this destination uses "
+                    f"tls: {spec.tls}, whose CONNECT the sidecar never opens)",
+                )
             if spec.tls == "passthrough" and spec.credentials is not None:
                 ok = self._bad(
                     src,
@@ -331,6 +338,7 @@ class _Compiler:
                 tls=spec.tls,
                 address=syntax.parse_address(spec.address) if spec.address else None,
                 ca_file=spec.caFile,
+                intercept=spec.intercept is not False,
                 credentials=credentials,
                 identity=spec.identity,
                 labels=tuple(sorted(labels)),

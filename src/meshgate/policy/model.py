@@ -154,6 +154,9 @@ class Destination:
     consul: ConsulService | None = None  # instead of `address`: endpoints from Consul
     llm: Llm | None = None
     concurrency: Concurrency | None = None  # all agents together, admitted fairly
+    # read with tls: originate only: the agent's CONNECT host:port is opened by its sidecar
+    # (HTTPS interception with the agent-trust CA) instead of refused; false keeps the refusal
+    intercept: bool = True
 
 
 @dataclass(frozen=True)

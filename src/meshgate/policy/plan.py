@@ -169,6 +169,8 @@ def _destination_fields(d: Destination) -> dict[str, str]:
         out["address"] = f"{d.address[0]}:{d.address[1]}"
     if d.ca_file:
         out["caFile"] = d.ca_file
+    if d.tls == "originate":
+        out["intercept"] = str(d.intercept).lower()
     if d.credentials:
         out["credentials.header"] = d.credentials.header
         out["credentials.secret"] = d.credentials.secret

@@ -200,6 +200,7 @@ class DestinationSpec(_Doc):
     tls: Literal["originate", "passthrough", "none"] = "originate"
     address: Annotated[str, AfterValidator(syntax.address)] | None = None
     caFile: NonEmpty | None = None
+    intercept: bool | None = None  # tls: originate only; default true
     identity: Literal["none", "jwt"] = "none"
     credentials: CredentialsDoc | None = None
     consul: ConsulServiceDoc | None = None

@@ -21,6 +21,7 @@ from envoy.config.core.v3 import (
 )
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.bootstrap.internal_listener.v3 import internal_listener_pb2
 from envoy.extensions.filters.http.health_check.v3 import health_check_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -38,7 +39,7 @@ from meshgate.xds.common import (
     router_filter,
     single_endpoint,
 )
-from meshgate.xds.sidecar import proxy_listener
+from meshgate.xds.sidecar import INTERNAL_LISTENER_EXTENSION, proxy_listener
 
 XDS_CLUSTER = "meshgate-xds"
 GATEWAY_NODE_CLUSTER = "meshgate-gateway"  # node cluster of gateways (sidecars: meshgate-agent)
@@ -123,6 +124,11 @@ def build_bootstrap(spec: BootstrapSpec) -> bootstrap_pb2.Bootstrap:
         p = spec.proxy
         boot.static_resources.listeners.append(
             proxy_listener(p.agent, p.host, p.port, p.netns_path)
+        )
+        # HTTPS interception hands opened CONNECTs to an internal listener (xds/sidecar.py)
+        boot.bootstrap_extensions.add(
+            name=INTERNAL_LISTENER_EXTENSION,
+            typed_config=pack(internal_listener_pb2.InternalListener()),
         )
     if spec.health_port is not None:
         boot.static_resources.listeners.append(health_listener(spec.health_port))

@@ -14,7 +14,13 @@ the cluster does and what an operator previews offline are the same function. In
   in the same volume the CA that verifies the control plane's TLS xDS port, from a ConfigMap
   in the pod's namespace (`meshgate-xds-ca`, key `ca.crt`; none for a plaintext lab cluster);
 - an emptyDir for the bootstrap the sidecar writes at start, and the `meshgate.dev/injected`
-  annotation. A pod that carries that annotation or the sidecar is left as is (idempotent).
+  annotation. A pod that carries that annotation or the sidecar is left as is (idempotent);
+- HTTPS interception trust (sidecar/trust_bundle.py): the agent-trust CA from the ConfigMap
+  `meshgate-agent-trust` (key `ca.crt`, in the token volume: only the sidecar reads it), from
+  which the sidecar writes the pod's bundle (system CAs + that CA) into an emptyDir every other
+  container mounts read-only at /var/run/meshgate/trust, with SSL_CERT_FILE, REQUESTS_CA_BUNDLE,
+  NODE_EXTRA_CA_CERTS and the rest pointing there. The sidecar writes it before Envoy starts,
+  so it exists before the startup probe lets the app containers start.
 """
 
 from __future__ import annotations
@@ -27,17 +33,23 @@ from typing import Any
 from meshgate.errors import ConfigError
 from meshgate.sidecar.bootstrap import HEALTH_PATH
 from meshgate.sidecar.launcher import parse_address, proxy_environment
+from meshgate.sidecar.trust_bundle import BUNDLE_FILE, CA_FILE, trust_environment
 
 AGENT_LABEL = "meshgate.dev/agent"
 INJECTED_ANNOTATION = "meshgate.dev/injected"
 SIDECAR_NAME = "meshgate-proxy"
 TOKEN_VOLUME = "meshgate-token"
 STATE_VOLUME = "meshgate-state"
+TRUST_VOLUME = "meshgate-trust"  # the agent's CA bundle: written by the sidecar, read by apps
+TRUST_DIR = "/var/run/meshgate/trust"
 TOKEN_DIR = "/var/run/meshgate/token"
 TOKEN_FILE = f"{TOKEN_DIR}/token"
 XDS_CA_KEY = "ca.crt"  # the ConfigMap key; also the file name in the token volume
 XDS_CA_FILE = f"{TOKEN_DIR}/{XDS_CA_KEY}"
 DEFAULT_XDS_CA_CONFIGMAP = "meshgate-xds-ca"
+AGENT_TRUST_KEY = "ca.crt"  # the ConfigMap key
+AGENT_TRUST_FILE = f"{TOKEN_DIR}/agent-trust-ca.crt"
+DEFAULT_AGENT_TRUST_CONFIGMAP = "meshgate-agent-trust"
 STATE_DIR = "/var/run/meshgate/state"
 POD_NAME_ENV = "MESHGATE_POD_NAME"
 SIDECAR_UID = 1337
@@ -80,6 +92,10 @@ class InjectSettings:
     # port; None: plaintext xDS (`--no-xds-tls`, a lab cluster only: the join token is sent
     # in the clear).
     xds_ca_configmap: str | None = DEFAULT_XDS_CA_CONFIGMAP
+    # ConfigMap (in the pod's namespace) whose `ca.crt` is the control plane's agent-trust CA
+    # (<state>/agent-trust/ca.pem): apps trust it for https:// to intercepted destinations.
+    # None: apps' trust is left alone (https:// to tls: originate destinations then fails).
+    agent_trust_configmap: str | None = DEFAULT_AGENT_TRUST_CONFIGMAP
 
     def __post_init__(self) -> None:
         parse_address(self.control_plane)  # ConfigError on a bad HOST:PORT
@@ -92,11 +108,20 @@ class InjectSettings:
         if not self.image:
             raise ConfigError("--image must not be empty")
         ca = self.xds_ca_configmap
-        if ca is not None and (len(ca) > 253 or not _DNS_SUBDOMAIN_RE.fullmatch(ca)):
+        if ca is not None and not _configmap_name(ca):
             raise ConfigError(
                 f"--xds-ca-configmap {ca!r}: not a ConfigMap name (for plaintext xDS use "
                 "--no-xds-tls)"
             )
+        trust = self.agent_trust_configmap
+        if trust is not None and not _configmap_name(trust):
+            raise ConfigError(
+                f"--agent-trust-configmap {trust!r}: not a ConfigMap name ('' for none)"
+            )
+
+
+def _configmap_name(name: str) -> bool:
+    return len(name) <= 253 and _DNS_SUBDOMAIN_RE.fullmatch(name) is not None
 
 
 def token_secret_name(agent: str) -> str:
@@ -136,20 +161,25 @@ def needs_injection(pod: dict[str, Any]) -> str | None:
     if spec.get("hostNetwork"):
         raise InjectError("hostNetwork pods cannot be injected: their loopback is the node's")
     names = {str(v.get("name")) for v in _list(spec, "volumes") if isinstance(v, dict)}
-    taken = names & {TOKEN_VOLUME, STATE_VOLUME}
+    taken = names & {TOKEN_VOLUME, STATE_VOLUME, TRUST_VOLUME}
     if taken:
         raise InjectError(f"pod already has a volume named {sorted(taken)[0]}")
     # Only the sidecar mounts these volumes: the token, and the state dir holding Envoy's admin
     # socket. A container naming them in advance would mount them once injection adds them.
+    # (The trust volume too: injection mounts it read-only where the variables point.)
     for key in ("initContainers", "containers", "ephemeralContainers"):
         for container in _list(spec, key):
             if not isinstance(container, dict):
                 continue
             for mount in [*_list(container, "volumeMounts"), *_list(container, "volumeDevices")]:
-                if isinstance(mount, dict) and mount.get("name") in (TOKEN_VOLUME, STATE_VOLUME):
+                if isinstance(mount, dict) and mount.get("name") in (
+                    TOKEN_VOLUME,
+                    STATE_VOLUME,
+                    TRUST_VOLUME,
+                ):
                     raise InjectError(
                         f"container {container.get('name')!r} mounts {mount['name']}, which "
-                        "only the injected sidecar may mount"
+                        "only injection may mount"
                     )
     return agent
 
@@ -184,6 +214,11 @@ def sidecar_container(agent: str, settings: InjectSettings) -> dict[str, Any]:
                 if settings.xds_ca_configmap is not None
                 else ["--insecure"]
             ),
+            *(
+                ["--agent-trust-ca", AGENT_TRUST_FILE, "--trust-dir", TRUST_DIR]
+                if settings.agent_trust_configmap is not None
+                else []
+            ),
         ],
         "env": [
             {"name": POD_NAME_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -211,6 +246,11 @@ def sidecar_container(agent: str, settings: InjectSettings) -> dict[str, Any]:
         "volumeMounts": [
             {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
             {"name": STATE_VOLUME, "mountPath": STATE_DIR},
+            *(
+                [{"name": TRUST_VOLUME, "mountPath": TRUST_DIR}]
+                if settings.agent_trust_configmap is not None
+                else []
+            ),
         ],
     }
 
@@ -237,7 +277,12 @@ def pod_volumes(agent: str, settings: InjectSettings) -> list[dict[str, Any]]:
         # the ConfigMap) instead of a sidecar that cannot verify, or reach, the control plane.
         item = {"key": XDS_CA_KEY, "path": XDS_CA_KEY}
         sources.append({"configMap": {"name": settings.xds_ca_configmap, "items": [item]}})
-    return [
+    if settings.agent_trust_configmap is not None:
+        # Not optional either: a pod whose apps would not trust their sidecar's certificates
+        # waits, with FailedMount naming the ConfigMap, instead of failing every https:// call.
+        item = {"key": AGENT_TRUST_KEY, "path": AGENT_TRUST_FILE.rpartition("/")[2]}
+        sources.append({"configMap": {"name": settings.agent_trust_configmap, "items": [item]}})
+    volumes: list[dict[str, Any]] = [
         {
             "name": TOKEN_VOLUME,
             # Only the sidecar mounts this volume; other containers cannot see the token.
@@ -245,10 +290,26 @@ def pod_volumes(agent: str, settings: InjectSettings) -> list[dict[str, Any]]:
         },
         {"name": STATE_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "32Mi"}},
     ]
+    if settings.agent_trust_configmap is not None:
+        volumes.append({"name": TRUST_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "4Mi"}})
+    return volumes
 
 
 def proxy_env(settings: InjectSettings) -> dict[str, str]:
-    return proxy_environment(f"http://127.0.0.1:{settings.sidecar_port}")
+    """The proxy variables, and with the agent-trust CA the trust variables (overriding the
+    app's: a bundle without the CA would fail every https:// to an intercepted host)."""
+    env = proxy_environment(f"http://127.0.0.1:{settings.sidecar_port}")
+    if settings.agent_trust_configmap is not None:
+        env |= trust_environment(f"{TRUST_DIR}/{BUNDLE_FILE}", f"{TRUST_DIR}/{CA_FILE}")
+    return env
+
+
+def with_trust_mount(mounts: Any, settings: InjectSettings) -> list[Any] | None:
+    """The container's volume mounts plus the trust volume, read-only; None: unchanged."""
+    if settings.agent_trust_configmap is None:
+        return None
+    entries = mounts if isinstance(mounts, list) else []
+    return [*entries, {"name": TRUST_VOLUME, "mountPath": TRUST_DIR, "readOnly": True}]
 
 
 def with_proxy_env(env: Any, settings: InjectSettings) -> list[Any]:
@@ -269,6 +330,9 @@ def inject(pod: dict[str, Any], settings: InjectSettings) -> dict[str, Any]:
     for key in ("initContainers", "containers"):
         for container in _list(spec, key):
             container["env"] = with_proxy_env(container.get("env"), settings)
+            mounts = with_trust_mount(container.get("volumeMounts"), settings)
+            if mounts is not None:
+                container["volumeMounts"] = mounts
     spec["initContainers"] = [sidecar_container(agent, settings), *_list(spec, "initContainers")]
     spec["volumes"] = [*_list(spec, "volumes"), *pod_volumes(agent, settings)]
     metadata = out.setdefault("metadata", {})
@@ -292,6 +356,10 @@ def patch_for(pod: dict[str, Any], settings: InjectSettings) -> JsonPatch:
             # "add" on an existing member replaces it (RFC 6902 4.1)
             env = with_proxy_env(container.get("env"), settings)
             ops.append({"op": "add", "path": f"/spec/{key}/{i}/env", "value": env})
+            mounts = with_trust_mount(container.get("volumeMounts"), settings)
+            if mounts is not None:
+                path = f"/spec/{key}/{i}/volumeMounts"
+                ops.append({"op": "add", "path": path, "value": mounts})
     sidecar = sidecar_container(agent, settings)
     if _list(spec, "initContainers"):
         ops.append({"op": "add", "path": "/spec/initContainers/0", "value": sidecar})

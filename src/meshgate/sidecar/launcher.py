@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from meshgate.audit.spool import SpoolShipper
 from meshgate.delegation.names import is_agent_name
 from meshgate.errors import ConfigError, EnvoyError
+from meshgate.identity.agent_trust import ca_cert_path
 from meshgate.identity.tokens import TokenAuthority
 from meshgate.identity.xds_tls import bundle_path
 from meshgate.sidecar.agent_user import (
@@ -23,10 +27,12 @@ from meshgate.sidecar.bootstrap import BootstrapSpec, ProxyBinding, write_bootst
 from meshgate.sidecar.envoy_admin import AdminSocket, EnvoyAdmin
 from meshgate.sidecar.envoy_process import EnvoyProcess, find_envoy
 from meshgate.sidecar.strict import NETNS_PROXY_PORT, Jail
+from meshgate.sidecar.trust_bundle import TrustFiles, trust_environment, write_trust_files
 from meshgate.xds.access_log import SPOOL_FILE
-from meshgate.xds.sidecar import PROXY_LISTENER
+from meshgate.xds.sidecar import INTERCEPT_LISTENER, PROXY_LISTENER
 
 LOCAL_TOKEN_TTL = 7 * 24 * 3600
+log = logging.getLogger(__name__)
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -243,6 +249,52 @@ def proxy_environment(proxy_url: str) -> dict[str, str]:
     return env
 
 
+def agent_trust_pem(state_dir: Path, agent_trust_ca: Path | None) -> bytes | None:
+    """The agent-trust CA (identity/agent_trust.py): --agent-trust-ca, else the one the local
+    control plane keeps in its state directory (created with its first policy, mTLS only);
+    None when there is none (no interception: the agent's trust is left alone)."""
+    path = agent_trust_ca if agent_trust_ca is not None else ca_cert_path(state_dir)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        if agent_trust_ca is not None:
+            raise ConfigError(f"--agent-trust-ca {agent_trust_ca}: no such file") from None
+        return None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the agent-trust CA: {exc.strerror}") from None
+
+
+def agent_trust_environment(
+    state_dir: Path, agent_trust_ca: Path | None, directory: Path
+) -> dict[str, str]:
+    """Write the agent's trust bundle into `directory` and return the variables naming it; {}
+    without an agent-trust CA (then the agent's trust is left as it was)."""
+    pem = agent_trust_pem(state_dir, agent_trust_ca)
+    if pem is None:
+        # a control plane without mTLS: no interception, so CONNECTs reach the gateway, whose
+        # refusal says what to do
+        log.debug("no agent-trust CA at %s: the agent's trust is left alone", state_dir)
+        return {}
+    files: TrustFiles = write_trust_files(directory, pem)
+    return trust_environment(files.bundle, files.ca)
+
+
+def readable_trust_dir() -> Path:
+    """A fresh directory the agent user can read but not write (the launcher owns it)."""
+    path = Path(tempfile.mkdtemp(prefix="meshgate-trust-"))
+    path.chmod(0o755)
+    return path
+
+
+def intercepting(admin: EnvoyAdmin) -> bool:
+    """Whether this sidecar opens CONNECTs itself (its control plane sent the intercept
+    listener: mTLS and at least one intercepted destination)."""
+    data = json.loads(admin.get("/listeners?format=json").text)
+    return any(
+        listener.get("name") == INTERCEPT_LISTENER for listener in data.get("listener_statuses", [])
+    )
+
+
 def proxy_port_of(admin: EnvoyAdmin) -> int:
     """The port the sidecar's proxy listener holds (a free one unless --proxy-port), read from
     Envoy's admin socket."""
@@ -268,8 +320,14 @@ async def run_sidecar(
     proxy_port: int = 0,
     insecure: bool = False,
     health_port: int | None = None,
+    agent_trust_ca: Path | None = None,
+    trust_dir: Path | None = None,
 ) -> int:
-    """`user`: who CMD runs as (sidecar/agent_user.py); required with a command."""
+    """`user`: who CMD runs as (sidecar/agent_user.py); required with a command.
+    `agent_trust_ca`: the CA the sidecar's intercepting certificates chain to (default: the
+    local control plane's); CMD trusts it besides the system CAs (sidecar/trust_bundle.py).
+    `trust_dir`: where to write that bundle (default: a temporary directory, removed at exit;
+    without a command, only with this: the Kubernetes sidecar shares it with the pod)."""
     if not is_agent_name(agent):  # a policy agent, or a sub-agent `parent.child`
         raise ConfigError(f"--agent {agent!r}: use lower-case letters, digits and '-'")
     if strict and not command:
@@ -283,8 +341,22 @@ async def run_sidecar(
     # fails before Envoy starts; Envoy then listens only inside that namespace. Otherwise CMD
     # starts once the sidecar is ready and its proxy port known.
     env = agent_environment(dict(os.environ), user) if user is not None else {}
+    own_trust_dir = trust_dir is None and bool(command)
+    trust_at = readable_trust_dir() if own_trust_dir else trust_dir
+    shared_trust: dict[str, str] = {}
+    if not command and trust_dir is not None and agent_trust_ca is not None:
+        # Kubernetes: the pod's other containers start once this sidecar is ready, so their
+        # bundle is written before Envoy can be (a CA given outright needs no control plane)
+        shared_trust = await asyncio.to_thread(
+            agent_trust_environment, state_dir, agent_trust_ca, trust_dir
+        )
     jail = None
     if strict and user is not None:
+        assert trust_at is not None
+        # CMD's environment is fixed now, before Envoy starts: the CA must already exist
+        env.update(
+            await asyncio.to_thread(agent_trust_environment, state_dir, agent_trust_ca, trust_at)
+        )
         jail_env = {**env, **proxy_environment(f"http://127.0.0.1:{NETNS_PROXY_PORT}")}
         jail = await Jail.create(command, jail_env, netns=True, uid=user.uid, gid=user.gid)
     binding = (
@@ -310,6 +382,8 @@ async def run_sidecar(
     except BaseException:
         if jail is not None:
             await jail.abandon()
+        if own_trust_dir and trust_at is not None:
+            shutil.rmtree(trust_at, ignore_errors=True)
         raise
     try:
         try:
@@ -318,10 +392,37 @@ async def run_sidecar(
             raise EnvoyError(f"{exc}{_port_hint(binding)}") from None
         if not command or user is None:
             proxy = f"http://127.0.0.1:{await asyncio.to_thread(proxy_port_of, envoy.admin)}"
-            print(f"sidecar for agent {agent} ready; HTTP_PROXY={proxy}", flush=True)
+            trust = shared_trust or (
+                await asyncio.to_thread(
+                    agent_trust_environment, state_dir, agent_trust_ca, trust_dir
+                )
+                if trust_dir is not None
+                else {}
+            )
+            hint = f" SSL_CERT_FILE={trust['SSL_CERT_FILE']}" if trust else ""
+            if not trust and await asyncio.to_thread(intercepting, envoy.admin):
+                ca = agent_trust_ca or ca_cert_path(state_dir)
+                hint = (
+                    f"; https:// to tls: originate destinations is opened here: trust {ca} "
+                    "besides the system CAs (--trust-dir DIR writes such a bundle)"
+                )
+            print(f"sidecar for agent {agent} ready; HTTP_PROXY={proxy}{hint}", flush=True)
             await _first(stop.wait(), envoy.wait())
             return 0
         if jail is None:
+            assert trust_at is not None
+            # the control plane made its agent-trust CA with the configuration Envoy now has
+            trust = await asyncio.to_thread(
+                agent_trust_environment, state_dir, agent_trust_ca, trust_at
+            )
+            if not trust and await asyncio.to_thread(intercepting, envoy.admin):
+                log.warning(
+                    "this sidecar opens https:// to tls: originate destinations with the "
+                    "mesh's agent-trust CA, but none was found in %s: pass --agent-trust-ca "
+                    "(the control plane's <state>/agent-trust/ca.pem), or CMD's TLS will fail",
+                    state_dir,
+                )
+            env.update(trust)
             proxy = f"http://127.0.0.1:{await asyncio.to_thread(proxy_port_of, envoy.admin)}"
             jail = await Jail.create(
                 command, {**env, **proxy_environment(proxy)}, netns=False, uid=user.uid,
@@ -337,6 +438,8 @@ async def run_sidecar(
         await envoy.stop()
         if jail is not None:
             await jail.abandon()
+        if own_trust_dir and trust_at is not None:
+            shutil.rmtree(trust_at, ignore_errors=True)
 
 
 def _port_hint(binding: ProxyBinding) -> str:

@@ -99,11 +99,7 @@ def destination_routes(
         mcp_host = True
     else:
         mcp_host = False
-    tunnel_reason = (
-        "no rule of this agent allows a tunnel to this host"
-        if dest.tls == "passthrough"
-        else f"tls: {dest.tls}: send plain HTTP through the proxy, not CONNECT"
-    )
+    tunnel_reason = connect_refusal_reason(dest)
     for name, match, reason in (
         (
             "deny-connect",
@@ -130,6 +126,19 @@ def destination_routes(
     if mcp_host:
         routes = [r if PACER_FILTER in r.typed_per_filter_config else _pacer_off(r) for r in routes]
     return routes
+
+
+def connect_refusal_reason(dest: Destination) -> str:
+    """Why the gateway refuses a CONNECT to `dest` (a sidecar with mTLS opens those to
+    intercepted `tls: originate` destinations itself, so the gateway sees only the others)."""
+    if dest.tls == "passthrough":
+        return "no rule of this agent allows a tunnel to this host"
+    reason = f"tls: {dest.tls}: send plain HTTP through the proxy, not CONNECT"
+    if dest.tls == "originate" and not dest.intercept:
+        return reason + " (intercept: false)"
+    if dest.tls == "originate":  # only without mTLS: no agent-trust certificates then
+        return reason + " (https:// needs a control plane with mTLS)"
+    return reason
 
 
 def _pacer_off(route: rc.Route) -> rc.Route:
@@ -223,7 +232,11 @@ def rule_routes(
             rc.Route(
                 name=allow_route_name(agent, dest.name, index, n),
                 match=match,
-                route=rc.RouteAction(cluster=cluster, rate_limits=limits),
+                # no cap on a whole response (Envoy's default is 15 s): LLM streams run for
+                # minutes; a stalled one still ends at the stream idle timeout (5 min)
+                route=rc.RouteAction(
+                    cluster=cluster, rate_limits=limits, timeout=duration_pb2.Duration(seconds=0)
+                ),
                 typed_per_filter_config=per_filter,
             )
         )

@@ -45,6 +45,7 @@ from meshgate.xds.allowlist import (
     MCP_FILTER,
     RATE_LIMIT_FILTER,
     Grant,
+    connect_refusal_reason,
     destination_routes,
     grants_by_destination,
     paced,
@@ -554,8 +555,25 @@ def _destination_vhost(
     The returned message is shared: callers copy it into their RouteConfiguration.
     """
     if dest.credentials is not None and not credential_ready:
-        # fail closed and say why, rather than send the request without its credential
+        # fail closed and say why, rather than send the request without its credential; a
+        # CONNECT needs a route of its own (prefix routes never match one): without it the
+        # agent got Envoy's bare 404 (issue 21)
         routes = [
+            route_components_pb2.Route(
+                name=f"deny-connect/{dest.name}",
+                match=route_components_pb2.RouteMatch(
+                    connect_matcher=route_components_pb2.RouteMatch.ConnectMatcher()
+                ),
+                direct_response=json_refusal(
+                    403,
+                    {
+                        "error": "egress_denied",
+                        "agent": f"%REQ({AGENT_HEADER})%",
+                        "destination": dest.name,
+                        "reason": connect_refusal_reason(dest),
+                    },
+                ),
+            ),
             route_components_pb2.Route(
                 name=f"no-credential/{dest.name}",
                 match=route_components_pb2.RouteMatch(prefix="/"),
@@ -567,7 +585,7 @@ def _destination_vhost(
                         "reason": f"secret {dest.credentials.secret!r} not found",
                     },
                 ),
-            )
+            ),
         ]
     else:
         routes = destination_routes(dest, cluster_name(dest), grants, trust_domain)

@@ -24,7 +24,16 @@ from builders import free_port, write_test_pki
 from e2e.harness import control_plane, upstream, write_policy
 
 from meshgate.controlplane.server import ControlPlane
-from meshgate.sidecar.injector import STATE_DIR, TOKEN_FILE, XDS_CA_FILE, InjectSettings, inject
+from meshgate.identity.agent_trust import ca_cert_path
+from meshgate.sidecar.injector import (
+    AGENT_TRUST_FILE,
+    STATE_DIR,
+    TOKEN_FILE,
+    TRUST_DIR,
+    XDS_CA_FILE,
+    InjectSettings,
+    inject,
+)
 from meshgate.sidecar.launcher import prepare_envoy
 
 pytestmark = pytest.mark.e2e
@@ -90,13 +99,17 @@ def as_local(command: list[str], tmp: Path, ca: Path) -> list[str]:
         TOKEN_FILE: str(tmp / "token"),
         STATE_DIR: str(tmp / "sidecar-state"),
         XDS_CA_FILE: str(ca),  # the ConfigMap's ca.crt in the projected volume
+        AGENT_TRUST_FILE: str(ca_cert_path(tmp / "cp")),  # meshgate-agent-trust's ca.crt
+        TRUST_DIR: str(tmp / "trust"),  # the emptyDir shared with the app containers
     }
     rest = [swap.get(a, a).replace("$(MESHGATE_POD_NAME)", POD_NAME) for a in command[1:]]
     return [sys.executable, "-m", "meshgate.cli", *rest]
 
 
-def container_env(container: dict[str, Any]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+def container_env(container: dict[str, Any], tmp: Path) -> dict[str, str]:
+    """The app's environment, the trust volume's mount path swapped as `as_local` does."""
+    values = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    return {k: v.replace(TRUST_DIR, str(tmp / "trust")) for k, v in values.items()}
 
 
 async def probe_until_ok(command: list[str], timeout: float = 40) -> None:
@@ -151,7 +164,14 @@ async def test_injected_sidecar_command_runs_envoy_and_serves_the_app(tmp_path: 
                 await probe_until_ok(sidecar["startupProbe"]["exec"]["command"])
                 node = f"agent/coder/{POD_NAME}"
                 assert node in {c.node_id for c in cp.registry.connections()}
-                env = {"PATH": os.environ.get("PATH", ""), **container_env(app)}
+                env = {"PATH": os.environ.get("PATH", ""), **container_env(app, tmp_path)}
+                # the bundle the sidecar shares is there before the app starts, read-only
+                (mount,) = [m for m in app["volumeMounts"] if m["mountPath"] == TRUST_DIR]
+                assert mount["readOnly"] is True
+                bundle = Path(env["SSL_CERT_FILE"]).read_bytes()
+                assert bundle.endswith(ca_cert_path(tmp_path / "cp").read_bytes())
+                assert env["REQUESTS_CA_BUNDLE"] == env["SSL_CERT_FILE"]
+                assert Path(env["NODE_EXTRA_CA_CERTS"]).is_file()
                 run = await asyncio.create_subprocess_exec(
                     sys.executable, "-c", APP, env=env, stdout=asyncio.subprocess.PIPE
                 )

@@ -110,7 +110,9 @@ def test_plaintext_xds_has_no_ca_and_another_configmap_name_is_used() -> None:
     validate(plain)
     assert "--xds-ca" not in plain["spec"]["initContainers"][0]["command"]
     (volume,) = [v for v in plain["spec"]["volumes"] if v["name"] == "meshgate-token"]
-    assert [next(iter(s)) for s in volume["projected"]["sources"]] == ["secret"]
+    sources = volume["projected"]["sources"]
+    assert [next(iter(s)) for s in sources] == ["secret", "configMap"]
+    assert sources[1]["configMap"]["name"] == "meshgate-agent-trust"  # not the xDS CA
     other = inject(pod(), InjectSettings(xds_ca_configmap="corp-ca.v2"))
     sources = other["spec"]["volumes"][0]["projected"]["sources"]
     assert sources[1]["configMap"]["name"] == "corp-ca.v2"
@@ -353,7 +355,7 @@ def test_cli_inject_pod_and_token_secret(tmp_path: Path) -> None:
         validate(out)
         sources = out["spec"]["volumes"][0]["projected"]["sources"]
         names = [s["configMap"]["name"] for s in sources if "configMap" in s]
-        assert names == ([configmap] if configmap else [])
+        assert names == [*([configmap] if configmap else []), "meshgate-agent-trust"]
         assert ("--xds-ca" in out["spec"]["initContainers"][0]["command"]) == bool(configmap)
 
     bad = subprocess.run(
