@@ -35,7 +35,14 @@ from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from meshgate.pacing.spec import PaceSpec
-from meshgate.policy.model import Destination, EgressRule, PolicyModel, agent_spiffe_id
+from meshgate.policy.model import (
+    Destination,
+    EgressRule,
+    PolicyModel,
+    agent_spiffe_id,
+    has_shadow,
+    shadow_model,
+)
 from meshgate.xds.access_log import BODY_GUARD_POLICY, agent_tool_refusal_name, allow_route_name
 from meshgate.xds.common import json_refusal, pack
 from meshgate.xds.pacing import (
@@ -62,6 +69,7 @@ def grants_by_destination(model: PolicyModel) -> dict[str, tuple[Grant, ...]]:
     are never translated: `audit.shadow` evaluates them; indices stay the policy's)."""
     grouped: dict[str, list[Grant]] = {d.name: [] for d in model.destinations}
     destinations = {d.name: d for d in model.destinations}
+    shadows = {a.agent: a for a in shadow_model(model).agents} if has_shadow(model) else {}
     for agent in model.agents:
         for index, rule in enumerate(agent.rules):
             if not rule.enforced:
@@ -69,7 +77,7 @@ def grants_by_destination(model: PolicyModel) -> dict[str, tuple[Grant, ...]]:
             dest = destinations.get(rule.destination)
             pace = None
             if dest is not None and dest.tls != "passthrough":
-                pace = pace_spec(model.mesh, agent, index, rule, dest)
+                pace = pace_spec(model.mesh, agent, index, rule, dest, shadows.get(agent.agent))
             grouped.setdefault(rule.destination, []).append((agent.agent, index, rule, pace))
     return {name: tuple(grants) for name, grants in grouped.items()}
 
