@@ -57,6 +57,7 @@ from meshgate.xds.pacing import (
 
 AGENT_HEADER = "x-meshgate-agent"
 RATE_LIMIT_FILTER = "envoy.filters.http.local_ratelimit"
+LAST_EVENT_ID = "last-event-id"
 BODY_GUARD_FILTER = "meshgate.mcp-body-guard"  # RBAC, configured only on body-less tool routes
 
 
@@ -236,18 +237,22 @@ def rule_routes(
         if pace is not None:
             per_filter[PACER_FILTER] = pacer_route_config(pace)
         match.headers.extend(headers)
-        routes.append(
-            rc.Route(
-                name=allow_route_name(agent, dest.name, index, n),
-                match=match,
-                # no cap on a whole response (Envoy's default is 15 s): LLM streams run for
-                # minutes; a stalled one still ends at the stream idle timeout (5 min)
-                route=rc.RouteAction(
-                    cluster=cluster, rate_limits=limits, timeout=duration_pb2.Duration(seconds=0)
-                ),
-                typed_per_filter_config=per_filter,
-            )
+        route = rc.Route(
+            name=allow_route_name(agent, dest.name, index, n),
+            match=match,
+            # no cap on a whole response (Envoy's default is 15 s): LLM streams run for
+            # minutes; a stalled one still ends at the stream idle timeout (5 min)
+            route=rc.RouteAction(
+                cluster=cluster, rate_limits=limits, timeout=duration_pb2.Duration(seconds=0)
+            ),
+            typed_per_filter_config=per_filter,
         )
+        if BODY_GUARD_FILTER in per_filter:
+            # a body-less request of a tool rule (an SSE GET) resumes no stream: a resumed
+            # stream replays answers to earlier requests, tools/list ones among them, which
+            # the pacer reads and filters only on the POST that asked
+            route.request_headers_to_remove.append(LAST_EVENT_ID)
+        routes.append(route)
     return tuple(routes)
 
 
