@@ -207,7 +207,7 @@ def rule_routes(
             agent, [global_limit(agent, dest, index, rule)]
         )
     elif rule.rate_limit is not None:
-        limits.append(rule_rate_limit(agent, dest, index))
+        limits.append(rule_rate_limit(*rule.owner(agent, index), dest))
     if dest.tls == "passthrough":  # the gateway sees only the tunnel's host: one CONNECT route
         match = rc.RouteMatch(connect_matcher=rc.RouteMatch.ConnectMatcher(), headers=headers)
         return (
@@ -470,7 +470,7 @@ def rule_key(agent: str, dest: Destination, index: int) -> str:
     return f"{agent}/{dest.name}/{index}"
 
 
-def rule_rate_limit(agent: str, dest: Destination, index: int) -> rc.RateLimit:
+def rule_rate_limit(agent: str, index: int, dest: Destination) -> rc.RateLimit:
     """The action every route of a rule carries: its requests draw from the rule's bucket."""
     return rc.RateLimit(
         actions=[
@@ -506,11 +506,12 @@ def rate_limit_config(
     are never limited. 429s carry `retry-after` (the longest refill period among this host's
     rules: Envoy adds one set of headers per host) and `x-ratelimit-limit/-remaining/-reset`.
     """
-    limited = [
-        (a, i, r.rate_limit)
+    owned = {  # one bucket per owner: a sub-agent's rule draws from its parent's
+        r.owner(a, i): r.rate_limit
         for a, i, r, _ in grants
         if r.rate_limit is not None and r.rate_limit.scope == "replica"
-    ]
+    }
+    limited = [(a, i, limit) for (a, i), limit in owned.items()]
     if not limited:
         return None
     always = base_pb2.RuntimeFractionalPercent(

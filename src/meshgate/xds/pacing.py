@@ -116,8 +116,9 @@ MCP_FILTER_METADATA = "envoy.filters.http.mcp"  # the namespace Envoy's MCP filt
 def global_limit(agent: str, dest: Destination, index: int, rule: EgressRule) -> GlobalLimit:
     assert rule.rate_limit is not None and rule.rate_limit.scope == "global"
     limit = rule.rate_limit
+    owner, at = rule.owner(agent, index)
     return GlobalLimit(
-        f"{agent}/{dest.name}/{index}", limit.requests, limit.per_seconds, limit.on_store_failure
+        f"{owner}/{dest.name}/{at}", limit.requests, limit.per_seconds, limit.on_store_failure
     )
 
 
@@ -160,7 +161,8 @@ def pace_spec(
     def counts(b: Budget) -> bool:
         return b.unit == "requests" or llm is not None
 
-    budgets = [_budget(f"rule/{agent}/{index}/{b.name}", b) for b in rule.budgets]
+    owner, at = rule.owner(agent, index)  # a sub-agent's rule counts in its parent's counters
+    budgets = [_budget(f"rule/{owner}/{at}/{b.name}", b) for b in rule.budgets]
     budgets += [_budget(f"agent/{agent}/{b.name}", b) for b in policy.budgets if counts(b)]
     budgets += [
         _budget(f"group/{g.group}/{g.budget.name}", g.budget)
@@ -170,7 +172,7 @@ def pace_spec(
     caps: list[ConcurrencySpec] = []
     if rule.concurrency is not None:  # the agent's own cap first: waiting on it is its own doing
         c = rule.concurrency
-        caps.append(ConcurrencySpec(f"rule/{agent}/{dest.name}/{index}", c.max, c.max_wait_ms))
+        caps.append(ConcurrencySpec(f"rule/{owner}/{dest.name}/{at}", c.max, c.max_wait_ms))
     if dest.concurrency is not None:
         c = dest.concurrency
         caps.append(ConcurrencySpec(f"destination/{dest.name}", c.max, c.max_wait_ms, fair=True))
