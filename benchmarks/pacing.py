@@ -434,6 +434,8 @@ async def fairness(m: Mesh, sz: Sizes) -> dict[str, Any]:
         "b_all_ok": all(t.non_2xx == 0 and t.socket_errors == 0 for _, t, _ in rounds),
         "b_p99_ratio": ratio,
         "b_p99_ratio_rounds": ratios,
+        # a round whose flood sent nothing measured nothing: the invariants check each did
+        "a_requests_rounds": [a.requests for _, _, a in rounds],
         "b_p99_pass": ratio <= TARGET_FAIR_P99_RATIO,
     }
 
@@ -600,6 +602,9 @@ def invariants(res: dict[str, Any]) -> list[str]:
         checks["global limit answers 200 or 429"] = res["accuracy"]["other"] == 0
     if "fairness" in res:
         checks["fb never fails under fa's flood"] = res["fairness"]["b_all_ok"]
+        checks["fa flooded in every round"] = all(
+            n > 0 for n in res["fairness"]["a_requests_rounds"]
+        )
     return [name for name, ok in checks.items() if not ok]
 
 
@@ -700,6 +705,7 @@ def print_report(res: dict[str, Any]) -> None:
             f"{b0['p99_ms']:.2f} ms; with the flood: {b1['requests']} requests, p50 "
             f"{b1['p50_ms']:.2f} ms, p99 {b1['p99_ms']:.2f} ms, success "
             f"{f['b_success_rate']:.1%} ({'all ok' if f['b_all_ok'] else 'FAILURES'}); "
+            f"fa's requests per round {f['a_requests_rounds']}; "
             f"p99 ratio {f['b_p99_ratio']:.2f}, median of {f['rounds']} rounds "
             f"({', '.join(f'{r:.2f}' for r in f['b_p99_ratio_rounds'])}; the round shown is "
             f"the median's) (target <= 1.20): {verdict(f['b_p99_pass'])}"

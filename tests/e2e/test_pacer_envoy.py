@@ -773,3 +773,18 @@ async def test_meshgate_gateway_runs_a_pacer_that_counts_in_the_control_planes_s
         finally:
             await gw.stop()
         assert not gw.pacer.socket.exists()
+
+
+async def test_clients_vanishing_together_leave_no_slot_held(gateway: Gateway) -> None:
+    """Ten requests on a cap of one (one in flight, the rest queued), every client gone at
+    once: Envoy resets the streams, and the cap is free again for the next request."""
+    limiter = gateway.pacer.limiter
+    clients = [httpx.AsyncClient(timeout=30) for _ in range(10)]
+    calls = [asyncio.create_task(c.get(gateway.base + "/slow?ms=300")) for c in clients]
+    await gateway.until(lambda: limiter.waiting("dest/slow") >= 5)
+    for call in calls:
+        call.cancel()
+    for c in clients:
+        await c.aclose()
+    await gateway.until(lambda: limiter.in_flight("dest/slow") == 0 == limiter.waiting("dest/slow"))
+    assert (await get(gateway, "/slow?ms=10")).status_code == 200

@@ -168,6 +168,13 @@ class ExternalProcessor:
             log.warning("ext_proc stream refused: %s", exc)
             pace = None
         state = _Request(pace) if pace is not None else None
+        if state is not None:
+            # The RPC's end releases what the request holds, whatever the handler was doing:
+            # a stream Envoy resets while this generator is suspended at a `yield` ends the
+            # handler without closing the generator, whose `finally` would then run only when
+            # it is garbage collected (slots held until then: a leak that starved agents)
+            held = state
+            context.add_done_callback(lambda _: self._finish(held))
         if state is not None and state.pace.mcp is not None:
             try:
                 state.tools = mcp.policy(state.pace.mcp)

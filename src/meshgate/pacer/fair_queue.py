@@ -127,12 +127,16 @@ class Limiter:
             waiters = q.per_agent[who]
             fut = waiters.popleft()
             q.waiting -= 1
-            q.in_flight += 1
-            fut.set_result(None)
             if waiters:
                 q.turns.append(who)
             else:
                 del q.per_agent[who]
+            # a waiter whose task was cancelled has a cancelled future until its own handler
+            # runs (`_give_up`): it is gone, so the slot goes to the next one
+            if fut.done():
+                continue
+            q.in_flight += 1
+            fut.set_result(None)
 
     def _give_up(self, key: str, q: _Queue, who: str, fut: asyncio.Future[None]) -> None:
         fut.cancel()

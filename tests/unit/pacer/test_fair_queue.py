@@ -119,6 +119,27 @@ async def test_cancelled_waiter_leaks_nothing_even_when_granted_at_once() -> Non
     assert lim.keys() == 0
 
 
+@pytest.mark.parametrize("fair", [True, False])
+async def test_waiters_cancelled_together_leak_nothing(fair: bool) -> None:
+    """Every request going away at once (a client closing all its connections): the first
+    waiter is granted the released slot, and all are cancelled before any runs, so the
+    release its handler passes on meets futures already cancelled. Found by
+    benchmarks/pacing.py, whose flooding agent starved for good after its first flood."""
+    lim = Limiter()
+    held = await lim.acquire(cap(fair=fair), "a", 1)
+    assert held is not None
+    waiters = [asyncio.create_task(lim.acquire(cap(fair=fair), "a", 5)) for _ in range(8)]
+    await settle()
+    held.release()
+    for w in waiters:
+        w.cancel()
+    results = await asyncio.gather(*waiters, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results), results
+    assert (lim.in_flight("k"), lim.waiting("k"), lim.keys()) == (0, 0, 0)
+    again = await lim.acquire(cap(fair=fair), "a", 0)  # the agent is served again at once
+    assert again is not None
+
+
 async def test_capacity_waiting_counts_only_capacity_keys() -> None:
     lim = Limiter()
     gw = cap(1, capacity=True, key="gateway")
