@@ -123,7 +123,7 @@ def _demo_scripts() -> Path | None:
 
 def _others_can_reach(path: Path) -> bool:
     """Can a user with no relation to these files (the agent's, `nobody`) open `path`?"""
-    for parent in [path, *path.parents][1:]:
+    for parent in path.absolute().parents:
         if not os.stat(parent).st_mode & stat.S_IXOTH:
             return False
     return bool(os.stat(path).st_mode & stat.S_IROTH)
