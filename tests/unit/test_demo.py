@@ -104,3 +104,25 @@ def test_the_printed_commands_carry_only_the_flags_needed(
     assert "audit query --state-dir /tmp/st" in other
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert "  sudo " in _next_steps(Path(".meshgate"), 18000)
+
+
+def test_without_the_demo_extras_it_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import sys
+
+    def never(*_: object) -> None:
+        raise AssertionError("the demo started without its extras")
+
+    # meshgate.cli.serve the attribute is the command; the module is in sys.modules
+    monkeypatch.setattr(sys.modules["meshgate.cli.serve"], "_start_control_plane", never)
+    for name in [n for n in sys.modules if n == "mcp" or n.startswith("mcp.")]:
+        monkeypatch.setitem(sys.modules, name, None)  # type: ignore[arg-type]
+    for name in ("meshgate.demo.standins", "meshgate.demo.mcp_server"):
+        monkeypatch.delitem(sys.modules, name, raising=False)  # imported again, without mcp
+    done = CliRunner().invoke(app, ["demo", "--state-dir", str(tmp_path / "state")])
+    assert done.exit_code == 1
+    assert done.stderr == (
+        "error: meshgate demo needs the demo extras (mcp is missing): pip install -e '.[demo]'\n"
+    )
+    assert not (tmp_path / "state").exists()

@@ -40,8 +40,12 @@ def demo(
     try:
         from meshgate.demo.standins import start_standins
     except ImportError as exc:
+        from rich.markup import escape
+
+        missing = (exc.name or "a module").partition(".")[0]
         raise fail(
-            f"meshgate demo needs the demo extras ({exc.name} is missing): pip install -e '.[demo]'"
+            f"meshgate demo needs the demo extras ({missing} is missing): "
+            + escape("pip install -e '.[demo]'")
         ) from None
     from meshgate.cli.gateway import start_gateway
     from meshgate.cli.serve import _start_control_plane
