@@ -99,13 +99,15 @@ async def serve(json_response: bool) -> AsyncIterator[int]:
 
 
 @contextlib.asynccontextmanager
-async def mesh(tmp_path: Path, json_response: bool) -> AsyncIterator[tuple[Any, int]]:
+async def mesh(
+    tmp_path: Path, json_response: bool, extra: str = ""
+) -> AsyncIterator[tuple[Any, int]]:
     listen = free_port()
     async with serve(json_response) as up:
         policy = tmp_path / "policies"
         policy.mkdir()
         (policy / "mesh.yaml").write_text(MESH.format(port=listen))
-        (policy / "rules.yaml").write_text(POLICY.format(port=up))
+        (policy / "rules.yaml").write_text(POLICY.format(port=up) + extra)
         async with control_plane(policy, tmp_path / "state") as cp:
             gw = await start_gateway(
                 cp.xds_address, "egress", tmp_path / "gw", False, 1, wait_ready=True, insecure=True
@@ -174,6 +176,52 @@ async def test_sdk_calls_through_the_gateway(
         digest = hashlib.sha256(canonical({"repo": "acme/web", "title": "fix login"})).hexdigest()
         assert allowed.mcp_args_digest == f"sha256:{digest}"
         assert "acme/web" not in json.dumps([str(r) for r in records])
+
+
+SHADOW = """\
+---
+apiVersion: meshgate.dev/v1
+kind: AgentPolicy
+metadata: {name: coder-next}
+spec:
+  agent: coder
+  mode: shadow
+  egress:
+    - destination: issues
+      paths: ["/mcp"]
+      tools:
+        - name: create_issue
+          arguments:
+            repo: {pattern: "^acme/[a-z0-9._-]+$"}
+            title: {maxLength: 5}
+"""
+
+
+async def test_shadow_tool_rules_are_recorded_never_enforced(tmp_path: Path) -> None:
+    """A candidate policy that drops list_issues and shortens titles: every call still runs
+    as the enforced rules say; each record tells what the candidate would have done."""
+    CALLED.clear()
+    async with mesh(tmp_path, True, SHADOW) as (cp, listen):
+        async with client(listen, "legacy") as c:
+            long = await c.call_tool("create_issue", {"repo": "acme/web", "title": "fix login"})
+            listed = await c.call_tool("list_issues", {"repo": "acme/web"})
+            short = await c.call_tool("create_issue", {"repo": "acme/web", "title": "fix"})
+            assert not (long.is_error or listed.is_error or short.is_error)
+        assert [name for name, _ in CALLED] == ["create_issue", "list_issues", "create_issue"]
+        records = await until(
+            lambda: (lambda r: r if r and len([x for x in r if x.mcp_method == "tools/call"]) >= 3
+                     else None)(_mcp_records(cp)),
+            timeout=15,
+            what="audit records",
+        )  # fmt: skip
+        calls = sorted(
+            (r for r in records if r.mcp_method == "tools/call"), key=lambda r: r.timestamp
+        )
+        got = [(r.mcp_tool, r.decision, r.shadow_decision, r.shadow_reason) for r in calls]
+        assert got[0][:3] == ("create_issue", "allowed", "denied")
+        assert got[0][3].startswith('argument_refused: tool "create_issue": argument "title"')
+        assert got[1] == ("list_issues", "allowed", "denied", "tool_denied")
+        assert got[2] == ("create_issue", "allowed", "allowed", "")
 
 
 def _mcp_records(cp: Any) -> list[Any] | None:

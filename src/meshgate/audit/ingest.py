@@ -205,7 +205,7 @@ def entry_values(entry: als.HTTPAccessLogEntry, node_id: str) -> tuple[Any, ...]
     decision, reason = decide(
         route_decision, route_reason, status, flags, response.response_code_details
     )
-    agent = model = digest = ""
+    agent = model = digest = shadow_decision = shadow_reason = ""
     tokens_in = tokens_out = cost = 0
     if common.HasField("metadata"):
         filter_md = common.metadata.filter_metadata
@@ -222,6 +222,9 @@ def entry_values(entry: als.HTTPAccessLogEntry, node_id: str) -> tuple[Any, ...]
             cost = _count(got, "cost_micro_usd", MAX_COST)
             if decision == "over_budget" and "budget" in got:
                 reason = f"over_budget: {got['budget'].string_value}"
+            if "shadow_refused" in got:  # shadow tool rules, read by the pacer (audit.shadow)
+                shadow_decision = "denied"
+                shadow_reason = got["shadow_refused"].string_value
     spiffe_id = ""
     if common.HasField("tls_properties"):
         for san in common.tls_properties.peer_certificate_properties.subject_alt_name:
@@ -261,8 +264,9 @@ def entry_values(entry: als.HTTPAccessLogEntry, node_id: str) -> tuple[Any, ...]
         tokens_out,
         cost,
         digest[:MAX_FIELD],
-        "",  # shadow_decision, shadow_reason: set after decoding (audit.shadow)
-        "",
+        # the pacer's shadow tool-rule refusal, if any; audit.shadow decides the rest
+        shadow_decision,
+        shadow_reason[:MAX_FIELD],
         (delegation_chain(spiffe_id) or node_chain(node_id))[:MAX_FIELD],
     )
 
@@ -360,7 +364,7 @@ def _entry(data: dict[str, Any]) -> als.HTTPAccessLogEntry:
         if value := _text(data, key):
             common.custom_tags[TAG_PREFIX + key] = value
     pacer: dict[str, Any] = {}
-    for key in ("model", "budget", "mcp_args_digest"):
+    for key in ("model", "budget", "mcp_args_digest", "shadow_refused"):
         if value := _text(data, key):
             pacer[key] = value
     for key in ("tokens_in", "tokens_out", "cost_micro_usd"):

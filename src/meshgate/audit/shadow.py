@@ -8,10 +8,12 @@ the replay uses: `replay.routes`, the bytes gateways get over RDS); rate limits 
 the matched rule count in counters of their own, here, never in the live ones (a shadow bucket
 or budget that would refuse is a would-be `rate_limited` or `over_budget`).
 
-Not evaluated (the record does not hold what they read): tool argument rules (only a digest of
-the arguments is kept), `headers:` conditions (`undecided`), concurrency caps, model and
-max_tokens rules. Shadow counters live in this control plane's memory: with several control
-plane replicas each counts the records it ingests.
+Tool argument rules are evaluated by the gateway's pacer, which reads the call (on routes it
+already paces: the agent has tool rules, budgets or caps there), and arrive as the record's
+pacer-set `shadow_refused`. Not evaluated: argument rules where the pacer does not read the
+call, `headers:` conditions (`undecided`), concurrency caps, model and max_tokens rules.
+Shadow counters live in this control plane's memory: with several control plane replicas each
+counts the records it ingests.
 """
 
 from __future__ import annotations
@@ -137,6 +139,8 @@ class ShadowEvaluator:
         route = verdict.decision
         if route.decision != "allowed":
             return route.decision, route.reason
+        if values[SHADOW] == "denied":  # the pacer read the call: its shadow tool rules refuse
+            return "denied", str(values[SHADOW + 1])
         return self._paced(agent, verdict.routes[0], values)
 
     def _paced(self, agent: str, route_name: str, values: tuple[Any, ...]) -> tuple[str, str]:

@@ -115,9 +115,11 @@ def narrow(parent_rule: EgressRule, grant: RuleGrant, where: str) -> EgressRule:
 
 def narrows(inner: EgressRule, outer: EgressRule) -> bool:
     """`inner` allows no request `outer` does not: what `narrow` guarantees, checkable alone."""
-    if dataclasses.replace(inner, methods=(), paths=(), tools=(), tool_rules=()) != (
-        dataclasses.replace(outer, methods=(), paths=(), tools=(), tool_rules=())
-    ):
+
+    def rest(r: EgressRule) -> EgressRule:  # what narrowing keeps as it is
+        return dataclasses.replace(r, methods=(), paths=(), tools=(), tool_rules=(), counters=None)
+
+    if rest(inner) != rest(outer):
         return False
     if outer.methods and (not inner.methods or not set(inner.methods) <= set(outer.methods)):
         return False
@@ -148,7 +150,9 @@ def sub_rules(
                 f"(it has {len(parent.rules)}, numbered from 0)"
             )
         parent_rule = parent.rules[grant.rule]
-        rule = narrow(parent_rule, grant, where)
+        # its rate limit, budgets and caps are the parent rule's counters, not copies of them
+        owner = parent_rule.owner(parent.agent, grant.rule)
+        rule = dataclasses.replace(narrow(parent_rule, grant, where), counters=owner)
         if rule in rules:
             raise DelegationError(f"{where}: the same rule as an earlier one")
         rules.append(rule)

@@ -127,6 +127,8 @@ class _Request:
     list_facts: RequestFacts | None = None  # an allowed tools/list: its answer is filtered
     listing: str | None = None  # that answer's content type, while its body is read
     list_encoded: bool = False  # that answer has a content-encoding (it was not asked for)
+    shadow_tools: ToolPolicy | None = None  # shadow mode's tool rules (recorded, never acted on)
+    shadow_refused: str = ""  # what they would have refused: "<code>: <reason>"
 
 
 class ExternalProcessor:
@@ -169,6 +171,8 @@ class ExternalProcessor:
         if state is not None and state.pace.mcp is not None:
             try:
                 state.tools = mcp.policy(state.pace.mcp)
+                if state.pace.shadow_mcp is not None:
+                    state.shadow_tools = mcp.policy(state.pace.shadow_mcp)
             except ValueError as exc:
                 log.warning("ext_proc stream refused: %s", exc)
                 state = None
@@ -294,6 +298,8 @@ class ExternalProcessor:
         facts, state.mcp_facts = state.mcp_facts, None
         checked = mcp.check(state.tools, state.pace.mcp_refuse, facts, state.mcp_headers, body)
         state.checked = checked
+        if state.shadow_tools is not None:
+            state.shadow_refused = mcp.shadow_refusal(state.shadow_tools, checked, facts)
         if checked.refusal is not None:
             yield self._refuse(state, checked.refusal)
             return
@@ -499,6 +505,8 @@ class ExternalProcessor:
             fields.update(state.checked.audit())
         if state.refused_budget:
             fields["budget"] = state.refused_budget
+        if state.shadow_refused:
+            fields["shadow_refused"] = state.shadow_refused
         if state.llm is not None:
             fields["model"] = state.llm.model
             usage = self._usage(state)

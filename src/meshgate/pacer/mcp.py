@@ -116,6 +116,16 @@ def check(
     return Checked(_answer(200, answer, details), message, decided)
 
 
+def shadow_refusal(shadow: ToolPolicy, checked: Checked, facts: RequestFacts) -> str:
+    """What shadow mode's tool rules would have refused of a request already read ("" for
+    nothing): `<code>: <reason>`, for the audit record only."""
+    message = checked.message
+    if message is None or message.kind != "request":
+        return ""
+    decided = shadow.decide(message, facts)
+    return "" if decided.allowed else f"{decided.code}: {decided.reason}"[:256]
+
+
 def _modern(raw_headers: Sequence[tuple[str, str]]) -> bool:
     """A 2026-07-28 (or later) request: its results must say `resultType`."""
     version = next((v for k, v in raw_headers if k.lower() == "mcp-protocol-version"), "")

@@ -56,6 +56,8 @@ def _defined(model: PolicyModel) -> Iterable[tuple[str, str, tuple[str, ...], Bu
         for b in policy.budgets:
             yield f"agent/{agent}/{b.name}", f"agent {agent}", (agent,), b
         for index, rule in enumerate(policy.rules):
+            if rule.counters is not None:  # a sub-agent's: its parent's counter, listed there
+                continue
             for b in rule.budgets if rule.enforced else ():
                 scope = f"rule {index} of {agent} ({rule.destination})"
                 yield f"rule/{agent}/{index}/{b.name}", scope, (agent,), b

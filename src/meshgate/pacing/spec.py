@@ -153,6 +153,10 @@ class PaceSpec:
     # the route is the agent's tool refusal: the pacer answers every call MCP's way, never
     # forwards it (the route's own answer is a 403 should the pacer not)
     mcp_refuse: bool = False
+    # shadow mode: the tool rules of the policy's shadow version for this agent and
+    # destination, when they differ; the pacer decides with them too, records what they would
+    # have refused (`shadow_refused`) and never acts on it
+    shadow_mcp: str | None = None
 
 
 def encode(spec: PaceSpec) -> str:
@@ -178,6 +182,8 @@ def encode(spec: PaceSpec) -> str:
         data["mcpz"] = _pack(spec.mcp)
     if spec.mcp_refuse:
         data["mcpRefuse"] = True
+    if spec.shadow_mcp is not None:
+        data["shadowMcpz"] = _pack(spec.shadow_mcp)
     return json.dumps(data, separators=(",", ":"), sort_keys=True, ensure_ascii=True)
 
 
@@ -207,6 +213,7 @@ def decode(text: str) -> PaceSpec:
         mcp_refuse = _bool(data.get("mcpRefuse", False))
         if mcp_refuse and mcp is None:
             raise ValueError("mcpRefuse without mcp")
+        shadow_mcp = _unpack(_str(data["shadowMcpz"])) if "shadowMcpz" in data else None
         return PaceSpec(
             _str(data["agent"]),
             _str(data["destination"]),
@@ -215,6 +222,7 @@ def decode(text: str) -> PaceSpec:
             llm,
             mcp,
             mcp_refuse,
+            shadow_mcp,
         )
     except (ValueError, KeyError, TypeError, AttributeError, zlib.error, binascii.Error) as e:
         raise ValueError(f"bad pace spec: {e}") from None

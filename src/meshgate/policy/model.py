@@ -118,10 +118,17 @@ class EgressRule:
     # the `tools` entries with argument rules (last, so positional construction is unchanged)
     tool_rules: tuple[ToolRule, ...] = ()
     mode: RuleMode = "enforce"
+    # whose counters this rule's limits, budgets and caps draw from: (agent, rule index); None
+    # for the rule's own. A sub-agent's rule draws from its parent's (delegation: never more)
+    counters: tuple[str, int] | None = None
 
     @property
     def enforced(self) -> bool:
         return self.mode == "enforce"
+
+    def owner(self, agent: str, index: int) -> tuple[str, int]:
+        """The (agent, index) that names this rule's counters."""
+        return self.counters if self.counters is not None else (agent, index)
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,8 @@ SPOOL_FORMAT: dict[str, str] = {
     "cost_micro_usd": f"%DYNAMIC_METADATA({PACER_METADATA}:cost_micro_usd)%",
     "budget": f"%DYNAMIC_METADATA({PACER_METADATA}:budget):256%",
     "mcp_args_digest": f"%DYNAMIC_METADATA({PACER_METADATA}:mcp_args_digest):80%",
+    # what shadow mode's tool rules would have refused (the pacer read the call)
+    "shadow_refused": f"%DYNAMIC_METADATA({PACER_METADATA}:shadow_refused):256%",
 }
 
 

@@ -35,7 +35,14 @@ from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from meshgate.pacing.spec import PaceSpec
-from meshgate.policy.model import Destination, EgressRule, PolicyModel, agent_spiffe_id
+from meshgate.policy.model import (
+    Destination,
+    EgressRule,
+    PolicyModel,
+    agent_spiffe_id,
+    has_shadow,
+    shadow_model,
+)
 from meshgate.xds.access_log import BODY_GUARD_POLICY, agent_tool_refusal_name, allow_route_name
 from meshgate.xds.common import json_refusal, pack
 from meshgate.xds.pacing import (
@@ -50,6 +57,7 @@ from meshgate.xds.pacing import (
 
 AGENT_HEADER = "x-meshgate-agent"
 RATE_LIMIT_FILTER = "envoy.filters.http.local_ratelimit"
+LAST_EVENT_ID = "last-event-id"
 BODY_GUARD_FILTER = "meshgate.mcp-body-guard"  # RBAC, configured only on body-less tool routes
 
 
@@ -62,6 +70,7 @@ def grants_by_destination(model: PolicyModel) -> dict[str, tuple[Grant, ...]]:
     are never translated: `audit.shadow` evaluates them; indices stay the policy's)."""
     grouped: dict[str, list[Grant]] = {d.name: [] for d in model.destinations}
     destinations = {d.name: d for d in model.destinations}
+    shadows = {a.agent: a for a in shadow_model(model).agents} if has_shadow(model) else {}
     for agent in model.agents:
         for index, rule in enumerate(agent.rules):
             if not rule.enforced:
@@ -69,7 +78,7 @@ def grants_by_destination(model: PolicyModel) -> dict[str, tuple[Grant, ...]]:
             dest = destinations.get(rule.destination)
             pace = None
             if dest is not None and dest.tls != "passthrough":
-                pace = pace_spec(model.mesh, agent, index, rule, dest)
+                pace = pace_spec(model.mesh, agent, index, rule, dest, shadows.get(agent.agent))
             grouped.setdefault(rule.destination, []).append((agent.agent, index, rule, pace))
     return {name: tuple(grants) for name, grants in grouped.items()}
 
@@ -198,7 +207,7 @@ def rule_routes(
             agent, [global_limit(agent, dest, index, rule)]
         )
     elif rule.rate_limit is not None:
-        limits.append(rule_rate_limit(agent, dest, index))
+        limits.append(rule_rate_limit(*rule.owner(agent, index), dest))
     if dest.tls == "passthrough":  # the gateway sees only the tunnel's host: one CONNECT route
         match = rc.RouteMatch(connect_matcher=rc.RouteMatch.ConnectMatcher(), headers=headers)
         return (
@@ -228,18 +237,22 @@ def rule_routes(
         if pace is not None:
             per_filter[PACER_FILTER] = pacer_route_config(pace)
         match.headers.extend(headers)
-        routes.append(
-            rc.Route(
-                name=allow_route_name(agent, dest.name, index, n),
-                match=match,
-                # no cap on a whole response (Envoy's default is 15 s): LLM streams run for
-                # minutes; a stalled one still ends at the stream idle timeout (5 min)
-                route=rc.RouteAction(
-                    cluster=cluster, rate_limits=limits, timeout=duration_pb2.Duration(seconds=0)
-                ),
-                typed_per_filter_config=per_filter,
-            )
+        route = rc.Route(
+            name=allow_route_name(agent, dest.name, index, n),
+            match=match,
+            # no cap on a whole response (Envoy's default is 15 s): LLM streams run for
+            # minutes; a stalled one still ends at the stream idle timeout (5 min)
+            route=rc.RouteAction(
+                cluster=cluster, rate_limits=limits, timeout=duration_pb2.Duration(seconds=0)
+            ),
+            typed_per_filter_config=per_filter,
         )
+        if BODY_GUARD_FILTER in per_filter:
+            # a body-less request of a tool rule (an SSE GET) resumes no stream: a resumed
+            # stream replays answers to earlier requests, tools/list ones among them, which
+            # the pacer reads and filters only on the POST that asked
+            route.request_headers_to_remove.append(LAST_EVENT_ID)
+        routes.append(route)
     return tuple(routes)
 
 
@@ -457,7 +470,7 @@ def rule_key(agent: str, dest: Destination, index: int) -> str:
     return f"{agent}/{dest.name}/{index}"
 
 
-def rule_rate_limit(agent: str, dest: Destination, index: int) -> rc.RateLimit:
+def rule_rate_limit(agent: str, index: int, dest: Destination) -> rc.RateLimit:
     """The action every route of a rule carries: its requests draw from the rule's bucket."""
     return rc.RateLimit(
         actions=[
@@ -493,11 +506,12 @@ def rate_limit_config(
     are never limited. 429s carry `retry-after` (the longest refill period among this host's
     rules: Envoy adds one set of headers per host) and `x-ratelimit-limit/-remaining/-reset`.
     """
-    limited = [
-        (a, i, r.rate_limit)
+    owned = {  # one bucket per owner: a sub-agent's rule draws from its parent's
+        r.owner(a, i): r.rate_limit
         for a, i, r, _ in grants
         if r.rate_limit is not None and r.rate_limit.scope == "replica"
-    ]
+    }
+    limited = [(a, i, limit) for (a, i), limit in owned.items()]
     if not limited:
         return None
     always = base_pb2.RuntimeFractionalPercent(

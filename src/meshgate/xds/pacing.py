@@ -116,8 +116,9 @@ MCP_FILTER_METADATA = "envoy.filters.http.mcp"  # the namespace Envoy's MCP filt
 def global_limit(agent: str, dest: Destination, index: int, rule: EgressRule) -> GlobalLimit:
     assert rule.rate_limit is not None and rule.rate_limit.scope == "global"
     limit = rule.rate_limit
+    owner, at = rule.owner(agent, index)
     return GlobalLimit(
-        f"{agent}/{dest.name}/{index}", limit.requests, limit.per_seconds, limit.on_store_failure
+        f"{owner}/{dest.name}/{at}", limit.requests, limit.per_seconds, limit.on_store_failure
     )
 
 
@@ -140,20 +141,28 @@ def _budget(budget_id: str, b: Budget) -> BudgetSpec:
 
 
 def pace_spec(
-    mesh: Mesh, policy: AgentPolicy, index: int, rule: EgressRule, dest: Destination
+    mesh: Mesh,
+    policy: AgentPolicy,
+    index: int,
+    rule: EgressRule,
+    dest: Destination,
+    shadow: AgentPolicy | None = None,
 ) -> PaceSpec | None:
     """What the pacer enforces on requests of `policy.agent` under rule `index`; None: nothing
     (the route skips the pacer). Every call to an LLM destination is paced, if only to read its
     model and usage for the audit log. Token and cost budgets apply to LLM calls only. A rule
     with MCP tools hands the pacer all of the agent's rules for the destination (`mcp`): a call
-    is allowed when any of them allows it, with its arguments."""
+    is allowed when any of them allows it, with its arguments. `shadow`: the agent's policy as
+    shadow mode sees it (`policy.model.shadow_model`): its tool rules travel too when they
+    differ (`shadow_mcp`), for the pacer to record what they would refuse."""
     agent = policy.agent
     llm = dest.llm
 
     def counts(b: Budget) -> bool:
         return b.unit == "requests" or llm is not None
 
-    budgets = [_budget(f"rule/{agent}/{index}/{b.name}", b) for b in rule.budgets]
+    owner, at = rule.owner(agent, index)  # a sub-agent's rule counts in its parent's counters
+    budgets = [_budget(f"rule/{owner}/{at}/{b.name}", b) for b in rule.budgets]
     budgets += [_budget(f"agent/{agent}/{b.name}", b) for b in policy.budgets if counts(b)]
     budgets += [
         _budget(f"group/{g.group}/{g.budget.name}", g.budget)
@@ -163,7 +172,7 @@ def pace_spec(
     caps: list[ConcurrencySpec] = []
     if rule.concurrency is not None:  # the agent's own cap first: waiting on it is its own doing
         c = rule.concurrency
-        caps.append(ConcurrencySpec(f"rule/{agent}/{dest.name}/{index}", c.max, c.max_wait_ms))
+        caps.append(ConcurrencySpec(f"rule/{owner}/{dest.name}/{at}", c.max, c.max_wait_ms))
     if dest.concurrency is not None:
         c = dest.concurrency
         caps.append(ConcurrencySpec(f"destination/{dest.name}", c.max, c.max_wait_ms, fair=True))
@@ -175,8 +184,12 @@ def pace_spec(
         llm_spec = LlmSpec(llm.api, rule.models, rule.max_tokens, llm.prices)
     mcp = mcp_policy(policy, dest.name) if rule.tools and dest.tls != "passthrough" else None
     if not budgets and not caps and llm_spec is None and mcp is None:
-        return None
-    return PaceSpec(agent, dest.name, tuple(budgets), tuple(caps), llm_spec, mcp)
+        return None  # never paced only for shadow mode: a pacer outage must not refuse it
+    shadow_mcp = None
+    if shadow is not None and any(r.tools for r in shadow.rules if r.destination == dest.name):
+        candidate = mcp_policy(shadow, dest.name)
+        shadow_mcp = candidate if candidate != mcp else None
+    return PaceSpec(agent, dest.name, tuple(budgets), tuple(caps), llm_spec, mcp, False, shadow_mcp)
 
 
 @functools.lru_cache(maxsize=10_000)

@@ -55,6 +55,7 @@ def line(**overrides: Any) -> str:
         "cost_micro_usd": None,
         "budget": None,
         "mcp_args_digest": None,
+        "shadow_refused": None,
     }
     assert set(fields) == set(SPOOL_FORMAT)  # the test speaks the format the gateway writes
     fields.update(overrides)
@@ -262,6 +263,13 @@ def test_llm_calls_carry_model_tokens_and_cost() -> None:
     # a logging node cannot make the store count absurd amounts
     assert record(tokens_in=-5, cost_micro_usd=1e300).tokens_in == 0
     assert record(tokens_in=-5, cost_micro_usd=1e300).cost_micro_usd == 0
+
+
+def test_a_shadow_tool_refusal_read_by_the_pacer_is_kept() -> None:
+    refused = "argument_refused: argument repo does not match ^acme/"
+    r = record(shadow_refused=refused)
+    assert (r.decision, r.shadow_decision, r.shadow_reason) == ("allowed", "denied", refused)
+    assert (record().shadow_decision, record().shadow_reason) == ("", "")
 
 
 def test_route_names_say_what_each_route_decided() -> None:

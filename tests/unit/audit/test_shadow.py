@@ -117,3 +117,16 @@ def test_records_without_a_shadow_decision_encode_as_before_it_existed() -> None
     assert v[23:25] == ("", "")
     assert encode_values(v) == encode_values(v[:23])  # chains stored earlier still verify
     assert encode_values((*v[:23], "denied", "egress_denied", *v[25:])) != encode_values(v[:23])
+
+
+def test_a_tool_the_pacer_says_shadow_rules_refuse_is_a_would_be_refusal() -> None:
+    model = model_with("    - destination: search-api\n", shadow="    - destination: search-api\n")
+    read = (*values("/q")[:23], "denied", "argument_refused: repo", "")
+    routed_away = (*values("/q", method="DELETE")[:23], "denied", "argument_refused: x", "")
+    assert annotate(model, [read]) == [("denied", "argument_refused: repo")]
+    # the route table decides first: a would-be route refusal is not masked by the pacer's
+    narrow = model_with(
+        "    - destination: search-api\n",
+        shadow="    - destination: search-api\n      methods: [GET]\n",
+    )
+    assert annotate(narrow, [routed_away])[0][1] == "egress_denied"

@@ -15,14 +15,17 @@ from meshgate.delegation.rights import DelegationError, RuleGrant
 from meshgate.policy.model import (
     AgentPolicy,
     Budget,
+    Concurrency,
     Delegation,
     Destination,
     EgressRule,
     Llm,
     Mesh,
     PolicyModel,
+    RateLimit,
 )
-from meshgate.xds.pacing import pace_spec
+from meshgate.xds.gateway import egress_routes
+from meshgate.xds.pacing import global_limit, pace_spec
 
 
 class Clock:
@@ -69,7 +72,8 @@ def test_created_sub_agent_is_served_with_narrowed_rules(tmp_path: Path, clock: 
     served = expand(m, reg.current(m), Service(("127.0.0.1", 9))).model
     policy = served.agent("sup.web-1")
     assert policy is not None
-    assert policy.rules == (EgressRule("alpha", methods=("GET",)),)  # no service rule: no right
+    # no service rule (no right to delegate); the parent's counters for its rule 0
+    assert policy.rules == (EgressRule("alpha", methods=("GET",), counters=("sup", 0)),)
     sup = served.agent("sup")
     assert sup is not None and sup.rules[-1].destination == SERVICE_DESTINATION
     coder = served.agent("coder")
@@ -193,3 +197,38 @@ def test_an_unreadable_file_drops_the_sub_agents_not_the_control_plane(
     reg = DelegationRegistry(tmp_path, clock)
     assert reg.all() == []
     assert (tmp_path / "delegation" / "sub-agents.json.unreadable").exists()
+
+
+def test_a_sub_agents_rule_draws_from_its_parents_counters(tmp_path: Path, clock: Clock) -> None:
+    """Never more, in money and pace too: the rule's budget, global and replica limits and cap
+    are the parent's counters, whatever sub-agent sends the request."""
+    limited = EgressRule(
+        "alpha",
+        rate_limit=RateLimit(5, 60),
+        concurrency=Concurrency(2, 1000),
+        budgets=(Budget("daily", "requests", 10, "day"),),
+    )
+    shared = EgressRule("beta", rate_limit=RateLimit(7, 60, scope="global"))
+    m = model(a=limited, b=shared)
+    reg = DelegationRegistry(tmp_path, clock)
+    for name in ("web-1", "web-2"):
+        reg.create("sup", Request(name, 300, (RuleGrant(0), RuleGrant(1))), m)
+    served = expand(m, reg.current(m)).model
+    for agent in ("sup", "sup.web-1", "sup.web-2"):
+        policy = served.agent(agent)
+        assert policy is not None
+        alpha, beta = policy.rules[0], policy.rules[1]
+        dest_a, dest_b = served.destinations[0], served.destinations[1]
+        pace = pace_spec(served.mesh, policy, 0, alpha, dest_a)
+        assert pace is not None
+        assert [b.id for b in pace.budgets] == ["rule/sup/0/daily"]
+        assert [c.key for c in pace.concurrency] == ["rule/sup/alpha/0"]
+        assert global_limit(agent, dest_b, 1, beta).key == "sup/beta/1"
+    table = egress_routes(served, {})
+    alpha_vh = next(v for v in table.virtual_hosts if v.name.startswith("alpha"))
+    keys = {
+        r.route.rate_limits[0].actions[0].generic_key.descriptor_value
+        for r in alpha_vh.routes
+        if r.name.startswith("allow/")
+    }
+    assert keys == {"sup/alpha/0"}  # one replica bucket for the three agents

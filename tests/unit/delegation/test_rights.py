@@ -119,7 +119,10 @@ def test_limits_and_tool_arguments_are_the_parents() -> None:
 def test_sub_rules_name_parent_rules_by_index() -> None:
     parent = AgentPolicy("p", "p", (EgressRule("a"), EgressRule("b", methods=("GET",))))
     rules, prints = sub_rules(parent, (RuleGrant(1),))
-    assert rules == (parent.rules[1],) and len(prints) == 1
+    # the parent's rule, drawing from the parent's counters for it (never more than it)
+    assert rules == (EgressRule("b", methods=("GET",), counters=("p", 1)),) and len(prints) == 1
+    grandchild = AgentPolicy("p.c", "p.c", rules)
+    assert sub_rules(grandchild, (RuleGrant(0),))[0][0].counters == ("p", 1)
     with pytest.raises(DelegationError, match="'p' has no rule 2"):
         sub_rules(parent, (RuleGrant(2),))
     with pytest.raises(DelegationError, match="at least one"):

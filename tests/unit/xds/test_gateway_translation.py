@@ -201,3 +201,15 @@ def test_tool_routes_hand_the_pacer_the_agents_tool_rules() -> None:
         assert not config.disabled
     # hosts without tool rules are untouched
     assert all(PACER_FILTER not in r.typed_per_filter_config for r in _vhost("docs").routes)
+
+
+def test_a_tool_rules_sse_get_resumes_no_stream() -> None:
+    """A resumed stream would replay answers to earlier requests (tools/list among them)
+    unread by the pacer; the body-less route of a tool rule drops Last-Event-ID."""
+    mcp = _vhost("mcp")
+    tool_routes = [r for r in mcp.routes if r.name.startswith("allow/researcher/")]
+    bodyless = [r for r in tool_routes if BODY_GUARD_FILTER in r.typed_per_filter_config]
+    assert len(bodyless) == 1
+    assert list(bodyless[0].request_headers_to_remove) == ["last-event-id"]
+    others = [r for r in tool_routes if r not in bodyless]
+    assert others and not any(r.request_headers_to_remove for r in others)
