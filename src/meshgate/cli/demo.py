@@ -49,7 +49,14 @@ def demo(
         ) from None
     from meshgate.cli.gateway import start_gateway
     from meshgate.cli.serve import _start_control_plane
-    from meshgate.demo.policy import new_provider_key, policy_dir, write_policy
+    from meshgate.demo.policy import (
+        KEY_SECRET,
+        LLM_HOST,
+        MCP_HOST,
+        new_provider_key,
+        policy_dir,
+        write_policy,
+    )
     from meshgate.sidecar.agent_user import private_dir
 
     setup_logging(verbose)
@@ -83,12 +90,12 @@ def demo(
                 f"  egress gateway  127.0.0.1:{gateway_port} (mTLS only)\n"
                 f"  xDS             {cp.xds_address} (TLS)\n"
                 f"  admin/status    http://{cp.admin_address}/status\n"
-                f"  stand-ins       https://api.openai.com -> 127.0.0.1:{standins.llm_port} "
+                f"  stand-ins       https://{LLM_HOST} -> 127.0.0.1:{standins.llm_port} "
                 "(OpenAI-compatible, streams)\n"
-                f"                  https://mcp.demo.example/mcp -> 127.0.0.1:{standins.mcp_port}"
+                f"                  https://{MCP_HOST}/mcp -> 127.0.0.1:{standins.mcp_port}"
                 " (MCP server, official SDK)\n"
-                "  provider key    only in the gateway's secret "
-                f"{policies / 'secrets' / 'openai-api-key'}",
+                "  provider key    the gateway's secret "
+                f"{policies / 'secrets' / KEY_SECRET}; never the agents'",
                 flush=True,
             )
             print(_next_steps(state_dir, int(xds)), flush=True)
