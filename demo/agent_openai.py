@@ -25,7 +25,8 @@ stream = client.chat.completions.create(
     stream=True,
 )
 words = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-print(f"   allowed: 200, streamed {words!r} (the provider saw the gateway's key, not ours)")
+print(f"   allowed: 200, streamed {words!r}")
+print("   (the provider answers only the gateway's key: ours was replaced on the way)")
 
 print("2. client.files.list() (GET /v1/files: no rule of researcher's allows it)")
 try:
