@@ -12,6 +12,7 @@ import typer
 
 from meshgate.cli.audit import audit_app
 from meshgate.cli.budget import budget_app
+from meshgate.cli.demo import demo
 from meshgate.cli.gateway import gateway
 from meshgate.cli.identity import ca_app, identity_app, token_app
 from meshgate.cli.inject import inject_app
@@ -28,7 +29,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for command in (serve, gateway, up, status, validate, plan, lint):
+for command in (serve, gateway, up, demo, status, validate, plan, lint):
     app.command()(command)
 app.add_typer(audit_app, name="audit")
 app.add_typer(budget_app, name="budget")

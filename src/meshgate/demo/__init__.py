@@ -1,1 +1,2 @@
-"""Local stand-ins for the upstreams agents call: an LLM provider (and, later, an MCP server)."""
+"""Local stand-ins for the upstreams agents call (an LLM provider, an MCP server), for tests,
+benchmarks and `meshgate demo`."""

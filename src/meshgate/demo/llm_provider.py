@@ -32,11 +32,14 @@ class SeenRequest:
 @dataclass
 class LlmProvider:
     """`reply_tokens`: words per answer; `token_delay`: seconds between streamed words;
-    `delay`: seconds before answering at all (holds a request in flight)."""
+    `delay`: seconds before answering at all (holds a request in flight); `api_key`: when set,
+    a request without it (`Authorization: Bearer KEY` or `x-api-key: KEY`) gets 401, as from a
+    real provider, so a demo shows the key the gateway injected is the one that counts."""
 
     reply_tokens: int = 16
     token_delay: float = 0.0
     delay: float = 0.0
+    api_key: str | None = None
     seen: list[SeenRequest] = field(default_factory=list)
     in_flight: int = 0
     most_in_flight: int = 0
@@ -67,7 +70,17 @@ class LlmProvider:
 
     # -- handlers ---------------------------------------------------------------------------
 
+    def _unauthorized(self, request: web.Request) -> web.Response | None:
+        if self.api_key is None or self.api_key in (
+            request.headers.get("x-api-key"),
+            request.headers.get("Authorization", "").removeprefix("Bearer "),
+        ):
+            return None
+        return _error(401, "authentication_error", "Incorrect API key provided")
+
     async def _read(self, request: web.Request) -> dict[str, Any] | web.Response:
+        if (refused := self._unauthorized(request)) is not None:
+            return refused
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -219,7 +232,9 @@ class LlmProvider:
         finally:
             self.in_flight -= 1
 
-    async def _models(self, _: web.Request) -> web.Response:
+    async def _models(self, request: web.Request) -> web.Response:
+        if (refused := self._unauthorized(request)) is not None:
+            return refused
         models = ["gpt-4o-mini", "gpt-4o", "claude-sonnet-4-5"]
         return web.json_response(
             {"object": "list", "data": [{"id": m, "object": "model"} for m in models]}

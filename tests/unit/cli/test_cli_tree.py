@@ -33,7 +33,7 @@ WITH_FORMAT = {
 
 def test_every_command_is_there() -> None:
     assert {" ".join(path) for path in COMMANDS} == {
-        "serve", "gateway", "up", "status", "validate", "plan", "lint",
+        "serve", "gateway", "up", "demo", "status", "validate", "plan", "lint",
         "audit query", "audit tail", "audit summary", "audit verify", "audit retain",
         "sidecar run", "identity show", "ca rotate", "token create", "token revoke",
         "inject serve", "inject pod", "budget status",
