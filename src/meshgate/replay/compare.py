@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from meshgate.delegation.names import parent_of
 from meshgate.replay.routes import PolicyRoutes, Request, Verdict
 
 # What the gateway does outside its route table; the replay says it does not predict these.
@@ -83,6 +84,8 @@ def recorded_outcome(decision: str, reason: str) -> str | None:
 
 
 def _not_replayed_reason(group: RecordGroup) -> str:
+    if parent_of(group.agent) is not None:
+        return "a sub-agent's (its rights are its parent's, narrowed at run time)"
     if not group.by_gateway:
         return "logged by a sidecar (never reached a gateway)"
     if group.decision == "upstream_error":
@@ -148,6 +151,8 @@ class ReplayReport:
         self.records += group.count
         self.distinct += 1
         was = recorded_outcome(group.decision, group.reason) if group.by_gateway else None
+        if parent_of(group.agent) is not None:  # rights granted at run time, not in any policy file
+            was = None
         if was is None or verdict is None:
             why = _not_replayed_reason(group)
             self.not_replayed[why] = self.not_replayed.get(why, 0) + group.count

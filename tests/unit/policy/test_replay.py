@@ -232,3 +232,19 @@ def test_report_counts_changes_per_agent_destination_and_tool() -> None:
     same = replay(groups[:1], PolicyRoutes(candidate))
     assert same.exit_code == 0
     assert "No recorded request changes its decision." in report_text(same)
+
+
+def test_a_sub_agents_records_are_not_replayed() -> None:
+    """A sub-agent's rights are its parent's narrowed at run time, in no policy file: its
+    records cannot say what a candidate policy changes, so they are counted apart."""
+    candidate = policy(EgressRule("api", ("GET",), ("/v1/*",)))
+    report = replay(
+        [
+            group(Request("coder.web-1", "api.internal", "GET", "/v1/a"), "allowed", count=3),
+            group(Request("coder", "api.internal", "GET", "/v1/a"), "allowed", count=2),
+        ],
+        PolicyRoutes(candidate),
+    )
+    assert (report.replayed, report.newly_refused) == (2, 0)
+    [(why, n)] = report.not_replayed.items()
+    assert why.startswith("a sub-agent's") and n == 3
