@@ -25,7 +25,8 @@ from aiohttp.typedefs import Handler, Middleware
 from meshgate.audit.http import add_audit_routes
 from meshgate.audit.store import AuditLogStore
 from meshgate.controlplane.policy_state import PolicyState
-from meshgate.errors import ConfigError, MeshgateError
+from meshgate.errors import MeshgateError
+from meshgate.http_listen import listen
 from meshgate.identity.certs import IssuedCert, describe
 from meshgate.pacing.report import budget_rows
 from meshgate.pacing.store import LimitStore, StoreUnavailable
@@ -248,18 +249,7 @@ class AdminServer:
         return f"{self.host}:{self.port}"
 
     async def start(self) -> None:
-        runner = web.AppRunner(self.app, access_log=None)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, self.host, self.port).start()
-        except OSError as exc:
-            await runner.cleanup()
-            raise ConfigError(
-                f"cannot listen for admin HTTP on {self.address}: {exc.strerror}"
-            ) from None
-        self._runner = runner
-        if runner.addresses:
-            self.port = int(runner.addresses[0][1])
+        self._runner, self.port = await listen(self.app, self.host, self.port, "admin HTTP")
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None

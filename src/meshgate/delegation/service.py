@@ -27,7 +27,7 @@ from meshgate.delegation.expand import KEY_HEADER
 from meshgate.delegation.registry import DelegationRegistry, Request, describe
 from meshgate.delegation.rights import DelegationError, RuleGrant
 from meshgate.durations import DurationError
-from meshgate.errors import ConfigError
+from meshgate.http_listen import listen
 from meshgate.identity.ca import IdentityError
 from meshgate.identity.certs import parse_spiffe_id
 from meshgate.identity.tokens import TokenAuthority
@@ -114,18 +114,7 @@ class DelegationServer:
         self.app = app
 
     async def start(self) -> None:
-        runner = web.AppRunner(self.app, access_log=None)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, self.host, self.port).start()
-        except OSError as exc:
-            await runner.cleanup()
-            raise ConfigError(
-                f"cannot listen for delegation on {self.host}:{self.port}: {exc.strerror}"
-            ) from None
-        self._runner = runner
-        if runner.addresses:
-            self.port = int(runner.addresses[0][1])
+        self._runner, self.port = await listen(self.app, self.host, self.port, "delegation")
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None

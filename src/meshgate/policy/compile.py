@@ -680,21 +680,27 @@ class _Compiler:
                 default.source, ("spec", "egress"), default.model.spec.egress
             )
 
+        def compose(
+            agent: str, name: str, rules: list[_Rule], budgets: tuple[Budget, ...]
+        ) -> tuple[AgentPolicy, list[_Rule]]:
+            """The agent's own rules, then its groups', then the DefaultPolicy's."""
+            merged = rules + group_rules.get(agent, []) + default_rules
+            self._reachability(agent, merged)
+            policy = AgentPolicy(
+                name=name,
+                agent=agent,
+                rules=tuple(r.rule for r in merged),
+                budgets=budgets,
+                group_budgets=tuple(shared.get(agent, ())),
+                delegation=delegations.get(agent),
+            )
+            return policy, merged
+
         out: list[AgentPolicy] = []
         for agent in sorted(own):
             name, rules, src = own[agent]
-            merged = rules + group_rules.get(agent, []) + default_rules
-            self._reachability(agent, merged)
-            out.append(
-                AgentPolicy(
-                    name=name,
-                    agent=agent,
-                    rules=tuple(r.rule for r in merged),
-                    budgets=own_budgets.get(agent, ()),
-                    group_budgets=tuple(shared.get(agent, ())),
-                    delegation=delegations.get(agent),
-                )
-            )
+            policy, merged = compose(agent, name, rules, own_budgets.get(agent, ()))
+            out.append(policy)
             self.sources.agents[agent] = src.start.short
             for i, r in enumerate(merged):
                 self.sources.rules[(agent, i)] = r.pos.short
@@ -709,17 +715,7 @@ class _Compiler:
                         "AgentPolicy to compare with (write one, even with no rules)",
                     )
                 continue
-            merged = rules + group_rules.get(agent, []) + default_rules
-            self._reachability(agent, merged)
-            shadows.append(
-                AgentPolicy(
-                    name=name,
-                    agent=agent,
-                    rules=tuple(r.rule for r in merged),
-                    budgets=budgets,
-                    group_budgets=tuple(shared.get(agent, ())),
-                )
-            )
+            shadows.append(compose(agent, name, rules, budgets)[0])
         return out, shadows
 
     def _reachability(self, agent: str, rules: list[_Rule]) -> None:
