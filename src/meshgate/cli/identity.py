@@ -19,6 +19,7 @@ from meshgate.cli.options import (
 )
 from meshgate.cli.output import Format, console, err_console, print_json
 from meshgate.durations import DurationError, parse_seconds
+from meshgate.identity.agent_trust import ca_cert_path
 
 identity_app = typer.Typer(help="Workload identities.", no_args_is_help=True)
 ca_app = typer.Typer(
@@ -61,6 +62,26 @@ def identity_show(
     console.print("rules" + ("" if data["rules"] else "        none: every request is refused"))
     for rule in data["rules"]:
         console.print(f"  - {rule}", highlight=False, markup=False)
+
+
+@ca_app.command("agent-trust")
+def ca_agent_trust(state_dir: StateOpt = DEFAULT_STATE) -> None:
+    """Print the agent-trust CA certificate (PEM): what agents trust for intercepted https://
+    destinations (`sidecar run` adds it to theirs; publish it as the ConfigMap
+    meshgate-agent-trust, key ca.crt, for injected pods). Public: never its key."""
+    path = ca_cert_path(state_dir)
+    try:
+        text = path.read_text(encoding="ascii")
+    except FileNotFoundError:
+        raise fail(
+            f"{path}: no agent-trust CA yet (the control plane creates it at start: run "
+            "`meshgate up` or `serve` with this --state-dir)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise fail(f"{path}: {exc}") from None
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise fail(f"{path}: not a PEM certificate")
+    print(text, end="" if text.endswith("\n") else "\n")
 
 
 @ca_app.command("rotate")

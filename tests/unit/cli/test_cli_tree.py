@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 
 from meshgate.cli import app
 from meshgate.cli.output import Format, FormatChoice
+from meshgate.identity.agent_trust import AgentTrustCA, ca_cert_path
 
 runner = CliRunner()
 
@@ -35,7 +37,8 @@ def test_every_command_is_there() -> None:
     assert {" ".join(path) for path in COMMANDS} == {
         "serve", "gateway", "up", "demo", "status", "validate", "plan", "lint",
         "audit query", "audit tail", "audit summary", "audit verify", "audit retain",
-        "sidecar run", "identity show", "ca rotate", "token create", "token revoke",
+        "sidecar run", "identity show", "ca rotate", "ca agent-trust", "token create",
+        "token revoke",
         "inject serve", "inject pod", "budget status",
     }  # fmt: skip
 
@@ -77,3 +80,14 @@ def test_an_offered_format_parses_to_the_enum() -> None:
     choice = FormatChoice((Format.TEXT, Format.JSON))
     assert choice("json") is Format.JSON
     assert choice(Format.TEXT) is Format.TEXT
+
+
+def test_ca_agent_trust_prints_the_certificate_never_the_key(tmp_path: Path) -> None:
+    runner = CliRunner()
+    missing = runner.invoke(app, ["ca", "agent-trust", "--state-dir", str(tmp_path)])
+    assert missing.exit_code == 1 and "no agent-trust CA yet" in missing.output
+    AgentTrustCA.load_or_create(tmp_path)
+    done = runner.invoke(app, ["ca", "agent-trust", "--state-dir", str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    assert done.output == ca_cert_path(tmp_path).read_text()
+    assert "PRIVATE KEY" not in done.output
