@@ -26,6 +26,8 @@ from builders import free_port
 from envoys import admin_socket_of, envoys_under, tcp_listen_ports
 from hostile_mesh import BILLING_SECRET, MESHGATE, Mesh
 
+from meshgate.pacing.spec import LIMITS_SOCKET
+
 pytestmark = pytest.mark.e2e
 
 # What a hostile agent tries on a port; /quitquitquit last, so a success leaves the rest to see.
@@ -224,28 +226,31 @@ def test_health_port_says_ready_and_does_nothing_else(bystander: subprocess.Pope
 
 
 def test_agent_cannot_reach_the_pacer(mesh: Mesh) -> None:
-    """Issue 19: the pacer (RLS + ext_proc: it admits requests and settles budgets) listens on a
-    unix socket beside the gateway's admin socket, so a hostile agent can neither ask it to
-    admit anything nor settle a budget to zero. (The control plane's limit store, on the xDS
-    port every agent reaches, refuses any token but a gateway's:
-    tests/e2e/test_limit_store_service.py.)"""
+    """Issue 19: the pacer (global limits over HTTP, ext_proc: it admits requests and settles
+    budgets) listens on unix sockets beside the gateway's admin socket, so a hostile agent can
+    neither ask it to admit anything, spend a limit's tokens, nor settle a budget to zero.
+    (The control plane's limit store, on the xDS port every agent reaches, refuses any token
+    but a gateway's: tests/e2e/test_limit_store_service.py.)"""
     [gateway] = mesh_envoys(mesh)
     admin = admin_socket_of(gateway)
     assert admin is not None
-    pacer = admin.parent / "pacer.sock"
-    assert stat.S_ISSOCK(os.stat(pacer).st_mode), "the gateway runs its pacer"
-    assert stat.S_IMODE(os.stat(pacer).st_mode) == 0o600
+    sockets = [admin.parent / "pacer.sock", admin.parent / LIMITS_SOCKET]
+    for path in sockets:
+        assert stat.S_ISSOCK(os.stat(path).st_mode), f"the gateway's pacer listens on {path}"
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     code = f"""\
 import json, os, socket
-s = socket.socket(socket.AF_UNIX)
-try:
-    s.connect({str(pacer)!r})
-    got = "connected"
-except OSError as e:
-    got = type(e).__name__
+got = []
+for path in {[str(p) for p in sockets]!r}:
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+        got.append("connected")
+    except OSError as e:
+        got.append(type(e).__name__)
 print(json.dumps({{"uid": os.getuid(), "pacer": got}}))
 """
     seen = mesh.agent_python("researcher", code)
     if seen["uid"] == 0:
         pytest.skip("the agent runs as root here: no file mode can stop it")
-    assert seen["pacer"] == "PermissionError"
+    assert seen["pacer"] == ["PermissionError", "PermissionError"]
