@@ -43,5 +43,6 @@ def test_envoy_accepts_the_gateway_bootstrap(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=60,
+        cwd=tmp_path,
     )
     assert res.returncode == 0, res.stdout + res.stderr

@@ -223,5 +223,6 @@ def test_envoy_accepts_the_paced_gateway_config(tmp_path: Path) -> None:
         text=True,
         timeout=60,
         env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+        cwd=tmp_path,  # the listener's audit spool path is relative: not into the checkout
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
