@@ -91,24 +91,16 @@ class LeasedLimits:
         self._clock = clock
         self._leases: dict[str, _Lease] = {}
         self._next_sweep = clock() + IDLE_S
-        self.takes = 0  # store calls made (benchmarks: store calls per request)
 
     def try_now(self, limit: GlobalLimit) -> Verdict | None:
         """The verdict when it needs no store call, else None (then `hit`)."""
         now = self._clock()
         lease = self._leases.get(limit.key)
-        if lease is None:
-            return None
-        if lease.tokens > 0 and now < lease.expires:
+        verdict = None if lease is None else self._local(limit, lease, now)
+        if lease is not None and verdict is not None:
             lease.hits += 1
             lease.used = now
-            lease.tokens -= 1
-            return self._allowed(limit, lease, now)
-        if now < lease.empty_until:
-            lease.hits += 1
-            lease.used = now
-            return Verdict(False, limit.requests, 0, lease.empty_until - now)
-        return None
+        return verdict
 
     async def hit(self, limit: GlobalLimit) -> Verdict:
         now = self._clock()
@@ -120,12 +112,9 @@ class LeasedLimits:
         lease.hits += 1
         lease.used = now
         while True:
-            now = self._clock()
-            if lease.tokens > 0 and now < lease.expires:
-                lease.tokens -= 1
-                return self._allowed(limit, lease, now)
-            if now < lease.empty_until:
-                return Verdict(False, limit.requests, 0, lease.empty_until - now)
+            verdict = self._local(limit, lease, self._clock())
+            if verdict is not None:
+                return verdict
             if lease.refill is None or lease.refill.done():
                 lease.refill = asyncio.ensure_future(self._take(limit, lease))
             lease.waiting += 1
@@ -144,7 +133,6 @@ class LeasedLimits:
         known = lease.remaining if lease.remaining >= 0 else limit.requests
         want = max(1 + lease.waiting, math.ceil(lease.rate * HORIZON_S))
         want = max(1, min(want, int(known * FRACTION)))
-        self.takes += 1
         if self._on_take is not None:
             self._on_take()
         async with asyncio.timeout(self._timeout):
@@ -159,9 +147,15 @@ class LeasedLimits:
             lease.tokens = 0
             lease.empty_until = now + decision.reset_s
 
-    def _allowed(self, limit: GlobalLimit, lease: _Lease, now: float) -> Verdict:
-        remaining = max(0, lease.remaining + lease.tokens)
-        return Verdict(True, limit.requests, remaining, max(0.0, lease.reset_at - now))
+    def _local(self, limit: GlobalLimit, lease: _Lease, now: float) -> Verdict | None:
+        """Spend a leased token, or refuse while the store said empty; None: ask the store."""
+        if lease.tokens > 0 and now < lease.expires:
+            lease.tokens -= 1
+            remaining = max(0, lease.remaining + lease.tokens)
+            return Verdict(True, limit.requests, remaining, max(0.0, lease.reset_at - now))
+        if now < lease.empty_until:
+            return Verdict(False, limit.requests, 0, lease.empty_until - now)
+        return None
 
     def _sweep(self, now: float) -> None:
         self._next_sweep = now + IDLE_S

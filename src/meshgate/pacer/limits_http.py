@@ -119,6 +119,8 @@ def unavailable(limit: GlobalLimit) -> bytes:
     )
 
 
+# every limit failed open (its store silent): admitted, with nothing to say about a bucket
+OPEN = _response("200 OK", "ok", [], b"")
 INVALID = _response(
     "403 Forbidden",
     "invalid",
@@ -185,8 +187,8 @@ class LimitsEndpoint:
             self._metrics.decision(GLOBAL_LIMIT, "ok")
             if tightest is None or v.remaining < tightest[1].remaining:
                 tightest = (limit, v)
-        if tightest is None:  # every limit failed open
-            return _response("200 OK", "ok", [], b"")
+        if tightest is None:
+            return OPEN
         return ok(*tightest)
 
 
@@ -255,7 +257,7 @@ class LimitsProtocol(asyncio.Protocol):
         except Exception:  # a bug: the request still gets an answer, by its failure modes
             log.exception("pacer: global-limit answer failed")
             closed = [lim for lim in limits or () if lim.on_store_failure == "closed"]
-            answer = unavailable(closed[0]) if closed else _response("200 OK", "ok", [], b"")
+            answer = unavailable(closed[0]) if closed else OPEN
         if before is not None:
             await before
         self._send(answer)
