@@ -25,16 +25,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshgate.audit.chain import values_digest
-from meshgate.pacing.spec import window_bounds
+from meshgate.pacing.spec import BudgetSpec, window_bounds
 from meshgate.policy.model import (
     AgentPolicy,
-    Budget,
     PolicyModel,
     has_shadow,
     shadow_model,
     shadowed_agents,
 )
 from meshgate.replay.routes import PolicyRoutes, Request
+from meshgate.xds.pacing import budget_specs
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +75,14 @@ class ShadowCounters:
             return True
         return False
 
-    def charge(self, wanted: list[tuple[str, Budget, int]], now: float) -> str | None:
+    def charge(self, wanted: list[tuple[BudgetSpec, int]], now: float) -> str | None:
         """All or nothing, as a reservation: the first budget that would go over, or None."""
         windows = []
-        for budget_id, b, amount in wanted:
+        for b, amount in wanted:
             start, _ = window_bounds(b.window, now)
-            key = (budget_id, start)
+            key = (b.id, start)
             if self.spent.get(key, 0) + amount > b.limit:
-                return budget_id
+                return b.id
             windows.append((key, amount))
         if len(self.spent) >= MAX_COUNTERS:
             self.spent.clear()
@@ -91,7 +91,7 @@ class ShadowCounters:
         return None
 
 
-def _amount(b: Budget, values: tuple[Any, ...]) -> int:
+def _amount(b: BudgetSpec, values: tuple[Any, ...]) -> int:
     if b.unit == "requests":
         return 1
     if b.unit == "tokens":
@@ -111,6 +111,7 @@ class ShadowEvaluator:
         self.agents = shadowed_agents(model)
         shadowed = shadow_model(model)
         self._policies: dict[str, AgentPolicy] = {a.agent: a for a in shadowed.agents}
+        self._destinations = {d.name: d for d in shadowed.destinations}
         self._routes = PolicyRoutes(shadowed)
         self._counters = counters
 
@@ -146,7 +147,8 @@ class ShadowEvaluator:
     def _paced(self, agent: str, route_name: str, values: tuple[Any, ...]) -> tuple[str, str]:
         policy = self._policies.get(agent)
         parts = route_name.split("/")  # allow/<agent>/<destination>/<rule index>/<n>
-        if policy is None or len(parts) < 4 or not parts[3].isdigit():
+        dest = self._destinations.get(parts[2]) if len(parts) >= 4 else None
+        if policy is None or dest is None or not parts[3].isdigit():
             return "allowed", ""
         index = int(parts[3])
         if index >= len(policy.rules):
@@ -158,12 +160,7 @@ class ShadowEvaluator:
             key = f"{agent}/{parts[2]}/{index}"
             if not self._counters.take(key, limit.requests, limit.per_seconds, now):
                 return "rate_limited", "rate_limited"
-        wanted = [(f"rule/{agent}/{index}/{b.name}", b, _amount(b, values)) for b in rule.budgets]
-        wanted += [(f"agent/{agent}/{b.name}", b, _amount(b, values)) for b in policy.budgets]
-        wanted += [
-            (f"group/{g.group}/{g.budget.name}", g.budget, _amount(g.budget, values))
-            for g in policy.group_budgets
-        ]
+        wanted = [(b, _amount(b, values)) for b in budget_specs(policy, index, rule, dest)]
         refused = self._counters.charge(wanted, now) if wanted else None
         if refused is not None:
             return "over_budget", f"over_budget: {refused}"

@@ -140,6 +140,28 @@ def _budget(budget_id: str, b: Budget) -> BudgetSpec:
     return BudgetSpec(budget_id, b.unit, b.limit, b.window, b.on_store_failure)
 
 
+def budget_specs(
+    policy: AgentPolicy, index: int, rule: EgressRule, dest: Destination
+) -> list[BudgetSpec]:
+    """The counters a request of `policy.agent` under rule `index` charges, in the order they
+    are reserved: the rule's (its parent's rule, for a sub-agent), the agent's, its groups'.
+    Token and cost budgets count LLM calls only. Shadow mode names the same counters."""
+    agent = policy.agent
+
+    def counts(b: Budget) -> bool:
+        return b.unit == "requests" or dest.llm is not None
+
+    owner, at = rule.owner(agent, index)
+    budgets = [_budget(f"rule/{owner}/{at}/{b.name}", b) for b in rule.budgets]
+    budgets += [_budget(f"agent/{agent}/{b.name}", b) for b in policy.budgets if counts(b)]
+    budgets += [
+        _budget(f"group/{g.group}/{g.budget.name}", g.budget)
+        for g in policy.group_budgets
+        if counts(g.budget)
+    ]
+    return budgets
+
+
 def pace_spec(
     mesh: Mesh,
     policy: AgentPolicy,
@@ -157,18 +179,8 @@ def pace_spec(
     differ (`shadow_mcp`), for the pacer to record what they would refuse."""
     agent = policy.agent
     llm = dest.llm
-
-    def counts(b: Budget) -> bool:
-        return b.unit == "requests" or llm is not None
-
+    budgets = budget_specs(policy, index, rule, dest)
     owner, at = rule.owner(agent, index)  # a sub-agent's rule counts in its parent's counters
-    budgets = [_budget(f"rule/{owner}/{at}/{b.name}", b) for b in rule.budgets]
-    budgets += [_budget(f"agent/{agent}/{b.name}", b) for b in policy.budgets if counts(b)]
-    budgets += [
-        _budget(f"group/{g.group}/{g.budget.name}", g.budget)
-        for g in policy.group_budgets
-        if counts(g.budget)
-    ]
     caps: list[ConcurrencySpec] = []
     if rule.concurrency is not None:  # the agent's own cap first: waiting on it is its own doing
         c = rule.concurrency
