@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,12 +196,16 @@ class ShadowDecisions:
         model = self._current()
         if model is not self._model:
             self._model = model
-            self._evaluator = None
-            if model is not None and has_shadow(model):
-                evaluator = ShadowEvaluator(model, self._counters)
-                await asyncio.to_thread(evaluator.prepare)
-                self._evaluator = evaluator
+            # the whole policy is walked (and route tables built): not on the ingest loop
+            self._evaluator = None if model is None else await asyncio.to_thread(self._build, model)
         return self._evaluator
+
+    def _build(self, model: PolicyModel) -> ShadowEvaluator | None:
+        if not has_shadow(model):
+            return None
+        evaluator = ShadowEvaluator(model, self._counters)
+        evaluator.prepare()
+        return evaluator
 
     async def annotate(self, values: list[tuple[Any, ...]], digests: list[bytes]) -> None:
         """Set the shadow fields of the records it concerns (and their digests), in place."""
@@ -221,7 +225,3 @@ class ShadowDecisions:
             digests[i] = values_digest(annotated)
             if self._on_decision is not None:
                 self._on_decision(decided[0], change(v[DECISION], decided[0]))
-
-
-def shadow_fields(values: Sequence[Any]) -> tuple[str, str]:
-    return str(values[SHADOW]), str(values[SHADOW + 1])
