@@ -266,6 +266,9 @@ def shadow_model(model: PolicyModel) -> PolicyModel:
     agents = []
     for a in model.agents:
         candidate = replaced.get(a.agent, a)
+        if all(r.enforced for r in candidate.rules):  # most agents: as they are
+            agents.append(candidate)
+            continue
         rules = tuple(
             r if r.enforced else dataclasses.replace(r, mode="enforce") for r in candidate.rules
         )

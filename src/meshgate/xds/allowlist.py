@@ -40,8 +40,8 @@ from meshgate.policy.model import (
     EgressRule,
     PolicyModel,
     agent_spiffe_id,
-    has_shadow,
     shadow_model,
+    shadowed_agents,
 )
 from meshgate.xds.access_log import BODY_GUARD_POLICY, agent_tool_refusal_name, allow_route_name
 from meshgate.xds.common import json_refusal, pack
@@ -70,7 +70,11 @@ def grants_by_destination(model: PolicyModel) -> dict[str, tuple[Grant, ...]]:
     are never translated: `audit.shadow` evaluates them; indices stay the policy's)."""
     grouped: dict[str, list[Grant]] = {d.name: [] for d in model.destinations}
     destinations = {d.name: d for d in model.destinations}
-    shadows = {a.agent: a for a in shadow_model(model).agents} if has_shadow(model) else {}
+    # the shadow versions of the agents shadow mode concerns (the others have none)
+    shadowed = shadowed_agents(model)
+    shadows = (
+        {a.agent: a for a in shadow_model(model).agents if a.agent in shadowed} if shadowed else {}
+    )
     for agent in model.agents:
         for index, rule in enumerate(agent.rules):
             if not rule.enforced:
