@@ -39,6 +39,7 @@ import os
 import random
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,7 +55,9 @@ sys.path.insert(0, str(ROOT / "src"))
 import aiohttp  # noqa: E402
 import grpc  # noqa: E402
 import httpx  # noqa: E402
+from envoy.config.core.v3 import base_pb2  # noqa: E402
 from envoy.service.accesslog.v3 import als_pb2  # noqa: E402
+from envoy.service.discovery.v3 import discovery_pb2  # noqa: E402
 
 from meshgate.audit.decode_worker import HEADER, answer, frame, from_answer  # noqa: E402
 from meshgate.audit.ingest import entry_from_spool  # noqa: E402
@@ -74,6 +77,14 @@ TARGET_CEILING_SQLITE = 30_000
 BATCH_BYTES = 1 << 20  # what the shipper reads per stream (SpoolShipper.batch_bytes)
 AGENT = "researcher"
 TOOL = "tools"
+ADS_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+PROBE_DESTINATION = """\
+apiVersion: meshgate.dev/v1
+kind: Destination
+metadata: {{name: {name}}}
+spec: {{host: {name}.internal, port: 80, tls: none, address: "127.0.0.1:9"}}
+"""
 
 
 def free_port() -> int:
@@ -584,6 +595,86 @@ async def ship(
         await channel.close()
 
 
+class PushProbe:
+    """A gateway's ADS stream (TLS, its join token) timing policy pushes: from a new Destination
+    written to the policy directory until the gateway's CDS response naming its cluster arrives
+    (and is ACKed). That spans the directory poll, debounce, compile, build and the push, the
+    path every policy change takes, so the same probe before and during an ingest shows whether
+    the ingest slows a push."""
+
+    def __init__(self, target: str, ca: bytes, token: str, policies: Path) -> None:
+        self.channel = grpc.aio.secure_channel(
+            target, grpc.ssl_channel_credentials(root_certificates=ca)
+        )
+        self.metadata = (("authorization", f"Bearer {token}"),)
+        self.policies = policies
+        self.node = base_pb2.Node(id="gateway/push-probe", cluster="meshgate-gateway")
+        self.call: grpc.aio.StreamStreamCall[
+            discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse
+        ]
+        self.made = 0
+
+    async def _ack(self, response: discovery_pb2.DiscoveryResponse) -> None:
+        await self.call.write(
+            discovery_pb2.DiscoveryRequest(
+                node=self.node,
+                type_url=CLUSTER_TYPE,
+                version_info=response.version_info,
+                response_nonce=response.nonce,
+            )
+        )
+
+    async def open(self) -> None:
+        self.call = self.channel.stream_stream(
+            ADS_METHOD,
+            request_serializer=discovery_pb2.DiscoveryRequest.SerializeToString,
+            response_deserializer=discovery_pb2.DiscoveryResponse.FromString,
+        )(metadata=self.metadata)
+        await self.call.write(discovery_pb2.DiscoveryRequest(node=self.node, type_url=CLUSTER_TYPE))
+        await self._ack(await asyncio.wait_for(self.call.read(), 30))
+
+    async def push(self) -> float:
+        self.made += 1
+        name = f"probe{self.made}"
+        marker = f"dest-{name}".encode()
+        started = time.monotonic()
+        await asyncio.to_thread(
+            (self.policies / f"{name}.yaml").write_text, PROBE_DESTINATION.format(name=name)
+        )
+        while True:
+            response = await asyncio.wait_for(self.call.read(), 30)
+            await self._ack(response)
+            if any(marker in r.value for r in response.resources):
+                return time.monotonic() - started
+
+    async def close(self) -> None:
+        self.call.cancel()
+        await self.channel.close()
+
+
+async def probe_pushes(
+    probe: PushProbe, count: int, until: asyncio.Future[None] | None
+) -> list[float]:
+    """Up to `count` pushes, 0.2 s apart; with `until`, only those that ended before it did."""
+    took: list[float] = []
+    while len(took) < count and not (until is not None and until.done()):
+        delay = await probe.push()
+        if until is None or not until.done():
+            took.append(delay)
+        await asyncio.sleep(0.2)
+    return took
+
+
+def push_summary(took: list[float]) -> str:
+    if not took:
+        return "none"
+    ordered = sorted(took)
+    return (
+        f"median {ordered[len(ordered) // 2] * 1e3:.0f} ms, max {ordered[-1] * 1e3:.0f} ms "
+        f"({len(took)} pushes)"
+    )
+
+
 async def ceiling(name: str, store: str, stage_store: str, args: argparse.Namespace) -> float:
     per = args.records // args.shippers
     with tempfile.TemporaryDirectory(prefix="meshgate-auditceil-") as tmp:
@@ -602,11 +693,16 @@ async def ceiling(name: str, store: str, stage_store: str, args: argparse.Namesp
         async with serve(work, work / "policies", store) as cp:
             ca = bundle_path(cp.state).read_bytes()
             tokens = TokenAuthority(cp.state)
+            probe = PushProbe(
+                cp.xds_address, ca, tokens.create("gateway/push-probe", 3600)[0], work / "policies"
+            )
+            await probe.open()
+            quiet = await probe_pushes(probe, args.probes, None)
             done: list[float] = []
             threads0 = thread_cpu(cp.proc.pid)
             cpu0 = family_cpu(cp.proc.pid)
             start = time.monotonic()
-            await asyncio.gather(
+            shipping = asyncio.gather(
                 *(
                     ship(
                         cp.xds_address,
@@ -618,9 +714,12 @@ async def ceiling(name: str, store: str, stage_store: str, args: argparse.Namesp
                     for s, plan in enumerate(plans)
                 )
             )
+            busy = await probe_pushes(probe, 1_000_000, shipping) if args.probes else []
+            await shipping
             took = time.monotonic() - start
             cpu1 = family_cpu(cp.proc.pid)
             threads1 = thread_cpu(cp.proc.pid)
+            await probe.close()
         # the control plane's processes: its own and the decode workers it started
         by_process = {p: c - cpu0.get(p, 0.0) for p, c in cpu1.items()}
         cpu = sum(by_process.values())
@@ -661,6 +760,17 @@ async def ceiling(name: str, store: str, stage_store: str, args: argparse.Namesp
             f"stored {stored:,} (equal: {stored == total}) in {batches:,} batches; chain "
             f"verifies: {ok_chain} ({time.perf_counter() - t1:.1f} s)"
         )
+        if args.probes:
+            ratio = (
+                f"{statistics.median(busy) / statistics.median(quiet):.2f}"
+                if busy and quiet
+                else "-"
+            )
+            print(
+                f"policy pushes (a Destination written -> the gateway's CDS push): before the "
+                f"ingest {push_summary(quiet)}; during it {push_summary(busy)}; "
+                f"median during / before: {ratio}"
+            )
         if name == "sqlite":
             verdict = "PASS" if rate >= TARGET_CEILING_SQLITE else "MISS"
             print(f"target >= {TARGET_CEILING_SQLITE:,} records/s into SQLite: {verdict}")
@@ -725,6 +835,12 @@ def main() -> int:
         "--records", type=int, help="ceiling records (default 400,000; small 40,000)"
     )
     parser.add_argument("--shippers", type=int, default=4, help="ceiling: concurrent shippers")
+    parser.add_argument(
+        "--probes",
+        type=int,
+        default=8,
+        help="ceiling: policy pushes timed before the ingest (as many as fit during it); 0: none",
+    )
     args = parser.parse_args()
     args.rate = args.rate or (300.0 if args.small else 1000.0)
     args.duration = args.duration or (8.0 if args.small else 30.0)
