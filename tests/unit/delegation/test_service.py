@@ -3,6 +3,7 @@ only with the key gateways hold; a caller sees and deletes only its own sub-agen
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def as_agent(agent: str, key: str) -> dict[str, str]:
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[DelegationServer]:
-    registry = DelegationRegistry(tmp_path, lambda: 1_000_000.0)
+    registry = DelegationRegistry(tmp_path, time.time)  # the clock tokens are signed by
     pokes: list[int] = []
 
     def served() -> PolicyModel:
