@@ -197,7 +197,7 @@ class DelegationRegistry:
         with self._lock:
             since = self._failing_since = self._failing_since or now
             seen = self._seen
-        if now - since > STALE_LIMIT:
+        if now - since >= STALE_LIMIT:
             log.error("delegation store: %s; serving no sub-agents until it answers", exc)
             return ()
         log.warning("delegation store: %s; serving the sub-agents it last listed", exc)
