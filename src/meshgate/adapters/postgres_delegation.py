@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import queue
 import re
 from collections.abc import Iterator, Sequence
@@ -33,6 +34,7 @@ from meshgate.delegation.stores import (
 )
 from meshgate.errors import ConfigError
 
+log = logging.getLogger(__name__)
 DEFAULT_SCHEMA = "meshgate_delegation"
 TABLE = "delegation_sub_agents"
 KEYS = "delegation_keys"
@@ -126,6 +128,7 @@ class PostgresSubAgentStore:
                 yield conn
         except self._error as exc:
             conn.close()
+            self.close()  # after a server restart every idle connection is broken too
             raise DelegationStoreError(
                 f"delegation store {_where(self.url)}: {_one_line(exc)}"
             ) from None
@@ -145,9 +148,15 @@ class PostgresSubAgentStore:
     # -- SubAgentStore --------------------------------------------------------------------------
 
     def load(self) -> list[SubAgent]:
+        try:
+            rows = self._rows()
+        except DelegationStoreError:  # a connection the server dropped: once more, afresh
+            rows = self._rows()
+        return _readable(rows)
+
+    def _rows(self) -> list[Any]:
         with self._transaction() as conn:
-            rows = conn.execute(f"SELECT doc, token_id FROM {TABLE}").fetchall()
-        return [_row(r) for r in rows]
+            return list(conn.execute(f"SELECT doc, token_id FROM {TABLE}").fetchall())
 
     def add(self, parent: str, make: Make) -> SubAgent:
         from psycopg.errors import UniqueViolation
@@ -160,7 +169,7 @@ class PostgresSubAgentStore:
                 f"SELECT doc, token_id FROM {TABLE} WHERE parent = %s OR name = %s",
                 (parent, parent),
             ).fetchall()
-            subs = [_row(r) for r in rows]
+            subs = _readable(rows)
             own = next((s for s in subs if s.name == parent), None)
             sub = make([s for s in subs if s.name != parent], own)
             exists = DelegationError(f"{sub.name!r} exists already (delete it first)")
@@ -219,6 +228,17 @@ def _doc(sub: SubAgent) -> str:
     doc = to_json(sub)
     del doc["token_id"]  # its own column: set after the sub-agent is created
     return json.dumps(doc, sort_keys=True)
+
+
+def _readable(rows: Sequence[Sequence[Any]]) -> list[SubAgent]:
+    out = []
+    for row in rows:
+        try:
+            out.append(_row(row))
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            # fail closed for that sub-agent (no rights), not for the mesh
+            log.error("delegation store: an unreadable sub-agent row, ignored: %s", exc)
+    return out
 
 
 def _row(row: Sequence[Any]) -> SubAgent:

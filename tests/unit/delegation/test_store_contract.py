@@ -305,3 +305,48 @@ def test_add_is_atomic_even_when_deciding_is_slow(opener: Opener) -> None:
         results = list(pool.map(add, range(6)))
     made = [r for r in results if r.startswith("sup.")]
     assert len(made) == 2 and sorted(made) == sorted(s.name for s in opener().load()), results
+
+
+# -- PostgreSQL only: what a shared database adds ----------------------------------------------
+
+
+def test_postgres_reconnects_after_the_server_drops_its_connections(tmp_path: Path) -> None:
+    import psycopg
+
+    with pg_schema() as url:
+        store = open_store(url, tmp_path)
+        other = open_store(url, tmp_path)
+        try:
+            store.add("sup", adding(sub("sup.a")))
+            # a server restart, as the store's idle connections see it (only theirs: the
+            # database is shared with other tests)
+            pids = [c.info.backend_pid for c in list(store._idle.queue)]  # type: ignore[attr-defined]
+            assert pids
+            with psycopg.connect(url.partition("?")[0], autocommit=True) as admin:
+                for pid in pids:
+                    admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            assert [s.name for s in store.load()] == ["sup.a"]
+            store.add("sup", adding(sub("sup.b")))
+            assert sorted(s.name for s in other.load()) == ["sup.a", "sup.b"]
+        finally:
+            store.close()
+            other.close()
+
+
+def test_postgres_ignores_an_unreadable_row_not_the_others(tmp_path: Path) -> None:
+    import psycopg
+
+    with pg_schema() as url:
+        store = open_store(url, tmp_path)
+        try:
+            store.add("sup", adding(sub("sup.a")))
+            schema = url.rpartition("schema=")[2]
+            with psycopg.connect(url.partition("?")[0], autocommit=True) as admin:
+                admin.execute(
+                    f'INSERT INTO "{schema}".delegation_sub_agents '
+                    "(name, parent, created_at, expires_at, doc) "
+                    "VALUES ('sup.bad', 'sup', 1, 2, '{\"name\": 3}')"
+                )
+            assert [s.name for s in store.load()] == ["sup.a"]
+        finally:
+            store.close()
