@@ -22,6 +22,7 @@ import queue
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from meshgate.delegation.expand import SubAgent
 from meshgate.delegation.rights import DelegationError
@@ -61,8 +62,6 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _where(url: str) -> str:
-    from urllib.parse import urlsplit
-
     parts = urlsplit(url)
     return f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path or ''}"
 
@@ -110,8 +109,12 @@ class PostgresSubAgentStore:
 
         try:
             conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+        except psycopg.Error as exc:
+            raise DelegationStoreError(f"{_where(self.url)}: {_one_line(exc)}") from None
+        try:
             conn.execute(f'SET search_path TO "{self.schema}"')
         except psycopg.Error as exc:
+            conn.close()
             raise DelegationStoreError(f"{_where(self.url)}: {_one_line(exc)}") from None
         return conn
 
