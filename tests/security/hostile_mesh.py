@@ -188,6 +188,22 @@ spec:
     - {name: daily, window: day, requests: 2}
   egress:
     - destination: vault
+---
+apiVersion: meshgate.dev/v1
+kind: AgentPolicy
+metadata: {name: sec-mcp}
+spec:
+  agent: sec-mcp
+  egress:
+    - destination: mcp
+      paths: ["/mcp"]
+      tools:
+        - name: read_file
+          arguments:
+            path: {prefix: "/workspace/"}
+        - name: set_level
+          arguments:
+            level: {maximum: 3}
 """,
 }
 
