@@ -87,6 +87,16 @@ spec:
   tls: originate
   address: "127.0.0.1:{secure}"
   caFile: "{upstream_ca}"
+---
+apiVersion: meshgate.dev/v1
+kind: Destination
+metadata: {name: wild-mcp}
+spec:
+  host: "*.wild.internal"
+  port: 80
+  tls: none
+  address: "127.0.0.1:{mcp}"
+  credentials: {header: X-Api-Key, secret: billing-key}
 """,
     "agents.yaml": """\
 apiVersion: meshgate.dev/v1
@@ -204,6 +214,16 @@ spec:
         - name: set_level
           arguments:
             level: {maximum: 3}
+---
+apiVersion: meshgate.dev/v1
+kind: AgentPolicy
+metadata: {name: sec-wild}
+spec:
+  agent: sec-wild
+  egress:
+    - destination: wild-mcp
+      paths: ["/mcp"]
+      tools: [read_file]
 """,
 }
 

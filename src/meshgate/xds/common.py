@@ -111,8 +111,7 @@ def only_for_authorities(
                 matcher_pb2.Matcher.MatcherList.Predicate(
                     single_predicate=matcher_pb2.Matcher.MatcherList.Predicate.SinglePredicate(
                         input=header_input(":authority"),
-                        # any case, as Envoy picks virtual hosts
-                        value_match=xds_string_pb2.StringMatcher(exact=value, ignore_case=True),
+                        value_match=authority_value(value),
                     )
                 )
                 for value in authorities
@@ -142,6 +141,16 @@ def only_for_authorities(
     return hcm_pb2.HttpFilter(name=name, typed_config=pack(wrapped))
 
 
+def authority_value(authority: str) -> xds_string_pb2.StringMatcher:
+    """Matches what Envoy's virtual host for the domain `authority` matches: in any case, and a
+    wildcard (`*.example.com`, `*.example.com:443`) as a suffix, as Envoy picks virtual hosts.
+    (A name under a wildcard that another destination names exactly matches it too: a filter
+    chosen this way may run for that destination's requests as well.)"""
+    if authority.startswith("*."):
+        return xds_string_pb2.StringMatcher(suffix=authority[1:], ignore_case=True)
+    return xds_string_pb2.StringMatcher(exact=authority, ignore_case=True)
+
+
 def http_listener(
     name: str, host: str, port: int, hcm: hcm_pb2.HttpConnectionManager
 ) -> listener_pb2.Listener:
@@ -167,21 +176,23 @@ def authority_matcher(
 ) -> matcher_pb2.Matcher:
     """Pick by the request's authority: a hash lookup, then (only on a miss) a case-insensitive
     list, because Envoy picks virtual hosts case-insensitively and `Host: Billing.internal`
-    must not reach an allow route while skipping the filter meant for it."""
+    must not reach an allow route while skipping the filter meant for it. Wildcard keys
+    (`*.example.com`) come last in that list, longest first, as Envoy prefers an exact domain
+    to a wildcard and a longer wildcard to a shorter one."""
     authority = header_input(":authority")
+    exact_first = sorted(table, key=lambda k: (k.startswith("*."), -len(k)))
     any_case = matcher_pb2.Matcher(
         matcher_list=matcher_pb2.Matcher.MatcherList(
             matchers=[
                 matcher_pb2.Matcher.MatcherList.FieldMatcher(
                     predicate=matcher_pb2.Matcher.MatcherList.Predicate(
                         single_predicate=matcher_pb2.Matcher.MatcherList.Predicate.SinglePredicate(
-                            input=authority,
-                            value_match=xds_string_pb2.StringMatcher(exact=key, ignore_case=True),
+                            input=authority, value_match=authority_value(key)
                         )
                     ),
-                    on_match=on_match,
+                    on_match=table[key],
                 )
-                for key, on_match in table.items()
+                for key in exact_first
             ]
         )
     )

@@ -1,0 +1,75 @@
+"""A destination with a wildcard host (`*.wild.internal`) and MCP tool rules and credentials.
+
+The gateway's per-destination filters (the MCP body reader and its buffer, the credential
+injector) are chosen by the request's authority; Envoy picks the destination's virtual host by
+the wildcard, so those filters must be chosen the same way. `sec-wild` may call read_file on
+any *.wild.internal/mcp: an honest call must pass (with the credential injected over the
+agent's own), a forbidden one, however framed, must not.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pytest
+from gateway_agent import AGENT_LIB
+from hostile_mesh import BILLING_SECRET
+
+if TYPE_CHECKING:  # the fixture comes from tests/security/conftest.py
+    from hostile_mesh import Mesh
+
+pytestmark = pytest.mark.e2e
+
+SCRIPT = (
+    AGENT_LIB
+    + r"""
+MCP = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+       "X-Api-Key": "agent-own-key"}
+
+
+def rpc(method, **params):
+    return json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params})
+
+
+READ = rpc("tools/call", name="read_file", arguments={"path": "README.md"})
+WRITE = rpc("tools/call", name="write_file", arguments={"path": "/etc/passwd"})
+CASES = {
+    "read_file": ("http://a.wild.internal/mcp", READ, False),
+    "read_file, upper case host": ("http://B.WILD.internal/mcp", READ, False),
+    "tools/list": ("http://c.wild.internal/mcp", rpc("tools/list"), False),
+    "write_file": ("http://a.wild.internal/mcp", WRITE, False),
+    "write_file chunked": ("http://a.wild.internal/mcp", WRITE, True),
+    "write_file, two labels": ("http://x.y.wild.internal/mcp", WRITE, False),
+}
+out = {}
+for name, (url, body, chunked) in CASES.items():
+    r = send("POST", url, body, {**MCP, "x-test-case": name}, chunked)
+    out[name] = {"status": r["status"], "body": r["body"]}
+print(json.dumps(out))
+"""
+)
+
+
+def test_wildcard_destination_reads_tool_calls_and_injects_credentials(mesh: Mesh) -> None:
+    mcp = mesh.upstreams["mcp"]
+    mcp.clear()
+    seen: dict[str, Any] = mesh.agent_python("sec-wild", SCRIPT, timeout=120)
+    for name in ("read_file", "read_file, upper case host"):
+        assert seen[name]["status"] == 200, (name, seen[name])
+        assert seen[name]["body"].get("upstream") == "mcp", (name, seen[name])
+    # tools/list is forwarded and its answer read: the echo server's is no tool list, so the
+    # gateway shows an error instead (it shows no list it cannot vouch for)
+    listed = seen["tools/list"]["body"]
+    assert "tools/list answer could not be read" in listed["error"]["message"], listed
+    for name in ("write_file", "write_file chunked", "write_file, two labels"):
+        r = seen[name]
+        assert r["status"] in (200, 400, 403), (name, r)
+        assert "refused by meshgate" in str(r["body"]) or r["body"].get("error") in (
+            "tool_denied",
+            "mcp_unparsed",
+        ), (name, r)
+    reached = {h["headers"].get("x-test-case"): h for h in mcp.hits}
+    assert set(reached) == {"read_file", "read_file, upper case host", "tools/list"}, reached
+    # the credential is the gateway's, never the agent's own
+    assert all(h["headers"].get("x-api-key") == BILLING_SECRET for h in reached.values())
+    assert not [h for h in mcp.hits if "write_file" in h["body"]]
