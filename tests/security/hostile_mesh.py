@@ -96,7 +96,6 @@ spec:
   port: 80
   tls: none
   address: "127.0.0.1:{mcp}"
-  credentials: {header: X-Api-Key, secret: billing-key}
 """,
     "agents.yaml": """\
 apiVersion: meshgate.dev/v1

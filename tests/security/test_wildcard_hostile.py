@@ -1,10 +1,10 @@
-"""A destination with a wildcard host (`*.wild.internal`) and MCP tool rules and credentials.
+"""A destination with a wildcard host (`*.wild.internal`) and MCP tool rules.
 
-The gateway's per-destination filters (the MCP body reader and its buffer, the credential
-injector) are chosen by the request's authority; Envoy picks the destination's virtual host by
-the wildcard, so those filters must be chosen the same way. `sec-wild` may call read_file on
-any *.wild.internal/mcp: an honest call must pass (with the credential injected over the
-agent's own), a forbidden one, however framed, must not.
+The gateway's MCP body reader and its buffer are chosen by the request's authority; Envoy picks
+the destination's virtual host by the wildcard, so they must be chosen the same way (they were
+not: every honest call was refused as mcp_unparsed, and a chunked one met only the pacer).
+`sec-wild` may call read_file on any *.wild.internal/mcp: an honest call passes, a forbidden
+one, however framed, does not.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from gateway_agent import AGENT_LIB
-from hostile_mesh import BILLING_SECRET
 
 if TYPE_CHECKING:  # the fixture comes from tests/security/conftest.py
     from hostile_mesh import Mesh
@@ -23,8 +22,7 @@ pytestmark = pytest.mark.e2e
 SCRIPT = (
     AGENT_LIB
     + r"""
-MCP = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
-       "X-Api-Key": "agent-own-key"}
+MCP = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
 
 
 def rpc(method, **params):
@@ -50,7 +48,7 @@ print(json.dumps(out))
 )
 
 
-def test_wildcard_destination_reads_tool_calls_and_injects_credentials(mesh: Mesh) -> None:
+def test_a_wildcard_destination_reads_tool_calls(mesh: Mesh) -> None:
     mcp = mesh.upstreams["mcp"]
     mcp.clear()
     seen: dict[str, Any] = mesh.agent_python("sec-wild", SCRIPT, timeout=120)
@@ -70,6 +68,4 @@ def test_wildcard_destination_reads_tool_calls_and_injects_credentials(mesh: Mes
         ), (name, r)
     reached = {h["headers"].get("x-test-case"): h for h in mcp.hits}
     assert set(reached) == {"read_file", "read_file, upper case host", "tools/list"}, reached
-    # the credential is the gateway's, never the agent's own
-    assert all(h["headers"].get("x-api-key") == BILLING_SECRET for h in reached.values())
     assert not [h for h in mcp.hits if "write_file" in h["body"]]

@@ -100,10 +100,12 @@ def connect_upgrade() -> hcm_pb2.HttpConnectionManager.UpgradeConfig:
 def only_for_authorities(
     name: str, typed_config: any_pb2.Any, authorities: tuple[str, ...]
 ) -> hcm_pb2.HttpFilter:
-    """An HTTP filter that Envoy skips unless the request's :authority is one of `authorities`.
+    """An HTTP filter that Envoy skips unless the request's :authority is one of `authorities`
+    (as Envoy picks virtual hosts: `authority_value`).
 
-    For filters without per-route configuration (credential injector, MCP parser) that must
-    act on one destination's traffic only.
+    For filters without per-route configuration (the MCP parser, its body buffer) that must
+    act on some destinations' traffic only. Not for a filter that adds a secret: a wildcard
+    also matches a name under it that another destination names exactly.
     """
     one_of = matcher_pb2.Matcher.MatcherList.Predicate(
         or_matcher=matcher_pb2.Matcher.MatcherList.Predicate.PredicateList(
@@ -143,9 +145,8 @@ def only_for_authorities(
 
 def authority_value(authority: str) -> xds_string_pb2.StringMatcher:
     """Matches what Envoy's virtual host for the domain `authority` matches: in any case, and a
-    wildcard (`*.example.com`, `*.example.com:443`) as a suffix, as Envoy picks virtual hosts.
-    (A name under a wildcard that another destination names exactly matches it too: a filter
-    chosen this way may run for that destination's requests as well.)"""
+    wildcard (`*.example.com`, `*.example.com:443`) as a suffix. A name under the wildcard that
+    another destination names exactly matches too (Envoy would pick that destination's host)."""
     if authority.startswith("*."):
         return xds_string_pb2.StringMatcher(suffix=authority[1:], ignore_case=True)
     return xds_string_pb2.StringMatcher(exact=authority, ignore_case=True)
@@ -176,23 +177,25 @@ def authority_matcher(
 ) -> matcher_pb2.Matcher:
     """Pick by the request's authority: a hash lookup, then (only on a miss) a case-insensitive
     list, because Envoy picks virtual hosts case-insensitively and `Host: Billing.internal`
-    must not reach an allow route while skipping the filter meant for it. Wildcard keys
-    (`*.example.com`) come last in that list, longest first, as Envoy prefers an exact domain
-    to a wildcard and a longer wildcard to a shorter one."""
+    must not reach an allow route while skipping the filter meant for it.
+
+    Exact names only: a wildcard key (`*.example.com`) matches no request. Matching it as a
+    suffix here would also pick it for a name under it that another destination, absent from
+    `table`, names exactly: a credential would then reach that destination's upstream."""
     authority = header_input(":authority")
-    exact_first = sorted(table, key=lambda k: (k.startswith("*."), -len(k)))
     any_case = matcher_pb2.Matcher(
         matcher_list=matcher_pb2.Matcher.MatcherList(
             matchers=[
                 matcher_pb2.Matcher.MatcherList.FieldMatcher(
                     predicate=matcher_pb2.Matcher.MatcherList.Predicate(
                         single_predicate=matcher_pb2.Matcher.MatcherList.Predicate.SinglePredicate(
-                            input=authority, value_match=authority_value(key)
+                            input=authority,
+                            value_match=xds_string_pb2.StringMatcher(exact=key, ignore_case=True),
                         )
                     ),
-                    on_match=table[key],
+                    on_match=on_match,
                 )
-                for key in exact_first
+                for key, on_match in table.items()
             ]
         )
     )

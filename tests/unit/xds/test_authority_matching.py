@@ -1,5 +1,6 @@
-"""Filters chosen by :authority match what Envoy's virtual hosts match: any case, wildcards as
-suffixes, an exact domain before a wildcard and a longer wildcard before a shorter one."""
+"""Filters chosen by :authority: the MCP parser's matches what Envoy's virtual hosts match (any
+case, a wildcard as a suffix); the secret-adding injectors' match exact names only, so a
+wildcard's credential never reaches a destination named exactly under it."""
 
 from __future__ import annotations
 
@@ -16,19 +17,9 @@ def test_a_wildcard_is_a_case_insensitive_suffix_and_a_name_is_exact() -> None:
     assert exact.exact == "api.wild.internal" and exact.ignore_case
 
 
-def _action(name: str) -> matcher_pb2.Matcher.OnMatch:
-    return matcher_pb2.Matcher.OnMatch(action=extension_pb2.TypedExtensionConfig(name=name))
-
-
-def test_on_a_miss_exact_names_come_first_then_longer_wildcards() -> None:
-    table = {
-        "*.internal": _action("short"),
-        "*.wild.internal": _action("long"),
-        "api.wild.internal": _action("exact"),
-    }
-    tree = authority_matcher(table)
-    assert set(tree.matcher_tree.exact_match_map.map) == set(table)
+def test_injectors_match_exact_names_only() -> None:
+    action = matcher_pb2.Matcher.OnMatch(action=extension_pb2.TypedExtensionConfig(name="x"))
+    tree = authority_matcher({"*.wild.internal": action})
     listed = tree.on_no_match.matcher.matcher_list.matchers
-    order = [m.on_match.action.name for m in listed]
-    assert order == ["exact", "long", "short"]
-    assert listed[1].predicate.single_predicate.value_match.suffix == ".wild.internal"
+    assert [m.predicate.single_predicate.value_match.exact for m in listed] == ["*.wild.internal"]
+    assert not listed[0].predicate.single_predicate.value_match.suffix
