@@ -69,3 +69,28 @@ def test_a_wildcard_destination_reads_tool_calls(mesh: Mesh) -> None:
     reached = {h["headers"].get("x-test-case"): h for h in mcp.hits}
     assert set(reached) == {"read_file", "read_file, upper case host", "tools/list"}, reached
     assert not [h for h in mcp.hits if "write_file" in h["body"]]
+
+
+TWO_LABELS = (
+    AGENT_LIB
+    + r"""
+body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                   "params": {"name": "read_file", "arguments": {"path": "README.md"}}})
+MCP = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream",
+       "x-test-case": "two labels"}
+r = send("POST", "http://x.y.wild.internal/mcp", body, MCP)
+print(json.dumps({"status": r["status"], "body": r["body"]}))
+"""
+)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="docs/policy.md: a wildcard host is one whole label, but the gateway's virtual host "
+    "domain *.wild.internal (xds/gateway.py, Envoy's suffix wildcard) also takes x.y.wild.internal",
+)
+def test_a_wildcard_stands_for_one_label_only(mesh: Mesh) -> None:
+    mcp = mesh.upstreams["mcp"]
+    seen: dict[str, Any] = mesh.agent_python("sec-wild", TWO_LABELS, timeout=120)
+    assert not [h for h in mcp.hits if h["headers"].get("x-test-case") == "two labels"]
+    assert seen["status"] == 403 and seen["body"]["error"] == "unknown_destination", seen
