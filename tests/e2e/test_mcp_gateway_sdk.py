@@ -170,6 +170,14 @@ async def test_sdk_calls_through_the_gateway(
         assert ("create_issue", "allowed", "") in by_tool
         assert ("create_issue", "denied", "argument_refused") in by_tool
         assert ("delete_repo", "denied", "tool_denied") in by_tool
+        # every record says which policy decided, refusals the pacer answered included
+        version = cp.policy.model.version
+        assert {(r.mcp_tool, r.reason, r.policy_version) for r in records} >= {
+            ("create_issue", "", version),
+            ("create_issue", "argument_refused", version),
+            ("delete_repo", "tool_denied", version),
+        }
+        assert {r.policy_version for r in records} == {version}
         allowed = next(
             r for r in records if r.mcp_tool == "create_issue" and r.decision == "allowed"
         )

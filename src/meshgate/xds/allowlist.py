@@ -396,12 +396,21 @@ def _tool_denied(dest: Destination) -> rc.DirectResponseAction:
     )
 
 
+# A cluster no gateway has: what a refusal route the pacer answers "forwards" to, should the
+# pacer ever let a request through (the router then refuses it: 503, no cluster)
+NO_UPSTREAM = "meshgate-refused"
+
+
 @functools.lru_cache(maxsize=100_000)
 def mcp_agent_refusal_route(dest: Destination, agent: str, identity: str, tools: str) -> rc.Route:
     """`deny-tool/<dest>/<agent>`: a `tools/call` none of the agent's rules routed. The pacer
     answers it (HTTP 200, a tool result with `isError` naming the tool, the agent's allowed
     tools and what to do) from the agent's tool rules, `tools` (`mcp.decision.encode`); it
-    never forwards from here. Should the pacer not answer, the route's own answer is a 403."""
+    never forwards from here. Should it let the call through, the route leads nowhere.
+
+    A forwarding route, not a `direct_response`: Envoy adds the route table's response
+    headers (the policy version the audit record carries) to a filter's local reply only on
+    routes with a route entry."""
     pace = PaceSpec(agent, dest.name, mcp=tools, mcp_refuse=True)
     return rc.Route(
         name=agent_tool_refusal_name(dest.name, agent),
@@ -414,7 +423,7 @@ def mcp_agent_refusal_route(dest: Destination, agent: str, identity: str, tools:
                 )
             ],
         ),
-        direct_response=_tool_denied(dest),
+        route=rc.RouteAction(cluster=NO_UPSTREAM),
         typed_per_filter_config={PACER_FILTER: pacer_route_config(pace)},
     )
 

@@ -21,7 +21,13 @@ from meshgate.audit.ingest import decide
 from meshgate.mcp import decision
 from meshgate.policy.model import AgentPolicy, Destination, EgressRule, RateLimit
 from meshgate.xds.access_log import SPOOL_FORMAT, local_refusal, route_decision
-from meshgate.xds.allowlist import BODY_GUARD_FILTER, MCP_FILTER, RATE_LIMIT_FILTER, RULE_KEY
+from meshgate.xds.allowlist import (
+    BODY_GUARD_FILTER,
+    MCP_FILTER,
+    NO_UPSTREAM,
+    RATE_LIMIT_FILTER,
+    RULE_KEY,
+)
 from meshgate.xds.gateway import (
     BUFFER_FILTER,
     NON_CANONICAL_PATH,
@@ -191,7 +197,11 @@ def test_tool_routes_hand_the_pacer_the_agents_tool_rules() -> None:
         assert pace is not None and pace.mcp == expected and not pace.mcp_refuse
     refusal = pace_of(routes["deny-tool/mcp/researcher"])
     assert refusal is not None and refusal.mcp == expected and refusal.mcp_refuse
-    assert routes["deny-tool/mcp/researcher"].direct_response.status == 403  # if unanswered
+    # a forwarding route (so Envoy adds the policy-version header to the pacer's answer) whose
+    # cluster no gateway has: were the pacer ever to let the call through, the router refuses it
+    assert routes["deny-tool/mcp/researcher"].route.cluster == NO_UPSTREAM
+    clusters = [r for r in gateway_resources(MODEL, TranslateOptions()) if hasattr(r, "name")]
+    assert NO_UPSTREAM not in {c.name for c in clusters}
     # Envoy creates the pacer from the route chosen before the MCP filter re-selects: every
     # route of a tool host turns it on, and those without a PaceSpec tell it to skip
     for name in ("mcp-unparsed/mcp", "deny-tool/mcp", "deny/mcp"):
