@@ -100,10 +100,12 @@ def connect_upgrade() -> hcm_pb2.HttpConnectionManager.UpgradeConfig:
 def only_for_authorities(
     name: str, typed_config: any_pb2.Any, authorities: tuple[str, ...]
 ) -> hcm_pb2.HttpFilter:
-    """An HTTP filter that Envoy skips unless the request's :authority is one of `authorities`.
+    """An HTTP filter that Envoy skips unless the request's :authority is one of `authorities`
+    (as Envoy picks virtual hosts: `authority_value`).
 
-    For filters without per-route configuration (credential injector, MCP parser) that must
-    act on one destination's traffic only.
+    For filters without per-route configuration (the MCP parser, its body buffer) that must
+    act on some destinations' traffic only. Not for a filter that adds a secret: a wildcard
+    also matches a name under it that another destination names exactly.
     """
     one_of = matcher_pb2.Matcher.MatcherList.Predicate(
         or_matcher=matcher_pb2.Matcher.MatcherList.Predicate.PredicateList(
@@ -111,8 +113,7 @@ def only_for_authorities(
                 matcher_pb2.Matcher.MatcherList.Predicate(
                     single_predicate=matcher_pb2.Matcher.MatcherList.Predicate.SinglePredicate(
                         input=header_input(":authority"),
-                        # any case, as Envoy picks virtual hosts
-                        value_match=xds_string_pb2.StringMatcher(exact=value, ignore_case=True),
+                        value_match=authority_value(value),
                     )
                 )
                 for value in authorities
@@ -142,6 +143,15 @@ def only_for_authorities(
     return hcm_pb2.HttpFilter(name=name, typed_config=pack(wrapped))
 
 
+def authority_value(authority: str) -> xds_string_pb2.StringMatcher:
+    """Matches what Envoy's virtual host for the domain `authority` matches: in any case, and a
+    wildcard (`*.example.com`, `*.example.com:443`) as a suffix. A name under the wildcard that
+    another destination names exactly matches too (Envoy would pick that destination's host)."""
+    if authority.startswith("*."):
+        return xds_string_pb2.StringMatcher(suffix=authority[1:], ignore_case=True)
+    return xds_string_pb2.StringMatcher(exact=authority, ignore_case=True)
+
+
 def http_listener(
     name: str, host: str, port: int, hcm: hcm_pb2.HttpConnectionManager
 ) -> listener_pb2.Listener:
@@ -167,7 +177,11 @@ def authority_matcher(
 ) -> matcher_pb2.Matcher:
     """Pick by the request's authority: a hash lookup, then (only on a miss) a case-insensitive
     list, because Envoy picks virtual hosts case-insensitively and `Host: Billing.internal`
-    must not reach an allow route while skipping the filter meant for it."""
+    must not reach an allow route while skipping the filter meant for it.
+
+    Exact names only: a wildcard key (`*.example.com`) matches no request. Matching it as a
+    suffix here would also pick it for a name under it that another destination, absent from
+    `table`, names exactly: a credential would then reach that destination's upstream."""
     authority = header_input(":authority")
     any_case = matcher_pb2.Matcher(
         matcher_list=matcher_pb2.Matcher.MatcherList(
