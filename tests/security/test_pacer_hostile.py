@@ -85,12 +85,6 @@ def test_a_spent_request_budget_admits_no_variant(mesh: Mesh) -> None:
     assert len(over) >= 5 and all("agent/sec-spender/daily" in r["reason"] for r in over), over
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="passthrough tunnels are never paced (xds/allowlist.py: no PaceSpec on CONNECT "
-    "routes), so an AgentPolicy's request budget does not count them; allowlist.py is not "
-    "this change's to edit",
-)
 def test_passthrough_tunnels_count_in_the_agents_request_budget(mesh: Mesh) -> None:
     statuses = mesh.agent_python("sec-tunneler", TUNNELS, timeout=120)
     # two tunnels fit the budget of 2 requests a day; the next ones are refused
