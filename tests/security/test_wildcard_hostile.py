@@ -62,9 +62,12 @@ def test_a_wildcard_destination_reads_tool_calls(mesh: Mesh) -> None:
     for name in ("write_file", "write_file chunked", "write_file, two labels"):
         r = seen[name]
         assert r["status"] in (200, 400, 403), (name, r)
+        # two labels under a one-label wildcard: no destination at all
+        refusals = ("unknown_destination",) if "two labels" in name else ()
         assert "refused by meshgate" in str(r["body"]) or r["body"].get("error") in (
             "tool_denied",
             "mcp_unparsed",
+            *refusals,
         ), (name, r)
     reached = {h["headers"].get("x-test-case"): h for h in mcp.hits}
     assert set(reached) == {"read_file", "read_file, upper case host", "tools/list"}, reached
@@ -84,11 +87,6 @@ print(json.dumps({"status": r["status"], "body": r["body"]}))
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="docs/policy.md: a wildcard host is one whole label, but the gateway's virtual host "
-    "domain *.wild.internal (xds/gateway.py, Envoy's suffix wildcard) also takes x.y.wild.internal",
-)
 def test_a_wildcard_stands_for_one_label_only(mesh: Mesh) -> None:
     mcp = mesh.upstreams["mcp"]
     seen: dict[str, Any] = mesh.agent_python("sec-wild", TWO_LABELS, timeout=120)
