@@ -121,7 +121,7 @@ def gateway_resources(
     if paced(grants):
         filters.append(pacer_filter(longest_wait_ms(model)))
     if injecting:
-        filters.append(injector_filter(injecting))
+        filters.append(injector_filter(injecting, model.destinations))
     tool_identity, tool_secrets = (
         tool_identity_resources(model, tool_tokens) if identity and tool_tokens else (None, [])
     )
