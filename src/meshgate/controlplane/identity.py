@@ -347,8 +347,11 @@ class IdentityIssuer:
             key = (agent, dest.name)
             token = held.get(key)
             end = ends.get(agent)
-            capped = end is not None and token is not None and token.expires_at >= end
-            if token is None or (now >= token.renew_at and not capped):
+            # ends with the delegation already (not renewed: it could not last longer), or
+            # outlives it: `end` moved earlier (deleted and re-created shorter), so re-mint now
+            capped = end is not None and token is not None and token.expires_at == end
+            past_end = end is not None and token is not None and token.expires_at > end
+            if token is None or past_end or (now >= token.renew_at and not capped):
                 life = ttl if end is None else min(ttl, end - now)
                 token = self.tool_signer.mint(model.spiffe_id(agent), dest.name, issuer, life)
             fresh[key] = token

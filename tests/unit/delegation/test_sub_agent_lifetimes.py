@@ -93,3 +93,25 @@ def test_a_join_token_never_outlives_its_not_after(tmp_path: Path) -> None:
     assert tokens.verify(token).expires_at == claims.expires_at >= now + 3600
     with pytest.raises(TokenError, match="expire before it is issued"):
         tokens.create("agent/researcher.web-1", 3600, not_after=now - 1)
+
+
+def test_a_tool_jwt_is_re_minted_when_the_delegation_is_re_created_shorter(
+    tmp_path: Path,
+) -> None:
+    """Deleted and re-created with a shorter TTL: the old JWT (ending with the old delegation)
+    must not be kept, or it outlives the new one."""
+    billing = Destination("billing", "billing.internal", 80, tls="none", identity="jwt")
+    m = with_sub((billing,))
+    issuer = IdentityIssuer(tmp_path)
+    key = jwt.PyJWK.from_dict(issuer.tool_signer.jwks()["keys"][0]).key
+    ends = int(time.time()) + 300
+
+    def exp(tokens: dict[tuple[str, str], str]) -> int:
+        claims = jwt.decode(tokens[(SUB, "billing")], key, algorithms=["ES256"], audience="billing")
+        return int(claims["exp"])
+
+    assert exp(issuer.identities(m, {SUB: ends}).tool_tokens) == ends
+    shorter = issuer.identities(m, {SUB: ends - 200}).tool_tokens
+    assert exp(shorter) == ends - 200
+    # the same end again: the capped token is kept (no re-mint each pass)
+    assert issuer.identities(m, {SUB: ends - 200}).tool_tokens == shorter
