@@ -2,9 +2,11 @@
 
 A replica's runtime-inputs loop re-reads the table every second, so a sub-agent created,
 revoked or expired through one replica reaches the others' gateways and sidecars within about a
-second. Creation is one transaction under an advisory lock named after the parent (the same for
-every replica), so two replicas checking `maxSubAgents`, or the same child name, queue instead of
-both succeeding; the primary key refuses a duplicate name regardless. The gateway key is one row
+second. Every write (add, remove_tree, discard) is one transaction that first takes one advisory
+lock shared by every replica (writes are rare): two replicas checking `maxSubAgents`, or the same
+child name, queue instead of both succeeding, and a create that read its parent cannot insert
+after another replica deleted that parent (an orphan a later parent of the same name would
+inherit). The primary key refuses a duplicate name regardless. The gateway key is one row
 inserted once (ON CONFLICT DO NOTHING), so every replica serves the same one.
 
 Connections come from a small pool (`_POOL` idle at most), one per operation: the registry is
@@ -42,7 +44,9 @@ KEYS = "delegation_keys"
 GATEWAY_KEY = "gateway-key"
 _POOL = 4
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-_LOCK_SPACE = "meshgate_delegation"  # advisory locks: (hashtext(space), hashtext(parent))
+# one advisory lock for every writer of every replica (of this schema), held to the end of
+# its transaction
+_WRITE_LOCK = "SELECT pg_advisory_xact_lock(hashtext('meshgate_delegation_writes:' || %s))"
 
 SCHEMA = (
     f"""CREATE TABLE IF NOT EXISTS {TABLE} (
@@ -165,9 +169,7 @@ class PostgresSubAgentStore:
         from psycopg.errors import UniqueViolation
 
         with self._transaction() as conn:
-            conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtext(%s), hashtext(%s))", (_LOCK_SPACE, parent)
-            )
+            conn.execute(_WRITE_LOCK, (self.schema,))
             rows = conn.execute(
                 f"SELECT doc, token_id FROM {TABLE} WHERE parent = %s OR name = %s",
                 (parent, parent),
@@ -199,6 +201,7 @@ class PostgresSubAgentStore:
 
     def remove_tree(self, name: str) -> list[SubAgent]:
         with self._transaction() as conn:
+            conn.execute(_WRITE_LOCK, (self.schema,))
             rows = conn.execute(
                 f"DELETE FROM {TABLE} WHERE name = %s OR starts_with(name, %s)"
                 " RETURNING doc, token_id",
@@ -210,6 +213,7 @@ class PostgresSubAgentStore:
         if not subs:
             return
         with self._transaction() as conn:
+            conn.execute(_WRITE_LOCK, (self.schema,))
             for s in subs:
                 conn.execute(
                     f"DELETE FROM {TABLE} WHERE name = %s AND created_at = %s AND expires_at = %s",

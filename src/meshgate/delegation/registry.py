@@ -175,9 +175,16 @@ class DelegationRegistry:
                 self._seen = ()
             return ()
         expired = [s for s in subs if s.expires_at <= now]
-        result: Expansion = expand(model, [s for s in subs if s.expires_at > now])
+        orphans = orphaned(subs)
+        result: Expansion = expand(
+            model, [s for s in subs if s.expires_at > now and s.name not in orphans]
+        )
         revoked = [(s, why) for s, why in result.revoked if s.created_at <= policy_since]
-        dropped = [(s, "expired") for s in expired] + revoked
+        dropped = [(s, "expired") for s in expired]
+        # whatever the policy: no policy brings a deleted parent back, and a later delegation
+        # of the parent's name must not inherit the child
+        dropped += [(s, orphans[s.name]) for s in subs if s.name in orphans]
+        dropped += revoked
         if dropped:
             try:
                 self.store.discard([s for s, _ in dropped])
@@ -202,6 +209,22 @@ class DelegationRegistry:
             return ()
         log.warning("delegation store: %s; serving the sub-agents it last listed", exc)
         return expand(model, [s for s in seen if s.expires_at > now]).active
+
+
+def orphaned(subs: Sequence[SubAgent]) -> dict[str, str]:
+    """Sub-agents whose parent sub-agent is gone from the store, or is a later delegation of
+    that name (created after the child), and everything below them; with why."""
+    stored = {s.name: s for s in subs}
+    out: dict[str, str] = {}
+    for s in sorted(subs, key=lambda s: names.depth(s.name)):
+        if names.depth(s.name) < 2:
+            continue  # its parent is a policy agent: the policy decides
+        parent = stored.get(s.parent)
+        if parent is None:
+            out[s.name] = f"its parent {s.parent!r} no longer exists"
+        elif s.parent in out or parent.created_at > s.created_at:
+            out[s.name] = f"its parent {s.parent!r} was deleted"
+    return out
 
 
 def describe(sub: SubAgent) -> dict[str, Any]:

@@ -232,3 +232,27 @@ def test_a_sub_agents_rule_draws_from_its_parents_counters(tmp_path: Path, clock
         if r.name.startswith("allow/")
     }
     assert keys == {"sup/alpha/0"}  # one replica bucket for the three agents
+
+
+def test_an_orphan_is_dropped_for_good_whatever_the_policy_age(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """A child whose parent sub-agent was deleted (a create that raced the delete) is dropped
+    at once, even if created after this replica began serving its policy, and the parent
+    re-created with the same grants does not bring it back nor count it."""
+    m = model()
+    reg = DelegationRegistry(tmp_path, clock)
+    reg.current(m)  # serving m since now
+    wide = dataclasses.replace(ask("w", 120), delegation=Delegation(1, 60))
+    reg.create("sup", wide, m)
+    clock.now += 1
+    orphan = reg.create("sup.w", ask("x", 60), expand(m, reg.current(m)).model)
+    reg.store.remove_tree("sup.w")
+    reg.store.add("sup.w", lambda children, own: orphan)  # what the race left behind
+    clock.now += 1
+    assert reg.current(m) == ()
+    reg.create("sup", wide, m)  # the same grants again
+    served = expand(m, reg.current(m)).model
+    assert [s.name for s in reg.current(m)] == ["sup.w"]
+    assert [s.name for s in reg.store.load()] == ["sup.w"]
+    assert reg.create("sup.w", ask("y", 60), served).name == "sup.w.y"  # its maxSubAgents is 1

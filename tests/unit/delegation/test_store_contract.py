@@ -350,3 +350,27 @@ def test_postgres_ignores_an_unreadable_row_not_the_others(tmp_path: Path) -> No
             assert [s.name for s in store.load()] == ["sup.a"]
         finally:
             store.close()
+
+
+def test_a_create_racing_the_parents_delete_leaves_no_orphan(opener: Opener) -> None:
+    """Replica A's `add` reads parent `sup.w`, replica B deletes `sup.w` and its subtree while
+    A decides, then the supervisor re-creates `sup.w`: A's child must not be left behind for
+    the new `sup.w` to inherit (its rights and its maxSubAgents)."""
+    first = opener()
+    other = first if isinstance(first, FileStore) else opener()
+    first.add("sup", adding(sub("sup.w", delegation=Delegation(1, 60))))
+    deciding = threading.Event()
+
+    def slow(children: list[SubAgent], own: SubAgent | None) -> SubAgent:
+        assert own is not None  # the parent, as A read it
+        deciding.set()
+        time.sleep(0.5)
+        return sub("sup.w.x", ttl=60)
+
+    with ThreadPoolExecutor(1) as pool:
+        creating = pool.submit(first.add, "sup.w", slow)
+        assert deciding.wait(5)
+        other.remove_tree("sup.w")
+        creating.result(timeout=10)  # it held the parent: the delete waited, then took it too
+    first.add("sup", adding(sub("sup.w", created=NOW + 5, delegation=Delegation(1, 60))))
+    assert sorted(s.name for s in opener().load()) == ["sup.w"]
