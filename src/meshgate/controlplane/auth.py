@@ -21,6 +21,7 @@ class TokenAuthenticator:
             raise StreamError("UNAUTHENTICATED", "a join token is required (meshgate token create)")
         try:
             claims = self.authority.verify(token.strip())
+            self.authority.check_bound(claims)  # a sub-agent's: only its current delegation's
         except TokenError as exc:
             raise StreamError("UNAUTHENTICATED", str(exc)) from None
         if not subject_allows(claims.subject, node_id):

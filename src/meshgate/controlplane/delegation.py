@@ -4,12 +4,18 @@ Only with mTLS: the endpoint learns who calls from the gateway's verified client
 which exists only then (without it, an identity header proves nothing).
 
 The registry's store is opened in `start()`, in a worker thread (PostgreSQL may take seconds to
-answer), so a bad `--delegation-store` fails the start in one line.
+answer), so a bad `--delegation-store` fails the start in one line. Then a thread of its own
+re-reads the store every `REFRESH_INTERVAL` (`DelegationRegistry.refresh`) and pokes the runtime
+inputs when the list changed: the runtime inputs, and so every policy push, read only what it
+last saw, and never wait on a stalled database. Started, it also binds sub-agents' join tokens
+to their delegations (`TokenAuthority.sub_agent_token`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +26,9 @@ from meshgate.delegation.service import DelegationServer
 from meshgate.delegation.stores import open_store
 from meshgate.identity.tokens import TokenAuthority
 from meshgate.policy.model import PolicyModel
+
+log = logging.getLogger(__name__)
+REFRESH_INTERVAL = 1.0  # seconds between reads of the store (docs/policy.md: "every second")
 
 
 class Delegation:
@@ -53,6 +62,8 @@ class Delegation:
         self.host, self.port = host, port
         self._advertise = advertise
         self._started = False
+        self._stopping = threading.Event()
+        self._refresher: threading.Thread | None = None
 
     def current(self, model: PolicyModel) -> tuple[SubAgent, ...]:
         if not self._started:
@@ -92,11 +103,40 @@ class Delegation:
             await asyncio.to_thread(registry.store.close)
             raise
         self.registry, self.server, self.key = registry, server, registry.key
+        if self._tokens is not None:
+            self._tokens.sub_agent_token = registry.token_of
+        loop = asyncio.get_running_loop()
+        self._stopping.clear()
+        self._refresher = threading.Thread(
+            target=self._refresh, args=(registry, loop), name="delegation-refresh", daemon=True
+        )
+        self._refresher.start()
         self._started = True
+
+    def _refresh(self, registry: DelegationRegistry, loop: asyncio.AbstractEventLoop) -> None:
+        """The refresh thread: a read that hangs holds up only this thread (and the store
+        bounds it: adapters/postgres_delegation.py)."""
+        while not self._stopping.wait(REFRESH_INTERVAL):
+            try:
+                changed = registry.refresh()
+            except Exception:  # a bug here must not end the reads for good
+                log.exception("delegation: refreshing the sub-agents failed")
+                continue
+            if changed and not self._stopping.is_set():
+                try:
+                    loop.call_soon_threadsafe(self._poke)
+                except RuntimeError:  # the loop closed: stopping
+                    return
 
     async def stop(self) -> None:
         if not self._started:
             return
         self._started = False
+        if self._tokens is not None:
+            self._tokens.sub_agent_token = None
+        self._stopping.set()
         await self.server.stop()
+        refresher, self._refresher = self._refresher, None
+        if refresher is not None:
+            await asyncio.to_thread(refresher.join, 10)
         await asyncio.to_thread(self.registry.store.close)

@@ -4,10 +4,14 @@ every control-plane replica reads and writes.
 
 Creating one checks the request against the model being served (`rights.py`, `expand.py`), and
 the store re-checks `maxSubAgents` and the name atomically (another replica may be creating one
-too); the runtime-inputs loop then reads `current`, which re-reads the store and drops the
-expired and those the served policy no longer allows (for good: a parent regaining a right does
-not bring them back). Blocking I/O: call from a worker thread, except `all()`, which answers from
-what the last read saw (status pages call it from the event loop).
+too). `refresh` re-reads the store (its own thread, `controlplane/delegation.py`, every second);
+`current`, which the runtime inputs call for every policy change, answers from what it last read
+and never waits on the store (a stalled database must not hold up a policy change, least of all
+one removing rights): it leaves out the expired and those the served policy no longer allows,
+and the next `refresh` deletes them for good (a parent regaining a right does not bring them
+back). Past `STALE_LIMIT` since the last successful read, it serves none (fail closed). Blocking
+I/O (`create`, `delete`, `children`, `refresh`): call from a worker thread; `current`, `all` and
+`token_of` do none.
 """
 
 from __future__ import annotations
@@ -38,9 +42,12 @@ from meshgate.delegation.stores import (
 from meshgate.policy.model import Delegation, PolicyModel
 
 log = logging.getLogger(__name__)
-# How long `current` keeps serving what it last read while the store does not answer (a
-# database restart); past that, no sub-agent is served until it answers again (fail closed).
+# How long after the last successful read `current` keeps serving what it read while the store
+# does not answer (a database restart); past that, no sub-agent is served until it answers again
+# (fail closed).
 STALE_LIMIT = 30.0
+
+_Key = tuple[str, int, int]  # one delegation: (name, created_at, expires_at)
 
 
 @dataclass(frozen=True)
@@ -61,16 +68,23 @@ class DelegationRegistry:
         )
         self._clock = clock
         self._lock = threading.Lock()  # guards the fields below; never held across I/O
-        self._seen: tuple[SubAgent, ...] = tuple(self.store.load())  # what the last read saw
-        self._failing_since: float | None = None
+        # what the last read saw, less what was deleted or dropped since
+        self._seen: dict[str, SubAgent] = {s.name: s for s in self.store.load()}
+        self._read_at = clock()  # of the last successful read
+        self._writes = 0  # creates and deletes here: a read that overlapped one is redone
+        self._dropped: dict[_Key, SubAgent] = {}  # left out by `current`; `refresh` deletes them
+        self._stale = False
         self._policy: tuple[str, float] | None = None  # (version, since when it is served)
         self.key = self.store.gateway_key()
 
     # -- what the service calls ----------------------------------------------------------------
 
-    def create(self, caller: str, request: Request, model: PolicyModel) -> SubAgent:
+    def create(
+        self, caller: str, request: Request, model: PolicyModel, token_id: str = ""
+    ) -> SubAgent:
         """Check `request` from `caller` against the served `model` (already expanded with the
-        current sub-agents) and keep the new sub-agent; DelegationError says why not."""
+        current sub-agents) and keep the new sub-agent, with the id of the join token about to
+        be issued for it; DelegationError says why not."""
         if not names.is_label(request.name):
             raise DelegationError(
                 f"name {request.name!r}: a DNS label (a-z, 0-9, '-', at most 63 chars)"
@@ -113,17 +127,26 @@ class DelegationRegistry:
                 if own is None or own.expires_at <= now:
                     raise DelegationError(f"{caller!r} itself is no longer delegated")
                 expires = min(expires, own.expires_at)  # never outlives its parent
-            sub = SubAgent(name, request.grants, prints, now, expires, delegation)
+            sub = SubAgent(name, request.grants, prints, now, expires, delegation, token_id)
             derive(sub, {caller: rules_of_parent}, {}, {})  # the check every build makes
             return sub
 
         sub = self.store.add(caller, make)
         with self._lock:
-            self._seen = (*self._seen, sub)
+            self._seen[sub.name] = sub
+            self._writes += 1
         return sub
 
     def set_token(self, sub: SubAgent, token_id: str) -> None:
         self.store.set_token(sub, token_id)
+
+    def discard(self, sub: SubAgent) -> None:
+        """Undo a create whose join token could not be issued."""
+        self.store.discard([sub])
+        with self._lock:
+            if self._seen.get(sub.name) == sub:
+                del self._seen[sub.name]
+            self._writes += 1
 
     def delete(self, caller: str, name: str) -> list[SubAgent]:
         """Remove `caller`'s sub-agent `name` and everything below it; the removed ones."""
@@ -131,9 +154,10 @@ class DelegationRegistry:
         gone = self.store.remove_tree(full)
         if not gone:
             raise DelegationError(f"{caller!r} has no sub-agent {name!r}")
-        names_gone = {s.name for s in gone}
         with self._lock:
-            self._seen = tuple(s for s in self._seen if s.name not in names_gone)
+            for s in gone:
+                self._seen.pop(s.name, None)
+            self._writes += 1
         return sorted(gone, key=lambda s: s.name)
 
     def children(self, caller: str) -> list[SubAgent]:
@@ -147,32 +171,85 @@ class DelegationRegistry:
     def all(self) -> list[SubAgent]:
         """What the last read of the store saw (no I/O: status reads it on the event loop)."""
         with self._lock:
-            return sorted(self._seen, key=lambda s: s.name)
+            subs = [s for s in self._seen.values() if _key(s) not in self._dropped]
+        return sorted(subs, key=lambda s: s.name)
+
+    def token_of(self, name: str) -> str | None:
+        """The join token id stored with sub-agent `name`, None when there is none now (as the
+        last read saw it: no I/O, called for every xDS stream a sub-agent opens)."""
+        now = self._clock()
+        with self._lock:
+            sub = self._seen.get(name)
+            if sub is None or sub.expires_at <= now or _key(sub) in self._dropped:
+                return None
+            if now - self._read_at >= STALE_LIMIT:
+                return None  # served as none: nor is it let in
+            return sub.token_id
+
+    # -- the refresh thread ---------------------------------------------------------------------
+
+    def refresh(self) -> bool:
+        """Delete what `current` dropped, then re-read the store (blocking: the refresh thread).
+        True when what it lists changed; a store that does not answer is logged, not raised."""
+        with self._lock:
+            dropped = list(self._dropped.values())
+        if dropped:
+            try:
+                self.store.discard(dropped)
+            except DelegationStoreError as exc:  # left out meanwhile; retried next time
+                log.warning("delegation store: could not drop sub-agents: %s", exc)
+            else:
+                with self._lock:
+                    for s in dropped:
+                        self._dropped.pop(_key(s), None)
+                        if s.name in self._seen and _key(self._seen[s.name]) == _key(s):
+                            del self._seen[s.name]
+        for _ in range(3):  # a create or delete here during the read: read again
+            with self._lock:
+                writes = self._writes
+            try:
+                subs = self.store.load()
+            except DelegationStoreError as exc:
+                log.warning("delegation store: %s; serving the sub-agents it last listed", exc)
+                return False
+            now = self._clock()
+            with self._lock:
+                if self._writes != writes:
+                    continue
+                before = self._seen
+                self._seen = {s.name: s for s in subs}
+                self._read_at = now
+                if self._stale:
+                    log.info("delegation store answers again: serving its sub-agents")
+                self._stale = False
+                return self._seen != before
+        return True  # busy with writes: the next refresh reads again
 
     # -- what runtime inputs read ---------------------------------------------------------------
 
     def current(self, model: PolicyModel) -> tuple[SubAgent, ...]:
-        """The sub-agents `model` (the policy as written) still allows, now; the rest are
-        dropped for good, with a log line saying why.
+        """The sub-agents `model` (the policy as written) still allows, now, from what the last
+        read saw (no I/O); the rest are dropped for good, with a log line saying why.
 
         With replicas, another one may serve a newer (or older) policy for a moment, so a
         sub-agent this policy does not allow is dropped for good only if it was created after
         this replica began serving it; a younger one is only left out until this replica serves
-        the policy it was created under."""
+        the policy it was created under. A sub-agent whose parent sub-agent was deleted is
+        dropped whatever the policy."""
         now = self._clock()
         with self._lock:
             if self._policy is None or self._policy[0] != model.version:
                 self._policy = (model.version, now)
             policy_since = self._policy[1]
-        try:
-            subs = self.store.load()
-        except DelegationStoreError as exc:
-            return self._unanswered(model, now, exc)
-        with self._lock:
-            self._failing_since = None
-        if not subs:  # the common case, every second: no work proportional to the policy
-            with self._lock:
-                self._seen = ()
+            subs = [s for s in self._seen.values() if _key(s) not in self._dropped]
+            stale = now - self._read_at >= STALE_LIMIT
+            if stale and not self._stale:
+                log.error(
+                    "delegation store: no answer for %.0fs; serving no sub-agents until it answers",
+                    now - self._read_at,
+                )
+            self._stale = stale
+        if stale or not subs:  # the common case, every second: no work proportional to policy
             return ()
         expired = [s for s in subs if s.expires_at <= now]
         orphans = orphaned(subs)
@@ -186,29 +263,16 @@ class DelegationRegistry:
         dropped += [(s, orphans[s.name]) for s in subs if s.name in orphans]
         dropped += revoked
         if dropped:
-            try:
-                self.store.discard([s for s, _ in dropped])
-            except DelegationStoreError as exc:  # served without them anyway; retried next time
-                log.warning("delegation store: could not drop sub-agents: %s", exc)
-            else:
-                for s, why in dropped:
-                    log.info("sub-agent %s revoked: %s", s.name, why)
-        gone = {s.name for s, _ in dropped}
-        with self._lock:
-            self._seen = tuple(s for s in subs if s.name not in gone)
+            with self._lock:
+                for s, _ in dropped:
+                    self._dropped[_key(s)] = s
+            for s, why in dropped:
+                log.info("sub-agent %s revoked: %s", s.name, why)
         return result.active
 
-    def _unanswered(
-        self, model: PolicyModel, now: float, exc: DelegationStoreError
-    ) -> tuple[SubAgent, ...]:
-        with self._lock:
-            since = self._failing_since = self._failing_since or now
-            seen = self._seen
-        if now - since >= STALE_LIMIT:
-            log.error("delegation store: %s; serving no sub-agents until it answers", exc)
-            return ()
-        log.warning("delegation store: %s; serving the sub-agents it last listed", exc)
-        return expand(model, [s for s in seen if s.expires_at > now]).active
+
+def _key(sub: SubAgent) -> _Key:
+    return (sub.name, sub.created_at, sub.expires_at)
 
 
 def orphaned(subs: Sequence[SubAgent]) -> dict[str, str]:

@@ -7,18 +7,27 @@ only gateways hold (`expand.KEY_HEADER`, an SDS secret). So this endpoint knows 
 the certificate, never from anything the agent set: a request without the key (not through a
 gateway) is refused. Only the caller's own sub-agents can be created, listed or deleted.
 
-Blocking work (the registry's store, signing a join token) runs in worker threads. A store that
-does not answer (PostgreSQL down) is a 503 `store_unavailable`: nothing was created or deleted.
+Blocking work runs in worker threads: signing a join token in the default executor, the
+registry's store in a small pool of its own with a timeout, so a stalled database cannot take
+every thread the control plane's other work needs. A store that does not answer (PostgreSQL
+down) is a 503 `store_unavailable`: nothing was created or deleted (after a timeout, a write the
+database finishes later may still land: a create then lists, and can be deleted, like any).
+
+A sub-agent is stored with the id of its join token before the token is signed: the control
+plane accepts a sub-agent's token only while its delegation holds that id (identity/tokens.py),
+so a token that could not be signed leaves no sub-agent behind (it is discarded, 503).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import logging
 from collections.abc import Callable
-from typing import Annotated, Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -32,13 +41,17 @@ from meshgate.durations import DurationError
 from meshgate.http_listen import listen
 from meshgate.identity.ca import IdentityError
 from meshgate.identity.certs import parse_spiffe_id
-from meshgate.identity.tokens import TokenAuthority
+from meshgate.identity.tokens import TokenAuthority, TokenError, new_token_id
 from meshgate.policy.delegation import ttl_seconds
 from meshgate.policy.model import Delegation, PolicyModel, agent_spiffe_id
 
 log = logging.getLogger(__name__)
 AGENT_HEADER = "x-meshgate-agent"  # xds.allowlist.AGENT_HEADER (the gateway sets it)
 MAX_BODY = 64 * 1024
+STORE_THREADS = 4  # store calls at once; more wait for one, within STORE_TIMEOUT
+# past the store's own timeouts (adapters/postgres_delegation.py: about 5 s): a backstop
+STORE_TIMEOUT = 15.0
+T = TypeVar("T")
 
 
 class _Doc(BaseModel):
@@ -109,6 +122,7 @@ class DelegationServer:
         self.port = port
         self._key = hashlib.sha256(registry.key.encode()).digest()
         self._runner: web.AppRunner | None = None
+        self._store_pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="delegation-store")
         app = web.Application(client_max_size=MAX_BODY)
         app.router.add_post("/v1/sub-agents", self.create)
         app.router.add_get("/v1/sub-agents", self.list)
@@ -122,6 +136,16 @@ class DelegationServer:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+        self._store_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _store(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in the store's own threads; DelegationStoreError past STORE_TIMEOUT."""
+        loop = asyncio.get_running_loop()
+        call = loop.run_in_executor(self._store_pool, functools.partial(fn, *args))
+        try:
+            return await asyncio.wait_for(call, STORE_TIMEOUT)
+        except TimeoutError:
+            raise DelegationStoreError(f"no answer in {STORE_TIMEOUT:.0f}s") from None
 
     # -- who is asking ----------------------------------------------------------------------
 
@@ -151,7 +175,8 @@ class DelegationServer:
             except ValueError:
                 raise _Refused(400, "bad_request", "the body is not JSON") from None
             ask = parse_request(body)
-            sub = await asyncio.to_thread(self.registry.create, caller, ask, model)
+            token_id = new_token_id() if self.tokens is not None else ""
+            sub = await self._store(self.registry.create, caller, ask, model, token_id)
         except _Refused as r:
             return r.response()
         except DelegationStoreError as exc:
@@ -164,14 +189,23 @@ class DelegationServer:
         if self.tokens is not None:
             tokens = self.tokens
             ttl = max(1, sub.expires_at - sub.created_at)
-            # never valid past the delegation, however long signing took
-            token, claims = await asyncio.to_thread(
-                tokens.create, f"agent/{sub.name}", ttl, not_after=sub.expires_at
-            )
-            try:
-                await asyncio.to_thread(self.registry.set_token, sub, claims.token_id)
-            except DelegationStoreError as exc:  # it exists, but could not be revoked by id
-                log.warning("delegation: %s: token id not recorded: %s", sub.name, exc)
+            try:  # never valid past the delegation, however long signing took
+                token, _ = await asyncio.to_thread(
+                    tokens.create,
+                    f"agent/{sub.name}",
+                    ttl,
+                    not_after=sub.expires_at,
+                    token_id=token_id,
+                )
+            except TokenError as exc:
+                log.error("delegation: %s: no join token (%s): discarded", sub.name, exc)
+                try:
+                    await self._store(self.registry.discard, sub)
+                except DelegationStoreError as gone:  # it lists, holds no token, and expires
+                    log.error("delegation: %s: not discarded: %s", sub.name, gone)
+                return _Refused(
+                    503, "token_unavailable", "no join token could be issued"
+                ).response()
         self.poke()
         log.info("delegation: %s created sub-agent %s until %s", caller, sub.name, sub.expires_at)
         out = describe(sub)
@@ -185,7 +219,7 @@ class DelegationServer:
         except _Refused as r:
             return r.response()
         try:
-            subs = await asyncio.to_thread(self.registry.children, caller)
+            subs = await self._store(self.registry.children, caller)
         except DelegationStoreError as exc:
             return _unavailable(exc)
         return web.json_response({"agent": caller, "sub_agents": [describe(s) for s in subs]})
@@ -196,7 +230,7 @@ class DelegationServer:
             name = request.match_info["name"]
             if not names.is_label(name):
                 raise _Refused(400, "bad_request", f"{name!r} is not a sub-agent name")
-            gone = await asyncio.to_thread(self.registry.delete, caller, name)
+            gone = await self._store(self.registry.delete, caller, name)
         except _Refused as r:
             return r.response()
         except DelegationStoreError as exc:
@@ -208,8 +242,8 @@ class DelegationServer:
                 if sub.token_id:
                     try:
                         await asyncio.to_thread(self.tokens.revoke, sub.token_id)
-                    except OSError as exc:  # read-only revocation list (a ConfigMap): the
-                        # sub-agent is gone from every replica's config regardless
+                    except (OSError, TokenError) as exc:  # read-only revocation list (a
+                        # ConfigMap): its token is refused anyway, the sub-agent being gone
                         log.warning("delegation: token of %s not revoked: %s", sub.name, exc)
         self.poke()
         return web.json_response({"deleted": [s.name for s in gone]})

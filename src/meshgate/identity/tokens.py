@@ -3,6 +3,12 @@
 Signed JWTs (EdDSA) from a key that lives only in the control plane's state directory. The
 audience and expiry are checked, revoked token ids are refused, and the subject names the node
 (`agent/<name>` or `gateway/<name>`) so a token cannot be used for another node.
+
+A sub-agent's token (`agent/<parent>.<child>`) is also bound to its delegation: it is accepted
+only while that sub-agent exists and its stored `token_id` is this token's (`sub_agent_token`,
+set by the control plane's delegation), so deleting a sub-agent ends its token on every replica
+(revoked.json may be read-only, and is per replica), and a later sub-agent of the same name is
+not reachable with it.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,19 +50,28 @@ class TokenAuthority:
         self._key = _load_or_create_key(self.directory / "signing-key.pem")
         self._public: Ed25519PublicKey = self._key.public_key()
         self._revoked: tuple[tuple[int, int], frozenset[str]] | None = None  # (mtime, size), ids
+        # sub-agent name -> the token id its current delegation was issued (None: no such
+        # sub-agent); no I/O (called per stream). None: no delegation here, no sub-agent token
+        self.sub_agent_token: Callable[[str], str | None] | None = None
 
     def create(
-        self, subject: str, ttl_seconds: int, *, not_after: int | None = None
+        self,
+        subject: str,
+        ttl_seconds: int,
+        *,
+        not_after: int | None = None,
+        token_id: str | None = None,
     ) -> tuple[str, TokenClaims]:
         """A token for `subject`, valid `ttl_seconds` and never past `not_after` (unix seconds:
-        a sub-agent's token ends with its delegation)."""
+        a sub-agent's token ends with its delegation); `token_id` as stored with a sub-agent
+        before its token is signed (`new_token_id`)."""
         if ttl_seconds <= 0:
             raise TokenError("token lifetime must be positive")
         now = int(time.time())
         expires = now + ttl_seconds if not_after is None else min(now + ttl_seconds, not_after)
         if expires <= now:
             raise TokenError("token would expire before it is issued")
-        claims = TokenClaims(subject, uuid.uuid4().hex, expires)
+        claims = TokenClaims(subject, token_id or new_token_id(), expires)
         token = jwt.encode(
             {
                 "iss": ISSUER,
@@ -93,6 +109,24 @@ class TokenAuthority:
             raise TokenError(f"token {claims.token_id} was revoked")
         return claims
 
+    def check_bound(self, claims: TokenClaims) -> None:
+        """TokenError unless a sub-agent's token is the one of its current delegation (other
+        subjects pass)."""
+        name = claims.subject.removeprefix("agent/")
+        if name == claims.subject or "." not in name:
+            return
+        lookup = self.sub_agent_token
+        if lookup is None:
+            raise TokenError(f"{claims.subject} is a sub-agent: delegation is off here")
+        stored = lookup(name)
+        if stored is None:
+            raise TokenError(f"sub-agent {name} no longer exists (deleted, expired or revoked)")
+        if not stored or stored != claims.token_id:
+            raise TokenError(
+                f"token {claims.token_id} is not the one issued for sub-agent {name}'s current "
+                "delegation"
+            )
+
     def revoke(self, token_id: str) -> None:
         revoked = self.revoked() | {token_id}
         path = self.directory / "revoked.json"
@@ -113,6 +147,10 @@ class TokenAuthority:
             return set()
         except (OSError, ValueError) as exc:
             raise TokenError(f"{path}: unreadable ({exc})") from None
+
+
+def new_token_id() -> str:
+    return uuid.uuid4().hex
 
 
 def subject_allows(subject: str, node_id: str) -> bool:

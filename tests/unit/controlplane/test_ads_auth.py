@@ -120,3 +120,47 @@ def test_signing_key_is_private(tmp_path: Path) -> None:
     # loading again uses the same key: tokens survive a restart
     token, _ = TokenAuthority(tmp_path).create("gateway/a", 60)
     assert TokenAuthority(tmp_path).verify(token).subject == "gateway/a"
+
+
+def test_a_sub_agents_token_holds_only_for_its_current_delegation(tmp_path: Path) -> None:
+    """Deleted through another replica (whose revocation list this one never sees, or which
+    is read-only) and re-created under the same name: the old holder's token, still unexpired,
+    must not pass as the new sub-agent; the new one's token does."""
+    from meshgate.controlplane.streams import StreamError
+    from meshgate.delegation.registry import DelegationRegistry, Request
+    from meshgate.delegation.rights import RuleGrant
+    from meshgate.identity.tokens import new_token_id
+    from meshgate.policy.model import AgentPolicy, Delegation, EgressRule
+
+    base = model("v1")
+    rule = EgressRule(base.destinations[0].name)
+    sup = AgentPolicy("sup", "sup", (rule,), delegation=Delegation(2, 600))
+    m = model("v1", base.destinations, agents=(sup,))
+    authority = TokenAuthority(tmp_path)
+    authenticate = TokenAuthenticator(authority)
+    registry = DelegationRegistry(tmp_path, time.time)
+
+    def delegate() -> str:
+        token_id = new_token_id()
+        registry.create("sup", Request("w", 300, (RuleGrant(0),)), m, token_id)
+        return authority.create("agent/sup.w", 300, token_id=token_id)[0]
+
+    def check(token: str) -> str:
+        return authenticate("agent/sup.w/pod-1", {"authorization": f"Bearer {token}"}, "peer")
+
+    old = delegate()
+    with pytest.raises(StreamError, match="delegation is off here"):
+        check(old)  # no registry bound: no sub-agent token passes
+    authority.sub_agent_token = registry.token_of
+    assert check(old) == "agent/sup.w"
+    registry.delete("sup", "w")  # no revoke(): as on another replica
+    with pytest.raises(StreamError, match=r"sub-agent sup\.w no longer exists"):
+        check(old)
+    new = delegate()
+    with pytest.raises(StreamError, match=r"not the one issued for sub-agent sup\.w"):
+        check(old)
+    assert check(new) == "agent/sup.w"
+    # a policy agent's token is not bound to anything
+    assert authenticate(
+        "agent/sup", {"authorization": f"Bearer {authority.create('agent/sup', 60)[0]}"}, "p"
+    )

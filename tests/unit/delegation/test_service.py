@@ -68,6 +68,8 @@ async def test_create_list_delete(server: DelegationServer) -> None:
         assert server.tokens is not None
         claims = server.tokens.verify(body["join_token"])
         assert claims.subject == "agent/sup.web-1"
+        # stored with the delegation: what the control plane accepts the token by
+        assert server.registry.token_of("sup.web-1") == claims.token_id
         # another agent neither sees nor deletes it
         r = await c.get(base, headers=as_agent("other", key))
         assert r.json() == {"agent": "other", "sub_agents": []}
@@ -170,8 +172,36 @@ def test_an_unanswering_store_serves_the_last_list_briefly_then_none(tmp_path: P
     assert [s.name for s in registry.current(MODEL)] == ["sup.web-1"]
     store.down = True
     now[0] += 10
+    assert registry.refresh() is False
     assert [s.name for s in registry.current(MODEL)] == ["sup.web-1"]  # a database restart
-    now[0] += STALE_LIMIT
+    now[0] += STALE_LIMIT - 10 - 1
+    assert [s.name for s in registry.current(MODEL)] == ["sup.web-1"]
+    now[0] += 1  # STALE_LIMIT since the last successful read, however often it was tried
+    assert registry.refresh() is False
     assert registry.current(MODEL) == ()  # too long: fail closed
+    assert registry.token_of("sup.web-1") is None
     store.down = False
+    assert registry.refresh() is False  # the same list as before
     assert [s.name for s in registry.current(MODEL)] == ["sup.web-1"]  # never deleted
+
+
+async def test_a_join_token_that_cannot_be_issued_fails_the_create(
+    server: DelegationServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No sub-agent left behind whose token nobody holds (it would take a maxSubAgents slot
+    and could never be matched or revoked): 503, and it is gone."""
+    assert server.tokens is not None
+
+    def broken(*args: object, **kw: object) -> object:
+        raise TokenError("tokens/signing-key.pem: unreadable")
+
+    monkeypatch.setattr(server.tokens, "create", broken)
+    async with httpx.AsyncClient(timeout=10) as c:
+        r = await c.post(
+            f"http://127.0.0.1:{server.port}/v1/sub-agents",
+            json=ASK,
+            headers=as_agent("sup", server.registry.key),
+        )
+    assert r.status_code == 503, r.text
+    assert r.json()["error"] == "token_unavailable"
+    assert server.registry.all() == [] and server.registry.store.load() == []

@@ -175,6 +175,7 @@ def test_registries_on_one_store_see_each_others_sub_agents(opener: Opener) -> N
     a = DelegationRegistry(opener(), clock)
     b = DelegationRegistry(replica(opener, a), clock)
     a.create("sup", ask("web-1", 60), MODEL)
+    assert b.refresh() is True  # the refresh thread's read, every second
     assert [s.name for s in b.current(MODEL)] == ["sup.web-1"]
     assert [s.name for s in b.children("sup")] == ["sup.web-1"]
     assert b.key == a.key
@@ -185,10 +186,14 @@ def test_registries_on_one_store_see_each_others_sub_agents(opener: Opener) -> N
         a.create("sup", ask("web-3"), MODEL)
     # revoked through b: gone for a too
     assert [s.name for s in b.delete("sup", "web-1")] == ["sup.web-1"]
+    a.refresh()
     assert [s.name for s in a.current(MODEL)] == ["sup.web-2"]
     # expired: dropped for everyone, by whichever reads first
     clock.now += 301
+    b.refresh()  # the refresh thread reads every second (the clock jumped)
     assert b.current(MODEL) == ()
+    b.refresh()
+    a.refresh()
     assert a.store.load() == [] and a.current(MODEL) == () and a.all() == []
 
 
@@ -216,7 +221,9 @@ def test_a_policy_another_replica_does_not_serve_yet_drops_nothing_for_good(
     clock.now += 5
     a.current(MODEL)
     a.create("sup", ask("web-1"), MODEL)
+    b.refresh()
     assert b.current(old) == ()
+    b.refresh()
     assert [s.name for s in a.store.load()] == ["sup.web-1"]
     assert [s.name for s in b.current(MODEL)] == ["sup.web-1"]
 
