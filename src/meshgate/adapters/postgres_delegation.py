@@ -1,18 +1,22 @@
 """Sub-agents in PostgreSQL (psycopg 3): one registry for every control-plane replica.
 
-A replica's runtime-inputs loop re-reads the table every second, so a sub-agent created,
-revoked or expired through one replica reaches the others' gateways and sidecars within about a
-second. Every write (add, remove_tree, discard) is one transaction that first takes one advisory
-lock shared by every replica (writes are rare): two replicas checking `maxSubAgents`, or the same
-child name, queue instead of both succeeding, and a create that read its parent cannot insert
-after another replica deleted that parent (an orphan a later parent of the same name would
-inherit). The primary key refuses a duplicate name regardless. The gateway key is one row
-inserted once (ON CONFLICT DO NOTHING), so every replica serves the same one.
+A replica's refresh thread (controlplane/delegation.py) re-reads the table every second, so a
+sub-agent created, revoked or expired through one replica reaches the others' gateways and sidecars
+within about a second. Every write (add, remove_tree, discard) is one transaction that first takes
+one advisory lock shared by every replica (writes are rare): two replicas checking `maxSubAgents`,
+or the same child name, queue instead of both succeeding, and a create that read its parent cannot
+insert after another replica deleted that parent (an orphan a later parent of the same name would
+inherit). The primary key refuses a duplicate name regardless. The gateway key is one row inserted
+once (ON CONFLICT DO NOTHING), so every replica serves the same one.
 
 Connections come from a small pool (`_POOL` idle at most), one per operation: the registry is
 called from several worker threads and a psycopg transaction must not be shared; no Python lock
-is held while the database answers. Tables live in a schema (default `meshgate_delegation`),
-named like the audit store's (`?schema=` in the URL).
+is held while the database answers. A database that stops answering must not hold a thread for
+the kernel's ~15 minutes: connections are made with `CONNECT` (connect, statement and TCP
+timeouts, keepalives) unless the URL sets them, and a watchdog shuts the socket of an operation
+still waiting after `OPERATION_TIMEOUT` (a server, or a proxy in front of it, that acknowledges
+and then goes silent defeats every timeout the kernel and the server keep). Tables live in a
+schema (default `meshgate_delegation`), named like the audit store's (`?schema=` in the URL).
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import queue
 import re
+import socket
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -43,6 +50,17 @@ TABLE = "delegation_sub_agents"
 KEYS = "delegation_keys"
 GATEWAY_KEY = "gateway-key"
 _POOL = 4
+# libpq parameters, unless the URL sets its own
+CONNECT: dict[str, str | int] = {
+    "connect_timeout": 3,
+    "options": "-c statement_timeout=3000",
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 2,
+    "tcp_user_timeout": 5000,
+}
+OPERATION_TIMEOUT = 6.0  # seconds an operation may wait on the database, whatever it waits for
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 # one advisory lock for every writer of every replica (of this schema), held to the end of
 # its transaction
@@ -110,9 +128,12 @@ class PostgresSubAgentStore:
 
     def _connect(self) -> Any:
         import psycopg
+        from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
         try:
-            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+            given = conninfo_to_dict(self.url)
+            params = {k: v for k, v in CONNECT.items() if k not in given}
+            conn = psycopg.connect(make_conninfo(self.url, **params), autocommit=True)
         except psycopg.Error as exc:
             raise DelegationStoreError(f"{_where(self.url)}: {_one_line(exc)}") from None
         try:
@@ -125,29 +146,36 @@ class PostgresSubAgentStore:
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[Any]:
         """A connection of its own for one transaction; DelegationStoreError if the database
-        fails (a broken connection is dropped, the next call opens another)."""
+        fails or does not answer within OPERATION_TIMEOUT (a broken connection is dropped, the
+        next call opens another)."""
         try:
             conn = self._idle.get_nowait()
         except queue.Empty:
             conn = self._connect()
+        watchdog = _Watchdog(conn)
         try:
             with conn.transaction():
                 yield conn
         except self._error as exc:
+            stalled = watchdog.stop()
             conn.close()
             self.close()  # after a server restart every idle connection is broken too
+            if stalled:
+                raise Stalled(
+                    f"delegation store {_where(self.url)}: no answer in {OPERATION_TIMEOUT:.0f}s"
+                ) from None
             raise DelegationStoreError(
                 f"delegation store {_where(self.url)}: {_one_line(exc)}"
             ) from None
         except BaseException:
-            if conn.broken:
+            if watchdog.stop() or conn.broken:
                 conn.close()
             elif self._idle.qsize() < _POOL:
                 self._idle.put(conn)
             else:
                 conn.close()
             raise
-        if conn.broken or self._idle.qsize() >= _POOL:
+        if watchdog.stop() or conn.broken or self._idle.qsize() >= _POOL:
             conn.close()
         else:
             self._idle.put(conn)
@@ -157,6 +185,8 @@ class PostgresSubAgentStore:
     def load(self) -> list[SubAgent]:
         try:
             rows = self._rows()
+        except Stalled:
+            raise  # once is enough to wait
         except DelegationStoreError:  # a connection the server dropped: once more, afresh
             rows = self._rows()
         return _readable(rows)
@@ -229,6 +259,43 @@ class PostgresSubAgentStore:
                 self._idle.get_nowait().close()
             except queue.Empty:
                 return
+
+
+class Stalled(DelegationStoreError):
+    """The database did not answer within OPERATION_TIMEOUT."""
+
+
+class _Watchdog:
+    """Shuts down `conn`'s socket if the operation is still running after OPERATION_TIMEOUT:
+    libpq's wait then ends with an error instead of waiting for the kernel to give up."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+        self._done = False
+        self.fired = False
+        self._timer = threading.Timer(OPERATION_TIMEOUT, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self.fired = True
+            try:
+                fd = os.dup(self._conn.pgconn.socket)
+            except Exception:  # closed meanwhile: nothing to wake
+                return
+        with socket.socket(fileno=fd) as sock, contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)  # the connection, not just this descriptor
+
+    def stop(self) -> bool:
+        """The operation ended; True when the watchdog had fired (the connection is useless)."""
+        self._timer.cancel()
+        with self._lock:
+            self._done = True
+            return self.fired
 
 
 def _doc(sub: SubAgent) -> str:
