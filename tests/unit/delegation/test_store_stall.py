@@ -23,10 +23,11 @@ from meshgate.controlplane.pipeline import CompiledPolicy
 from meshgate.controlplane.runtime_inputs import RuntimeInputs
 from meshgate.controlplane.secrets import EnvSecrets
 from meshgate.delegation.expand import KEY_HEADER
-from meshgate.delegation.registry import Request
+from meshgate.delegation.registry import DelegationRegistry, Request
 from meshgate.delegation.rights import RuleGrant
 from meshgate.delegation.service import AGENT_HEADER
 from meshgate.delegation.stores import DelegationStoreError, open_store
+from meshgate.identity.tokens import TokenAuthority
 from meshgate.policy.model import (
     AgentPolicy,
     Destination,
@@ -171,3 +172,38 @@ async def test_policy_pushes_do_not_wait_on_a_silent_database(tmp_path: Path) ->
         finally:
             proxy.close()
             await delegation.stop()
+
+
+async def test_the_refresh_thread_picks_up_another_replicas_create_and_binds_tokens(
+    tmp_path: Path,
+) -> None:
+    with pg_schema() as url:
+        pokes: list[float] = []
+        tokens = TokenAuthority(tmp_path)
+        delegation = Delegation(
+            tmp_path,
+            lambda: MODEL,
+            tokens,
+            lambda: pokes.append(time.monotonic()),
+            "127.0.0.1",
+            0,
+            store=url,
+        )
+        await delegation.start()
+        other = open_store(url, tmp_path)
+        try:
+            assert tokens.sub_agent_token == delegation.registry.token_of
+            replica = DelegationRegistry(other, time.time)
+            await asyncio.to_thread(
+                replica.create, "sup", Request("web-1", 300, (RuleGrant(0),)), MODEL, "tok-1"
+            )
+            deadline = time.monotonic() + 5
+            while not pokes and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert pokes, "the refresh thread did not poke the runtime inputs"
+            assert [s.name for s in delegation.sub_agents()] == ["sup.web-1"]
+            assert delegation.registry.token_of("sup.web-1") == "tok-1"
+        finally:
+            other.close()
+            await delegation.stop()
+        assert tokens.sub_agent_token is None  # stopped: no sub-agent token passes
