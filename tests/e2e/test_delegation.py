@@ -9,12 +9,16 @@ import os
 import sys
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
-from builders import free_port
+from builders import AdsClient, free_port
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2
 from harness import audit_records, control_plane, gateway, until, upstream, write_policy
 
 from meshgate.delegation.expand import KEY_HEADER
+from meshgate.xds import types
 
 pytestmark = pytest.mark.e2e
 
@@ -262,6 +266,23 @@ async def test_supervisor_delegates_a_narrower_sub_agent(tmp_path: Path) -> None
             )
             await until(lambda: not served_subs(), 10, "sub-agents revoked")
             assert cp.delegation.registry.all() == []
+            # and its join token (unexpired, never in revoked.json) joins no more
+            detail = await xds_refusal(cp.xds_address, created[1]["join_token"])
+            gone = "sub-agent supervisor.web-1 no longer exists (deleted, expired or revoked)"
+            assert detail == gone
+
+
+async def xds_refusal(address: str, token: str) -> str:
+    client = AdsClient(address, metadata=(("authorization", f"Bearer {token}"),))
+    node = base_pb2.Node(id="agent/supervisor.web-1/pod-1")
+    client.send(discovery_pb2.DiscoveryRequest(node=node, type_url=types.CLUSTER))
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.recv()
+    finally:
+        await client.close()
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    return err.value.details() or ""
 
 
 BUDGET_AGENTS = """\
