@@ -67,7 +67,10 @@ class DelegationSource(Protocol):
 
     key: str  # what gateways inject so the endpoint knows a request came through one
 
-    def current(self, model: PolicyModel) -> tuple[SubAgent, ...]: ...
+    def current(self, model: PolicyModel) -> tuple[SubAgent, ...]:
+        """From what the source last read (no I/O): every policy push calls it, and a stalled
+        store must not hold one up."""
+        ...
 
     def service(self) -> Service | None: ...
 

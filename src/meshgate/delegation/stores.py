@@ -2,10 +2,12 @@
 
 `FileStore` (the embedded default: `<state_dir>/delegation/`, one process) and, for replicas,
 `adapters/postgres_delegation.PostgresSubAgentStore`. Both keep the same JSON per sub-agent
-(`to_json`), make `add` atomic against every other writer (maxSubAgents and a child's name are
-checked inside it), and hold the gateway key: what gateways inject so the endpoint knows a
-request came through one (`expand.KEY_HEADER`), so it must be the same on every replica a
-gateway may reach. Every method blocks (disk, a database): call from a worker thread.
+(`to_json`), serialise every write (`add`, `remove_tree`, `discard`) against every other writer, so
+maxSubAgents and a child's name are checked inside `add` and a parent deleted meanwhile waits for
+it (and takes the child) or refuses it (no orphan), and hold the gateway key: what gateways inject
+so the endpoint knows a request came through one (`expand.KEY_HEADER`), so it must be the same on
+every replica a gateway may reach. Every method blocks (disk, a database): call from a worker
+thread.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ class SubAgentStore(Protocol):
         ...
 
     def add(self, parent: str, make: Make) -> SubAgent:
-        """Atomically against every writer of this store: call `make` with `parent`'s current
-        sub-agents and its own record, then keep what it returns (its name must be new)."""
+        """Atomically against every writer of this store (`remove_tree` and `discard` too):
+        call `make` with `parent`'s current sub-agents and its own record, then keep what it
+        returns (its name must be new)."""
         ...
 
     def set_token(self, sub: SubAgent, token_id: str) -> None:
