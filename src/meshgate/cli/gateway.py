@@ -239,7 +239,11 @@ async def start_gateway(
     )
     await paced.start()
     if wait_ready:
-        await paced.wait_ready()
+        try:
+            await paced.wait_ready()
+        except BaseException:  # the caller never gets it to stop: an Envoy left running
+            await paced.stop()
+            raise
     return paced
 
 
