@@ -56,3 +56,48 @@ def test_up_stops_the_gateway_it_started_when_envoy_never_gets_ready(
     with pytest.raises(EnvoyError):
         asyncio.run(start())
     assert events == ["pacer started", "envoy started", "envoy stopped", "pacer stopped"]
+
+
+@pytest.mark.parametrize("agent", ["Bad_Name", "a/b", "../status", "a?x=1", ""])
+def test_agent_names_that_name_no_agent_are_refused(agent: str, tmp_path: Path) -> None:
+    # `identity show --agent 'a?x=1'` showed agent a; '../status' asked another admin route
+    for args in (
+        ["identity", "show", "--agent", agent, "--admin", "http://127.0.0.1:1"],
+        ["token", "create", "--agent", agent, "--state-dir", str(tmp_path)],
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1, result.output
+        assert f"--agent {agent!r}: use lower-case letters" in result.output
+        assert "Traceback" not in result.output
+    assert not (tmp_path / "tokens").exists()
+
+
+def test_token_create_says_when_it_made_a_new_signing_key(tmp_path: Path) -> None:
+    # a mistyped --state-dir silently gave a token no control plane accepts
+    first = runner.invoke(
+        app, ["token", "create", "--agent", "coder", "--state-dir", str(tmp_path)]
+    )
+    assert first.exit_code == 0, first.output
+    assert "created " + str(tmp_path / "tokens" / "signing-key.pem") in first.stderr
+    again = runner.invoke(
+        app, ["token", "create", "--agent", "coder", "--state-dir", str(tmp_path)]
+    )
+    assert again.exit_code == 0, again.output
+    assert "signing key" not in again.stderr
+
+
+def test_token_revoke_refuses_what_it_cannot_revoke(tmp_path: Path) -> None:
+    created = runner.invoke(app, ["token", "create", "--agent", "a", "--state-dir", str(tmp_path)])
+    token_id = created.stderr.split("token id ")[1].split()[0]
+    typo = runner.invoke(app, ["token", "revoke", token_id[:-1], "--state-dir", str(tmp_path)])
+    assert typo.exit_code == 1
+    assert "is not a token id" in typo.output
+    assert not (tmp_path / "tokens" / "revoked.json").exists()
+    elsewhere = tmp_path / "other"
+    wrong_dir = runner.invoke(app, ["token", "revoke", token_id, "--state-dir", str(elsewhere)])
+    assert wrong_dir.exit_code == 1
+    assert f"{elsewhere} issued no tokens" in wrong_dir.output
+    assert not elsewhere.exists()  # no signing key made just to revoke
+    ok = runner.invoke(app, ["token", "revoke", token_id, "--state-dir", str(tmp_path)])
+    assert ok.exit_code == 0, ok.output
+    assert token_id in (tmp_path / "tokens" / "revoked.json").read_text()
