@@ -20,7 +20,7 @@ import typer
 
 from meshgate.audit.open import open_store, parse_target, store_target
 from meshgate.audit.query import build_query, parse_instant
-from meshgate.audit.record import AuditRecord
+from meshgate.audit.record import DECISIONS, AuditRecord
 from meshgate.audit.sqlbase import SqlAuditStore
 from meshgate.audit.store import SUMMARY_DEFAULT, SUMMARY_KEYS, AuditPage, AuditQuery, SummaryRow
 from meshgate.cli import admin
@@ -63,13 +63,22 @@ def _db_errors() -> tuple[type[Exception], ...]:
     return tuple(errors)
 
 
+def _holds_sqlite(path: Path) -> bool:
+    """Whether opening `path` reads a database rather than creating one."""
+    if not path.exists():
+        return False
+    wal = path.with_name(path.name + "-wal")
+    return not path.is_file() or path.stat().st_size > 0 or wal.exists()
+
+
 @contextlib.contextmanager
 def _opened(store: str | None, state_dir: Path) -> Iterator[SqlAuditStore]:
-    """Open the store for reading or pruning; a missing SQLite file is an error, not created."""
+    """Open the store for reading or pruning; a missing SQLite file is an error, not created
+    (nor an empty one, which SQLite would happily fill with the audit tables)."""
     try:
         target = store_target(store, state_dir)
         parsed = parse_target(target)
-        if parsed.kind == "sqlite" and not Path(parsed.location).exists():
+        if parsed.kind == "sqlite" and not _holds_sqlite(Path(parsed.location)):
             raise ConfigError(
                 f"no audit log at {parsed.location} (start the control plane, or pass --store)"
             )
@@ -89,7 +98,7 @@ def query(
     agent: Annotated[str | None, typer.Option(help="Only this agent.")] = None,
     destination: Annotated[str | None, typer.Option(help="Only this destination.")] = None,
     decision: Annotated[
-        str | None, typer.Option(help="allowed, denied, rate_limited or upstream_error.")
+        str | None, typer.Option(help=f"Only this decision: {', '.join(DECISIONS)}.")
     ] = None,
     tool: Annotated[
         str | None, typer.Option(help="Only MCP tools/call records naming this tool.")

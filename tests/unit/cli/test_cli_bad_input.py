@@ -101,3 +101,16 @@ def test_token_revoke_refuses_what_it_cannot_revoke(tmp_path: Path) -> None:
     ok = runner.invoke(app, ["token", "revoke", token_id, "--state-dir", str(tmp_path)])
     assert ok.exit_code == 0, ok.output
     assert token_id in (tmp_path / "tokens" / "revoked.json").read_text()
+
+
+@pytest.mark.parametrize("command", [["query"], ["summary"], ["verify"], ["tail"]])
+def test_audit_commands_do_not_turn_an_empty_file_into_a_store(
+    command: list[str], tmp_path: Path
+) -> None:
+    # `audit summary --store notes.txt` on an empty file wrote the audit schema into it
+    empty = tmp_path / "notes.txt"
+    empty.touch()
+    result = runner.invoke(app, ["audit", *command, "--store", str(empty)])
+    assert result.exit_code == 1, result.output
+    assert f"no audit log at {empty}" in result.output
+    assert empty.stat().st_size == 0
