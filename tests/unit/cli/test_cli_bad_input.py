@@ -114,3 +114,28 @@ def test_audit_commands_do_not_turn_an_empty_file_into_a_store(
     assert result.exit_code == 1, result.output
     assert f"no audit log at {empty}" in result.output
     assert empty.stat().st_size == 0
+
+
+def _policy_dir(root: Path) -> Path:
+    directory = root / "policies"
+    directory.mkdir()
+    (directory / "mesh.yaml").write_text(
+        "apiVersion: meshgate.dev/v1\nkind: Mesh\nmetadata: {name: default}\n"
+        "spec: {trustDomain: agents.local}\n"
+    )
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("disable: [MG999]\n", "unknown check 'MG999'"), ("foo: 1\n", "unknown field 'foo'")],
+)
+def test_lint_config_errors_name_the_file(text: str, message: str, tmp_path: Path) -> None:
+    directory = _policy_dir(tmp_path)
+    given = tmp_path / "lint.yaml"
+    given.write_text(text)
+    (directory / ".meshgate-lint.yaml").write_text(text)
+    for args, path in ((["--config", str(given)], given), ([], directory / ".meshgate-lint.yaml")):
+        result = runner.invoke(app, ["lint", str(directory), *args])
+        assert result.exit_code == 1, result.output
+        assert f"error: {path}: {message}" in result.output
