@@ -139,3 +139,15 @@ def test_lint_config_errors_name_the_file(text: str, message: str, tmp_path: Pat
         result = runner.invoke(app, ["lint", str(directory), *args])
         assert result.exit_code == 1, result.output
         assert f"error: {path}: {message}" in result.output
+
+
+def test_envoy_never_ready_points_at_the_control_plane(tmp_path: Path) -> None:
+    # `sidecar run --agent ghost` (no such agent) or `up` on a refused policy: after 30 s only
+    # "envoy was not ready", which sends the user to Envoy, not to what it waits for
+    from meshgate.sidecar.envoy_admin import AdminSocket
+    from meshgate.sidecar.envoy_process import EnvoyProcess
+
+    envoy = EnvoyProcess(tmp_path / "bootstrap.json", AdminSocket.in_dir(tmp_path))
+    with pytest.raises(EnvoyError, match="no configuration from the control plane") as caught:
+        asyncio.run(envoy.wait_ready(0.2))
+    assert "meshgate status" in str(caught.value)
