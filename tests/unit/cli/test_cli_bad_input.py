@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -151,3 +153,29 @@ def test_envoy_never_ready_points_at_the_control_plane(tmp_path: Path) -> None:
     with pytest.raises(EnvoyError, match="no configuration from the control plane") as caught:
         asyncio.run(envoy.wait_ready(0.2))
     assert "meshgate status" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "shown"),
+    [
+        (["token", "create", "--agent", "a"], "tokens/signing-key.pem: Not a directory"),
+        (["up", "--xds-port", "0", "--admin-port", "0"], ": exists and is not a directory"),
+    ],
+)
+def test_a_state_dir_that_is_a_file_is_one_line(
+    args: list[str], shown: str, tmp_path: Path
+) -> None:
+    # every command that makes its state directory showed a FileExistsError traceback
+    state = tmp_path / "state"
+    state.write_text("not a directory\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "meshgate.cli", *args, "--state-dir", str(state)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {state}")
+    assert shown in result.stderr
+    assert state.read_text() == "not a directory\n"
