@@ -12,6 +12,7 @@ from meshgate.cli.common import fail, run_until_signal, setup_logging, wait_eith
 from meshgate.cli.options import (
     DEFAULT_STATE,
     DEFAULT_XDS,
+    PORT_RANGE,
     ControlPlaneOpt,
     HealthPortOpt,
     InsecureNodeOpt,
@@ -52,7 +53,9 @@ def gateway(
     limit_store_password_file: LimitStorePasswordFileOpt = None,
     metrics_port: Annotated[
         int | None,
-        typer.Option(help="Serve the pacer's Prometheus metrics on 127.0.0.1:PORT/metrics."),
+        typer.Option(
+            help="Serve the pacer's Prometheus metrics on 127.0.0.1:PORT/metrics.", **PORT_RANGE
+        ),
     ] = None,
     metrics_address: Annotated[
         str | None,

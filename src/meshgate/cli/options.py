@@ -49,8 +49,10 @@ AuditAdminTokenFileOpt = Annotated[
 PoliciesOpt = Annotated[
     str, typer.Option("--policies", "-p", help="Policy directory, or git+URL@ref for a git repo.")
 ]
-XdsPortOpt = Annotated[int, typer.Option(help="Port for the xDS gRPC server.")]
-AdminPortOpt = Annotated[int, typer.Option(help="Port for the admin HTTP server.")]
+# a TCP port: out of range, the OS takes it modulo 65536 (--xds-port 70000 bound 4464)
+PORT_RANGE = {"min": 0, "max": 65535}
+XdsPortOpt = Annotated[int, typer.Option(help="Port for the xDS gRPC server.", **PORT_RANGE)]
+AdminPortOpt = Annotated[int, typer.Option(help="Port for the admin HTTP server.", **PORT_RANGE)]
 InsecureServeOpt = Annotated[
     bool,
     typer.Option(
@@ -118,7 +120,8 @@ HealthPortOpt = Annotated[
     int | None,
     typer.Option(
         help="Envoy answers GET /healthz/ready on 127.0.0.1:PORT (for outside probes; nothing "
-        "else). Envoy's admin is a unix socket in the state dir, never a port."
+        "else). Envoy's admin is a unix socket in the state dir, never a port.",
+        **PORT_RANGE,
     ),
 ]
 InsecureNodeOpt = Annotated[

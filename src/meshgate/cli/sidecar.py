@@ -12,6 +12,7 @@ from meshgate.cli.common import fail, run_until_signal, setup_logging, warn_inse
 from meshgate.cli.options import (
     DEFAULT_STATE,
     DEFAULT_XDS,
+    PORT_RANGE,
     ControlPlaneOpt,
     HealthPortOpt,
     InsecureNodeOpt,
@@ -57,7 +58,10 @@ def sidecar_run(
         ),
     ] = False,
     proxy_port: Annotated[
-        int, typer.Option(help="Loopback port of this sidecar's proxy (default: a free one).")
+        int,
+        typer.Option(
+            help="Loopback port of this sidecar's proxy (default: a free one).", **PORT_RANGE
+        ),
     ] = 0,
     insecure: InsecureNodeOpt = False,
     agent_trust_ca: Annotated[

@@ -179,3 +179,22 @@ def test_a_state_dir_that_is_a_file_is_one_line(
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {state}")
     assert shown in result.stderr
     assert state.read_text() == "not a directory\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["serve", "--xds-port", "70000"], "--xds-port"),
+        (["up", "--admin-port", "-1"], "--admin-port"),
+        (["sidecar", "run", "--agent", "a", "--proxy-port", "99999", "--", "true"], "--proxy-port"),
+        (["gateway", "--metrics-port", "70000"], "--metrics-port"),
+        (["gateway", "--health-port", "65536"], "--health-port"),
+        (["demo", "--gateway-port", "65536"], "--gateway-port"),
+        (["inject", "serve", "--cert", "c", "--key", "k", "--port", "70000"], "--port"),
+    ],
+)
+def test_ports_out_of_range_are_refused(args: list[str], option: str) -> None:
+    # serve --xds-port 70000 listened on 4464 (70000 - 65536) without a word
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}'" in result.output
