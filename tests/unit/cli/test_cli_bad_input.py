@@ -198,3 +198,33 @@ def test_ports_out_of_range_are_refused(args: list[str], option: str) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert f"Invalid value for '{option}'" in result.output
+
+
+def test_tail_lines_keep_one_word_per_field() -> None:
+    # a CONNECT to an unknown destination printed "researcher ->  CONNECT": awk's destination
+    # column became the method
+    import datetime as dt
+
+    from meshgate.audit.record import AuditRecord
+    from meshgate.cli.audit_render import line
+
+    record = AuditRecord(
+        dt.datetime(2026, 12, 1, 16, 12, tzinfo=dt.UTC),
+        "id-1",
+        "researcher",
+        "",
+        "",
+        "example.com:443",
+        "CONNECT",
+        "",
+        403,
+        "denied",
+        "unknown_destination",
+        57,
+        0,
+        0.2,
+        "v1",
+        "gateway/local",
+    )
+    words = line(record).split(" ")
+    assert words[1:5] == ["researcher", "->", "-", "CONNECT"]
