@@ -153,7 +153,8 @@ def _remote_page(base: str, token_file: Path | None, state_dir: Path, q: AuditQu
         }.items()
         if v is not None
     }
-    body = admin.get_ok(admin.connect(base, token_file, state_dir), "/v1/audit", params)
+    client = admin.connect(base, token_file, state_dir)
+    body = admin.get_ok(client, "/v1/audit", params, keys=("records", "next_cursor"))
     return AuditPage([AuditRecord.from_json(r) for r in body["records"]], body["next_cursor"])
 
 
@@ -237,7 +238,7 @@ def summary(
         if end:
             params["until"] = end.isoformat()
         client = admin.connect(control_plane, admin_token_file, state_dir)
-        body = admin.get_ok(client, "/v1/audit/summary", params)
+        body = admin.get_ok(client, "/v1/audit/summary", params, keys=("rows",))
         rows = [_summary_row(row) for row in body["rows"]]
     else:
         with _opened(store, state_dir) as opened:

@@ -56,9 +56,9 @@ def identity_show(
     """SPIFFE ID, current certificate (serial, expiry) and the rules that apply to AGENT."""
     _check_agent(agent)
     client = admin.connect(admin_url, admin_token_file, state_dir, timeout=5)
-    data = admin.call(client, "GET", f"/v1/identity/{agent}").body
-    if "error" in data:
-        raise fail(data["error"])
+    path = f"/v1/identity/{agent}"
+    keys = ("spiffe_id", "certificate", "mtls", "rules")
+    data = admin.fields(admin.call(client, "GET", path), f"{admin_url.rstrip('/')}{path}", keys)
     if format is Format.JSON:
         print_json(data)
         return
@@ -113,9 +113,7 @@ def ca_rotate(
     With --ca vault, Vault's PKI engine signs the new intermediate now."""
     client = admin.connect(admin_url, admin_token_file, state_dir, timeout=30)
     answer = admin.call(client, "POST", "/v1/ca/rotate", where=admin_url)
-    code, data = answer.status, answer.body
-    if code >= 400:
-        raise fail(data.get("error", f"HTTP {code}") if isinstance(data, dict) else f"HTTP {code}")
+    data = admin.fields(answer, f"{admin_url.rstrip('/')}/v1/ca/rotate", ("intermediate_serial",))
     console.print(f"new intermediate {data['intermediate_serial']}; certificates roll over now")
 
 

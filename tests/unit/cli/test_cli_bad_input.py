@@ -7,6 +7,7 @@ import asyncio
 import importlib
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -228,3 +229,57 @@ def test_tail_lines_keep_one_word_per_field() -> None:
     )
     words = line(record).split(" ")
     assert words[1:5] == ["researcher", "->", "-", "CONNECT"]
+
+
+@pytest.fixture
+def not_meshgate(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """An HTTP server answering `{}` to everything: a wrong --admin port (another JSON API)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        do_POST = do_GET
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    token = tmp_path / "token"
+    token.write_text("t" * 43)
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", token
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("args", "path"),
+    [
+        (["status", "--admin"], "/status"),
+        (["identity", "show", "--agent", "coder", "--admin"], "/v1/identity/coder"),
+        (["budget", "status", "--admin"], "/v1/budgets"),
+        (["ca", "rotate", "--admin"], "/v1/ca/rotate"),
+        (["audit", "query", "--control-plane"], "/v1/audit"),
+        (["audit", "summary", "--control-plane"], "/v1/audit/summary"),
+    ],
+)
+def test_json_that_is_not_a_control_planes_is_one_line(
+    args: list[str], path: str, not_meshgate: tuple[str, Path]
+) -> None:
+    # each of these ended in a KeyError traceback
+    url, token = not_meshgate
+    result = runner.invoke(app, [*args, url, "--admin-token-file", str(token)])
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert f"error: {url}{path} answered JSON without" in result.output
+    assert "is this a meshgate control plane's admin URL?" in result.output
