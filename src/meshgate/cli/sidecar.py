@@ -27,7 +27,14 @@ sidecar_app = typer.Typer(help="Agent sidecars.", no_args_is_help=True)
 
 
 @sidecar_app.command(
-    "run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+    "run",
+    # CMD's own options stay CMD's (`sidecar run --agent a curl --proxy x` passes --proxy to
+    # curl, like `sudo` and `env`); an unknown option before CMD is refused below
+    context_settings={
+        "allow_extra_args": True,
+        "ignore_unknown_options": True,
+        "allow_interspersed_args": False,
+    },
 )
 def sidecar_run(
     ctx: typer.Context,
@@ -88,6 +95,11 @@ def sidecar_run(
 
     setup_logging(False)
     command = list(ctx.args)
+    if command and command[0].startswith("-"):  # a mistyped option would be run as CMD
+        raise fail(
+            f"no such option: {command[0]} (CMD goes after --: "
+            "meshgate sidecar run --agent NAME -- CMD ARGS)"
+        )
     result: list[int] = []
     agent_user = None
     if command:

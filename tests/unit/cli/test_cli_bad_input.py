@@ -283,3 +283,41 @@ def test_json_that_is_not_a_control_planes_is_one_line(
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert f"error: {url}{path} answered JSON without" in result.output
     assert "is this a meshgate control plane's admin URL?" in result.output
+
+
+def test_sidecar_run_refuses_a_mistyped_option_instead_of_running_it(tmp_path: Path) -> None:
+    # `--proxyport 5 -- CMD` started the sidecar, then "cannot run '--proxyport'"
+    state = ["--state-dir", str(tmp_path)]
+    result = runner.invoke(
+        app, ["sidecar", "run", "--agent", "a", *state, "--proxyport", "5", "--", "true"]
+    )
+    assert result.exit_code == 1, result.output
+    assert "no such option: --proxyport" in result.output
+    assert not any(tmp_path.iterdir())  # nothing started
+
+
+def test_sidecar_run_leaves_cmd_options_to_cmd(monkeypatch: pytest.MonkeyPatch) -> None:
+    # without `--`, `CMD --proxy-port 5` gave --proxy-port to the sidecar and ran bare CMD
+    import meshgate.sidecar.launcher as launcher
+
+    seen: list[tuple[list[str], int]] = []
+
+    async def run_sidecar(
+        agent: str,
+        instance: str,
+        cp: str,
+        state: Path,
+        command: list[str],
+        stop: object,
+        *args: object,
+        proxy_port: int = 0,
+        **kwargs: object,
+    ) -> int:
+        seen.append((command, proxy_port))
+        return 0
+
+    monkeypatch.setattr(launcher, "run_sidecar", run_sidecar)
+    args = ["sidecar", "run", "--agent", "a", "--insecure-same-user", "echo", "--proxy-port", "5"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert seen == [(["echo", "--proxy-port", "5"], 0)]
