@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -107,3 +108,68 @@ async def test_injected_rotated_never_exposed(
             for text in exposed:
                 assert KEY1 not in text and KEY2 not in text
                 assert str(cp.admin_token) not in text  # nor the admin token
+
+
+WILDCARD = """\
+apiVersion: meshgate.dev/v1
+kind: Destination
+metadata: {{name: tenants}}
+spec:
+  host: "*.tenants.internal"
+  port: 80
+  tls: none
+  address: 127.0.0.1:{port}
+  credentials: {{header: X-Api-Key, secret: tenants-key}}
+---
+apiVersion: meshgate.dev/v1
+kind: Destination
+metadata: {{name: audit-tenant}}
+spec:
+  host: audit.tenants.internal
+  port: 80
+  tls: none
+  address: 127.0.0.1:{port}
+---
+apiVersion: meshgate.dev/v1
+kind: AgentPolicy
+metadata: {{name: researcher}}
+spec:
+  agent: researcher
+  egress:
+    - destination: tenants
+    - destination: audit-tenant
+"""
+
+
+def api_key(hit: dict[str, Any]) -> str | None:
+    return next((v for k, v in hit["headers"].items() if k.lower() == "x-api-key"), None)
+
+
+async def test_a_wildcard_destination_gets_its_key_and_a_name_under_it_does_not(
+    tmp_path: Path,
+) -> None:
+    listen = free_port()
+    async with upstream("tenants") as up:
+        policy = tmp_path / "policies"
+        (policy / "secrets").mkdir(parents=True)
+        (policy / "mesh.yaml").write_text(
+            MESH.format(port=listen) + "  secrets: {provider: file, path: ./secrets}\n"
+        )
+        (policy / "rules.yaml").write_text(WILDCARD.format(port=up.port))
+        (policy / "secrets" / "tenants-key").write_text(KEY1 + "\n")
+        async with control_plane(policy, tmp_path / "state") as cp, gateway(cp, tmp_path):
+            del cp
+            for host in ("acme.tenants.internal", "Beta.Tenants.Internal:80"):
+                r = await via_gateway(listen, host, "/v1/x", headers={"X-Api-Key": "agent-own"})
+                assert r.status_code == 200, (host, r.text)
+                assert api_key(up.hits[-1]) == KEY1, host
+            # another destination, named exactly under the wildcard: never the wildcard's key
+            for host in ("audit.tenants.internal", "AUDIT.tenants.internal:80"):
+                r = await via_gateway(listen, host, "/v1/x", headers={"X-Api-Key": "agent-own"})
+                assert r.status_code == 200, (host, r.text)
+                assert api_key(up.hits[-1]) == "agent-own", host
+            # two labels under the one-label wildcard: no destination, nothing sent
+            hits = len(up.hits)
+            r = await via_gateway(listen, "a.b.tenants.internal", "/v1/x")
+            assert r.status_code == 403 and r.json()["error"] == "unknown_destination"
+            assert len(up.hits) == hits

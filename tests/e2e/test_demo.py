@@ -154,7 +154,10 @@ async def test_demo_shows_allowed_denied_refused_limited_and_audited(tmp_path: P
         ]:
             assert wanted in seen, (wanted, seen)
         streamed = [r for r in records if r["path"] == "/v1/chat/completions"]
-        assert any(r["model"] == "gpt-4o-mini" and r["tokens_out"] == 8 for r in streamed)
+        assert any(r["model"] == "gpt-4o-mini" and r["tokens_out"] == 8 for r in streamed), [
+            {k: r[k] for k in ("decision", "reason", "status", "model", "tokens_in", "tokens_out")}
+            for r in streamed
+        ]
         assert all(r["gateway"] == "gateway/local" for r in records)
         assert {r["spiffe_id"] for r in records} == {
             "spiffe://agents.local/agent/researcher",

@@ -4,15 +4,17 @@ mesh per mode, "up" (`meshgate up`) and "split" (`meshgate serve` + `meshgate ga
 from __future__ import annotations
 
 import shutil
+import ssl
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from builders import free_port
+from builders import free_port, write_test_pki
 from hostile_mesh import (
     AGENT_PYTHON,
+    TLS_UPSTREAM,
     UPSTREAMS,
     Mesh,
     _http_ok,
@@ -30,9 +32,15 @@ def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
         pytest.skip(f"agent scripts need {AGENT_PYTHON}")
     root = Path(tempfile.mkdtemp(prefix=f"mg-{request.param}-"))
     logs = Path(tempfile.mkdtemp(prefix="mg-logs-"))
-    upstreams = {name: start_echo(name) for name in UPSTREAMS}
+    # the TLS upstream's own CA: the gateway verifies it (caFile); agents never see it
+    ca, cert, key = write_test_pki(logs / "upstream-pki", ["secure.test"], "upstream")
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    upstreams = {
+        name: start_echo(name, tls if name == TLS_UPSTREAM else None) for name in UPSTREAMS
+    }
     gateway_port, xds, admin = free_port(), free_port(), free_port()
-    _write_tree(root, upstreams, gateway_port)
+    _write_tree(root, upstreams, gateway_port, ca)
     procs = _start(request.param, root, xds, admin, logs)
     mesh = Mesh(
         request.param, root, f"127.0.0.1:{xds}", f"http://127.0.0.1:{admin}", gateway_port,

@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -31,7 +32,8 @@ import httpx
 MESHGATE = [sys.executable, "-m", "meshgate.cli"]
 AGENT_PYTHON = "/usr/bin/python3"
 BILLING_SECRET = "sk-billing-SECRET-7f3a"
-UPSTREAMS = ("docs", "mcp", "quota", "billing")
+UPSTREAMS = ("docs", "mcp", "quota", "billing", "vault", "secure")
+TLS_UPSTREAM = "secure"  # served over TLS with a certificate for secure.test
 
 # One policy for the session; `{NAME}` is an upstream's port, `{gateway_port}` the gateway's.
 # Append what a test needs.
@@ -70,6 +72,30 @@ spec:
   tls: none
   address: "127.0.0.1:{billing}"
   credentials: {header: X-Api-Key, secret: billing-key}
+---
+apiVersion: meshgate.dev/v1
+kind: Destination
+metadata: {name: vault}
+spec: {host: vault.test, port: 443, tls: passthrough, address: "127.0.0.1:{vault}"}
+---
+apiVersion: meshgate.dev/v1
+kind: Destination
+metadata: {name: secure}
+spec:
+  host: secure.test
+  port: 443
+  tls: originate
+  address: "127.0.0.1:{secure}"
+  caFile: "{upstream_ca}"
+---
+apiVersion: meshgate.dev/v1
+kind: Destination
+metadata: {name: wild-mcp}
+spec:
+  host: "*.wild.internal"
+  port: 80
+  tls: none
+  address: "127.0.0.1:{mcp}"
 """,
     "agents.yaml": """\
 apiVersion: meshgate.dev/v1
@@ -127,6 +153,77 @@ spec:
       tools: [read_file]
       rateLimit: {requests: 3, per: 1m}
 """,
+    # tests/security/test_{intercept,limits,pacer}_hostile.py
+    "sec-agents.yaml": """\
+apiVersion: meshgate.dev/v1
+kind: AgentPolicy
+metadata: {name: sec-tls}
+spec:
+  agent: sec-tls
+  egress:
+    - destination: secure
+      methods: [GET]
+      paths: ["/v1/*"]
+---
+apiVersion: meshgate.dev/v1
+kind: AgentPolicy
+metadata: {name: sec-global}
+spec:
+  agent: sec-global
+  egress:
+    - destination: quota
+      methods: [GET]
+      paths: ["/a", "/b"]
+      rateLimit: {requests: 3, per: 1m, scope: global, onStoreFailure: closed}
+---
+apiVersion: meshgate.dev/v1
+kind: AgentPolicy
+metadata: {name: sec-spender}
+spec:
+  agent: sec-spender
+  budgets:
+    - {name: daily, window: day, requests: 3}
+  egress:
+    - destination: docs
+      methods: [GET, HEAD]
+      paths: ["/v1/docs/*"]
+---
+apiVersion: meshgate.dev/v1
+kind: AgentPolicy
+metadata: {name: sec-tunneler}
+spec:
+  agent: sec-tunneler
+  budgets:
+    - {name: daily, window: day, requests: 2}
+  egress:
+    - destination: vault
+---
+apiVersion: meshgate.dev/v1
+kind: AgentPolicy
+metadata: {name: sec-mcp}
+spec:
+  agent: sec-mcp
+  egress:
+    - destination: mcp
+      paths: ["/mcp"]
+      tools:
+        - name: read_file
+          arguments:
+            path: {prefix: "/workspace/"}
+        - name: set_level
+          arguments:
+            level: {maximum: 3}
+---
+apiVersion: meshgate.dev/v1
+kind: AgentPolicy
+metadata: {name: sec-wild}
+spec:
+  agent: sec-wild
+  egress:
+    - destination: wild-mcp
+      paths: ["/mcp"]
+      tools: [read_file]
+""",
 }
 
 
@@ -146,7 +243,8 @@ class Echo:
         self.hits.clear()
 
 
-def start_echo(name: str) -> Echo:
+def start_echo(name: str, tls: ssl.SSLContext | None = None) -> Echo:
+    """`tls`: serve HTTPS with this context (each connection's handshake in its own thread)."""
     echo: Echo
 
     class Handler(BaseHTTPRequestHandler):
@@ -176,8 +274,18 @@ def start_echo(name: str) -> Echo:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def finish_request(self, request: Any, client_address: Any) -> None:
+            if tls is not None:
+                try:
+                    request = tls.wrap_socket(request, server_side=True)
+                except (ssl.SSLError, OSError):
+                    return
+            super().finish_request(request, client_address)
+
+    server = Server(("127.0.0.1", 0), Handler)
     echo = Echo(name, server)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return echo
@@ -317,15 +425,21 @@ def _listening(port: int) -> bool:
     return False
 
 
-def _write_tree(root: Path, upstreams: dict[str, Echo], gateway_port: int) -> None:
+def _write_tree(
+    root: Path, upstreams: dict[str, Echo], gateway_port: int, upstream_ca: Path
+) -> None:
     os.chmod(root, 0o755)  # the dropped agent user needs to reach its scripts, nothing else
     (root / "scripts").mkdir(mode=0o755)
     os.chmod(root / "scripts", 0o755)
     policies = root / "policies"
     policies.mkdir()
-    ports = {name: echo.port for name, echo in upstreams.items()}
+    ports: dict[str, object] = {name: echo.port for name, echo in upstreams.items()}
     for name, text in POLICY_FILES.items():
-        for key, value in {"gateway_port": gateway_port, **ports}.items():
+        for key, value in {
+            "gateway_port": gateway_port,
+            "upstream_ca": upstream_ca,
+            **ports,
+        }.items():
             text = text.replace("{" + key + "}", str(value))
         (policies / name).write_text(text)
     secrets = policies / "secrets"

@@ -112,6 +112,15 @@ def serve(
         str | None,
         typer.Option(help="HOST:PORT gateways reach the delegation endpoint at; default HOST."),
     ] = None,
+    delegation_store: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MESHGATE_DELEGATION_STORE",
+            help="Where sub-agents live: postgresql://...[?schema=NAME], shared by every "
+            "control-plane replica (the audit store's database will do), or a directory "
+            "(default: $MESHGATE_DELEGATION_STORE, else STATE_DIR/delegation: one replica).",
+        ),
+    ] = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run the control plane only (xDS + admin HTTP + audit ingest), serving POLICIES."""
@@ -158,6 +167,7 @@ def serve(
         delegation_host=host,
         delegation_port=delegation_port,
         delegation_address=delegation_at,
+        delegation_store=delegation_store or "",
     )
 
     async def main(stop: asyncio.Event) -> None:

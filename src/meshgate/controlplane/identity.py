@@ -22,6 +22,7 @@ import copy
 import datetime as dt
 import hashlib
 import threading
+from collections.abc import Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,12 @@ class _Leaf:
     generation: int  # of the authority that signed it
     renew_at: dt.datetime
     must_renew_at: dt.datetime
+    cap: dt.datetime | None = None  # a sub-agent's: when its delegation ends
+
+    @property
+    def ends_with_cap(self) -> bool:
+        """Renewing gives a leaf that ends just the same: renew only for a new authority."""
+        return self.cap is not None and self.cert.not_after >= self.cap
 
 
 class IdentityIssuer:
@@ -135,17 +142,26 @@ class IdentityIssuer:
         self._agent_trust: AgentTrustCA | None = None  # loaded on first use (a worker thread)
         self._host_certs: dict[str, HostCertificate] = {}
 
-    def identities(self, model: PolicyModel) -> Identities:
+    def identities(self, model: PolicyModel, ends: Mapping[str, int] | None = None) -> Identities:
         """Current certificates for every node group of this policy, renewing those due (at
-        most `renewals_per_pass` of the optional ones). Blocking: call from a worker thread."""
+        most `renewals_per_pass` of the optional ones). `ends`: agent -> unix time its
+        certificate and tool JWTs must not outlive (sub-agents: their delegation's expiry).
+        Blocking: call from a worker thread."""
         td = model.mesh.trust_domain
         ca, generation = self._authority(td)
         gateway = spiffe_id(td, "gateway", GATEWAY_IDENTITY_NAME)
         agents = {a.agent: spiffe_id(td, "agent", a.agent) for a in model.agents}
         wanted = [gateway, *agents.values()]
+        caps = {
+            agents[agent]: dt.datetime.fromtimestamp(at, dt.UTC)
+            for agent, at in (ends or {}).items()
+            if agent in agents
+        }
         with self._lock:
-            todo = self._due(wanted, ca, generation, now_utc())
-        fresh = {spiffe: self._issue(ca, spiffe, generation) for spiffe in todo}  # keys: slow
+            todo = self._due(wanted, ca, generation, now_utc(), caps)
+        fresh = {  # keys: slow
+            spiffe: self._issue(ca, spiffe, generation, caps.get(spiffe)) for spiffe in todo
+        }
         with self._lock:
             self._issued.update(fresh)
             for stale in set(self._issued) - set(wanted):  # agents removed from policy
@@ -154,7 +170,7 @@ class IdentityIssuer:
         return Identities(
             current[gateway],
             {agent: current[spiffe] for agent, spiffe in agents.items()},
-            self._current_tool_tokens(model),
+            self._current_tool_tokens(model, ends or {}),
             self._host_certificates(intercepted_hosts(model)),
         )
 
@@ -244,10 +260,17 @@ class IdentityIssuer:
     # -- leaves --------------------------------------------------------------------------------
 
     def _due(
-        self, wanted: list[str], ca: CertificateAuthority, generation: int, now: dt.datetime
+        self,
+        wanted: list[str],
+        ca: CertificateAuthority,
+        generation: int,
+        now: dt.datetime,
+        caps: Mapping[str, dt.datetime],
     ) -> list[str]:
         """Which leaves this pass issues: every missing, untrusted or nearly expired one, then
-        the most overdue of the rest (older authority first) up to the pass budget."""
+        the most overdue of the rest (older authority first) up to the pass budget. A leaf that
+        already ends with its delegation is not renewed for time (the new one would end then
+        too); one of a delegation that changed (re-created under the same name) is reissued."""
         bundle = ca.trust_bundle_pem()
         must: list[str] = []
         optional: list[tuple[bool, dt.datetime, str]] = []
@@ -256,17 +279,22 @@ class IdentityIssuer:
             if (
                 entry is None
                 or entry.identity.trust_bundle_pem != bundle
-                or now >= entry.must_renew_at
+                or entry.cap != caps.get(spiffe)
+                or (now >= entry.must_renew_at and not entry.ends_with_cap)
             ):
                 must.append(spiffe)
-            elif entry.generation != generation or now >= entry.renew_at:
+            elif entry.generation != generation or (
+                now >= entry.renew_at and not entry.ends_with_cap
+            ):
                 optional.append((entry.generation == generation, entry.renew_at, spiffe))
         optional.sort()
         room = max(self.renewals_per_pass - len(must), 0)
         return must + [spiffe for *_, spiffe in optional[:room]]
 
-    def _issue(self, ca: CertificateAuthority, spiffe: str, generation: int) -> _Leaf:
-        cert = issue(ca, spiffe, self.ttl)
+    def _issue(
+        self, ca: CertificateAuthority, spiffe: str, generation: int, cap: dt.datetime | None
+    ) -> _Leaf:
+        cert = issue(ca, spiffe, self.ttl, not_after=cap)
         ident = NodeIdentity(spiffe, cert.cert_chain_pem, cert.key_pem, ca.trust_bundle_pem())
         lifetime = cert.not_after - cert.not_before
         return _Leaf(
@@ -275,6 +303,7 @@ class IdentityIssuer:
             generation,
             renewal_time(cert, self.renew_window),
             cert.not_before + lifetime * MUST_RENEW_FRACTION,
+            cap,
         )
 
     def _host_certificates(self, hosts: tuple[str, ...]) -> dict[str, HostCertificate]:
@@ -301,8 +330,11 @@ class IdentityIssuer:
         serial = int.from_bytes(hashlib.sha256(cert.chain_pem).digest()[:8], "big")
         return cert.not_before + lifetime * renewal_fraction(cert.host, serial, self.renew_window)
 
-    def _current_tool_tokens(self, model: PolicyModel) -> dict[tuple[str, str], str]:
-        """A JWT per (agent, `identity: jwt` destination) it may call, re-minted at half-life."""
+    def _current_tool_tokens(
+        self, model: PolicyModel, ends: Mapping[str, int]
+    ) -> dict[tuple[str, str], str]:
+        """A JWT per (agent, `identity: jwt` destination) it may call, re-minted at half-life;
+        never valid past the agent's entry in `ends` (and not re-minted once it ends then)."""
         now = int(dt.datetime.now(dt.UTC).timestamp())
         ttl = int(self.tool_token_ttl.total_seconds())
         issuer = issuer_for(model.mesh.trust_domain)
@@ -314,8 +346,11 @@ class IdentityIssuer:
         for agent, dest in tool_identity_pairs(model):
             key = (agent, dest.name)
             token = held.get(key)
-            if token is None or now >= token.renew_at:
-                token = self.tool_signer.mint(model.spiffe_id(agent), dest.name, issuer, ttl)
+            end = ends.get(agent)
+            capped = end is not None and token is not None and token.expires_at >= end
+            if token is None or (now >= token.renew_at and not capped):
+                life = ttl if end is None else min(ttl, end - now)
+                token = self.tool_signer.mint(model.spiffe_id(agent), dest.name, issuer, life)
             fresh[key] = token
         with self._lock:
             self._tool_tokens = fresh  # pairs no longer in policy are dropped

@@ -141,7 +141,9 @@ class RuntimeInputs:
             if service is not None:
                 secrets[KEY_SECRET] = self.delegation.key
         model = Inputs(secrets, None, sub_agents=subs, service=service).model(policy.resolved)
-        identities = self.issuer.identities(model) if self.issuer is not None else None
+        # a sub-agent's certificate and tool JWTs end with its delegation
+        ends = {s.name: s.expires_at for s in subs}
+        identities = self.issuer.identities(model, ends) if self.issuer is not None else None
         return secrets, identities, subs, service
 
     async def _refresh_periodically(self) -> None:

@@ -124,6 +124,8 @@ class ServeOptions:
     delegation_host: str = "127.0.0.1"
     delegation_port: int = 0
     delegation_address: tuple[str, int] | None = None
+    # where sub-agents live: postgresql://... shared by every replica, else (empty) the state dir
+    delegation_store: str = ""
 
 
 class IssuerOps:
@@ -204,6 +206,7 @@ class ControlPlane:
                 options.delegation_host,
                 options.delegation_port,
                 options.delegation_address,
+                store=options.delegation_store,
             )
             if options.mtls and options.delegation
             else None
@@ -308,11 +311,7 @@ class ControlPlane:
                 "admin": self.admin_address,
                 "ready": self.ready,
                 # the endpoint gateways forward `meshgate.internal` to (None: delegation off)
-                "delegation": (
-                    f"{self.delegation.server.host}:{self.delegation.server.port}"
-                    if self.delegation is not None
-                    else None
-                ),
+                "delegation": (self.delegation.address() if self.delegation is not None else None),
             },
             "policy": {**self.policy.to_json(), "missing_secrets": self.missing_secrets()},
             "ca": self.issuer.authority() if self.issuer is not None else None,
@@ -321,7 +320,7 @@ class ControlPlane:
             "consul": self.consul.status_json(),  # watched services (issue 13)
             # sub-agents and who delegated to them (None: delegation off, needs mTLS)
             "sub_agents": (
-                [describe_sub_agent(s) for s in self.delegation.registry.all()]
+                [describe_sub_agent(s) for s in self.delegation.sub_agents()]
                 if self.delegation is not None
                 else None
             ),

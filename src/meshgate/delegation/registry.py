@@ -1,23 +1,22 @@
-"""Sub-agents as a runtime input: kept in `<state_dir>/delegation/`, so a restarted control
-plane keeps them until they expire.
+"""Sub-agents as a runtime input, kept in a `SubAgentStore` (`stores.py`): the state directory
+by default, so a restarted control plane keeps them until they expire, or PostgreSQL, which
+every control-plane replica reads and writes.
 
-Creating one checks the request against the model being served (`rights.py`, `expand.py`); the
-runtime-inputs loop then reads `current`, which drops the expired and those the served policy
-no longer allows (for good: a parent regaining a right does not bring them back). Blocking file
-I/O: call from a worker thread. One lock guards the list; no I/O but the small file write
-happens under it.
+Creating one checks the request against the model being served (`rights.py`, `expand.py`), and
+the store re-checks `maxSubAgents` and the name atomically (another replica may be creating one
+too); the runtime-inputs loop then reads `current`, which re-reads the store and drops the
+expired and those the served policy no longer allows (for good: a parent regaining a right does
+not bring them back). Blocking I/O: call from a worker thread, except `all()`, which answers from
+what the last read saw (status pages call it from the event loop).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import logging
-import os
-import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +30,17 @@ from meshgate.delegation.expand import (
     expand,
 )
 from meshgate.delegation.rights import DelegationError, RuleGrant, sub_delegation, sub_rules
-from meshgate.identity.keyfiles import create_exclusive
+from meshgate.delegation.stores import (
+    DelegationStoreError,
+    FileStore,
+    SubAgentStore,
+)
 from meshgate.policy.model import Delegation, PolicyModel
 
 log = logging.getLogger(__name__)
-FILE = "sub-agents.json"
-KEY_FILE = "gateway-key"
+# How long `current` keeps serving what it last read while the store does not answer (a
+# database restart); past that, no sub-agent is served until it answers again (fail closed).
+STALE_LIMIT = 30.0
 
 
 @dataclass(frozen=True)
@@ -50,13 +54,17 @@ class Request:
 
 
 class DelegationRegistry:
-    def __init__(self, state_dir: Path, clock: Callable[[], float]) -> None:
-        self.directory = state_dir / "delegation"
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    def __init__(self, store: SubAgentStore | Path, clock: Callable[[], float]) -> None:
+        """`store`, or a state directory for the file store in `<state_dir>/delegation`."""
+        self.store: SubAgentStore = (
+            FileStore(store / "delegation") if isinstance(store, Path) else store
+        )
         self._clock = clock
-        self._lock = threading.Lock()
-        self._subs: dict[str, SubAgent] = {s.name: s for s in self._load()}
-        self.key = self._load_or_create_key()
+        self._lock = threading.Lock()  # guards the fields below; never held across I/O
+        self._seen: tuple[SubAgent, ...] = tuple(self.store.load())  # what the last read saw
+        self._failing_since: float | None = None
+        self._policy: tuple[str, float] | None = None  # (version, since when it is served)
+        self.key = self.store.gateway_key()
 
     # -- what the service calls ----------------------------------------------------------------
 
@@ -83,148 +91,117 @@ class DelegationRegistry:
                 f"ttl: at most {right.max_ttl_seconds}s (maxTtl of {caller!r}), and above 0"
             )
         # the parent's rules without the service rule expansion appended: numbered as in policy
-        own = tuple(r for r in parent.rules if r.destination != SERVICE_DESTINATION)
-        rules_of_parent = dataclasses.replace(parent, rules=own)
+        own_rules = tuple(r for r in parent.rules if r.destination != SERVICE_DESTINATION)
+        rules_of_parent = dataclasses.replace(parent, rules=own_rules)
         _, prints = sub_rules(rules_of_parent, request.grants)
         delegation = sub_delegation(right, request.delegation)
         now = int(self._clock())
         name = names.sub_agent_name(caller, request.name)
-        with self._lock:
-            if name in self._subs:
+
+        def make(children: Sequence[SubAgent], own: SubAgent | None) -> SubAgent:
+            """Inside the store's lock or transaction: what another replica may have changed."""
+            if any(s.name == name for s in children):
                 raise DelegationError(f"{name!r} exists already (delete it first)")
-            mine = [s for s in self._subs.values() if s.parent == caller]
-            if len(mine) >= right.max_sub_agents:
+            live = [s for s in children if s.expires_at > now]
+            if len(live) >= right.max_sub_agents:
                 raise DelegationError(
-                    f"{caller!r} has {len(mine)} sub-agents already: maxSubAgents is "
+                    f"{caller!r} has {len(live)} sub-agents already: maxSubAgents is "
                     f"{right.max_sub_agents}"
                 )
             expires = now + request.ttl_seconds
-            if parent_sub := self._subs.get(caller):
-                expires = min(expires, parent_sub.expires_at)  # never outlives its parent
+            if names.depth(caller) > 0:
+                if own is None or own.expires_at <= now:
+                    raise DelegationError(f"{caller!r} itself is no longer delegated")
+                expires = min(expires, own.expires_at)  # never outlives its parent
             sub = SubAgent(name, request.grants, prints, now, expires, delegation)
             derive(sub, {caller: rules_of_parent}, {}, {})  # the check every build makes
-            self._subs[name] = sub
-            self._save()
+            return sub
+
+        sub = self.store.add(caller, make)
+        with self._lock:
+            self._seen = (*self._seen, sub)
         return sub
 
-    def set_token(self, name: str, token_id: str) -> None:
-        with self._lock:
-            sub = self._subs.get(name)
-            if sub is not None:
-                self._subs[name] = SubAgent(
-                    sub.name, sub.grants, sub.fingerprints, sub.created_at, sub.expires_at,
-                    sub.delegation, token_id,
-                )  # fmt: skip
-                self._save()
+    def set_token(self, sub: SubAgent, token_id: str) -> None:
+        self.store.set_token(sub, token_id)
 
     def delete(self, caller: str, name: str) -> list[SubAgent]:
         """Remove `caller`'s sub-agent `name` and everything below it; the removed ones."""
         full = names.sub_agent_name(caller, name)
+        gone = self.store.remove_tree(full)
+        if not gone:
+            raise DelegationError(f"{caller!r} has no sub-agent {name!r}")
+        names_gone = {s.name for s in gone}
         with self._lock:
-            gone = [s for n, s in self._subs.items() if n == full or n.startswith(full + ".")]
-            if not gone:
-                raise DelegationError(f"{caller!r} has no sub-agent {name!r}")
-            for s in gone:
-                del self._subs[s.name]
-            self._save()
-        return gone
+            self._seen = tuple(s for s in self._seen if s.name not in names_gone)
+        return sorted(gone, key=lambda s: s.name)
 
     def children(self, caller: str) -> list[SubAgent]:
-        with self._lock:
-            return sorted(
-                (s for s in self._subs.values() if s.parent == caller), key=lambda s: s.name
-            )
+        """`caller`'s sub-agents as the store has them now (another replica may have added one)."""
+        now = self._clock()
+        return sorted(
+            (s for s in self.store.load() if s.parent == caller and s.expires_at > now),
+            key=lambda s: s.name,
+        )
 
     def all(self) -> list[SubAgent]:
+        """What the last read of the store saw (no I/O: status reads it on the event loop)."""
         with self._lock:
-            return sorted(self._subs.values(), key=lambda s: s.name)
+            return sorted(self._seen, key=lambda s: s.name)
 
     # -- what runtime inputs read ---------------------------------------------------------------
 
     def current(self, model: PolicyModel) -> tuple[SubAgent, ...]:
         """The sub-agents `model` (the policy as written) still allows, now; the rest are
-        dropped for good, with a log line saying why."""
+        dropped for good, with a log line saying why.
+
+        With replicas, another one may serve a newer (or older) policy for a moment, so a
+        sub-agent this policy does not allow is dropped for good only if it was created after
+        this replica began serving it; a younger one is only left out until this replica serves
+        the policy it was created under."""
         now = self._clock()
         with self._lock:
-            subs = list(self._subs.values())
+            if self._policy is None or self._policy[0] != model.version:
+                self._policy = (model.version, now)
+            policy_since = self._policy[1]
+        try:
+            subs = self.store.load()
+        except DelegationStoreError as exc:
+            return self._unanswered(model, now, exc)
+        with self._lock:
+            self._failing_since = None
         if not subs:  # the common case, every second: no work proportional to the policy
+            with self._lock:
+                self._seen = ()
             return ()
         expired = [s for s in subs if s.expires_at <= now]
         result: Expansion = expand(model, [s for s in subs if s.expires_at > now])
-        dropped = [(s, "expired") for s in expired] + list(result.revoked)
+        revoked = [(s, why) for s, why in result.revoked if s.created_at <= policy_since]
+        dropped = [(s, "expired") for s in expired] + revoked
         if dropped:
-            with self._lock:
-                for s, _ in dropped:
-                    if self._subs.get(s.name) == s:
-                        del self._subs[s.name]
-                self._save()
-            for s, why in dropped:
-                log.info("sub-agent %s revoked: %s", s.name, why)
+            try:
+                self.store.discard([s for s, _ in dropped])
+            except DelegationStoreError as exc:  # served without them anyway; retried next time
+                log.warning("delegation store: could not drop sub-agents: %s", exc)
+            else:
+                for s, why in dropped:
+                    log.info("sub-agent %s revoked: %s", s.name, why)
+        gone = {s.name for s, _ in dropped}
+        with self._lock:
+            self._seen = tuple(s for s in subs if s.name not in gone)
         return result.active
 
-    # -- persistence ----------------------------------------------------------------------------
-
-    def _load(self) -> list[SubAgent]:
-        path = self.directory / FILE
-        try:
-            data = json.loads(path.read_text())
-            return [_from_json(item) for item in data]
-        except FileNotFoundError:
-            return []
-        except (OSError, ValueError, TypeError, KeyError, IndexError) as exc:
-            # fail closed for the sub-agents (they lose their rights), not for the mesh
-            aside = path.with_name(f"{FILE}.unreadable")
-            log.error("%s: unreadable (%s); moved to %s, no sub-agents kept", path, exc, aside)
-            os.replace(path, aside)
-            return []
-
-    def _save(self) -> None:
-        path = self.directory / FILE
-        tmp = path.with_name(f".{FILE}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump([_to_json(s) for s in self._subs.values()], fh)
-        os.replace(tmp, path)
-
-    def _load_or_create_key(self) -> str:
-        """What gateways prove with that a request came through them (`expand.KEY_HEADER`)."""
-        path = self.directory / KEY_FILE
-        if not path.exists():
-            create_exclusive(path, secrets.token_hex(32).encode())
-        return path.read_text().strip()
-
-
-def _to_json(s: SubAgent) -> dict[str, Any]:
-    return {
-        "name": s.name,
-        "grants": [
-            {"rule": g.rule, "methods": g.methods, "paths": g.paths, "tools": g.tools}
-            for g in s.grants
-        ],
-        "fingerprints": list(s.fingerprints),
-        "created_at": s.created_at,
-        "expires_at": s.expires_at,
-        "delegation": (
-            [s.delegation.max_sub_agents, s.delegation.max_ttl_seconds] if s.delegation else None
-        ),
-        "token_id": s.token_id,
-    }
-
-
-def _from_json(d: dict[str, Any]) -> SubAgent:
-    deleg = d.get("delegation")
-    return SubAgent(
-        name=str(d["name"]),
-        grants=tuple(
-            RuleGrant(int(g["rule"]), tuple(g["methods"]), tuple(g["paths"]), tuple(g["tools"]))
-            for g in d["grants"]
-        ),
-        fingerprints=tuple(d["fingerprints"]),
-        created_at=int(d["created_at"]),
-        expires_at=int(d["expires_at"]),
-        delegation=Delegation(int(deleg[0]), int(deleg[1])) if deleg else None,
-        token_id=str(d.get("token_id", "")),
-    )
+    def _unanswered(
+        self, model: PolicyModel, now: float, exc: DelegationStoreError
+    ) -> tuple[SubAgent, ...]:
+        with self._lock:
+            since = self._failing_since = self._failing_since or now
+            seen = self._seen
+        if now - since >= STALE_LIMIT:
+            log.error("delegation store: %s; serving no sub-agents until it answers", exc)
+            return ()
+        log.warning("delegation store: %s; serving the sub-agents it last listed", exc)
+        return expand(model, [s for s in seen if s.expires_at > now]).active
 
 
 def describe(sub: SubAgent) -> dict[str, Any]:

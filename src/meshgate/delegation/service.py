@@ -7,7 +7,8 @@ only gateways hold (`expand.KEY_HEADER`, an SDS secret). So this endpoint knows 
 the certificate, never from anything the agent set: a request without the key (not through a
 gateway) is refused. Only the caller's own sub-agents can be created, listed or deleted.
 
-Blocking work (the registry's file, signing a join token) runs in worker threads.
+Blocking work (the registry's store, signing a join token) runs in worker threads. A store that
+does not answer (PostgreSQL down) is a 503 `store_unavailable`: nothing was created or deleted.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from meshgate.delegation import names
 from meshgate.delegation.expand import KEY_HEADER
 from meshgate.delegation.registry import DelegationRegistry, Request, describe
 from meshgate.delegation.rights import DelegationError, RuleGrant
+from meshgate.delegation.stores import DelegationStoreError
 from meshgate.durations import DurationError
 from meshgate.http_listen import listen
 from meshgate.identity.ca import IdentityError
@@ -152,6 +154,8 @@ class DelegationServer:
             sub = await asyncio.to_thread(self.registry.create, caller, ask, model)
         except _Refused as r:
             return r.response()
+        except DelegationStoreError as exc:
+            return _unavailable(exc)
         except DelegationError as exc:
             log.info("delegation: refused a sub-agent for %s: %s", request.headers.get(
                 AGENT_HEADER, "?"), exc)  # fmt: skip
@@ -160,8 +164,14 @@ class DelegationServer:
         if self.tokens is not None:
             tokens = self.tokens
             ttl = max(1, sub.expires_at - sub.created_at)
-            token, claims = await asyncio.to_thread(tokens.create, f"agent/{sub.name}", ttl)
-            await asyncio.to_thread(self.registry.set_token, sub.name, claims.token_id)
+            # never valid past the delegation, however long signing took
+            token, claims = await asyncio.to_thread(
+                tokens.create, f"agent/{sub.name}", ttl, not_after=sub.expires_at
+            )
+            try:
+                await asyncio.to_thread(self.registry.set_token, sub, claims.token_id)
+            except DelegationStoreError as exc:  # it exists, but could not be revoked by id
+                log.warning("delegation: %s: token id not recorded: %s", sub.name, exc)
         self.poke()
         log.info("delegation: %s created sub-agent %s until %s", caller, sub.name, sub.expires_at)
         out = describe(sub)
@@ -174,7 +184,10 @@ class DelegationServer:
             caller, _ = await self._caller(request)
         except _Refused as r:
             return r.response()
-        subs = await asyncio.to_thread(self.registry.children, caller)
+        try:
+            subs = await asyncio.to_thread(self.registry.children, caller)
+        except DelegationStoreError as exc:
+            return _unavailable(exc)
         return web.json_response({"agent": caller, "sub_agents": [describe(s) for s in subs]})
 
     async def delete(self, request: web.Request) -> web.Response:
@@ -186,14 +199,25 @@ class DelegationServer:
             gone = await asyncio.to_thread(self.registry.delete, caller, name)
         except _Refused as r:
             return r.response()
+        except DelegationStoreError as exc:
+            return _unavailable(exc)
         except DelegationError as exc:
             return _Refused(404, "not_found", str(exc)).response()
         if self.tokens is not None:
             for sub in gone:
                 if sub.token_id:
-                    await asyncio.to_thread(self.tokens.revoke, sub.token_id)
+                    try:
+                        await asyncio.to_thread(self.tokens.revoke, sub.token_id)
+                    except OSError as exc:  # read-only revocation list (a ConfigMap): the
+                        # sub-agent is gone from every replica's config regardless
+                        log.warning("delegation: token of %s not revoked: %s", sub.name, exc)
         self.poke()
         return web.json_response({"deleted": [s.name for s in gone]})
+
+
+def _unavailable(exc: DelegationStoreError) -> web.Response:
+    log.error("delegation: %s", exc)
+    return _Refused(503, "store_unavailable", "the delegation store did not answer").response()
 
 
 class _Refused(Exception):

@@ -119,8 +119,10 @@ def issue(
     spiffe_id: str,
     ttl: dt.timedelta = DEFAULT_TTL,
     dns_names: Sequence[str] = (),
+    not_after: dt.datetime | None = None,
 ) -> IssuedCert:
-    """Sign a fresh P-256 leaf for spiffe_id, valid for ttl (cut at the intermediate's expiry)."""
+    """Sign a fresh P-256 leaf for spiffe_id, valid for ttl (cut at the intermediate's expiry,
+    and at `not_after`: a sub-agent's leaf ends with its delegation)."""
     trust_domain, _, name = parse_spiffe_id(spiffe_id)
     if trust_domain != ca.trust_domain:
         raise IdentityError(f"{spiffe_id}: not in this CA's trust domain {ca.trust_domain!r}")
@@ -130,7 +132,8 @@ def issue(
     key = new_key()
     now = now_utc()
     not_before = now - CLOCK_SKEW
-    not_after = min(now + ttl, ca.intermediate.not_valid_after_utc)
+    ends = min(now + ttl, ca.intermediate.not_valid_after_utc, not_after or now + ttl)
+    not_before = min(not_before, ends - dt.timedelta(seconds=1))  # an ended delegation: expired
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
@@ -138,7 +141,7 @@ def issue(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
-        .not_valid_after(not_after)
+        .not_valid_after(ends)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_leaf_usage(), critical=True)
         .add_extension(

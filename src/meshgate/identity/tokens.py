@@ -44,11 +44,18 @@ class TokenAuthority:
         self._public: Ed25519PublicKey = self._key.public_key()
         self._revoked: tuple[tuple[int, int], frozenset[str]] | None = None  # (mtime, size), ids
 
-    def create(self, subject: str, ttl_seconds: int) -> tuple[str, TokenClaims]:
+    def create(
+        self, subject: str, ttl_seconds: int, *, not_after: int | None = None
+    ) -> tuple[str, TokenClaims]:
+        """A token for `subject`, valid `ttl_seconds` and never past `not_after` (unix seconds:
+        a sub-agent's token ends with its delegation)."""
         if ttl_seconds <= 0:
             raise TokenError("token lifetime must be positive")
         now = int(time.time())
-        claims = TokenClaims(subject, uuid.uuid4().hex, now + ttl_seconds)
+        expires = now + ttl_seconds if not_after is None else min(now + ttl_seconds, not_after)
+        if expires <= now:
+            raise TokenError("token would expire before it is issued")
+        claims = TokenClaims(subject, uuid.uuid4().hex, expires)
         token = jwt.encode(
             {
                 "iss": ISSUER,

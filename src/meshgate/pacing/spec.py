@@ -151,7 +151,7 @@ class PaceSpec:
     # wrote it (the pacer decodes and caches it); None: not an MCP tool route
     mcp: str | None = None
     # the route is the agent's tool refusal: the pacer answers every call MCP's way, never
-    # forwards it (the route's own answer is a 403 should the pacer not)
+    # forwards it (its route leads to no cluster, should the pacer let it through)
     mcp_refuse: bool = False
     # shadow mode: the tool rules of the policy's shadow version for this agent and
     # destination, when they differ; the pacer decides with them too, records what they would

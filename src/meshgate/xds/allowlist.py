@@ -81,7 +81,7 @@ def grants_by_destination(model: PolicyModel) -> dict[str, tuple[Grant, ...]]:
                 continue
             dest = destinations.get(rule.destination)
             pace = None
-            if dest is not None and dest.tls != "passthrough":
+            if dest is not None:  # a tunnel is a request too: the agent's budgets count it
                 pace = pace_spec(model.mesh, agent, index, rule, dest, shadows.get(agent.agent))
             grouped.setdefault(rule.destination, []).append((agent.agent, index, rule, pace))
     return {name: tuple(grants) for name, grants in grouped.items()}
@@ -228,7 +228,9 @@ def rule_routes(
                     ],
                     rate_limits=limits,
                 ),
-                typed_per_filter_config=limited,
+                typed_per_filter_config=(
+                    {**limited, PACER_FILTER: pacer_route_config(pace)} if pace else limited
+                ),
             ),
         )
     bases = [_path_match(p) for p in rule.paths] or [rc.RouteMatch(prefix="/")]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import (
@@ -26,7 +26,10 @@ from google.protobuf import any_pb2, struct_pb2
 from google.protobuf.message import Message
 from xds.core.v3 import extension_pb2 as core_extension_pb2
 from xds.type.matcher.v3 import matcher_pb2
+from xds.type.matcher.v3 import regex_pb2 as xds_regex_pb2
 from xds.type.matcher.v3 import string_pb2 as xds_string_pb2
+
+from meshgate.policy.model import Destination
 
 
 def pack(message: Message) -> any_pb2.Any:
@@ -100,10 +103,12 @@ def connect_upgrade() -> hcm_pb2.HttpConnectionManager.UpgradeConfig:
 def only_for_authorities(
     name: str, typed_config: any_pb2.Any, authorities: tuple[str, ...]
 ) -> hcm_pb2.HttpFilter:
-    """An HTTP filter that Envoy skips unless the request's :authority is one of `authorities`.
+    """An HTTP filter that Envoy skips unless the request's :authority is one of `authorities`
+    (as Envoy picks virtual hosts: `authority_value`).
 
-    For filters without per-route configuration (credential injector, MCP parser) that must
-    act on one destination's traffic only.
+    For filters without per-route configuration (the MCP parser, its body buffer) that must
+    act on some destinations' traffic only. Not for a filter that adds a secret: a wildcard
+    also matches a name under it that another destination names exactly.
     """
     one_of = matcher_pb2.Matcher.MatcherList.Predicate(
         or_matcher=matcher_pb2.Matcher.MatcherList.Predicate.PredicateList(
@@ -111,8 +116,7 @@ def only_for_authorities(
                 matcher_pb2.Matcher.MatcherList.Predicate(
                     single_predicate=matcher_pb2.Matcher.MatcherList.Predicate.SinglePredicate(
                         input=header_input(":authority"),
-                        # any case, as Envoy picks virtual hosts
-                        value_match=xds_string_pb2.StringMatcher(exact=value, ignore_case=True),
+                        value_match=authority_value(value),
                     )
                 )
                 for value in authorities
@@ -142,6 +146,15 @@ def only_for_authorities(
     return hcm_pb2.HttpFilter(name=name, typed_config=pack(wrapped))
 
 
+def authority_value(authority: str) -> xds_string_pb2.StringMatcher:
+    """Matches what Envoy's virtual host for the domain `authority` matches: in any case, and a
+    wildcard (`*.example.com`, `*.example.com:443`) as a suffix. A name under the wildcard that
+    another destination names exactly matches too (Envoy would pick that destination's host)."""
+    if authority.startswith("*."):
+        return xds_string_pb2.StringMatcher(suffix=authority[1:], ignore_case=True)
+    return xds_string_pb2.StringMatcher(exact=authority, ignore_case=True)
+
+
 def http_listener(
     name: str, host: str, port: int, hcm: hcm_pb2.HttpConnectionManager
 ) -> listener_pb2.Listener:
@@ -162,32 +175,78 @@ def http_listener(
     )
 
 
-def authority_matcher(
-    table: Mapping[str, matcher_pb2.Matcher.OnMatch],
+def one_label_regex(wildcard: str, port: int) -> str:
+    """RE2 for the authorities a wildcard destination (`*.example.com`) stands for: one label
+    under it, with or without its port, in any case (the gateway refuses deeper names)."""
+    suffix = wildcard.removeprefix("*.").replace(".", r"\.")
+    return rf"(?i)[^.:]+\.{suffix}(:{port})?"
+
+
+def _skip() -> matcher_pb2.Matcher.OnMatch:
+    return matcher_pb2.Matcher.OnMatch(
+        action=core_extension_pb2.TypedExtensionConfig(
+            name="skip", typed_config=pack(skip_action_pb2.SkipFilter())
+        )
+    )
+
+
+def _first_of(
+    pairs: list[tuple[xds_string_pb2.StringMatcher, matcher_pb2.Matcher.OnMatch]],
 ) -> matcher_pb2.Matcher:
-    """Pick by the request's authority: a hash lookup, then (only on a miss) a case-insensitive
-    list, because Envoy picks virtual hosts case-insensitively and `Host: Billing.internal`
-    must not reach an allow route while skipping the filter meant for it."""
     authority = header_input(":authority")
-    any_case = matcher_pb2.Matcher(
+    return matcher_pb2.Matcher(
         matcher_list=matcher_pb2.Matcher.MatcherList(
             matchers=[
                 matcher_pb2.Matcher.MatcherList.FieldMatcher(
                     predicate=matcher_pb2.Matcher.MatcherList.Predicate(
                         single_predicate=matcher_pb2.Matcher.MatcherList.Predicate.SinglePredicate(
-                            input=authority,
-                            value_match=xds_string_pb2.StringMatcher(exact=key, ignore_case=True),
+                            input=authority, value_match=value
                         )
                     ),
                     on_match=on_match,
                 )
-                for key, on_match in table.items()
+                for value, on_match in pairs
             ]
         )
     )
-    exact = header_exact_match(":authority", table)
-    exact.on_no_match.matcher.CopyFrom(any_case)
-    return exact
+
+
+def authority_matcher(
+    table: Mapping[Destination, matcher_pb2.Matcher.OnMatch],
+    destinations: Sequence[Destination],
+) -> matcher_pb2.Matcher:
+    """Pick by the request's authority the way Envoy picks the destination's virtual host:
+    `table` maps a destination to what to do for its requests. A hash lookup on exact names, then
+    (only on a miss) the same names in any case, since `Host: Billing.internal` must not reach
+    an allow route while skipping the filter meant for it; then, only for names no destination
+    names exactly, the wildcards (`*.example.com`: one label under it).
+
+    Every exact destination name of `destinations` absent from `table` is skipped first: a name
+    under a wildcard that another destination names exactly belongs to that one, and a
+    credential must never reach its upstream."""
+    exact: dict[str, matcher_pb2.Matcher.OnMatch] = {}
+    wildcards: list[tuple[xds_string_pb2.StringMatcher, matcher_pb2.Matcher.OnMatch]] = []
+    for dest, on_match in table.items():
+        if dest.host.startswith("*."):
+            regex = xds_regex_pb2.RegexMatcher(
+                google_re2=xds_regex_pb2.RegexMatcher.GoogleRE2(),
+                regex=one_label_regex(dest.host, dest.port),
+            )
+            wildcards.append((xds_string_pb2.StringMatcher(safe_regex=regex), on_match))
+        else:
+            exact[dest.host] = exact[f"{dest.host}:{dest.port}"] = on_match
+    skip = _skip()
+    for dest in destinations:
+        if not dest.host.startswith("*."):
+            for name in (dest.host, f"{dest.host}:{dest.port}"):
+                exact.setdefault(name, skip)
+    any_case = _first_of(
+        [(xds_string_pb2.StringMatcher(exact=k, ignore_case=True), m) for k, m in exact.items()]
+        + wildcards  # after every exact name: a list's first match wins
+    )
+    tree = header_exact_match(":authority", exact)
+    tree.on_no_match.matcher.CopyFrom(any_case)
+    return tree
 
 
 def header_exact_match(

@@ -8,7 +8,7 @@ name the agent sent. Refused requests never reach the upstream, so only allowed 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from envoy.config.core.v3 import base_pb2, extension_pb2
 from envoy.extensions.common.matching.v3 import extension_matcher_pb2
@@ -37,11 +37,12 @@ def secret_name(dest: Destination) -> str:
 INJECTOR_FILTER = "meshgate.credentials"
 
 
-def injector_filter(dests: list[Destination]) -> hcm_pb2.HttpFilter:
-    """One filter for every destination: a hash lookup on :authority picks the injector."""
-    by_authority = {}
+def injector_filter(dests: list[Destination], others: Sequence[Destination]) -> hcm_pb2.HttpFilter:
+    """One filter for every destination: a hash lookup on :authority picks the injector (a
+    wildcard's after the exact names of `others`, every destination of the policy)."""
+    by_destination = {}
     for dest in dests:
-        action = matcher_pb2.Matcher.OnMatch(
+        by_destination[dest] = matcher_pb2.Matcher.OnMatch(
             action=core_extension_pb2.TypedExtensionConfig(
                 name=f"inject-{dest.name}",
                 typed_config=pack(
@@ -53,9 +54,7 @@ def injector_filter(dests: list[Destination]) -> hcm_pb2.HttpFilter:
                 ),
             )
         )
-        for authority in (dest.host, f"{dest.host}:{dest.port}"):
-            by_authority[authority] = action
-    tree = authority_matcher(by_authority)
+    tree = authority_matcher(by_destination, others)
     wrapped = extension_matcher_pb2.ExtensionWithMatcher(
         xds_matcher=tree,
         extension_config=extension_pb2.TypedExtensionConfig(

@@ -121,7 +121,7 @@ def gateway_resources(
     if paced(grants):
         filters.append(pacer_filter(longest_wait_ms(model)))
     if injecting:
-        filters.append(injector_filter(injecting))
+        filters.append(injector_filter(injecting, model.destinations))
     tool_identity, tool_secrets = (
         tool_identity_resources(model, tool_tokens) if identity and tool_tokens else (None, [])
     )
@@ -524,25 +524,41 @@ def _unknown_vhost_bytes() -> bytes:
     return bytes(_unknown_destination_vhost().SerializeToString(deterministic=True))
 
 
+def _unknown_destination_routes(
+    headers: Sequence[route_components_pb2.HeaderMatcher] = (),
+) -> list[route_components_pb2.Route]:
+    return [
+        route_components_pb2.Route(
+            name="unknown-destination",
+            match=match,
+            direct_response=json_refusal(
+                403, {"error": "unknown_destination", "host": "%REQ(:AUTHORITY)%"}
+            ),
+        )
+        for match in (
+            route_components_pb2.RouteMatch(
+                connect_matcher=route_components_pb2.RouteMatch.ConnectMatcher(), headers=headers
+            ),
+            route_components_pb2.RouteMatch(prefix="/", headers=headers),
+        )
+    ]
+
+
 def _unknown_destination_vhost() -> route_components_pb2.VirtualHost:
     return route_components_pb2.VirtualHost(
-        name="unknown-destination",
-        domains=["*"],
-        routes=[
-            route_components_pb2.Route(
-                name="unknown-destination",
-                match=match,
-                direct_response=json_refusal(
-                    403, {"error": "unknown_destination", "host": "%REQ(:AUTHORITY)%"}
-                ),
-            )
-            for match in (
-                route_components_pb2.RouteMatch(
-                    connect_matcher=route_components_pb2.RouteMatch.ConnectMatcher()
-                ),
-                route_components_pb2.RouteMatch(prefix="/"),
-            )
-        ],
+        name="unknown-destination", domains=["*"], routes=_unknown_destination_routes()
+    )
+
+
+def _deeper_names(host: str) -> route_components_pb2.HeaderMatcher:
+    """`:authority` naming more than one label where a wildcard host (`*.x`) stands for one:
+    Envoy's `*.x` domain takes any suffix (`a.b.x` too), the policy's wildcard does not."""
+    suffix = host.removeprefix("*.").replace(".", r"\.")
+    return route_components_pb2.HeaderMatcher(
+        name=":authority",
+        string_match=string_pb2.StringMatcher(
+            safe_regex=regex_pb2.RegexMatcher(regex=rf"(?i)[^:]*\.[^:]*\.{suffix}\.?(:[0-9]+)?")
+        ),
     )
 
 
@@ -589,6 +605,8 @@ def _destination_vhost(
         ]
     else:
         routes = destination_routes(dest, cluster_name(dest), grants, trust_domain)
+    if dest.host.startswith("*."):  # one label only, as the policy says
+        routes = [*_unknown_destination_routes([_deeper_names(dest.host)]), *routes]
     vhost = route_components_pb2.VirtualHost(
         name=dest.name,
         domains=[dest.host, f"{dest.host}:{dest.port}"],

@@ -182,6 +182,11 @@ def pace_spec(
     budgets = budget_specs(policy, index, rule, dest)
     owner, at = rule.owner(agent, index)  # a sub-agent's rule counts in its parent's counters
     caps: list[ConcurrencySpec] = []
+    if dest.tls == "passthrough":
+        # the gateway sees a tunnel: the agent's and its groups' request budgets count it (the
+        # policy allows no other limit here), and it holds no capacity slot, since a tunnel
+        # may stay open for hours
+        return PaceSpec(agent, dest.name, tuple(budgets)) if budgets else None
     if rule.concurrency is not None:  # the agent's own cap first: waiting on it is its own doing
         c = rule.concurrency
         caps.append(ConcurrencySpec(f"rule/{owner}/{dest.name}/{at}", c.max, c.max_wait_ms))
@@ -194,7 +199,7 @@ def pace_spec(
     llm_spec = None
     if llm is not None:
         llm_spec = LlmSpec(llm.api, rule.models, rule.max_tokens, llm.prices)
-    mcp = mcp_policy(policy, dest.name) if rule.tools and dest.tls != "passthrough" else None
+    mcp = mcp_policy(policy, dest.name) if rule.tools else None
     if not budgets and not caps and llm_spec is None and mcp is None:
         return None  # never paced only for shadow mode: a pacer outage must not refuse it
     shadow_mcp = None

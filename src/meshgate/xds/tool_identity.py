@@ -87,13 +87,12 @@ def _filter(model: PolicyModel, pairs: list[tuple[str, Destination]]) -> hcm_pb2
         callers = by_dest.setdefault(dest.name, (dest, {}))[1]
         # under mTLS the gateway has replaced the agent header with the certificate's SPIFFE ID
         callers[model.spiffe_id(agent)] = _inject(agent, dest)
-    by_authority: dict[str, matcher_pb2.Matcher.OnMatch] = {}
-    for dest, callers in by_dest.values():
-        nested = matcher_pb2.Matcher.OnMatch(matcher=header_exact_match(AGENT_HEADER, callers))
-        for authority in (dest.host, f"{dest.host}:{dest.port}"):
-            by_authority[authority] = nested
+    by_destination = {
+        dest: matcher_pb2.Matcher.OnMatch(matcher=header_exact_match(AGENT_HEADER, callers))
+        for dest, callers in by_dest.values()
+    }
     wrapped = extension_matcher_pb2.ExtensionWithMatcher(
-        xds_matcher=authority_matcher(by_authority),
+        xds_matcher=authority_matcher(by_destination, model.destinations),
         extension_config=extension_pb2.TypedExtensionConfig(
             name="composite", typed_config=pack(composite_pb2.Composite())
         ),

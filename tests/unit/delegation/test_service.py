@@ -3,6 +3,7 @@ only with the key gateways hold; a caller sees and deletes only its own sub-agen
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -10,8 +11,10 @@ import httpx
 import pytest
 
 from meshgate.delegation.expand import KEY_HEADER, Service, expand
-from meshgate.delegation.registry import DelegationRegistry
+from meshgate.delegation.registry import STALE_LIMIT, DelegationRegistry, Request
+from meshgate.delegation.rights import RuleGrant
 from meshgate.delegation.service import AGENT_HEADER, DelegationServer
+from meshgate.delegation.stores import DelegationStoreError, FileStore, SubAgentStore
 from meshgate.identity.tokens import TokenAuthority, TokenError
 from meshgate.policy.model import (
     AgentPolicy,
@@ -40,7 +43,7 @@ def as_agent(agent: str, key: str) -> dict[str, str]:
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[DelegationServer]:
-    registry = DelegationRegistry(tmp_path, lambda: 1_000_000.0)
+    registry = DelegationRegistry(tmp_path, time.time)  # the clock tokens are signed by
     pokes: list[int] = []
 
     def served() -> PolicyModel:
@@ -100,3 +103,75 @@ async def test_refused_without_the_key_or_an_agent_identity(
         r = await c.post(f"http://127.0.0.1:{server.port}/v1/sub-agents", json=ASK, headers=sent)
     assert r.status_code == 403 and r.json()["error"] == error
     assert server.registry.all() == []
+
+
+async def test_the_join_token_ends_with_the_delegation(server: DelegationServer) -> None:
+    import datetime as dt
+
+    base = f"http://127.0.0.1:{server.port}/v1/sub-agents"
+    async with httpx.AsyncClient(timeout=10) as c:
+        r = await c.post(
+            base, json={**ASK, "ttl": "90s"}, headers=as_agent("sup", server.registry.key)
+        )
+    assert r.status_code == 201, r.text
+    assert server.tokens is not None
+    claims = server.tokens.verify(r.json()["join_token"])
+    ends = dt.datetime.fromisoformat(r.json()["expires_at"]).timestamp()
+    assert ends - 90 <= claims.expires_at <= ends  # the delegation's 90 s, never the default
+
+
+class DownStore:
+    """A store whose database stopped answering after it opened."""
+
+    def __init__(self, inner: SubAgentStore) -> None:
+        self.inner = inner
+        self.down = False
+
+    def __getattr__(self, name: str) -> object:
+        attr = getattr(self.inner, name)
+        if name in ("gateway_key", "close") or not self.down:
+            return attr
+
+        def fail(*args: object) -> object:
+            raise DelegationStoreError("db:5432: connection refused")
+
+        return fail
+
+
+async def test_a_store_that_does_not_answer_is_a_503_not_a_change(tmp_path: Path) -> None:
+    store = DownStore(FileStore(tmp_path / "d"))
+    registry = DelegationRegistry(store, time.time)  # type: ignore[arg-type]
+    srv = DelegationServer(registry, lambda: MODEL, None, lambda: None)
+    await srv.start()
+    try:
+        base = f"http://127.0.0.1:{srv.port}/v1/sub-agents"
+        async with httpx.AsyncClient(timeout=10) as c:
+            r = await c.post(base, json=ASK, headers=as_agent("sup", registry.key))
+            assert r.status_code == 201
+            store.down = True
+            for method, url in (("POST", base), ("GET", base), ("DELETE", f"{base}/web-1")):
+                r = await c.request(method, url, json=ASK, headers=as_agent("sup", registry.key))
+                assert r.status_code == 503, (method, r.text)
+                assert r.json() == {
+                    "error": "store_unavailable",
+                    "reason": "the delegation store did not answer",
+                }
+        store.down = False
+        assert [s.name for s in store.load()] == ["sup.web-1"]
+    finally:
+        await srv.stop()
+
+
+def test_an_unanswering_store_serves_the_last_list_briefly_then_none(tmp_path: Path) -> None:
+    now = [1_000_000.0]
+    store = DownStore(FileStore(tmp_path / "d"))
+    registry = DelegationRegistry(store, lambda: now[0])  # type: ignore[arg-type]
+    registry.create("sup", Request("web-1", 300, (RuleGrant(0),)), MODEL)
+    assert [s.name for s in registry.current(MODEL)] == ["sup.web-1"]
+    store.down = True
+    now[0] += 10
+    assert [s.name for s in registry.current(MODEL)] == ["sup.web-1"]  # a database restart
+    now[0] += STALE_LIMIT
+    assert registry.current(MODEL) == ()  # too long: fail closed
+    store.down = False
+    assert [s.name for s in registry.current(MODEL)] == ["sup.web-1"]  # never deleted

@@ -631,3 +631,76 @@ def test_serve_gateway_address_reaches_the_sidecars_gateway_cluster(tmp_path: Pa
     (cluster,) = clusters
     sock = cluster.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address
     assert (sock.address, sock.port_value) == ("meshgate-gateway.meshgate-system.svc", 15001)
+
+
+def test_the_delegation_port_is_exposed_to_gateways_only() -> None:
+    """Gateways forward `meshgate.internal` to the control plane's Service, so any replica may
+    answer; agents never reach the port themselves (only through a gateway, which adds the key
+    and the verified identity)."""
+    dep = find("Deployment", "meshgate-control-plane")
+    cp = container(dep)
+    ports = {p["name"]: p["containerPort"] for p in cp["ports"]}
+    assert str(ports["delegation"]) == flag(cp["command"], "--delegation-port")
+    svc = find("Service", "meshgate-control-plane")
+    (svc_port,) = [p for p in svc["spec"]["ports"] if p["name"] == "delegation"]
+    assert svc_port["targetPort"] == "delegation"
+    address = f"meshgate-control-plane.meshgate-system.svc:{svc_port['port']}"
+    assert flag(cp["command"], "--delegation-address") == address
+    assert flag(cp["command"], "--host") == "0.0.0.0"  # the endpoint listens on the pod IP
+    rules = find("NetworkPolicy", "meshgate-control-plane-ingress")["spec"]["ingress"]
+    (rule,) = [r for r in rules if {"protocol": "TCP", "port": ports["delegation"]} in r["ports"]]
+    assert rule["ports"] == [{"protocol": "TCP", "port": ports["delegation"]}]
+    gateway_pod = find("Deployment", "meshgate-gateway")["spec"]["template"]["metadata"]["labels"]
+    agent_pod = find("Deployment", "coder")["spec"]["template"]["metadata"]["labels"]
+    assert all("namespaceSelector" not in p for p in rule["from"])  # meshgate-system only
+    assert any(selects(p["podSelector"], gateway_pod) for p in rule["from"])
+    assert not any(selects(p["podSelector"], agent_pod) for p in rule["from"])
+    injector_pod = find("Deployment", "meshgate-injector")["spec"]["template"]["metadata"]
+    assert not any(selects(p["podSelector"], injector_pod["labels"]) for p in rule["from"])
+
+
+def test_replicas_share_sub_agents_through_the_audit_stores_database(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cp = container(find("Deployment", "meshgate-control-plane"))
+    env = {e["name"]: e for e in cp["env"]}
+    assert (
+        env["MESHGATE_DELEGATION_STORE"]["valueFrom"]["secretKeyRef"]
+        == env["MESHGATE_AUDIT_STORE"]["valueFrom"]["secretKeyRef"]
+    )
+    # `serve` reads the variable itself when --delegation-store is absent
+    assert "--delegation-store" not in cp["command"]
+    monkeypatch.setenv("MESHGATE_DELEGATION_STORE", "postgresql://db/meshgate")
+    ctx = _parse_with_cli([expand(cp, arg) for arg in cp["command"]])
+    assert ctx.params["delegation_store"] == "postgresql://db/meshgate"
+    monkeypatch.delenv("MESHGATE_DELEGATION_STORE")
+    ctx = _parse_with_cli([expand(cp, arg) for arg in cp["command"]])
+    assert ctx.params["delegation_store"] is None  # the state dir's file store
+
+
+async def test_gateways_are_sent_to_the_delegation_service_address(tmp_path: Path) -> None:
+    """`--delegation-address` is what gateways route `meshgate.internal` to: the Service, so a
+    request may reach either replica."""
+    from meshgate.controlplane.server import ControlPlane, ServeOptions
+    from meshgate.controlplane.sources import DirectorySource
+    from meshgate.delegation.expand import SERVICE_HOST, expand
+    from meshgate.policy.model import Mesh, PolicyModel
+    from meshgate.sidecar.launcher import parse_address
+
+    cmd = container(find("Deployment", "meshgate-control-plane"))["command"]
+    opts = ServeOptions(
+        mtls=True,
+        delegation_port=0,  # the manifest's port may be taken here; the address is the point
+        delegation_address=parse_address(flag(cmd, "--delegation-address")),
+    )
+    cp = ControlPlane(DirectorySource(tmp_path), tmp_path / "state", opts)
+    assert cp.delegation is not None
+    await cp.delegation.start()
+    try:
+        service = cp.delegation.service()
+    finally:
+        await cp.delegation.stop()
+    assert service is not None
+    model = expand(PolicyModel(Mesh(), (), (), "v1"), (), service).model
+    (dest,) = [d for d in model.destinations if d.host == SERVICE_HOST]
+    assert dest.address == ("meshgate-control-plane.meshgate-system.svc", 18002)

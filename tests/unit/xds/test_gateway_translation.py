@@ -223,3 +223,21 @@ def test_a_tool_rules_sse_get_resumes_no_stream() -> None:
     assert list(bodyless[0].request_headers_to_remove) == ["last-event-id"]
     others = [r for r in tool_routes if r not in bodyless]
     assert others and not any(r.request_headers_to_remove for r in others)
+
+
+def test_a_wildcard_host_stands_for_one_label() -> None:
+    wild = Destination("wild", "*.wild.internal", 80, tls="none", address=("127.0.0.1", 9003))
+    agent = AgentPolicy("w", "w", (EgressRule("wild"),))
+    table = egress_routes(model(destinations=(wild,), agents=(agent,)), {})
+    vhost = next(v for v in table.virtual_hosts if v.name == "wild")
+    first = vhost.routes[:2]
+    assert [r.name for r in first] == ["unknown-destination"] * 2
+    assert first[0].match.HasField("connect_matcher") and first[1].match.prefix == "/"
+    [authority] = first[1].match.headers
+    assert authority.name == ":authority"
+    deeper = re.compile(authority.string_match.safe_regex.regex)  # RE2 and Python agree here
+    for host in ("x.y.wild.internal", "X.Y.WILD.INTERNAL:80", "a.b.c.wild.internal."):
+        assert deeper.fullmatch(host), host
+    for host in ("x.wild.internal", "x.wild.internal:80", "x-y.wild.internal"):
+        assert not deeper.fullmatch(host), host
+    assert vhost.routes[2].name.startswith("allow/w/wild/")

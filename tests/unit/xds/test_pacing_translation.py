@@ -152,6 +152,26 @@ def test_paced_routes_hand_the_pacer_everything_it_enforces() -> None:
     assert pace_of(plain) is None
 
 
+def test_a_tunnel_counts_in_request_budgets_and_holds_no_capacity_slot() -> None:
+    vault = Destination("vault", "vault.example", 443, tls="passthrough")
+    base = policy(Mesh(gateway_capacity=Concurrency(100, 10_000)))
+    coder = dataclasses.replace(base.agents[0], rules=(*base.agents[0].rules, EgressRule("vault")))
+    plain = dataclasses.replace(base.agents[1], rules=(EgressRule("vault"),))
+    table = egress_routes(
+        dataclasses.replace(base, destinations=(*base.destinations, vault), agents=(coder, plain)),
+        {},
+    )
+    [tunnel] = routes_named(table, "allow/coder/vault/")
+    assert tunnel.match.HasField("connect_matcher")
+    pace = pace_of(tunnel)
+    assert pace is not None
+    assert [b.id for b in pace.budgets] == ["agent/coder/daily"]  # request budgets only
+    assert pace.concurrency == () and pace.llm is None and pace.mcp is None
+    # no budget to count it in: the tunnel never reaches the pacer
+    [free] = routes_named(table, "allow/plain/vault/")
+    assert pace_of(free) is None
+
+
 def test_filters_run_in_order_and_the_pacer_fails_closed() -> None:
     resources = gateway_resources(policy(), TranslateOptions())
     [listener] = [r for r in resources if isinstance(r, listener_pb2.Listener)]
