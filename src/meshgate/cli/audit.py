@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
-from meshgate.audit.open import open_store, parse_target, store_target
+from meshgate.audit.open import STORE_ENV, open_store, parse_target, store_target
 from meshgate.audit.query import build_query, parse_instant
 from meshgate.audit.record import DECISIONS, AuditRecord
 from meshgate.audit.sqlbase import SqlAuditStore
@@ -84,7 +85,8 @@ def _opened(store: str | None, state_dir: Path) -> Iterator[SqlAuditStore]:
             )
         opened = open_store(target)
     except _db_errors() as exc:
-        raise fail(str(exc)) from None
+        from_env = store is None and os.environ.get(STORE_ENV)  # not what the user typed
+        raise fail(f"{f'${STORE_ENV}: ' if from_env else ''}{exc}") from None
     try:
         yield opened
     except _db_errors() as exc:

@@ -321,3 +321,15 @@ def test_sidecar_run_leaves_cmd_options_to_cmd(monkeypatch: pytest.MonkeyPatch) 
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert seen == [(["echo", "--proxy-port", "5"], 0)]
+
+
+def test_an_audit_store_from_the_environment_is_named_as_such(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # "no audit log at X (... or pass --store)" for a path the user never typed
+    monkeypatch.setenv("MESHGATE_AUDIT_STORE", str(tmp_path / "gone.db"))
+    result = runner.invoke(app, ["audit", "query"])
+    assert result.exit_code == 1
+    assert f"error: $MESHGATE_AUDIT_STORE: no audit log at {tmp_path / 'gone.db'}" in result.output
+    given = runner.invoke(app, ["audit", "query", "--store", str(tmp_path / "typed.db")])
+    assert "MESHGATE_AUDIT_STORE" not in given.output
