@@ -295,7 +295,17 @@ class PacedGateway:
             raise
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Envoy ready, and its listener too: Envoy says ready even when it refused the
+        listener it was sent (a port already taken), and agents would get connection refused."""
         await self.gw.wait_ready(timeout)
+        refused = await asyncio.to_thread(rejected_listeners, self.gw.admin)
+        if refused:
+            from meshgate.errors import EnvoyError
+
+            raise EnvoyError(
+                f"the gateway's listener did not start: {'; '.join(refused)} (the Mesh's "
+                "egressGateway.listenPort, demo's --gateway-port: is another gateway on it?)"
+            )
 
     async def wait(self) -> int:
         return int(await self.gw.wait())
@@ -305,3 +315,16 @@ class PacedGateway:
             await self.gw.stop()
         finally:
             await asyncio.to_thread(self.pacer.stop)
+
+
+def rejected_listeners(admin: Any) -> list[str]:
+    """Why Envoy refused the listeners it was sent, from its config dump (names only)."""
+    import httpx
+
+    try:
+        answer = admin.get("/config_dump?resource=dynamic_listeners&mask=name,error_state.details")
+        configs = answer.json().get("configs", []) if answer.status_code == 200 else []
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return []
+    details = {str(c.get("error_state", {}).get("details") or "") for c in configs}
+    return sorted(d for d in details if d)

@@ -333,3 +333,60 @@ def test_an_audit_store_from_the_environment_is_named_as_such(
     assert f"error: $MESHGATE_AUDIT_STORE: no audit log at {tmp_path / 'gone.db'}" in result.output
     given = runner.invoke(app, ["audit", "query", "--store", str(tmp_path / "typed.db")])
     assert "MESHGATE_AUDIT_STORE" not in given.output
+
+
+def test_up_refuses_a_gateway_whose_listener_envoy_rejected(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # `demo --gateway-port P` with P taken: Envoy says ready (it NACKs the listener), so `up`
+    # and `demo` printed "is up" and agents got connection refused
+    import json
+
+    import httpx
+
+    events: list[str] = []
+    dump = {
+        "configs": [
+            {"name": "egress-http", "error_state": {"details": "cannot bind '127.0.0.1:15001'"}},
+            {"error_state": {"details": "cannot bind '127.0.0.1:15001'"}},
+        ]
+    }
+
+    class FakeAdmin:
+        def get(self, path: str, timeout: float = 2.0) -> httpx.Response:
+            assert path.startswith("/config_dump?resource=dynamic_listeners")
+            return httpx.Response(200, content=json.dumps(dump))
+
+    class FakeGateway:
+        admin = FakeAdmin()
+
+        async def start(self) -> None:
+            events.append("envoy started")
+
+        async def wait_ready(self, timeout: float = 30.0) -> None:
+            events.append("envoy ready")
+
+        async def stop(self) -> None:
+            events.append("envoy stopped")
+
+    class FakePacer:
+        def start(self) -> None:
+            pass
+
+        def stop(self) -> None:
+            pass
+
+    import meshgate.sidecar.launcher as launcher
+
+    monkeypatch.setattr(launcher, "prepare_gateway", lambda *a, **k: FakeGateway())
+    monkeypatch.setattr(gateway, "_pacer", lambda *a: FakePacer())
+
+    async def start() -> Any:
+        return await gateway.start_gateway("127.0.0.1:1", "local", tmp_path, False, 1, True)
+
+    with pytest.raises(EnvoyError) as caught:
+        asyncio.run(start())
+    assert "listener did not start: cannot bind '127.0.0.1:15001' (the Mesh" in str(caught.value)
+    assert events == ["envoy started", "envoy ready", "envoy stopped"]
+    dump["configs"] = [{"name": "egress-http"}]  # accepted: no error_state
+    assert gateway.rejected_listeners(FakeAdmin()) == []
