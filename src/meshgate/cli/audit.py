@@ -283,10 +283,16 @@ def retain(
     if (retain_ is None) == (older_than is None):
         raise fail("give exactly one of --retain DURATION or --older-than TIME")
     try:
-        if retain_ is not None:
-            cutoff = dt.datetime.now(dt.UTC) - parse_duration(retain_, "--retain", bare=False)
+        now = dt.datetime.now(dt.UTC)
+        if retain_ is not None:  # keeping nothing (0s) is a typo, not a retention policy
+            cutoff = now - parse_duration(retain_, "--retain", bare=False, positive=True)
         else:
             cutoff = parse_instant(str(older_than), "--older-than")
+            if cutoff > dt.datetime.now(dt.UTC):  # `now` and `0s` are now: everything
+                raise ConfigError(
+                    f"--older-than {older_than}: in the future, it would delete records that "
+                    "are not old yet (and every one of them)"
+                )
     except ConfigError as exc:
         raise fail(str(exc)) from None
     except OverflowError:

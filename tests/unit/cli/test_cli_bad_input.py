@@ -390,3 +390,32 @@ def test_up_refuses_a_gateway_whose_listener_envoy_rejected(
     assert events == ["envoy started", "envoy ready", "envoy stopped"]
     dump["configs"] = [{"name": "egress-http"}]  # accepted: no error_state
     assert gateway.rejected_listeners(FakeAdmin()) == []
+
+
+def test_retain_refuses_cutoffs_that_delete_what_is_not_old(tmp_path: Path) -> None:
+    # `--retain 0s` and `--older-than 2099-01-01` deleted the whole audit log
+    import datetime as dt
+
+    from meshgate.audit.record import AuditRecord
+    from meshgate.audit.sqlite_store import SqliteAuditStore
+
+    db = tmp_path / "audit.db"
+    store = SqliteAuditStore(str(db))
+    now = dt.datetime.now(dt.UTC)
+    store.append(
+        [
+            AuditRecord(
+                now, "r1", "a", "", "d", "h", "GET", "/", 200, "allowed", "", 0, 0, 1.0, "v", "g"
+            )
+        ]
+    )
+    store.close()
+    for args, message in (
+        (["--retain", "0s"], "--retain: '0s' must be longer than zero"),
+        (["--older-than", "2099-01-01"], "--older-than 2099-01-01: in the future"),
+    ):
+        result = runner.invoke(app, ["audit", "retain", "--store", str(db), *args])
+        assert result.exit_code == 1, result.output
+        assert message in result.output
+    kept = runner.invoke(app, ["audit", "verify", "--store", str(db)])
+    assert "intact: 1 records" in kept.output
