@@ -12,6 +12,7 @@ from meshgate.cli.common import fail, run_until_signal, setup_logging, wait_eith
 from meshgate.cli.options import (
     DEFAULT_STATE,
     DEFAULT_XDS,
+    NAME_CHARS,
     PORT_RANGE,
     ControlPlaneOpt,
     HealthPortOpt,
@@ -21,6 +22,7 @@ from meshgate.cli.options import (
     StateOpt,
     TokenFileOpt,
     XdsCaOpt,
+    check_node_id,
 )
 from meshgate.cli.output import console
 
@@ -71,6 +73,7 @@ def gateway(
 
     It also ships the gateway's audit spool (STATE_DIR/gateway-NAME/) to the control plane."""
     setup_logging(False)
+    check_node_id(f"gateway/{name}", "--name", name, NAME_CHARS)
     if metrics_port is not None and metrics_address is not None:
         raise fail("give --metrics-port (loopback) or --metrics-address, not both")
     metrics_host = "127.0.0.1"

@@ -13,11 +13,13 @@ from meshgate.cli.common import fail
 from meshgate.cli.options import (
     DEFAULT_ADMIN,
     DEFAULT_STATE,
+    NAME_CHARS,
     AdminOpt,
     AdminTokenFileOpt,
     StateOpt,
     TextOrJsonOpt,
     TokenFormatOpt,
+    check_node_id,
 )
 from meshgate.cli.output import Format, console, err_console, print_json
 from meshgate.delegation.names import is_agent_name
@@ -137,6 +139,8 @@ def token_create(
         raise fail("give exactly one of --agent NAME or --gateway NAME")
     if agent is not None:
         _check_agent(agent)
+    else:
+        check_node_id(f"gateway/{gateway_name}", "--gateway", str(gateway_name), NAME_CHARS)
     if namespace is not None and format is not Format.K8S_SECRET:
         raise fail("--namespace applies to --format k8s-secret only")
     try:

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from meshgate.cli.common import fail
 from meshgate.cli.output import Format, format_option
 from meshgate.pacing.open import LIMIT_STORE_ENV
 
@@ -107,6 +108,20 @@ VaultTtlOpt = Annotated[
 ]
 
 # --- nodes (gateway, sidecar run) dialling the xDS port
+
+
+def check_node_id(node_id: str, option: str, value: str, allowed: str) -> None:
+    """Refuse a name the control plane would refuse as a node id: the node would start, be
+    turned away on every connect, and never say why outside its Envoy log."""
+    from meshgate.xds.nodes import parse_node_id
+
+    try:
+        parse_node_id(node_id)
+    except ValueError:
+        raise fail(f"{option} {value!r}: use {allowed}") from None
+
+
+NAME_CHARS = "lower-case letters, digits and '-'"
 ControlPlaneOpt = Annotated[str, typer.Option(help="xDS address HOST:PORT.")]
 TokenFileOpt = Annotated[
     Path | None,

@@ -19,6 +19,7 @@ from meshgate.cli.options import (
     StateOpt,
     TokenFileOpt,
     XdsCaOpt,
+    check_node_id,
 )
 from meshgate.cli.output import err_console
 from meshgate.errors import MeshgateError
@@ -94,6 +95,9 @@ def sidecar_run(
     from meshgate.sidecar.launcher import run_sidecar
 
     setup_logging(False)
+    check_node_id(
+        f"agent/a/{instance}", "--instance", instance, "letters, digits, '.', '_' and '-' (1-128)"
+    )
     command = list(ctx.args)
     if command and command[0].startswith("-"):  # a mistyped option would be run as CMD
         raise fail(

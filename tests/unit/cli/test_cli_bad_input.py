@@ -419,3 +419,26 @@ def test_retain_refuses_cutoffs_that_delete_what_is_not_old(tmp_path: Path) -> N
         assert message in result.output
     kept = runner.invoke(app, ["audit", "verify", "--store", str(db)])
     assert "intact: 1 records" in kept.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["gateway", "--name", "Bad_Name", "STATE"], "--name 'Bad_Name': use lower-case letters"),
+        (["token", "create", "--gateway", "a/b", "STATE"], "--gateway 'a/b': use lower-case"),
+        (
+            ["sidecar", "run", "--agent", "coder", "--instance", "a b", "STATE", "--", "true"],
+            "--instance 'a b': use letters, digits",
+        ),
+    ],
+)
+def test_node_names_the_control_plane_refuses_are_refused_at_once(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    # the gateway said "running" while every xDS connect was refused (INVALID_ARGUMENT, only in
+    # its Envoy log); the sidecar waited 30 s; the token named a node that cannot exist
+    state = args.index("STATE")
+    result = runner.invoke(app, [*args[:state], "--state-dir", str(tmp_path), *args[state + 1 :]])
+    assert result.exit_code == 1, result.output
+    assert message in result.output
+    assert not any(tmp_path.iterdir())
