@@ -105,7 +105,7 @@ async def upstream(
         hits.append({"path": request.path_qs, "headers": dict(request.headers), "body": body})
         return web.json_response({"upstream": name, "path": request.path_qs})
 
-    app = web.Application()
+    app = web.Application(client_max_size=16 << 20)  # above any gateway limit under test
     app.router.add_route("*", "/{tail:.*}", handle)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

@@ -6,7 +6,9 @@ process edge (failures, logging, signals) in `common`, admin API calls in `admin
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import typer
 
@@ -46,6 +48,18 @@ def main() -> None:
     except MeshgateError as exc:
         err_console.print(f"[red]error:[/red] {exc}", highlight=False)
         sys.exit(1)
+    except OSError as exc:  # a path the user gave that is not what it must be (--state-dir FILE)
+        err_console.print(f"error: {_os_error(exc)}", highlight=False, markup=False)
+        sys.exit(1)
+
+
+def _os_error(exc: OSError) -> str:
+    if not exc.filename:
+        return str(exc)
+    path = Path(os.fsdecode(exc.filename))
+    if isinstance(exc, FileExistsError) and not path.is_dir():  # mkdir(exist_ok=True) on a file
+        return f"{path}: exists and is not a directory"
+    return f"{path}: {exc.strerror or exc}"
 
 
 __all__ = ["app", "main"]

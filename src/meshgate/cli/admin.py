@@ -37,11 +37,37 @@ def call(
         raise fail(str(exc)) from None
 
 
-def get_ok(client: AdminClient, path: str, params: dict[str, str] | None = None) -> Any:
-    """GET's JSON body; an error answer (4xx/5xx) is one line with its message."""
+def get_ok(
+    client: AdminClient, path: str, params: dict[str, str] | None = None, keys: tuple[str, ...] = ()
+) -> Any:
+    """GET's JSON body, holding `keys`; an error answer (4xx/5xx) is one line with its message."""
     answer = call(client, "GET", path, params, where=client.base)
     if answer.status >= 400:
         body = answer.body
         message = body.get("error") if isinstance(body, dict) else None
         raise fail(f"{client.base}: {message or f'HTTP {answer.status}'}")
-    return answer.body
+    return shaped(answer.body, f"{client.base}{path}", keys)
+
+
+def fields(answer: Answer, url: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The answer's JSON object holding `keys`; an error answer (`{"error": ...}`, 4xx/5xx) is
+    its message in one line."""
+    body = answer.body
+    if isinstance(body, dict) and "error" in body:
+        raise fail(str(body["error"]))
+    if answer.status >= 400:
+        raise fail(f"{url} answered HTTP {answer.status}")
+    return shaped(body, url, keys)
+
+
+def shaped(body: Any, url: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """`body` as an object holding `keys`, else one line: JSON of another shape comes from
+    something that is not a meshgate control plane (a wrong --admin port), and reading it
+    would end in a KeyError traceback."""
+    if not isinstance(body, dict):
+        got = f"a JSON {type(body).__name__}, not an object"
+    elif missing := [k for k in keys if k not in body]:
+        got = f"JSON without {', '.join(map(repr, missing))}"
+    else:
+        return body
+    raise fail(f"{url} answered {got}: is this a meshgate control plane's admin URL?")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -18,9 +19,9 @@ from typing import Annotated, Any
 
 import typer
 
-from meshgate.audit.open import open_store, parse_target, store_target
+from meshgate.audit.open import STORE_ENV, open_store, parse_target, store_target
 from meshgate.audit.query import build_query, parse_instant
-from meshgate.audit.record import AuditRecord
+from meshgate.audit.record import DECISIONS, AuditRecord
 from meshgate.audit.sqlbase import SqlAuditStore
 from meshgate.audit.store import SUMMARY_DEFAULT, SUMMARY_KEYS, AuditPage, AuditQuery, SummaryRow
 from meshgate.cli import admin
@@ -63,19 +64,29 @@ def _db_errors() -> tuple[type[Exception], ...]:
     return tuple(errors)
 
 
+def _holds_sqlite(path: Path) -> bool:
+    """Whether opening `path` reads a database rather than creating one."""
+    if not path.exists():
+        return False
+    wal = path.with_name(path.name + "-wal")
+    return not path.is_file() or path.stat().st_size > 0 or wal.exists()
+
+
 @contextlib.contextmanager
 def _opened(store: str | None, state_dir: Path) -> Iterator[SqlAuditStore]:
-    """Open the store for reading or pruning; a missing SQLite file is an error, not created."""
+    """Open the store for reading or pruning; a missing SQLite file is an error, not created
+    (nor an empty one, which SQLite would happily fill with the audit tables)."""
     try:
         target = store_target(store, state_dir)
         parsed = parse_target(target)
-        if parsed.kind == "sqlite" and not Path(parsed.location).exists():
+        if parsed.kind == "sqlite" and not _holds_sqlite(Path(parsed.location)):
             raise ConfigError(
                 f"no audit log at {parsed.location} (start the control plane, or pass --store)"
             )
         opened = open_store(target)
     except _db_errors() as exc:
-        raise fail(str(exc)) from None
+        from_env = store is None and os.environ.get(STORE_ENV)  # not what the user typed
+        raise fail(f"{f'${STORE_ENV}: ' if from_env else ''}{exc}") from None
     try:
         yield opened
     except _db_errors() as exc:
@@ -89,7 +100,7 @@ def query(
     agent: Annotated[str | None, typer.Option(help="Only this agent.")] = None,
     destination: Annotated[str | None, typer.Option(help="Only this destination.")] = None,
     decision: Annotated[
-        str | None, typer.Option(help="allowed, denied, rate_limited or upstream_error.")
+        str | None, typer.Option(help=f"Only this decision: {', '.join(DECISIONS)}.")
     ] = None,
     tool: Annotated[
         str | None, typer.Option(help="Only MCP tools/call records naming this tool.")
@@ -144,7 +155,8 @@ def _remote_page(base: str, token_file: Path | None, state_dir: Path, q: AuditQu
         }.items()
         if v is not None
     }
-    body = admin.get_ok(admin.connect(base, token_file, state_dir), "/v1/audit", params)
+    client = admin.connect(base, token_file, state_dir)
+    body = admin.get_ok(client, "/v1/audit", params, keys=("records", "next_cursor"))
     return AuditPage([AuditRecord.from_json(r) for r in body["records"]], body["next_cursor"])
 
 
@@ -228,7 +240,7 @@ def summary(
         if end:
             params["until"] = end.isoformat()
         client = admin.connect(control_plane, admin_token_file, state_dir)
-        body = admin.get_ok(client, "/v1/audit/summary", params)
+        body = admin.get_ok(client, "/v1/audit/summary", params, keys=("rows",))
         rows = [_summary_row(row) for row in body["rows"]]
     else:
         with _opened(store, state_dir) as opened:
@@ -271,10 +283,16 @@ def retain(
     if (retain_ is None) == (older_than is None):
         raise fail("give exactly one of --retain DURATION or --older-than TIME")
     try:
-        if retain_ is not None:
-            cutoff = dt.datetime.now(dt.UTC) - parse_duration(retain_, "--retain", bare=False)
+        now = dt.datetime.now(dt.UTC)
+        if retain_ is not None:  # keeping nothing (0s) is a typo, not a retention policy
+            cutoff = now - parse_duration(retain_, "--retain", bare=False, positive=True)
         else:
             cutoff = parse_instant(str(older_than), "--older-than")
+            if cutoff > dt.datetime.now(dt.UTC):  # `now` and `0s` are now: everything
+                raise ConfigError(
+                    f"--older-than {older_than}: in the future, it would delete records that "
+                    "are not old yet (and every one of them)"
+                )
     except ConfigError as exc:
         raise fail(str(exc)) from None
     except OverflowError:

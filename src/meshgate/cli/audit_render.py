@@ -148,10 +148,12 @@ def _mcp(r: AuditRecord) -> str:
 
 
 def line(record: AuditRecord) -> str:
-    """One record per line, for tail: greppable."""
+    """One record per line, for tail: greppable, a field per word (`-` when empty, as for a
+    CONNECT to an unknown destination), so `awk '{print $4}'` is always the destination."""
     r = record
     return (
-        f"{r.timestamp.isoformat(timespec='milliseconds')} {r.agent} -> {r.destination} "
+        f"{r.timestamp.isoformat(timespec='milliseconds')} {r.agent or '-'} -> "
+        f"{r.destination or '-'} "
         f"{r.method} {r.host}{r.path}{_mcp(r)} {r.status} {r.decision}"
         + (f" ({r.reason})" if r.reason else "")
     )

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from meshgate.cli import admin
-from meshgate.cli.common import fail
 from meshgate.cli.options import (
     DEFAULT_ADMIN,
     DEFAULT_STATE,
@@ -61,9 +60,7 @@ def budget_status(
     client = admin.connect(admin_url, admin_token_file, state_dir, timeout=10)
     params = {"agent": agent} if agent else None
     answer = admin.call(client, "GET", "/v1/budgets", params=params, where=admin_url)
-    data = answer.body
-    if answer.status >= 400 or "error" in data:
-        raise fail(data.get("error", f"HTTP {answer.status}"))
+    data = admin.fields(answer, f"{admin_url.rstrip('/')}/v1/budgets", ("now", "budgets"))
     if format is Format.JSON:
         print_json(data)
         return

@@ -18,7 +18,14 @@ from typing import Annotated
 import typer
 
 from meshgate.cli.common import fail, run_until_signal, setup_logging, wait_either
-from meshgate.cli.options import DEFAULT_STATE, AdminPortOpt, StateOpt, VerboseOpt, XdsPortOpt
+from meshgate.cli.options import (
+    DEFAULT_STATE,
+    PORT_RANGE,
+    AdminPortOpt,
+    StateOpt,
+    VerboseOpt,
+    XdsPortOpt,
+)
 
 DEFAULT_XDS_PORT = 18000
 AGENTS = (("researcher", "agent_openai.py"), ("coder", "agent_mcp.py"))
@@ -29,7 +36,8 @@ def demo(
     xds_port: XdsPortOpt = DEFAULT_XDS_PORT,
     admin_port: AdminPortOpt = 18001,
     gateway_port: Annotated[
-        int, typer.Option(help="Port of the egress gateway's listener (the demo Mesh's).")
+        int,
+        typer.Option(help="Port of the egress gateway's listener (the demo Mesh's).", **PORT_RANGE),
     ] = 15001,
     verbose: VerboseOpt = False,
 ) -> None:

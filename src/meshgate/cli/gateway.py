@@ -12,6 +12,8 @@ from meshgate.cli.common import fail, run_until_signal, setup_logging, wait_eith
 from meshgate.cli.options import (
     DEFAULT_STATE,
     DEFAULT_XDS,
+    NAME_CHARS,
+    PORT_RANGE,
     ControlPlaneOpt,
     HealthPortOpt,
     InsecureNodeOpt,
@@ -20,6 +22,7 @@ from meshgate.cli.options import (
     StateOpt,
     TokenFileOpt,
     XdsCaOpt,
+    check_node_id,
 )
 from meshgate.cli.output import console
 
@@ -52,7 +55,9 @@ def gateway(
     limit_store_password_file: LimitStorePasswordFileOpt = None,
     metrics_port: Annotated[
         int | None,
-        typer.Option(help="Serve the pacer's Prometheus metrics on 127.0.0.1:PORT/metrics."),
+        typer.Option(
+            help="Serve the pacer's Prometheus metrics on 127.0.0.1:PORT/metrics.", **PORT_RANGE
+        ),
     ] = None,
     metrics_address: Annotated[
         str | None,
@@ -68,6 +73,7 @@ def gateway(
 
     It also ships the gateway's audit spool (STATE_DIR/gateway-NAME/) to the control plane."""
     setup_logging(False)
+    check_node_id(f"gateway/{name}", "--name", name, NAME_CHARS)
     if metrics_port is not None and metrics_address is not None:
         raise fail("give --metrics-port (loopback) or --metrics-address, not both")
     metrics_host = "127.0.0.1"
@@ -239,7 +245,11 @@ async def start_gateway(
     )
     await paced.start()
     if wait_ready:
-        await paced.wait_ready()
+        try:
+            await paced.wait_ready()
+        except BaseException:  # the caller never gets it to stop: an Envoy left running
+            await paced.stop()
+            raise
     return paced
 
 
@@ -288,7 +298,17 @@ class PacedGateway:
             raise
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Envoy ready, and its listener too: Envoy says ready even when it refused the
+        listener it was sent (a port already taken), and agents would get connection refused."""
         await self.gw.wait_ready(timeout)
+        refused = await asyncio.to_thread(rejected_listeners, self.gw.admin)
+        if refused:
+            from meshgate.errors import EnvoyError
+
+            raise EnvoyError(
+                f"the gateway's listener did not start: {'; '.join(refused)} (the Mesh's "
+                "egressGateway.listenPort, demo's --gateway-port: is another gateway on it?)"
+            )
 
     async def wait(self) -> int:
         return int(await self.gw.wait())
@@ -298,3 +318,16 @@ class PacedGateway:
             await self.gw.stop()
         finally:
             await asyncio.to_thread(self.pacer.stop)
+
+
+def rejected_listeners(admin: Any) -> list[str]:
+    """Why Envoy refused the listeners it was sent, from its config dump (names only)."""
+    import httpx
+
+    try:
+        answer = admin.get("/config_dump?resource=dynamic_listeners&mask=name,error_state.details")
+        configs = answer.json().get("configs", []) if answer.status_code == 200 else []
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return []
+    details = {str(c.get("error_state", {}).get("details") or "") for c in configs}
+    return sorted(d for d in details if d)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -11,15 +13,32 @@ from meshgate.cli.common import fail
 from meshgate.cli.options import (
     DEFAULT_ADMIN,
     DEFAULT_STATE,
+    NAME_CHARS,
     AdminOpt,
     AdminTokenFileOpt,
     StateOpt,
     TextOrJsonOpt,
     TokenFormatOpt,
+    check_node_id,
 )
 from meshgate.cli.output import Format, console, err_console, print_json
+from meshgate.delegation.names import is_agent_name
 from meshgate.durations import DurationError, parse_seconds
 from meshgate.identity.agent_trust import ca_cert_path
+
+# what `token create` prints as the token id (uuid4().hex), so a typo is not "revoked"
+_TOKEN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def _check_agent(agent: str) -> None:
+    """A policy or sub-agent name: anything else names no agent (and, in a URL, another path)."""
+    if not is_agent_name(agent):
+        raise fail(f"--agent {agent!r}: use lower-case letters, digits and '-'")
+
+
+def _signing_key(state_dir: Path) -> Path:
+    return state_dir / "tokens" / "signing-key.pem"
+
 
 identity_app = typer.Typer(help="Workload identities.", no_args_is_help=True)
 ca_app = typer.Typer(
@@ -37,10 +56,11 @@ def identity_show(
     state_dir: StateOpt = DEFAULT_STATE,
 ) -> None:
     """SPIFFE ID, current certificate (serial, expiry) and the rules that apply to AGENT."""
+    _check_agent(agent)
     client = admin.connect(admin_url, admin_token_file, state_dir, timeout=5)
-    data = admin.call(client, "GET", f"/v1/identity/{agent}").body
-    if "error" in data:
-        raise fail(data["error"])
+    path = f"/v1/identity/{agent}"
+    keys = ("spiffe_id", "certificate", "mtls", "rules")
+    data = admin.fields(admin.call(client, "GET", path), f"{admin_url.rstrip('/')}{path}", keys)
     if format is Format.JSON:
         print_json(data)
         return
@@ -95,9 +115,7 @@ def ca_rotate(
     With --ca vault, Vault's PKI engine signs the new intermediate now."""
     client = admin.connect(admin_url, admin_token_file, state_dir, timeout=30)
     answer = admin.call(client, "POST", "/v1/ca/rotate", where=admin_url)
-    code, data = answer.status, answer.body
-    if code >= 400:
-        raise fail(data.get("error", f"HTTP {code}") if isinstance(data, dict) else f"HTTP {code}")
+    data = admin.fields(answer, f"{admin_url.rstrip('/')}/v1/ca/rotate", ("intermediate_serial",))
     console.print(f"new intermediate {data['intermediate_serial']}; certificates roll over now")
 
 
@@ -119,6 +137,10 @@ def token_create(
 
     if (agent is None) == (gateway_name is None):
         raise fail("give exactly one of --agent NAME or --gateway NAME")
+    if agent is not None:
+        _check_agent(agent)
+    else:
+        check_node_id(f"gateway/{gateway_name}", "--gateway", str(gateway_name), NAME_CHARS)
     if namespace is not None and format is not Format.K8S_SECRET:
         raise fail("--namespace applies to --format k8s-secret only")
     try:
@@ -126,7 +148,15 @@ def token_create(
     except DurationError as exc:
         raise fail(str(exc)) from None
     subject = f"agent/{agent}" if agent else f"gateway/{gateway_name}"
+    new_key = not _signing_key(state_dir).exists()
     token, claims = TokenAuthority(state_dir).create(subject, seconds)
+    if new_key:  # a mistyped --state-dir would otherwise give a token nothing accepts
+        err_console.print(
+            f"note: no signing key in {state_dir} yet: created {_signing_key(state_dir)}; only "
+            f"a control plane started with --state-dir {state_dir} accepts this token",
+            highlight=False,
+            markup=False,
+        )
     if format is Format.K8S_SECRET:
         import yaml
 
@@ -147,5 +177,12 @@ def token_revoke(
     """Refuse this token from now on (new xDS streams)."""
     from meshgate.identity.tokens import TokenAuthority
 
+    if not _TOKEN_ID.fullmatch(token_id):
+        raise fail(f"{token_id!r} is not a token id: give the 32 hex digits `token create` printed")
+    if not _signing_key(state_dir).exists():
+        raise fail(
+            f"{state_dir} issued no tokens (no {_signing_key(state_dir)}): give --state-dir of "
+            "the control plane that issued it"
+        )
     TokenAuthority(state_dir).revoke(token_id)
     console.print(f"revoked {token_id}")

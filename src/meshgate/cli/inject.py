@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from meshgate.cli.common import fail, run_until_signal, setup_logging
-from meshgate.cli.options import VerboseOpt
+from meshgate.cli.options import PORT_RANGE, VerboseOpt
 from meshgate.errors import MeshgateError
 
 inject_app = typer.Typer(help="Kubernetes sidecar injection.", no_args_is_help=True)
@@ -20,10 +20,13 @@ DEFAULT_CONTROL_PLANE = "meshgate-control-plane.meshgate-system.svc:18000"
 ImageOpt = Annotated[str, typer.Option(help="Image of the injected sidecar (has meshgate, envoy).")]
 InjectCpOpt = Annotated[str, typer.Option(help="xDS address HOST:PORT the sidecars dial.")]
 SidecarPortOpt = Annotated[
-    int, typer.Option(help="Loopback proxy port of the injected sidecars (apps' HTTP_PROXY).")
+    int,
+    typer.Option(
+        help="Loopback proxy port of the injected sidecars (apps' HTTP_PROXY).", **PORT_RANGE
+    ),
 ]
 InjectHealthOpt = Annotated[
-    int, typer.Option(help="Sidecar's loopback GET /healthz/ready port (its probes).")
+    int, typer.Option(help="Sidecar's loopback GET /healthz/ready port (its probes).", **PORT_RANGE)
 ]
 InjectXdsCaOpt = Annotated[
     str,
@@ -70,7 +73,9 @@ def inject_serve(
     cert: Annotated[Path, typer.Option(help="TLS certificate (PEM) the API server verifies.")],
     key: Annotated[Path, typer.Option(help="Its private key (PEM).")],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
-    port: Annotated[int, typer.Option(help="HTTPS port (POST /mutate, GET /healthz).")] = 8443,
+    port: Annotated[
+        int, typer.Option(help="HTTPS port (POST /mutate, GET /healthz).", **PORT_RANGE)
+    ] = 8443,
     image: ImageOpt = DEFAULT_IMAGE,
     control_plane: InjectCpOpt = DEFAULT_CONTROL_PLANE,
     sidecar_port: SidecarPortOpt = 15080,

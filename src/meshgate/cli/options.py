@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from meshgate.cli.common import fail
 from meshgate.cli.output import Format, format_option
 from meshgate.pacing.open import LIMIT_STORE_ENV
 
@@ -49,8 +50,10 @@ AuditAdminTokenFileOpt = Annotated[
 PoliciesOpt = Annotated[
     str, typer.Option("--policies", "-p", help="Policy directory, or git+URL@ref for a git repo.")
 ]
-XdsPortOpt = Annotated[int, typer.Option(help="Port for the xDS gRPC server.")]
-AdminPortOpt = Annotated[int, typer.Option(help="Port for the admin HTTP server.")]
+# a TCP port: out of range, the OS takes it modulo 65536 (--xds-port 70000 bound 4464)
+PORT_RANGE = {"min": 0, "max": 65535}
+XdsPortOpt = Annotated[int, typer.Option(help="Port for the xDS gRPC server.", **PORT_RANGE)]
+AdminPortOpt = Annotated[int, typer.Option(help="Port for the admin HTTP server.", **PORT_RANGE)]
 InsecureServeOpt = Annotated[
     bool,
     typer.Option(
@@ -105,6 +108,20 @@ VaultTtlOpt = Annotated[
 ]
 
 # --- nodes (gateway, sidecar run) dialling the xDS port
+
+
+def check_node_id(node_id: str, option: str, value: str, allowed: str) -> None:
+    """Refuse a name the control plane would refuse as a node id: the node would start, be
+    turned away on every connect, and never say why outside its Envoy log."""
+    from meshgate.xds.nodes import parse_node_id
+
+    try:
+        parse_node_id(node_id)
+    except ValueError:
+        raise fail(f"{option} {value!r}: use {allowed}") from None
+
+
+NAME_CHARS = "lower-case letters, digits and '-'"
 ControlPlaneOpt = Annotated[str, typer.Option(help="xDS address HOST:PORT.")]
 TokenFileOpt = Annotated[
     Path | None,
@@ -118,7 +135,8 @@ HealthPortOpt = Annotated[
     int | None,
     typer.Option(
         help="Envoy answers GET /healthz/ready on 127.0.0.1:PORT (for outside probes; nothing "
-        "else). Envoy's admin is a unix socket in the state dir, never a port."
+        "else). Envoy's admin is a unix socket in the state dir, never a port.",
+        **PORT_RANGE,
     ),
 ]
 InsecureNodeOpt = Annotated[

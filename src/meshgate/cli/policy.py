@@ -178,12 +178,19 @@ def lint(
     format: TextOrJsonOpt = Format.TEXT,
 ) -> None:
     """Apply the platform team's guardrails (MG001...); exit 1 on any error-level finding."""
+    from meshgate.errors import ConfigError
     from meshgate.policy.lint import has_errors, lint_policy, load_lint_config
 
     loaded = _load_dir(directory)
-    cfg = load_lint_config(config or directory / ".meshgate-lint.yaml")
     if config is not None and not config.exists():
         raise fail(f"{config}: lint config not found")
+    config_path = config or directory / ".meshgate-lint.yaml"
+    try:
+        cfg = load_lint_config(config_path)
+    except ConfigError as exc:  # name the file: "lint config: ..." alone does not say which
+        message = str(exc).removeprefix("lint config: ")
+        where = "" if message.startswith(str(config_path)) else f"{config_path}: "
+        raise fail(f"{where}{message}") from None
     findings = lint_policy(loaded.model, cfg, loaded.sources)
     if format is Format.JSON:
         print_json([f.__dict__ for f in findings])

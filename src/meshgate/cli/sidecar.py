@@ -12,12 +12,14 @@ from meshgate.cli.common import fail, run_until_signal, setup_logging, warn_inse
 from meshgate.cli.options import (
     DEFAULT_STATE,
     DEFAULT_XDS,
+    PORT_RANGE,
     ControlPlaneOpt,
     HealthPortOpt,
     InsecureNodeOpt,
     StateOpt,
     TokenFileOpt,
     XdsCaOpt,
+    check_node_id,
 )
 from meshgate.cli.output import err_console
 from meshgate.errors import MeshgateError
@@ -26,7 +28,14 @@ sidecar_app = typer.Typer(help="Agent sidecars.", no_args_is_help=True)
 
 
 @sidecar_app.command(
-    "run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+    "run",
+    # CMD's own options stay CMD's (`sidecar run --agent a curl --proxy x` passes --proxy to
+    # curl, like `sudo` and `env`); an unknown option before CMD is refused below
+    context_settings={
+        "allow_extra_args": True,
+        "ignore_unknown_options": True,
+        "allow_interspersed_args": False,
+    },
 )
 def sidecar_run(
     ctx: typer.Context,
@@ -57,7 +66,10 @@ def sidecar_run(
         ),
     ] = False,
     proxy_port: Annotated[
-        int, typer.Option(help="Loopback port of this sidecar's proxy (default: a free one).")
+        int,
+        typer.Option(
+            help="Loopback port of this sidecar's proxy (default: a free one).", **PORT_RANGE
+        ),
     ] = 0,
     insecure: InsecureNodeOpt = False,
     agent_trust_ca: Annotated[
@@ -83,7 +95,15 @@ def sidecar_run(
     from meshgate.sidecar.launcher import run_sidecar
 
     setup_logging(False)
+    check_node_id(
+        f"agent/a/{instance}", "--instance", instance, "letters, digits, '.', '_' and '-' (1-128)"
+    )
     command = list(ctx.args)
+    if command and command[0].startswith("-"):  # a mistyped option would be run as CMD
+        raise fail(
+            f"no such option: {command[0]} (CMD goes after --: "
+            "meshgate sidecar run --agent NAME -- CMD ARGS)"
+        )
     result: list[int] = []
     agent_user = None
     if command:

@@ -20,6 +20,7 @@ from meshgate.cli.options import (
 from meshgate.cli.output import Column, Format, Show, fitted_console, print_json, print_table
 
 XDS_TYPES = ("cds", "eds", "lds", "rds", "sds")
+STATUS_KEYS = ("policy", "nodes")  # what a meshgate control plane's /status always holds
 
 # by default the versions in one column grouped by value; --wide: one column per type
 NODE_COLUMNS = (
@@ -50,7 +51,9 @@ def status(
 ) -> None:
     """Connected nodes, their identity, ACKed version per type, last NACK; policy state."""
     client = admin.connect(admin_url, admin_token_file, state_dir, timeout=5)
-    data = admin.call(client, "GET", "/status").body
+    data = admin.fields(
+        admin.call(client, "GET", "/status"), f"{admin_url.rstrip('/')}/status", STATUS_KEYS
+    )
     if format is Format.JSON:
         print_json(data)
         return

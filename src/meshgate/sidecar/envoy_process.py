@@ -108,7 +108,9 @@ class EnvoyProcess:
                 return
             await asyncio.sleep(0.1)
         raise EnvoyError(
-            f"envoy was not ready within {timeout:.0f}s (admin {self.admin_socket.path})"
+            f"envoy was not ready within {timeout:.0f}s (admin {self.admin_socket.path}): it has "
+            "no configuration from the control plane: is that running, serving a valid policy "
+            "that names this node? (`meshgate status`)"
         )
 
     async def stop(self) -> None:

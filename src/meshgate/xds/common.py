@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TypeAlias
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.core.v3 import (
@@ -100,41 +101,80 @@ def connect_upgrade() -> hcm_pb2.HttpConnectionManager.UpgradeConfig:
     return hcm_pb2.HttpConnectionManager.UpgradeConfig(upgrade_type="CONNECT")
 
 
-def only_for_authorities(
-    name: str, typed_config: any_pb2.Any, authorities: tuple[str, ...]
-) -> hcm_pb2.HttpFilter:
-    """An HTTP filter that Envoy skips unless the request's :authority is one of `authorities`
-    (as Envoy picks virtual hosts: `authority_value`).
+Predicate: TypeAlias = matcher_pb2.Matcher.MatcherList.Predicate
 
-    For filters without per-route configuration (the MCP parser, its body buffer) that must
-    act on some destinations' traffic only. Not for a filter that adds a secret: a wildcard
-    also matches a name under it that another destination names exactly.
-    """
-    one_of = matcher_pb2.Matcher.MatcherList.Predicate(
-        or_matcher=matcher_pb2.Matcher.MatcherList.Predicate.PredicateList(
-            predicate=[
-                matcher_pb2.Matcher.MatcherList.Predicate(
-                    single_predicate=matcher_pb2.Matcher.MatcherList.Predicate.SinglePredicate(
-                        input=header_input(":authority"),
-                        value_match=authority_value(value),
-                    )
-                )
-                for value in authorities
-            ]
+
+def _authority_is(value: xds_string_pb2.StringMatcher) -> Predicate:
+    return Predicate(
+        single_predicate=Predicate.SinglePredicate(
+            input=header_input(":authority"), value_match=value
         )
     )
-    if len(authorities) == 1:  # an or_matcher needs two or more predicates
-        one_of = one_of.or_matcher.predicate[0]
+
+
+def _any_of(predicates: list[Predicate]) -> Predicate:
+    if len(predicates) == 1:  # an or_matcher needs two or more predicates
+        return predicates[0]
+    return Predicate(or_matcher=Predicate.PredicateList(predicate=predicates))
+
+
+def _regex(pattern: str) -> xds_string_pb2.StringMatcher:
+    return xds_string_pb2.StringMatcher(
+        safe_regex=xds_regex_pb2.RegexMatcher(
+            google_re2=xds_regex_pb2.RegexMatcher.GoogleRE2(), regex=pattern
+        )
+    )
+
+
+def _names(dest: Destination) -> tuple[str, str]:
+    return dest.host, f"{dest.host}:{dest.port}"
+
+
+def destination_predicate(dest: Destination, every: Sequence[Destination]) -> Predicate:
+    """The requests Envoy routes to `dest`'s virtual host (in any case), a wildcard's one label
+    under it only where no other destination of `every` names that host exactly."""
+    if not dest.host.startswith("*."):
+        return _any_of(
+            [
+                _authority_is(xds_string_pb2.StringMatcher(exact=n, ignore_case=True))
+                for n in _names(dest)
+            ]
+        )
+    one_label = _authority_is(_regex(one_label_regex(dest.host, dest.port)))
+    suffix = dest.host[1:]
+    taken = [
+        _authority_is(xds_string_pb2.StringMatcher(exact=n, ignore_case=True))
+        for other in every
+        if not other.host.startswith("*.") and other.host.endswith(suffix)
+        for n in _names(other)
+    ]
+    if not taken:
+        return one_label
+    return Predicate(
+        and_matcher=Predicate.PredicateList(
+            predicate=[one_label, Predicate(not_matcher=_any_of(taken))]
+        )
+    )
+
+
+def only_for_destinations(
+    name: str,
+    typed_config: any_pb2.Any,
+    chosen: Sequence[Destination],
+    every: Sequence[Destination],
+) -> hcm_pb2.HttpFilter:
+    """An HTTP filter that Envoy skips unless the request is for one of `chosen`, as Envoy picks
+    virtual hosts (`destination_predicate`; `every`: the policy's destinations).
+
+    For filters without per-route configuration (the MCP parser, its body buffer) that must
+    act on some destinations' traffic only: a name under a wildcard that another destination
+    names exactly is that destination's traffic, not the wildcard's."""
+    run = _any_of([destination_predicate(d, every) for d in chosen])
     skip_others = matcher_pb2.Matcher(
         matcher_list=matcher_pb2.Matcher.MatcherList(
             matchers=[
                 matcher_pb2.Matcher.MatcherList.FieldMatcher(
-                    predicate=matcher_pb2.Matcher.MatcherList.Predicate(not_matcher=one_of),
-                    on_match=matcher_pb2.Matcher.OnMatch(
-                        action=core_extension_pb2.TypedExtensionConfig(
-                            name="skip", typed_config=pack(skip_action_pb2.SkipFilter())
-                        )
-                    ),
+                    predicate=Predicate(not_matcher=run), on_match=_skip()
                 )
             ]
         )
@@ -144,15 +184,6 @@ def only_for_authorities(
         extension_config=extension_pb2.TypedExtensionConfig(name=name, typed_config=typed_config),
     )
     return hcm_pb2.HttpFilter(name=name, typed_config=pack(wrapped))
-
-
-def authority_value(authority: str) -> xds_string_pb2.StringMatcher:
-    """Matches what Envoy's virtual host for the domain `authority` matches: in any case, and a
-    wildcard (`*.example.com`, `*.example.com:443`) as a suffix. A name under the wildcard that
-    another destination names exactly matches too (Envoy would pick that destination's host)."""
-    if authority.startswith("*."):
-        return xds_string_pb2.StringMatcher(suffix=authority[1:], ignore_case=True)
-    return xds_string_pb2.StringMatcher(exact=authority, ignore_case=True)
 
 
 def http_listener(
@@ -228,11 +259,7 @@ def authority_matcher(
     wildcards: list[tuple[xds_string_pb2.StringMatcher, matcher_pb2.Matcher.OnMatch]] = []
     for dest, on_match in table.items():
         if dest.host.startswith("*."):
-            regex = xds_regex_pb2.RegexMatcher(
-                google_re2=xds_regex_pb2.RegexMatcher.GoogleRE2(),
-                regex=one_label_regex(dest.host, dest.port),
-            )
-            wildcards.append((xds_string_pb2.StringMatcher(safe_regex=regex), on_match))
+            wildcards.append((_regex(one_label_regex(dest.host, dest.port)), on_match))
         else:
             exact[dest.host] = exact[f"{dest.host}:{dest.port}"] = on_match
     skip = _skip()

@@ -57,7 +57,7 @@ from meshgate.xds.common import (
     http_listener,
     json_body,
     json_refusal,
-    only_for_authorities,
+    only_for_destinations,
     pack,
     router_filter,
     single_endpoint,
@@ -127,7 +127,8 @@ def gateway_resources(
     )
     if tool_identity is not None:
         filters.append(tool_identity)
-    tool_hosts = _tool_rule_authorities(model)
+    tool_hosts = _tool_rule_destinations(model)
+    every = model.destinations
     if tool_hosts:
         # PASS_THROUGH: the routes decide what an unparsed request may do (allowlist._tool_matches)
         whole_body = buffer_pb2.Buffer(
@@ -140,9 +141,9 @@ def gateway_resources(
         filters[0:0] = [
             # whole bodies (up to the limit, else 413) before parsing: the parser sees all of a
             # body, and a chunked body gets its Content-Length (see allowlist._body_guard)
-            only_for_authorities(BUFFER_FILTER, pack(whole_body), tool_hosts),
-            only_for_authorities(MCP_FILTER, pack(mcp), tool_hosts),
-            only_for_authorities(BODY_GUARD_FILTER, pack(http_rbac_pb2.RBAC()), tool_hosts),
+            only_for_destinations(BUFFER_FILTER, pack(whole_body), tool_hosts, every),
+            only_for_destinations(MCP_FILTER, pack(mcp), tool_hosts, every),
+            only_for_destinations(BODY_GUARD_FILTER, pack(http_rbac_pb2.RBAC()), tool_hosts, every),
         ]
     filters.insert(0, path_guard_filter())
     listener = egress_listener(model.mesh.gateway_listen_port, options.gateway_bind, filters)
@@ -171,15 +172,10 @@ def require_agent_certificates(listener: listener_pb2.Listener) -> None:
     chain.filters[0].typed_config.CopyFrom(pack(hcm))
 
 
-def _tool_rule_authorities(model: PolicyModel) -> tuple[str, ...]:
-    """Authorities of destinations with MCP tool rules: only their bodies are parsed."""
+def _tool_rule_destinations(model: PolicyModel) -> tuple[Destination, ...]:
+    """Destinations with MCP tool rules: only their bodies are parsed."""
     names = {r.destination for a in model.agents for r in a.rules if r.tools and r.enforced}
-    return tuple(
-        authority
-        for d in model.destinations
-        if d.name in names
-        for authority in (d.host, f"{d.host}:{d.port}")
-    )
+    return tuple(d for d in model.destinations if d.name in names)
 
 
 def destination_cluster(dest: Destination, system_ca_file: str) -> cluster_pb2.Cluster:
@@ -260,7 +256,11 @@ def egress_listener(
     # the audit spool is the gateway's one request log: a second (stdout) logger costs
     # throughput on the hot path for a copy of the same lines
     audit_connection_manager(hcm)
-    return http_listener(LISTENER_NAME, bind_address, port, hcm)
+    listener = http_listener(LISTENER_NAME, bind_address, port, hcm)
+    # a second gateway (another mesh on this host, same user) must fail to bind the port, not
+    # silently take a share of the agents' connections, as SO_REUSEPORT would let it
+    listener.enable_reuse_port.CopyFrom(wrappers_pb2.BoolValue(value=False))
+    return listener
 
 
 # Headers an agent may not send upstream: the tool-JWT header (only the gateway's injector sets

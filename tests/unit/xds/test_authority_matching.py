@@ -1,6 +1,7 @@
-"""Filters chosen by :authority: the MCP parser's matches what Envoy's virtual hosts match (any
-case, a wildcard as a suffix); the secret-adding injectors' match exact names first, so a
-wildcard's credential never reaches a destination named exactly under it."""
+"""Filters chosen by :authority pick a destination as Envoy's virtual hosts do (any case), a
+wildcard standing for one label, and never a name under it that another destination names
+exactly: the MCP parser acts only on its destinations' traffic, a wildcard's credential never
+reaches another destination's upstream."""
 
 from __future__ import annotations
 
@@ -10,14 +11,30 @@ from xds.core.v3 import extension_pb2
 from xds.type.matcher.v3 import matcher_pb2
 
 from meshgate.policy.model import Destination
-from meshgate.xds.common import authority_matcher, authority_value, one_label_regex
+from meshgate.xds.common import authority_matcher, destination_predicate, one_label_regex
 
 
-def test_a_wildcard_is_a_case_insensitive_suffix_and_a_name_is_exact() -> None:
-    wild = authority_value("*.wild.internal:80")
-    assert wild.suffix == ".wild.internal:80" and wild.ignore_case
-    exact = authority_value("api.wild.internal")
-    assert exact.exact == "api.wild.internal" and exact.ignore_case
+def test_a_filter_for_a_wildcard_leaves_names_other_destinations_hold() -> None:
+    wild = Destination("wild", "*.wild.internal", 80)
+    api = Destination("api", "api.wild.internal", 80)
+    elsewhere = Destination("docs", "docs.internal", 80)
+    run = destination_predicate(wild, [wild, api, elsewhere]).and_matcher.predicate
+    one_label, not_taken = run
+    regex = re.compile(one_label.single_predicate.value_match.safe_regex.regex)
+    assert regex.fullmatch("a.wild.internal") and not regex.fullmatch("a.b.wild.internal")
+    taken = not_taken.not_matcher.or_matcher.predicate
+    # only the names under the wildcard (others cannot match its regex anyway), in any case
+    assert [p.single_predicate.value_match.exact for p in taken] == [
+        "api.wild.internal",
+        "api.wild.internal:80",
+    ]
+    assert all(p.single_predicate.value_match.ignore_case for p in taken)
+    # an exact destination: its names, in any case
+    names = destination_predicate(api, [wild, api]).or_matcher.predicate
+    assert [
+        (p.single_predicate.value_match.exact, p.single_predicate.value_match.ignore_case)
+        for p in names
+    ] == [("api.wild.internal", True), ("api.wild.internal:80", True)]
 
 
 def test_an_injector_takes_exact_names_first_then_one_label_under_a_wildcard() -> None:
