@@ -31,6 +31,20 @@ class TokenAuthenticator:
             )
         return claims.subject
 
+    def recheck(self, identity: str, metadata: dict[str, str]) -> None:
+        """Before each response on an open stream of a sub-agent: its token must still be its
+        current delegation's (deleted and re-created, the old holder's stream must not get the
+        new one's certificate). No I/O: the signature and the registry's last read only."""
+        name = identity.removeprefix("agent/")
+        if name == identity or "." not in name:
+            return
+        _, _, token = metadata.get(TOKEN_HEADER, "").partition(" ")
+        try:
+            claims = self.authority.verify(token.strip(), check_revoked=False)
+            self.authority.check_bound(claims)
+        except TokenError as exc:
+            raise StreamError("UNAUTHENTICATED", str(exc)) from None
+
 
 class GatewaysOnly:
     """Who may call the control plane's limit store: gateways (their pacers), never sidecars.

@@ -137,6 +137,10 @@ class AdsStream(abc.ABC):
         self.peer = peer
         self.metadata = metadata
         self.authenticate = authenticate
+        # identities that can lapse while connected (sub-agents'): controlplane/auth.py
+        self._still_valid: Callable[[str, dict[str, str]], None] | None = getattr(
+            authenticate, "recheck", None
+        )
         self.pusher = pusher
         self.sent: collections.Counter[str] = collections.Counter() if sent is None else sent
         self.stream_id = next(_stream_ids)
@@ -220,6 +224,7 @@ class AdsStream(abc.ABC):
             return
         queued = len(self.outbox.items)
         try:
+            self._recheck()
             self.on_snapshot()
         except Exception as exc:  # ends this stream only
             self.outbox.put_nowait(exc)
@@ -234,7 +239,15 @@ class AdsStream(abc.ABC):
         self.sent[type_url] += 1
         self.outbox.put_nowait(body)
 
+    def _recheck(self) -> None:
+        """An identity that can lapse while its stream is open (a deleted sub-agent's, whose
+        name a later delegation may take): StreamError before anything more is sent. The
+        authenticator's optional `recheck` (no I/O)."""
+        if self._still_valid is not None and self.conn is not None:
+            self._still_valid(self.conn.identity, self.metadata)
+
     def _on_request(self, request: Any) -> None:
+        self._recheck()
         type_url = request.type_url
         if type_url not in types.TYPE_ORDER:
             raise StreamError("INVALID_ARGUMENT", f"unsupported type_url {type_url!r}")

@@ -164,3 +164,61 @@ def test_a_sub_agents_token_holds_only_for_its_current_delegation(tmp_path: Path
     assert authenticate(
         "agent/sup", {"authorization": f"Bearer {authority.create('agent/sup', 60)[0]}"}, "p"
     )
+
+
+async def test_an_open_stream_of_a_deleted_sub_agent_gets_nothing_more(tmp_path: Path) -> None:
+    """Authenticated at connect, the old holder's stream stays open: once the sub-agent is
+    deleted (and its name delegated again), its next request or push ends it, before the
+    new delegation's config (and certificate) reaches it."""
+    from meshgate.delegation.expand import expand
+    from meshgate.delegation.registry import DelegationRegistry, Request
+    from meshgate.delegation.rights import RuleGrant
+    from meshgate.identity.tokens import new_token_id
+    from meshgate.policy.model import AgentPolicy, Delegation, EgressRule
+
+    base = model("v1")
+    rule = EgressRule(base.destinations[0].name)
+    sup = AgentPolicy("sup", "sup", (rule,), delegation=Delegation(2, 600))
+    m = model("v1", base.destinations, agents=(sup,))
+    authority = TokenAuthority(tmp_path)
+    registry = DelegationRegistry(tmp_path, time.time)
+    authority.sub_agent_token = registry.token_of
+
+    def delegate() -> str:
+        token_id = new_token_id()
+        registry.create("sup", Request("w", 300, (RuleGrant(0),)), m, token_id)
+        return authority.create("agent/sup.w", 300, token_id=token_id)[0]
+
+    def bearer(token: str) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {token}"),)
+
+    async with ads_server(TokenAuthenticator(authority)) as h:
+        first = delegate()
+        h.cache.set_snapshots(build_snapshots(expand(m, registry.current(m)).model))
+        old = AdsClient(h.address, metadata=bearer(first))
+        try:
+            old.send(request("agent/sup.w/pod-1"))
+            assert (await old.recv()).resources
+            registry.delete("sup", "w")
+            new = AdsClient(h.address, metadata=bearer(delegate()))
+            old.send(request_for("agent/sup.w/pod-1", types.LISTENER))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await old.recv()
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "not the one issued for sub-agent sup.w" in (err.value.details() or "")
+        finally:
+            await old.close()
+        try:  # the new holder's stream: ended by the push that removes its config
+            new.send(request("agent/sup.w/pod-2"))
+            assert (await new.recv()).resources
+            registry.delete("sup", "w")
+            h.cache.set_snapshots(build_snapshots(expand(m, registry.current(m)).model))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await new.recv()
+            assert "sub-agent sup.w no longer exists" in (err.value.details() or "")
+        finally:
+            await new.close()
+
+
+def request_for(node_id: str, type_url: str) -> discovery_pb2.DiscoveryRequest:
+    return discovery_pb2.DiscoveryRequest(node=base_pb2.Node(id=node_id), type_url=type_url)
