@@ -105,6 +105,7 @@ class PostgresSubAgentStore:
             conn = self._connect()
         except DelegationStoreError as exc:
             raise ConfigError(f"cannot connect to the delegation store {exc}") from None
+        watchdog = _Watchdog(conn)
         try:
             with conn.transaction():
                 # replicas starting together must not race on CREATE ... IF NOT EXISTS
@@ -121,8 +122,12 @@ class PostgresSubAgentStore:
                 self._key = str(row.fetchone()[0])
         except psycopg.Error as exc:
             conn.close()
-            raise ConfigError(f"delegation store {_where(url)}: {_one_line(exc)}") from None
-        self._idle.put(conn)
+            why = f"no answer in {OPERATION_TIMEOUT:.0f}s" if watchdog.stop() else _one_line(exc)
+            raise ConfigError(f"delegation store {_where(url)}: {why}") from None
+        if watchdog.stop():
+            conn.close()
+        else:
+            self._idle.put(conn)
 
     # -- connections ----------------------------------------------------------------------------
 
@@ -136,11 +141,16 @@ class PostgresSubAgentStore:
             conn = psycopg.connect(make_conninfo(self.url, **params), autocommit=True)
         except psycopg.Error as exc:
             raise DelegationStoreError(f"{_where(self.url)}: {_one_line(exc)}") from None
+        watchdog = _Watchdog(conn)
         try:
             conn.execute(f'SET search_path TO "{self.schema}"')
         except psycopg.Error as exc:
             conn.close()
-            raise DelegationStoreError(f"{_where(self.url)}: {_one_line(exc)}") from None
+            why = f"no answer in {OPERATION_TIMEOUT:.0f}s" if watchdog.stop() else _one_line(exc)
+            raise DelegationStoreError(f"{_where(self.url)}: {why}") from None
+        if watchdog.stop():  # answered just as it fired: the socket is shut
+            conn.close()
+            raise DelegationStoreError(f"{_where(self.url)}: no answer in {OPERATION_TIMEOUT:.0f}s")
         return conn
 
     @contextlib.contextmanager
