@@ -216,6 +216,20 @@ def test_validate_reports_file_line_and_exit_status(tmp_path: Path) -> None:
     assert "valid" in ok.stdout
 
 
+def test_up_on_a_refused_policy_says_why_at_once_and_starts_nothing(tmp_path: Path) -> None:
+    write_policy(tmp_path / "p", free_port(), {"alpha": 9000}, agents={"researcher": ["gh"]})
+    started = time.monotonic()
+    res = run(
+        "up", "--policies", str(tmp_path / "p"), "--state-dir", str(tmp_path / "s"),
+        "--xds-port", "0", "--admin-port", "0",
+    )  # fmt: skip
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "was refused, so there is nothing to serve" in res.stderr
+    assert f'{tmp_path / "p" / "agents.yaml"}:8:7: unknown destination "gh"' in res.stderr
+    assert time.monotonic() - started < 20  # not the gateway's 30 s wait for configuration
+    assert not (tmp_path / "s" / "gateway-local.json").exists()  # no gateway was started
+
+
 def test_every_command_has_help() -> None:
     for cmd in (
         "serve",

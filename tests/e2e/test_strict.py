@@ -181,10 +181,11 @@ async def test_strict_forwards_signals_and_stops_envoy(tmp_path: Path) -> None:
             code, _, err = await run(sidecar_cmd(cp, tmp_path / "sc1", "no-such-command-xyz"))
             assert code == 1
             [line] = errors(err)
-            assert line in {  # as nobody, a PATH entry under /root is EACCES, not ENOENT
-                "error: cannot run 'no-such-command-xyz': No such file or directory",
-                "error: cannot run 'no-such-command-xyz': Permission denied",
-            }
+            # as nobody, a PATH entry under /root is EACCES, not ENOENT; the user is named
+            assert line in {
+                f"error: cannot run 'no-such-command-xyz' as user 'nobody': {why}"
+                for why in ("No such file or directory", "Permission denied")
+            }, line
 
             waiter = (
                 "import signal, sys, time\n"

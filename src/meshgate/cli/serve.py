@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -38,7 +39,7 @@ from meshgate.cli.options import (
 )
 from meshgate.cli.output import console
 from meshgate.durations import DurationError, parse_seconds
-from meshgate.errors import MeshgateError
+from meshgate.errors import MeshgateError, PolicyError
 
 if TYPE_CHECKING:  # imported lazily at run time: `meshgate --help` stays fast
     from meshgate.controlplane.server import ControlPlane, ServeOptions
@@ -76,6 +77,28 @@ async def _start_control_plane(policies: str, state_dir: Path, opts: ServeOption
     await cp.start()
     tune_collector()  # once started: see controlplane/collector.py
     return cp
+
+
+async def _first_policy(
+    cp: ControlPlane, policies: str, stop: asyncio.Event, timeout: float = 60
+) -> bool:
+    """Wait until the first policy is served; False if stopped meanwhile. A refused first
+    policy fails at once with its problems: there is nothing to start a gateway for (and a
+    gateway would wait for configuration that never comes)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while cp.policy.model is None and loop.time() < deadline:
+        rejection = cp.policy.rejection
+        if rejection is not None:
+            raise PolicyError(
+                [f"the policy in {policies} was refused, so there is nothing to serve:"]
+                + [f"  {problem}" for problem in rejection.problems]
+            )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.1)
+        if stop.is_set():
+            return False
+    return True
 
 
 def serve(
@@ -234,6 +257,8 @@ def up(
         cp = await _start_control_plane(policies, state_dir, opts)
         envoy = None
         try:
+            if not await _first_policy(cp, policies, stop):
+                return
             envoy = await start_gateway(
                 f"127.0.0.1:{cp.xds_address.rpartition(':')[2]}",  # the bound port (0 allowed)
                 "local",
@@ -248,9 +273,10 @@ def up(
             )
             model = cp.policy.model
             port = model.mesh.gateway_listen_port if model else "?"
+            mtls = "" if insecure else " (mTLS only)"
             console.print(
                 f"[green]meshgate is up[/green]: policy {cp.policy.to_json()['version']} from "
-                f"{policies}\n  egress gateway  http://127.0.0.1:{port}  (Envoy admin "
+                f"{policies}\n  egress gateway  127.0.0.1:{port}{mtls}  (Envoy admin "
                 f"{envoy.admin.socket})\n  xDS             {cp.xds_address}"
                 f"{' (TLS)' if xds_tls else ''}\n  admin/status    "
                 f"http://{cp.admin_address}/status\nPress Ctrl-C to stop."

@@ -178,6 +178,10 @@ def make_app(cp: AdminView, admin_token: str) -> web.Application:
         spiffe = model.spiffe_id(agent)
         ops = cp.identity
         cert = ops.issued(spiffe) if ops is not None else None
+        if policy is None and cert is None:  # (a sub-agent has a certificate, not a policy)
+            return web.json_response(
+                {"error": f"no agent {agent!r} in policy {model.version}"}, status=404
+            )
         return web.json_response(
             {
                 "agent": agent,

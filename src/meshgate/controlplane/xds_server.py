@@ -6,6 +6,8 @@ given) so every node reaches all of them on one port with one join token.
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,7 +48,8 @@ class XdsServer:
             port = 0
         if port == 0:
             await server.stop(None)  # never started, but it must not be left to the collector
-            raise ConfigError(f"cannot listen for xDS on {self.address}: address in use?")
+            why = await asyncio.to_thread(_why_no_bind, self.host, self.port)
+            raise ConfigError(f"cannot listen for xDS on {self.address}: {why}")
         self.port = port
         await server.start()
         self._server = server
@@ -55,3 +58,19 @@ class XdsServer:
         server, self._server = self._server, None
         if server is not None:
             await server.stop(grace=grace)
+
+
+def _why_no_bind(host: str, port: int) -> str:
+    """What binding `host:port` says (gRPC only says it failed): a name that does not resolve,
+    an address this host does not have, or a port in use."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"cannot resolve {host!r}: {exc.strerror}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return "address in use?"

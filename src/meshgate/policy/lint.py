@@ -114,7 +114,11 @@ def load_lint_config(path: Path) -> LintConfig:
     try:
         data = YAML(typ="safe").load(text)
     except Exception as e:
-        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
+        # `file:line:col: problem`, as policy errors are (ruamel's marks count from 0)
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        what = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ConfigError(f"{where}: invalid YAML in lint config: {what}") from None
     return lint_config_from_mapping(data)
 
 

@@ -174,15 +174,23 @@ def _load(files: Mapping[str, str], version: str | None, root: str | None) -> Lo
         checked += file_result.checked
         complete = complete and file_result.complete
     _CACHE.keep_only(used)
+    root = root or _common_root(list(files))
     if version is None:
-        version = content_version(texts)
-    model, sources, compile_problems = compile_documents(
-        checked, complete, root or _common_root(list(files)), version, _RULES
-    )
+        # names relative to the policy's root: `policies`, `./policies` and `/abs/policies`
+        # holding the same files are the same version
+        version = content_version({_relative(name, root): text for name, text in texts.items()})
+    model, sources, compile_problems = compile_documents(checked, complete, root, version, _RULES)
     problems += compile_problems
     if problems or model is None:
         raise PolicyError(render_problems(problems) or ["policy could not be compiled"])
     return LoadedPolicy(model, sources)
+
+
+def _relative(name: str, root: str) -> str:
+    try:
+        return Path(os.path.relpath(name, root)).as_posix()
+    except ValueError:  # not under it (another drive): the name as given
+        return name
 
 
 def _common_root(paths: list[object]) -> str:

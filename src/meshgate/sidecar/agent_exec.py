@@ -15,10 +15,12 @@ ctypes and fcntl: no `ip`/`unshare`/`setpriv` binaries needed. Imports stay mini
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
 import os
+import pwd
 import socket
 import struct
 import sys
@@ -151,7 +153,12 @@ def main(argv: list[str]) -> int:
     try:
         os.execvp(command[0], command)
     except OSError as exc:
-        chan.sendall(f"error cannot run {command[0]!r}: {exc.strerror}\n".encode())
+        # as the agent's user, which may not reach what the launching user could (a venv or
+        # checkout under a 0700 home): say which user tried
+        user = f"uid {os.getuid()}"
+        with contextlib.suppress(KeyError):
+            user = f"user {pwd.getpwuid(os.getuid()).pw_name!r}"
+        chan.sendall(f"error cannot run {command[0]!r} as {user}: {exc.strerror}\n".encode())
     return 127
 
 

@@ -109,7 +109,8 @@ def server_tls(cert: Path, key: Path) -> ssl.SSLContext:
 def _load_pair(ctx: ssl.SSLContext, cert: Path, key: Path) -> None:
     for path in (cert, key):
         if not path.is_file():
-            raise ConfigError(f"{path}: file not found")
+            what = "a directory, not a file" if path.is_dir() else "file not found"
+            raise ConfigError(f"{path}: {what}")
     try:
         ctx.load_cert_chain(cert, key)
     except (ssl.SSLError, OSError) as exc:

@@ -128,6 +128,9 @@ async def test_protected_routes_answer_the_operator_token(cp: ControlPlane) -> N
         assert (await client.get(_url(cp, "/status"))).json()["control_plane"]["ready"]
         shown = (await client.get(_url(cp, "/v1/identity/researcher"))).json()
         assert shown["spiffe_id"].endswith("/agent/researcher")
+        # an agent the policy does not name: said so, not shown as waiting for a certificate
+        unknown = await client.get(_url(cp, "/v1/identity/reseacher"))
+        assert unknown.status_code == 404 and "no agent 'reseacher'" in unknown.json()["error"]
         before = _serial(cp)
         rotated = await client.post(_url(cp, "/v1/ca/rotate"))
         assert rotated.status_code == 200 and rotated.json()["rotated"] is True

@@ -193,8 +193,13 @@ async def test_xds_server_binds_port_zero_and_refuses_a_taken_port() -> None:
         async with grpc.aio.insecure_channel(server.address) as channel:
             await asyncio.wait_for(channel.channel_ready(), 5)
         taken = XdsServer("127.0.0.1", server.port, [])
-        with pytest.raises(ConfigError, match="cannot listen for xDS"):
+        with pytest.raises(ConfigError, match=r"cannot listen for xDS.*: Address already in use"):
             await taken.start()
+        # the reason, not a guess: a name that does not resolve, an address not of this host
+        with pytest.raises(ConfigError, match=r"cannot resolve .no-such-host\.invalid."):
+            await XdsServer("no-such-host.invalid", 0, []).start()
+        with pytest.raises(ConfigError, match="Cannot assign requested address"):
+            await XdsServer("192.0.2.1", 0, []).start()
     finally:
         await server.stop(grace=0)
 

@@ -194,3 +194,12 @@ def test_findings_without_source_map_name_the_object() -> None:
     loaded = load_policy_texts_with_locations(base(agents=agent("researcher", R)))
     found = lint_policy(loaded.model)
     assert {f.location for f in found} == {"destination raw", "agent researcher"}
+
+
+def test_a_lint_config_with_a_yaml_error_names_file_line_and_column(tmp_path: Path) -> None:
+    config = tmp_path / ".meshgate-lint.yaml"
+    config.write_text("disable: [MG001\nseverity: {a: b}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_lint_config(config)
+    assert str(caught.value).startswith(f"{config}:2:9: invalid YAML in lint config: ")
+    assert "<unicode string>" not in str(caught.value)

@@ -182,7 +182,12 @@ def test_empty_documents_and_comment_only_files_are_ignored() -> None:
 def test_version_is_content_hash_unless_given() -> None:
     files = base()
     model = load_policy_texts(files)
-    assert model.version == content_version(files) and len(model.version) == 12
+    # names relative to the policy's root, so its path's spelling does not matter
+    relative = {name.removeprefix("p/"): text for name, text in files.items()}
+    assert model.version == content_version(relative) and len(model.version) == 12
+    for root in ("./p", "/abs/policies", "policies"):
+        respelled = {f"{root}/{name}": text for name, text in relative.items()}
+        assert load_policy_texts(respelled).version == model.version, root
     assert load_policy_texts(files, version="abc").version == "abc"
     changed = dict(files, **{"p/mesh.yaml": MESH + "# comment\n"})
     assert load_policy_texts(changed).version != model.version
