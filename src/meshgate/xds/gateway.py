@@ -260,9 +260,6 @@ def egress_listener(
     # a second gateway (another mesh on this host, same user) must fail to bind the port, not
     # silently take a share of the agents' connections, as SO_REUSEPORT would let it
     listener.enable_reuse_port.CopyFrom(wrappers_pb2.BoolValue(value=False))
-    # one socket, so the kernel no longer spreads connections over the workers: Envoy does
-    # (sidecars hold long-lived connections, which would otherwise pile on one worker)
-    listener.connection_balance_config.exact_balance.SetInParent()
     return listener
 
 

@@ -241,13 +241,3 @@ def test_a_wildcard_host_stands_for_one_label() -> None:
     for host in ("x.wild.internal", "x.wild.internal:80", "x-y.wild.internal"):
         assert not deeper.fullmatch(host), host
     assert vhost.routes[2].name.startswith("allow/w/wild/")
-
-
-def test_the_gateway_listener_owns_its_port_and_balances_its_workers() -> None:
-    [listener] = [
-        r
-        for r in gateway_resources(MODEL, TranslateOptions())
-        if isinstance(r, listener_pb2.Listener)
-    ]
-    assert listener.HasField("enable_reuse_port") and not listener.enable_reuse_port.value
-    assert listener.connection_balance_config.HasField("exact_balance")
