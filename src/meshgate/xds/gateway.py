@@ -256,11 +256,7 @@ def egress_listener(
     # the audit spool is the gateway's one request log: a second (stdout) logger costs
     # throughput on the hot path for a copy of the same lines
     audit_connection_manager(hcm)
-    listener = http_listener(LISTENER_NAME, bind_address, port, hcm)
-    # a second gateway (another mesh on this host, same user) must fail to bind the port, not
-    # silently take a share of the agents' connections, as SO_REUSEPORT would let it
-    listener.enable_reuse_port.CopyFrom(wrappers_pb2.BoolValue(value=False))
-    return listener
+    return http_listener(LISTENER_NAME, bind_address, port, hcm)
 
 
 # Headers an agent may not send upstream: the tool-JWT header (only the gateway's injector sets
