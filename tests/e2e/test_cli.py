@@ -230,6 +230,21 @@ def test_up_on_a_refused_policy_says_why_at_once_and_starts_nothing(tmp_path: Pa
     assert not (tmp_path / "s" / "gateway-local.json").exists()  # no gateway was started
 
 
+def test_a_second_up_on_the_gateway_port_is_refused(tmp_path: Path) -> None:
+    with socket.socket() as first:  # the first mesh's gateway, as far as the port shows
+        first.bind(("127.0.0.1", 0))
+        first.listen()
+        port = first.getsockname()[1]
+        write_policy(tmp_path / "p", port, {"alpha": 9000})
+        res = run(
+            "up", "--policies", str(tmp_path / "p"), "--state-dir", str(tmp_path / "s"),
+            "--xds-port", "0", "--admin-port", "0",
+        )  # fmt: skip
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert f"gateway port 127.0.0.1:{port} is taken (another meshgate up?)" in res.stderr
+    assert not (tmp_path / "s" / "gateway-local.json").exists()
+
+
 def test_every_command_has_help() -> None:
     for cmd in (
         "serve",

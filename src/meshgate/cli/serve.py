@@ -39,7 +39,7 @@ from meshgate.cli.options import (
 )
 from meshgate.cli.output import console
 from meshgate.durations import DurationError, parse_seconds
-from meshgate.errors import MeshgateError, PolicyError
+from meshgate.errors import ConfigError, MeshgateError, PolicyError
 
 if TYPE_CHECKING:  # imported lazily at run time: `meshgate --help` stays fast
     from meshgate.controlplane.server import ControlPlane, ServeOptions
@@ -99,6 +99,25 @@ async def _first_policy(
         if stop.is_set():
             return False
     return True
+
+
+async def _gateway_port_free(cp: ControlPlane) -> None:
+    """`up` runs one local gateway. Gateway replicas share their port (SO_REUSEPORT, as behind
+    a load balancer), so a second `up` on this host would silently take a share of the first
+    mesh's agents' connections: refuse it instead."""
+    model = cp.policy.model
+    if model is None:
+        return
+    port = model.mesh.gateway_listen_port
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1)
+    except (OSError, TimeoutError):
+        return  # nothing listens there
+    writer.close()
+    raise ConfigError(
+        f"the Mesh's gateway port 127.0.0.1:{port} is taken (another meshgate up?): "
+        f"stop it, or set another egressGateway.listenPort"
+    )
 
 
 def serve(
@@ -259,6 +278,7 @@ def up(
         try:
             if not await _first_policy(cp, policies, stop):
                 return
+            await _gateway_port_free(cp)
             envoy = await start_gateway(
                 f"127.0.0.1:{cp.xds_address.rpartition(':')[2]}",  # the bound port (0 allowed)
                 "local",
