@@ -9,10 +9,14 @@ from __future__ import annotations
 import datetime as dt
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from meshgate.audit.record import DECISIONS, AuditRecord
 from meshgate.audit.sqlbase import SqlAuditStore
@@ -23,6 +27,33 @@ T0 = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.UTC)
 
 def pg_url() -> str:
     return os.environ.get("MESHGATE_TEST_POSTGRES", DEFAULT_PG)
+
+
+@contextmanager
+def pg_fresh_schema(prefix: str) -> Iterator[tuple[str, Any, str]]:
+    """(URL, an autocommit admin connection, a fresh schema name), the schema dropped after.
+
+    Skips only when MESHGATE_TEST_POSTGRES is set empty; an unreachable server FAILS the test
+    (CI starts one: a silent skip would hide the PostgreSQL paths)."""
+    url = pg_url()
+    if not url:
+        pytest.skip("MESHGATE_TEST_POSTGRES is set empty: PostgreSQL tests skipped on request")
+    import psycopg
+
+    try:
+        admin = psycopg.connect(url, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(
+            f"PostgreSQL at {url} is not reachable ({str(exc).strip()}). Start it (.ci/run "
+            "does) or set MESHGATE_TEST_POSTGRES= (empty) to skip the PostgreSQL tests.",
+            pytrace=False,
+        )
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    try:
+        yield url, admin, schema
+    finally:
+        admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        admin.close()
 
 
 def make_record(i: int, **overrides: Any) -> AuditRecord:
