@@ -303,10 +303,13 @@ class AuditIngest:
     async def _hand_over(
         self, inbox: asyncio.Queue[bytes | None], raw: bytes | None, done: asyncio.Future[None]
     ) -> bool:
-        """Queue `raw` on the ingest loop, waiting for room; False if the stream ended first."""
+        """Queue `raw` on the ingest loop, waiting for room; False if the stream ended first
+        (refused or failed: nothing more of it is read)."""
+        if done.done():
+            return False
         put = asyncio.wrap_future(self._submit(inbox.put(raw)))
         await asyncio.wait((put, done), return_when=asyncio.FIRST_COMPLETED)
-        if put.done():
+        if put.done() and not done.done():
             return True
         put.cancel()
         return False
@@ -372,6 +375,8 @@ class _Stream:
         self.node_id = ""
         self.role: NodeRole | None = None
         self.agent: str | None = None  # a sidecar's agent: the only one it may log for
+        self.identity = ""  # what the authenticator verified
+        self._still_valid: Callable[[str, dict[str, str]], None] | None = None
         self.values: list[tuple[Any, ...]] = []  # decoded, not yet committed
         self.digests: list[bytes] = []
         self.lock = asyncio.Lock()  # one commit at a time per stream, in order
@@ -388,6 +393,8 @@ class _Stream:
                 if self.role is None:  # who is logging, before any entry is decoded
                     self._connect(_decode(raw))
                     flusher = asyncio.create_task(self._flush_periodically())
+                elif self._still_valid is not None:  # a sub-agent's: still its delegation's?
+                    self._still_valid(self.identity, self.metadata)
                 decoding.append(await self.service.decoder.submit(raw, self.node_id, self.agent))
                 while decoding and (len(decoding) > DECODING or decoding[0].done()):
                     await self._take(decoding.popleft())
@@ -414,9 +421,14 @@ class _Stream:
             role = parse_node_id(node_id)
         except ValueError as exc:
             raise StreamError("INVALID_ARGUMENT", str(exc)) from None
-        self.service.authenticate(node_id, self.metadata, self.peer)
+        self.identity = self.service.authenticate(node_id, self.metadata, self.peer)
         self.node_id, self.role = node_id, role
         self.agent = role.name if role.kind == "agent" else None
+        if self.agent is not None and "." in self.agent:
+            # a sub-agent's sidecar: before each message, as xDS streams do before each
+            # response, the authenticator's optional check (no I/O) that the token is still its
+            # current delegation's (deleted, the old holder's stream logs nothing more)
+            self._still_valid = getattr(self.service.authenticate, "recheck", None)
 
     async def _take(self, decoding: asyncio.Future[Decoded]) -> None:
         """The next message's records, in the order the client sent them."""

@@ -222,3 +222,71 @@ async def test_an_open_stream_of_a_deleted_sub_agent_gets_nothing_more(tmp_path:
 
 def request_for(node_id: str, type_url: str) -> discovery_pb2.DiscoveryRequest:
     return discovery_pb2.DiscoveryRequest(node=base_pb2.Node(id=node_id), type_url=type_url)
+
+
+async def test_an_open_access_log_stream_of_a_deleted_sub_agent_logs_nothing_more(
+    tmp_path: Path,
+) -> None:
+    """The same for its sidecar's access-log stream: once the sub-agent is deleted, its next
+    message ends the stream, unauthenticated, before anything in it is decoded."""
+    import asyncio
+
+    from envoy.service.accesslog.v3 import als_pb2
+
+    from meshgate.audit.spool import METHOD
+    from meshgate.audit.sqlite_store import SqliteAuditStore
+    from meshgate.controlplane.access_log import AuditIngest, AuditWriter
+    from meshgate.delegation.registry import DelegationRegistry, Request
+    from meshgate.delegation.rights import RuleGrant
+    from meshgate.identity.tokens import new_token_id
+    from meshgate.policy.model import AgentPolicy, Delegation, EgressRule
+
+    base = model("v1")
+    sup = AgentPolicy("sup", "sup", (EgressRule(base.destinations[0].name),))
+    sup = AgentPolicy("sup", "sup", sup.rules, delegation=Delegation(2, 600))
+    m = model("v1", base.destinations, agents=(sup,))
+    authority = TokenAuthority(tmp_path)
+    registry = DelegationRegistry(tmp_path, time.time)
+    authority.sub_agent_token = registry.token_of
+    token_id = new_token_id()
+    registry.create("sup", Request("w", 300, (RuleGrant(0),)), m, token_id)
+    token = authority.create("agent/sup.w", 300, token_id=token_id)[0]
+
+    store = SqliteAuditStore(tmp_path / "audit.db")
+    ingest = AuditIngest(AuditWriter(lambda: store), authenticate=TokenAuthenticator(authority))
+    await ingest.start()
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((ingest.handler(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    async def messages():  # type: ignore[no-untyped-def]
+        while (raw := await outbox.get()) is not None:
+            yield raw
+
+    empty = als_pb2.StreamAccessLogsMessage()
+    empty.identifier.node.id = "agent/sup.w/pod-1"
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.stream_unary(
+                METHOD,
+                request_serializer=lambda raw: raw,
+                response_deserializer=als_pb2.StreamAccessLogsResponse.FromString,
+            )(messages(), metadata=(("authorization", f"Bearer {token}"),))
+            for _ in range(2):  # authenticated, and still its delegation's
+                await outbox.put(empty.SerializeToString())
+            await asyncio.sleep(0.5)
+            assert not call.done()
+            registry.delete("sup", "w")
+            # refused on the ingest loop at the next message; the call ends at the one after
+            # (the xDS loop notices a refusal when it hands a message over)
+            for _ in range(2):
+                await outbox.put(empty.SerializeToString())
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await asyncio.wait_for(call, 10)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "sub-agent sup.w" in (err.value.details() or "")
+    finally:
+        await server.stop(grace=0)
+        await ingest.stop()
