@@ -206,11 +206,21 @@ def http_listener(
     )
 
 
+def re2_escape(text: str) -> str:
+    """RE2-safe escaping of a host name (letters, digits, '-', '.')."""
+    return "".join("\\" + c if not (c.isalnum() or c == "-") else c for c in text)
+
+
+def host_regex(host: str) -> str:
+    """RE2 for the names a destination host stands for: itself, or for a wildcard
+    (`*.example.com`) one whole label under it."""
+    return "[^.:]+" + re2_escape(host[1:]) if host.startswith("*.") else re2_escape(host)
+
+
 def one_label_regex(wildcard: str, port: int) -> str:
     """RE2 for the authorities a wildcard destination (`*.example.com`) stands for: one label
     under it, with or without its port, in any case (the gateway refuses deeper names)."""
-    suffix = wildcard.removeprefix("*.").replace(".", r"\.")
-    return rf"(?i)[^.:]+\.{suffix}(:{port})?"
+    return rf"(?i){host_regex(wildcard)}(:{port})?"
 
 
 def _skip() -> matcher_pb2.Matcher.OnMatch:

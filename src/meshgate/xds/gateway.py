@@ -59,6 +59,7 @@ from meshgate.xds.common import (
     json_refusal,
     only_for_destinations,
     pack,
+    re2_escape,
     router_filter,
     single_endpoint,
     socket_address,
@@ -549,11 +550,11 @@ def _unknown_destination_vhost() -> route_components_pb2.VirtualHost:
 def _deeper_names(host: str) -> route_components_pb2.HeaderMatcher:
     """`:authority` naming more than one label where a wildcard host (`*.x`) stands for one:
     Envoy's `*.x` domain takes any suffix (`a.b.x` too), the policy's wildcard does not."""
-    suffix = host.removeprefix("*.").replace(".", r"\.")
+    suffix = re2_escape(host[1:])  # `.x`
     return route_components_pb2.HeaderMatcher(
         name=":authority",
         string_match=string_pb2.StringMatcher(
-            safe_regex=regex_pb2.RegexMatcher(regex=rf"(?i)[^:]*\.[^:]*\.{suffix}\.?(:[0-9]+)?")
+            safe_regex=regex_pb2.RegexMatcher(regex=rf"(?i)[^:]*\.[^:]*{suffix}\.?(:[0-9]+)?")
         ),
     )
 

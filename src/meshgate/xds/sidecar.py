@@ -47,6 +47,7 @@ from meshgate.xds.allowlist import AGENT_HEADER
 from meshgate.xds.common import (
     ads,
     connect_upgrade,
+    host_regex,
     http_listener,
     json_body,
     pack,
@@ -181,9 +182,7 @@ def intercept_route(host: str, port: int) -> rc.Route:
     """CONNECT host:port (any case, as Envoy matches hosts) ends here: 200 to the agent, and
     the tunnel's bytes to the intercept listener, which terminates the agent's TLS."""
     # a wildcard host stands for one whole label, as destinations allow
-    wildcard = host.startswith("*.")
-    authority = "[^.:]+" + _re_escape(host[1:]) if wildcard else _re_escape(host)
-    pattern = f"(?i){authority}:{port}"
+    pattern = f"(?i){host_regex(host)}:{port}"
     return rc.Route(
         name=f"intercept/{host}:{port}",
         match=rc.RouteMatch(
@@ -207,11 +206,6 @@ def intercept_route(host: str, port: int) -> rc.Route:
             ],
         ),
     )
-
-
-def _re_escape(text: str) -> str:
-    """RE2-safe escaping of a host name (letters, digits, '-', '.')."""
-    return "".join("\\" + c if not (c.isalnum() or c == "-") else c for c in text)
 
 
 def intercept_secret_name(host: str) -> str:
