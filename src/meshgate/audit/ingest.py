@@ -24,12 +24,14 @@ from envoy.data.accesslog.v3 import accesslog_pb2 as als
 from google.protobuf import struct_pb2
 
 from meshgate.audit.record import AuditRecord, Decision
+from meshgate.delegation import names
 from meshgate.xds.access_log import (
     METADATA_KEY,
     POLICY_HEADER,
     local_refusal,
     route_decision,
 )
+from meshgate.xds.pacing import LIMITS_DETAILS
 
 TAG_PREFIX = f"{METADATA_KEY}."
 MAX_FIELD = 2048  # bound what a logging node can make the store keep per field
@@ -88,7 +90,6 @@ PACER_DECISIONS: dict[str, Decision] = {
 }
 # The gateway's global-limits filter (xds.pacing.LIMITS_LUA: the only Lua filter there) by the
 # status the pacer, or the filter itself when the pacer is silent, answered with
-LIMITS_DETAILS = "lua_response"
 LIMITS_DECISIONS: dict[int, tuple[Decision, str]] = {
     429: ("rate_limited", "rate_limited"),
     503: ("rate_limited", "limit_store_unavailable"),
@@ -158,8 +159,7 @@ def node_chain(node_id: str) -> str:
     its join token was checked against), for what that sidecar refuses itself."""
     if not node_id.startswith("agent/"):
         return ""
-    name = node_id.split("/", 2)[1]
-    return name.replace(".", ">") if "." in name else ""
+    return names.chain_text(node_id.split("/", 2)[1])
 
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)

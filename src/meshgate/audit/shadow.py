@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshgate.audit.chain import values_digest
+from meshgate.audit.sqlbase import FIELDS
 from meshgate.pacing.spec import BudgetSpec, window_bounds
 from meshgate.policy.model import (
     AgentPolicy,
@@ -38,10 +39,18 @@ from meshgate.xds.pacing import budget_specs
 
 log = logging.getLogger(__name__)
 
-# positions in `chain.record_values`
-TS, AGENT, SPIFFE, HOST, METHOD, PATH, DECISION = 0, 2, 3, 5, 6, 7, 9
-RECEIVED, NODE, MCP_METHOD, MCP_TOOL = 12, 15, 16, 17
-TOKENS_IN, TOKENS_OUT, COST, SHADOW = 19, 20, 21, 23
+
+def _at(field: str) -> int:
+    """A field's position in `chain.record_values` (the timestamp is first)."""
+    return 1 + FIELDS.index(field)
+
+
+TS = 0
+AGENT, SPIFFE, HOST, METHOD = _at("agent"), _at("spiffe_id"), _at("host"), _at("method")
+PATH, DECISION, RECEIVED, NODE = _at("path"), _at("decision"), _at("bytes_received"), _at("gateway")
+MCP_METHOD, MCP_TOOL = _at("mcp_method"), _at("mcp_tool")
+TOKENS_IN, TOKENS_OUT, COST = _at("tokens_in"), _at("tokens_out"), _at("cost_micro_usd")
+SHADOW = _at("shadow_decision")
 REFUSED = frozenset({"denied", "rate_limited", "over_budget", "queue_timeout"})
 MAX_COUNTERS = 100_000
 

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from meshgate.delegation import names
+
 TlsMode = Literal["originate", "passthrough", "none"]
 SecretProviderKind = Literal["file", "env", "vault"]
 FailureMode = Literal["open", "closed"]
@@ -251,7 +253,7 @@ class PolicyModel:
 def agent_spiffe_id(trust_domain: str, agent: str) -> str:
     """The SPIFFE ID of a policy agent or a sub-agent (`a.b` -> `agent/a/sub/b`), unvalidated:
     the one spelling the gateway's routes and the issued certificates share."""
-    return f"spiffe://{trust_domain}/agent/{agent.replace('.', '/sub/')}"
+    return f"spiffe://{trust_domain}/agent/{names.spiffe_path(agent)}"
 
 
 def has_shadow(model: PolicyModel) -> bool:

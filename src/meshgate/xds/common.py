@@ -271,11 +271,12 @@ def authority_matcher(
         if dest.host.startswith("*."):
             wildcards.append((_regex(one_label_regex(dest.host, dest.port)), on_match))
         else:
-            exact[dest.host] = exact[f"{dest.host}:{dest.port}"] = on_match
+            for name in _names(dest):
+                exact[name] = on_match
     skip = _skip()
     for dest in destinations:
         if not dest.host.startswith("*."):
-            for name in (dest.host, f"{dest.host}:{dest.port}"):
+            for name in _names(dest):
                 exact.setdefault(name, skip)
     any_case = _first_of(
         [(xds_string_pb2.StringMatcher(exact=k, ignore_case=True), m) for k, m in exact.items()]
