@@ -158,13 +158,13 @@ def destination_predicate(dest: Destination, every: Sequence[Destination]) -> Pr
 
 
 def only_for_destinations(
-    name: str,
-    typed_config: any_pb2.Any,
+    filters: Sequence[tuple[str, any_pb2.Any]],
     chosen: Sequence[Destination],
     every: Sequence[Destination],
-) -> hcm_pb2.HttpFilter:
-    """An HTTP filter that Envoy skips unless the request is for one of `chosen`, as Envoy picks
-    virtual hosts (`destination_predicate`; `every`: the policy's destinations).
+) -> list[hcm_pb2.HttpFilter]:
+    """HTTP filters (name, config) that Envoy skips unless the request is for one of `chosen`,
+    as Envoy picks virtual hosts (`destination_predicate`; `every`: the policy's destinations),
+    sharing one condition.
 
     For filters without per-route configuration (the MCP parser, its body buffer) that must
     act on some destinations' traffic only: a name under a wildcard that another destination
@@ -179,11 +179,20 @@ def only_for_destinations(
             ]
         )
     )
-    wrapped = extension_matcher_pb2.ExtensionWithMatcher(
-        xds_matcher=skip_others,
-        extension_config=extension_pb2.TypedExtensionConfig(name=name, typed_config=typed_config),
-    )
-    return hcm_pb2.HttpFilter(name=name, typed_config=pack(wrapped))
+    return [
+        hcm_pb2.HttpFilter(
+            name=name,
+            typed_config=pack(
+                extension_matcher_pb2.ExtensionWithMatcher(
+                    xds_matcher=skip_others,
+                    extension_config=extension_pb2.TypedExtensionConfig(
+                        name=name, typed_config=typed_config
+                    ),
+                )
+            ),
+        )
+        for name, typed_config in filters
+    ]
 
 
 def http_listener(

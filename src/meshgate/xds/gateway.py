@@ -129,7 +129,6 @@ def gateway_resources(
     if tool_identity is not None:
         filters.append(tool_identity)
     tool_hosts = _tool_rule_destinations(model)
-    every = model.destinations
     if tool_hosts:
         # PASS_THROUGH: the routes decide what an unparsed request may do (allowlist._tool_matches)
         whole_body = buffer_pb2.Buffer(
@@ -139,13 +138,17 @@ def gateway_resources(
             clear_route_cache=True,
             max_request_body_size=wrappers_pb2.UInt32Value(value=MCP_BODY_LIMIT),
         )
-        filters[0:0] = [
-            # whole bodies (up to the limit, else 413) before parsing: the parser sees all of a
-            # body, and a chunked body gets its Content-Length (see allowlist._body_guard)
-            only_for_destinations(BUFFER_FILTER, pack(whole_body), tool_hosts, every),
-            only_for_destinations(MCP_FILTER, pack(mcp), tool_hosts, every),
-            only_for_destinations(BODY_GUARD_FILTER, pack(http_rbac_pb2.RBAC()), tool_hosts, every),
-        ]
+        # whole bodies (up to the limit, else 413) before parsing: the parser sees all of a
+        # body, and a chunked body gets its Content-Length (see allowlist._body_guard)
+        filters[0:0] = only_for_destinations(
+            [
+                (BUFFER_FILTER, pack(whole_body)),
+                (MCP_FILTER, pack(mcp)),
+                (BODY_GUARD_FILTER, pack(http_rbac_pb2.RBAC())),
+            ],
+            tool_hosts,
+            model.destinations,
+        )
     filters.insert(0, path_guard_filter())
     listener = egress_listener(model.mesh.gateway_listen_port, options.gateway_bind, filters)
     if identity is not None:
