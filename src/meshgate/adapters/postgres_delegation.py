@@ -231,14 +231,6 @@ class PostgresSubAgentStore:
                 raise exists from None
         return sub
 
-    def set_token(self, sub: SubAgent, token_id: str) -> None:
-        with self._transaction() as conn:
-            conn.execute(
-                f"UPDATE {TABLE} SET token_id = %s"
-                " WHERE name = %s AND created_at = %s AND expires_at = %s",
-                (token_id, sub.name, sub.created_at, sub.expires_at),
-            )
-
     def remove_tree(self, name: str) -> list[SubAgent]:
         with self._transaction() as conn:
             conn.execute(_WRITE_LOCK, (self.schema,))
@@ -310,7 +302,7 @@ class _Watchdog:
 
 def _doc(sub: SubAgent) -> str:
     doc = to_json(sub)
-    del doc["token_id"]  # its own column: set after the sub-agent is created
+    del doc["token_id"]  # its own column
     return json.dumps(doc, sort_keys=True)
 
 

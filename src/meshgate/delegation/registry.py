@@ -137,9 +137,6 @@ class DelegationRegistry:
             self._writes += 1
         return sub
 
-    def set_token(self, sub: SubAgent, token_id: str) -> None:
-        self.store.set_token(sub, token_id)
-
     def discard(self, sub: SubAgent) -> None:
         """Undo a create whose join token could not be issued."""
         self.store.discard([sub])

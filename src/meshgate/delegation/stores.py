@@ -18,7 +18,6 @@ import os
 import secrets
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -53,10 +52,6 @@ class SubAgentStore(Protocol):
         """Atomically against every writer of this store (`remove_tree` and `discard` too):
         call `make` with `parent`'s current sub-agents and its own record, then keep what it
         returns (its name must be new)."""
-        ...
-
-    def set_token(self, sub: SubAgent, token_id: str) -> None:
-        """Record the join token issued for `sub` (if it is still the stored one)."""
         ...
 
     def remove_tree(self, name: str) -> list[SubAgent]:
@@ -108,13 +103,6 @@ class FileStore:
                 raise DelegationError(f"{sub.name!r} exists already (delete it first)")
             self._commit([*subs, sub])
         return sub
-
-    def set_token(self, sub: SubAgent, token_id: str) -> None:
-        with self._write:
-            subs = self.load()
-            if not any(same(s, sub) for s in subs):
-                return
-            self._commit([_with_token(s, token_id) if same(s, sub) else s for s in subs])
 
     def remove_tree(self, name: str) -> list[SubAgent]:
         with self._write:
@@ -231,7 +219,3 @@ def from_json(d: dict[str, Any]) -> SubAgent:
         delegation=Delegation(int(deleg[0]), int(deleg[1])) if deleg else None,
         token_id=str(d.get("token_id", "")),
     )
-
-
-def _with_token(s: SubAgent, token_id: str) -> SubAgent:
-    return replace(s, token_id=token_id)

@@ -78,11 +78,11 @@ def adding(new: SubAgent, limit: int = 10) -> Callable[..., SubAgent]:
 
 def test_round_trip_and_restart(opener: Opener) -> None:
     store = opener()
-    a = sub("sup.a", delegation=Delegation(1, 60))
+    # the join token's id is stored with the sub-agent when it is created
+    a = sub("sup.a", delegation=Delegation(1, 60), token_id="tok-1")
     assert store.add("sup", adding(a)) == a
     store.add("sup", adding(sub("sup.b")))
     store.add("sup.a", adding(sub("sup.a.deep", ttl=60)))
-    store.set_token(a, "tok-1")
     again = opener()  # a restart, or another replica
     held = {s.name: s for s in again.load()}
     assert set(held) == {"sup.a", "sup.b", "sup.a.deep"}
