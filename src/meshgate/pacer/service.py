@@ -30,7 +30,7 @@ from meshgate.pacer.fair_queue import Limiter
 from meshgate.pacer.leases import LeasedLimits
 from meshgate.pacer.limits_http import LimitsEndpoint, LimitsProtocol
 from meshgate.pacer.metrics import PacerMetrics
-from meshgate.pacing.spec import LIMITS_SOCKET
+from meshgate.pacing.spec import limits_socket
 from meshgate.pacing.store import LimitStore
 
 log = logging.getLogger(__name__)
@@ -41,11 +41,6 @@ LIMITS_TIMEOUT_S = 1.1  # a store.hit's bound (the store's own is shorter); unde
 # one ext_proc stream per request in flight or queued, over one HTTP/2 connection per Envoy
 # worker: never let the connection's stream limit be what queues requests
 SERVER_OPTIONS = [("grpc.max_concurrent_streams", 1 << 20)]
-
-
-def limits_socket(pacer_socket: Path) -> Path:
-    """Where the pacer answers global limits: beside its ext_proc socket (same private dir)."""
-    return pacer_socket.with_name(LIMITS_SOCKET)
 
 
 class Pacer:

@@ -21,6 +21,7 @@ import functools
 import json
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, cast
 from urllib.parse import parse_qsl, urlencode
 
@@ -42,6 +43,12 @@ LIMITS_SOCKET = "limits.sock"  # beside the pacer's ext_proc socket, in the same
 LIMITS_PATH = "/v1/limits"
 LIMITS_VERDICT_HEADER = "x-meshgate-limit"  # the pacer's answer: ok | over | unavailable | invalid
 DYNAMIC_METADATA_NAMESPACE = "meshgate.pacer"  # what the pacer tells the access log
+
+
+def limits_socket(pacer_socket: Path) -> Path:
+    """Where the pacer answers global limits: beside its ext_proc socket (same private dir)."""
+    return pacer_socket.with_name(LIMITS_SOCKET)
+
 
 # Envoy response code details of the pacer's refusals; the audit decision is the part before ":"
 OVER_BUDGET = "over_budget"

@@ -31,7 +31,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import duration_pb2, json_format, wrappers_pb2
 
-from meshgate.pacing.spec import LIMITS_CLUSTER, LIMITS_SOCKET, PACER_CLUSTER
+from meshgate.pacing.spec import LIMITS_CLUSTER, PACER_CLUSTER, limits_socket
 from meshgate.xds.common import (
     ads,
     http_listener,
@@ -135,7 +135,7 @@ def build_bootstrap(spec: BootstrapSpec) -> bootstrap_pb2.Bootstrap:
     if spec.node_cluster == GATEWAY_NODE_CLUSTER:
         pacer = pacer_socket(spec.admin_socket)
         boot.static_resources.clusters.append(pacer_cluster(pacer))
-        boot.static_resources.clusters.append(limits_cluster(pacer.with_name(LIMITS_SOCKET)))
+        boot.static_resources.clusters.append(limits_cluster(limits_socket(pacer)))
     return boot
 
 
@@ -152,29 +152,27 @@ def pacer_cluster(socket: Path) -> cluster_pb2.Cluster:
             http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
         )
     )
-    cluster = cluster_pb2.Cluster(
-        name=PACER_CLUSTER,
-        type=cluster_pb2.Cluster.STATIC,
-        connect_timeout=duration_pb2.Duration(seconds=1),
-        typed_extension_protocol_options={
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": pack(http2)
-        },
-    )
-    endpoint = cluster.load_assignment.endpoints.add().lb_endpoints.add().endpoint
-    cluster.load_assignment.cluster_name = PACER_CLUSTER
-    endpoint.address.pipe.path = str(socket)
+    cluster = _pipe_cluster(PACER_CLUSTER, socket)
+    cluster.typed_extension_protocol_options[
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ].CopyFrom(pack(http2))
     return cluster
 
 
 def limits_cluster(socket: Path) -> cluster_pb2.Cluster:
     """The static cluster the gateway's limits filter asks (HTTP/1.1, keep-alive)."""
+    return _pipe_cluster(LIMITS_CLUSTER, socket)
+
+
+def _pipe_cluster(name: str, socket: Path) -> cluster_pb2.Cluster:
+    """A static cluster of one unix socket in the gateway's private directory."""
     cluster = cluster_pb2.Cluster(
-        name=LIMITS_CLUSTER,
+        name=name,
         type=cluster_pb2.Cluster.STATIC,
         connect_timeout=duration_pb2.Duration(seconds=1),
     )
     endpoint = cluster.load_assignment.endpoints.add().lb_endpoints.add().endpoint
-    cluster.load_assignment.cluster_name = LIMITS_CLUSTER
+    cluster.load_assignment.cluster_name = name
     endpoint.address.pipe.path = str(socket)
     return cluster
 
