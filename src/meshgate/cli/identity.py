@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -34,10 +33,6 @@ def _check_agent(agent: str) -> None:
     """A policy or sub-agent name: anything else names no agent (and, in a URL, another path)."""
     if not is_agent_name(agent):
         raise fail(f"--agent {agent!r}: use lower-case letters, digits and '-'")
-
-
-def _signing_key(state_dir: Path) -> Path:
-    return state_dir / "tokens" / "signing-key.pem"
 
 
 identity_app = typer.Typer(help="Workload identities.", no_args_is_help=True)
@@ -133,7 +128,7 @@ def token_create(
     ] = None,
 ) -> None:
     """Print a signed join token (JWT) for one node; its id is on stderr for revocation."""
-    from meshgate.identity.tokens import TokenAuthority
+    from meshgate.identity.tokens import TokenAuthority, signing_key_path
 
     if (agent is None) == (gateway_name is None):
         raise fail("give exactly one of --agent NAME or --gateway NAME")
@@ -148,11 +143,11 @@ def token_create(
     except DurationError as exc:
         raise fail(str(exc)) from None
     subject = f"agent/{agent}" if agent else f"gateway/{gateway_name}"
-    new_key = not _signing_key(state_dir).exists()
+    new_key = not signing_key_path(state_dir).exists()
     token, claims = TokenAuthority(state_dir).create(subject, seconds)
     if new_key:  # a mistyped --state-dir would otherwise give a token nothing accepts
         err_console.print(
-            f"note: no signing key in {state_dir} yet: created {_signing_key(state_dir)}; only "
+            f"note: no signing key in {state_dir} yet: created {signing_key_path(state_dir)}; only "
             f"a control plane started with --state-dir {state_dir} accepts this token",
             highlight=False,
             markup=False,
@@ -175,13 +170,13 @@ def token_revoke(
     state_dir: StateOpt = DEFAULT_STATE,
 ) -> None:
     """Refuse this token from now on (new xDS streams)."""
-    from meshgate.identity.tokens import TokenAuthority
+    from meshgate.identity.tokens import TokenAuthority, signing_key_path
 
     if not _TOKEN_ID.fullmatch(token_id):
         raise fail(f"{token_id!r} is not a token id: give the 32 hex digits `token create` printed")
-    if not _signing_key(state_dir).exists():
+    if not signing_key_path(state_dir).exists():
         raise fail(
-            f"{state_dir} issued no tokens (no {_signing_key(state_dir)}): give --state-dir of "
+            f"{state_dir} issued no tokens (no {signing_key_path(state_dir)}): give --state-dir of "
             "the control plane that issued it"
         )
     TokenAuthority(state_dir).revoke(token_id)

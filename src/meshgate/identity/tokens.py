@@ -42,12 +42,17 @@ class TokenClaims:
     expires_at: int
 
 
+def signing_key_path(state_dir: Path) -> Path:
+    """Where a state directory's join-token signing key lives (none: it issued no tokens)."""
+    return state_dir / "tokens" / "signing-key.pem"
+
+
 class TokenAuthority:
     """Issues and checks join tokens; state under `<state_dir>/tokens/` (key file mode 0600)."""
 
     def __init__(self, state_dir: Path) -> None:
         self.directory = state_dir / "tokens"
-        self._key = _load_or_create_key(self.directory / "signing-key.pem")
+        self._key = _load_or_create_key(signing_key_path(state_dir))
         self._public: Ed25519PublicKey = self._key.public_key()
         self._revoked: tuple[tuple[int, int], frozenset[str]] | None = None  # (mtime, size), ids
         # sub-agent name -> the token id its current delegation was issued (None: no such

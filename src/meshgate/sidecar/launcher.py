@@ -15,7 +15,7 @@ from meshgate.audit.spool import SpoolShipper
 from meshgate.delegation.names import is_agent_name
 from meshgate.errors import ConfigError, EnvoyError
 from meshgate.identity.agent_trust import ca_cert_path
-from meshgate.identity.tokens import TokenAuthority
+from meshgate.identity.tokens import TokenAuthority, signing_key_path
 from meshgate.identity.xds_tls import bundle_path
 from meshgate.sidecar.agent_user import (
     AgentUser,
@@ -225,7 +225,7 @@ def join_token(subject: str, state_dir: Path, token_file: Path | None) -> str | 
             return token_file.read_text().strip()
         except OSError as exc:
             raise ConfigError(f"{token_file}: cannot read token: {exc.strerror}") from None
-    if not (state_dir / "tokens" / "signing-key.pem").exists():
+    if not signing_key_path(state_dir).exists():
         return None
     token, _ = TokenAuthority(state_dir).create(subject, LOCAL_TOKEN_TTL)
     return token
