@@ -288,7 +288,7 @@ def retain(
             cutoff = now - parse_duration(retain_, "--retain", bare=False, positive=True)
         else:
             cutoff = parse_instant(str(older_than), "--older-than")
-            if cutoff > dt.datetime.now(dt.UTC):  # `now` and `0s` are now: everything
+            if cutoff > now:  # `now` and `0s` are now: everything
                 raise ConfigError(
                     f"--older-than {older_than}: in the future, it would delete records that "
                     "are not old yet (and every one of them)"

@@ -120,7 +120,6 @@ class ServeOptions:
     admin_token_file: Path | None = None
     # delegation (mTLS only): the endpoint gateways forward `meshgate.internal` to; port 0:
     # a free one. `delegation_address`: how gateways reach it, when not host:port.
-    delegation: bool = True
     delegation_host: str = "127.0.0.1"
     delegation_port: int = 0
     delegation_address: tuple[str, int] | None = None
@@ -200,7 +199,7 @@ class ControlPlane:
         self.delegation = (
             Delegation(
                 state_dir,
-                lambda: self.publisher.served_model(),
+                self.served_model,
                 self.tokens,
                 lambda: self.inputs.poke(),
                 options.delegation_host,
@@ -208,7 +207,7 @@ class ControlPlane:
                 options.delegation_address,
                 store=options.delegation_store,
             )
-            if options.mtls and options.delegation
+            if options.mtls
             else None
         )
         # the pipeline: source -> policy -> runtime inputs -> snapshots -> cache -> streams

@@ -41,6 +41,7 @@ SIDECAR_NAME = "meshgate-proxy"
 TOKEN_VOLUME = "meshgate-token"
 STATE_VOLUME = "meshgate-state"
 TRUST_VOLUME = "meshgate-trust"  # the agent's CA bundle: written by the sidecar, read by apps
+INJECTED_VOLUMES = frozenset({TOKEN_VOLUME, STATE_VOLUME, TRUST_VOLUME})  # only injection mounts
 TRUST_DIR = "/var/run/meshgate/trust"
 TOKEN_DIR = "/var/run/meshgate/token"
 TOKEN_FILE = f"{TOKEN_DIR}/token"
@@ -161,7 +162,7 @@ def needs_injection(pod: dict[str, Any]) -> str | None:
     if spec.get("hostNetwork"):
         raise InjectError("hostNetwork pods cannot be injected: their loopback is the node's")
     names = {str(v.get("name")) for v in _list(spec, "volumes") if isinstance(v, dict)}
-    taken = names & {TOKEN_VOLUME, STATE_VOLUME, TRUST_VOLUME}
+    taken = names & INJECTED_VOLUMES
     if taken:
         raise InjectError(f"pod already has a volume named {sorted(taken)[0]}")
     # Only the sidecar mounts these volumes: the token, and the state dir holding Envoy's admin
@@ -172,11 +173,7 @@ def needs_injection(pod: dict[str, Any]) -> str | None:
             if not isinstance(container, dict):
                 continue
             for mount in [*_list(container, "volumeMounts"), *_list(container, "volumeDevices")]:
-                if isinstance(mount, dict) and mount.get("name") in (
-                    TOKEN_VOLUME,
-                    STATE_VOLUME,
-                    TRUST_VOLUME,
-                ):
+                if isinstance(mount, dict) and mount.get("name") in INJECTED_VOLUMES:
                     raise InjectError(
                         f"container {container.get('name')!r} mounts {mount['name']}, which "
                         "only injection may mount"
